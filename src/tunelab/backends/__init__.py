@@ -1,0 +1,1 @@
+"""Compute backends behind one small protocol (see base.py); torch/mlx are imported lazily."""

@@ -1,0 +1,128 @@
+"""The contract between the trainer and a compute backend.
+
+Batches cross it as numpy arrays and results come back as Python numbers, so
+the trainer loop never imports torch or mlx.  Specs are plain dataclasses that
+small factory functions build from the config: a backend never sees a config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the base model is and how to hold it."""
+
+    path: str
+    dtype: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "auto"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What to train and how (adapter hyper-parameters, or which base weights)."""
+
+    name: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = "all-linear"
+    layers: int = 2
+    num_virtual_tokens: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """AdamW settings; the learning rate itself is set every step by the trainer."""
+
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, for logs and the registry."""
+
+    architecture: str
+    num_params: int
+    trainable_params: int
+    dtype: str
+    device: str
+    path: str
+
+
+@dataclass(frozen=True)
+class LossSum:
+    """Summed token cross-entropy and how many supervised tokens it covers."""
+
+    loss_sum: float
+    tokens: int
+
+
+class Backend(Protocol):
+    """What the trainer needs from a compute backend."""
+
+    name: str
+
+    def load(self, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
+        """Load the base model, apply the method and build the optimizer."""
+        ...
+
+    def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
+        """Load a base model (plus a saved adapter, if given) for generation only."""
+        ...
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
+        """Accumulate gradients of ``loss_sum * loss_scale`` for one micro-batch."""
+        ...
+
+    def optimizer_step(self, lr: float) -> float:
+        """Clip, step with ``lr``, zero the gradients; returns the pre-clip gradient norm."""
+        ...
+
+    def eval_loss(self, batch: Batch) -> LossSum:
+        """Summed loss over the supervised tokens of a batch, without gradients."""
+        ...
+
+    def save_adapter(self, path: Path) -> None:
+        """Write the trained result in the format other tools load (PEFT adapter or full model)."""
+        ...
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write trainable weights, optimizer state and the backend's RNG state into ``path``."""
+        ...
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore what :meth:`save_checkpoint` wrote."""
+        ...
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_ids: Sequence[int],
+        seed: int,
+    ) -> Iterator[int]:
+        """Yield new token ids one at a time until a stop id or the length limit."""
+        ...
+
+    def peak_memory_bytes(self) -> int | None:
+        """Peak accelerator (or process) memory so far, if the backend can tell."""
+        ...

@@ -1,0 +1,231 @@
+"""The torch implementation of the :class:`~tunelab.backends.base.Backend` protocol."""
+
+from __future__ import annotations
+
+import queue
+import resource
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, OptimSpec
+from tunelab.backends.torch.loading import load_causal_lm, pick_device, pick_dtype
+from tunelab.backends.torch.loss import summed_loss, supports_hidden_path
+from tunelab.backends.torch.methods import ADAPTER_METHODS, apply_method
+from tunelab.errors import StateError
+from tunelab.hub import architecture_of, resolve_model_path
+
+
+class TorchBackend:
+    """Transformers model + PEFT method + AdamW, on CUDA, MPS or CPU."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device = torch.device("cpu")
+        self.method = "lora"
+        self._params: list[torch.nn.Parameter] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._max_grad_norm = 1.0
+        self._fast_loss = False
+
+    # -- setup -------------------------------------------------------------------------------
+    def load(self, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
+        folder = resolve_model_path(model.path, model.revision)
+        self.device = pick_device(model.device)
+        dtype = pick_dtype(model.dtype, self.device)
+        base = load_causal_lm(
+            folder, dtype=dtype, device=self.device, attn=model.attn_implementation, trust=model.trust_remote_code
+        )
+        self.tokenizer = tokenizer
+        self.method = method.name
+        self.model = apply_method(base, method)
+        self._fast_loss = method.name != "prefix" and supports_hidden_path(self._causal_lm)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._max_grad_norm = optim.max_grad_norm
+        self._optimizer = torch.optim.AdamW(
+            self._params, lr=0.0, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+        )
+        return ModelInfo(
+            architecture=architecture_of(folder),
+            num_params=sum(p.numel() for p in self.model.parameters()),
+            trainable_params=sum(p.numel() for p in self._params),
+            dtype=str(dtype).removeprefix("torch."),
+            device=str(self.device),
+            path=str(folder),
+        )
+
+    def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
+        folder = resolve_model_path(model.path, model.revision)
+        self.device = pick_device(model.device)
+        dtype = pick_dtype(model.dtype, self.device)
+        self.model = load_causal_lm(
+            folder, dtype=dtype, device=self.device, attn=model.attn_implementation, trust=model.trust_remote_code
+        )
+        self.tokenizer = tokenizer
+        self.method = "full"
+        if adapter is not None:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(adapter)).to(self.device)
+            self.method = "lora"
+        self.model.eval()
+        return ModelInfo(
+            architecture=architecture_of(folder),
+            num_params=sum(p.numel() for p in self.model.parameters()),
+            trainable_params=0,
+            dtype=str(dtype).removeprefix("torch."),
+            device=str(self.device),
+            path=str(folder),
+        )
+
+    @property
+    def _causal_lm(self) -> Any:
+        return self.model.get_base_model() if self.method in ADAPTER_METHODS else self.model
+
+    # -- training ----------------------------------------------------------------------------
+    def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
+        self.model.train()
+        loss, tokens = summed_loss(self._causal_lm, self.model, self._to_device(batch), self._fast_loss)
+        (loss * loss_scale).backward()
+        return LossSum(float(loss.detach()), tokens)
+
+    def optimizer_step(self, lr: float) -> float:
+        assert self._optimizer is not None
+        for group in self._optimizer.param_groups:
+            group["lr"] = lr
+        limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self._params, limit)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> LossSum:
+        self.model.eval()
+        loss, tokens = summed_loss(self._causal_lm, self.model, self._to_device(batch), self._fast_loss)
+        return LossSum(float(loss), tokens)
+
+    def _to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
+
+    # -- persistence -------------------------------------------------------------------------
+    def save_adapter(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path))
+
+    def save_checkpoint(self, path: Path) -> None:
+        assert self._optimizer is not None
+        path.mkdir(parents=True, exist_ok=True)
+        names = self._trainable_names()
+        tensors = {name: p.detach().to("cpu").contiguous() for name, p in names.items()}
+        save_file(tensors, str(path / "trainable.safetensors"))
+        torch.save(self._optimizer.state_dict(), path / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
+        torch.save(rng, path / "rng.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        assert self._optimizer is not None
+        saved = load_file(str(path / "trainable.safetensors"))
+        names = self._trainable_names()
+        if set(saved) != set(names):
+            raise StateError(
+                f"checkpoint {path} does not match this model/method (different trainable weights)",
+                hint="resume with the config the run was started with",
+            )
+        with torch.no_grad():
+            for name, param in names.items():
+                param.copy_(saved[name].to(param.device, param.dtype))
+        self._optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _trainable_names(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    # -- inference ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_ids: Sequence[int],
+        seed: int,
+    ) -> Iterator[int]:
+        """Stream tokens from transformers' ``generate`` running in a worker thread."""
+        self.model.eval()
+        torch.manual_seed(seed)
+        ids = torch.tensor([list(prompt_ids)], device=self.device)
+        tokens: queue.Queue[int | None | BaseException] = queue.Queue()
+        streamer = _QueueStreamer(tokens, skip=len(prompt_ids))
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+        kwargs = dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(stop_ids) or None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
+            do_sample=False,
+            **sampling,
+        )
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # surfaced in the consuming thread
+                tokens.put(exc)
+            finally:
+                tokens.put(None)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        while (item := tokens.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item in stop_ids:
+                break
+        thread.join()
+
+    def peak_memory_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class _QueueStreamer:
+    """The two-method streamer interface transformers' generate calls, feeding a queue."""
+
+    def __init__(self, out: queue.Queue[Any], skip: int) -> None:
+        self.out = out
+        self.skip = skip
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        flat = value.reshape(-1).tolist()
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        for token in flat:
+            self.out.put(int(token))
+
+    def end(self) -> None:
+        pass

@@ -1,0 +1,63 @@
+"""Device, dtype and model loading for the torch backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.errors import BackendError, ModelError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` prefers CUDA, then Apple's MPS, then CPU; an explicit device must exist."""
+    has_mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if has_mps else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise BackendError("device: cuda was requested but no CUDA GPU is visible", hint="set device: auto or cpu")
+    if requested == "mps" and not has_mps:
+        raise BackendError("device: mps was requested but Metal is not available", hint="set device: auto or cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA when the GPU supports it, fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_causal_lm(folder: Path, *, dtype: torch.dtype, device: torch.device, attn: str, trust: bool) -> Any:
+    """Load any causal-LM architecture transformers knows (safetensors, sharded or not)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
+    if attn != "auto":
+        kwargs["attn_implementation"] = attn
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except Exception as exc:
+        raise ModelError(
+            f"could not load a causal LM from {folder} ({type(exc).__name__}: {exc})",
+            hint="check that the folder holds a complete checkpoint of a causal LM architecture",
+        ) from None
+    return model.to(device)
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The stack of decoder blocks, found as the longest ModuleList (works across architectures)."""
+    best: torch.nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and (best is None or len(module) > len(best)):
+            best = module
+    if best is None:
+        raise ModelError("could not find the decoder layers of this model to apply method: freeze")
+    return best

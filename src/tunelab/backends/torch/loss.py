@@ -1,0 +1,54 @@
+"""Causal-LM loss that projects only the supervised positions through the LM head.
+
+With prompt masking most positions carry no loss, and for small models the
+vocabulary projection is a large share of the FLOPs; gathering the supervised
+hidden states first skips that work (and never holds the full logits) while
+computing exactly the same summed cross-entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def supports_hidden_path(model: Any) -> bool:
+    """Whether the decoder/LM-head split reproduces the model's own logits.
+
+    Architectures that rescale logits in their forward (logit_scale, logits_scaling)
+    and prompt-injecting adapters (prefix tuning) take the plain path instead.
+    """
+    config = model.config
+    if getattr(config, "logit_scale", None) not in (None, 1.0):
+        return False
+    if getattr(config, "logits_scaling", None) not in (None, 1.0):
+        return False
+    return hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+
+
+def summed_loss(causal_lm: Any, forward: Any, batch: dict[str, torch.Tensor], fast: bool) -> tuple[torch.Tensor, int]:
+    """Return (sum of token cross-entropies, number of supervised tokens).
+
+    ``causal_lm`` is the unwrapped transformers model; ``forward`` is the callable
+    to use for the plain path (the PEFT wrapper, so prompt adapters apply).
+    """
+    labels = batch["labels"][:, 1:]
+    selected = labels != IGNORE
+    tokens = int(selected.sum())
+    if fast:
+        hidden = causal_lm.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][selected])
+    else:
+        out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logits = out.logits[:, -labels.shape[1] - 1 : -1][selected]
+    logits = logits.float()
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, labels[selected], reduction="sum"), tokens

@@ -1,0 +1,1 @@
+"""The `tunelab` command: thin Typer adapters over `tunelab.services`."""

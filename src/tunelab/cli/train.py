@@ -1,0 +1,76 @@
+"""`tunelab train` and `tunelab quickstart`."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from tunelab.cli.console import console, err_console
+from tunelab.cli.progress import LiveView
+from tunelab.errors import ConfigError
+
+
+@contextmanager
+def graceful_stop() -> Iterator[Callable[[], bool]]:
+    """First Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop; a second one aborts at once."""
+    requested = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested["stop"]:
+            raise KeyboardInterrupt
+        requested["stop"] = True
+        err_console.print("[yellow]stopping after this step and saving a checkpoint (Ctrl-C again to abort)[/]")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def train(
+    config: Path | None = typer.Argument(None, help="YAML config (see `tunelab init` and examples/)."),
+    overrides: list[str] | None = typer.Argument(None, help="Overrides such as train.lr=1e-4 method.rank=16."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue the run with this id from its checkpoint."),
+) -> None:
+    """Fine-tune a model as the config says (or resume a run after a crash or Ctrl-C)."""
+    from tunelab import services
+    from tunelab.config.load import load_config
+
+    with graceful_stop() as should_stop:
+        if resume:
+            if config is not None or overrides:
+                raise ConfigError("--resume takes the run's stored config; don't pass a config or overrides")
+            outcome = services.resume_run(resume, callbacks=[LiveView()], should_stop=should_stop)
+        else:
+            if config is None:
+                raise ConfigError("give a config file (tunelab train CONFIG) or --resume RUN_ID")
+            cfg = load_config(config, overrides or [])
+            outcome = services.start_run(cfg, callbacks=[LiveView()], should_stop=should_stop)
+    _report(outcome)
+
+
+def _report(outcome: Any) -> None:
+    if outcome.status == "completed":
+        loss = outcome.metrics.get("val_loss") or outcome.metrics.get("train_loss")
+        console.print(f"[green]run {outcome.run_id} completed[/] (loss {loss:.4f})")
+        console.print(f"result: {outcome.result_dir}")
+    else:
+        console.print(f"[yellow]run {outcome.run_id} stopped[/]; continue with: tunelab train --resume {outcome.run_id}")
+        raise typer.Exit(130)
+
+
+def quickstart(
+    workdir: Path | None = typer.Option(None, help="Where to build the tiny model and write the run."),
+    steps: int = typer.Option(0, help="Override the number of training steps (0 = the built-in default)."),
+) -> None:
+    """Build a tiny model offline, fine-tune it on a shipped task, and show before/after."""
+    from tunelab.quickstart import run_quickstart
+
+    run_quickstart(workdir=workdir, steps=steps or None, callbacks=[LiveView()], out=console)

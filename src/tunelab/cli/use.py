@@ -1,0 +1,80 @@
+"""`tunelab init` (write a config to start from) and `tunelab generate` (try the result)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from tunelab.cli.console import console
+from tunelab.errors import ConfigError
+
+
+def init(
+    out: Path = typer.Option(Path("tunelab.yaml"), "--out", "-o", help="Where to write the config."),
+    model: str | None = typer.Option(None, help="Base model: local folder or hub id."),
+    data: str | None = typer.Option(None, help="Training data file or folder."),
+    method: str | None = typer.Option(None, help="lora | dora | full | freeze | prefix | ia3"),
+    steps: int | None = typer.Option(None, help="Optimizer steps (leave empty for one epoch)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Don't ask; use the options and defaults."),
+    force: bool = typer.Option(False, help="Overwrite an existing file."),
+) -> None:
+    """Ask a few questions and write a commented config to start from."""
+    from tunelab.config.load import load_config
+    from tunelab.starter import render_starter
+
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists", hint="pass --force to overwrite it, or --out another.yaml")
+    interactive = not yes and sys.stdin.isatty()
+    if interactive:
+        import questionary
+
+        model = model or questionary.text("Base model (folder or hub id):", default="Qwen/Qwen2.5-0.5B-Instruct").ask()
+        data = data or questionary.text("Training data (file or folder):", default="data/").ask()
+        method = method or questionary.select(
+            "Method:", choices=["lora", "dora", "full", "freeze", "prefix", "ia3"], default="lora"
+        ).ask()
+        if steps is None:
+            answer = questionary.text("Steps (empty = one epoch):", default="").ask()
+            steps = int(answer) if answer and answer.strip().isdigit() else None
+    if not model or not data:
+        raise ConfigError("init needs --model and --data (or answer the questions in a terminal)")
+    text = render_starter(model=model, data=data, method=method or "lora", steps=steps)
+    load_config(_parse(text))  # the starter must itself be valid
+    out.write_text(text, encoding="utf-8")
+    console.print(f"wrote {out}; start training with: tunelab train {out}")
+
+
+def _parse(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt (a user message for chat-trained runs)."),
+    run: str | None = typer.Option(None, "--run", help="Use the result of this run."),
+    model: str | None = typer.Option(None, help="Base model folder or hub id (instead of --run)."),
+    adapter: str | None = typer.Option(None, help="PEFT adapter folder to apply to --model."),
+    max_new_tokens: int = typer.Option(128, min=1, help="How many tokens at most."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int = typer.Option(0),
+    chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: auto)."),
+) -> None:
+    """Stream a completion from a run's model, or from a base model with an adapter."""
+    from tunelab.inference import generator_for_run, load_generator
+
+    if run:
+        gen = generator_for_run(run)
+        if chat is not None:
+            gen.chat = chat
+    elif model:
+        gen = load_generator(model=model, adapter=adapter, chat=chat)
+    else:
+        raise ConfigError("give --run RUN_ID, or --model PATH (optionally with --adapter PATH)")
+    for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")

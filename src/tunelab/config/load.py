@@ -1,0 +1,198 @@
+"""YAML + ``key.sub=value`` overrides -> a validated :class:`RunConfig`.
+
+Validation happens once, here, and every pydantic error is rewritten into a
+message that names the dotted key and says what to change: the nearest valid
+key for a typo, the allowed values or range for a bad value.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tunelab.config.schema import RunConfig
+from tunelab.errors import ConfigError
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+) -> RunConfig:
+    """Load a config from a YAML path (or an already-parsed mapping), apply overrides, validate."""
+    raw: dict[str, Any]
+    if source is None:
+        raw = {}
+    elif isinstance(source, Mapping):
+        raw = _deep_copy(source)
+    else:
+        raw = _read_yaml(Path(source))
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value)
+    return validate_config(raw)
+
+
+def validate_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a plain mapping; raise :class:`ConfigError` listing every problem."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err) for err in exc.errors()]
+        raise ConfigError(
+            "invalid config:\n" + "\n".join(f"  - {p}" for p in problems),
+            hint="fix the YAML or pass an override such as train.lr=1e-4",
+        ) from None
+
+
+def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """Turn ``["train.lr=1e-4", "method.targets=[q_proj,v_proj]"]`` into typed pairs.
+
+    Values are parsed as YAML scalars/flow collections so numbers, booleans,
+    null and lists need no extra quoting on the command line.
+    """
+    pairs: list[tuple[str, Any]] = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. train.lr=1e-4)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        pairs.append((key, value))
+    return pairs
+
+
+def all_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts (used for suggestions and docs)."""
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        sub = _submodel(field.annotation)
+        if sub is not None:
+            keys.extend(all_keys(sub, dotted + "."))
+    return keys
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", hint="`tunelab init` writes one to start from")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, …)")
+    return data
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: Any) -> str:
+    loc = _clean_loc(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key{_suggest(loc)}"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    allowed = _allowed(err)
+    got = err.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    if allowed:
+        return f"{loc}: must be one of {allowed}{got_text}"
+    if kind in _BOUND_ERRORS:
+        return f"{loc}: must be {_range_of(loc)}{got_text}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}{got_text}"
+
+
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _range_of(loc: str) -> str:
+    """The whole allowed range of a numeric key, e.g. '>= 8 and <= 1048576'."""
+    model: type[BaseModel] | None = RunConfig
+    field = None
+    for part in loc.split("."):
+        if model is None or part not in model.model_fields:
+            return "in range"
+        field = model.model_fields[part]
+        model = _submodel(field.annotation)
+    bounds = []
+    for meta in field.metadata if field is not None else []:
+        for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(meta, attr, None) is not None:
+                bounds.append(f"{sign} {getattr(meta, attr)}")
+    return " and ".join(bounds) or "in range"
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> str:
+    # pydantic appends union/literal branch names (e.g. 'literal['all-linear']', 'list[str]') to
+    # the location; users only know the dotted key, so those parts are dropped.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in {"function-after"}))]
+    return ".".join(parts) or "<config>"
+
+
+def _allowed(err: Any) -> str:
+    ctx = err.get("ctx") or {}
+    if err["type"] == "literal_error" and "expected" in ctx:
+        return str(ctx["expected"]).replace("'", "")
+    return ""
+
+
+def _suggest(loc: str) -> str:
+    candidates = all_keys()
+    parent, _, leaf = loc.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in candidates if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {(parent + '.' if parent else '') + close[0]}?"
+    close = difflib.get_close_matches(loc, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]}?"
+    if siblings:
+        return f"; valid keys here: {', '.join(siblings)}"
+    return ""
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            sub = _submodel(arg)
+            if sub is not None:
+                return sub
+    return None
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value

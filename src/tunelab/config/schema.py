@@ -1,0 +1,117 @@
+"""The run config: one frozen pydantic model per section.
+
+These keys are a public contract (other tools, the API and the dashboard read
+and write them), so names and meanings only ever grow; cross-field rules live
+here, in one place, so every entry point validates the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DataFormat = Literal["auto", "text", "completion", "instruction", "chat"]
+MethodName = Literal["lora", "dora", "full", "freeze", "prefix", "ia3"]
+Scheduler = Literal["constant", "linear", "cosine"]
+BackendName = Literal["auto", "torch", "mlx"]
+DeviceName = Literal["auto", "cuda", "mps", "cpu"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelCfg(_Section):
+    """Which base model to fine-tune and how to hold it in memory."""
+
+    path: str = Field(description="local HF checkpoint dir, or a hub id (resolved via the HF cache)")
+    dtype: DType = Field("auto", description="weights dtype; auto = bf16 on CUDA if supported, else fp32")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="allow custom modelling code from the checkpoint")
+    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a local checkpoint folder or a hub id")
+        return v
+
+
+class DataCfg(_Section):
+    """Where the examples come from and how they become token sequences."""
+
+    train: str = Field(description="JSONL/JSON/CSV/Parquet file, or a folder with train/valid files")
+    valid: str | None = Field(None, description="validation file; default: the folder's valid file")
+    format: DataFormat = "auto"
+    max_seq_len: int = Field(1024, ge=8, le=1_048_576)
+    mask_prompt: bool = Field(True, description="train only on completion/assistant tokens")
+    shuffle: bool = True
+    group_by_length: bool = Field(
+        True, description="batch examples of similar length together to waste less compute on padding"
+    )
+
+
+class MethodCfg(_Section):
+    """What is trained: adapters (lora, dora, prefix, ia3) or base weights (full, freeze)."""
+
+    name: MethodName = "lora"
+    rank: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: Literal["all-linear"] | list[str] = "all-linear"
+    layers: int = Field(2, ge=1, description="freeze: how many of the last decoder layers to train")
+    num_virtual_tokens: int = Field(16, ge=1, le=1024, description="prefix: virtual tokens per layer")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_non_empty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("must be 'all-linear' or a non-empty list of module names")
+        return v
+
+
+class TrainCfg(_Section):
+    """The optimisation schedule: length, batch, learning rate, evaluation and checkpoints."""
+
+    steps: int | None = Field(None, ge=1, description="optimizer steps; exclusive with epochs")
+    epochs: float | None = Field(None, gt=0, le=10_000)
+    batch_size: int = Field(4, ge=1, le=65_536)
+    grad_accum: int = Field(1, ge=1, le=65_536)
+    lr: float = Field(2e-4, gt=0, le=10.0)
+    scheduler: Scheduler = "cosine"
+    warmup: float = Field(0, ge=0, description="warm-up steps (>= 1) or a fraction of all steps (< 1)")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="clip gradients to this norm; 0 turns clipping off")
+    seed: int = Field(0, ge=0, lt=2**32)
+    eval_every: int = Field(0, ge=0, description="steps between validations; 0 = only at the end")
+    save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+    log_every: int = Field(1, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainCfg:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set train.steps or train.epochs, not both")
+        return self
+
+
+class RunConfig(_Section):
+    """A whole fine-tuning run, as written in YAML and overridden from the command line."""
+
+    model: ModelCfg
+    data: DataCfg
+    method: MethodCfg = MethodCfg()
+    train: TrainCfg = TrainCfg()
+    backend: BackendName = "auto"
+    device: DeviceName = "auto"
+    output_dir: str | None = Field(None, description="default: $TUNELAB_HOME/runs/<run id>")
+    name: str | None = Field(None, max_length=200)
+    tensorboard: bool = True
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (what the registry stores and the API returns)."""
+        return self.model_dump(mode="json")

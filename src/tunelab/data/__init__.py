@@ -1,0 +1,1 @@
+"""Data: read files, validate records, render templates, tokenize with masks, batch."""

@@ -1,0 +1,87 @@
+"""Deterministic, resumable micro-batches.
+
+The data order is a pure function of ``(seed, epoch)``, and the trainer's only
+data state is one integer: how many micro-batches it has consumed.  That makes
+resume exact: a restarted run recomputes the same order and skips ahead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tunelab.data.tokenize import IGNORE, TokenizedSplit
+
+_GROUP_SPAN = 64  # batches per length-sorted group: little padding, order still random
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a split is cut into micro-batches for every epoch."""
+
+    batch_size: int
+    seed: int
+    shuffle: bool
+    group_by_length: bool
+
+    def epoch_batches(self, lengths: np.ndarray, epoch: int) -> list[np.ndarray]:
+        """Index arrays of the micro-batches of one epoch, in order."""
+        n = len(lengths)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.group_by_length:
+            span = self.batch_size * _GROUP_SPAN
+            groups = [order[i : i + span] for i in range(0, n, span)]
+            order = np.concatenate([g[np.argsort(-lengths[g], kind="stable")] for g in groups])
+        batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if self.group_by_length and self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+
+class MicroBatchStream:
+    """An endless stream of padded micro-batches, positioned by a single cursor."""
+
+    def __init__(self, split: TokenizedSplit, plan: BatchPlan, pad_id: int) -> None:
+        self.split = split
+        self.plan = plan
+        self.pad_id = pad_id
+        self._lengths = split.lengths
+        self._epoch = -1
+        self._batches: list[np.ndarray] = []
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.split) // self.plan.batch_size)
+
+    def get(self, cursor: int) -> dict[str, np.ndarray]:
+        """The micro-batch at absolute position ``cursor`` (epoch = cursor // batches_per_epoch)."""
+        epoch, index = divmod(cursor, self.batches_per_epoch)
+        if epoch != self._epoch:
+            self._batches = self.plan.epoch_batches(self._lengths, epoch)
+            self._epoch = epoch
+        return collate(self.split, self._batches[index], self.pad_id)
+
+    def epoch_of(self, cursor: int) -> float:
+        return cursor / self.batches_per_epoch
+
+
+def collate(split: TokenizedSplit, indices: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad a set of examples to the longest; padding gets no loss and no attention."""
+    width = max(len(split.input_ids[i]) for i in indices)
+    ids = np.full((len(indices), width), pad_id, dtype=np.int64)
+    labels = np.full((len(indices), width), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(indices), width), dtype=np.int64)
+    for row, i in enumerate(indices):
+        n = len(split.input_ids[i])
+        ids[row, :n] = split.input_ids[i]
+        labels[row, :n] = split.labels[i]
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def eval_batches(split: TokenizedSplit, batch_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """Every validation example once, length-sorted so batches carry little padding."""
+    order = np.argsort(-split.lengths, kind="stable")
+    return [collate(split, order[i : i + batch_size], pad_id) for i in range(0, len(order), batch_size)]

@@ -1,0 +1,72 @@
+"""Chat templates and which spans of a rendered conversation carry loss.
+
+The tokenizer's own template is used when it has one; otherwise a built-in
+ChatML template, and the run records which (a wrong template after export is
+the most common way a fine-tune "talks garbage").  Assistant spans are found
+by rendering growing prefixes of the conversation, so masking is correct for
+any template that renders a conversation as a prefix of its continuation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tunelab.errors import DataError
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BUILTIN_NAME = "chatml-builtin"
+TOKENIZER_NAME = "tokenizer"
+
+
+def template_for(tokenizer: Any) -> tuple[str, str]:
+    """Return ``(template, name)``: the tokenizer's own, or the built-in ChatML one."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, str) and own.strip():
+        return own, TOKENIZER_NAME
+    return CHATML, BUILTIN_NAME
+
+
+def render(tokenizer: Any, template: str, messages: Sequence[dict[str, Any]], *, generation_prompt: bool) -> str:
+    """Render messages to text with ``template`` (never tokenizes)."""
+    out = tokenizer.apply_chat_template(
+        list(messages), chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    return str(out)
+
+
+def chat_segments(
+    tokenizer: Any, template: str, messages: Sequence[dict[str, Any]], *, where: tuple[str, int]
+) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into ``(text, trained)`` pieces.
+
+    Each assistant turn, including the end-of-turn marker the template puts
+    after it, is a trained piece; everything else (system, user, tool turns and
+    the assistant header) is not.
+    """
+    full = render(tokenizer, template, messages, generation_prompt=False)
+    pieces: list[tuple[str, bool]] = []
+    cursor = 0
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, template, messages[:index], generation_prompt=True) if index else ""
+        through = render(tokenizer, template, messages[: index + 1], generation_prompt=False)
+        if not through.startswith(before) or not full.startswith(through) or len(before) < cursor:
+            raise DataError(
+                "the chat template does not render this conversation as a prefix of its continuation, "
+                "so assistant turns can't be located for masking",
+                path=where[0],
+                line=where[1],
+                hint="set data.mask_prompt=false to train on every token",
+            )
+        pieces.append((full[cursor : len(before)], False))
+        pieces.append((full[len(before) : len(through)], True))
+        cursor = len(through)
+    pieces.append((full[cursor:], False))
+    return [(text, trained) for text, trained in pieces if text]

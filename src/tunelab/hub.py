@@ -1,0 +1,73 @@
+"""Resolve ``model.path`` to a local folder and load its tokenizer.
+
+A local folder is used as is.  Anything else is treated as a hub id and looked
+up in the Hugging Face cache first (so a model downloaded once works offline),
+then on the hub.  Both backends share this: the tokenizer is framework-free.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import ModelError
+
+
+def resolve_model_path(path: str, revision: str | None = None) -> Path:
+    """Return a local folder holding the checkpoint named by ``path``."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(
+                f"model.path: {local} has no config.json, so it is not a Hugging Face checkpoint folder",
+                hint="point model.path at the folder that holds config.json and the *.safetensors files",
+            )
+        return local
+    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelError(
+            f"model.path: {path} is not a checkpoint folder or a hub id (owner/name)",
+            hint="give a local folder with config.json, or a hub id such as Qwen/Qwen2.5-0.5B",
+        )
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.py", "tokenizer*"]
+    try:
+        return Path(snapshot_download(path, revision=revision, local_files_only=True, allow_patterns=patterns))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelError(
+            f"model.path: {path} is not in the local Hugging Face cache and could not be downloaded "
+            f"({type(exc).__name__})",
+            hint="check the id and your connection, or download the model once and point at its folder",
+        ) from None
+
+
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer in any form transformers reads, and make sure it can pad."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(
+            f"could not load a tokenizer from {folder} ({type(exc).__name__}: {exc})",
+            hint="the folder needs tokenizer.json, a SentencePiece tokenizer.model or a tiktoken file",
+        ) from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def architecture_of(folder: Path) -> str:
+    """The ``architectures[0]`` (or ``model_type``) from a checkpoint's config.json."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unknown"
+    archs = config.get("architectures") or []
+    return str(archs[0] if archs else config.get("model_type", "unknown"))

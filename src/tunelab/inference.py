@@ -1,0 +1,105 @@
+"""Generate with a base model, an adapter, or a finished run — streaming text out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.backends.base import Backend, ModelSpec
+from tunelab.backends.select import choose_backend, make_backend
+from tunelab.data.templates import template_for
+from tunelab.data.tokenize import special_prefix
+from tunelab.errors import ModelError, NotFoundError
+from tunelab.hub import load_tokenizer, resolve_model_path
+
+# End-of-turn markers of common chat templates; generation stops on any that the vocabulary has.
+_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class Generator:
+    """A loaded model ready to answer prompts."""
+
+    backend: Backend
+    tokenizer: Any
+    chat: bool
+
+    def stream(
+        self, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+    ) -> Iterator[str]:
+        """Yield pieces of text as tokens are generated (decoded incrementally, so UTF-8 stays whole)."""
+        ids = self.prompt_ids(prompt)
+        out: list[int] = []
+        shown = ""
+        stops = stop_ids(self.tokenizer)
+        for token in self.backend.generate(
+            ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stops, seed=seed
+        ):
+            if token in stops:
+                break
+            out.append(token)
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            yield text[len(shown) :]
+            shown = text
+
+    def complete(self, prompt: str, **kwargs: Any) -> str:
+        return "".join(self.stream(prompt, **kwargs))
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if self.chat:
+            template, _ = template_for(self.tokenizer)
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], chat_template=template, tokenize=False, add_generation_prompt=True
+            )
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return special_prefix(self.tokenizer) + list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _TURN_ENDS if t in vocab)
+    return sorted(ids)
+
+
+def load_generator(
+    *, model: str, adapter: str | None = None, chat: bool | None = None, device: str = "auto"
+) -> Generator:
+    """Load ``model`` (plus ``adapter``) for generation; ``chat`` defaults to "the tokenizer has a template"."""
+    folder = resolve_model_path(model)
+    adapter_dir = Path(adapter).expanduser() if adapter else None
+    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(f"--adapter: {adapter_dir} has no adapter_config.json, so it is not a PEFT adapter")
+    # A run's adapter folder carries the tokenizer (and chat template) used in training: prefer it.
+    tok_dir = adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else folder
+    tokenizer = load_tokenizer(tok_dir)
+    backend = make_backend(choose_backend("auto", "lora"))
+    backend.load_inference(ModelSpec(str(folder), device=device), adapter_dir, tokenizer)
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    return Generator(backend, tokenizer, chat)
+
+
+def generator_for_run(run_id: str, *, device: str = "auto") -> Generator:
+    """Load what a finished run produced, with the prompt format it was trained on."""
+    from tunelab.services import show_run
+
+    run = show_run(run_id)
+    artifacts = run["artifacts"]
+    fmt = (run.get("dataset") or {}).get("format") or run["config"]["data"]["format"]
+    chat = fmt in ("chat", "instruction")
+    if artifacts.get("adapter"):
+        return load_generator(model=run["config"]["model"]["path"], adapter=artifacts["adapter"], chat=chat, device=device)
+    if artifacts.get("model"):
+        return load_generator(model=artifacts["model"], chat=chat, device=device)
+    raise NotFoundError(
+        f"run {run['id']} has no adapter or model yet (status {run['status']})",
+        hint=f"finish it first: tunelab train --resume {run['id']}",
+    )
+
+
+__all__ = ["Generator", "generator_for_run", "load_generator", "stop_ids"]

@@ -1,0 +1,137 @@
+"""One fine-tuning run's lifecycle: set up → train → save.  No registry, no terminal.
+
+Small factory functions turn the config into the plain specs the backend and
+loop take; the service layer wraps this with registry records and callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.backends.base import Backend, MethodSpec, ModelInfo, ModelSpec, OptimSpec
+from tunelab.backends.select import Choice, choose_backend, make_backend
+from tunelab.config.schema import RunConfig
+from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
+from tunelab.data.prepare import PreparedData, prepare_data
+from tunelab.data.templates import BUILTIN_NAME, CHATML
+from tunelab.errors import StateError
+from tunelab.hub import load_tokenizer, resolve_model_path
+from tunelab.train.callbacks import BaseCallback
+from tunelab.train.checkpoint import TrainerState, latest_checkpoint, read_state
+from tunelab.train.loop import LoopOptions, LoopResult, run_loop
+from tunelab.train.schedules import make_schedule, warmup_steps
+
+
+@dataclass
+class Prepared:
+    """Everything set up and ready to train."""
+
+    choice: Choice
+    backend: Backend
+    info: ModelInfo
+    data: PreparedData
+    stream: MicroBatchStream
+    valid: list[dict[str, Any]] | None
+    total_steps: int
+    state: TrainerState
+    resumed_from: Path | None
+
+
+def model_spec(cfg: RunConfig) -> ModelSpec:
+    m = cfg.model
+    return ModelSpec(m.path, m.dtype, m.revision, m.trust_remote_code, m.attn_implementation, cfg.device)
+
+
+def method_spec(cfg: RunConfig) -> MethodSpec:
+    m = cfg.method
+    targets = m.targets if isinstance(m.targets, str) else tuple(m.targets)
+    return MethodSpec(m.name, m.rank, m.alpha, m.dropout, targets, m.layers, m.num_virtual_tokens, cfg.train.seed)
+
+
+def optim_spec(cfg: RunConfig) -> OptimSpec:
+    return OptimSpec(weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm)
+
+
+def total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
+    if cfg.train.steps is not None:
+        return cfg.train.steps
+    epochs = cfg.train.epochs if cfg.train.epochs is not None else 1.0
+    return max(1, math.ceil(epochs * batches_per_epoch / cfg.train.grad_accum))
+
+
+def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[PreparedData], None]) -> Prepared:
+    """Validate data before loading the model (fail fast), then load model and state."""
+    choice = choose_backend(cfg.backend, cfg.method.name)
+    folder = resolve_model_path(cfg.model.path, cfg.model.revision)
+    tokenizer = load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
+    data = prepare_data(cfg.data, tokenizer)
+    if data.template_name == BUILTIN_NAME:
+        tokenizer.chat_template = CHATML  # saved with the adapter, so export and chat use what training used
+    on_data(data)
+    backend = make_backend(choice)
+    info = backend.load(model_spec(cfg), method_spec(cfg), optim_spec(cfg), tokenizer)
+    plan = BatchPlan(cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle, cfg.data.group_by_length)
+    stream = MicroBatchStream(data.train, plan, tokenizer.pad_token_id)
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    valid = eval_batches(data.valid, eval_bs, tokenizer.pad_token_id) if data.valid else None
+    state, resumed_from = TrainerState(), None
+    if resume:
+        resumed_from = latest_checkpoint(output_dir / "checkpoints")
+        if resumed_from is not None:
+            backend.load_checkpoint(resumed_from)
+            state = read_state(resumed_from)
+    steps = total_steps(cfg, stream.batches_per_epoch)
+    return Prepared(choice, backend, info, data, stream, valid, steps, state, resumed_from)
+
+
+def train(
+    cfg: RunConfig, prep: Prepared, output_dir: Path, callbacks: BaseCallback, should_stop: Callable[[], bool]
+) -> LoopResult:
+    """Run the loop; on completion write the final adapter (or model) atomically."""
+    steps = prep.total_steps
+    schedule = make_schedule(
+        cfg.train.scheduler, lr=cfg.train.lr, total_steps=steps, warmup=warmup_steps(cfg.train.warmup, steps)
+    )
+    opts = LoopOptions(
+        total_steps=steps,
+        grad_accum=cfg.train.grad_accum,
+        eval_every=cfg.train.eval_every,
+        save_every=cfg.train.save_every,
+        log_every=cfg.train.log_every,
+        keep_checkpoints=cfg.train.keep_checkpoints,
+        checkpoint_dir=output_dir / "checkpoints",
+    )
+    result = run_loop(prep.backend, prep.stream, prep.valid, schedule, opts, prep.state, callbacks, should_stop)
+    if result.status == "completed":
+        save_result(prep.backend, result_dir(output_dir, cfg.method.name))
+    return result
+
+
+def result_dir(output_dir: Path, method: str) -> Path:
+    """Adapters go to ``adapter/``; full and freeze runs produce a whole model in ``model/``."""
+    return output_dir / ("model" if method in ("full", "freeze") else "adapter")
+
+
+def save_result(backend: Backend, final: Path) -> None:
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    backend.save_adapter(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def check_fresh_output(output_dir: Path) -> None:
+    """Never train over another run's results."""
+    for name in ("adapter", "model", "checkpoints"):
+        if (output_dir / name).exists():
+            raise StateError(
+                f"output_dir {output_dir} already holds a run ({name}/ exists)",
+                hint="choose another output_dir, or continue that run with `tunelab train --resume RUN_ID`",
+            )

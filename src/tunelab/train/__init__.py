@@ -1,0 +1,1 @@
+"""The backend-agnostic training loop, LR schedules, checkpoints and callbacks."""

@@ -1,0 +1,99 @@
+"""How progress leaves the trainer: callbacks, and the file writers every run gets.
+
+The loop calls these hooks and knows nothing of terminals, databases or
+TensorBoard; the service layer decides which callbacks a run has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Callback(Protocol):
+    """Hooks the loop calls; every method is optional in practice (see :class:`BaseCallback`)."""
+
+    def on_start(self, *, step: int, total_steps: int) -> None: ...
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_message(self, text: str) -> None: ...
+    def on_end(self, *, step: int, status: str) -> None: ...
+
+
+class BaseCallback:
+    """No-op implementations so a callback only writes the hooks it needs."""
+
+    def on_start(self, *, step: int, total_steps: int) -> None:
+        pass
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def on_message(self, text: str) -> None:
+        pass
+
+    def on_end(self, *, step: int, status: str) -> None:
+        pass
+
+
+class CallbackList(BaseCallback):
+    """Fan one hook call out to many callbacks."""
+
+    def __init__(self, callbacks: Sequence[Any]) -> None:
+        self.callbacks = list(callbacks)
+
+    def on_start(self, *, step: int, total_steps: int) -> None:
+        for cb in self.callbacks:
+            cb.on_start(step=step, total_steps=total_steps)
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_metrics(step, metrics)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        for cb in self.callbacks:
+            cb.on_checkpoint(step, path)
+
+    def on_message(self, text: str) -> None:
+        for cb in self.callbacks:
+            cb.on_message(text)
+
+    def on_end(self, *, step: int, status: str) -> None:
+        for cb in self.callbacks:
+            cb.on_end(step=step, status=status)
+
+
+class MetricsFile(BaseCallback):
+    """Append metrics to ``metrics.jsonl``; on resume, drop rows past the checkpoint (they will be redone)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_start(self, *, step: int, total_steps: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and _step_of(line) <= step
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0

@@ -1,0 +1,113 @@
+"""The training loop.  It drives any :class:`Backend` and knows nothing of torch or mlx.
+
+One optimizer step = ``grad_accum`` micro-batches.  The loss of a step is the
+token-weighted mean over all supervised tokens of all its micro-batches (each
+micro-batch's summed loss is scaled by 1/total tokens before backward), which
+is what a single large batch would compute — the gradient-accumulation bug of
+averaging per-batch means does not happen here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tunelab.backends.base import Backend, Batch
+from tunelab.data.batching import MicroBatchStream
+from tunelab.data.tokenize import IGNORE
+from tunelab.train.callbacks import BaseCallback
+from tunelab.train.checkpoint import TrainerState, save_checkpoint
+from tunelab.train.schedules import Schedule
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """Plain numbers the loop needs (built from ``train:`` by the service layer)."""
+
+    total_steps: int
+    grad_accum: int
+    eval_every: int
+    save_every: int
+    log_every: int
+    keep_checkpoints: int
+    checkpoint_dir: Path
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    state: TrainerState
+    status: str  # completed | interrupted
+
+
+def evaluate(backend: Backend, batches: Sequence[Batch]) -> float:
+    """Token-weighted mean cross-entropy over every supervised token of the validation set."""
+    total, tokens = 0.0, 0
+    for batch in batches:
+        part = backend.eval_loss(batch)
+        total += part.loss_sum
+        tokens += part.tokens
+    return total / max(tokens, 1)
+
+
+def run_loop(
+    backend: Backend,
+    stream: MicroBatchStream,
+    valid: Sequence[Batch] | None,
+    schedule: Schedule,
+    opts: LoopOptions,
+    state: TrainerState,
+    callbacks: BaseCallback,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> LoopResult:
+    """Train from ``state`` to ``opts.total_steps``; save and return early when ``should_stop()``."""
+    callbacks.on_start(step=state.step, total_steps=opts.total_steps)
+    while state.step < opts.total_steps:
+        started = time.perf_counter()
+        micro = [stream.get(state.cursor + i) for i in range(opts.grad_accum)]
+        supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        loss_sum = 0.0
+        for batch in micro:
+            loss_sum += backend.forward_backward(batch, 1.0 / max(supervised, 1)).loss_sum
+        lr = schedule(state.step)
+        grad_norm = backend.optimizer_step(lr)
+        seconds = time.perf_counter() - started
+        tokens = int(sum(int(b["attention_mask"].sum()) for b in micro))
+        state.step += 1
+        state.cursor += opts.grad_accum
+        state.tokens_seen += tokens
+        state.elapsed_s += seconds
+        if state.step % opts.log_every == 0 or state.step == opts.total_steps:
+            metrics = {
+                "train_loss": loss_sum / max(supervised, 1),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_sec": tokens / max(seconds, 1e-9),
+                "epoch": stream.epoch_of(state.cursor),
+            }
+            memory = backend.peak_memory_bytes()
+            if memory is not None:
+                metrics["peak_memory_gb"] = memory / 2**30
+            callbacks.on_metrics(state.step, metrics)
+        finished = state.step == opts.total_steps
+        if valid and (finished or (opts.eval_every and state.step % opts.eval_every == 0)):
+            _validate(backend, valid, state, callbacks)
+        stop = should_stop()
+        if (opts.save_every and state.step % opts.save_every == 0 and not finished) or (stop and not finished):
+            path = save_checkpoint(opts.checkpoint_dir, backend, state, keep=opts.keep_checkpoints)
+            callbacks.on_checkpoint(state.step, path)
+        if stop and not finished:
+            callbacks.on_message(f"stopped at step {state.step}; resume with --resume")
+            return LoopResult(state, "interrupted")
+    return LoopResult(state, "completed")
+
+
+def _validate(backend: Backend, valid: Sequence[Batch], state: TrainerState, callbacks: BaseCallback) -> None:
+    val_loss = evaluate(backend, valid)
+    state.last_val_loss = val_loss
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss = val_loss
+    callbacks.on_metrics(state.step, {"val_loss": val_loss, "val_ppl": float(np.exp(min(val_loss, 50.0)))})
