@@ -34,10 +34,12 @@ class Generator:
         out: list[int] = []
         shown = ""
         stops = stop_ids(self.tokenizer)
-        for token in self.backend.generate(
+        tokens = self.backend.generate(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stops, seed=seed
-        ):
+        )
+        for token in tokens:
             if token in stops:
+                tokens.close()  # type: ignore[attr-defined]
                 break
             out.append(token)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
@@ -53,7 +55,10 @@ class Generator:
         if self.chat:
             template, _ = template_for(self.tokenizer)
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], chat_template=template, tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": prompt}],
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=True,
             )
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return special_prefix(self.tokenizer) + list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -93,7 +98,9 @@ def generator_for_run(run_id: str, *, device: str = "auto") -> Generator:
     fmt = (run.get("dataset") or {}).get("format") or run["config"]["data"]["format"]
     chat = fmt in ("chat", "instruction")
     if artifacts.get("adapter"):
-        return load_generator(model=run["config"]["model"]["path"], adapter=artifacts["adapter"], chat=chat, device=device)
+        return load_generator(
+            model=run["config"]["model"]["path"], adapter=artifacts["adapter"], chat=chat, device=device
+        )
     if artifacts.get("model"):
         return load_generator(model=artifacts["model"], chat=chat, device=device)
     raise NotFoundError(

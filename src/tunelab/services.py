@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,9 @@ def _execute(
 ) -> RunOutcome:
     engine = open_registry()
     with session_scope(engine) as s:
-        repo.update_run(s, run_id, status="running", started_at=datetime.now(UTC), error=None, finished_at=None)
+        repo.update_run(
+            s, run_id, status="running", started_at=datetime.now(timezone.utc), error=None, finished_at=None
+        )
     try:
         prep = recipe.setup(cfg, output_dir, resume=resume, on_data=lambda d: _record_data(run_id, d))
         with session_scope(engine) as s:
@@ -145,7 +147,7 @@ def _record_data(run_id: str, data: PreparedData) -> None:
 
 
 def _finish(run_id: str, status: str, *, error: str | None = None, final_metrics: dict | None = None) -> None:
-    fields: dict[str, Any] = {"status": status, "finished_at": datetime.now(UTC), "error": error}
+    fields: dict[str, Any] = {"status": status, "finished_at": datetime.now(timezone.utc), "error": error}
     if final_metrics is not None:
         fields["final_metrics"] = final_metrics
     with session_scope(open_registry()) as s:

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI; exit with tunelab's exit code for user errors."""
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except TunelabError as exc:
         err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
         if exc.hint:
@@ -74,3 +74,5 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         sys.exit(130)
+    if isinstance(code, int) and code:  # click returns typer.Exit codes instead of raising them here
+        sys.exit(code)

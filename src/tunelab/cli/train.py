@@ -62,7 +62,9 @@ def _report(outcome: Any) -> None:
         console.print(f"[green]run {outcome.run_id} completed[/] (loss {loss:.4f})")
         console.print(f"result: {outcome.result_dir}")
     else:
-        console.print(f"[yellow]run {outcome.run_id} stopped[/]; continue with: tunelab train --resume {outcome.run_id}")
+        console.print(
+            f"[yellow]run {outcome.run_id} stopped[/]; continue with: tunelab train --resume {outcome.run_id}"
+        )
         raise typer.Exit(130)
 
 

@@ -32,9 +32,12 @@ def init(
 
         model = model or questionary.text("Base model (folder or hub id):", default="Qwen/Qwen2.5-0.5B-Instruct").ask()
         data = data or questionary.text("Training data (file or folder):", default="data/").ask()
-        method = method or questionary.select(
-            "Method:", choices=["lora", "dora", "full", "freeze", "prefix", "ia3"], default="lora"
-        ).ask()
+        method = (
+            method
+            or questionary.select(
+                "Method:", choices=["lora", "dora", "full", "freeze", "prefix", "ia3"], default="lora"
+            ).ask()
+        )
         if steps is None:
             answer = questionary.text("Steps (empty = one epoch):", default="").ask()
             steps = int(answer) if answer and answer.strip().isdigit() else None

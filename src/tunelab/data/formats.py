@@ -87,18 +87,14 @@ def _chat(r: Record) -> Sample:
             raise DataError(f"{where} must be an object with role and content", path=r.path, line=r.line)
         role = message.get("role")
         if role not in ROLES:
-            raise DataError(
-                f"{where}: role {role!r} is not one of {', '.join(ROLES)}", path=r.path, line=r.line
-            )
+            raise DataError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}", path=r.path, line=r.line)
         content = message.get("content")
         has_calls = role == "assistant" and bool(message.get("tool_calls"))
         if not isinstance(content, str) and not (content is None and has_calls):
             raise DataError(f"{where}: content must be a string", path=r.path, line=r.line)
         clean.append({k: v for k, v in message.items() if v is not None or k == "content"})
     if not any(m["role"] == "assistant" for m in clean):
-        raise DataError(
-            "conversation has no assistant message, so there is nothing to learn", path=r.path, line=r.line
-        )
+        raise DataError("conversation has no assistant message, so there is nothing to learn", path=r.path, line=r.line)
     return Sample("chat", messages=tuple(clean))
 
 

@@ -93,7 +93,7 @@ def length_stats(split: TokenizedSplit) -> dict[str, float]:
     if not len(lengths):
         return {"count": 0}
     return {
-        "count": int(len(lengths)),
+        "count": len(lengths),
         "min": int(lengths.min()),
         "mean": float(lengths.mean()),
         "p50": float(np.percentile(lengths, 50)),

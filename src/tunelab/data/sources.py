@@ -102,7 +102,9 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise DataError(f"not valid JSON ({exc.msg}, column {exc.colno})", path=str(path), line=number) from None
+                raise DataError(
+                    f"not valid JSON ({exc.msg}, column {exc.colno})", path=str(path), line=number
+                ) from None
             if not isinstance(value, dict):
                 raise DataError(
                     f"each line must be a JSON object, got {type(value).__name__}", path=str(path), line=number
@@ -200,7 +202,7 @@ def _decode(raw: bytes, path: Path, line: int | None) -> str:
         if line is None:
             line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
-            f"bytes that are not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})",
+            f"bytes that are not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
             path=str(path),
             line=line,
             hint="re-save the file as UTF-8",

@@ -25,7 +25,7 @@ def validate_dataset(
     With ``model`` (a checkpoint folder or hub id) the report adds token-length
     statistics computed with that model's tokenizer and chat template.
     """
-    cfg = DataCfg(train=path, valid=valid, format=fmt, max_seq_len=max_seq_len, mask_prompt=mask_prompt)  # type: ignore[arg-type]
+    cfg = DataCfg(train=path, valid=valid, format=fmt, max_seq_len=max_seq_len, mask_prompt=mask_prompt)  # type: ignore[arg-type,call-arg]
     loaded = load_records(cfg)
     splits = {"train": (loaded.train, loaded.train_path), "valid": (loaded.valid, loaded.valid_path)}
     report: dict[str, Any] = {"format": loaded.format, "splits": {}}

@@ -13,9 +13,9 @@ import os
 import re
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Insert, delete, func, insert, select, update
+from sqlalchemy import CursorResult, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -42,7 +42,7 @@ def _not_found(run_id: str) -> NotFoundError:
     return NotFoundError(f"no run with id {run_id}; `tunelab runs list` shows the runs")
 
 
-def _upsert_insert(session: Session, table: Any) -> Insert:
+def _upsert_insert(session: Session, table: Any) -> sqlite.Insert | postgresql.Insert:
     """A dialect-specific INSERT that supports ``on_conflict_*``."""
     name = session.get_bind().dialect.name
     if name == "sqlite":
@@ -87,14 +87,14 @@ def upsert_model(
     num_params: int | None = None,
 ) -> int:
     """The id of the model at ``path``, creating it; known fields are filled, never blanked."""
-    stmt = _upsert_insert(session, ModelRow).values(
+    ins = _upsert_insert(session, ModelRow).values(
         path=str(path), architecture=architecture, num_params=num_params, created_at=utcnow()
     )
-    stmt = stmt.on_conflict_do_update(
+    stmt = ins.on_conflict_do_update(
         index_elements=[ModelRow.path],
         set_={
-            "architecture": func.coalesce(stmt.excluded.architecture, ModelRow.architecture),
-            "num_params": func.coalesce(stmt.excluded.num_params, ModelRow.num_params),
+            "architecture": func.coalesce(ins.excluded.architecture, ModelRow.architecture),
+            "num_params": func.coalesce(ins.excluded.num_params, ModelRow.num_params),
         },
     ).returning(ModelRow.id)
     return int(session.execute(stmt).scalar_one())
@@ -110,7 +110,7 @@ def upsert_dataset(
     num_valid: int | None = None,
 ) -> int:
     """The id of this (path, content) pair; edited files get a new row so old runs stay exact."""
-    stmt = _upsert_insert(session, DatasetRow).values(
+    ins = _upsert_insert(session, DatasetRow).values(
         path=str(path),
         content_hash=content_hash,
         format=format,
@@ -118,12 +118,12 @@ def upsert_dataset(
         num_valid=num_valid,
         created_at=utcnow(),
     )
-    stmt = stmt.on_conflict_do_update(
+    stmt = ins.on_conflict_do_update(
         index_elements=[DatasetRow.path, DatasetRow.content_hash],
         set_={
-            "format": func.coalesce(stmt.excluded.format, DatasetRow.format),
-            "num_train": func.coalesce(stmt.excluded.num_train, DatasetRow.num_train),
-            "num_valid": func.coalesce(stmt.excluded.num_valid, DatasetRow.num_valid),
+            "format": func.coalesce(ins.excluded.format, DatasetRow.format),
+            "num_train": func.coalesce(ins.excluded.num_train, DatasetRow.num_train),
+            "num_valid": func.coalesce(ins.excluded.num_valid, DatasetRow.num_valid),
         },
     ).returning(DatasetRow.id)
     return int(session.execute(stmt).scalar_one())
@@ -179,7 +179,8 @@ def update_run(session: Session, run_id: str, **fields: Any) -> None:
         get_run(session, run_id)
         return
     # A bulk UPDATE avoids loading the row, which matters for per-step progress writes.
-    result = session.execute(update(RunRow).where(RunRow.id == run_id).values(**fields))
+    stmt = update(RunRow).where(RunRow.id == run_id).values(**fields)
+    result = cast(CursorResult[Any], session.execute(stmt))
     if result.rowcount == 0:
         raise _not_found(run_id)
 

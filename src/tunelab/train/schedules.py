@@ -10,7 +10,7 @@ Schedule = Callable[[int], float]
 
 def warmup_steps(warmup: float, total_steps: int) -> int:
     """``warmup`` < 1 is a fraction of the run, otherwise a number of steps."""
-    return int(round(warmup * total_steps)) if 0 < warmup < 1 else int(warmup)
+    return round(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
 
 
 def make_schedule(name: str, *, lr: float, total_steps: int, warmup: int) -> Schedule:

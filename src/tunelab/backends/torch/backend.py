@@ -167,23 +167,36 @@ class TorchBackend:
         stop_ids: Sequence[int],
         seed: int,
     ) -> Iterator[int]:
-        """Stream tokens from transformers' ``generate`` running in a worker thread."""
+        """Stream tokens from transformers' ``generate`` running in a worker thread.
+
+        Closing the iterator early (a stop token, a client that goes away) cancels
+        the worker through a stopping criterion and waits for it, so no thread is
+        left generating behind the caller's back.
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        cancel = threading.Event()
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
         self.model.eval()
         torch.manual_seed(seed)
         ids = torch.tensor([list(prompt_ids)], device=self.device)
-        tokens: queue.Queue[int | None | BaseException] = queue.Queue()
-        streamer = _QueueStreamer(tokens, skip=len(prompt_ids))
+        tokens: queue.Queue[int | BaseException | None] = queue.Queue()
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
-        kwargs = dict(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=list(stop_ids) or None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            streamer=streamer,
-            do_sample=False,
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": list(stop_ids) or None,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "streamer": _QueueStreamer(tokens),
+            "stopping_criteria": StoppingCriteriaList([_Cancelled()]),
+            "do_sample": False,
             **sampling,
-        )
+        }
 
         def work() -> None:
             try:
@@ -196,13 +209,14 @@ class TorchBackend:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        while (item := tokens.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item in stop_ids:
-                break
-        thread.join()
+        try:
+            while (item := tokens.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+            thread.join()
 
     def peak_memory_bytes(self) -> int | None:
         if self.device.type == "cuda":
@@ -214,9 +228,8 @@ class TorchBackend:
 class _QueueStreamer:
     """The two-method streamer interface transformers' generate calls, feeding a queue."""
 
-    def __init__(self, out: queue.Queue[Any], skip: int) -> None:
+    def __init__(self, out: queue.Queue[Any]) -> None:
         self.out = out
-        self.skip = skip
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:

@@ -49,7 +49,7 @@ def load_causal_lm(folder: Path, *, dtype: torch.dtype, device: torch.device, at
             f"could not load a causal LM from {folder} ({type(exc).__name__}: {exc})",
             hint="check that the folder holds a complete checkpoint of a causal LM architecture",
         ) from None
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:

@@ -37,7 +37,7 @@ def _peft(model: Any, spec: MethodSpec) -> Any:
     if spec.name in ("lora", "dora"):
         config: Any = LoraConfig(
             r=spec.rank,
-            lora_alpha=spec.alpha,
+            lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT accepts float scaling
             lora_dropout=spec.dropout,
             target_modules=targets,
             use_dora=spec.name == "dora",
