@@ -67,3 +67,34 @@ def test_full_finetune_saves_a_loadable_model(e2e_model: Path, chat_data: Path, 
     measured = _reference_val_loss(model, outcome.result_dir, load_config(raw).data)
     reported = services.show_run(outcome.run_id)["metrics"]["val_loss"]
     assert abs(measured - reported) / reported < 1e-3
+
+
+def test_softcapped_logits_match_transformers(chat_data: Path, tmp_path: Path) -> None:
+    """Gemma-2 soft-caps its logits; the loss that skips unsupervised positions must do the same."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.tiny import make_tiny_checkpoint
+
+    lines = (chat_data / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [m["content"] for line in lines for m in json.loads(line)["messages"]] * 3
+    model_dir = make_tiny_checkpoint(
+        tmp_path / "gemma2",
+        texts,
+        arch="gemma2",
+        vocab_size=400,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+    )
+    assert json.loads((model_dir / "config.json").read_text()).get("final_logit_softcapping")
+    cfg = load_config(base_config(model_dir, chat_data, tmp_path / "run", steps=4))
+    outcome = services.start_run(cfg)
+    reported = services.show_run(outcome.run_id)["metrics"]["val_loss"]
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    measured = _reference_val_loss(
+        PeftModel.from_pretrained(base, str(outcome.result_dir)), outcome.result_dir, cfg.data
+    )
+    assert abs(measured - reported) / reported < 1e-3, (measured, reported)
