@@ -18,7 +18,7 @@ from tunelab.backends.base import Backend, MethodSpec, ModelInfo, ModelSpec, Opt
 from tunelab.backends.select import Choice, choose_backend, make_backend
 from tunelab.config.schema import RunConfig
 from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
-from tunelab.data.prepare import PreparedData, prepare_data
+from tunelab.data.prepare import PreparedData, load_records, prepare_data
 from tunelab.data.templates import BUILTIN_NAME, CHATML
 from tunelab.errors import StateError
 from tunelab.hub import load_tokenizer, resolve_model_path
@@ -66,11 +66,12 @@ def total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
 
 
 def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[PreparedData], None]) -> Prepared:
-    """Validate data before loading the model (fail fast), then load model and state."""
+    """Validate the data first (a bad record fails in a second), then tokenizer, model and state."""
     choice = choose_backend(cfg.backend, cfg.method.name)
+    records = load_records(cfg.data)
     folder = resolve_model_path(cfg.model.path, cfg.model.revision)
     tokenizer = load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
-    data = prepare_data(cfg.data, tokenizer)
+    data = prepare_data(cfg.data, tokenizer, records)
     if data.template_name == BUILTIN_NAME:
         tokenizer.chat_template = CHATML  # saved with the adapter, so export and chat use what training used
     on_data(data)

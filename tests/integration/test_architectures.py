@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from tests.integration.conftest import base_config
+
 from tunelab import services
 from tunelab.config.load import load_config
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+from rich.text import Text
 
 from tunelab.cli import data as data_cmd
 from tunelab.cli import runs as runs_cmd
@@ -33,15 +33,21 @@ app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(data_cmd.app, name="data")
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from tunelab import __version__
 
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+    ),
+) -> None:
+    """Fine-tune open LLMs on your own data, locally."""
 
 
 def _quiet_libraries() -> None:
@@ -53,26 +59,21 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)\.")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)(\.|$)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; exit with tunelab's exit code for user errors."""
+    """Run the CLI; exit with tunelab's exit code for user errors.
+
+    Typer handles its own usage errors (and exit codes) in standalone mode; only
+    tunelab's errors pass through it and are printed here, as plain text: a
+    path such as ``data[v2]/x.jsonl`` must not be read as Rich markup.
+    """
     _quiet_libraries()
     try:
-        code = app(args=argv, standalone_mode=False)
+        app(args=argv)
     except TunelabError as exc:
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("error: ", "bold red"), exc.message))
         if exc.hint:
-            err_console.print(f"[yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+            err_console.print(Text.assemble(("hint: ", "yellow"), exc.hint))
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        err_console.print("aborted")
-        sys.exit(130)
-    if isinstance(code, int) and code:  # click returns typer.Exit codes instead of raising them here
-        sys.exit(code)

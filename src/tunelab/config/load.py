@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunelab.config.schema import RunConfig
+from tunelab.config.yaml_loader import load_yaml
 from tunelab.errors import ConfigError
 
 
@@ -41,11 +42,21 @@ def validate_config(raw: Mapping[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(err) for err in exc.errors()]
+        problems = _dedupe([_describe(err) for err in exc.errors()])
         raise ConfigError(
             "invalid config:\n" + "\n".join(f"  - {p}" for p in problems),
             hint="fix the YAML or pass an override such as train.lr=1e-4",
         ) from None
+
+
+def _dedupe(problems: list[str]) -> list[str]:
+    """One line per key: a union type (e.g. 'all-linear' or a list) otherwise reports every branch."""
+    by_key: dict[str, str] = {}
+    for line in problems:
+        key = line.split(":", 1)[0]
+        if key not in by_key or "must be one of" in line:
+            by_key[key] = line
+    return list(by_key.values())
 
 
 def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
@@ -61,7 +72,7 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. train.lr=1e-4)")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = load_yaml(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
         pairs.append((key, value))
@@ -81,17 +92,20 @@ def all_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder; give the YAML file inside it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", hint="`tunelab init` writes one to start from")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+        kind = "" if "given twice" in str(problem) else "YAML syntax error: "
+        raise ConfigError(f"{where}: {kind}{problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -119,6 +133,8 @@ def _describe(err: Any) -> str:
         return f"{loc}: unknown key{_suggest(loc)}"
     if kind == "missing":
         return f"{loc}: required key is missing"
+    if loc in _UNION_VALUES:
+        return f"{loc}: must be {_UNION_VALUES[loc]} (got {err.get('input')!r})"
     allowed = _allowed(err)
     got = err.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -129,6 +145,9 @@ def _describe(err: Any) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}{got_text}"
 
+
+# Keys whose type is a union: pydantic reports each branch, users need one sentence.
+_UNION_VALUES = {"method.targets": "all-linear or a list of module names such as [q_proj, v_proj]"}
 
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 

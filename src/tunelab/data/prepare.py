@@ -52,9 +52,9 @@ def load_records(cfg: DataCfg) -> LoadedRecords:
     return LoadedRecords(train, valid, fmt, train_path, valid_path)
 
 
-def prepare_data(cfg: DataCfg, tokenizer: Any) -> PreparedData:
-    """Load, validate and tokenize the train and validation splits."""
-    loaded = load_records(cfg)
+def prepare_data(cfg: DataCfg, tokenizer: Any, loaded: LoadedRecords | None = None) -> PreparedData:
+    """Tokenize the train and validation splits (loading and validating them first if not given)."""
+    loaded = loaded if loaded is not None else load_records(cfg)
     template, template_name = template_for(tokenizer)
     train = _tokenize(loaded.train, loaded.format, tokenizer, template, cfg)
     if len(train) == 0:

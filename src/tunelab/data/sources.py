@@ -46,14 +46,22 @@ def resolve_files(train: str, valid: str | None) -> tuple[Path | str, Path | str
                 f"folder {train_path} has no train file",
                 hint=f"put a train{{{','.join(SUFFIXES)}}} file in it, or point data.train at a file",
             )
-        found_valid = Path(valid).expanduser() if valid else _find_split(train_path, "valid")
-        return found_train, found_valid
+        if valid:
+            return found_train, _existing(valid, "data.valid")
+        return found_train, _find_split(train_path, "valid")
     if not train_path.exists() and not _looks_like_hub_name(train):
         raise DataError(f"data.train: {train} does not exist", hint="give a file, a folder or a hub dataset name")
-    valid_path: Path | str | None = Path(valid).expanduser() if valid else None
-    if isinstance(valid_path, Path) and not valid_path.exists() and not _looks_like_hub_name(str(valid)):
-        raise DataError(f"data.valid: {valid} does not exist")
-    return (train_path if train_path.exists() else train), valid_path
+    return (train_path if train_path.exists() else train), (_existing(valid, "data.valid") if valid else None)
+
+
+def _existing(name: str, key: str) -> Path | str:
+    """A local path that exists, or a hub dataset name; anything else is a clear error."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_hub_name(name):
+        return name
+    raise DataError(f"{key}: {name} does not exist", hint="give a file, a folder or a hub dataset name")
 
 
 def read_records(source: Path | str, *, split: str = "train") -> list[Record]:
@@ -118,7 +126,8 @@ def _read_json(path: Path) -> Iterator[Record]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON ({exc.msg})", path=str(path), line=exc.lineno) from None
-    if isinstance(value, dict):
+    wrapped = isinstance(value, dict)
+    if wrapped:
         # {"data": [...]} or {"train": [...]} wrappers are common exports.
         lists = [v for v in value.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -126,32 +135,43 @@ def _read_json(path: Path) -> Iterator[Record]:
         value = lists[0]
     if not isinstance(value, list):
         raise DataError("expected a JSON array of objects", path=str(path), line=1)
-    line_of = _json_item_lines(text, len(value))
+    line_of = _json_item_lines(text, len(value), wrapped=wrapped)
     for index, item in enumerate(value):
         if not isinstance(item, dict):
             raise DataError(f"item {index} must be an object", path=str(path), line=line_of[index])
         yield Record(item, str(path), line_of[index])
 
 
-def _json_item_lines(text: str, count: int) -> list[int]:
-    """Best-effort line of each top-level array item, by scanning for depth-1 objects."""
-    lines, depth, line, in_str, escape = [], 0, 1, False, False
+def _json_item_lines(text: str, count: int, *, wrapped: bool) -> list[int]:
+    """The line on which each item of the records array starts.
+
+    Scans the text once, tracking strings (with escapes) and a stack of open
+    containers; an item is an object whose parent is the records array: the
+    top-level array, or for ``{"data": [...]}`` the array one level down.
+    """
+    lines: list[int] = []
+    stack: list[str] = []
+    line, in_str, escape = 1, False, False
+    target_depth = 2 if wrapped else 1
     for ch in text:
         if ch == "\n":
             line += 1
         if in_str:
-            escape = ch == "\\" and not escape
-            if ch == '"' and not escape:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
                 in_str = False
             continue
         if ch == '"':
             in_str = True
         elif ch in "[{":
-            if depth == 1 and ch == "{":
+            if ch == "{" and len(stack) == target_depth and stack[-1] == "[":
                 lines.append(line)
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
+            stack.append(ch)
+        elif ch in "]}" and stack:
+            stack.pop()
     lines += [1] * (count - len(lines))
     return lines
 
@@ -219,5 +239,8 @@ def _find_split(folder: Path, split: str) -> Path | None:
 
 
 def _looks_like_hub_name(text: str) -> bool:
+    """``owner/name`` with no file suffix: ``data/trian.jsonl`` is a typo'd path, not a hub dataset."""
     parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+    if len(parts) != 2 or not all(parts) or text.startswith((".", "/", "~")):
+        return False
+    return not text.lower().endswith(SUFFIXES)

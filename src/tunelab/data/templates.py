@@ -65,8 +65,11 @@ def chat_segments(
                 line=where[1],
                 hint="set data.mask_prompt=false to train on every token",
             )
+        # The turn's end marker is trained (it is how the model learns to stop); whitespace the
+        # template adds after it is not, as generation never reaches it.
+        end = len(before) + len(through[len(before) :].rstrip())
         pieces.append((full[cursor : len(before)], False))
-        pieces.append((full[len(before) : len(through)], True))
-        cursor = len(through)
+        pieces.append((full[len(before) : end], True))
+        cursor = end
     pieces.append((full[cursor:], False))
     return [(text, trained) for text, trained in pieces if text]

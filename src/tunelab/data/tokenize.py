@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.data.formats import Sample
-from tunelab.data.templates import chat_segments
+from tunelab.data.templates import chat_segments, render
 from tunelab.errors import ModelError
 
 IGNORE = -100
@@ -62,27 +62,33 @@ def tokenize_samples(
     mask_prompt: bool,
     sources: Sequence[tuple[str, int]] | None = None,
 ) -> TokenizedSplit:
-    """Tokenize samples; drop those left with no supervised token after truncation."""
+    """Tokenize samples; drop those left with no supervised token after truncation.
+
+    Text and completion samples are tokenized piece by piece (prompt, then
+    completion without special tokens, then EOS).  A rendered chat is tokenized
+    whole, as the model reads it at inference, and tokens are labelled by their
+    character offsets; tokenizers without offsets fall back to piece by piece.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ModelError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
     prefix = special_prefix(tokenizer)
-    plans: list[list[tuple[str, bool]]] = []
-    for index, sample in enumerate(samples):
-        where = sources[index] if sources else ("<data>", index + 1)
-        plans.append(_pieces(sample, tokenizer, template, where))
-    texts = [text for plan in plans for text, _ in plan]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    whole = bool(getattr(tokenizer, "is_fast", False))
+    plans = [
+        _pieces(sample, tokenizer, template, sources[i] if sources else ("<data>", i + 1), mask_prompt)
+        for i, sample in enumerate(samples)
+    ]
+    encoded = _encode(samples, plans, tokenizer, whole)
     out = TokenizedSplit()
-    cursor = 0
-    for sample, plan in zip(samples, plans, strict=True):
+    for sample, plan, pieces in zip(samples, plans, encoded, strict=True):
         ids: list[int] = list(prefix) if sample.kind != "chat" else []
         labels: list[int] = [IGNORE] * len(ids)
-        for _text, trained in plan:
-            piece = encoded[cursor]
-            cursor += 1
-            ids.extend(piece)
-            labels.extend(piece if (trained or not mask_prompt) else [IGNORE] * len(piece))
+        for (_text, trained), (piece_ids, piece_labels) in zip(plan, pieces, strict=False):
+            ids.extend(piece_ids)
+            if piece_labels is not None:
+                labels.extend(piece_labels if mask_prompt else piece_ids)
+            else:
+                labels.extend(piece_ids if (trained or not mask_prompt) else [IGNORE] * len(piece_ids))
         if sample.kind != "chat":
             ids.append(eos)
             labels.append(eos)
@@ -97,10 +103,57 @@ def tokenize_samples(
     return out
 
 
-def _pieces(sample: Sample, tokenizer: Any, template: str, where: tuple[str, int]) -> list[tuple[str, bool]]:
+Encoded = list[tuple[list[int], list[int] | None]]
+
+
+def _encode(
+    samples: Sequence[Sample], plans: list[list[tuple[str, bool]]], tokenizer: Any, whole: bool
+) -> list[Encoded]:
+    """Token ids per piece (``labels`` None), or per whole chat with labels from offsets."""
+    results: list[Encoded] = [[] for _ in samples]
+    piecewise = [i for i, s in enumerate(samples) if not (whole and s.kind == "chat")]
+    texts = [text for i in piecewise for text, _ in plans[i]]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    cursor = 0
+    for i in piecewise:
+        for _ in plans[i]:
+            results[i].append((list(ids[cursor]), None))
+            cursor += 1
+    chats = [i for i, s in enumerate(samples) if whole and s.kind == "chat"]
+    if chats:
+        full = [plans[i] for i in chats]
+        enc = tokenizer(
+            ["".join(text for text, _ in plan) for plan in full], add_special_tokens=False, return_offsets_mapping=True
+        )
+        for i, plan, chat_ids, offsets in zip(chats, full, enc["input_ids"], enc["offset_mapping"], strict=True):
+            results[i] = [(list(chat_ids), _labels_from_offsets(chat_ids, offsets, plan))]
+    return results
+
+
+def _labels_from_offsets(
+    ids: Sequence[int], offsets: Sequence[tuple[int, int]], plan: list[tuple[str, bool]]
+) -> list[int]:
+    """A token is trained when its characters overlap a trained piece."""
+    spans, position = [], 0
+    for text, trained in plan:
+        if trained:
+            spans.append((position, position + len(text)))
+        position += len(text)
+    labels = []
+    for token, (start, end) in zip(ids, offsets, strict=True):
+        hit = any(start < stop and max(end, start + 1) > begin for begin, stop in spans)
+        labels.append(token if hit else IGNORE)
+    return labels
+
+
+def _pieces(
+    sample: Sample, tokenizer: Any, template: str, where: tuple[str, int], mask_prompt: bool
+) -> list[tuple[str, bool]]:
     if sample.kind == "text":
         return [(sample.text, True)]
     if sample.kind == "completion":
         pieces = [(sample.completion, True)]
         return [(sample.prompt, False), *pieces] if sample.prompt else pieces
+    if not mask_prompt:  # every token is trained: no need to locate the assistant turns
+        return [(render(tokenizer, template, sample.messages, generation_prompt=False), True)]
     return chat_segments(tokenizer, template, sample.messages, where=where)

@@ -1,0 +1,177 @@
+"""Shared fixtures for the whole test suite.
+
+Isolation
+    ``_isolated_home`` (autouse) points ``TUNELAB_HOME`` at a fresh temporary
+    folder and unsets ``TUNELAB_DB_URL`` for every test, so nothing ever reads or
+    writes ``~/.tunelab``; cached registry engines are disposed afterwards.
+
+Tiny model
+    ``tiny_model_dir`` is a real, chat-capable Hugging Face checkpoint folder
+    (byte-level BPE tokenizer with a ChatML template + a 2-layer llama) built
+    once per session from :data:`CORPUS`; ``tiny_tokenizer`` is its tokenizer
+    loaded through :func:`tunelab.hub.load_tokenizer`.  Treat both as read-only:
+    copy the folder (or load the tokenizer again) before changing anything.
+
+CLI
+    :func:`run_cli` (also the ``cli`` fixture) runs the real ``tunelab`` command
+    in a subprocess.  A subprocess costs ~0.5 s (~3 s when it loads a tokenizer),
+    so keep them for the paths where the process boundary matters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# --------------------------------------------------------------------------- corpus
+
+_VOCAB_TEXT = (
+    "the a an cat dog bird fish sat on mat ran fast slowly big small red blue green house tree river "
+    "model data train loss token learns reads writes quiet bright over under near what is answer question "
+    "please tell me hello hi thanks you are helpful assistant user system tool result sum two three four "
+    "yes no good morning weather today sunny rain city name"
+)
+
+
+def make_corpus(n: int = 300, seed: int = 0) -> list[str]:
+    """Deterministic synthetic English sentences (tokenizers learn their merges from these)."""
+    rng = random.Random(seed)
+    vocab = _VOCAB_TEXT.split()
+    out = []
+    for _ in range(n):
+        words = [rng.choice(vocab) for _ in range(rng.randint(3, 12))]
+        out.append(" ".join(words).capitalize() + rng.choice([".", "!", "?", ",\n"]))
+    return out
+
+
+CORPUS: list[str] = make_corpus()
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh ``TUNELAB_HOME`` per test and no ``TUNELAB_DB_URL``; registries closed afterwards."""
+    home = tmp_path_factory.mktemp("tunelab_home")
+    monkeypatch.setenv("TUNELAB_HOME", str(home))
+    monkeypatch.delenv("TUNELAB_DB_URL", raising=False)
+    yield home
+    try:
+        from tunelab.registry import db
+    except ImportError:  # pragma: no cover - registry not importable
+        return
+    close = getattr(db, "close_registries", None)
+    if close is not None:
+        close()
+
+
+@pytest.fixture
+def tunelab_home(_isolated_home: Path) -> Path:
+    """The ``TUNELAB_HOME`` folder of the current test."""
+    return _isolated_home
+
+
+# --------------------------------------------------------------------------- tiny model
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus() -> list[str]:
+    """The sentences the session tokenizers were trained on (build other tokenizers from it too)."""
+    return list(CORPUS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local llama checkpoint with a byte-level BPE tokenizer and a ChatML chat template."""
+    from tunelab.tiny import make_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny_model") / "llama-bpe"
+    return make_tiny_checkpoint(
+        out,
+        CORPUS,
+        arch="llama",
+        tokenizer="bpe",
+        vocab_size=400,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path) -> Any:
+    """The tokenizer of :func:`tiny_model_dir`, loaded the way training loads it (read-only!)."""
+    from tunelab.hub import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_only_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_model_dir`` without its weights: any attempt to load the model fails.
+
+    Point ``model.path`` here to prove that a command refuses bad input *before*
+    it loads the model.
+    """
+    out = tmp_path_factory.mktemp("tokenizer_only") / "no-weights"
+    shutil.copytree(tiny_model_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli_command() -> list[str]:
+    """``python -m tunelab`` when the package supports it, else the installed console script."""
+    if importlib.util.find_spec("tunelab.__main__") is not None:
+        return [sys.executable, "-m", "tunelab"]
+    script = shutil.which("tunelab")
+    if script is None:  # pragma: no cover - the package is installed with its entry point
+        pytest.fail("neither `python -m tunelab` nor a `tunelab` script is available")
+    return [script]
+
+
+def run_cli(
+    *args: str | os.PathLike[str],
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``tunelab`` CLI in a subprocess and capture its text output.
+
+    The child inherits this process's environment (including the per-test
+    ``TUNELAB_HOME``) plus ``env``.  Never raises on a non-zero exit code:
+    check ``returncode``, ``stdout`` and ``stderr`` yourself.
+    """
+    child_env = {**os.environ, **(env or {})}
+    if not child_env.get("TUNELAB_HOME"):
+        # Called outside a test (e.g. from a module fixture): still never touch ~/.tunelab.
+        child_env["TUNELAB_HOME"] = tempfile.mkdtemp(prefix="tunelab_home_")
+    return subprocess.run(
+        [*_cli_command(), *(str(a) for a in args)],
+        cwd=cwd,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """:func:`run_cli` as a fixture: ``cli("data", "validate", path)``."""
+    return run_cli
