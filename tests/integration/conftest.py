@@ -50,6 +50,16 @@ def chat_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def tiny_model_from(chat_data: Path, out: Path, **kwargs: object) -> Path:
+    """A tiny checkpoint (any arch/tokenizer form) whose tokenizer is trained on the chat data."""
+    from tunelab.tiny import make_tiny_checkpoint
+
+    lines = (chat_data / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [m["content"] for line in lines for m in json.loads(line)["messages"]] * 3
+    sizes = {"vocab_size": 400, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
+    return make_tiny_checkpoint(out, texts, **{**sizes, "intermediate_size": 64, **kwargs})  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
 def e2e_model(tmp_path_factory: pytest.TempPathFactory, chat_data: Path) -> Path:
     """A tiny Llama-shaped checkpoint whose BPE tokenizer was trained on the chat data."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.integration.conftest import base_config
+from tests.integration.conftest import base_config, tiny_model_from
 
 from tunelab import services
 from tunelab.config.load import load_config
@@ -74,21 +74,7 @@ def test_softcapped_logits_match_transformers(chat_data: Path, tmp_path: Path) -
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.tiny import make_tiny_checkpoint
-
-    lines = (chat_data / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    texts = [m["content"] for line in lines for m in json.loads(line)["messages"]] * 3
-    model_dir = make_tiny_checkpoint(
-        tmp_path / "gemma2",
-        texts,
-        arch="gemma2",
-        vocab_size=400,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=64,
-    )
+    model_dir = tiny_model_from(chat_data, tmp_path / "gemma2", arch="gemma2")
     assert json.loads((model_dir / "config.json").read_text()).get("final_logit_softcapping")
     cfg = load_config(base_config(model_dir, chat_data, tmp_path / "run", steps=4))
     outcome = services.start_run(cfg)
