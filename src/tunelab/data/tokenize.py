@@ -139,11 +139,14 @@ def _labels_from_offsets(
         if trained:
             spans.append((position, position + len(text)))
         position += len(text)
-    labels = []
-    for token, (start, end) in zip(ids, offsets, strict=True):
-        hit = any(start < stop and max(end, start + 1) > begin for begin, stop in spans)
-        labels.append(token if hit else IGNORE)
-    return labels
+    if not len(ids):
+        return []
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = bounds[:, 0], np.maximum(bounds[:, 1], bounds[:, 0] + 1)
+    hit = np.zeros(len(ids), dtype=bool)
+    for begin, stop in spans:
+        hit |= (starts < stop) & (ends > begin)
+    return np.where(hit, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
 
 
 def _pieces(
