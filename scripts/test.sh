@@ -4,6 +4,14 @@
 # `torch` requirement would pull several GB of CUDA packages instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# MLX's Linux CPU wheel ships a reference BLAS ~50x slower than OpenBLAS; tunelab loads
+# Debian's OpenBLAS when present (see src/tunelab/backends/mlx/blas.py). Best effort:
+# without it the MLX tests still pass, only slower.
+if [ "$(uname -s)" = "Linux" ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 ] \
+    && [ "$(id -u)" = "0" ] && command -v apt-get > /dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread) > /dev/null 2>&1 \
+    || echo "note: could not install libopenblas0-pthread; MLX tests will use the reference BLAS"
+fi
 python -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[all,dev]"
 python -m ruff check src tests bench scripts
 python -m ruff format --check src tests bench scripts

@@ -31,7 +31,7 @@ def resolve_model_path(path: str, revision: str | None = None) -> Path:
         )
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.py", "tokenizer*"]
+    patterns = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.py", "*.jinja", "tokenizer*"]
     try:
         return Path(snapshot_download(path, revision=revision, local_files_only=True, allow_patterns=patterns))
     except Exception:

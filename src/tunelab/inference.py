@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.backends.base import Backend, ModelSpec
-from tunelab.backends.select import choose_backend, make_backend
+from tunelab.backends.select import choose_backend, make_backend, model_type_of
 from tunelab.data.templates import template_for
 from tunelab.data.tokenize import special_prefix
 from tunelab.errors import ModelError, NotFoundError
@@ -72,7 +73,7 @@ def stop_ids(tokenizer: Any) -> list[int]:
 
 
 def load_generator(
-    *, model: str, adapter: str | None = None, chat: bool | None = None, device: str = "auto"
+    *, model: str, adapter: str | None = None, chat: bool | None = None, device: str = "auto", backend: str = "auto"
 ) -> Generator:
     """Load ``model`` (plus ``adapter``) for generation; ``chat`` defaults to "the tokenizer has a template"."""
     folder = resolve_model_path(model)
@@ -82,14 +83,24 @@ def load_generator(
     # A run's adapter folder carries the tokenizer (and chat template) used in training: prefer it.
     tok_dir = adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else folder
     tokenizer = load_tokenizer(tok_dir)
-    backend = make_backend(choose_backend("auto", "lora"))
-    backend.load_inference(ModelSpec(str(folder), device=device), adapter_dir, tokenizer)
+    method = _adapter_method(adapter_dir) if adapter_dir is not None else "full"
+    engine = make_backend(choose_backend(backend, method, model_type=model_type_of(folder)))
+    engine.load_inference(ModelSpec(str(folder), device=device), adapter_dir, tokenizer)
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
-    return Generator(backend, tokenizer, chat)
+    return Generator(engine, tokenizer, chat)
 
 
-def generator_for_run(run_id: str, *, device: str = "auto") -> Generator:
+def _adapter_method(folder: Path) -> str:
+    """The tunelab method an adapter folder holds (so a backend that can serve it is chosen)."""
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    kind = config.get("peft_type", "LORA")
+    if kind == "LORA":
+        return "dora" if config.get("use_dora") else "lora"
+    return {"IA3": "ia3", "PREFIX_TUNING": "prefix"}.get(kind, kind.lower())
+
+
+def generator_for_run(run_id: str, *, device: str = "auto", backend: str | None = None) -> Generator:
     """Load what a finished run produced, with the prompt format it was trained on."""
     from tunelab.services import show_run
 

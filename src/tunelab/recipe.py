@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.backends.base import Backend, MethodSpec, ModelInfo, ModelSpec, OptimSpec
-from tunelab.backends.select import Choice, choose_backend, make_backend
+from tunelab.backends.select import Choice, choose_backend, make_backend, model_type_of
 from tunelab.config.schema import RunConfig
 from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
 from tunelab.data.prepare import PreparedData, load_records, prepare_data
@@ -45,7 +45,16 @@ class Prepared:
 
 def model_spec(cfg: RunConfig) -> ModelSpec:
     m = cfg.model
-    return ModelSpec(m.path, m.dtype, m.revision, m.trust_remote_code, m.attn_implementation, cfg.device)
+    return ModelSpec(
+        m.path,
+        m.dtype,
+        m.revision,
+        m.trust_remote_code,
+        m.attn_implementation,
+        cfg.device,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        compile=cfg.train.compile,
+    )
 
 
 def method_spec(cfg: RunConfig) -> MethodSpec:
@@ -67,9 +76,9 @@ def total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
 
 def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[PreparedData], None]) -> Prepared:
     """Validate the data first (a bad record fails in a second), then tokenizer, model and state."""
-    choice = choose_backend(cfg.backend, cfg.method.name)
     records = load_records(cfg.data)
     folder = resolve_model_path(cfg.model.path, cfg.model.revision)
+    choice = choose_backend(cfg.backend, cfg.method.name, model_type=model_type_of(folder))
     tokenizer = load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
     data = prepare_data(cfg.data, tokenizer, records)
     if data.template_name == BUILTIN_NAME:

@@ -27,6 +27,8 @@ class ModelSpec:
     trust_remote_code: bool = False
     attn_implementation: str = "auto"
     device: str = "auto"
+    gradient_checkpointing: bool = False
+    compile: bool = True
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ import sys
 import typer
 from rich.text import Text
 
+from tunelab.cli import convert as convert_cmd
 from tunelab.cli import data as data_cmd
+from tunelab.cli import doctor as doctor_cmd
 from tunelab.cli import runs as runs_cmd
 from tunelab.cli import train as train_cmd
 from tunelab.cli import use as use_cmd
@@ -29,6 +31,8 @@ app.command("train")(train_cmd.train)
 app.command("quickstart")(train_cmd.quickstart)
 app.command("init")(use_cmd.init)
 app.command("generate")(use_cmd.generate)
+app.command("doctor")(doctor_cmd.doctor)
+app.command("convert")(convert_cmd.convert)
 app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(data_cmd.app, name="data")
 

@@ -65,16 +65,17 @@ def generate(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0),
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: auto)."),
+    backend: str | None = typer.Option(None, help="auto | torch | mlx (default: the run's, or auto)."),
 ) -> None:
     """Stream a completion from a run's model, or from a base model with an adapter."""
     from tunelab.inference import generator_for_run, load_generator
 
     if run:
-        gen = generator_for_run(run)
+        gen = generator_for_run(run, backend=backend)
         if chat is not None:
             gen.chat = chat
     elif model:
-        gen = load_generator(model=model, adapter=adapter, chat=chat)
+        gen = load_generator(model=model, adapter=adapter, chat=chat, backend=backend or "auto")
     else:
         raise ConfigError("give --run RUN_ID, or --model PATH (optionally with --adapter PATH)")
     for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):

@@ -90,6 +90,10 @@ class TrainCfg(_Section):
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
     log_every: int = Field(1, ge=1)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~30% slower"
+    )
+    compile: bool = Field(True, description="compile the training step where the backend supports it (MLX)")
     eval_batch_size: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")

@@ -47,6 +47,9 @@ class TorchBackend:
         )
         self.tokenizer = tokenizer
         self.method = method.name
+        if model.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph for adapters
         self.model = apply_method(base, method)
         self._fast_loss = method.name != "prefix" and supports_hidden_path(self._causal_lm)
         self._params = [p for p in self.model.parameters() if p.requires_grad]

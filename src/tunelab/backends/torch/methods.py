@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from tunelab.backends.base import MethodSpec
+from tunelab.backends.lora_init import lora_a_init
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.errors import ConfigError
 
@@ -54,6 +55,22 @@ def _peft(model: Any, spec: MethodSpec) -> Any:
     else:
         config = PrefixTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=TaskType.CAUSAL_LM)
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise ConfigError(f"method.targets: {exc}", hint="use all-linear or module names the model has") from None
+    if spec.name in ("lora", "dora"):
+        _shared_lora_init(peft_model, spec.seed)
+    return peft_model
+
+
+def _shared_lora_init(peft_model: Any, seed: int) -> None:
+    """Replace PEFT's torch-RNG draws of ``lora_A`` with the backend-independent ones."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                weight: Any = module.lora_A["default"].weight
+                path = name.removeprefix("base_model.model.")
+                init = lora_a_init(seed, path, weight.shape[0], weight.shape[1])
+                weight.copy_(torch.from_numpy(init).to(weight.dtype))

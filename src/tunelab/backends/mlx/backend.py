@@ -1,0 +1,370 @@
+"""The MLX implementation of the :class:`~tunelab.backends.base.Backend` protocol.
+
+Models come from mlx-lm's architecture files (loaded from HF checkpoints as
+they are); the method, optimizer, loss and checkpoint format are tunelab's, so
+an MLX run mirrors a torch run of the same config step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, OptimSpec
+from tunelab.backends.lora_init import lora_a_init
+from tunelab.backends.mlx.blas import ensure_fast_blas
+from tunelab.backends.mlx.hf_config import rope_fixes
+from tunelab.backends.peft_format import AdapterSpec, read_adapter, write_adapter
+from tunelab.errors import ConfigError, ModelError, StateError
+from tunelab.hub import architecture_of, resolve_model_path
+
+ensure_fast_blas()  # must precede the first `import mlx.core` on Linux (see blas.py)
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
+
+from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  # noqa: E402
+
+IGNORE = -100
+_PAD_MULTIPLE = 32
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class MlxBackend:
+    """mlx-lm model + tunelab's LoRA/DoRA/full/freeze + AdamW, on Apple GPUs or a CPU."""
+
+    name = "mlx"
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.folder = Path()
+        self.method = MethodSpec()
+        self._adapters: dict[str, LoRALinear] = {}
+        self._optimizer: Any = None
+        self._grads: Any = None
+        self._max_grad_norm = 1.0
+        self._micro = 0  # micro-batches seen: dropout RNG is reseeded from it, so resume is exact
+        self._loss_and_grad: Any = None
+        self._head: Any = None  # output projection, when the decoder/head split reproduces the logits
+        self._pad_multiple = 1
+        self._pad_id = 0
+
+    # -- setup -------------------------------------------------------------------------------
+    def load(self, model: ModelSpec, method: MethodSpec, optim_spec: OptimSpec, tokenizer: Any) -> ModelInfo:
+        self._load_base(model, tokenizer)
+        self.method = method
+        self.model.freeze()
+        if method.name in ("lora", "dora"):
+            self._wrap(method)
+        elif method.name == "full":
+            self.model.unfreeze()
+        elif method.name == "freeze":
+            layers = self.model.model.layers
+            if method.layers > len(layers):
+                raise ConfigError(f"method.layers: the model has only {len(layers)} layers (got {method.layers})")
+            for layer in layers[len(layers) - method.layers :]:
+                layer.unfreeze()
+        else:
+            raise ConfigError(
+                f"method.name: {method.name} is not available on the MLX backend", hint="use backend: torch"
+            )
+        self._max_grad_norm = optim_spec.max_grad_norm
+        self._optimizer = optim.AdamW(
+            learning_rate=0.0,
+            betas=list(optim_spec.betas),
+            eps=optim_spec.eps,
+            weight_decay=optim_spec.weight_decay,
+            bias_correction=True,  # torch's AdamW corrects the moment bias; parity needs the same
+        )
+        if model.gradient_checkpointing:
+            for layer in self.model.model.layers:
+                _checkpoint_class(type(layer))
+        loss_and_grad = nn.value_and_grad(self.model, self._loss)
+        if model.compile:
+            # One compiled graph per batch shape; batches are padded to a multiple of
+            # _PAD_MULTIPLE so there are few shapes.  Variable-length gathers would
+            # retrace every step, so the compiled path projects every position.
+            state = [self.model.state, mx.random.state]
+            compiled = mx.compile(
+                lambda ids, targets: loss_and_grad(self.model, ids, targets, None), inputs=state, outputs=state
+            )
+            self._loss_and_grad = lambda _model, ids, targets, _picked: compiled(ids, targets)
+            self._pad_multiple = _PAD_MULTIPLE
+        else:
+            self._head = _split_head(self.model)
+            self._loss_and_grad = loss_and_grad
+        return self._info(trainable=sum(v.size for v in _flat(self.model.trainable_parameters()).values()))
+
+    def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
+        self._load_base(model, tokenizer)
+        if adapter is not None:
+            spec, tensors = read_adapter(adapter)
+            self.method = MethodSpec("dora" if spec.use_dora else "lora", spec.rank, spec.alpha, 0.0)
+            for path, parts in tensors.items():
+                layer = self._wrap_one(path, spec.rank, spec.alpha, 0.0, spec.use_dora, seed=0)
+                layer.load_peft_tensors(parts)
+        self.model.eval()
+        return self._info(trainable=0)
+
+    def _load_base(self, spec: ModelSpec, tokenizer: Any) -> None:
+        from mlx_lm.utils import load_model
+
+        self.folder = resolve_model_path(spec.path, spec.revision)
+        config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        try:
+            self.model, _ = load_model(
+                self.folder, model_config=rope_fixes(config), trust_remote_code=spec.trust_remote_code
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            raise ModelError(f"mlx-lm could not load {self.folder}: {exc}", hint="try backend: torch") from None
+        dtype = _DTYPES.get(spec.dtype) if spec.dtype != "auto" else _auto_dtype(self.model)
+        if dtype is not None:
+            self.model.set_dtype(dtype)
+        self.tokenizer = tokenizer
+        self._pad_id = int(tokenizer.pad_token_id or 0)
+
+    def _wrap(self, method: MethodSpec) -> None:
+        targets = method.targets
+        for path in linear_modules(self.model):
+            leaf = path.split(".")[-1]
+            if targets == "all-linear" or leaf in targets or path in targets:
+                self._wrap_one(path, method.rank, method.alpha, method.dropout, method.name == "dora", method.seed)
+        if not self._adapters:
+            raise ConfigError(f"method.targets: no linear layer of this model matches {targets}")
+        for layer in self._adapters.values():
+            layer.unfreeze(keys=layer.trainable_names(), recurse=False)
+
+    def _wrap_one(self, path: str, rank: int, alpha: float, dropout: float, dora: bool, seed: int) -> LoRALinear:
+        base = dict(linear_modules(self.model)).get(path)
+        if base is None:
+            raise ModelError(f"the adapter names module {path}, which this model does not have")
+        in_dims = base.weight.shape[1]
+        layer = LoRALinear(
+            base, rank=rank, alpha=alpha, dropout=dropout, a_init=lora_a_init(seed, path, rank, in_dims), dora=dora
+        )
+        set_module(self.model, path, layer)
+        self._adapters[path] = layer
+        return layer
+
+    def _info(self, *, trainable: int) -> ModelInfo:
+        params = sum(v.size for v in _flat(self.model.parameters()).values())
+        device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+        dtype = str(self.model.model.embed_tokens.weight.dtype).removeprefix("mlx.core.")
+        return ModelInfo(architecture_of(self.folder), params, trainable, dtype, f"mlx:{device}", str(self.folder))
+
+    # -- training ----------------------------------------------------------------------------
+    def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
+        self.model.train()
+        mx.random.seed((self.method.seed * 1_000_003 + self._micro) % 2**32)
+        self._micro += 1
+        (loss, tokens), grads = self._loss_and_grad(self.model, *self._inputs(batch))
+        grads = tree_map(lambda g: g * loss_scale, grads)
+        self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+        mx.eval(loss, tokens, self._grads)
+        return LossSum(float(loss), int(tokens))
+
+    def optimizer_step(self, lr: float) -> float:
+        limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")
+        grads, norm = optim.clip_grad_norm(self._grads, limit)
+        self._optimizer.learning_rate = lr
+        self._optimizer.update(self.model, grads)
+        mx.eval(self.model.parameters(), self._optimizer.state, norm)
+        self._grads = None
+        return float(norm)
+
+    def eval_loss(self, batch: Batch) -> LossSum:
+        self.model.eval()
+        loss, tokens = self._loss(self.model, *self._inputs(batch))
+        mx.eval(loss, tokens)
+        return LossSum(float(loss), int(tokens))
+
+    # -- persistence -------------------------------------------------------------------------
+    def save_adapter(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if self.method.name in ("lora", "dora"):
+            spec = AdapterSpec(
+                rank=self.method.rank,
+                alpha=self.method.alpha,
+                dropout=self.method.dropout,
+                use_dora=self.method.name == "dora",
+                target_modules=tuple(self._adapters),
+                base_model=str(self.folder),
+            )
+            write_adapter(path, spec, {p: layer.peft_tensors() for p, layer in self._adapters.items()})
+        else:
+            self._save_full_model(path)
+        self.tokenizer.save_pretrained(str(path))
+
+    def _save_full_model(self, path: Path) -> None:
+        weights = _flat(self.model.parameters())
+        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+        config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        (path / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        if (self.folder / "generation_config.json").is_file():
+            shutil.copyfile(self.folder / "generation_config.json", path / "generation_config.json")
+
+    def save_checkpoint(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(path / "trainable.safetensors"), _flat(self.model.trainable_parameters()))
+        mx.save_safetensors(str(path / "optimizer.safetensors"), _flat(self._optimizer.state))
+        (path / "mlx_state.json").write_text(json.dumps({"micro_batches": self._micro}), encoding="utf-8")
+
+    def load_checkpoint(self, path: Path) -> None:
+        saved = _load(path / "trainable.safetensors")
+        expected = set(_flat(self.model.trainable_parameters()))
+        if set(saved) != expected:
+            raise StateError(
+                f"checkpoint {path} does not match this model/method (different trainable weights)",
+                hint="resume with the config the run was started with",
+            )
+        self.model.load_weights(list(saved.items()), strict=False)
+        self._optimizer.state = tree_unflatten(list(_load(path / "optimizer.safetensors").items()))
+        self._micro = json.loads((path / "mlx_state.json").read_text(encoding="utf-8"))["micro_batches"]
+        mx.eval(self.model.parameters(), self._optimizer.state)
+
+    # -- inference ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_ids: Sequence[int],
+        seed: int,
+    ) -> Iterator[int]:
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.sample_utils import make_sampler
+
+        self.model.eval()
+        mx.random.seed(seed)
+        cache = make_prompt_cache(self.model)
+        sampler = make_sampler(temp=temperature, top_p=top_p)
+        logits = self.model(mx.array(list(prompt_ids))[None], cache=cache)[:, -1, :]
+        for _ in range(max_new_tokens):
+            token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            value = int(token.item())  # type: ignore[arg-type]
+            yield value
+            if value in stop_ids:
+                return
+            logits = self.model(token.reshape(1, 1), cache=cache)[:, -1, :]
+
+    def peak_memory_bytes(self) -> int | None:
+        if mx.default_device() == mx.gpu:
+            return int(mx.get_peak_memory())
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+
+    def _inputs(self, batch: Batch) -> tuple[mx.array, mx.array, mx.array | None]:
+        ids_np, labels_np = _pad_to(batch["input_ids"], batch["labels"], self._pad_multiple, self._pad_id)
+        ids = mx.array(ids_np.astype(np.int32))
+        targets = labels_np[:, 1:]
+        if self._head is None:
+            return ids, mx.array(targets.astype(np.int32)), None
+        # Flat positions of the supervised tokens, found in numpy: only they go through the head.
+        picked = np.flatnonzero(targets.reshape(-1) != IGNORE).astype(np.int32)
+        return ids, mx.array(targets.reshape(-1)[picked].astype(np.int32)), mx.array(picked)
+
+    def _loss(self, model: Any, ids: mx.array, targets: mx.array, picked: mx.array | None) -> tuple[mx.array, mx.array]:
+        """Sum of token cross-entropies over supervised positions, and how many there are.
+
+        With ``picked`` the decoder's hidden states at supervised positions alone are
+        projected to the vocabulary (same sum, far less head compute under prompt masking).
+        """
+        if picked is not None:
+            hidden = model.model(ids)[:, :-1]
+            hidden = hidden.reshape(-1, hidden.shape[-1])[picked]
+            logits = self._head(hidden).astype(mx.float32)
+            ce = nn.losses.cross_entropy(logits, targets, reduction="none")
+            return ce.sum(), mx.array(targets.shape[0])
+        logits = model(ids)[:, :-1].astype(mx.float32)
+        mask = targets != IGNORE
+        ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0), reduction="none")
+        return (ce * mask).sum(), mask.sum()
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """A parameter/state tree as ``{"a.b.0.c": array}`` (the safetensors layout)."""
+    return {str(k): v for k, v in tree_flatten(tree)}  # type: ignore[str-unpack]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    loaded = mx.load(str(path))
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def _pad_to(ids: np.ndarray, labels: np.ndarray, multiple: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to a multiple of ``multiple``: extra positions get no loss and, being last, no influence."""
+    width = -(-ids.shape[1] // multiple) * multiple
+    if width == ids.shape[1]:
+        return ids, labels
+    extra = width - ids.shape[1]
+    return (
+        np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id),
+        np.pad(labels, ((0, 0), (0, extra)), constant_values=IGNORE),
+    )
+
+
+def _checkpoint_class(cls: type) -> None:
+    """Recompute a block's activations in backward (mx.checkpoint) for every instance of its class.
+
+    Patching the class keeps parameter paths unchanged (a wrapper module would
+    rename every weight); it is done once per class.
+    """
+    if getattr(cls, "_tunelab_checkpointed", False):
+        return
+    plain = cls.__call__
+
+    def checkpointed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        def inner(params: Any, *a: Any, **k: Any) -> Any:
+            self.update(params)
+            return plain(self, *a, **k)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    setattr(cls, "__call__", checkpointed)  # noqa: B010 - assigning a method on the class on purpose
+    setattr(cls, "_tunelab_checkpointed", True)  # noqa: B010
+
+
+def _split_head(model: Any) -> Any:
+    """The output projection, if ``head(model.model(x))`` equals ``model(x)`` for this architecture.
+
+    Some architectures transform logits after the head.  Their config fields say
+    so (soft-capping, scaling); a probe forward then checks the rest.  The fields
+    are needed as well: on small logits ``tanh(x / c) · c`` is ``x`` to 1e-4, so a
+    probe alone can't see soft-capping.
+    """
+    inner = getattr(model, "model", None)
+    args = getattr(model, "args", None)
+    for field in ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping"):
+        if getattr(args, field, None) not in (None, 1, 1.0):
+            return None
+    if inner is None:
+        return None
+    head = getattr(model, "lm_head", None)
+    if head is None and hasattr(getattr(inner, "embed_tokens", None), "as_linear"):
+        head = inner.embed_tokens.as_linear
+    if head is None:
+        return None
+    probe = mx.array([[1, 2, 3, 4, 5]])
+    try:
+        same = mx.allclose(head(inner(probe)), model(probe), rtol=1e-4, atol=1e-4).item()
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return head if same else None
+
+
+def _auto_dtype(model: Any) -> Any:
+    """fp32 on a CPU (bf16 matmuls there are slow and lossy); the checkpoint's dtype on Apple GPUs."""
+    return mx.float32 if mx.default_device() == mx.cpu else None
