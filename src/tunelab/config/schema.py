@@ -17,6 +17,7 @@ Scheduler = Literal["constant", "linear", "cosine"]
 BackendName = Literal["auto", "torch", "mlx"]
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+TrainOn = Literal["last_assistant", "all_assistant", "everything"]
 
 
 class _Section(BaseModel):
@@ -52,6 +53,18 @@ class DataCfg(_Section):
     group_by_length: bool = Field(
         True, description="batch examples of similar length together to waste less compute on padding"
     )
+    packing: bool = Field(False, description="pack several examples per sequence (attention kept per example)")
+    train_on: TrainOn = Field("all_assistant", description="chat: which turns carry loss when mask_prompt is on")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="rename fields: {tunelab field: your field}, e.g. {prompt: question}"
+    )
+    valid_split: float = Field(
+        0.0, ge=0.0, lt=1.0, description="carve this fraction of train as validation when no valid set is given"
+    )
+    split: str = Field("train", description="hub datasets: the split to train on")
+    subset: str | None = Field(None, description="hub datasets: the configuration (subset) name")
+    cache: bool = Field(True, description="reuse tokenized data from the cache when nothing it depends on changed")
+    num_proc: int | None = Field(None, ge=1, le=512, description="tokenizer processes; default: all cores")
 
 
 class MethodCfg(_Section):
