@@ -108,6 +108,8 @@ def upsert_dataset(
     format: str | None = None,
     num_train: int | None = None,
     num_valid: int | None = None,
+    cache_key: str | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> int:
     """The id of this (path, content) pair; edited files get a new row so old runs stay exact."""
     ins = _upsert_insert(session, DatasetRow).values(
@@ -116,6 +118,8 @@ def upsert_dataset(
         format=format,
         num_train=num_train,
         num_valid=num_valid,
+        cache_key=cache_key,
+        stats=_json_safe(stats) if stats is not None else None,
         created_at=utcnow(),
     )
     stmt = ins.on_conflict_do_update(
@@ -124,6 +128,8 @@ def upsert_dataset(
             "format": func.coalesce(ins.excluded.format, DatasetRow.format),
             "num_train": func.coalesce(ins.excluded.num_train, DatasetRow.num_train),
             "num_valid": func.coalesce(ins.excluded.num_valid, DatasetRow.num_valid),
+            "cache_key": func.coalesce(ins.excluded.cache_key, DatasetRow.cache_key),
+            "stats": func.coalesce(ins.excluded.stats, DatasetRow.stats),
         },
     ).returning(DatasetRow.id)
     return int(session.execute(stmt).scalar_one())
@@ -396,6 +402,7 @@ def run_summary(session: Session, run_id: str) -> dict[str, Any]:
             "format": dataset.format,
             "num_train": dataset.num_train,
             "num_valid": dataset.num_valid,
+            "cache_key": dataset.cache_key,
         },
         "metrics": metrics,
         "final_metrics": _json_safe(run.final_metrics),

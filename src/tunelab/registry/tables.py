@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -110,6 +111,8 @@ class DatasetRow(Base):
     format: Mapped[str | None] = mapped_column(String, nullable=True)
     num_train: Mapped[int | None] = mapped_column(Integer, nullable=True)
     num_valid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cache_key: Mapped[str | None] = mapped_column(String, nullable=True)
+    stats: Mapped[dict[str, Any] | None] = mapped_column(_json(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 
 
@@ -145,7 +148,8 @@ class RunRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     final_metrics: Mapped[dict[str, Any] | None] = mapped_column(_json(), nullable=True)
-    peak_memory_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    estimated_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class MetricRow(Base):
