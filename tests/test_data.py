@@ -16,7 +16,7 @@ import pytest
 from tunelab.config.schema import DataCfg
 from tunelab.data.formats import Sample, detect_format, to_samples
 from tunelab.data.prepare import load_records, prepare_data
-from tunelab.data.sources import Record, read_records, resolve_files
+from tunelab.data.sources import Record, iter_records, read_records, resolve_files
 from tunelab.data.templates import BUILTIN_NAME, CHATML, TOKENIZER_NAME, render, template_for
 from tunelab.data.tokenize import IGNORE, tokenize_samples
 from tunelab.data.validate import validate_dataset
@@ -466,6 +466,92 @@ def test_unreadable_files_name_file_and_line(
     assert fragment in str(info.value)
     assert info.value.path == str(path) and info.value.line == line
     assert str(info.value).startswith(f"{path}:{line}: " if line else f"{path}: ")
+
+
+def test_iter_records_streams_lazily_and_stops_at_the_first_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\nnot json\n', encoding="utf-8")
+    stream = iter_records(path)
+    assert next(stream).data == {"text": "a"} and next(stream).line == 2  # read before the bad line is reached
+    with pytest.raises(DataError) as info:
+        next(stream)
+    assert info.value.line == 3
+
+
+ROWS = {"prompt": ["Hi: ", "Yo: ", "Hey: "], "completion": ["the cat.", "the dog.", "the bird."]}
+AS_RECORDS = [{"prompt": p, "completion": c} for p, c in zip(ROWS["prompt"], ROWS["completion"], strict=True)]
+
+
+@pytest.mark.parametrize("layout", ["file", "stream"])
+@pytest.mark.parametrize("suffix", [".arrow", ".feather"])
+def test_arrow_ipc_files_and_streams_are_read(tmp_path: Path, layout: str, suffix: str) -> None:
+    import pyarrow as pa
+
+    table = pa.table(ROWS)
+    path = tmp_path / f"train{suffix}"
+    with pa.OSFile(str(path), "wb") as sink:
+        open_writer = pa.ipc.new_file if layout == "file" else pa.ipc.new_stream
+        with open_writer(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=2):  # two record batches: rows span them
+                writer.write_batch(batch)
+    records = read_records(path)
+    assert [r.data for r in records] == AS_RECORDS and [r.line for r in records] == [1, 2, 3]
+    assert load_records(DataCfg(train=str(path))).format == "completion"
+
+
+def test_corrupt_arrow_file_is_a_data_error(tmp_path: Path) -> None:
+    path = tmp_path / "train.arrow"
+    path.write_bytes(b"definitely not arrow")
+    with pytest.raises(DataError, match="Arrow") as info:
+        read_records(path)
+    assert info.value.path == str(path)
+
+
+def test_hdf5_compound_table_and_column_group(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    text = h5py.string_dtype()
+    compound = tmp_path / "compound.h5"
+    with h5py.File(compound, "w") as fh:
+        rows = np.array(
+            list(zip(ROWS["prompt"], ROWS["completion"], strict=True)), dtype=[("prompt", text), ("completion", text)]
+        )
+        fh.create_dataset("train", data=rows)
+    columns = tmp_path / "columns.hdf5"
+    with h5py.File(columns, "w") as fh:
+        for split, n in (("train", 3), ("validation", 1)):
+            group = fh.create_group(split)
+            for name, values in ROWS.items():
+                group.create_dataset(name, data=values[:n], dtype=text)
+    assert [r.data for r in read_records(compound)] == AS_RECORDS
+    assert [r.data for r in read_records(columns)] == AS_RECORDS
+    assert [r.data for r in read_records(columns, split="validation")] == AS_RECORDS[:1]
+
+
+def test_hdf5_with_several_tables_and_no_split_name_is_refused(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "many.h5"
+    with h5py.File(path, "w") as fh:
+        for name in ("a", "b"):
+            fh.create_group(name).create_dataset("text", data=["x"], dtype=h5py.string_dtype())
+    with pytest.raises(DataError, match="which table") as info:
+        read_records(path)
+    assert "'a', 'b'" in str(info.value) and info.value.hint and "'train'" in info.value.hint
+
+
+def test_columns_rename_fields_before_detection(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", [{"question": "Hi: ", "answer": "the cat.", "id": 1}])
+    records = read_records(path, columns={"prompt": "question", "completion": "answer"})
+    assert records[0].data == {"prompt": "Hi: ", "completion": "the cat.", "id": 1}
+    assert detect_format(records[0]) == "completion"
+
+
+def test_unknown_column_mapping_names_the_key_and_the_fields(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError) as info:
+        read_records(path, columns={"prompt": "query", "completion": "answer"})
+    message = str(info.value)
+    assert message.startswith(f"{path}:1: ") and "data.columns.prompt" in message and "'query'" in message
+    assert "'answer', 'question'" in message
 
 
 # --------------------------------------------------------------------------- validate_dataset

@@ -1,26 +1,30 @@
-"""Find dataset files and read their records with the line they came from.
+"""Find dataset files and stream their records with the line they came from.
 
 JSONL and CSV are read by our own streaming readers so every problem can name
-the exact file and line; Parquet and hub datasets go through `datasets` /
-pyarrow (their rows are numbered instead).  Nothing here interprets a record:
-that is `formats.py`'s job.
+the exact file and line; Parquet, Arrow and HDF5 tables are read a block of
+rows at a time by `tables.py` (their rows are numbered instead), and hub
+datasets (or local dataset folders) go through ``datasets.load_dataset``.
+``data.columns`` renaming happens here, so nothing downstream sees the file's
+own field names.  Nothing here interprets a record: that is `formats.py`'s job.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.data import tables
 from tunelab.errors import DataError
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".feather", ".h5", ".hdf5")
 _SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "validation", "val", "dev", "eval", "test")}
+# Files that mark a folder as a dataset `datasets.load_dataset` understands (a hub repo checked out locally).
+_DATASET_FOLDER_MARKERS = ("README.md", "data")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ def resolve_files(train: str, valid: str | None) -> tuple[Path | str, Path | str
     train_path = Path(train).expanduser()
     if train_path.is_dir():
         found_train = _find_split(train_path, "train")
+        if found_train is None and _is_dataset_folder(train_path):
+            return str(train_path), (_existing(valid, "data.valid") if valid else None)
         if found_train is None:
             raise DataError(
                 f"folder {train_path} has no train file",
@@ -64,41 +70,116 @@ def _existing(name: str, key: str) -> Path | str:
     raise DataError(f"{key}: {name} does not exist", hint="give a file, a folder or a hub dataset name")
 
 
-def read_records(source: Path | str, *, split: str = "train") -> list[Record]:
-    """Read every record of a file (or hub dataset); refuse unreadable input with file and line."""
-    if isinstance(source, str) or not source.exists():
-        return _read_hub(str(source), split)
+def iter_records(
+    source: Path | str,
+    *,
+    split: str = "train",
+    columns: Mapping[str, str] | None = None,
+    subset: str | None = None,
+) -> Iterator[Record]:
+    """Stream the records of a file (or hub dataset), validating as it goes.
+
+    Files are read a line (JSONL, CSV) or a block of rows (Parquet, Arrow,
+    HDF5) at a time; only JSON arrays are loaded whole.  ``split`` and
+    ``subset`` pick what a hub dataset (or an HDF5 file with several tables)
+    yields.  ``columns`` maps tunelab's field names to the file's
+    (``{"prompt": "question"}``) and is applied to every record before anything
+    looks at it.  A source with no record at all raises :class:`DataError`.
+    """
+    mapping = dict(columns or {})
+    count = 0
+    for record in _iter_raw(source, split, subset):
+        count += 1
+        yield _renamed(record, mapping) if mapping else record
+    if count == 0:
+        raise DataError("the file holds no records", path=str(source), hint="add at least one example")
+
+
+def read_records(
+    source: Path | str,
+    *,
+    split: str = "train",
+    columns: Mapping[str, str] | None = None,
+    subset: str | None = None,
+) -> list[Record]:
+    """Read every record of a file (or hub dataset) into a list; see :func:`iter_records`."""
+    return list(iter_records(source, split=split, columns=columns, subset=subset))
+
+
+def _iter_raw(source: Path | str, split: str, subset: str | None) -> Iterator[Record]:
+    if isinstance(source, str) or not source.is_file():
+        yield from _read_hub(str(source), split, subset)
+        return
     suffix = source.suffix.lower()
     if source.stat().st_size == 0:
         raise DataError("the file is empty", path=str(source), hint="add at least one example")
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-    reader = readers.get(suffix)
-    if reader is None:
+    line_reader = _LINE_READERS.get(suffix)
+    if line_reader is not None:
+        yield from line_reader(source)
+        return
+    rows = _table_rows(source, suffix, split)
+    if rows is None:
         raise DataError(
             f"unsupported file type {suffix or '(none)'}",
             path=str(source),
             hint=f"use one of {', '.join(SUFFIXES)}",
         )
-    records = list(reader(source))
-    if not records:
-        raise DataError("the file holds no records", path=str(source), hint="add at least one example")
-    return records
+    for number, row in enumerate(rows, start=1):
+        yield Record(row, str(source), number)
+
+
+def _table_rows(path: Path, suffix: str, split: str) -> Iterator[dict[str, Any]] | None:
+    if suffix == ".parquet":
+        return tables.iter_parquet(path)
+    if suffix in (".arrow", ".feather"):
+        return tables.iter_arrow(path)
+    if suffix in (".h5", ".hdf5"):
+        return tables.iter_hdf5(path, split)
+    return None
+
+
+def _renamed(record: Record, mapping: dict[str, str]) -> Record:
+    """Apply ``data.columns`` ({tunelab field: file field}) to one record."""
+    data = dict(record.data)
+    for ours, theirs in mapping.items():
+        if theirs not in record.data:
+            raise DataError(
+                f"data.columns.{ours} names the field {theirs!r}, which this record does not have "
+                f"(it has {', '.join(map(repr, sorted(record.data))) or 'no fields'})",
+                path=record.path,
+                line=record.line,
+                hint=f"set data.columns.{ours} to one of the fields above",
+            )
+        # Read from the original record: two mappings may swap or share fields.
+        data.pop(theirs, None)
+    for ours, theirs in mapping.items():
+        data[ours] = record.data[theirs]
+    return Record(data, record.path, record.line)
 
 
 def content_hash(paths: list[Path | str | None]) -> str:
-    """sha256 over the bytes of every local file (hub names hash by name): the dataset's identity."""
+    """sha256 over the bytes of every local file or dataset folder (hub names hash by name): the dataset's identity."""
     digest = hashlib.sha256()
     for item in paths:
+        local = Path(item).expanduser() if item is not None else None
         if item is None:
             digest.update(b"\0none")
-        elif isinstance(item, Path) and item.is_file():
-            with item.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
+        elif local is not None and local.is_file():
+            _hash_file(digest, local)
+        elif local is not None and local.is_dir():
+            for child in sorted(p for p in local.rglob("*") if p.is_file()):
+                digest.update(child.relative_to(local).as_posix().encode() + b"\0")
+                _hash_file(digest, child)
         else:
             digest.update(str(item).encode())
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def _hash_file(digest: Any, path: Path) -> None:
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
@@ -177,42 +258,40 @@ def _json_item_lines(text: str, count: int, *, wrapped: bool) -> list[int]:
 
 
 def _read_csv(path: Path) -> Iterator[Record]:
-    text = _decode(path.read_bytes(), path, None)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames:
-        raise DataError("CSV has no header row", path=str(path), line=1)
-    start = 2
-    for row in reader:
-        if None in row:
-            raise DataError("row has more fields than the header", path=str(path), line=start)
-        yield Record({k: v for k, v in row.items()}, str(path), start)
-        start = reader.line_num + 1
+    with path.open("rb") as fh:
+        # Decoded line by line: a bad byte is reported on its own line and the file is never loaded whole.
+        lines = (_decode(raw, path, number) for number, raw in enumerate(fh, start=1))
+        reader = csv.DictReader(lines)
+        if not reader.fieldnames:
+            raise DataError("CSV has no header row", path=str(path), line=1)
+        start = 2
+        for row in reader:
+            if None in row:
+                raise DataError("row has more fields than the header", path=str(path), line=start)
+            yield Record(dict(row), str(path), start)
+            start = reader.line_num + 1
 
 
-def _read_parquet(path: Path) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises many types for a corrupt file
-        raise DataError(f"not a readable Parquet file ({exc})", path=str(path)) from None
-    for index, row in enumerate(table.to_pylist()):
-        yield Record(row, str(path), index + 1)
-
-
-def _read_hub(name: str, split: str) -> list[Record]:
+def _read_hub(name: str, split: str, subset: str | None) -> Iterator[Record]:
+    """A hub dataset by name, or a local dataset folder; both go through ``datasets.load_dataset``."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a core dependency
         raise DataError(f"{name}: not a local file and the `datasets` package is missing") from None
+    local = Path(name).expanduser().is_dir()
     try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as exc:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as exc:  # datasets raises many types (network, missing split, bad config)
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        what = "dataset folder" if local else "hub dataset"
         raise DataError(
-            f"{name}: not a local path and could not be loaded from the hub ({type(exc).__name__})",
-            hint="check the path, or connect to the internet for hub datasets",
+            f"{name}: could not be loaded as a {what} (split {split!r}, subset {subset!r}): {reason}",
+            hint="check data.split and data.subset"
+            + ("" if local else ", the dataset name, and that this machine is online"),
         ) from None
-    return [Record(dict(row), name, i + 1) for i, row in enumerate(ds)]
+    for index, row in enumerate(ds):
+        yield Record(dict(row), name, index + 1)
 
 
 def _decode(raw: bytes, path: Path, line: int | None) -> str:
@@ -238,9 +317,21 @@ def _find_split(folder: Path, split: str) -> Path | None:
     return None
 
 
+def _is_dataset_folder(folder: Path) -> bool:
+    """A folder laid out for ``load_dataset`` (card with configs, or a data/ folder) rather than train/valid files."""
+    return any((folder / marker).exists() for marker in _DATASET_FOLDER_MARKERS)
+
+
 def _looks_like_hub_name(text: str) -> bool:
     """``owner/name`` with no file suffix: ``data/trian.jsonl`` is a typo'd path, not a hub dataset."""
     parts = text.split("/")
     if len(parts) != 2 or not all(parts) or text.startswith((".", "/", "~")):
         return False
     return not text.lower().endswith(SUFFIXES)
+
+
+_LINE_READERS: dict[str, Callable[[Path], Iterator[Record]]] = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+}

@@ -41,20 +41,28 @@ def render(tokenizer: Any, template: str, messages: Sequence[dict[str, Any]], *,
 
 
 def chat_segments(
-    tokenizer: Any, template: str, messages: Sequence[dict[str, Any]], *, where: tuple[str, int]
+    tokenizer: Any,
+    template: str,
+    messages: Sequence[dict[str, Any]],
+    *,
+    where: tuple[str, int],
+    train_on: str = "all_assistant",
 ) -> list[tuple[str, bool]]:
     """Split a rendered conversation into ``(text, trained)`` pieces.
 
-    Each assistant turn, including the end-of-turn marker the template puts
-    after it, is a trained piece; everything else (system, user, tool turns and
-    the assistant header) is not.
+    Each assistant turn (only the final one with ``train_on="last_assistant"``),
+    including the end-of-turn marker the template puts after it, is a trained
+    piece; everything else (system, user, tool turns and the assistant header)
+    is not.  ``train_on="everything"`` trains the whole rendered text.
     """
     full = render(tokenizer, template, messages, generation_prompt=False)
+    if train_on == "everything":
+        return [(full, True)] if full else []
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = assistants[-1:] if train_on == "last_assistant" else assistants
     pieces: list[tuple[str, bool]] = []
     cursor = 0
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    for index in trained:
         before = render(tokenizer, template, messages[:index], generation_prompt=True) if index else ""
         through = render(tokenizer, template, messages[: index + 1], generation_prompt=False)
         if not through.startswith(before) or not full.startswith(through) or len(before) < cursor:

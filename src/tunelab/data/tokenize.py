@@ -17,9 +17,10 @@ import numpy as np
 
 from tunelab.data.formats import Sample
 from tunelab.data.templates import chat_segments, render
-from tunelab.errors import ModelError
+from tunelab.errors import ConfigError, ModelError
 
 IGNORE = -100
+TRAIN_ON = ("last_assistant", "all_assistant", "everything")
 
 
 @dataclass
@@ -61,21 +62,29 @@ def tokenize_samples(
     max_seq_len: int,
     mask_prompt: bool,
     sources: Sequence[tuple[str, int]] | None = None,
+    train_on: str = "all_assistant",
 ) -> TokenizedSplit:
     """Tokenize samples; drop those left with no supervised token after truncation.
+
+    ``train_on`` (used when ``mask_prompt`` is on) picks which chat turns carry
+    loss: ``all_assistant``, ``last_assistant``, or ``everything`` (every token,
+    prompts and completion prompts included, as with ``mask_prompt=False``).
 
     Text and completion samples are tokenized piece by piece (prompt, then
     completion without special tokens, then EOS).  A rendered chat is tokenized
     whole, as the model reads it at inference, and tokens are labelled by their
     character offsets; tokenizers without offsets fall back to piece by piece.
     """
+    if train_on not in TRAIN_ON:
+        raise ConfigError(f"data.train_on must be one of {', '.join(TRAIN_ON)} (got {train_on!r})")
+    mask_prompt = mask_prompt and train_on != "everything"
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ModelError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
     prefix = special_prefix(tokenizer)
     whole = bool(getattr(tokenizer, "is_fast", False))
     plans = [
-        _pieces(sample, tokenizer, template, sources[i] if sources else ("<data>", i + 1), mask_prompt)
+        _pieces(sample, tokenizer, template, sources[i] if sources else ("<data>", i + 1), mask_prompt, train_on)
         for i, sample in enumerate(samples)
     ]
     encoded = _encode(samples, plans, tokenizer, whole)
@@ -150,7 +159,7 @@ def _labels_from_offsets(
 
 
 def _pieces(
-    sample: Sample, tokenizer: Any, template: str, where: tuple[str, int], mask_prompt: bool
+    sample: Sample, tokenizer: Any, template: str, where: tuple[str, int], mask_prompt: bool, train_on: str
 ) -> list[tuple[str, bool]]:
     if sample.kind == "text":
         return [(sample.text, True)]
@@ -159,4 +168,4 @@ def _pieces(
         return [(sample.prompt, False), *pieces] if sample.prompt else pieces
     if not mask_prompt:  # every token is trained: no need to locate the assistant turns
         return [(render(tokenizer, template, sample.messages, generation_prompt=False), True)]
-    return chat_segments(tokenizer, template, sample.messages, where=where)
+    return chat_segments(tokenizer, template, sample.messages, where=where, train_on=train_on)
