@@ -12,12 +12,12 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from tunelab.backends.base import Backend, MethodSpec, ModelInfo, ModelSpec, OptimSpec
+from tunelab.backends.base import Backend, Batch, MethodSpec, ModelInfo, ModelSpec, OptimSpec
 from tunelab.backends.select import Choice, choose_backend, make_backend, model_type_of
 from tunelab.config.schema import RunConfig
 from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
+from tunelab.data.packing import packed_eval_batches
 from tunelab.data.prepare import PreparedData, load_records, prepare_data
 from tunelab.data.templates import BUILTIN_NAME, CHATML
 from tunelab.errors import StateError
@@ -37,7 +37,7 @@ class Prepared:
     info: ModelInfo
     data: PreparedData
     stream: MicroBatchStream
-    valid: list[dict[str, Any]] | None
+    valid: list[Batch] | None
     total_steps: int
     state: TrainerState
     resumed_from: Path | None
@@ -54,6 +54,7 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
         cfg.device,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         compile=cfg.train.compile,
+        packing=cfg.data.packing,
     )
 
 
@@ -86,10 +87,7 @@ def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[
     on_data(data)
     backend = make_backend(choice)
     info = backend.load(model_spec(cfg), method_spec(cfg), optim_spec(cfg), tokenizer)
-    plan = BatchPlan(cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle, cfg.data.group_by_length)
-    stream = MicroBatchStream(data.train, plan, tokenizer.pad_token_id)
-    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
-    valid = eval_batches(data.valid, eval_bs, tokenizer.pad_token_id) if data.valid else None
+    stream, valid = _batches(cfg, data, tokenizer.pad_token_id)
     state, resumed_from = TrainerState(), None
     if resume:
         resumed_from = latest_checkpoint(output_dir / "checkpoints")
@@ -98,6 +96,19 @@ def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[
             state = read_state(resumed_from)
     steps = total_steps(cfg, stream.batches_per_epoch)
     return Prepared(choice, backend, info, data, stream, valid, steps, state, resumed_from)
+
+
+def _batches(cfg: RunConfig, data: PreparedData, pad_id: int) -> tuple[MicroBatchStream, list[Batch] | None]:
+    """The training stream and the validation batches, packed when ``data.packing`` is on."""
+    plan = BatchPlan(cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle, cfg.data.group_by_length)
+    pack_to = cfg.data.max_seq_len if cfg.data.packing else None
+    stream = MicroBatchStream(data.train, plan, pad_id, pack_to=pack_to)
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    if not data.valid:
+        return stream, None
+    if pack_to is not None:
+        return stream, packed_eval_batches(data.valid, eval_bs, pack_to, pad_id)
+    return stream, eval_batches(data.valid, eval_bs, pad_id)
 
 
 def train(
@@ -117,6 +128,11 @@ def train(
         keep_checkpoints=cfg.train.keep_checkpoints,
         checkpoint_dir=output_dir / "checkpoints",
     )
+    if prep.stream.packed:
+        callbacks.on_message(
+            f"packing: {len(prep.data.train)} examples in rows of up to {cfg.data.max_seq_len} tokens; "
+            f"{prep.stream.token_efficiency:.1%} of the tokens trained on are real (not padding)"
+        )
     result = run_loop(prep.backend, prep.stream, prep.valid, schedule, opts, prep.state, callbacks, should_stop)
     if result.status == "completed":
         save_result(prep.backend, result_dir(output_dir, cfg.method.name))

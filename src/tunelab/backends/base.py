@@ -29,6 +29,7 @@ class ModelSpec:
     device: str = "auto"
     gradient_checkpointing: bool = False
     compile: bool = True
+    packing: bool = False  # batches carry position_ids/segment_ids: attention must stay per example
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
 The data order is a pure function of ``(seed, epoch)``, and the trainer's only
 data state is one integer: how many micro-batches it has consumed.  That makes
 resume exact: a restarted run recomputes the same order and skips ahead.
+
+With packing (:mod:`tunelab.data.packing`) the plan orders packed rows instead
+of examples; rows are packed once, so the cursor arithmetic is the same.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tunelab.data.packing import collate_packed, pack_rows, row_lengths, token_efficiency
 from tunelab.data.tokenize import IGNORE, TokenizedSplit
 
 _GROUP_SPAN = 64  # batches per length-sorted group: little padding, order still random
@@ -41,19 +45,35 @@ class BatchPlan:
 
 
 class MicroBatchStream:
-    """An endless stream of padded micro-batches, positioned by a single cursor."""
+    """An endless stream of padded micro-batches, positioned by a single cursor.
 
-    def __init__(self, split: TokenizedSplit, plan: BatchPlan, pad_id: int) -> None:
+    With ``pack_to`` every micro-batch holds ``plan.batch_size`` rows of examples
+    packed up to ``pack_to`` tokens each, instead of that many single examples.
+    """
+
+    def __init__(self, split: TokenizedSplit, plan: BatchPlan, pad_id: int, *, pack_to: int | None = None) -> None:
         self.split = split
         self.plan = plan
         self.pad_id = pad_id
-        self._lengths = split.lengths
+        lengths = split.lengths
+        self._rows = pack_rows(lengths, pack_to, seed=plan.seed, shuffle=plan.shuffle) if pack_to else None
+        # What the plan orders: examples, or packed rows (by how many tokens they hold).
+        self._lengths = row_lengths(lengths, self._rows) if self._rows is not None else lengths
         self._epoch = -1
         self._batches: list[np.ndarray] = []
 
     @property
+    def packed(self) -> bool:
+        return self._rows is not None
+
+    @property
     def batches_per_epoch(self) -> int:
-        return -(-len(self.split) // self.plan.batch_size)
+        return -(-len(self._lengths) // self.plan.batch_size)
+
+    @property
+    def token_efficiency(self) -> float:
+        """Fraction of the token slots of an epoch's micro-batches that hold real tokens (not padding)."""
+        return token_efficiency(self._lengths, self.plan.epoch_batches(self._lengths, 0))
 
     def get(self, cursor: int) -> dict[str, np.ndarray]:
         """The micro-batch at absolute position ``cursor`` (epoch = cursor // batches_per_epoch)."""
@@ -61,7 +81,9 @@ class MicroBatchStream:
         if epoch != self._epoch:
             self._batches = self.plan.epoch_batches(self._lengths, epoch)
             self._epoch = epoch
-        return collate(self.split, self._batches[index], self.pad_id)
+        if self._rows is None:
+            return collate(self.split, self._batches[index], self.pad_id)
+        return collate_packed(self.split, [self._rows[r] for r in self._batches[index]], self.pad_id)
 
     def epoch_of(self, cursor: int) -> float:
         return cursor / self.batches_per_epoch

@@ -86,6 +86,7 @@ def run_loop(
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens_per_sec": tokens / max(seconds, 1e-9),
+                "token_efficiency": tokens / max(sum(b["input_ids"].size for b in micro), 1),  # 1 - padding share
                 "epoch": stream.epoch_of(state.cursor),
             }
             memory = backend.peak_memory_bytes()

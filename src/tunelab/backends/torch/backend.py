@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, OptimSpec
+from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.loading import load_causal_lm, pick_device, pick_dtype
 from tunelab.backends.torch.loss import summed_loss, supports_hidden_path
 from tunelab.backends.torch.methods import ADAPTER_METHODS, apply_method
-from tunelab.errors import StateError
+from tunelab.errors import ConfigError, StateError
 from tunelab.hub import architecture_of, resolve_model_path
 
 
@@ -36,15 +37,25 @@ class TorchBackend:
         self._optimizer: torch.optim.Optimizer | None = None
         self._max_grad_norm = 1.0
         self._fast_loss = False
+        self._attention = "sdpa"
 
     # -- setup -------------------------------------------------------------------------------
     def load(self, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
+        if model.packing and method.name == "prefix":
+            # Prefix tuning feeds its virtual tokens as a KV cache, and transformers finds
+            # example boundaries only without one: packed examples would attend to each other.
+            raise ConfigError(
+                "data.packing does not work with method: prefix", hint="set data.packing: false or another method"
+            )
         folder = resolve_model_path(model.path, model.revision)
         self.device = pick_device(model.device)
         dtype = pick_dtype(model.dtype, self.device)
         base = load_causal_lm(
             folder, dtype=dtype, device=self.device, attn=model.attn_implementation, trust=model.trust_remote_code
         )
+        self._attention = str(base.config._attn_implementation)
+        if model.packing:
+            self._attention = choose_packed_attention(base, self.device, model.attn_implementation)
         self.tokenizer = tokenizer
         self.method = method.name
         if model.gradient_checkpointing:
@@ -97,7 +108,7 @@ class TorchBackend:
     # -- training ----------------------------------------------------------------------------
     def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
         self.model.train()
-        loss, tokens = summed_loss(self._causal_lm, self.model, self._to_device(batch), self._fast_loss)
+        loss, tokens = self._summed_loss(batch)
         (loss * loss_scale).backward()
         return LossSum(float(loss.detach()), tokens)
 
@@ -114,8 +125,11 @@ class TorchBackend:
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> LossSum:
         self.model.eval()
-        loss, tokens = summed_loss(self._causal_lm, self.model, self._to_device(batch), self._fast_loss)
+        loss, tokens = self._summed_loss(batch)
         return LossSum(float(loss), tokens)
+
+    def _summed_loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        return summed_loss(self._causal_lm, self.model, self._to_device(batch), self._fast_loss, self._attention)
 
     def _to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunelab.backends.torch.attention import model_inputs
+
 IGNORE = -100
 
 
@@ -30,22 +32,25 @@ def supports_hidden_path(model: Any) -> bool:
     return hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
-def summed_loss(causal_lm: Any, forward: Any, batch: dict[str, torch.Tensor], fast: bool) -> tuple[torch.Tensor, int]:
+def summed_loss(
+    causal_lm: Any, forward: Any, batch: dict[str, torch.Tensor], fast: bool, attention: str = "sdpa"
+) -> tuple[torch.Tensor, int]:
     """Return (sum of token cross-entropies, number of supervised tokens).
 
     ``causal_lm`` is the unwrapped transformers model; ``forward`` is the callable
     to use for the plain path (the PEFT wrapper, so prompt adapters apply).
+    Packed batches (with ``position_ids``) keep attention per example on both
+    paths; ``attention`` names the implementation, for the inputs it needs.
     """
     labels = batch["labels"][:, 1:]
     selected = labels != IGNORE
     tokens = int(selected.sum())
+    inputs = model_inputs(batch, attention)
     if fast:
-        hidden = causal_lm.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
+        hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
         logits = causal_lm.get_output_embeddings()(hidden[:, :-1][selected])
     else:
-        out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = forward(**inputs, use_cache=False)
         logits = out.logits[:, -labels.shape[1] - 1 : -1][selected]
     logits = logits.float()
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
