@@ -1,0 +1,54 @@
+"""`tunelab export RUN_ID --to … --out …`: merge, write, verify, record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.text import Text
+
+from tunelab.cli.console import console, err_console
+
+
+def export(
+    run: str = typer.Argument(..., help="Run id (or a unique prefix of one)."),
+    to: str = typer.Option(..., "--to", help="hf | mlx | gguf | ollama | onnx | coreml"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (a .gguf file for --to gguf)."),
+    quantize: str | None = typer.Option(
+        None,
+        "--quantize",
+        "-q",
+        help="gguf/ollama: f32 | f16 | bf16 | q8_0 | q4_0 (default f16, bf16 for a bf16 base); "
+        "mlx: 4 | 8; coreml: float32 | float16.",
+    ),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip loading the export in its runtime to check it."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Merge a run's adapter into its base, export it, and prove the export behaves like the merged model."""
+    from tunelab import services
+
+    err_console.print(Text(f"exporting run {run} to {to}…"))
+    result = services.export_run(run, to=to, out=out, quantize=quantize, verify=not no_verify, force=force)
+    if as_json:
+        fields = {"target": result.target, "path": str(result.path), "precision": result.precision}
+        typer.echo(json.dumps({**fields, "sha256": result.sha256, "report": result.report, "notes": result.notes}))
+        return
+    console.print(Text.assemble(("wrote ", "green"), str(result.path), f" ({to}, {result.precision})"))
+    console.print(Text(f"  sha256 {result.sha256}, {result.seconds:.1f} s"))
+    for note in result.notes:
+        console.print(Text.assemble(("  note: ", "yellow"), note))
+    report = result.report
+    if report is None:
+        console.print(Text.assemble(("  not verified", "yellow"), " (--no-verify)"))
+        return
+    template = {None: "n/a (no chat template)", True: "same tokens", False: "differs"}[report["template_match"]]
+    console.print(
+        Text(
+            f"  verified: max logit diff {report['max_logit_diff']:.3g} "
+            f"({report['relative_logit_diff']:.3%}), greedy agreement {report['greedy_agreement']:.1%} "
+            f"over {report['positions']} positions, tokenization "
+            f"{'same' if report['tokenization_match'] else 'differs'}, template {template}"
+        )
+    )

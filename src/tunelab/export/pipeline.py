@@ -1,0 +1,140 @@
+"""One export: merge → write the target → load it in its own runtime and verify.
+
+Every target starts from the merged model.  Targets other than ``hf`` are
+written from a merged HF folder staged beside the output (streamed tensor by
+tensor where the target allows), which is removed afterwards.  A failed
+verification keeps the files, so they can be inspected, and raises.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import ConfigError
+from tunelab.export.merge import Merged, merge_model
+from tunelab.export.verify import Reference, Report, Runtime, raise_if_failed, sha256_of, verify
+
+TARGETS: tuple[str, ...] = ("hf", "mlx", "gguf", "ollama", "onnx", "coreml")
+QUANTIZE: dict[str, tuple[str, ...]] = {
+    "hf": (),
+    "mlx": ("4", "8"),
+    "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0"),
+    "ollama": ("f32", "f16", "bf16", "q8_0", "q4_0"),
+    "onnx": (),
+    "coreml": ("float32", "float16"),
+}
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """What a run produced: the base, its adapter (None for full runs) and the training template."""
+
+    base: Path
+    adapter: Path | None
+    tokenizer_dir: Path
+    template: str | None
+
+
+@dataclass
+class Written:
+    """A target's output and how to load it back for verification."""
+
+    path: Path
+    precision: str
+    runtime: Callable[[], Runtime]
+    render: Callable[[Sequence[dict[str, str]]], str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the export went, its hash and (unless skipped) the verification report."""
+
+    target: str
+    path: Path
+    precision: str
+    sha256: str
+    report: dict[str, Any] | None
+    notes: tuple[str, ...]
+    seconds: float
+
+
+def check_options(target: str, quantize: str | None) -> None:
+    """Refuse an unknown target or a quantization the target doesn't offer, before any loading."""
+    if target not in TARGETS:
+        raise ConfigError(f"--to must be one of {', '.join(TARGETS)} (got {target!r})")
+    allowed = QUANTIZE[target]
+    if quantize is not None and quantize not in allowed:
+        if not allowed:
+            raise ConfigError(f"--quantize does not apply to --to {target}", hint="drop --quantize")
+        raise ConfigError(f"--quantize for {target} must be one of {', '.join(allowed)} (got {quantize!r})")
+
+
+def export_model(
+    source: ExportSource,
+    target: str,
+    out: Path,
+    *,
+    quantize: str | None = None,
+    check: bool = True,
+    force: bool = False,
+) -> ExportResult:
+    """Merge ``source``, write it as ``target`` at ``out`` and verify it (unless ``check`` is False)."""
+    start = time.perf_counter()
+    check_options(target, quantize)
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    merged = merge_model(source.base, source.adapter, tokenizer_dir=source.tokenizer_dir, template=source.template)
+    written = _write(target, merged, out, quantize)
+    report: Report | None = None
+    if check:
+        ref = Reference(merged.model, merged.tokenizer, merged.template)
+        report = verify(target, written.precision, written.runtime(), ref, render=written.render)
+        raise_if_failed(report, written.path)
+    return ExportResult(
+        target=target,
+        path=written.path,
+        precision=written.precision,
+        sha256=sha256_of(written.path),
+        report=report.to_dict() if report is not None else None,
+        notes=tuple(merged.notes + written.notes),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _write(target: str, merged: Merged, out: Path, quantize: str | None) -> Written:
+    from tunelab.export import hf
+
+    if target == "hf":
+        hf.write_hf(merged, out)
+        return Written(out, merged.save_dtype, lambda: hf.HFRuntime(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tunelab-merged-", dir=out.parent) as tmp:
+        folder = hf.write_hf(merged, Path(tmp) / "merged")
+        return _write_from_folder(target, folder, merged, out, quantize)
+
+
+def _write_from_folder(target: str, folder: Path, merged: Merged, out: Path, quantize: str | None) -> Written:
+    """Each target module has ``write(folder, merged, out, quantize) -> Written``; import only the one asked for."""
+    module = importlib.import_module(f"tunelab.export.{target}")
+    written: Written = module.write(folder, merged, out, quantize)
+    return written
+
+
+def verify_export(source: ExportSource, written: Written) -> Report:
+    """Verify an export written earlier (e.g. with ``check=False``) against a fresh merge of ``source``."""
+    merged = merge_model(source.base, source.adapter, tokenizer_dir=source.tokenizer_dir, template=source.template)
+    ref = Reference(merged.model, merged.tokenizer, merged.template)
+    return verify(
+        written.path.suffix.lstrip(".") or "export", written.precision, written.runtime(), ref, render=written.render
+    )

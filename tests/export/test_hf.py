@@ -1,0 +1,53 @@
+"""The hf target: merged safetensors, tokenizer, training template and stop ids; broken ones are caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from tunelab.export.hf import HFRuntime
+from tunelab.export.pipeline import ExportSource, Written, export_model, verify_export
+from tunelab.hub import load_tokenizer
+
+
+@pytest.mark.parametrize("name", ["qwen2-bpe", "llama-sp"])
+def test_hf_export_is_verified(name: str, sources: dict[str, ExportSource], tmp_path: Path) -> None:
+    result = export_model(sources[name], "hf", tmp_path / "hf")
+    report = result.report
+    assert report is not None and report["passed"], report
+    assert report["max_logit_diff"] < 1e-4 and report["greedy_agreement"] == 1.0
+    assert report["tokenization_match"] and report["template_match"]
+    tokenizer = load_tokenizer(result.path)
+    assert tokenizer.chat_template == sources[name].template
+    stops = json.loads((result.path / "generation_config.json").read_text())["eos_token_id"]
+    stops = stops if isinstance(stops, list) else [stops]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops  # the ChatML turn end stops generation
+    assert tokenizer.eos_token_id in stops
+    assert not list(result.path.glob("adapter_*"))  # a plain checkpoint, not an adapter
+
+
+def _exported(sources: dict[str, ExportSource], tmp_path: Path) -> Path:
+    return export_model(sources["qwen2-bpe"], "hf", tmp_path / "hf", check=False).path
+
+
+def test_corrupt_tensor_fails_verification(sources: dict[str, ExportSource], tmp_path: Path) -> None:
+    folder = _exported(sources, tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if "layers.1.mlp.down_proj" in k)
+    weights[name] = weights[name] * 3.0  # the kind of damage a wrong transpose or scale does
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    report = verify_export(sources["qwen2-bpe"], Written(folder, "float32", lambda: HFRuntime(folder)))
+    assert not report.passed and report.template_match and report.tokenization_match
+    assert any("logits differ" in f for f in report.failures)
+
+
+def test_corrupt_template_fails_verification(sources: dict[str, ExportSource], tmp_path: Path) -> None:
+    folder = _exported(sources, tmp_path)
+    template = folder / "chat_template.jinja"
+    template.write_text(template.read_text().replace("'\\n'", "'\\n\\n'", 1))
+    report = verify_export(sources["qwen2-bpe"], Written(folder, "float32", lambda: HFRuntime(folder)))
+    assert report.template_match is False and not report.passed
+    assert any("chat template" in f for f in report.failures)
