@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DataFormat = Literal["auto", "text", "completion", "instruction", "chat"]
+DataFormat = Literal["auto", "text", "completion", "instruction", "chat", "sharegpt"]
 MethodName = Literal["lora", "dora", "full", "freeze", "prefix", "ia3"]
 Scheduler = Literal["constant", "linear", "cosine"]
 BackendName = Literal["auto", "torch", "mlx"]

@@ -8,6 +8,7 @@ model's own chat template, exactly as at inference time).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,19 +16,32 @@ from typing import Any
 from tunelab.data.sources import Record
 from tunelab.errors import DataError
 
-FORMATS = ("text", "completion", "instruction", "chat")
+FORMATS = ("text", "completion", "instruction", "chat", "sharegpt")
 ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speakers -> chat roles.  `function_call` turns hold a JSON call the assistant makes and
+# `observation` turns the tool's answer (the LLaMA-Factory flavour); user/assistant are common aliases.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "observation": "tool",
+    "function_call": "assistant",
+}
 
 
 @dataclass(frozen=True)
 class Sample:
-    """A validated example: ``kind`` is text, completion or chat."""
+    """A validated example: ``kind`` is text, completion or chat (``tools`` only for chats that declare them)."""
 
     kind: str
     text: str = ""
     prompt: str = ""
     completion: str = ""
     messages: tuple[dict[str, Any], ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
 
 
 def detect_format(record: Record) -> str:
@@ -35,6 +49,8 @@ def detect_format(record: Record) -> str:
     keys = set(record.data)
     if "messages" in keys:
         return "chat"
+    if "conversations" in keys:
+        return "sharegpt"
     if {"prompt", "completion"} <= keys:
         return "completion"
     if {"instruction", "output"} <= keys:
@@ -45,17 +61,24 @@ def detect_format(record: Record) -> str:
         f"can't tell the format from the keys {sorted(keys)}",
         path=record.path,
         line=record.line,
-        hint='use {"text"}, {"prompt","completion"}, {"instruction","input","output"} or {"messages":[…]}, '
-        "or set data.format",
+        hint='use {"text"}, {"prompt","completion"}, {"instruction","input","output"}, {"messages":[…]} or '
+        '{"conversations":[{"from","value"}…]}, map your fields with data.columns, or set data.format',
     )
+
+
+def to_sample(record: Record, fmt: str) -> Sample:
+    """Validate one record as ``fmt`` (not ``auto``) and normalise it."""
+    convert = _CONVERTERS.get(fmt)
+    if convert is None:
+        raise DataError(f"unknown data format {fmt!r}", hint=f"use one of auto, {', '.join(FORMATS)}")
+    return convert(record)
 
 
 def to_samples(records: Sequence[Record], fmt: str) -> list[Sample]:
     """Validate every record as ``fmt`` and normalise it; the first bad record raises."""
     if fmt == "auto":
         fmt = detect_format(records[0])
-    convert = {"text": _text, "completion": _completion, "instruction": _instruction, "chat": _chat}[fmt]
-    return [convert(record) for record in records]
+    return [to_sample(record, fmt) for record in records]
 
 
 def _text(r: Record) -> Sample:
@@ -80,22 +103,115 @@ def _chat(r: Record) -> Sample:
     messages = r.data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataError('"messages" must be a non-empty list of {role, content}', path=r.path, line=r.line)
+    return Sample("chat", messages=_clean_messages(messages, r, "messages"), tools=_tools(r))
+
+
+def _sharegpt(r: Record) -> Sample:
+    turns = r.data.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError('"conversations" must be a non-empty list of {from, value}', path=r.path, line=r.line)
+    messages: list[dict[str, Any]] = []
+    system = r.data.get("system")
+    if isinstance(system, str) and system.strip():
+        messages.append({"role": "system", "content": system})
+    for index, turn in enumerate(turns):
+        where = f"conversations[{index}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where} must be an object with from and value", path=r.path, line=r.line)
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(
+                f"{where}: from {speaker!r} is not one of {', '.join(SHAREGPT_ROLES)}",
+                path=r.path,
+                line=r.line,
+                hint="rename the speaker, or convert the file to chat messages",
+            )
+        value = turn.get("value")
+        if speaker != "function_call" and not isinstance(value, str):
+            raise DataError(f"{where}: value must be a string", path=r.path, line=r.line)
+        if speaker == "function_call":
+            messages.append({"role": "assistant", "content": None, "tool_calls": _sharegpt_calls(value, where, r)})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return Sample("chat", messages=_clean_messages(messages, r, "conversations"), tools=_tools(r))
+
+
+def _sharegpt_calls(value: Any, where: str, r: Record) -> list[dict[str, Any]]:
+    """A function_call turn's value: JSON ``{name, arguments}`` (or a list of them) as OpenAI tool calls."""
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError:
+        parsed = None
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    if not calls or not all(isinstance(c, dict) and "name" in c for c in calls):
+        raise DataError(
+            f'{where}: a function_call value must be JSON {{"name": …, "arguments": {{…}}}}', path=r.path, line=r.line
+        )
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]
+
+
+def _clean_messages(messages: list[Any], r: Record, field: str) -> tuple[dict[str, Any], ...]:
     clean: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
-        where = f"messages[{index}]"
+        where = f"{field}[{index}]"
         if not isinstance(message, dict):
             raise DataError(f"{where} must be an object with role and content", path=r.path, line=r.line)
         role = message.get("role")
         if role not in ROLES:
             raise DataError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}", path=r.path, line=r.line)
         content = message.get("content")
-        has_calls = role == "assistant" and bool(message.get("tool_calls"))
-        if not isinstance(content, str) and not (content is None and has_calls):
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if not isinstance(content, str) and not (content is None and calls):
             raise DataError(f"{where}: content must be a string", path=r.path, line=r.line)
-        clean.append({k: v for k, v in message.items() if v is not None or k == "content"})
+        entry = {k: v for k, v in message.items() if v is not None or k == "content"}
+        if calls:
+            entry["tool_calls"] = _tool_calls(calls, where, r)
+        clean.append(entry)
     if not any(m["role"] == "assistant" for m in clean):
         raise DataError("conversation has no assistant message, so there is nothing to learn", path=r.path, line=r.line)
-    return Sample("chat", messages=tuple(clean))
+    return tuple(clean)
+
+
+def _tool_calls(calls: Any, where: str, r: Record) -> list[dict[str, Any]]:
+    """OpenAI-style calls, with ``arguments`` always an object (templates expect a mapping to render)."""
+    if not isinstance(calls, list):
+        raise DataError(f"{where}: tool_calls must be a list", path=r.path, line=r.line)
+    out = []
+    for index, call in enumerate(calls):
+        at = f"{where}.tool_calls[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DataError(
+                f'{at} must be {{"type": "function", "function": {{"name", "arguments"}}}}', path=r.path, line=r.line
+            )
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{at}: arguments are not valid JSON ({exc.msg})", path=r.path, line=r.line) from None
+        if not isinstance(arguments, dict):
+            raise DataError(f"{at}: arguments must be a JSON object", path=r.path, line=r.line)
+        normal = {"type": call.get("type", "function"), "function": {"name": function["name"], "arguments": arguments}}
+        if call.get("id") is not None:
+            normal["id"] = call["id"]
+        out.append(normal)
+    return out
+
+
+def _tools(r: Record) -> tuple[dict[str, Any], ...]:
+    """A record's top-level tool list (JSON text is accepted: ShareGPT exports often store it so)."""
+    tools = r.data.get("tools")
+    if tools is None or tools == "":
+        return ()
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise DataError(f'"tools" is not valid JSON ({exc.msg})', path=r.path, line=r.line) from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError('"tools" must be a list of tool definitions (objects)', path=r.path, line=r.line)
+    return tuple(tools)
 
 
 def _string(r: Record, key: str, *, allow_empty: bool = False) -> str:
@@ -107,3 +223,12 @@ def _string(r: Record, key: str, *, allow_empty: bool = False) -> str:
     if not allow_empty and not value.strip():
         raise DataError(f'field "{key}" is empty', path=r.path, line=r.line)
     return value
+
+
+_CONVERTERS = {
+    "text": _text,
+    "completion": _completion,
+    "instruction": _instruction,
+    "chat": _chat,
+    "sharegpt": _sharegpt,
+}

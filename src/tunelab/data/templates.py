@@ -14,9 +14,20 @@ from typing import Any
 
 from tunelab.errors import DataError
 
+# ChatML, extended so tool use reads plainly: declared tools in a leading system block, each call
+# as a <tool_call> JSON line inside the assistant turn, tool results as `tool` turns.  Conversations
+# without tools render exactly as plain ChatML.
 CHATML = (
+    "{% if tools %}{{ '<|im_start|>system\\n# Tools\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>' + '\\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " + '</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
@@ -32,10 +43,34 @@ def template_for(tokenizer: Any) -> tuple[str, str]:
     return CHATML, BUILTIN_NAME
 
 
-def render(tokenizer: Any, template: str, messages: Sequence[dict[str, Any]], *, generation_prompt: bool) -> str:
-    """Render messages to text with ``template`` (never tokenizes)."""
+def template_for_sample(template: str, messages: Sequence[dict[str, Any]], tools: Sequence[Any] = ()) -> str:
+    """``template``, unless the sample uses tools it can't render: then the built-in ChatML.
+
+    A template that never mentions ``tool_calls`` (or ``tools``) silently drops
+    them, so the model would be trained on turns missing what it should learn.
+    """
+    if any(m.get("tool_calls") for m in messages) and "tool_calls" not in template:
+        return CHATML
+    if tools and "tools" not in template:
+        return CHATML
+    return template
+
+
+def render(
+    tokenizer: Any,
+    template: str,
+    messages: Sequence[dict[str, Any]],
+    *,
+    generation_prompt: bool,
+    tools: Sequence[dict[str, Any]] = (),
+) -> str:
+    """Render messages (and the tools they may call) to text with ``template`` (never tokenizes)."""
     out = tokenizer.apply_chat_template(
-        list(messages), chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        list(messages),
+        tools=list(tools) or None,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
     )
     return str(out)
 
@@ -47,6 +82,7 @@ def chat_segments(
     *,
     where: tuple[str, int],
     train_on: str = "all_assistant",
+    tools: Sequence[dict[str, Any]] = (),
 ) -> list[tuple[str, bool]]:
     """Split a rendered conversation into ``(text, trained)`` pieces.
 
@@ -55,7 +91,7 @@ def chat_segments(
     piece; everything else (system, user, tool turns and the assistant header)
     is not.  ``train_on="everything"`` trains the whole rendered text.
     """
-    full = render(tokenizer, template, messages, generation_prompt=False)
+    full = render(tokenizer, template, messages, generation_prompt=False, tools=tools)
     if train_on == "everything":
         return [(full, True)] if full else []
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -63,8 +99,8 @@ def chat_segments(
     pieces: list[tuple[str, bool]] = []
     cursor = 0
     for index in trained:
-        before = render(tokenizer, template, messages[:index], generation_prompt=True) if index else ""
-        through = render(tokenizer, template, messages[: index + 1], generation_prompt=False)
+        before = render(tokenizer, template, messages[:index], generation_prompt=True, tools=tools) if index else ""
+        through = render(tokenizer, template, messages[: index + 1], generation_prompt=False, tools=tools)
         if not through.startswith(before) or not full.startswith(through) or len(before) < cursor:
             raise DataError(
                 "the chat template does not render this conversation as a prefix of its continuation, "

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.data.formats import Sample
-from tunelab.data.templates import chat_segments, render
+from tunelab.data.templates import chat_segments, render, template_for_sample
 from tunelab.errors import ConfigError, ModelError
 
 IGNORE = -100
@@ -166,6 +166,7 @@ def _pieces(
     if sample.kind == "completion":
         pieces = [(sample.completion, True)]
         return [(sample.prompt, False), *pieces] if sample.prompt else pieces
+    template = template_for_sample(template, sample.messages, sample.tools)
     if not mask_prompt:  # every token is trained: no need to locate the assistant turns
-        return [(render(tokenizer, template, sample.messages, generation_prompt=False), True)]
-    return chat_segments(tokenizer, template, sample.messages, where=where, train_on=train_on)
+        return [(render(tokenizer, template, sample.messages, generation_prompt=False, tools=sample.tools), True)]
+    return chat_segments(tokenizer, template, sample.messages, where=where, train_on=train_on, tools=sample.tools)
