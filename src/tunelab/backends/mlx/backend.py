@@ -33,6 +33,7 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  # noqa: E402
+from tunelab.backends.mlx.packing import enable_packing, packed_caches  # noqa: E402
 
 IGNORE = -100
 _PAD_MULTIPLE = 32
@@ -58,6 +59,7 @@ class MlxBackend:
         self._head: Any = None  # output projection, when the decoder/head split reproduces the logits
         self._pad_multiple = 1
         self._pad_id = 0
+        self._mask_rank = 0  # > 0 once packed batches are enabled (the rank of their attention mask)
 
     # -- setup -------------------------------------------------------------------------------
     def load(self, model: ModelSpec, method: MethodSpec, optim_spec: OptimSpec, tokenizer: Any) -> ModelInfo:
@@ -89,6 +91,8 @@ class MlxBackend:
         if model.gradient_checkpointing:
             for layer in self.model.model.layers:
                 _checkpoint_class(type(layer))
+        if model.packing:
+            self._mask_rank = enable_packing(self.model)
         loss_and_grad = nn.value_and_grad(self.model, self._loss)
         if model.compile:
             # One compiled graph per batch shape; batches are padded to a multiple of
@@ -96,9 +100,11 @@ class MlxBackend:
             # retrace every step, so the compiled path projects every position.
             state = [self.model.state, mx.random.state]
             compiled = mx.compile(
-                lambda ids, targets: loss_and_grad(self.model, ids, targets, None), inputs=state, outputs=state
+                lambda ids, targets, *packed: loss_and_grad(self.model, ids, targets, None, *packed),
+                inputs=state,
+                outputs=state,
             )
-            self._loss_and_grad = lambda _model, ids, targets, _picked: compiled(ids, targets)
+            self._loss_and_grad = lambda _model, ids, targets, _picked, *packed: compiled(ids, targets, *packed)
             self._pad_multiple = _PAD_MULTIPLE
         else:
             self._head = _split_head(self.model)
@@ -265,29 +271,46 @@ class MlxBackend:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
 
-    def _inputs(self, batch: Batch) -> tuple[mx.array, mx.array, mx.array | None]:
+    def _inputs(self, batch: Batch) -> tuple[mx.array, ...]:
+        """(ids, targets, picked supervised positions or None[, positions, segments when packed])."""
         ids_np, labels_np = _pad_to(batch["input_ids"], batch["labels"], self._pad_multiple, self._pad_id)
         ids = mx.array(ids_np.astype(np.int32))
         targets = labels_np[:, 1:]
+        packed = self._packed_inputs(batch, ids_np.shape[1])
         if self._head is None:
-            return ids, mx.array(targets.astype(np.int32)), None
+            return ids, mx.array(targets.astype(np.int32)), None, *packed
         # Flat positions of the supervised tokens, found in numpy: only they go through the head.
         picked = np.flatnonzero(targets.reshape(-1) != IGNORE).astype(np.int32)
-        return ids, mx.array(targets.reshape(-1)[picked].astype(np.int32)), mx.array(picked)
+        return ids, mx.array(targets.reshape(-1)[picked].astype(np.int32)), mx.array(picked), *packed
 
-    def _loss(self, model: Any, ids: mx.array, targets: mx.array, picked: mx.array | None) -> tuple[mx.array, mx.array]:
+    def _packed_inputs(self, batch: Batch, width: int) -> tuple[mx.array, ...]:
+        """Positions and example ids, padded like the ids (extra padding joins the padding example 0)."""
+        if "segment_ids" not in batch:
+            return ()
+        if not self._mask_rank:
+            raise StateError("a packed batch reached an MLX backend loaded without packing=True")
+        extra = ((0, 0), (0, width - batch["input_ids"].shape[1]))
+        positions = np.pad(batch["position_ids"], extra).astype(np.int32)
+        segments = np.pad(batch["segment_ids"], extra).astype(np.int32)
+        return mx.array(positions), mx.array(segments)
+
+    def _loss(
+        self, model: Any, ids: mx.array, targets: mx.array, picked: mx.array | None, *packed: mx.array
+    ) -> tuple[mx.array, mx.array]:
         """Sum of token cross-entropies over supervised positions, and how many there are.
 
         With ``picked`` the decoder's hidden states at supervised positions alone are
         projected to the vocabulary (same sum, far less head compute under prompt masking).
+        ``packed`` (positions, example ids) keeps attention and RoPE per example.
         """
+        cache = packed_caches(model, *packed, self._mask_rank) if packed else None
         if picked is not None:
-            hidden = model.model(ids)[:, :-1]
+            hidden = model.model(ids, cache=cache)[:, :-1]
             hidden = hidden.reshape(-1, hidden.shape[-1])[picked]
             logits = self._head(hidden).astype(mx.float32)
             ce = nn.losses.cross_entropy(logits, targets, reduction="none")
             return ce.sum(), mx.array(targets.shape[0])
-        logits = model(ids)[:, :-1].astype(mx.float32)
+        logits = model(ids, cache=cache)[:, :-1].astype(mx.float32)
         mask = targets != IGNORE
         ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0), reduction="none")
         return (ce * mask).sum(), mask.sum()
