@@ -271,7 +271,7 @@ class MlxBackend:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
 
-    def _inputs(self, batch: Batch) -> tuple[mx.array, ...]:
+    def _inputs(self, batch: Batch) -> tuple[Any, ...]:
         """(ids, targets, picked supervised positions or None[, positions, segments when packed])."""
         ids_np, labels_np = _pad_to(batch["input_ids"], batch["labels"], self._pad_multiple, self._pad_id)
         ids = mx.array(ids_np.astype(np.int32))
@@ -303,7 +303,7 @@ class MlxBackend:
         projected to the vocabulary (same sum, far less head compute under prompt masking).
         ``packed`` (positions, example ids) keeps attention and RoPE per example.
         """
-        cache = packed_caches(model, *packed, self._mask_rank) if packed else None
+        cache = packed_caches(model, packed[0], packed[1], self._mask_rank) if packed else None
         if picked is not None:
             hidden = model.model(ids, cache=cache)[:, :-1]
             hidden = hidden.reshape(-1, hidden.shape[-1])[picked]
