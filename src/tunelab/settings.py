@@ -13,10 +13,22 @@ class Settings:
 
     home: Path
     db_url: str
+    api_roots: tuple[Path, ...] = ()
+    upload_limit_bytes: int = 100 * 2**20
 
     @property
     def runs_dir(self) -> Path:
         return self.home / "runs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Where datasets uploaded over the API are stored."""
+        return self.home / "datasets"
+
+    @property
+    def allowed_roots(self) -> tuple[Path, ...]:
+        """Folders paths given over the API may point into: configured roots, uploads and runs."""
+        return (*self.api_roots, self.datasets_dir, self.runs_dir)
 
 
 def get_settings() -> Settings:
@@ -27,4 +39,7 @@ def get_settings() -> Settings:
     """
     home = Path(os.environ.get("TUNELAB_HOME") or Path.home() / ".tunelab").expanduser()
     db_url = os.environ.get("TUNELAB_DB_URL") or f"sqlite:///{home / 'tunelab.db'}"
-    return Settings(home=home, db_url=db_url)
+    # TUNELAB_API_ROOTS: os.pathsep-separated folders (models, data) the API may use.
+    roots = tuple(Path(p).expanduser() for p in os.environ.get("TUNELAB_API_ROOTS", "").split(os.pathsep) if p)
+    upload_mb = float(os.environ.get("TUNELAB_UPLOAD_LIMIT_MB") or 100)
+    return Settings(home=home, db_url=db_url, api_roots=roots, upload_limit_bytes=int(upload_mb * 2**20))

@@ -189,3 +189,80 @@ class ArtifactRow(Base):
     path: Mapped[str] = mapped_column(String, nullable=False)
     meta: Mapped[dict[str, Any] | None] = mapped_column(_json(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+JOB_STATUSES: tuple[str, ...] = ("queued", "running", "completed", "failed", "cancelled")
+"""Every value ``jobs.status`` may hold; the last three are final."""
+
+JOB_KINDS: tuple[str, ...] = ("train", "validate")
+"""``train`` fine-tunes a run; ``validate`` checks a config and its data as training would, without training."""
+
+
+class JobRow(Base):
+    """A queued unit of work; ``worker_id`` + ``heartbeat_at`` say who holds it and that it is alive."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_priority", "status", "priority"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String, nullable=False)
+    status: Mapped[str] = mapped_column(String, nullable=False)
+    run_id: Mapped[str | None] = mapped_column(
+        String(32),
+        ForeignKey("runs.id", name="fk_jobs_run_id_runs", ondelete="CASCADE"),
+        nullable=True,
+    )
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default=text("0"))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=3, server_default=text("3"))
+    worker_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cancel_requested: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class EventRow(Base):
+    """What happened to a job or run, in order: ``type`` is metric | log | status; ``id`` is the cursor."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_run_id_id", "run_id", "id"), Index("ix_events_job_id_id", "job_id", "id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("jobs.id", name="fk_events_job_id_jobs", ondelete="CASCADE"), nullable=True
+    )
+    run_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("runs.id", name="fk_events_run_id_runs", ondelete="CASCADE"), nullable=True
+    )
+    type: Mapped[str] = mapped_column(String, nullable=False)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class ApiKeyRow(Base):
+    """An API key: only its SHA-256 is kept (keys are random, so a fast hash is enough)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String, nullable=False)
+    prefix: Mapped[str] = mapped_column(String, nullable=False)
+    key_hash: Mapped[str] = mapped_column(String, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class SecretRow(Base):
+    """A secret (hub token, W&B key) encrypted with the key file under TUNELAB_HOME."""
+
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    ciphertext: Mapped[str] = mapped_column(Text, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)

@@ -1,0 +1,77 @@
+"""What runs inside a job's child process.
+
+The worker starts this through a ``forkserver`` that has already imported
+tunelab, so a child starts in milliseconds and a crash in training (even a
+segfault) only ends the child.  If the worker itself dies, the child exits at
+once (it watches the worker's sentinel): a job must never have two trainers
+writing one output folder after another worker takes it over.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.train.callbacks import BaseCallback
+
+EXIT_STOPPED = 75
+"""The child stopped early on request (cancel, or the worker shutting down) after saving a checkpoint."""
+EXIT_FAILED = 1
+EXIT_ORPHANED = 70
+
+
+class EventCallback(BaseCallback):
+    """Training progress as ``metric`` and ``log`` events, for `jobs logs` and the WebSocket."""
+
+    def __init__(self, job_id: str, run_id: str | None) -> None:
+        self.job_id, self.run_id = job_id, run_id
+
+    def _emit(self, type: str, data: dict[str, Any]) -> None:
+        from tunelab.services import record_job_event
+
+        record_job_event(self.job_id, self.run_id, type, data)
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self._emit("metric", {"step": step, **metrics})
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self._emit("log", {"text": f"checkpoint saved at step {step}"})
+
+    def on_message(self, text: str) -> None:
+        self._emit("log", {"text": text})
+
+
+def _exit_with_parent() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the worker's end of the sentinel pipe closes, i.e. the worker is gone
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="tunelab-parent-watch", daemon=True).start()
+
+
+def main(job_id: str, run_id: str | None, stop: Any) -> None:
+    """Run one job; the exit code tells the worker how it ended (0, EXIT_STOPPED or EXIT_FAILED)."""
+    from tunelab import services
+    from tunelab.registry import jobs_repo
+    from tunelab.registry.db import open_registry, session_scope
+
+    _exit_with_parent()
+    try:
+        status = services.run_job(job_id, callbacks=[EventCallback(job_id, run_id)], should_stop=stop.is_set)
+    except BaseException as exc:
+        reason = str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
+        details = reason if isinstance(exc, TunelabError) else traceback.format_exc()
+        with session_scope(open_registry()) as s:
+            jobs_repo.set_job_error(s, job_id, reason)
+            jobs_repo.add_event(s, type="log", data={"text": details, "level": "error"}, job_id=job_id, run_id=run_id)
+        os._exit(EXIT_FAILED)
+    os._exit(0 if status == "completed" else EXIT_STOPPED)

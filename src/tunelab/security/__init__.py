@@ -1,0 +1,1 @@
+"""API keys, encrypted secrets and the path rules for requests from the network."""
