@@ -83,7 +83,7 @@ def _pick_table(handle: Any, split: str, path: Path) -> Any:
         return isinstance(node, h5py.Group) and any(isinstance(v, h5py.Dataset) for v in node.values())
 
     candidates = {name: node for name, node in handle.items() if is_table(node)}
-    for name in (split, "validation", "valid", "val") if split != "train" else (split,):
+    for name in (split, "valid", "validation", "val", "dev", "eval", "test") if split != "train" else (split,):
         if name in candidates:
             return candidates[name]
     if len(candidates) == 1:
