@@ -40,7 +40,9 @@ def resolve_files(train: str, valid: str | None) -> tuple[Path | str, Path | str
     """Map ``data.train``/``data.valid`` to concrete files (or a hub name).
 
     A folder must hold a ``train.*`` file and may hold ``valid.*`` (or
-    validation/val/dev/eval/test) in one of the supported formats.
+    validation/val/dev/eval/test) in one of the supported formats; a folder
+    without one but laid out as a hub dataset (a README.md card or a data/
+    folder) is returned as a name for ``datasets.load_dataset``.
     """
     train_path = Path(train).expanduser()
     if train_path.is_dir():
@@ -50,7 +52,8 @@ def resolve_files(train: str, valid: str | None) -> tuple[Path | str, Path | str
         if found_train is None:
             raise DataError(
                 f"folder {train_path} has no train file",
-                hint=f"put a train{{{','.join(SUFFIXES)}}} file in it, or point data.train at a file",
+                hint=f"put a train{{{','.join(SUFFIXES)}}} file in it, point data.train at a file, "
+                "or lay it out as a hub dataset (README.md card or data/ folder)",
             )
         if valid:
             return found_train, _existing(valid, "data.valid")
