@@ -17,7 +17,7 @@ from tunelab.export.pipeline import ExportSource
 # (arch, tokenizer form): byte-level BPE on Qwen2, SentencePiece on Llama, as those families ship them.
 __all__ = ["chat_data"]  # the session fixture, shared with the integration tests
 
-MODELS = {"qwen2-bpe": ("qwen2", "bpe"), "llama-sp": ("llama", "sentencepiece")}
+MODELS = {"qwen2-bpe": ("qwen2", "bpe"), "llama-sp": ("llama", "sentencepiece"), "llama-bpe": ("llama", "bpe")}
 
 
 def train_run(chat_data: Path, root: Path, arch: str, tokenizer: str, *, steps: int = 10) -> Path:

@@ -1,0 +1,271 @@
+"""The ``gguf`` target: a merged HF folder written as one GGUF file, tensor by tensor.
+
+Written with the ``gguf`` package's writer and name map, by tunelab's own code
+(not llama.cpp's convert script).  Memory stays near one tensor: safetensors
+are read tensor by tensor with plain file reads (a memory map would count
+every page touched towards the process's resident size), transformed,
+encoded and written before the next is read; headers are written first from
+shapes alone.
+
+Per family, what llama.cpp expects differently from transformers:
+* llama / mistral: llama.cpp rotates adjacent pairs in q/k, transformers rotates
+  halves, so q_proj and k_proj rows are permuted;
+* gemma: RMSNorm weights are stored as ``1 + w`` (transformers adds the 1 at run time).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunelab.errors import ConfigError, ModelError
+from tunelab.export.gguf_tokenizer import read_vocab
+from tunelab.export.hf import stop_tokens
+from tunelab.export.merge import Merged
+from tunelab.export.pipeline import Written
+
+QUANT_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0")
+_PRECISION = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "q8_0", "q4_0": "q4_0"}
+_ROWS_PER_CHUNK = 1 << 12  # quantize big tensors in slices so temporaries stay small
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # bf16 is kept as raw uint16 bits
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers model_type maps onto a llama.cpp architecture."""
+
+    arch: str
+    permute_qk: bool = False
+    norm_plus_one: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LLAMA", permute_qk=True),
+    "mistral": Family("LLAMA", permute_qk=True),
+    "qwen2": Family("QWEN2"),
+    "qwen3": Family("QWEN3"),
+    "gemma": Family("GEMMA", norm_plus_one=True),
+    "phi3": Family("PHI3"),
+}
+
+
+def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Written:
+    """Pipeline entry point: write ``out`` (a .gguf file) and say how to load it back."""
+    quant = quantize or default_quant(folder)
+    notes = write_gguf(folder, out, quant=quant, tokenizer=merged.tokenizer, template=merged.template)
+    return Written(out, _PRECISION[quant], lambda: GGUFRuntime(out), notes=notes)
+
+
+def default_quant(folder: Path) -> str:
+    """bf16 for a bf16 checkpoint, f16 otherwise (as llama.cpp's own converter does)."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return "bf16" if (config.get("dtype") or config.get("torch_dtype")) == "bfloat16" else "f16"
+
+
+def write_gguf(folder: Path, out: Path, *, quant: str, tokenizer: Any = None, template: str | None = None) -> list[str]:
+    """Write the HF checkpoint in ``folder`` as a GGUF file at ``out``; return notes for the user."""
+    import gguf
+
+    from tunelab.hub import load_tokenizer
+
+    if quant not in QUANT_TYPES:
+        raise ConfigError(f"GGUF quantization must be one of {', '.join(QUANT_TYPES)} (got {quant!r})")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    family = _family(config)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
+    stops = stop_tokens(tokenizer, template)
+    vocab = read_vocab(folder, tokenizer, vocab_size=int(config["vocab_size"]), template=template, stops=stops)
+    tensors = list(_index(folder))
+    arch = getattr(gguf.MODEL_ARCH, family.arch)
+    names = gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
+    notes: list[str] = []
+    _write_hparams(writer, config, quant)
+    vocab.write(writer)
+    plan = []
+    for entry in tensors:
+        if entry.name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed by llama.cpp from rope_freq_base
+        target = names.get_name(entry.name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ModelError(f"no GGUF name for tensor {entry.name} of this {config['model_type']} checkpoint")
+        qtype = _tensor_type(target, entry.shape, quant, notes)
+        writer.add_tensor_info(target, entry.shape, np.dtype(np.float32), _nbytes(entry.shape, qtype), raw_dtype=qtype)
+        plan.append((entry, target, qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for entry, _target, qtype in plan:
+        data = _transform(entry.read(), entry.name, config, family)
+        writer.write_tensor_data(_encode(data, qtype))
+        del data
+    writer.close()
+    return notes
+
+
+def _family(config: dict[str, Any]) -> Family:
+    model_type = str(config.get("model_type"))
+    if model_type not in FAMILIES:
+        raise ModelError(
+            f"GGUF export does not support model_type {model_type!r} yet",
+            hint=f"supported: {', '.join(FAMILIES)}; export --to hf and use llama.cpp's converter for this one",
+        )
+    scaling = config.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type")) or (config.get("rope_parameters") or {}).get("rope_type")
+    if rope_type not in (None, "default"):
+        raise ModelError(f"GGUF export does not handle rope scaling {rope_type!r} yet", hint="export --to hf instead")
+    return FAMILIES[model_type]
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
+
+
+def _write_hparams(writer: Any, config: dict[str, Any], quant: str) -> None:
+    import gguf
+
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    writer.add_context_length(int(config.get("max_position_embeddings", 4096)))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(int(config["vocab_size"]))
+    if config.get("sliding_window") and config.get("use_sliding_window", True) and config["model_type"] == "phi3":
+        writer.add_sliding_window(int(config["sliding_window"]))
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, file_types.get(quant, "MOSTLY_Q4_0"))))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_name(str((config.get("architectures") or [config["model_type"]])[0]))
+
+
+def _tensor_type(target: str, shape: tuple[int, ...], quant: str, notes: list[str]) -> Any:
+    """GGML type for one tensor: norms and biases stay float32; matrices take the requested type."""
+    from gguf import GGMLQuantizationType as T
+
+    if len(shape) < 2 or quant == "f32":
+        return T.F32
+    if quant in ("f16", "bf16"):
+        return T.F16 if quant == "f16" else T.BF16
+    if shape[-1] % 32:
+        notes.append(f"{target} rows ({shape[-1]}) are not a multiple of 32, so it is stored as f16")
+        return T.F16
+    if quant == "q4_0" and target in ("token_embd.weight", "output.weight"):
+        return T.Q8_0  # 4-bit embeddings and output layer cost far more quality than they save
+    return T.Q8_0 if quant == "q8_0" else T.Q4_0
+
+
+def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def _to_f32(data: np.ndarray) -> np.ndarray:
+    if data.dtype == np.uint16:  # raw bfloat16 bits
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32, copy=False)
+
+
+def _transform(data: np.ndarray, name: str, config: dict[str, Any], family: Family) -> np.ndarray:
+    if family.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = int(config["num_attention_heads"])
+        if name.endswith("k_proj.weight"):
+            heads = int(config.get("num_key_value_heads") or heads)
+        data = data.reshape(heads, 2, data.shape[0] // heads // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+    if family.norm_plus_one and name.endswith("norm.weight"):
+        data = _to_f32(data) + 1.0
+    return data
+
+
+def _encode(data: np.ndarray, qtype: Any) -> np.ndarray:
+    """Bytes of ``data`` in ``qtype``; large matrices are quantized a slice of rows at a time."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    if qtype == T.F32:
+        return np.ascontiguousarray(_to_f32(data))
+    if qtype == T.F16:
+        return np.ascontiguousarray(data if data.dtype == np.float16 else _to_f32(data).astype(np.float16))
+    if qtype == T.BF16 and data.dtype == np.uint16:
+        return np.ascontiguousarray(data)
+    rows = data.reshape(-1, data.shape[-1])
+    parts = [quantize(_to_f32(rows[i : i + _ROWS_PER_CHUNK]), qtype) for i in range(0, len(rows), _ROWS_PER_CHUNK)]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor in a safetensors file, read on demand."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    path: Path
+    start: int
+    end: int
+
+    def read(self) -> np.ndarray:
+        if self.dtype not in _ST_DTYPES:
+            raise ModelError(f"tensor {self.name} is {self.dtype}; GGUF export reads F32, F16 and BF16 weights")
+        dtype = np.dtype(_ST_DTYPES[self.dtype])
+        with self.path.open("rb") as fh:
+            fh.seek(self.start)
+            data = np.fromfile(fh, dtype=dtype, count=(self.end - self.start) // dtype.itemsize)
+        return data.reshape(self.shape)
+
+
+def _index(folder: Path) -> Iterator[_Entry]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint, from the headers alone."""
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise ModelError(f"{folder} has no model*.safetensors")
+    for path in files:
+        with path.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            yield _Entry(name, tuple(info["shape"]), info["dtype"], path, 8 + length + start, 8 + length + end)
+
+
+class GGUFRuntime:
+    """The GGUF file as llama.cpp (through llama-cpp-python) loads and runs it."""
+
+    def __init__(self, path: Path, *, n_ctx: int = 512) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise ModelError(
+                "verifying a GGUF export needs llama-cpp-python", hint='pip install "tunelab[export]", or --no-verify'
+            ) from None
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def chat_template(self) -> str | None:
+        return self.llm.metadata.get("tokenizer.chat_template")
