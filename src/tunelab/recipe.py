@@ -22,6 +22,7 @@ from tunelab.data.prepare import PreparedData, load_records, prepare_data
 from tunelab.data.templates import BUILTIN_NAME, CHATML
 from tunelab.errors import StateError
 from tunelab.hub import load_tokenizer, resolve_model_path
+from tunelab.memory.plan import MemoryPlan, plan_run
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, latest_checkpoint, read_state
 from tunelab.train.loop import LoopOptions, LoopResult, run_loop
@@ -41,6 +42,7 @@ class Prepared:
     total_steps: int
     state: TrainerState
     resumed_from: Path | None
+    memory: MemoryPlan | None = None  # the estimate, and the batch size actually used
 
 
 def model_spec(cfg: RunConfig) -> ModelSpec:
@@ -85,6 +87,7 @@ def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[
     if data.template_name == BUILTIN_NAME:
         tokenizer.chat_template = CHATML  # saved with the adapter, so export and chat use what training used
     on_data(data)
+    cfg, memory = plan_run(cfg, folder, choice.name, data.train, output_dir, resume=resume)  # before loading
     backend = make_backend(choice)
     info = backend.load(model_spec(cfg), method_spec(cfg), optim_spec(cfg), tokenizer)
     stream, valid = _batches(cfg, data, tokenizer.pad_token_id)
@@ -95,15 +98,15 @@ def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[
             backend.load_checkpoint(resumed_from)
             state = read_state(resumed_from)
     steps = total_steps(cfg, stream.batches_per_epoch)
-    return Prepared(choice, backend, info, data, stream, valid, steps, state, resumed_from)
+    return Prepared(choice, backend, info, data, stream, valid, steps, state, resumed_from, memory)
 
 
 def _batches(cfg: RunConfig, data: PreparedData, pad_id: int) -> tuple[MicroBatchStream, list[Batch] | None]:
     """The training stream and the validation batches, packed when ``data.packing`` is on."""
-    plan = BatchPlan(cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle, cfg.data.group_by_length)
+    plan = BatchPlan(cfg.train.micro_batch_size, cfg.train.seed, cfg.data.shuffle, cfg.data.group_by_length)
     pack_to = cfg.data.max_seq_len if cfg.data.packing else None
     stream = MicroBatchStream(data.train, plan, pad_id, pack_to=pack_to)
-    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    eval_bs = cfg.train.eval_batch_size or cfg.train.micro_batch_size
     if not data.valid:
         return stream, None
     if pack_to is not None:
@@ -121,7 +124,7 @@ def train(
     )
     opts = LoopOptions(
         total_steps=steps,
-        grad_accum=cfg.train.grad_accum,
+        grad_accum=prep.memory.grad_accum if prep.memory else cfg.train.grad_accum,  # batch_size: auto
         eval_every=cfg.train.eval_every,
         save_every=cfg.train.save_every,
         log_every=cfg.train.log_every,

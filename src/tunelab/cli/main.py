@@ -14,6 +14,7 @@ from rich.text import Text
 from tunelab.cli import convert as convert_cmd
 from tunelab.cli import data as data_cmd
 from tunelab.cli import doctor as doctor_cmd
+from tunelab.cli import estimate as estimate_cmd
 from tunelab.cli import export as export_cmd
 from tunelab.cli import runs as runs_cmd
 from tunelab.cli import train as train_cmd
@@ -34,6 +35,7 @@ app.command("init")(use_cmd.init)
 app.command("generate")(use_cmd.generate)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("convert")(convert_cmd.convert)
+app.command("estimate")(estimate_cmd.estimate)
 app.command("export")(export_cmd.export)
 app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(data_cmd.app, name="data")

@@ -91,7 +91,12 @@ class TrainCfg(_Section):
 
     steps: int | None = Field(None, ge=1, description="optimizer steps; exclusive with epochs")
     epochs: float | None = Field(None, gt=0, le=10_000)
-    batch_size: int = Field(4, ge=1, le=65_536)
+    batch_size: int | Literal["auto"] = Field(
+        4, description="micro-batch size, or auto: the largest that fits this device (see effective_batch_size)"
+    )
+    effective_batch_size: int | None = Field(
+        None, ge=1, le=1_048_576, description="batch_size auto: examples per optimizer step (default 4 × grad_accum)"
+    )
     grad_accum: int = Field(1, ge=1, le=65_536)
     lr: float = Field(2e-4, gt=0, le=10.0)
     scheduler: Scheduler = "cosine"
@@ -109,11 +114,44 @@ class TrainCfg(_Section):
     compile: bool = Field(True, description="compile the training step where the backend supports it (MLX)")
     eval_batch_size: int | None = Field(None, ge=1)
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, v: object) -> object:
+        # One message for both forms (a union would report each branch's complaint).
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65_536):
+            return v
+        raise ValueError("must be a whole number from 1 to 65536, or auto")
+
     @model_validator(mode="after")
     def _length(self) -> TrainCfg:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("set train.steps or train.epochs, not both")
         return self
+
+    @model_validator(mode="after")
+    def _auto_batch(self) -> TrainCfg:
+        # With batch_size auto the user asks for an effective batch; tunelab picks micro-batch × grad_accum.
+        if self.effective_batch_size is None:
+            return self
+        if self.batch_size != "auto":
+            raise ValueError("train.effective_batch_size goes with batch_size: auto; with a fixed size set grad_accum")
+        if self.grad_accum != 1:
+            raise ValueError("with batch_size: auto and effective_batch_size, grad_accum is chosen; remove grad_accum")
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """The micro-batch size; ``auto`` must have been resolved first (tunelab.memory.plan does it)."""
+        if self.batch_size == "auto":
+            raise ValueError("train.batch_size: auto is resolved from the memory estimate before batching")
+        return self.batch_size
+
+    @property
+    def effective_batch(self) -> int:
+        """Examples per optimizer step that the user asked for."""
+        if self.batch_size == "auto":
+            return self.effective_batch_size or 4 * self.grad_accum
+        return self.batch_size * self.grad_accum
 
 
 class RunConfig(_Section):

@@ -1,0 +1,366 @@
+"""Peak training memory, predicted from the architecture and the run's settings.
+
+The model follows what the backends actually allocate in one training step
+(measured with a live-tensor tracker on torch, ``mx.get_peak_memory`` on MLX):
+
+* **weights** in the compute dtype, or 4/8-bit blocks plus their scales;
+* **trainable** parameters, **gradients** and AdamW's two **optimizer** moments
+  (same dtype as the parameter: fp32 for PEFT adapters, which PEFT upcasts);
+* **activations** saved for backward, per token and layer — with gradient
+  checkpointing only each layer's input, plus one layer recomputed in backward;
+* **logits & loss**: tunelab's torch loss projects the supervised positions
+  through the LM head in one piece (not chunked) and upcasts to fp32, so at the
+  start of backward three fp32 ``tokens × vocab`` buffers are alive at once
+  (saved log-softmax, its incoming gradient and its outgoing gradient);
+* **temporaries**: a decoder layer's backward workspace, dequantized weights,
+  the foreach AdamW step's scratch copy on CUDA;
+* **runtime**: what the framework holds outside tensors (CUDA context, or the
+  Python process itself on a CPU).
+
+The step's peak is the largest of three moments — the loss, a decoder layer's
+backward, the optimizer step — and the breakdown shows what is alive at it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tunelab.errors import ConfigError
+from tunelab.memory.shapes import Linear, ModelShape
+
+GiB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ADAPTER_METHODS = ("lora", "dora", "qlora")
+METHODS = ("lora", "dora", "qlora", "full", "freeze", "prefix", "ia3")
+
+# What each runtime holds beside tensors (measured: CUDA 12/13 context with cuBLAS/cuDNN
+# handles on an H100; a Python process with torch+transformers, or mlx+transformers, imported).
+RUNTIME_BYTES = {"cuda": int(0.55 * GiB), "mps": int(0.3 * GiB), "cpu": int(0.55 * GiB), "metal": int(0.15 * GiB)}
+MLX_CPU_RUNTIME = int(0.45 * GiB)
+# The caching allocator reserves more than it hands out (block rounding, fragmentation).
+CUDA_ALLOCATOR_SLACK = 0.06
+# NF4 (bitsandbytes): 4-bit codes, one absmax per 64 weights; double quantization stores the
+# absmax as 8-bit with an fp32 scale per 256 of them.
+NF4_BLOCK = 64
+# MLX's lazy graph keeps more alive than torch's autograd, and its checkpointed backward holds
+# about two layers' worth at once; both fitted with mx.get_peak_memory on CPU (bench/estimator_cpu.py).
+MLX_ACTIVATION_FACTOR = 1.35
+MLX_CHECKPOINT_LAYERS = 2
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is trained and how: everything besides the architecture that decides memory."""
+
+    backend: str = "torch"  # torch | mlx
+    device: str = "cpu"  # cuda | mps | cpu | metal
+    dtype: str = "float32"  # the compute dtype, already resolved from "auto"
+    method: str = "lora"
+    rank: int = 8
+    targets: str | tuple[str, ...] = "all-linear"
+    dropout: bool = False
+    trained_layers: int = 2  # method freeze
+    num_virtual_tokens: int = 16  # method prefix
+    bits: int | None = None  # 4 or 8: a quantized base (qlora, or an MLX-quantized checkpoint)
+    double_quant: bool = True
+    group_size: int = 64  # MLX affine quantization
+    batch: int = 1
+    seq_len: int = 1024
+    supervised: float = 1.0  # fraction of positions that carry loss
+    padded: bool = True  # batches carry padding, so attention gets a mask (torch then expands k/v)
+    gradient_checkpointing: bool = False
+    grad_accum: int = 1
+    fast_loss: bool = True  # torch: only supervised positions go through the LM head
+    compiled: bool = False  # MLX's compiled step
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class Line:
+    """One row of the breakdown."""
+
+    key: str
+    label: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Peak memory of a training step, as a breakdown whose lines sum to the total."""
+
+    lines: tuple[Line, ...]
+    peak_at: str
+    trainable_params: int
+    workload: Workload = field(repr=False)
+
+    @property
+    def total(self) -> int:
+        return sum(line.bytes for line in self.lines)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The part a framework's own counter sees (``torch.cuda.max_memory_allocated``)."""
+        return sum(line.bytes for line in self.lines if line.key not in ("runtime", "allocator"))
+
+    def get(self, key: str) -> int:
+        return sum(line.bytes for line in self.lines if line.key == key)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "total_bytes": self.total,
+            "tensor_bytes": self.tensor_bytes,
+            "peak_at": self.peak_at,
+            "trainable_params": self.trainable_params,
+            "lines": [{"key": x.key, "label": x.label, "bytes": x.bytes, "note": x.note} for x in self.lines],
+        }
+
+
+def estimate(shape: ModelShape, work: Workload) -> Estimate:
+    """Predict the peak memory of one training step of ``shape`` under ``work``."""
+    _check(shape, work)
+    trainable, train_dtype_bytes = trainable_params(shape, work)
+    params_b = trainable * train_dtype_bytes
+    in_place = work.method in ("full", "freeze")  # trained weights are the base weights themselves
+    phase = max(_phases(shape, work, params_b), key=lambda p: p.total)
+    lines = [
+        Line("weights", "weights", weight_bytes(shape, work), _weights_note(shape, work)),
+        Line(
+            "trainable",
+            "trainable parameters",
+            0 if in_place else params_b,
+            f"{trainable:,} in {_dtype_name(train_dtype_bytes)}" + (" (part of the weights)" if in_place else ""),
+        ),
+        Line("gradients", "gradients", phase.grads, "" if phase.grads else "none allocated at the peak"),
+        Line("optimizer", "optimizer state", 2 * params_b, "AdamW: 2 moments per trainable parameter"),
+        Line("activations", "activations", phase.acts, _acts_note(work)),
+        Line("logits", "logits & loss", phase.logits, "fp32 positions × vocab, not chunked" if phase.logits else ""),
+        Line("temporaries", "temporaries", phase.temps, phase.temps_note),
+    ]
+    tensors = sum(x.bytes for x in lines)
+    if work.device == "cuda":
+        lines.append(Line("allocator", "allocator slack", int(tensors * CUDA_ALLOCATOR_SLACK), "caching allocator"))
+    lines.append(Line("runtime", "runtime", runtime_bytes(work), _runtime_note(work)))
+    return Estimate(tuple(lines), phase.name, trainable, work)
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """What a moment of the step holds beyond weights and optimizer state."""
+
+    name: str
+    acts: int
+    logits: int
+    temps: int
+    grads: int
+    temps_note: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.acts + self.logits + self.temps + self.grads
+
+
+def _phases(shape: ModelShape, work: Workload, params_b: int) -> list[_Phase]:
+    """The candidate peaks: the loss, the first and last layer of backward, the optimizer step.
+
+    Backward frees a layer's activations as it produces that layer's gradients,
+    so the two ends of backward bound every moment in between.
+    """
+    t, a = work.tokens, DTYPE_BYTES[work.dtype]
+    layer = int(layer_activation_bytes(shape, work) * t * (MLX_ACTIVATION_FACTOR if work.backend == "mlx" else 1))
+    final_norm = 4 * shape.hidden * t
+    layer_input = a * shape.hidden * t
+    if work.gradient_checkpointing:
+        kept = shape.layers * layer_input + final_norm  # each layer's input, nothing else
+        recomputed = layer * (MLX_CHECKPOINT_LAYERS if work.backend == "mlx" else 1)
+        first, last = kept + recomputed, layer_input + recomputed  # plus the layer recomputed in backward
+    else:
+        kept = first = shape.layers * layer + final_norm
+        last = layer
+    earlier = params_b if work.grad_accum > 1 else 0  # gradients of earlier micro-batches
+    block_grads = params_b // max(shape.layers, 1)
+    temps, note = _workspace(shape, work), "one layer's backward workspace"
+    scratch = params_b if work.device == "cuda" and work.backend == "torch" else 0  # foreach AdamW
+    return [
+        _Phase("loss", kept, logits_bytes(shape, work), 0, earlier),
+        _Phase("backward (first layer)", first, 0, temps, max(earlier, block_grads), note),
+        _Phase("backward (last layer)", last, 0, temps, params_b, note),
+        _Phase("optimizer step", 0, 0, scratch, params_b, "AdamW scratch copy" if scratch else ""),
+    ]
+
+
+def runtime_bytes(work: Workload) -> int:
+    """Memory the framework holds outside tensors on this device."""
+    if work.backend == "mlx" and work.device == "cpu":
+        return MLX_CPU_RUNTIME
+    return RUNTIME_BYTES.get(work.device, RUNTIME_BYTES["cpu"])
+
+
+def weight_bytes(shape: ModelShape, work: Workload) -> int:
+    """The base model's weights: compute dtype, or quantized blocks plus their scales."""
+    a = DTYPE_BYTES[work.dtype]
+    bits = work.bits or shape.quant_bits
+    if not bits:
+        return shape.num_params * a
+    linear = shape.layers * sum(lin.in_features * lin.out_features for lin in shape.block_linears())
+    rest = shape.num_params - linear
+    if work.backend == "mlx":
+        # Affine groups: codes plus a scale and a bias per group; embeddings and head are quantized too.
+        per_weight = bits / 8 + 2 * a / (work.group_size or shape.quant_group_size)
+        embeds = shape.embed_params + shape.head_params
+        return int((linear + embeds) * per_weight) + (rest - embeds) * a
+    if bits == 4:
+        scale = (1 + 4 / 256) / NF4_BLOCK if work.double_quant else 4 / NF4_BLOCK
+        return int(linear * (0.5 + scale)) + rest * a
+    # LLM.int8: one byte per weight and an fp32 scale per output row.
+    rows = shape.layers * sum(lin.out_features for lin in shape.block_linears())
+    return linear + 4 * rows + rest * a
+
+
+def trainable_params(shape: ModelShape, work: Workload) -> tuple[int, int]:
+    """(number of trained parameters, bytes per parameter) for the method."""
+    a = DTYPE_BYTES[work.dtype]
+    if work.method in ADAPTER_METHODS:
+        mods = targeted(shape, work.targets)
+        per_layer = sum(work.rank * (lin.in_features + lin.out_features) for lin in mods)
+        if work.method == "dora":
+            per_layer += sum(lin.out_features for lin in mods)
+        return shape.layers * per_layer, 4  # PEFT and tunelab's MLX layers keep adapters in fp32
+    if work.method == "full":
+        return shape.num_params, a
+    if work.method == "freeze":
+        return min(work.trained_layers, shape.layers) * shape.block_params, a
+    if work.method == "prefix":
+        return work.num_virtual_tokens * shape.layers * 2 * shape.kv_dim, 4
+    return shape.layers * (2 * shape.kv_dim + shape.intermediate), 4  # ia3: k, v and the MLP input
+
+
+def targeted(shape: ModelShape, targets: str | tuple[str, ...]) -> tuple[Linear, ...]:
+    """The block linears an adapter wraps (``all-linear`` = all of them; the head is never wrapped)."""
+    linears = shape.block_linears()
+    if targets == "all-linear":
+        return linears
+    wanted = {t.split(".")[-1] for t in targets}
+    found = tuple(lin for lin in linears if lin.name in wanted)
+    if not found:
+        names = ", ".join(lin.name for lin in linears)
+        raise ConfigError(
+            f"method.targets: no linear layer of this {shape.model_type} model matches {list(targets)}",
+            hint=f"use all-linear or some of: {names}",
+        )
+    return found
+
+
+def _check(shape: ModelShape, work: Workload) -> None:
+    if work.method not in METHODS:
+        raise ConfigError(f"method.name: {work.method!r} has no memory model (one of {', '.join(METHODS)})")
+    if work.dtype not in DTYPE_BYTES:
+        raise ConfigError(f"model.dtype: {work.dtype!r} is not a compute dtype (float32, bfloat16, float16)")
+    if work.bits not in (None, 4, 8):
+        raise ConfigError(f"method.bits: {work.bits} is not supported; use 4 or 8")
+    if work.batch < 1 or work.seq_len < 1 or work.rank < 1:
+        raise ConfigError("batch size, sequence length and rank must be at least 1")
+
+
+def layer_activation_bytes(shape: ModelShape, work: Workload) -> float:
+    """Bytes saved for backward per token by one decoder layer (no checkpointing)."""
+    a = DTYPE_BYTES[work.dtype]
+    h, i = shape.hidden, shape.intermediate
+    kv = shape.q_dim if (work.padded and work.backend == "torch") else shape.kv_dim  # masked SDPA: k/v expanded
+    norms = shape.norms_per_layer * (4 * h + 4) + (4 * (shape.q_dim + shape.kv_dim) if shape.qk_norm else 0)
+    attention = a * (2 * shape.q_dim + 2 * kv) + 4 * shape.heads
+    if work.backend == "mlx":
+        attention += a * shape.heads * work.seq_len  # MLX keeps the attention weights for backward
+    mlp = a * 3 * i
+    inputs = {"attn": h, "o": shape.q_dim, "mlp": h, "down": i}
+    saved_inputs = 0.0
+    if work.method == "full" or work.method == "freeze":
+        share = 1.0 if work.method == "full" else min(work.trained_layers, shape.layers) / shape.layers
+        saved_inputs += share * (a * sum(inputs.values()) + a * shape.norms_per_layer * h)
+    elif work.method in ADAPTER_METHODS:
+        saved_inputs += _adapter_bytes(shape, work, a, inputs)
+    elif work.method == "ia3":
+        saved_inputs += a * (2 * kv + i)
+    return norms + attention + mlp + saved_inputs
+
+
+def _adapter_bytes(shape: ModelShape, work: Workload, a: int, inputs: dict[str, int]) -> float:
+    """What LoRA/DoRA adapters save: their input (upcast to fp32 by PEFT, once per module) and A's output."""
+    mods = targeted(shape, work.targets)
+    saved = 0.0
+    if work.dropout:
+        saved += sum(5 * lin.in_features for lin in mods)  # dropout output (fp32) and its mask
+    elif work.backend == "torch" and a != 4:
+        saved += sum(4 * lin.in_features for lin in mods)  # PEFT casts x to fp32 per module
+    else:
+        groups = {_input_group(lin.name) for lin in mods}  # same-dtype input: shared, saved once
+        saved += sum(a * inputs[g] for g in groups)
+    lora_a_out = 4 if work.backend == "torch" else a
+    saved += sum(lora_a_out * work.rank for _ in mods)
+    if work.method == "dora":
+        saved += sum((a + 4) * lin.out_features for lin in mods)
+    return saved
+
+
+def _input_group(name: str) -> str:
+    if name in ("q_proj", "k_proj", "v_proj", "qkv_proj"):
+        return "attn"
+    if name in ("gate_proj", "up_proj", "gate_up_proj"):
+        return "mlp"
+    return "o" if name == "o_proj" else "down"
+
+
+def logits_bytes(shape: ModelShape, work: Workload) -> int:
+    """The loss's peak: three fp32 ``positions × vocab`` buffers at the start of backward."""
+    a = DTYPE_BYTES[work.dtype]
+    rows = work.batch * (work.seq_len - 1)
+    picked = rows * work.supervised
+    if work.backend == "mlx" and work.compiled:
+        picked = rows  # the compiled MLX step projects every position (fixed shapes)
+    peak = 12 * picked * shape.vocab
+    if work.backend == "torch" and not work.fast_loss:
+        # The model's own full logits stay alive next to the gathered fp32 copy while the loss runs.
+        peak = max(peak, (a * rows + a * picked + 8 * picked) * shape.vocab)
+    return int(peak)
+
+
+def _workspace(shape: ModelShape, work: Workload) -> int:
+    """Transient tensors of one decoder layer's backward (gradients of the MLP's widest tensors)."""
+    t = work.tokens
+    temps = 8 * shape.intermediate * t
+    if work.bits and work.backend == "torch":
+        widest = max(lin.in_features * lin.out_features for lin in shape.block_linears())
+        temps += 2 * widest * DTYPE_BYTES[work.dtype]  # a dequantized weight, forward and backward
+    return temps
+
+
+def _weights_note(shape: ModelShape, work: Workload) -> str:
+    bits = work.bits or shape.quant_bits
+    if not bits:
+        return f"{_count(shape.num_params)} parameters in {work.dtype}"
+    if work.backend == "mlx":
+        return f"{bits}-bit affine, group size {work.group_size or shape.quant_group_size}"
+    return "NF4, double-quantized scales" if bits == 4 and work.double_quant else f"{bits}-bit bitsandbytes"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _acts_note(work: Workload) -> str:
+    if work.gradient_checkpointing:
+        return f"{work.batch}×{work.seq_len} tokens; checkpointed: layer inputs + one layer"
+    return f"{work.batch}×{work.seq_len} tokens, every layer"
+
+
+def _runtime_note(work: Workload) -> str:
+    if work.device == "cuda":
+        return "CUDA context and library handles"
+    return "the Python process with the framework loaded" if work.device == "cpu" else f"{work.device} runtime"
+
+
+def _dtype_name(nbytes: int) -> str:
+    return "fp32" if nbytes == 4 else "16-bit"

@@ -1,0 +1,242 @@
+"""From a run config to a memory estimate, a fits-or-not verdict and a concrete batch size.
+
+`tunelab estimate` calls :func:`estimate_config` (no data read, nothing loaded:
+the longest sequence ``data.max_seq_len`` and every position supervised, the
+worst case); `tunelab train` calls :func:`plan_run` after tokenizing, so the
+estimate uses the real longest example and the real share of supervised
+tokens, before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunelab.config.schema import RunConfig
+from tunelab.data.tokenize import IGNORE, TokenizedSplit
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.memory.autobatch import SAFETY, choose_batch
+from tunelab.memory.budget import Budget, device_budget
+from tunelab.memory.estimate import DTYPE_BYTES, Estimate, GiB, Workload, estimate
+from tunelab.memory.shapes import ModelShape, read_shape
+
+_SCANNED = 4096  # longest examples whose supervised tokens are counted
+PLAN_FILE = "memory.json"  # in the run's folder: a resumed auto run keeps the batch it started with
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a run will use and whether it fits; ``batch_size``/``grad_accum`` are final."""
+
+    estimate: Estimate | None
+    budget: Budget
+    batch_size: int
+    grad_accum: int
+    auto: bool
+    problem: str = ""  # why there is no estimate
+
+    @property
+    def fits(self) -> bool | None:
+        if self.estimate is None or self.budget.bytes is None:
+            return None
+        return self.estimate.total <= self.budget.bytes
+
+    def summary(self) -> str:
+        """One line for the run's log."""
+        batch = f"batch {self.batch_size} × grad_accum {self.grad_accum}" + (" (auto)" if self.auto else "")
+        if self.estimate is None:
+            return f"memory: no estimate ({self.problem}); {batch}"
+        have = f" of {_gib(self.budget.bytes)} ({self.budget.source})" if self.budget.bytes else ""
+        verdict = {True: "fits", False: "may NOT fit: see `tunelab estimate`", None: "capacity unknown"}[self.fits]
+        return f"memory: estimated peak {_gib(self.estimate.total)}{have}, {verdict}; {batch}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "estimate": self.estimate.to_dict() if self.estimate else None,
+            "workload": asdict(self.estimate.workload) if self.estimate else None,
+            "budget": asdict(self.budget),
+            "fits": self.fits,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "auto": self.auto,
+            "problem": self.problem,
+        }
+
+
+def load_shape(path: str, revision: str | None = None) -> ModelShape:
+    """The architecture of a local checkpoint, or of a hub id from its config.json alone (no weights)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return read_shape(local)
+    from tunelab.hub import resolve_model_path
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return read_shape(Path(hf_hub_download(path, "config.json", revision=revision)).parent)
+    except TunelabError:
+        raise
+    except Exception:
+        return read_shape(resolve_model_path(path, revision))  # says clearly what is wrong with the path
+
+
+def target_device(requested: str, backend: str) -> str:
+    """The device a run of ``backend`` would use here: cuda | mps | cpu, or metal | cpu for MLX."""
+    from tunelab.backends.select import detect_environment
+
+    env = detect_environment(probe_torch=backend == "torch" and requested == "auto")
+    if backend == "mlx":
+        return "metal" if env.mlx_metal else "cpu"
+    return requested if requested != "auto" else env.torch_device
+
+
+def compute_dtype(requested: str, backend: str, device: str, shape: ModelShape) -> str:
+    """What ``model.dtype: auto`` resolves to, as the backends resolve it."""
+    if requested != "auto":
+        return requested
+    if device == "cpu":
+        return "float32"
+    if backend == "torch":
+        return "bfloat16" if device == "cuda" else "float32"
+    return shape.checkpoint_dtype if shape.checkpoint_dtype in DTYPE_BYTES else "bfloat16"
+
+
+def workload(cfg: RunConfig, shape: ModelShape, *, backend: str, device: str, **fields: Any) -> Workload:
+    """The estimator's view of a config; ``fields`` override (batch, seq_len, supervised, bits)."""
+    m, t = cfg.method, cfg.train
+    batch = t.batch_size if isinstance(t.batch_size, int) else 1
+    base = Workload(
+        backend=backend,
+        device=device,
+        dtype=compute_dtype(cfg.model.dtype, backend, device, shape),
+        method=m.name,
+        rank=m.rank,
+        targets=m.targets if isinstance(m.targets, str) else tuple(m.targets),
+        dropout=m.dropout > 0,
+        trained_layers=m.layers,
+        num_virtual_tokens=m.num_virtual_tokens,
+        # method.bits / method.group_size arrive with QLoRA; until then a quantized base comes from the checkpoint.
+        bits=getattr(m, "bits", None),
+        group_size=getattr(m, "group_size", None) or shape.quant_group_size,
+        batch=batch,
+        seq_len=cfg.data.max_seq_len,
+        gradient_checkpointing=t.gradient_checkpointing,
+        grad_accum=t.grad_accum,
+        compiled=backend == "mlx" and t.compile,
+    )
+    return replace(base, **fields)
+
+
+def estimate_config(
+    cfg: RunConfig, *, device: str | None = None, budget_bytes: int | None = None, bits: int | None = None
+) -> MemoryPlan:
+    """`tunelab estimate`: the worst-case estimate for ``cfg`` on this machine (or on ``device``)."""
+    from tunelab.backends.select import choose_backend
+
+    shape = load_shape(cfg.model.path, cfg.model.revision)
+    if device in ("cuda", "mps"):
+        backend = "torch"
+    elif device == "metal":
+        backend = "mlx"
+    else:
+        backend = choose_backend(cfg.backend, cfg.method.name, model_type=shape.model_type or None).name
+    where = device or target_device(cfg.device, backend)
+    budget = _budget(backend, where, budget_bytes)
+    work = workload(cfg, shape, backend=backend, device=where, **({"bits": bits} if bits else {}))
+    return _settle(cfg, shape, work, budget)
+
+
+def plan_run(
+    cfg: RunConfig, folder: Path, backend: str, train: TokenizedSplit, output_dir: Path, *, resume: bool
+) -> tuple[RunConfig, MemoryPlan]:
+    """Estimate before loading; resolve ``batch_size: auto``; return the config to train with.
+
+    An estimate that can't be made (an architecture it does not cover) is no
+    reason to stop a run with a fixed batch size; with ``auto`` it is.
+    """
+    where = target_device(cfg.device, backend)
+    budget = device_budget(backend, where)
+    saved = _saved_plan(output_dir) if resume and cfg.train.batch_size == "auto" else None
+    try:
+        shape = read_shape(folder)
+        seq_len, supervised = data_extent(train, cfg.data.max_seq_len, packed=cfg.data.packing)
+        work = workload(cfg, shape, backend=backend, device=where, seq_len=seq_len, supervised=supervised)
+        if saved is not None:
+            cfg = _with_batch(cfg, *saved)
+            work = replace(work, batch=saved[0], grad_accum=saved[1])
+        plan = _settle(cfg, shape, work, budget)
+        plan = replace(plan, auto=saved is not None or plan.auto)
+    except TunelabError as exc:
+        if cfg.train.batch_size == "auto" and saved is None:
+            raise ConfigError(
+                f"train.batch_size: auto needs a memory estimate, and none could be made: {exc.message}",
+                hint="set train.batch_size to a number",
+            ) from None
+        size, accum = saved or (int(cfg.train.batch_size), cfg.train.grad_accum)
+        plan = MemoryPlan(None, budget, size, accum, cfg.train.batch_size == "auto", exc.message)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2), encoding="utf-8")
+    return _with_batch(cfg, plan.batch_size, plan.grad_accum), plan
+
+
+def data_extent(split: TokenizedSplit, max_seq_len: int, *, packed: bool) -> tuple[int, float]:
+    """(padded length of the longest batch, the largest share of its positions that carry loss).
+
+    Supervision is counted on the longest examples only (they make the peak
+    batch), so a large memory-mapped dataset is not read end to end for this.
+    """
+    if len(split) == 0:
+        return max_seq_len, 1.0
+    lengths = split.lengths
+    longest = np.argsort(-lengths, kind="stable")[:_SCANNED]
+    supervised = np.array([int((split.labels[int(i)][1:] != IGNORE).sum()) for i in longest], dtype=np.int64)
+    if packed:  # rows are filled up to max_seq_len with examples of every supervision ratio
+        return max_seq_len, float(min(1.0, (supervised / np.maximum(lengths[longest] - 1, 1)).max()))
+    seq_len = int(min(lengths.max(), max_seq_len))
+    return seq_len, float(min(1.0, supervised.max() / max(seq_len - 1, 1)))
+
+
+def _settle(cfg: RunConfig, shape: ModelShape, work: Workload, budget: Budget) -> MemoryPlan:
+    """Choose the batch (when auto) and make the final estimate."""
+    if cfg.train.batch_size != "auto":
+        return MemoryPlan(estimate(shape, work), budget, work.batch, work.grad_accum, auto=False)
+    if budget.bytes is None:
+        raise ConfigError(
+            f"train.batch_size: auto can't tell how much memory the {budget.device} has ({budget.source})",
+            hint="set train.batch_size to a number",
+        )
+    effective = cfg.train.effective_batch
+
+    def peak(size: int) -> int:
+        return estimate(shape, replace(work, batch=size, grad_accum=effective // size)).total
+
+    chosen = choose_batch(peak, budget.bytes, effective, safety=SAFETY)
+    final = replace(work, batch=chosen.batch_size, grad_accum=chosen.grad_accum)
+    return MemoryPlan(estimate(shape, final), budget, chosen.batch_size, chosen.grad_accum, auto=True)
+
+
+def _budget(backend: str, device: str, override: int | None) -> Budget:
+    if override is not None:
+        return Budget(device, override, "given with --memory")
+    return device_budget(backend, device)
+
+
+def _with_batch(cfg: RunConfig, batch_size: int, grad_accum: int) -> RunConfig:
+    train = cfg.train.model_copy(update={"batch_size": batch_size, "grad_accum": grad_accum})
+    return cfg.model_copy(update={"train": train})
+
+
+def _saved_plan(output_dir: Path) -> tuple[int, int] | None:
+    try:
+        saved = json.loads((output_dir / PLAN_FILE).read_text(encoding="utf-8"))
+        return int(saved["batch_size"]), int(saved["grad_accum"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / GiB:.1f} GiB"
