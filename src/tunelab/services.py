@@ -100,6 +100,7 @@ def _execute(
                 backend_reason=prep.choice.reason,
                 device=prep.info.device,
                 total_steps=prep.total_steps,
+                estimated_memory_bytes=prep.memory.estimate.total if prep.memory and prep.memory.estimate else None,
             )
         hooks = CallbackList(
             [
@@ -109,6 +110,8 @@ def _execute(
                 *callbacks,
             ]
         )
+        if prep.memory is not None:
+            hooks.on_message(prep.memory.summary())
         if prep.resumed_from is not None:
             hooks.on_message(f"resuming from {prep.resumed_from.name}")
         result = recipe.train(cfg, prep, output_dir, hooks, should_stop)
