@@ -18,7 +18,7 @@ from tunelab.backends.select import Choice, choose_backend, make_backend, model_
 from tunelab.config.schema import RunConfig
 from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
 from tunelab.data.packing import packed_eval_batches
-from tunelab.data.prepare import PreparedData, load_records, prepare_data
+from tunelab.data.prepare import PreparedData, prepare_data, scan_data
 from tunelab.data.templates import BUILTIN_NAME, CHATML
 from tunelab.errors import StateError
 from tunelab.hub import load_tokenizer, resolve_model_path
@@ -78,12 +78,15 @@ def total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
 
 
 def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[PreparedData], None]) -> Prepared:
-    """Validate the data first (a bad record fails in a second), then tokenizer, model and state."""
-    records = load_records(cfg.data)
+    """Check the data first (small data fails in a second), then tokenizer, data, model and state.
+
+    Big data is validated while it is tokenized (or not at all on a cache hit), still before the model loads.
+    """
+    source = scan_data(cfg.data)
     folder = resolve_model_path(cfg.model.path, cfg.model.revision)
     choice = choose_backend(cfg.backend, cfg.method.name, model_type=model_type_of(folder))
     tokenizer = load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
-    data = prepare_data(cfg.data, tokenizer, records)
+    data = prepare_data(cfg.data, tokenizer, source, seed=cfg.train.seed)
     if data.template_name == BUILTIN_NAME:
         tokenizer.chat_template = CHATML  # saved with the adapter, so export and chat use what training used
     on_data(data)

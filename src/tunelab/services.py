@@ -112,6 +112,7 @@ def _execute(
         )
         if prep.memory is not None:
             hooks.on_message(prep.memory.summary())
+        hooks.on_message(f"tokenization cache {prep.data.cache_status}" + _key_note(prep.data.cache_key))
         if prep.resumed_from is not None:
             hooks.on_message(f"resuming from {prep.resumed_from.name}")
         result = recipe.train(cfg, prep, output_dir, hooks, should_stop)
@@ -137,6 +138,7 @@ def _execute(
 
 
 def _record_data(run_id: str, data: PreparedData) -> None:
+    """Record the dataset a run trains on: hash, format, counts, tokenization cache key and length stats."""
     with session_scope(open_registry()) as s:
         dataset_id = repo.upsert_dataset(
             s,
@@ -145,8 +147,14 @@ def _record_data(run_id: str, data: PreparedData) -> None:
             format=data.format,
             num_train=len(data.train),
             num_valid=len(data.valid) if data.valid else 0,
+            cache_key=data.cache_key,
+            stats={**data.stats, "valid_path": data.valid_path},
         )
         repo.update_run(s, run_id, dataset_id=dataset_id, chat_template=data.template_name)
+
+
+def _key_note(key: str | None) -> str:
+    return f" ({key})" if key else " (data.cache is off)"
 
 
 def _finish(run_id: str, status: str, *, error: str | None = None, final_metrics: dict | None = None) -> None:

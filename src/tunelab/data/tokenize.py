@@ -25,22 +25,34 @@ TRAIN_ON = ("last_assistant", "all_assistant", "everything")
 
 @dataclass
 class TokenizedSplit:
-    """Token ids and labels of one split; ``labels`` holds ``IGNORE`` where no loss is taken."""
+    """Token ids and labels of one split; ``labels`` holds ``IGNORE`` where no loss is taken.
 
-    input_ids: list[np.ndarray] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)
+    ``input_ids[i]`` and ``labels[i]`` are 1-D int arrays.  The rows are either
+    lists in memory or lazy views into a memory-mapped Arrow file
+    (:mod:`tunelab.data.cache`), which also supplies ``known_lengths`` and
+    ``known_supervised`` so neither needs a pass over the tokens.
+    """
+
+    input_ids: Sequence[np.ndarray] = field(default_factory=list)
+    labels: Sequence[np.ndarray] = field(default_factory=list)
     truncated: int = 0
     dropped: int = 0
+    known_lengths: np.ndarray | None = field(default=None, repr=False)
+    known_supervised: int | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @property
     def lengths(self) -> np.ndarray:
+        if self.known_lengths is not None:
+            return self.known_lengths
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
     @property
     def supervised_tokens(self) -> int:
+        if self.known_supervised is not None:
+            return self.known_supervised
         return int(sum(int((lab[1:] != IGNORE).sum()) for lab in self.labels))
 
 
@@ -88,7 +100,9 @@ def tokenize_samples(
         for i, sample in enumerate(samples)
     ]
     encoded = _encode(samples, plans, tokenizer, whole)
-    out = TokenizedSplit()
+    rows: list[np.ndarray] = []
+    row_labels: list[np.ndarray] = []
+    out = TokenizedSplit(rows, row_labels)
     for sample, plan, pieces in zip(samples, plans, encoded, strict=True):
         ids: list[int] = list(prefix) if sample.kind != "chat" else []
         labels: list[int] = [IGNORE] * len(ids)
@@ -107,8 +121,8 @@ def tokenize_samples(
         if all(label == IGNORE for label in labels[1:]):
             out.dropped += 1
             continue
-        out.input_ids.append(np.asarray(ids, dtype=np.int32))
-        out.labels.append(np.asarray(labels, dtype=np.int32))
+        rows.append(np.asarray(ids, dtype=np.int32))
+        row_labels.append(np.asarray(labels, dtype=np.int32))
     return out
 
 
