@@ -78,3 +78,10 @@ class StateError(TunelabError):
 
     exit_code = 7
     http_status = 409
+
+
+class TooLargeError(TunelabError):
+    """An upload or request body is bigger than the configured limit."""
+
+    exit_code = 3
+    http_status = 413

@@ -110,9 +110,9 @@ def _execute(
                 *callbacks,
             ]
         )
+        hooks.on_message(f"tokenization cache {prep.data.cache_status}" + _key_note(prep.data.cache_key))
         if prep.memory is not None:
             hooks.on_message(prep.memory.summary())
-        hooks.on_message(f"tokenization cache {prep.data.cache_status}" + _key_note(prep.data.cache_key))
         if prep.resumed_from is not None:
             hooks.on_message(f"resuming from {prep.resumed_from.name}")
         result = recipe.train(cfg, prep, output_dir, hooks, should_stop)
@@ -357,3 +357,78 @@ def run_events(run_text: str, *, after: int = 0, limit: int = 500) -> list[dict[
     with session_scope(open_registry()) as s:
         run_id = repo.resolve_run_id(s, run_text)
         return jobs_repo.events_after(s, run_id=run_id, after=after, limit=limit)
+
+
+def run_metrics(run_text: str) -> list[dict[str, Any]]:
+    """Every metric point of a run as ``{step, name, value}``."""
+    with session_scope(open_registry()) as s:
+        return repo.metric_history(s, repo.resolve_run_id(s, run_text))
+
+
+def run_status(run_id: str) -> str:
+    """Just a run's status (cheap enough to poll)."""
+    with session_scope(open_registry()) as s:
+        return repo.get_run(s, run_id).status
+
+
+# --------------------------------------------------------------------------- API: uploads and models
+
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def upload_dataset(source: Any, *, filename: str, limit_bytes: int) -> dict[str, Any]:
+    """Store an uploaded data file under ``$TUNELAB_HOME/datasets`` and validate it like `data validate`.
+
+    The client's file name only picks the format (its suffix); the stored name
+    is generated, so no path from the client is ever used as a path.  A file
+    over ``limit_bytes`` or with invalid records is deleted again.
+    """
+    import uuid
+
+    from tunelab.data.validate import validate_dataset
+    from tunelab.errors import DataError, TooLargeError
+
+    suffix = next((s for s in UPLOAD_SUFFIXES if filename.lower().endswith(s)), None)
+    if suffix is None:
+        raise DataError(f"upload a {', '.join(UPLOAD_SUFFIXES)} file (got {filename[:80]!r})")
+    folder = get_settings().datasets_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset_id = uuid.uuid4().hex[:12]
+    dest = folder / f"{dataset_id}{suffix}"
+    try:
+        with dest.open("xb") as out:
+            written = 0
+            while chunk := source.read(1 << 20):
+                written += len(chunk)
+                if written > limit_bytes:
+                    raise TooLargeError(f"the file is larger than the upload limit of {limit_bytes} bytes")
+                out.write(chunk)
+        if written == 0:
+            raise DataError("the uploaded file is empty")
+        report = validate_dataset(str(dest))
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return {
+        "id": dataset_id,
+        "path": str(dest),
+        "format": report["format"],
+        "size_bytes": written,
+        "splits": report["splits"],
+    }
+
+
+def served_models() -> list[dict[str, Any]]:
+    """Finished runs that chat completions can serve, as ``run:RUN_ID`` models."""
+    out = []
+    for run in list_runs(status="completed", limit=1000):
+        if run["artifacts"].get("adapter") or run["artifacts"].get("model"):
+            created = datetime.fromisoformat(run["finished_at"] or run["created_at"])
+            out.append(
+                {
+                    "id": f"run:{run['id']}",
+                    "created": int(created.timestamp()),
+                    "base_model": run["config"]["model"]["path"],
+                }
+            )
+    return out

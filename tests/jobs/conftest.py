@@ -62,7 +62,8 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def start_worker(*args: str, log: Path) -> subprocess.Popen:
     """A real `tunelab worker` process (fast heartbeats so takeovers happen within seconds)."""
-    cmd = [sys.executable, "-m", "tunelab", "worker", "--heartbeat", "0.3", "--stale-after", "3", "--poll", "0.2", *args]
+    fast = ["--heartbeat", "0.3", "--stale-after", "3", "--poll", "0.2"]
+    cmd = [sys.executable, "-m", "tunelab", "worker", *fast, *args]
     handle = log.open("ab")
     return subprocess.Popen(cmd, env=cli_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -1,0 +1,1 @@
+"""The REST + WebSocket API (`tunelab serve`): a thin adapter over :mod:`tunelab.services`."""

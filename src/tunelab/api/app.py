@@ -1,0 +1,79 @@
+"""The FastAPI application: routers, error mapping, body limits.  Built by a factory, never at import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tunelab import __version__
+from tunelab.api.chat import ChatModels
+from tunelab.api.deps import require_key
+from tunelab.api.routes import chat, datasets, health, jobs, models, runs
+from tunelab.errors import TooLargeError, TunelabError
+from tunelab.settings import Settings, get_settings
+
+JSON_BODY_LIMIT = 1 << 20
+"""Bodies of every route but uploads stay under 1 MiB (a config or a chat is far smaller)."""
+UPLOAD_PATH = "/v1/datasets"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A ready app; settings are read now (or passed in), not at import."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="tunelab",
+        version=__version__,
+        description="Queue fine-tunes, follow runs, chat with their adapters. Send `Authorization: Bearer KEY`.",
+    )
+    app.state.settings = settings
+    app.state.chat_models = ChatModels()
+    app.include_router(health.router)
+    secured = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    for module in (jobs, runs, datasets, models, chat):
+        secured.include_router(module.router)
+    app.include_router(secured)
+    app.include_router(runs.ws_router, prefix="/v1")  # WebSockets check the key themselves (see deps)
+    app.add_exception_handler(TunelabError, _tunelab_error)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT, upload_limit=settings.upload_limit_bytes + (64 << 10))
+    return app
+
+
+async def _tunelab_error(request: Request, exc: TunelabError) -> JSONResponse:
+    """A user's mistake: its HTTP status and the message that says what to change."""
+    body: dict[str, Any] = {"detail": exc.message}
+    if exc.hint:
+        body["hint"] = exc.hint
+    return JSONResponse(body, status_code=exc.http_status)
+
+
+class BodyLimit:
+    """Refuse oversize bodies: by Content-Length up front, and by counting when the body is streamed."""
+
+    def __init__(self, app: ASGIApp, *, limit: int, upload_limit: int) -> None:
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.upload_limit if scope["path"].rstrip("/") == UPLOAD_PATH else self.limit
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            status = 413 if declared.isdigit() else 400
+            await JSONResponse({"detail": f"request body over the {limit}-byte limit"}, status)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise TooLargeError(f"request body over the {limit}-byte limit")
+            return message
+
+        await self.app(scope, counted, send)

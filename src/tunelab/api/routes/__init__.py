@@ -1,0 +1,1 @@
+"""One module per noun; each route is parse → one services call → render."""

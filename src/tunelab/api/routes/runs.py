@@ -1,0 +1,75 @@
+"""`/v1/runs`: the same JSON as `runs show --json`, metrics, and a live event stream."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect, status
+from starlette.concurrency import run_in_threadpool
+
+from tunelab import services
+from tunelab.api.schemas import MetricPoint
+from tunelab.errors import NotFoundError
+from tunelab.registry.tables import RUN_STATUSES
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+ws_router = APIRouter(prefix="/runs", tags=["runs"])
+StatusFilter = Annotated[str | None, Query(pattern="^(" + "|".join(RUN_STATUSES) + ")$")]
+FINAL = frozenset({"completed", "failed", "cancelled"})
+POLL_S = 0.25
+
+
+@router.get("")
+def list_runs(status: StatusFilter = None, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
+    """Newest runs first."""
+    return services.list_runs(status=status, limit=limit)
+
+
+@router.get("/{run_id}")
+def show_run(run_id: str) -> dict[str, Any]:
+    """One run, exactly as `tunelab runs show RUN --json` prints it."""
+    return services.show_run(run_id)
+
+
+@router.get("/{run_id}/metrics", response_model=list[MetricPoint])
+def run_metrics(run_id: str) -> list[dict[str, Any]]:
+    """Every logged point as ``{step, name, value}``, in step order."""
+    return services.run_metrics(run_id)
+
+
+@ws_router.websocket("/{run_id}/events")
+async def run_events(websocket: WebSocket, run_id: str, after: int = 0) -> None:
+    """JSON events (``type``: metric | log | status), starting with everything after ``after`` (default: all).
+
+    A late subscriber therefore first gets what it missed; the socket closes
+    itself once the run has ended and every event has been sent.
+    """
+    from tunelab.api.deps import require_key_ws
+
+    if not await require_key_ws(websocket):
+        return
+    try:
+        run_id = (await run_in_threadpool(services.show_run, run_id))["id"]
+    except NotFoundError as exc:
+        await websocket.close(code=4404, reason=exc.message[:120])
+        return
+    await websocket.accept()
+    try:
+        await _pump(websocket, run_id, max(after, 0))
+    except WebSocketDisconnect:
+        return
+    await websocket.close(code=status.WS_1000_NORMAL_CLOSURE)
+
+
+async def _pump(websocket: WebSocket, run_id: str, after: int) -> None:
+    while True:
+        events = await run_in_threadpool(services.run_events, run_id, after=after)
+        for event in events:
+            await websocket.send_json(event)
+            after = event["id"]
+        if not events:
+            run = await run_in_threadpool(services.run_status, run_id)
+            if run in FINAL and not await run_in_threadpool(services.run_events, run_id, after=after):
+                return
+            await asyncio.sleep(POLL_S)
