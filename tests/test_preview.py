@@ -146,6 +146,24 @@ def test_validate_reports_histogram_truncation_and_duplicates(tmp_path: Path, ti
     json.dumps(report)
 
 
+def test_validate_reads_in_chunks_with_the_same_report(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tunelab.data import validate
+
+    rows = [{"prompt": "Hi: ", "completion": f"the {word}."} for word in ("cat", "dog", "cat", "bird", "dog", "cat")]
+    rows.append({"prompt": "Hi: ", "completion": "the cat sat " * 20})
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "valid.jsonl", [*rows[1:3], {"prompt": "Yo: ", "completion": "a fish."}])
+    whole = validate_dataset(str(folder), model=str(tiny_model_dir), max_seq_len=24)
+    monkeypatch.setattr(validate, "CHUNK", 2)  # duplicates and lengths must add up across chunk boundaries
+    assert validate_dataset(str(folder), model=str(tiny_model_dir), max_seq_len=24) == whole
+    assert whole["splits"]["train"]["duplicates"]["count"] == 3
+    assert whole["splits"]["valid"]["duplicates"]["also_in_train"] == 2
+
+
 # --------------------------------------------------------------------------- CLI
 
 

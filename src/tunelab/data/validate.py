@@ -9,21 +9,76 @@ split, and validation examples that also appear in train).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tunelab.data.formats import detect_format, to_samples
-from tunelab.data.sources import Record, read_records, resolve_files
+from tunelab.data.sources import Record, iter_records, resolve_files
 from tunelab.data.templates import template_for
 from tunelab.data.tokenize import IGNORE, tokenize_samples
 
 DUPLICATES_SHOWN = 5
+# Records are read, checked and tokenized a chunk at a time, so a dataset larger than memory validates too.
+CHUNK = 1024
 # Long enough that nothing is cut: the report needs each example's full length to say what truncation loses.
 _UNCUT = 1_048_576
+
+
+@dataclass
+class _Tokenizing:
+    """How a split is tokenized for the report: exactly as training does, but uncut."""
+
+    tokenizer: Any
+    template: str
+    mask_prompt: bool
+    train_on: str
+
+
+@dataclass
+class _Tally:
+    """Running totals of one split, fed one chunk of records at a time."""
+
+    max_seq_len: int
+    records: int = 0
+    keys: dict[bytes, int] = field(default_factory=dict)  # record digest -> first line
+    repeats: list[dict[str, int]] = field(default_factory=list)
+    duplicate_count: int = 0
+    also_in_train: int = 0
+    chars: list[int] = field(default_factory=list)
+    full_lengths: list[int] = field(default_factory=list)
+    cut_lengths: list[int] = field(default_factory=list)
+    supervised: int = 0
+    dropped: int = 0
+
+    def add_records(self, chunk: Sequence[Record], train_keys: Mapping[bytes, int] | None) -> None:
+        for record in chunk:
+            key = _record_key(record)
+            if key in self.keys:
+                self.duplicate_count += 1
+                if len(self.repeats) < DUPLICATES_SHOWN:
+                    self.repeats.append({"line": record.line, "same_as": self.keys[key]})
+            else:
+                self.keys[key] = record.line
+            self.also_in_train += train_keys is not None and key in train_keys
+            self.chars.append(len(str(record.data)))
+        self.records += len(chunk)
+
+    def add_tokens(self, input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray], dropped: int) -> None:
+        """Uncut tokenization of a chunk: cut it here at ``max_seq_len``, as the trainer will."""
+        self.dropped += dropped
+        for ids, labs in zip(input_ids, labels, strict=True):
+            self.full_lengths.append(len(ids))
+            trained = int((labs[1 : self.max_seq_len] != IGNORE).sum())
+            if trained == 0:
+                self.dropped += 1
+                continue
+            self.cut_lengths.append(min(len(ids), self.max_seq_len))
+            self.supervised += trained
 
 
 def validate_dataset(
@@ -47,90 +102,90 @@ def validate_dataset(
     chat template exactly as training tokenizes.
     """
     train_path, valid_path = resolve_files(path, valid)
-    train = read_records(train_path, split=split, columns=columns, subset=subset)
-    fmt = fmt if fmt != "auto" else detect_format(train[0])
-    splits: dict[str, tuple[list[Record], Path | str]] = {"train": (train, train_path)}
-    if valid_path is not None:
-        splits["valid"] = (read_records(valid_path, split="validation", columns=columns, subset=subset), valid_path)
-    samples = {name: to_samples(records, fmt) for name, (records, _) in splits.items()}  # validates all first
+    train = iter_records(train_path, split=split, columns=columns, subset=subset)
+    first = next(train)
+    fmt = fmt if fmt != "auto" else detect_format(first)
     report: dict[str, Any] = {"format": fmt, "splits": {}}
-    tokenizer, template = None, None
+    tokenizing = None
     if model is not None:
         from tunelab.hub import load_tokenizer, resolve_model_path
 
         tokenizer = load_tokenizer(resolve_model_path(model))
         template, report["chat_template"] = template_for(tokenizer)
-    seen_in_train = {_record_key(r) for r in train} if "valid" in splits else set()
-    for name, (records, where) in splits.items():
-        entry: dict[str, Any] = {"path": str(where), "records": len(records), "duplicates": duplicates(records)}
-        if name == "valid":
-            entry["duplicates"]["also_in_train"] = sum(_record_key(r) in seen_in_train for r in records)
-        if tokenizer is not None and template is not None:
-            full = tokenize_samples(
-                samples[name],
-                tokenizer,
-                template=template,
-                max_seq_len=_UNCUT,
-                mask_prompt=mask_prompt,
-                sources=[(r.path, r.line) for r in records],
-                train_on=train_on,
-            )
-            entry["tokens"] = token_stats(full.input_ids, full.labels, max_seq_len, dropped=full.dropped)
-            entry["histogram"] = length_histogram(full.lengths, max_seq_len)
-        else:
-            entry["chars"] = _char_stats(records)
-        report["splits"][name] = entry
+        tokenizing = _Tokenizing(tokenizer, template, mask_prompt, train_on)
+    tally = _scan(itertools.chain([first], train), fmt, tokenizing, max_seq_len, None)
+    report["splits"]["train"] = _entry(str(train_path), tally, tokenizing is not None)
+    if valid_path is not None:
+        records = iter_records(valid_path, split="validation", columns=columns, subset=subset)
+        valid_tally = _scan(records, fmt, tokenizing, max_seq_len, tally.keys)
+        report["splits"]["valid"] = _entry(str(valid_path), valid_tally, tokenizing is not None)
+        report["splits"]["valid"]["duplicates"]["also_in_train"] = valid_tally.also_in_train
     return report
 
 
-def duplicates(records: Sequence[Record]) -> dict[str, Any]:
-    """Exact duplicates: how many records repeat an earlier one, and the first few (line, same as line)."""
-    first_line: dict[bytes, int] = {}
-    repeats: list[dict[str, int]] = []
-    count = 0
-    for record in records:
-        key = _record_key(record)
-        if key in first_line:
-            count += 1
-            if len(repeats) < DUPLICATES_SHOWN:
-                repeats.append({"line": record.line, "same_as": first_line[key]})
-        else:
-            first_line[key] = record.line
-    return {"count": count, "first": repeats}
+def _scan(
+    records: Iterator[Record],
+    fmt: str,
+    tokenizing: _Tokenizing | None,
+    max_seq_len: int,
+    train_keys: Mapping[bytes, int] | None,
+) -> _Tally:
+    tally = _Tally(max_seq_len)
+    while chunk := list(itertools.islice(records, CHUNK)):
+        samples = to_samples(chunk, fmt)
+        tally.add_records(chunk, train_keys)
+        if tokenizing is not None:
+            tokens = tokenize_samples(
+                samples,
+                tokenizing.tokenizer,
+                template=tokenizing.template,
+                max_seq_len=_UNCUT,
+                mask_prompt=tokenizing.mask_prompt,
+                sources=[(r.path, r.line) for r in chunk],
+                train_on=tokenizing.train_on,
+            )
+            tally.add_tokens(tokens.input_ids, tokens.labels, tokens.dropped)
+    return tally
 
 
-def token_stats(
-    input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray], max_seq_len: int, *, dropped: int = 0
-) -> dict[str, Any]:
-    """Lengths and supervised tokens as the trainer sees them (cut at ``max_seq_len``), from uncut tokenization.
+def _entry(path: str, tally: _Tally, with_tokens: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "path": path,
+        "records": tally.records,
+        "duplicates": {"count": tally.duplicate_count, "first": tally.repeats},  # as duplicates() reports
+    }
+    if with_tokens:
+        full = np.asarray(tally.full_lengths, dtype=np.int64)
+        entry["tokens"] = _token_stats(
+            np.asarray(tally.cut_lengths, dtype=np.int64), tally, int((full > tally.max_seq_len).sum())
+        )
+        entry["histogram"] = length_histogram(full, tally.max_seq_len)
+    else:
+        entry["chars"] = {"min": min(tally.chars), "mean": sum(tally.chars) / len(tally.chars), "max": max(tally.chars)}
+    return entry
 
-    ``dropped`` counts examples with nothing left to train once cut (plus
-    those the caller already dropped before cutting).
-    """
-    kept: list[int] = []
-    supervised = truncated = 0
-    for ids, labs in zip(input_ids, labels, strict=True):
-        truncated += len(ids) > max_seq_len
-        trained = int((labs[1:max_seq_len] != IGNORE).sum())
-        if trained == 0:
-            dropped += 1
-            continue
-        kept.append(min(len(ids), max_seq_len))
-        supervised += trained
-    if not kept:
-        return {"count": 0, "truncated": truncated, "dropped": dropped, "supervised_tokens": 0}
-    lengths = np.asarray(kept)
+
+def _token_stats(lengths: np.ndarray, tally: _Tally, truncated: int) -> dict[str, Any]:
+    """Lengths and supervised tokens of the examples the trainer keeps, cut at ``max_seq_len``."""
+    counts = {"supervised_tokens": tally.supervised, "truncated": truncated, "dropped": tally.dropped}
+    if not len(lengths):
+        return {"count": 0, **counts}
     return {
-        "count": len(kept),
+        "count": len(lengths),
         "min": int(lengths.min()),
         "mean": float(lengths.mean()),
         "p50": float(np.percentile(lengths, 50)),
         "p95": float(np.percentile(lengths, 95)),
         "max": int(lengths.max()),
-        "supervised_tokens": supervised,
-        "truncated": truncated,
-        "dropped": dropped,
+        **counts,
     }
+
+
+def duplicates(records: Sequence[Record]) -> dict[str, Any]:
+    """Exact duplicates: how many records repeat an earlier one, and the first few (line, same as line)."""
+    tally = _Tally(max_seq_len=0)
+    tally.add_records(records, None)
+    return {"count": tally.duplicate_count, "first": tally.repeats}
 
 
 def length_histogram(lengths: np.ndarray, max_seq_len: int) -> list[dict[str, Any]]:
@@ -153,9 +208,4 @@ def _record_key(record: Record) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def _char_stats(records: list[Any]) -> dict[str, float]:
-    sizes = [len(str(r.data)) for r in records]
-    return {"min": min(sizes), "mean": sum(sizes) / len(sizes), "max": max(sizes)}
-
-
-__all__ = ["duplicates", "length_histogram", "token_stats", "validate_dataset"]
+__all__ = ["duplicates", "length_histogram", "validate_dataset"]
