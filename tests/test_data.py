@@ -197,6 +197,38 @@ def test_chat_labels_only_the_assistant_turns(tokenizer_forms: dict[str, Any], f
     assert (labels != IGNORE).sum() < len(ids) / 2
 
 
+TOOL_CHAT = {
+    "tools": [{"type": "function", "function": {"name": "sum"}}],
+    "messages": [
+        {"role": "user", "content": "What is two and two?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "sum", "arguments": '{"a": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "4"},
+        {"role": "assistant", "content": "Four, the answer is four."},
+    ],
+}
+CALL_TEXT = '<tool_call>{"name": "sum", "arguments": {"a": 2}}</tool_call>'
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize(
+    ("train_on", "expected"),
+    [
+        ("all_assistant", [CALL_TEXT + END, "Four, the answer is four." + END]),
+        ("last_assistant", ["Four, the answer is four." + END]),
+    ],
+)
+def test_tool_call_turns_are_trained_with_every_tokenizer_form(
+    tokenizer_forms: dict[str, Any], form: str, train_on: str, expected: list[str]
+) -> None:
+    tok = tokenizer_forms[form]
+    sample = chat_sample(TOOL_CHAT)
+    template = template_for(tok)[0]  # the tiny tokenizers' ChatML has no tool support: built-in ChatML renders
+    split = tokenize_samples([sample], tok, template=template, max_seq_len=512, mask_prompt=True, train_on=train_on)
+    spans = labelled_spans(tok, split.input_ids[0], split.labels[0])
+    assert [span.removesuffix("\n") for span in spans] == expected
+    assert "sum" not in "".join(spans[1:]) and "4<" not in "".join(spans)  # the tool result is never trained
+
+
 def test_chat_labels_are_exactly_content_and_end_of_turn(tiny_tokenizer: Any) -> None:
     ids, labels = tokenize_one(tiny_tokenizer, chat_sample())
     assert labelled_spans(tiny_tokenizer, ids, labels) == [turn + END for turn in ASSISTANT_TURNS]

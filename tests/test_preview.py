@@ -97,6 +97,23 @@ def test_preview_marks_truncation_and_examples_left_with_nothing_to_train(tmp_pa
     assert gone.dropped and gone.trained == 0 and gone.total == first_trained
 
 
+def test_preview_says_when_tool_calls_fall_back_to_builtin_chatml(tmp_path: Path, tiny_model_dir: Path) -> None:
+    call = {"function": {"name": "sum", "arguments": {"a": 2}}}
+    tool_chat = {
+        "messages": [
+            {"role": "user", "content": "Sum?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "2"},
+            {"role": "assistant", "content": "Two."},
+        ]
+    }
+    path = write_jsonl(tmp_path / "train.jsonl", [tool_chat, SHORT])
+    with_tools, plain = preview_dataset(str(path), model=str(tiny_model_dir), n=2).examples
+    assert "built-in ChatML" in with_tools.note and plain.note == ""
+    text = "".join(t for t, _, _ in with_tools.tokens)
+    assert '<tool_call>{"name": "sum", "arguments": {"a": 2}}</tool_call>' in text
+
+
 def test_token_texts_keep_characters_split_across_byte_tokens_whole(tiny_tokenizer: Any) -> None:
     text = "Café, naïve – 東京 ok"
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]

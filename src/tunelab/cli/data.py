@@ -187,6 +187,8 @@ def _print_example(number: int, example: Any, max_seq_len: int) -> None:
         f"{example.total} tokens, {example.trained} trained, {cut}{note}",
         soft_wrap=True,
     )
+    if example.note:
+        console.print(f"[yellow]{example.note}[/]", soft_wrap=True)
     line = Text()
     for index, (text, _id, trained) in enumerate(example.tokens):
         styles = _TRAINED if trained else _MASKED

@@ -15,7 +15,7 @@ from typing import Any
 
 from tunelab.data.formats import Sample, detect_format, to_sample
 from tunelab.data.sources import Record, iter_records, resolve_files
-from tunelab.data.templates import template_for
+from tunelab.data.templates import template_for, template_for_sample
 from tunelab.data.tokenize import IGNORE, tokenize_samples
 
 # Decoding a token alone garbles characters split across tokens (byte-level BPE) and drops the leading
@@ -34,6 +34,7 @@ class PreviewExample:
     full_length: int
     truncated: bool
     dropped: bool
+    note: str = ""
     total: int = field(init=False)
     trained: int = field(init=False)
 
@@ -127,9 +128,16 @@ def preview_examples(
                 full_length=len(ids),
                 truncated=len(ids) > max_seq_len,
                 dropped=not any(trained),
+                note=_template_note(sample, template),
             )
         )
     return out
+
+
+def _template_note(sample: Sample, template: str) -> str:
+    if sample.kind == "chat" and template_for_sample(template, sample.messages, sample.tools) != template:
+        return "rendered with the built-in ChatML: the model's chat template can't render its tool calls"
+    return ""
 
 
 def _uncut(
