@@ -12,6 +12,13 @@ if [ "$(uname -s)" = "Linux" ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthr
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread) > /dev/null 2>&1 \
     || echo "note: could not install libopenblas0-pthread; MLX tests will use the reference BLAS"
 fi
+# The queue tests also run against a real PostgreSQL server that they start on loopback
+# (tests/jobs/postgres.py): install Debian's server, best effort; without it they skip.
+if [ "$(uname -s)" = "Linux" ] && ! command -v initdb > /dev/null && ! ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 \
+    && [ "$(id -u)" = "0" ] && command -v apt-get > /dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) > /dev/null 2>&1 \
+    || echo "note: could not install postgresql; the PostgreSQL queue tests will be skipped"
+fi
 python -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[all,dev]"
 python -m ruff check src tests bench scripts
 python -m ruff format --check src tests bench scripts

@@ -366,9 +366,15 @@ def run_metrics(run_text: str) -> list[dict[str, Any]]:
 
 
 def run_status(run_id: str) -> str:
-    """Just a run's status (cheap enough to poll)."""
+    """A run's status, cheap enough to poll; a run trained by a job isn't over until its job has recorded the end."""
+    from tunelab.registry import jobs_repo
+
     with session_scope(open_registry()) as s:
-        return repo.get_run(s, run_id).status
+        status = repo.get_run(s, run_id).status
+        job = jobs_repo.job_for_run(s, run_id)
+        if job is not None and job.status not in jobs_repo.FINAL_STATUSES:
+            return job.status
+        return status
 
 
 # --------------------------------------------------------------------------- API: uploads and models

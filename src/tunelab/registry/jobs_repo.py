@@ -221,3 +221,9 @@ def job_public(row: JobRow) -> dict[str, Any]:
         "finished_at": _iso(row.finished_at),
         "config": row.config,
     }
+
+
+def job_for_run(session: Session, run_id: str) -> JobRow | None:
+    """The newest job that trains this run, if it was queued as one."""
+    stmt = select(JobRow).where(JobRow.run_id == run_id).order_by(JobRow.created_at.desc()).limit(1)
+    return session.scalars(stmt).first()
