@@ -132,15 +132,21 @@ def _options(fmt: str, train_on: str, column: list[str] | None) -> dict[str, str
 
 def _print_validation(report: dict[str, Any], max_seq_len: int, *, with_model: bool) -> None:
     console.print(f"[green]ok[/]: format [bold]{report['format']}[/]")
-    table = Table("split", "file", "records", "min", "mean", "p95", "max", "supervised tokens", "truncated", "dups")
     for name, split in report["splits"].items():
-        stats, dups = split.get("tokens"), str(split["duplicates"]["count"])
+        console.print(f"{name}: {split['path']}", soft_wrap=True)
+    table = Table("split", "records", "dups")
+    if with_model:
+        for title in ("min", "mean", "p95", "max", "trained tokens", "truncated"):
+            table.add_column(title, justify="right")
+    for name, split in report["splits"].items():
+        row = [name, str(split["records"]), str(split["duplicates"]["count"])]
+        stats = split.get("tokens")
         if stats and stats.get("count"):
-            numbers = [str(stats["min"]), f"{stats['mean']:.1f}", f"{stats['p95']:.0f}", str(stats["max"])]
-            numbers += [str(stats["supervised_tokens"]), str(stats["truncated"])]
-        else:
-            numbers = ["-"] * 6
-        table.add_row(name, split["path"], str(split["records"]), *numbers, dups)
+            row += [str(stats["min"]), f"{stats['mean']:.1f}", f"{stats['p95']:.0f}", str(stats["max"])]
+            row += [str(stats["supervised_tokens"]), str(stats["truncated"])]
+        elif with_model:
+            row += ["-"] * 4 + ["0", str(stats["truncated"] if stats else 0)]
+        table.add_row(*row)
     console.print(table)
     for name, split in report["splits"].items():
         if "histogram" in split:
