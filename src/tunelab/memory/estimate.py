@@ -35,8 +35,8 @@ METHODS = ("lora", "dora", "qlora", "full", "freeze", "prefix", "ia3")
 
 # What each runtime holds beside tensors (measured: CUDA 12/13 context with cuBLAS/cuDNN
 # handles on an H100; a Python process with torch+transformers, or mlx+transformers, imported).
-RUNTIME_BYTES = {"cuda": int(0.55 * GiB), "mps": int(0.3 * GiB), "cpu": int(0.55 * GiB), "metal": int(0.15 * GiB)}
-MLX_CPU_RUNTIME = int(0.45 * GiB)
+RUNTIME_BYTES = {"cuda": int(0.55 * GiB), "mps": int(0.3 * GiB), "cpu": int(0.45 * GiB), "metal": int(0.15 * GiB)}
+MLX_CPU_RUNTIME = int(0.35 * GiB)
 # The caching allocator reserves more than it hands out (block rounding, fragmentation).
 CUDA_ALLOCATOR_SLACK = 0.06
 # NF4 (bitsandbytes): 4-bit codes, one absmax per 64 weights; double quantization stores the

@@ -1,0 +1,157 @@
+"""The memory estimator and automatic batch size: the behaviour users rely on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tunelab.config.load import load_config
+from tunelab.errors import ConfigError, ModelError
+from tunelab.memory.autobatch import choose_batch, divisors
+from tunelab.memory.estimate import GiB, Workload, estimate
+from tunelab.memory.plan import estimate_config
+from tunelab.memory.shapes import read_shape
+
+# Llama-3.1-8B's config.json, the numbers that matter.
+LLAMA_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+SHAPE = read_shape(LLAMA_8B)
+GPU = Workload(backend="torch", device="cuda", dtype="bfloat16", rank=16, batch=2, seq_len=2048)
+
+
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [
+        ("llama", {}),
+        ("qwen2", {}),  # q/k/v biases
+        ("qwen3", {}),  # per-head q/k norms
+        ("gemma", {"tie_word_embeddings": True}),
+        ("gemma2", {"tie_word_embeddings": True}),  # four norms per block
+        ("phi3", {}),  # fused qkv_proj and gate_up_proj
+    ],
+)
+def test_shape_counts_the_parameters_transformers_builds(arch: str, extra: dict, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.tiny import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / arch, arch=arch, vocab_size=96, hidden_size=32, num_heads=4, **extra)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert read_shape(folder).num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_llama_8b_weights_match_the_published_size() -> None:
+    assert SHAPE.num_params == pytest.approx(8.03e9, rel=0.005)
+    assert estimate(SHAPE, GPU).get("weights") == SHAPE.num_params * 2
+
+
+@pytest.mark.parametrize("field", ["batch", "seq_len", "rank"])
+def test_more_batch_tokens_or_rank_never_needs_less(field: str) -> None:
+    values = (256, 512, 1024, 2048) if field == "seq_len" else (1, 2, 4, 8)
+    totals = [estimate(SHAPE, replace(GPU, **{field: value})).total for value in values]
+    assert totals == sorted(totals) and totals[0] < totals[-1]
+
+
+def test_checkpointing_lowers_activations_and_the_peak() -> None:
+    plain = estimate(SHAPE, GPU)
+    checkpointed = estimate(SHAPE, replace(GPU, gradient_checkpointing=True))
+    assert checkpointed.get("activations") < plain.get("activations") / 5
+    assert checkpointed.total < plain.total
+
+
+def test_quantization_lowers_the_weights() -> None:
+    bf16 = estimate(SHAPE, GPU).get("weights")
+    int8 = estimate(SHAPE, replace(GPU, method="qlora", bits=8)).get("weights")
+    nf4 = estimate(SHAPE, replace(GPU, method="qlora", bits=4)).get("weights")
+    nf4_plain = estimate(SHAPE, replace(GPU, method="qlora", bits=4, double_quant=False)).get("weights")
+    assert nf4 < nf4_plain < int8 < bf16
+    assert 5 * GiB < nf4 < 6 * GiB  # 4-bit blocks, 16-bit embeddings and head
+    mlx = replace(GPU, backend="mlx", device="metal", bits=4)
+    assert estimate(SHAPE, replace(mlx, group_size=32)).get("weights") > estimate(SHAPE, mlx).get("weights")
+
+
+def test_breakdown_sums_to_the_total_and_names_what_is_outside_tensors() -> None:
+    for work in (GPU, replace(GPU, method="full"), replace(GPU, backend="mlx", device="metal")):
+        est = estimate(SHAPE, work)
+        assert sum(line.bytes for line in est.lines) == est.total
+        outside = est.get("runtime") + est.get("allocator")
+        assert est.tensor_bytes == est.total - outside and est.get("runtime") > 0
+    assert json.loads(json.dumps(estimate(SHAPE, GPU).to_dict()))["total_bytes"] == estimate(SHAPE, GPU).total
+
+
+def test_full_fine_tuning_counts_weights_once_and_adamw_twice() -> None:
+    full = estimate(SHAPE, replace(GPU, method="full"))
+    assert full.get("trainable") == 0  # the trained weights are the weights
+    assert full.get("optimizer") == 2 * full.get("weights")
+    assert full.trainable_params == SHAPE.num_params
+
+
+def test_lora_targets_decide_the_adapter_size() -> None:
+    every = estimate(SHAPE, GPU).trainable_params
+    qv = estimate(SHAPE, replace(GPU, targets=("q_proj", "v_proj"))).trainable_params
+    assert qv == 32 * 16 * ((4096 + 4096) + (4096 + 1024))
+    assert qv < every
+
+
+def test_config_mistakes_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="q_proj, k_proj"):
+        estimate(SHAPE, replace(GPU, targets=("query",)))
+    with pytest.raises(ConfigError, match=r"method\.bits"):
+        estimate(SHAPE, replace(GPU, method="qlora", bits=3))
+    with pytest.raises(ModelError, match="mixture-of-experts"):
+        read_shape({**LLAMA_8B, "model_type": "mixtral", "num_local_experts": 8})
+    with pytest.raises(ModelError, match="lacks a size"):
+        read_shape({"model_type": "llama", "hidden_size": 64})
+    with pytest.raises(ModelError, match=r"no config\.json"):
+        read_shape(tmp_path)
+
+
+def test_choose_batch_takes_the_largest_fitting_divisor_and_keeps_the_effective_batch() -> None:
+    peak = lambda size: 10 + 7 * size  # noqa: E731 - a monotonic stand-in for the estimator
+    chosen = choose_batch(peak, budget=100, effective=24)  # 90 usable: size 11 fits, 12 doesn't
+    assert (chosen.batch_size, chosen.grad_accum) == (8, 3)  # 8 is the largest divisor of 24 under 11
+    assert chosen.batch_size * chosen.grad_accum == 24
+    assert divisors(12) == [12, 6, 4, 3, 2, 1]
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        choose_batch(peak, budget=10, effective=8)
+
+
+def _config(model: Path, **train: object) -> dict:
+    return {"model": {"path": str(model)}, "data": {"train": "unused.jsonl", "max_seq_len": 256}, "train": train}
+
+
+def test_auto_batch_fits_the_budget_that_the_next_size_exceeds(tiny_model_dir: Path) -> None:
+    cfg = load_config(_config(tiny_model_dir, batch_size="auto", effective_batch_size=64))
+    fixed = [
+        estimate_config(cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": b})}))
+        for b in (8, 16)
+    ]
+    budget = (fixed[0].estimate.total + fixed[1].estimate.total) // 2 / 0.9  # type: ignore[union-attr]
+    plan = estimate_config(cfg, device="cpu", budget_bytes=int(budget))
+    assert (plan.batch_size, plan.grad_accum, plan.auto) == (8, 8, True)
+    assert plan.fits is True
+
+
+def test_effective_batch_defaults_to_four_times_grad_accum_and_checks_its_partners() -> None:
+    base = {"model": {"path": "m"}, "data": {"train": "d"}}
+    assert load_config(base, ["train.batch_size=auto", "train.grad_accum=3"]).train.effective_batch == 12
+    assert load_config(base, ["train.batch_size=8", "train.grad_accum=2"]).train.effective_batch == 16
+    for bad, message in (
+        (["train.batch_size=0"], "whole number from 1 to 65536, or auto"),
+        (["train.batch_size=8", "train.effective_batch_size=32"], "goes with batch_size: auto"),
+        (["train.batch_size=auto", "train.effective_batch_size=32", "train.grad_accum=2"], "remove grad_accum"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(base, bad)
