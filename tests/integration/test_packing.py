@@ -45,7 +45,9 @@ def _split(model: Path, chat_data: Path) -> tuple[Any, TokenizedSplit]:
     return tokenizer, data.train
 
 
-def _backend(name: str, model: Path, tokenizer: Any, *, compile: bool = False) -> Any:
+def _backend(
+    name: str, model: Path, tokenizer: Any, *, compile: bool = False, device: str = "cpu", attention: str = "auto"
+) -> Any:
     if name == "torch":
         from tunelab.backends.torch.backend import TorchBackend
 
@@ -54,7 +56,9 @@ def _backend(name: str, model: Path, tokenizer: Any, *, compile: bool = False) -
         from tunelab.backends.mlx.backend import MlxBackend
 
         backend = MlxBackend()
-    spec = ModelSpec(str(model), dtype="float32", device="cpu", compile=compile, packing=True)
+    spec = ModelSpec(
+        str(model), dtype="float32", attn_implementation=attention, device=device, compile=compile, packing=True
+    )
     backend.load(spec, MethodSpec("lora", rank=4, alpha=8, dropout=0.0, seed=1), OptimSpec(), tokenizer)
     return backend
 
@@ -62,7 +66,7 @@ def _backend(name: str, model: Path, tokenizer: Any, *, compile: bool = False) -
 def _gradients(backend: Any) -> dict[str, np.ndarray]:
     """The gradients accumulated so far (read from each backend's own store)."""
     if backend.name == "torch":
-        return {n: p.grad.numpy().copy() for n, p in backend.model.named_parameters() if p.requires_grad}
+        return {n: p.grad.cpu().numpy() for n, p in backend.model.named_parameters() if p.requires_grad}
     from mlx.utils import tree_flatten
 
     return {n: np.array(v) for n, v in tree_flatten(backend._grads)}
@@ -73,13 +77,30 @@ def _gradients(backend: Any) -> dict[str, np.ndarray]:
 def test_packed_loss_and_gradients_equal_one_by_one(
     backend_name: str, arch: str, models: dict[str, Path], chat_data: Path
 ) -> None:
-    tokenizer, split = _split(models[arch], chat_data)
+    _check_packed_equals_one_by_one(backend_name, models[arch], chat_data)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(  # auto: flash-attention varlen if installed, else FlexAttention
+    ("arch", "attention"), [("llama", "auto"), ("llama", "sdpa"), ("llama", "eager"), ("gemma2", "auto")]
+)
+def test_cuda_packed_attention_equals_one_by_one(
+    attention: str, arch: str, models: dict[str, Path], chat_data: Path
+) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _check_packed_equals_one_by_one("torch", models[arch], chat_data, device="cuda", attention=attention)
+
+
+def _check_packed_equals_one_by_one(backend_name: str, model: Path, chat_data: Path, **where: str) -> None:
+    tokenizer, split = _split(model, chat_data)
     packed = collate_packed(split, ROWS, tokenizer.pad_token_id)
     singles = [collate(split, np.array([i]), tokenizer.pad_token_id) for i in range(6)]
     # Gradients: one step on the packed batch vs one step on the six examples accumulated one by one.
     results = []
     for batches in ([packed], singles):
-        backend = _backend(backend_name, models[arch], tokenizer)
+        backend = _backend(backend_name, model, tokenizer, **where)
         sums = [backend.forward_backward(b, 1.0) for b in batches]
         grads = _gradients(backend)
         norm = backend.optimizer_step(1e-2)
