@@ -43,6 +43,8 @@ def export(
     if report is None:
         console.print(Text.assemble(("  not verified", "yellow"), " (--no-verify)"))
         return
+    if report.get("logits_skipped"):
+        console.print(Text.assemble(("  logits not compared: ", "yellow"), report["logits_skipped"]))
     template = {None: "n/a (no chat template)", True: "same tokens", False: "differs"}[report["template_match"]]
     console.print(
         Text(
