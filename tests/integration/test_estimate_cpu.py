@@ -66,6 +66,7 @@ def test_auto_batch_trains_with_the_effective_batch_and_records_the_estimate(
         row = repo.get_run(s, outcome.run_id)
         assert row.estimated_memory_bytes == plan["estimate"]["total_bytes"]
         assert row.peak_memory_bytes is not None
+    assert services.show_run(outcome.run_id)["estimated_memory_bytes"] == plan["estimate"]["total_bytes"]
 
 
 def test_auto_batch_with_too_little_memory_says_what_to_change(tmp_path: Path) -> None:
