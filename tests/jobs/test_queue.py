@@ -108,3 +108,17 @@ def test_concurrent_claims_in_threads_never_share_a_job(registry_url: str, tmp_p
     for t in threads:
         t.join(timeout=60)
     assert sorted(got) == sorted(ids)
+
+
+def test_postgres_claim_skips_rows_locked_by_another_worker(registry_url: str, tmp_path: Path) -> None:
+    if not registry_url.startswith("postgresql"):
+        pytest.skip("FOR UPDATE SKIP LOCKED is the PostgreSQL claim; SQLite serialises claims with its write lock")
+    first, second = _submit(tmp_path), _submit(tmp_path)
+    with session_scope(open_registry()) as holding:
+        held = jobs_repo.claim_job(holding, worker_id="slow", stale_before=services.datetime.now(services.timezone.utc))
+        assert held is not None and held.id == first
+        started = time.monotonic()
+        other = queue.claim("fast", stale_after=60)  # its own transaction, while "slow" still holds the row lock
+        assert other is not None and other.id == second
+        assert time.monotonic() - started < 5, "the claim skipped the locked row instead of waiting for it"
+    assert services.show_job(first)["worker_id"] == "slow"

@@ -22,7 +22,10 @@ def serve(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]serving on {host}: anyone who can reach it and holds a key can train[/]")
-    uvicorn.run(create_app(), host=host, port=port, log_level=log_level, ws="websockets")
+    from uvicorn.config import WS_PROTOCOLS
+
+    ws = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto"  # the legacy one is deprecated
+    uvicorn.run(create_app(), host=host, port=port, log_level=log_level, ws=ws)
 
 
 def worker(
