@@ -155,3 +155,29 @@ def test_effective_batch_defaults_to_four_times_grad_accum_and_checks_its_partne
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(base, bad)
+
+
+def test_train_estimate_uses_the_longest_example_and_a_resumed_auto_run_keeps_its_batch(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from tunelab.data.tokenize import IGNORE, TokenizedSplit
+    from tunelab.memory.plan import PLAN_FILE, data_extent, plan_run
+
+    ids = [np.arange(n) for n in (10, 40, 25)]
+    labels = [np.where(np.arange(len(x)) < len(x) // 2, IGNORE, x) for x in ids]  # second half supervised
+    split = TokenizedSplit(ids, labels)
+    seq_len, supervised = data_extent(split, 1024, packed=False)
+    assert seq_len == 40 and supervised == pytest.approx(20 / 39)
+    assert data_extent(split, 32, packed=False)[0] == 32  # truncation caps it
+
+    cfg = load_config(_config(tiny_model_dir, batch_size="auto", effective_batch_size=6))
+    resolved, plan = plan_run(cfg, tiny_model_dir, "torch", split, tmp_path, resume=False)
+    assert (resolved.train.batch_size, resolved.train.grad_accum) == (plan.batch_size, plan.grad_accum) == (6, 1)
+    assert plan.estimate is not None and plan.estimate.workload.seq_len == 40
+    saved = json.loads((tmp_path / PLAN_FILE).read_text())
+    (tmp_path / PLAN_FILE).write_text(json.dumps({**saved, "batch_size": 2, "grad_accum": 3}))
+    resumed, again = plan_run(cfg, tiny_model_dir, "torch", split, tmp_path, resume=True)
+    assert (resumed.train.batch_size, resumed.train.grad_accum, again.auto) == (2, 3, True)
+    assert "batch 2 × grad_accum 3 (auto)" in again.summary()
