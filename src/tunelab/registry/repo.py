@@ -403,6 +403,7 @@ def run_summary(session: Session, run_id: str) -> dict[str, Any]:
             "num_train": dataset.num_train,
             "num_valid": dataset.num_valid,
             "cache_key": dataset.cache_key,
+            "stats": _json_safe(dataset.stats),
         },
         "metrics": metrics,
         "final_metrics": _json_safe(run.final_metrics),
