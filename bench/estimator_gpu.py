@@ -1,8 +1,17 @@
 """Memory estimator vs measured peak on a CUDA GPU, for a Llama-3.1-8B-shaped model.
 
-One command on a machine with one GPU (H100 80 GB or larger), about 3 minutes:
+One command on a machine with one GPU (H100 80 GB or larger), about 4 minutes:
 
     PYTHONUNBUFFERED=1 PYTHONPATH=src python bench/estimator_gpu.py
+
+The QLoRA rows need bitsandbytes, which the GPU machine's image lacks; carry its wheel
+(43 MB, pure Python + bundled CUDA kernels) and install it first:
+
+    # here:  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    #          --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+    # there (carry .whl):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+      PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 bench/estimator_gpu.py
 
 Needs only torch, transformers and peft (tunelab itself is read from ``src/``;
 its estimator and the torch backend's loss and LoRA code are plain imports).
@@ -16,8 +25,10 @@ optimizer steps, the peak taken over the second (AdamW's state exists by then).
 ``torch.cuda.max_memory_allocated`` is compared with the estimator's tensor
 bytes, ``max_memory_reserved`` with tensors plus allocator slack.  A row that
 runs out of memory is reported as such (the estimator's "does not fit" should
-agree).  QLoRA rows run once tunelab's torch backend can quantize (method
-qlora); until then they are printed as skipped.
+agree).  QLoRA rows quantize the decoder blocks' linears to NF4 with
+bitsandbytes (as ``BitsAndBytesConfig(load_in_4bit=True, nf4, double quant,
+bf16 compute)`` loads them) and train the same LoRA on top; without
+bitsandbytes they print their predictions and are skipped.
 
 Results: a markdown table on stdout and JSON in ``$OUT/estimator_gpu.json``
 (or ``bench/results/``).
@@ -69,24 +80,83 @@ def main() -> None:
     numbers = TINY if args.tiny else LLAMA_31_8B
     shape = read_shape(numbers)
     say(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    started = time.perf_counter()
-    model = _build(numbers, device)
-    say(f"built {shape.num_params / 1e9:.2f}B parameters in {time.perf_counter() - started:.1f} s")
-    peft_model = apply_method(model, MethodSpec("lora", rank=args.rank, alpha=2.0 * args.rank, targets="all-linear"))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
     work = Workload(
         backend="torch", device=device.type, dtype="bfloat16", rank=args.rank, seq_len=args.seq, padded=False
     )
+    rows = _rows(args, numbers, device, work)
+    _free(device)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        rows += _skipped_qlora_rows(args, shape, work, "bitsandbytes is not installed (carry its wheel)")
+    else:
+        rows += _rows(args, numbers, device, replace(work, method="qlora", bits=4))
+    _report(rows, args)
+
+
+def _rows(args: argparse.Namespace, numbers: dict[str, Any], device: torch.device, work: Workload) -> list[dict]:
+    """Build the model (NF4-quantized for qlora), wrap it with tunelab's LoRA, measure every row."""
+    shape = read_shape(numbers)
+    started = time.perf_counter()
+    model = _build(numbers, device)
+    if work.bits:
+        _quantize_nf4(model)
+        kinds = {type(m).__name__ for m in model.model.layers.modules()}
+        say(f"  quantized the decoder blocks' linears to NF4 ({'Linear4bit' in kinds and 'Linear' not in kinds})")
+    say(f"built {shape.num_params / 1e9:.2f}B parameters in {time.perf_counter() - started:.1f} s ({work.method})")
+    if device.type == "cuda":
+        say(
+            f"  weights on the GPU: {_gib(torch.cuda.memory_allocated())} GiB, "
+            f"predicted {_gib(estimate(shape, work).get('weights'))} GiB"
+        )
+    peft_model = apply_method(model, MethodSpec("lora", rank=args.rank, alpha=2.0 * args.rank, targets="all-linear"))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
     rows = []
     for checkpointing in (False, True):
         _set_checkpointing(model, checkpointing)
         for batch in args.batches:
             predicted = estimate(shape, replace(work, batch=batch, gradient_checkpointing=checkpointing))
-            row = _measure(model, peft_model, params, batch, args.seq, shape.vocab, device)
-            rows.append(_row("lora", batch, args.seq, checkpointing, predicted, row, device))
+            measured = _measure(model, peft_model, params, batch, args.seq, shape.vocab, device)
+            name = "qlora-nf4" if work.bits else "lora"
+            rows.append(_row(name, batch, args.seq, checkpointing, predicted, measured, device))
             say(_markdown_row(rows[-1]))
-    rows += _qlora_rows(args, shape, work)
-    _report(rows, args)
+    return rows
+
+
+def _quantize_nf4(model: Any) -> None:
+    """Swap every decoder-block linear for bitsandbytes' NF4 layer (double-quantized scales, bf16 compute).
+
+    The same layers ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)`` gives when loading;
+    embeddings, norms and the LM head stay bf16.  One layer at a time, so the peak stays low.
+    """
+    import bitsandbytes as bnb
+
+    for block in model.model.layers:
+        for parent in list(block.modules()):
+            for attr, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                layer = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device=torch.device("meta"),
+                )
+                weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64
+                )
+                layer.weight = weight.to(child.weight.device)
+                if child.bias is not None:
+                    layer.bias = child.bias
+                setattr(parent, attr, layer)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _parse() -> argparse.Namespace:
@@ -182,32 +252,25 @@ def _row(
     }
 
 
-def _qlora_rows(args: argparse.Namespace, shape: Any, work: Workload) -> list[dict[str, Any]]:
-    """Predictions only, until tunelab's torch backend quantizes (then this is where they run)."""
-    from tunelab.backends.torch import methods
-
-    why = None
-    if importlib.util.find_spec("bitsandbytes") is None:
-        why = "bitsandbytes is not installed"
-    elif "qlora" not in getattr(methods, "ADAPTER_METHODS", ()):
-        why = "tunelab's torch backend has no method qlora yet"
+def _skipped_qlora_rows(args: argparse.Namespace, shape: Any, work: Workload, why: str) -> list[dict[str, Any]]:
+    """Predictions only, when bitsandbytes is missing."""
     rows = []
     for checkpointing in (False, True):
         for batch in args.batches:
-            predicted = estimate(
-                shape, replace(work, method="qlora", bits=4, batch=batch, gradient_checkpointing=checkpointing)
+            quantized = replace(work, method="qlora", bits=4, batch=batch, gradient_checkpointing=checkpointing)
+            predicted = estimate(shape, quantized)
+            rows.append(
+                {
+                    "method": "qlora-nf4",
+                    "batch": batch,
+                    "seq": args.seq,
+                    "checkpointing": checkpointing,
+                    "predicted_tensor_bytes": predicted.tensor_bytes,
+                    "predicted_total_bytes": predicted.total,
+                    "skipped": why,
+                }
             )
-            row = {
-                "method": "qlora-nf4",
-                "batch": batch,
-                "seq": args.seq,
-                "checkpointing": checkpointing,
-                "predicted_tensor_bytes": predicted.tensor_bytes,
-                "predicted_total_bytes": predicted.total,
-                "skipped": why or "measurement of method qlora is not wired up in this script yet",
-            }
-            rows.append(row)
-    say(f"QLoRA rows skipped: {rows[0]['skipped']} (predictions are in the table)")
+    say(f"QLoRA rows skipped: {why} (predictions are in the table)")
     return rows
 
 
