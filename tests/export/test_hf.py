@@ -51,3 +51,25 @@ def test_corrupt_template_fails_verification(sources: dict[str, ExportSource], t
     report = verify_export(sources["qwen2-bpe"], Written(folder, "float32", lambda: HFRuntime(folder)))
     assert report.template_match is False and not report.passed
     assert any("chat template" in f for f in report.failures)
+
+
+@pytest.mark.parametrize("method", ["full", "dora", "prefix"])
+def test_other_methods_export_or_are_refused(method: str, chat_data: Path, tmp_path: Path) -> None:
+    from tests.integration.conftest import base_config, tiny_model_from
+
+    from tunelab import services
+    from tunelab.config.load import load_config
+    from tunelab.errors import StateError
+
+    model = tiny_model_from(chat_data, tmp_path / "base", arch="qwen2")
+    raw = base_config(model, chat_data, tmp_path / "run", steps=3)
+    raw["method"]["name"] = method
+    run_id = services.start_run(load_config(raw)).run_id
+    if method == "prefix":  # its trained prefixes live outside the weights
+        with pytest.raises(StateError, match="can't be merged"):
+            services.export_run(run_id, to="hf", out=tmp_path / "hf")
+        return
+    result = services.export_run(run_id, to="hf", out=tmp_path / "hf")
+    assert result.report is not None and result.report["passed"], result.report
+    kinds = [a["kind"] for a in services.show_run(run_id)["artifact_list"]]
+    assert "export:hf" in kinds

@@ -116,4 +116,28 @@ def _fold_adapter(model: Any, adapter: Path) -> Any:
             f"the adapter in {adapter} does not fit the base model ({type(exc).__name__}: {exc})",
             hint="export the run with the base model it was trained on (model.path in its config)",
         ) from None
-    return peft_model.merge_and_unload()
+    probe = _probe_ids(model)
+    before = _logits(peft_model, probe)
+    merged = peft_model.merge_and_unload()
+    diff = float((before - _logits(merged, probe)).abs().max())
+    if not diff <= 1e-3 * max(float(before.abs().max()), 1.0):
+        raise ModelError(
+            f"merging the adapter changed the model's outputs (max logit difference {diff:.3g})",
+            hint="this adapter type or layout is not merged correctly by PEFT here; please report it",
+        )
+    return merged
+
+
+def _probe_ids(model: Any) -> Any:
+    """A few fixed token ids (inside any vocabulary) to compare logits before and after merging."""
+    import torch
+
+    vocab = int(model.config.get_text_config().vocab_size)
+    return torch.tensor([[i * 7919 % vocab for i in range(1, 17)]])
+
+
+def _logits(model: Any, ids: Any) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
