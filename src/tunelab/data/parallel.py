@@ -79,11 +79,8 @@ def tokenize_stream(tasks: Iterable[Task], tokenizer: Any, opts: TokenizeOptions
 
 
 def _pooled(tasks: Iterable[Task], tokenizer: Any, opts: TokenizeOptions, num_proc: int) -> Iterator[Result]:
-    import multiprocessing
-
-    # spawn, not fork: the parent may hold tokenizer thread pools or torch state that a fork would corrupt.
-    context = multiprocessing.get_context("spawn")
     blob = pickle.dumps(tokenizer)
+    context = _context(type(tokenizer).__module__)
     window: deque[Future[Result]] = deque()
     with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_init_worker, initargs=(blob, opts)) as pool:
         try:
@@ -96,6 +93,22 @@ def _pooled(tasks: Iterable[Task], tokenizer: Any, opts: TokenizeOptions, num_pr
         finally:
             for future in window:  # a bad record (or Ctrl-C): drop the queued work
                 future.cancel()
+
+
+def _context(tokenizer_module: str) -> Any:
+    """A fork server that has imported tunelab and the tokenizer's library once; workers fork from it.
+
+    Never a plain fork of this process: it may hold tokenizer thread pools or
+    torch state that a fork would corrupt.  Spawn (slower to start: every
+    worker imports the libraries again) where there is no fork server.
+    """
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, tokenizer_module])
+    return context
 
 
 _WORKER: dict[str, Any] = {}
