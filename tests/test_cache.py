@@ -330,3 +330,18 @@ def test_carver_without_a_count_is_close_to_the_fraction() -> None:
     mask = np.concatenate([carver.select(start, 1000) for start in range(0, 100_000, 1000)])
     assert abs(mask.mean() - 0.1) < 0.005
     np.testing.assert_array_equal(mask[:3000], carver.select(0, 3000))  # chunking does not matter
+
+
+# --------------------------------------------------------------------------- housekeeping
+
+
+def test_data_cache_command_lists_and_clears(chats: Path, tiny_tokenizer: Any, cli: Callable[..., Any]) -> None:
+    short = prepare_data(DataCfg(train=str(chats), max_seq_len=32), tiny_tokenizer)
+    long = prepare_data(DataCfg(train=str(chats), max_seq_len=64, valid_split=0.5), tiny_tokenizer)
+    listed = cli("data", "cache", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {e["key"]: e["rows"] for e in json.loads(listed.stdout)}
+    assert rows == {short.cache_key: {"train": len(short.train)}, long.cache_key: {"train": 30, "valid": 30}}
+    cleared = cli("data", "cache", "--clear", "--json")
+    assert cleared.returncode == 0 and json.loads(cleared.stdout)["removed"] == 2
+    assert prepare_data(DataCfg(train=str(chats), max_seq_len=32), tiny_tokenizer).cache_status == "miss"

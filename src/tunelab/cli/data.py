@@ -1,4 +1,4 @@
-"""`tunelab data validate` and `tunelab data preview`."""
+"""`tunelab data validate`, `tunelab data preview` and `tunelab data cache`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,33 @@ def validate(
         typer.echo(json.dumps(report, indent=2))
         return
     _print_validation(report, max_seq_len, with_model=model is not None)
+
+
+@app.command("cache")
+def cache(
+    clear: Annotated[bool, typer.Option("--clear", help="Delete every cached tokenized dataset.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the tokenized datasets cached under TUNELAB_HOME/cache/tokenized (or delete them with --clear)."""
+    from tunelab.data.cache import cache_root, clear_entries, list_entries
+
+    if clear:
+        count, size = clear_entries()
+        typer.echo(
+            json.dumps({"removed": count, "bytes": size})
+            if as_json
+            else f"removed {count} entries, {size / 2**20:.1f} MiB"
+        )
+        return
+    entries = list_entries()
+    if as_json:
+        typer.echo(json.dumps([e.__dict__ for e in entries], indent=2))
+        return
+    table = Table("key", "rows", "size", title=f"{cache_root()} ({sum(e.size_bytes for e in entries) / 2**20:.1f} MiB)")
+    for e in entries:
+        rows = ", ".join(f"{k} {v}" for k, v in e.rows.items()) if e.rows is not None else "incomplete"
+        table.add_row(e.key, rows, f"{e.size_bytes / 2**20:.1f} MiB")
+    console.print(table)
 
 
 @app.command("preview")

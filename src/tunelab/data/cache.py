@@ -338,3 +338,45 @@ class EntryBuilder:
             with contextlib.suppress(Exception):  # already failing; the folder goes anyway
                 w.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- housekeeping
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """One cache entry on disk (``rows`` is None for an unreadable or half-built one)."""
+
+    key: str
+    size_bytes: int
+    rows: dict[str, int] | None
+    modified: float
+
+
+def list_entries(root: Path | None = None) -> list[EntryInfo]:
+    """Every entry under the cache root (leftovers of interrupted builds included), newest first."""
+    root = root or cache_root()
+    if not root.is_dir():
+        return []
+    out = []
+    for folder in root.iterdir():
+        if not folder.is_dir():
+            continue
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            rows: dict[str, int] | None = {name: int(info["rows"]) for name, info in meta["splits"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            rows = None
+        size = sum(p.stat().st_size for p in files)
+        out.append(EntryInfo(folder.name, size, rows, folder.stat().st_mtime))
+    return sorted(out, key=lambda e: e.modified, reverse=True)
+
+
+def clear_entries(root: Path | None = None) -> tuple[int, int]:
+    """Delete every entry; returns ``(entries, bytes)`` freed.  Runs reading an entry keep their mapping."""
+    entries = list_entries(root)
+    root = root or cache_root()
+    for entry in entries:
+        shutil.rmtree(root / entry.key, ignore_errors=True)
+    return len(entries), sum(e.size_bytes for e in entries)
