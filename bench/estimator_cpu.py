@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 MiB = 2**20
 TOLERANCE = 0.15
-# (name, backend, method, dtype, model sizes, batch, seq, checkpointing)
+# (model[:arch], backend, method, dtype, batch, seq, checkpointing); the arch defaults to llama
 MODELS = {
     "tiny": {
         "hidden_size": 64,
@@ -73,6 +73,10 @@ CONFIGS = [
     ("small", "torch", "lora", "float32", 4, 256, False),
     ("small", "torch", "lora", "bfloat16", 4, 256, False),
     ("small", "torch", "full", "float32", 2, 256, False),
+    ("small:qwen2", "torch", "lora", "float32", 4, 256, False),
+    ("small:qwen3", "torch", "lora", "bfloat16", 4, 256, False),
+    ("small:gemma2", "torch", "lora", "float32", 4, 256, False),
+    ("small:phi3", "torch", "lora", "float32", 4, 256, True),
     ("medium", "torch", "lora", "float32", 4, 512, False),
     ("medium", "torch", "lora", "float32", 4, 512, True),
     ("tiny", "mlx", "lora", "float32", 4, 128, False),
@@ -117,9 +121,11 @@ def main() -> None:
 def _checkpoint(root: Path, name: str) -> Path:
     from tunelab.tiny import build_tiny_model
 
-    folder = root / name
+    size, _, arch = name.partition(":")
+    folder = root / name.replace(":", "-")
     if not folder.exists():
-        build_tiny_model(folder, arch="llama", seed=0, **MODELS[name])
+        tied = {"tie_word_embeddings": True} if arch.startswith("gemma") else {}
+        build_tiny_model(folder, arch=arch or "llama", seed=0, **MODELS[size], **tied)
     return folder
 
 

@@ -71,6 +71,13 @@ def _render(plan: object) -> None:
         table.add_row(line.label, size_text(line.bytes), Text(line.note, style="dim"))
     table.add_row(Text("total", style="bold"), Text(size_text(est.total), style="bold"), "")
     console.print(table)
+    console.print(
+        Text(
+            "worst case: every sequence data.max_seq_len long and fully supervised "
+            "(tunelab train re-estimates from your data's longest example)",
+            style="dim",
+        )
+    )
     if plan.auto:
         console.print(
             Text(

@@ -279,6 +279,8 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> float:
     attention = a * (2 * shape.q_dim + 2 * kv) + 4 * shape.heads
     if work.backend == "mlx":
         attention += a * shape.heads * work.seq_len  # MLX keeps the attention weights for backward
+    elif shape.eager_attention:
+        attention += (4 if a == 4 else 6) * shape.heads * work.seq_len  # fp32 softmax (and its 16-bit cast)
     mlp = a * 3 * i
     inputs = {"attn": h, "o": shape.q_dim, "mlp": h, "down": i}
     saved_inputs = 0.0
@@ -327,6 +329,8 @@ def logits_bytes(shape: ModelShape, work: Workload) -> int:
         picked = rows  # the compiled MLX step projects every position (fixed shapes)
     # torch: saved log-softmax + its gradient in and out; MLX's graph holds one more fp32 copy.
     peak = (16 if work.backend == "mlx" else 12) * picked * shape.vocab
+    if shape.logit_softcap:
+        peak += 8 * picked * shape.vocab  # the scaled logits and tanh's saved output
     if work.backend == "torch" and not work.fast_loss:
         # The model's own full logits stay alive next to the gathered fp32 copy while the loss runs.
         peak = max(peak, (a * rows + a * picked + 8 * picked) * shape.vocab)

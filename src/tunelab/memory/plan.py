@@ -127,6 +127,7 @@ def workload(cfg: RunConfig, shape: ModelShape, *, backend: str, device: str, **
         gradient_checkpointing=t.gradient_checkpointing,
         grad_accum=t.grad_accum,
         compiled=backend == "mlx" and t.compile,
+        fast_loss=m.name != "prefix",  # prefix tuning takes the model's own (full) logits
     )
     return replace(base, **fields)
 

@@ -57,6 +57,8 @@ class ModelShape:
     norms_per_layer: int = 2
     qk_norm: bool = False
     fused_qkv: bool = False
+    logit_softcap: bool = False  # Gemma 2: tanh(logits / cap) · cap, more fp32 copies in the loss
+    eager_attention: bool = False  # soft-capped attention scores: no fused kernel, the weights are saved
     checkpoint_dtype: str | None = None
     quant_bits: int | None = None  # an already-quantized checkpoint (MLX's "quantization" key)
     quant_group_size: int = 64
@@ -147,6 +149,8 @@ def _from_config(config: dict[str, Any]) -> ModelShape:
             norms_per_layer=_NORMS_PER_LAYER.get(model_type, 2),
             qk_norm=model_type in _QK_NORM,
             fused_qkv=model_type in _FUSED_QKV,
+            logit_softcap=bool(inner.get("final_logit_softcapping")),
+            eager_attention=bool(inner.get("attn_logit_softcapping")),
             checkpoint_dtype=config.get("dtype") or config.get("torch_dtype"),
             **_quantization(config),
         )
