@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from tests.conftest import run_cli
 from tests.export.conftest import train_run
 
 
+@pytest.mark.slow
 def test_cli_export_records_the_verified_artifact(chat_data: Path, tmp_path: Path) -> None:
     train_run(chat_data, tmp_path, "qwen2", "bpe", steps=4)
     run_id = json.loads(run_cli("runs", "list", "--json").stdout)[0]["id"]
