@@ -94,3 +94,32 @@ def test_go_template_interpreter() -> None:
     )
     data = {"System": "sys", "Messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     assert render_go(template, data) == "S:sys\nU:hiA:yo"
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3", "gemma"])
+def test_gguf_other_families(arch: str, chat_data: Path, tmp_path: Path) -> None:
+    """Whole-model exports (as of a full fine-tune) of the other families llama.cpp runs."""
+    from tests.integration.conftest import tiny_model_from
+
+    from tunelab.hub import load_tokenizer
+
+    extra = {"tie_word_embeddings": True} if arch == "gemma" else {}  # llama.cpp's Gemma has no separate lm_head
+    base = tiny_model_from(chat_data, tmp_path / arch, arch=arch, hidden_size=64, num_heads=4, **extra)
+    source = ExportSource(base, None, base, load_tokenizer(base).chat_template)
+    result = export_model(source, "gguf", tmp_path / "model.gguf", quantize="f32")
+    assert result.report is not None and result.report["passed"], result.report
+    assert result.report["greedy_agreement"] == 1.0
+
+
+def test_gguf_refuses_what_llama_cpp_would_compute_differently(chat_data: Path, tmp_path: Path) -> None:
+    from tests.integration.conftest import tiny_model_from
+
+    from tunelab.hub import load_tokenizer
+
+    base = tiny_model_from(chat_data, tmp_path / "gemma", arch="gemma", hidden_size=64, num_heads=4)
+    source = ExportSource(base, None, base, load_tokenizer(base).chat_template)
+    with pytest.raises(ModelError, match="own lm_head"):
+        export_model(source, "gguf", tmp_path / "model.gguf")
+    phi = tiny_model_from(chat_data, tmp_path / "phi3", arch="phi3", hidden_size=64, num_heads=4)
+    with pytest.raises(ModelError, match="does not support model_type 'phi3'"):
+        export_model(ExportSource(phi, None, phi, None), "gguf", tmp_path / "phi.gguf")
