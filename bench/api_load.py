@@ -107,6 +107,7 @@ class Stack:
 async def _load(stack: Stack, job: dict[str, Any], opts: argparse.Namespace, worker: subprocess.Popen) -> dict:
     """Clients poll until the worker exits; one WebSocket follows the run meanwhile."""
     latencies: list[float] = []
+    errors: list[int] = []
     done = asyncio.Event()
     limits = httpx.Limits(max_connections=opts.clients, max_keepalive_connections=opts.clients)
     async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, limits=limits, timeout=60) as client:
@@ -117,7 +118,13 @@ async def _load(stack: Stack, job: dict[str, Any], opts: argparse.Namespace, wor
             n = 0
             while not done.is_set():
                 started = time.perf_counter()
-                response = await client.get(paths[n % 2])
+                try:
+                    response = await client.get(paths[n % 2])
+                except httpx.TransportError:
+                    # The server closing an idle keep-alive connection just as a client reuses it:
+                    # a real client retries, and so does this one (counted, not timed).
+                    errors.append(1)
+                    continue
                 latencies.append(time.perf_counter() - started)
                 response.raise_for_status()
                 n += 1
@@ -135,7 +142,8 @@ async def _load(stack: Stack, job: dict[str, Any], opts: argparse.Namespace, wor
         await watch_worker()
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
-    return {"latencies": latencies, "requests_per_sec": len(latencies) / elapsed, "ws_delays": ws_delays}
+    rps = len(latencies) / elapsed
+    return {"latencies": latencies, "requests_per_sec": rps, "ws_delays": ws_delays, "retries": len(errors)}
 
 
 async def _follow(stack: Stack, run_id: str, delays: list[float]) -> None:
@@ -154,23 +162,28 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between one client's polls")
     parser.add_argument("--steps", type=int, default=150, help="training steps per job")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each trains 4 jobs)")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny Llama")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the tiny Llama")
+    parser.add_argument("--log-every", type=int, default=1, help="steps between metric writes (registry + events)")
     parser.add_argument("--workdir", type=Path, default=None, help="reuse the data/model built here")
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tunelab-api-load-"))
     roots = workdir / "inputs"
-    train, model = prepare_inputs(roots, DataSpec(examples=600), ModelSpec(vocab_size=2000, hidden_size=128))
+    spec = ModelSpec(vocab_size=2000, hidden_size=args.hidden, num_layers=args.layers)
+    train, model = prepare_inputs(roots, DataSpec(examples=600), spec)
     config = {
         "model": {"path": str(model)},
         "data": {"train": str(train), "max_seq_len": 256},
         "method": {"name": "lora", "rank": 8},
-        "train": {"steps": args.steps, "batch_size": 8, "log_every": 1, "save_every": 50, "eval_every": 0},
+        "train": {"steps": args.steps, "batch_size": 8, "log_every": args.log_every, "save_every": 50, "eval_every": 0},
         "tensorboard": False,
     }
     stack = Stack(workdir / f"home-{os.getpid()}", roots)
     results: dict[str, list[dict[str, Any]]] = {"quiet": [], "load": []}
     try:
         stack.train_once({**config, "train": {**config["train"], "steps": 10}}, None)  # warm caches
+        print(f"device: {_device()}; {args.steps} steps per job; metrics every {args.log_every} steps", flush=True)
         for _ in range(args.rounds):
             for mode in ("quiet", "load", "load", "quiet"):
                 figures = stack.train_once(config, args if mode == "load" else None)
@@ -181,6 +194,14 @@ def main() -> None:
     _report(args, results)
 
 
+def _device() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "cpu (no torch)"
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+
+
 def _report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:
     quiet = median([r["tokens_per_sec"] for r in results["quiet"]])
     loaded = median([r["tokens_per_sec"] for r in results["load"]])
@@ -189,7 +210,8 @@ def _report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) 
     rps = median([r["requests_per_sec"] for r in results["load"]])
     print(f"\nload: {args.clients} clients polling every {args.interval}s ({rps:.0f} req/s) + 1 WebSocket per run")
     print(f"status latency   p50 {_percentile(latencies, 0.5):7.1f} ms   p99 {_percentile(latencies, 0.99):7.1f} ms")
-    print(f"  ({len(latencies)} requests)")
+    retries = sum(r["retries"] for r in results["load"])
+    print(f"  ({len(latencies)} requests, {retries} retried after a dropped keep-alive connection)")
     print(f"websocket delay  p50 {_percentile(delays, 0.5):7.1f} ms   p99 {_percentile(delays, 0.99):7.1f} ms")
     print(f"tokens/s quiet {quiet:.0f}  under load {loaded:.0f}  drop {100 * (1 - loaded / quiet):.1f}%")
     print(f"  (medians of {len(results['quiet'])} runs each, ABBA order)")
