@@ -73,3 +73,15 @@ def test_other_methods_export_or_are_refused(method: str, chat_data: Path, tmp_p
     assert result.report is not None and result.report["passed"], result.report
     kinds = [a["kind"] for a in services.show_run(run_id)["artifact_list"]]
     assert "export:hf" in kinds
+
+
+def test_large_models_are_sharded(sources: dict[str, ExportSource], tmp_path: Path) -> None:
+    from tunelab.export.hf import write_hf
+    from tunelab.export.merge import merge_model
+
+    source = sources["llama-bpe"]
+    merged = merge_model(source.base, source.adapter, tokenizer_dir=source.tokenizer_dir, template=source.template)
+    folder = write_hf(merged, tmp_path / "hf", max_shard_size="50KB")
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*.safetensors"))) > 1
+    report = verify_export(source, Written(folder, "float32", lambda: HFRuntime(folder)))
+    assert report.passed, report.failures
