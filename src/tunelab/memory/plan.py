@@ -18,7 +18,7 @@ import numpy as np
 
 from tunelab.config.schema import RunConfig
 from tunelab.data.tokenize import IGNORE, TokenizedSplit
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, ModelError, TunelabError
 from tunelab.memory.autobatch import SAFETY, choose_batch
 from tunelab.memory.budget import Budget, device_budget
 from tunelab.memory.estimate import DTYPE_BYTES, Estimate, GiB, Workload, estimate
@@ -70,18 +70,26 @@ class MemoryPlan:
 def load_shape(path: str, revision: str | None = None) -> ModelShape:
     """The architecture of a local checkpoint, or of a hub id from its config.json alone (no weights)."""
     local = Path(path).expanduser()
-    if local.is_dir():
-        return read_shape(local)
-    from tunelab.hub import resolve_model_path
+    if local.is_dir() or local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        from tunelab.hub import resolve_model_path
 
-    try:
-        from huggingface_hub import hf_hub_download
+        return read_shape(resolve_model_path(path, revision))  # a folder, or the error that says what is wrong
+    from huggingface_hub import hf_hub_download
 
-        return read_shape(Path(hf_hub_download(path, "config.json", revision=revision)).parent)
-    except TunelabError:
-        raise
-    except Exception:
-        return read_shape(resolve_model_path(path, revision))  # says clearly what is wrong with the path
+    for offline in (True, False):  # the HF cache first: no network when the model was used before
+        try:
+            return read_shape(
+                Path(hf_hub_download(path, "config.json", revision=revision, local_files_only=offline)).parent
+            )
+        except TunelabError:
+            raise
+        except Exception as exc:
+            problem = f"{type(exc).__name__}"
+    raise ModelError(
+        f"model.path: the config.json of {path} is not in the local Hugging Face cache and could not be downloaded"
+        f" ({problem})",
+        hint="check the id and your connection, or point model.path at a local checkpoint folder",
+    )
 
 
 def target_device(requested: str, backend: str) -> str:
