@@ -41,6 +41,7 @@ import gc
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -72,6 +73,7 @@ LLAMA_31_8B = {
 }
 TINY = {**LLAMA_31_8B, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2, "vocab_size": 4096}
 TOLERANCE = 0.15
+ROW = "ROW "
 
 
 def main() -> None:
@@ -79,17 +81,39 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     numbers = TINY if args.tiny else LLAMA_31_8B
     shape = read_shape(numbers)
-    say(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     work = Workload(
         backend="torch", device=device.type, dtype="bfloat16", rank=args.rank, seq_len=args.seq, padded=False
     )
-    rows = _rows(args, numbers, device, work)
-    _free(device)
+    if args.part:  # a child process: one model family, rows as JSON lines for the parent
+        # Only children touch the GPU: a CUDA context in the parent would take memory from them.
+        say(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+        part = work if args.part == "lora" else replace(work, method="qlora", bits=4)
+        for row in _rows(args, numbers, device, part):
+            say(ROW + json.dumps(row))
+        return
+    rows = _child(args, "lora")
     if importlib.util.find_spec("bitsandbytes") is None:
         rows += _skipped_qlora_rows(args, shape, work, "bitsandbytes is not installed (carry its wheel)")
     else:
-        rows += _rows(args, numbers, device, replace(work, method="qlora", bits=4))
+        rows += _child(args, "qlora")
     _report(rows, args)
+
+
+def _child(args: argparse.Namespace, part: str) -> list[dict[str, Any]]:
+    """Run one model family in a fresh process, so the next starts on an empty GPU; echo its output."""
+    cmd = [sys.executable, __file__, "--part", part, "--seq", str(args.seq), "--rank", str(args.rank)]
+    cmd += ["--batches", *map(str, args.batches)] + (["--tiny"] if args.tiny else [])
+    rows = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(ROW):
+                rows.append(json.loads(line[len(ROW) :]))
+            elif "warn" not in line.lower():
+                say(line.rstrip())
+    if proc.returncode != 0:
+        say(f"{part}: the child process failed (exit {proc.returncode}); its rows so far are kept")
+    return rows
 
 
 def _rows(args: argparse.Namespace, numbers: dict[str, Any], device: torch.device, work: Workload) -> list[dict]:
@@ -165,6 +189,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script itself (CPU too)")
+    parser.add_argument("--part", choices=["lora", "qlora"], help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
