@@ -131,10 +131,8 @@ def _write_from_folder(target: str, folder: Path, merged: Merged, out: Path, qua
     return written
 
 
-def verify_export(source: ExportSource, written: Written) -> Report:
+def verify_export(source: ExportSource, written: Written, *, target: str = "export") -> Report:
     """Verify an export written earlier (e.g. with ``check=False``) against a fresh merge of ``source``."""
     merged = merge_model(source.base, source.adapter, tokenizer_dir=source.tokenizer_dir, template=source.template)
     ref = Reference(merged.model, merged.tokenizer, merged.template)
-    return verify(
-        written.path.suffix.lstrip(".") or "export", written.precision, written.runtime(), ref, render=written.render
-    )
+    return verify(target, written.precision, written.runtime(), ref, render=written.render)
