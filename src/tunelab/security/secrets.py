@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab.errors import ConfigError, StateError
 from tunelab.registry import keys_repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.settings import get_settings
+
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -22,7 +26,7 @@ def key_file() -> Path:
     return get_settings().home / "secret.key"
 
 
-def _fernet() -> object:
+def _fernet() -> Fernet:
     from cryptography.fernet import Fernet
 
     path = key_file()
@@ -45,7 +49,7 @@ def set_secret(name: str, value: str) -> None:
     """Encrypt and store ``value`` under ``name`` (replacing an older one)."""
     if not _NAME.match(name):
         raise ConfigError("a secret name is 1-64 letters, digits, '_', '.' or '-'")
-    token = _fernet().encrypt(value.encode("utf-8")).decode("ascii")  # type: ignore[attr-defined]
+    token = _fernet().encrypt(value.encode("utf-8")).decode("ascii")
     with session_scope(open_registry()) as s:
         keys_repo.put_secret(s, name=name, ciphertext=token)
 
@@ -59,7 +63,7 @@ def get_secret(name: str) -> str | None:
     if token is None:
         return None
     try:
-        return _fernet().decrypt(token.encode("ascii")).decode("utf-8")  # type: ignore[attr-defined]
+        return _fernet().decrypt(token.encode("ascii")).decode("utf-8")
     except InvalidToken:
         raise StateError(
             f"secret {name!r} was encrypted with another key than {key_file()}",
