@@ -35,8 +35,13 @@ ROWS = [np.array([0, 1, 2]), np.array([3, 4]), np.array([5])]  # uneven rows: pa
 @pytest.fixture(scope="module")
 def models(chat_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("packing-models")
-    archs = {"llama": {}, "qwen2": {}, "gemma2": {"tie_word_embeddings": True}}
-    return {arch: tiny_model_from(chat_data, root / arch, arch=arch, **kw) for arch, kw in archs.items()}
+    archs = {"llama": {}, "qwen2": {}, "gemma2": {"tie_word_embeddings": True}, "mistral": {}}
+    models = {arch: tiny_model_from(chat_data, root / arch, arch=arch, **kw) for arch, kw in archs.items()}
+    # A sliding window shorter than the examples, so packed attention must honour it too.
+    config = json.loads((models["mistral"] / "config.json").read_text(encoding="utf-8"))
+    config.update(sliding_window=8, use_sliding_window=True)
+    (models["mistral"] / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return models
 
 
 def _split(model: Path, chat_data: Path) -> tuple[Any, TokenizedSplit]:
@@ -73,7 +78,7 @@ def _gradients(backend: Any) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "mistral"])
 def test_packed_loss_and_gradients_equal_one_by_one(
     backend_name: str, arch: str, models: dict[str, Path], chat_data: Path
 ) -> None:

@@ -9,12 +9,17 @@ flash path takes the examples' cumulative lengths (``cu_seq_lens_*``) for
 variable-length kernels that skip the masked work entirely.  RoPE reads the
 restarted positions, so every example sees the positions it would see alone.
 
-On a CPU the dense masked ``sdpa`` is what we use: FlexAttention has no CPU
-backward in torch 2.13, and gathering examples into per-length buckets for
-``is_causal`` kernels measured slower than the masked kernel at these sizes
-(the gathers' backward costs more than the masked-out work it saves).  On CUDA,
-:func:`choose_packed_attention` is the hook: flash-attention varlen when
-installed, else FlexAttention (block-sparse), else ``sdpa``.
+A dense per-example mask still computes every (query, key) pair of a row,
+most of them masked out.  Off CUDA, :func:`packed_sdpa` (registered with
+transformers as ``tunelab_packed_sdpa``) skips most of them: it takes queries
+in chunks and gives each chunk only the keys from the start of its earliest
+example, so a chunk of short examples attends over a few hundred keys instead
+of the whole row (1.3x the dense masked kernel's throughput on a packed
+1024-token step, 2 CPU threads).  FlexAttention would skip the same blocks but
+has no CPU backward in torch 2.13, and gathering examples into per-length
+buckets measured slower than the dense mask (the gathers' backward costs more
+than it saves).  On CUDA, :func:`choose_packed_attention` is the hook:
+flash-attention varlen when installed, else FlexAttention, else ``sdpa``.
 """
 
 from __future__ import annotations
@@ -23,22 +28,34 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
 VARLEN = ("flash_attention_2", "flash_attention_3")
+PACKED_SDPA = "tunelab_packed_sdpa"
 _CUDA_PREFERENCE = (*VARLEN, "flex_attention")
+_CHUNK = 256  # queries per chunk: smaller trims more keys, larger launches fewer kernels
 
 
 def choose_packed_attention(model: Any, device: torch.device, requested: str) -> str:
     """Switch ``model`` to the fastest exact attention for packed rows here; return its name.
 
-    An explicit ``model.attn_implementation`` is respected.  Off CUDA the
-    model's own choice (``sdpa`` or ``eager``) already honours packed rows.
+    An explicit ``model.attn_implementation`` is respected (transformers' own
+    packed masks then keep examples apart), as is a model that needs ``eager``
+    (soft-capped attention scores, for one).
     """
     current = str(model.config._attn_implementation)
-    if requested != "auto" or device.type != "cuda":
+    if requested != "auto":
         return current
+    if device.type != "cuda":
+        if current != "sdpa":
+            return current
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+        model.set_attn_implementation(PACKED_SDPA)
+        return PACKED_SDPA
     for name in _CUDA_PREFERENCE:
         try:
             model.set_attn_implementation(name)
@@ -73,3 +90,47 @@ def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
     cu = torch.cat([starts, total]).to(torch.int32)
     longest = int(cu.diff().max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def packed_sdpa(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention inside each example of packed rows (transformers' attention-function signature).
+
+    Examples are found from ``position_ids`` (every example restarts at 0), so
+    ``attention_mask`` is not used; a ``sliding_window`` is honoured.
+    """
+    positions = kwargs["position_ids"]  # (batch, length); the decoder layers pass it down
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    length = query.shape[2]
+    index = torch.arange(length, device=query.device)
+    starts = index - positions  # where each token's example begins: equal within an example, unique across
+    window = kwargs.get("sliding_window")
+    chunks = []
+    for begin in range(0, length, _CHUNK):
+        end = min(length, begin + _CHUNK)
+        first = int(starts[:, begin:end].min())  # no query of the chunk sees a key before this
+        q_at, k_at = index[begin:end, None], index[None, first:end]
+        mask = (starts[:, None, begin:end, None] == starts[:, None, None, first:end]) & (q_at >= k_at)
+        if window:
+            mask = mask & (q_at - k_at < window)
+        chunks.append(
+            F.scaled_dot_product_attention(
+                query[:, :, begin:end],
+                key[:, :, first:end],
+                value[:, :, first:end],
+                attn_mask=mask,
+                dropout_p=dropout,
+                scale=scaling,
+            )
+        )
+    return torch.cat(chunks, dim=2).transpose(1, 2).contiguous(), None
