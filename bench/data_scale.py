@@ -140,33 +140,41 @@ def make_model(out: Path) -> Path:
 
 @dataclass
 class Measured:
-    """One subprocess: wall time, peak RSS of its main process and of its whole tree, and what it printed."""
+    """One subprocess: wall time, peak memory, and what it printed.
+
+    ``peak_rss`` is the main process's; ``peak_tree_rss`` adds every child's
+    (tokenizer workers, fork server), which counts pages they share with each
+    other once per process; ``peak_tree_pss`` splits shared pages between the
+    processes that map them, so it is the tree's real footprint.
+    """
 
     wall_s: float
     peak_rss: int
     peak_tree_rss: int
+    peak_tree_pss: int
     report: dict[str, Any]
 
 
 def measure(cmd: list[str], env: dict[str, str], log: Path) -> Measured:
-    """Run ``cmd``, sampling RSS every 50 ms; its last stdout line may be a JSON report."""
+    """Run ``cmd``, sampling memory every 50 ms; its last stdout line may be a JSON report."""
     import psutil
 
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=out, text=True)
-        peaks = [0, 0]
+        peaks = [0, 0, 0]
         done = threading.Event()
 
         def sample() -> None:
             root = psutil.Process(proc.pid)
             while not done.is_set():
                 try:
-                    main = root.memory_info().rss
-                    tree = main + sum(_rss(c) for c in root.children(recursive=True))
+                    tree = [root, *root.children(recursive=True)]
+                    now = [_memory(root, "rss"), sum(_memory(p, "rss") for p in tree)]
+                    now.append(sum(_memory(p, "pss") for p in tree))
                 except psutil.Error:
                     break
-                peaks[0], peaks[1] = max(peaks[0], main), max(peaks[1], tree)
+                peaks[:] = [max(a, b) for a, b in zip(peaks, now, strict=True)]
                 done.wait(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -179,13 +187,17 @@ def measure(cmd: list[str], env: dict[str, str], log: Path) -> Measured:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    return Measured(wall, peaks[0], peaks[1], json.loads(lines[-1]) if lines else {})
+    return Measured(wall, *peaks, json.loads(lines[-1]) if lines else {})
 
 
-def _rss(proc: Any) -> int:
+def _memory(proc: Any, kind: str) -> int:
+    """RSS, or PSS where the platform reports it (Linux); 0 for a process that just exited."""
     try:
+        if kind == "pss":
+            info = proc.memory_full_info()
+            return int(getattr(info, "pss", info.rss))
         return int(proc.memory_info().rss)
-    except Exception:  # a worker that just exited
+    except Exception:
         return 0
 
 
@@ -298,7 +310,7 @@ def report(out: dict[str, Any]) -> None:
     print(f"tokenization ({out['subset_mb']:.0f} MB subset, streaming, cache off; tokens kept after truncation):")
     print(f"  num_proc=1           {one['tokens_per_s']:>12,.0f} tokens/s  {one['mb_per_s']:6.1f} MB/s")
     print(
-        f"  num_proc={out['cores']:<3}         {alln['tokens_per_s']:>12,.0f} tokens/s  "
+        f"  num_proc={out['cores']:<3}         {alln['tokens_per_s']:>12,.0f} tokens/s  {alln['mb_per_s']:6.1f} MB/s  "
         f"({alln['tokens_per_s'] / one['tokens_per_s']:.2f}x)"
     )
     mem = out["in_memory_subset"]
@@ -316,7 +328,7 @@ def report(out: dict[str, Any]) -> None:
     for name, m in (("cold (tokenize + cache)", cold), ("warm (cache hit)", warm)):
         print(
             f"tunelab train {name:<24} {m['wall_s']:>8.1f} s   peak RSS {m['peak_rss'] / gib:.2f} GiB "
-            f"(tree {m['peak_tree_rss'] / gib:.2f} GiB)"
+            f"(tree: RSS {m['peak_tree_rss'] / gib:.2f} GiB, PSS {m['peak_tree_pss'] / gib:.2f} GiB)"
         )
     print(f"  cache hit is {cold['wall_s'] / warm['wall_s']:.1f}x faster end to end")
     worst = max(cold["peak_rss"], warm["peak_rss"])
