@@ -57,7 +57,7 @@ def _percentile(values: list[float], q: float) -> float:
 class Stack:
     """`tunelab serve` plus a key, in a private TUNELAB_HOME."""
 
-    def __init__(self, home: Path, roots: Path) -> None:
+    def __init__(self, home: Path, roots: Path, server_workers: int = 1) -> None:
         self.env = {**os.environ, "TUNELAB_HOME": str(home), "TUNELAB_API_ROOTS": str(roots)}
         self.env.pop("TUNELAB_DB_URL", None)
         made = subprocess.run(
@@ -68,6 +68,7 @@ class Stack:
         self.url = f"http://127.0.0.1:{_free_port()}"
         port = self.url.rsplit(":", 1)[1]
         cmd = [sys.executable, "-m", "tunelab", "serve", "--port", port, "--log-level", "warning"]
+        cmd += ["--workers", str(server_workers)]
         self.server = subprocess.Popen(cmd, env=self.env, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between one client's polls")
     parser.add_argument("--steps", type=int, default=150, help="training steps per job")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each trains 4 jobs)")
+    parser.add_argument("--server-workers", type=int, default=1, help="`tunelab serve --workers`")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny Llama")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the tiny Llama")
     parser.add_argument("--log-every", type=int, default=1, help="steps between metric writes (registry + events)")
@@ -179,7 +181,7 @@ def main() -> None:
         "train": {"steps": args.steps, "batch_size": 8, "log_every": args.log_every, "save_every": 50, "eval_every": 0},
         "tensorboard": False,
     }
-    stack = Stack(workdir / f"home-{os.getpid()}", roots)
+    stack = Stack(workdir / f"home-{os.getpid()}", roots, args.server_workers)
     results: dict[str, list[dict[str, Any]]] = {"quiet": [], "load": []}
     try:
         stack.train_once({**config, "train": {**config["train"], "steps": 10}}, None)  # warm caches
@@ -208,7 +210,8 @@ def _report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) 
     latencies = [x * 1000 for r in results["load"] for x in r["latencies"]]
     delays = [x * 1000 for r in results["load"] for x in r["ws_delays"]]
     rps = median([r["requests_per_sec"] for r in results["load"]])
-    print(f"\nload: {args.clients} clients polling every {args.interval}s ({rps:.0f} req/s) + 1 WebSocket per run")
+    print(f"\nload: {args.clients} clients polling every {args.interval}s ({rps:.0f} req/s) + 1 WebSocket per run;")
+    print(f"  server processes: {args.server_workers}")
     print(f"status latency   p50 {_percentile(latencies, 0.5):7.1f} ms   p99 {_percentile(latencies, 0.99):7.1f} ms")
     retries = sum(r["retries"] for r in results["load"])
     print(f"  ({len(latencies)} requests, {retries} retried after a dropped keep-alive connection)")

@@ -12,6 +12,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the API to your network."),
     port: int = typer.Option(8000, help="TCP port."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    workers: int = typer.Option(1, min=1, max=64, help="Server processes (more serve more clients at once)."),
 ) -> None:
     """Serve the REST + WebSocket API (docs at /docs); every route but /health needs an API key."""
     try:
@@ -25,7 +26,12 @@ def serve(
     from uvicorn.config import WS_PROTOCOLS
 
     ws = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto"  # the legacy one is deprecated
-    uvicorn.run(create_app(), host=host, port=port, log_level=log_level, ws=ws)
+    if workers == 1:
+        uvicorn.run(create_app(), host=host, port=port, log_level=log_level, ws=ws)
+        return
+    # Several processes need an import string; each builds its own app (and DB engine) from the environment.
+    factory = "tunelab.api.app:create_app"
+    uvicorn.run(factory, factory=True, workers=workers, host=host, port=port, log_level=log_level, ws=ws)
 
 
 def worker(
