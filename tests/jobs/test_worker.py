@@ -121,3 +121,25 @@ def test_cancel_running_job_stops_it_with_a_checkpoint(
     run = services.show_run(job["run_id"])
     assert run["status"] == "cancelled" and run["step"] < 2000
     assert (tmp_path / "out/checkpoints" / f"step-{run['step']}").is_dir(), "the last step was checkpointed"
+
+
+def test_a_failing_job_is_recorded_and_the_worker_goes_on(tmp_path: Path, workers: list) -> None:
+    data = write_data(tmp_path / "data")
+    broken = validate_config(
+        {
+            "model": {"path": str(tmp_path / "no-such-model")},
+            "data": {"train": str(data)},
+            "output_dir": str(tmp_path / "o"),
+        }
+    )
+    bad = services.submit_job(broken, priority=1)
+    good = services.submit_job(broken, kind="validate")
+    workers.append(start_worker("--exit-when-idle", log=tmp_path / "w.log"))
+    assert workers[0].wait(timeout=120) == 0, "a job's failure never takes its worker down"
+    failed = services.show_job(bad["id"])
+    assert failed["status"] == "failed" and "no-such-model" in failed["error"], failed
+    run = services.show_run(bad["run_id"])
+    assert run["status"] == "failed" and "no-such-model" in run["error"]
+    assert services.show_job(good["id"])["status"] == "completed"
+    logged = [e for e in services.job_events(bad["id"]) if e["type"] == "log" and e.get("level") == "error"]
+    assert logged and "no-such-model" in logged[0]["text"]

@@ -94,6 +94,8 @@ class Worker:
             return "lost"
         status, error = self._outcome(job.id, proc.exitcode, stop.is_set())
         queue.finish(job.id, self.worker_id, status, error=error)
+        if status == "failed" and error is None:
+            error = self._job(job.id).error  # written by the child that saw the exception
         self.say(f"job {job.id} {status}" + (f": {error}" if error else ""))
         return status
 
@@ -119,11 +121,14 @@ class Worker:
         return "failed", None if code == 1 else f"the job's process died (exit code {code})"
 
     def _cancel_requested(self, job_id: str) -> bool:
+        return bool(self._job(job_id).cancel_requested)
+
+    def _job(self, job_id: str) -> Any:
         from tunelab.registry import jobs_repo
         from tunelab.registry.db import open_registry
 
         with session_scope(open_registry()) as s:
-            return bool(jobs_repo.get_job(s, job_id).cancel_requested)
+            return jobs_repo.get_job(s, job_id)
 
 
 def run_worker(options: WorkerOptions, *, say: Callable[[str], None] = print) -> int:
