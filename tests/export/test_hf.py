@@ -85,3 +85,23 @@ def test_large_models_are_sharded(sources: dict[str, ExportSource], tmp_path: Pa
     assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*.safetensors"))) > 1
     report = verify_export(source, Written(folder, "float32", lambda: HFRuntime(folder)))
     assert report.passed, report.failures
+
+
+def test_quantized_base_is_dequantized_before_merging(sources: dict[str, ExportSource], tmp_path: Path) -> None:
+    pytest.importorskip("mlx_lm")
+    import torch
+
+    from tunelab.convert import convert_checkpoint
+    from tunelab.export.merge import merge_model
+
+    source = sources["qwen2-bpe"]
+    convert_checkpoint(str(source.base), tmp_path / "q8", to="mlx", bits=8, group_size=32)
+    quantized = ExportSource(tmp_path / "q8", source.adapter, source.tokenizer_dir, source.template)
+    result = export_model(quantized, "hf", tmp_path / "hf")
+    assert any("8-bit MLX-quantized: dequantized it to float32 before merging" in n for n in result.notes)
+    assert result.report is not None and result.report["passed"]
+    exact = merge_model(source.base, source.adapter, tokenizer_dir=source.tokenizer_dir, template=None).model
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        want, got = exact(input_ids=ids).logits, HFRuntime(result.path).model(input_ids=ids).logits
+    assert float((want - got).abs().max()) < 0.05 * float(want.abs().max())  # 8-bit rounding, not a lost fine-tune
