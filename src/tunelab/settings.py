@@ -41,5 +41,20 @@ def get_settings() -> Settings:
     db_url = os.environ.get("TUNELAB_DB_URL") or f"sqlite:///{home / 'tunelab.db'}"
     # TUNELAB_API_ROOTS: os.pathsep-separated folders (models, data) the API may use.
     roots = tuple(Path(p).expanduser() for p in os.environ.get("TUNELAB_API_ROOTS", "").split(os.pathsep) if p)
-    upload_mb = float(os.environ.get("TUNELAB_UPLOAD_LIMIT_MB") or 100)
+    upload_mb = _positive_float("TUNELAB_UPLOAD_LIMIT_MB", 100.0)
     return Settings(home=home, db_url=db_url, api_roots=roots, upload_limit_bytes=int(upload_mb * 2**20))
+
+
+def _positive_float(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"{name} must be a positive number (got {text!r})")
+    return value

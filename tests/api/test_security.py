@@ -174,3 +174,25 @@ def test_bad_configs_and_unknown_ids(api: httpx.Client, server: Server) -> None:
     assert api.get("/v1/runs", params={"status": "weird"}).status_code == 422
     chat = {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}
     assert api.post("/v1/chat/completions", json=chat).status_code == 404
+
+
+def test_cli_as_client_reports_bad_keys_and_dead_servers_without_tracebacks(server: Server) -> None:
+    import subprocess
+    import sys
+
+    def jobs_list(url: str, key: str) -> subprocess.CompletedProcess:
+        env = server.env(TUNELAB_API_KEY=key)
+        cmd = [sys.executable, "-m", "tunelab", "jobs", "list", "--server", url]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+    refused = jobs_list(server.url, "tl_wrong")
+    assert refused.returncode != 0 and "refused the API key" in refused.stderr and "Traceback" not in refused.stderr
+    dead = jobs_list("http://127.0.0.1:9", server.key)
+    assert dead.returncode != 0 and "cannot reach" in dead.stderr and "Traceback" not in dead.stderr
+    ok = jobs_list(server.url, server.key)
+    assert ok.returncode == 0, ok.stderr
+    bad_limit = subprocess.run(
+        [sys.executable, "-m", "tunelab", "serve"], env=server.env(TUNELAB_UPLOAD_LIMIT_MB="lots"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad_limit.returncode == 2 and "TUNELAB_UPLOAD_LIMIT_MB" in bad_limit.stderr
