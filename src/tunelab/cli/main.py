@@ -11,12 +11,15 @@ import sys
 import typer
 from rich.text import Text
 
+from tunelab.cli import auth as auth_cmd
 from tunelab.cli import convert as convert_cmd
 from tunelab.cli import data as data_cmd
 from tunelab.cli import doctor as doctor_cmd
 from tunelab.cli import estimate as estimate_cmd
 from tunelab.cli import export as export_cmd
+from tunelab.cli import jobs as jobs_cmd
 from tunelab.cli import runs as runs_cmd
+from tunelab.cli import serve as serve_cmd
 from tunelab.cli import train as train_cmd
 from tunelab.cli import use as use_cmd
 from tunelab.cli.console import err_console
@@ -39,6 +42,10 @@ app.command("estimate")(estimate_cmd.estimate)
 app.command("export")(export_cmd.export)
 app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(data_cmd.app, name="data")
+app.command("serve")(serve_cmd.serve)
+app.command("worker")(serve_cmd.worker)
+app.add_typer(jobs_cmd.app, name="jobs")
+app.add_typer(auth_cmd.app, name="auth")
 
 
 def _print_version(value: bool) -> None:
