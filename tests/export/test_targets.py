@@ -30,6 +30,12 @@ def test_mlx_export_loads_in_mlx_lm(
     assert (result.path / "config.json").is_file() and report["template_match"]
 
 
+def _config(folder: Path) -> object:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_onnx_export_runs_in_onnxruntime(name: str, sources: dict[str, ExportSource], tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
@@ -39,9 +45,14 @@ def test_onnx_export_runs_in_onnxruntime(name: str, sources: dict[str, ExportSou
     assert report["max_logit_diff"] < 1e-4 and report["greedy_agreement"] == 1.0 and report["template_match"]
     import onnxruntime
 
+    from tunelab.export.onnx import cache_shape
+
     session = onnxruntime.InferenceSession(str(result.path / "model.onnx"), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"input_ids": np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)})
-    assert logits.shape[:2] == (2, 3)  # batch and sequence are dynamic
+    layers, heads, head_dim = cache_shape(_config(result.path))
+    empty = np.zeros((layers, 3, heads, 0, head_dim), dtype=np.float32)
+    ids = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=np.int64)
+    logits, keys, _ = session.run(None, {"input_ids": ids, "past_keys": empty, "past_values": empty})
+    assert logits.shape[:2] == (3, 3) and keys.shape == (layers, 3, heads, 3, head_dim)  # batch, length, past dynamic
 
 
 def test_corrupt_onnx_weight_fails_verification(sources: dict[str, ExportSource], tmp_path: Path) -> None:
