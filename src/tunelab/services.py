@@ -298,6 +298,7 @@ def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable
     with session_scope(open_registry()) as s:
         job = jobs_repo.get_job(s, job_id)
         kind, run_id, config = job.kind, job.run_id, dict(job.config)
+        trained = run_id is not None and repo.get_run(s, run_id).status == "completed"
     if kind == "validate" or run_id is None:
         cfg = validate_config(config)
         report = validate_dataset(
@@ -306,6 +307,8 @@ def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable
         counts = ", ".join(f"{k}: {v['records']} records" for k, v in report["splits"].items())
         record_job_event(job_id, None, "log", {"text": f"ok: format {report['format']}; {counts}"})
         return "completed"
+    if trained:
+        return "completed"  # its worker died after training but before recording the job's end
     outcome = resume_run(run_id, callbacks=callbacks, should_stop=should_stop)
     return "completed" if outcome.status == "completed" else "stopped"
 

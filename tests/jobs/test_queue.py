@@ -122,3 +122,11 @@ def test_postgres_claim_skips_rows_locked_by_another_worker(registry_url: str, t
         assert other is not None and other.id == second
         assert time.monotonic() - started < 5, "the claim skipped the locked row instead of waiting for it"
     assert services.show_job(first)["worker_id"] == "slow"
+
+
+def test_job_whose_run_already_completed_is_not_trained_again(registry_url: str, tmp_path: Path) -> None:
+    job = services.submit_job(_cfg(tmp_path, output_dir=str(tmp_path / "out")), kind="train")
+    with session_scope(open_registry()) as s:
+        services.repo.update_run(s, job["run_id"], status="completed")
+    # e.g. the worker died between the end of training and recording the job's end
+    assert services.run_job(job["id"]) == "completed"

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from tunelab.jobs import queue
 from tunelab.jobs.child import EXIT_STOPPED
 from tunelab.registry.db import session_scope
@@ -69,7 +71,12 @@ class Worker:
         done = 0
         self.say(f"worker {self.worker_id} waiting for jobs")
         while not self.stopping and (self.options.max_jobs is None or done < self.options.max_jobs):
-            job = queue.claim(self.worker_id, stale_after=self.options.stale_after_s)
+            try:
+                job = queue.claim(self.worker_id, stale_after=self.options.stale_after_s)
+            except OperationalError as exc:  # the DB restarting or unreachable for a moment: wait, don't die
+                self.say(f"registry unavailable ({type(exc.orig).__name__}); retrying")
+                time.sleep(max(self.options.poll_s, 1.0))
+                continue
             if job is None:
                 if self.options.exit_when_idle:
                     break
@@ -103,7 +110,10 @@ class Worker:
         """Beat while the child runs; returns True when the lease was lost (the child was killed)."""
         while proc.is_alive():
             proc.join(self.options.heartbeat_s)
-            state = queue.heartbeat(job_id, self.worker_id)
+            try:
+                state = queue.heartbeat(job_id, self.worker_id)
+            except OperationalError:
+                continue  # a missed beat; the lease only lapses after stale_after of them
             if state == "lost":
                 proc.kill()
                 proc.join()
