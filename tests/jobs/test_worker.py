@@ -143,3 +143,23 @@ def test_a_failing_job_is_recorded_and_the_worker_goes_on(tmp_path: Path, worker
     assert services.show_job(good["id"])["status"] == "completed"
     logged = [e for e in services.job_events(bad["id"]) if e["type"] == "log" and e.get("level") == "error"]
     assert logged and "no-such-model" in logged[0]["text"]
+
+
+@pytest.mark.slow
+def test_stopping_a_worker_hands_its_job_back_for_the_next_one(
+    e2e_model: Path, chat_data: Path, tmp_path: Path, workers: list
+) -> None:
+    job = services.submit_job(_train_cfg(e2e_model, chat_data, tmp_path / "out"))
+    workers.append(start_worker(log=tmp_path / "w1.log"))
+    wait_until(lambda: (tmp_path / "out/checkpoints/step-5").exists(), timeout=240, what="first checkpoint")
+    os.kill(workers[0].pid, signal.SIGTERM)  # what Ctrl-C or a service manager sends
+    assert workers[0].wait(timeout=120) == 0
+    handed_back = services.show_job(job["id"])
+    assert handed_back["status"] == "queued" and handed_back["worker_id"] is None, handed_back
+    assert services.show_run(job["run_id"])["status"] == "queued"
+    workers.append(start_worker("--max-jobs", "1", log=tmp_path / "w2.log"))
+    assert workers[1].wait(timeout=300) == 0
+    done = services.show_job(job["id"])
+    assert done["status"] == "completed" and done["attempts"] == 2
+    logs = [e.get("text", "") for e in services.job_events(job["id"]) if e["type"] == "log"]
+    assert any(t.startswith("resuming from step-") for t in logs)
