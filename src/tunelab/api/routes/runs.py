@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect, status
 from starlette.concurrency import run_in_threadpool
 
 from tunelab import services
+from tunelab.api.deps import require_key_ws
 from tunelab.api.schemas import MetricPoint
 from tunelab.errors import NotFoundError
 from tunelab.registry.tables import RUN_STATUSES
@@ -45,8 +46,6 @@ async def run_events(websocket: WebSocket, run_id: str, after: int = 0) -> None:
     A late subscriber therefore first gets what it missed; the socket closes
     itself once the run has ended and every event has been sent.
     """
-    from tunelab.api.deps import require_key_ws
-
     if not await require_key_ws(websocket):
         return
     try:
