@@ -14,8 +14,8 @@ most of them masked out.  Off CUDA, :func:`packed_sdpa` (registered with
 transformers as ``tunelab_packed_sdpa``) skips most of them: it takes queries
 in chunks and gives each chunk only the keys from the start of its earliest
 example, so a chunk of short examples attends over a few hundred keys instead
-of the whole row (1.3x the dense masked kernel's throughput on a packed
-1024-token step, 2 CPU threads).  FlexAttention would skip the same blocks but
+of the whole row (on 2 CPU threads, packed training went from 0.95x to 1.18x
+the throughput of length-grouped batches: ``bench/packing_cpu.py``).  FlexAttention would skip the same blocks but
 has no CPU backward in torch 2.13, and gathering examples into per-length
 buckets measured slower than the dense mask (the gathers' backward costs more
 than it saves).  On CUDA, :func:`choose_packed_attention` is the hook:
@@ -105,9 +105,14 @@ def packed_sdpa(
     """Causal attention inside each example of packed rows (transformers' attention-function signature).
 
     Examples are found from ``position_ids`` (every example restarts at 0), so
-    ``attention_mask`` is not used; a ``sliding_window`` is honoured.
+    ``attention_mask`` is not used; a ``sliding_window`` is honoured.  Anything
+    but a whole-sequence forward (decoding with a KV cache) takes plain ``sdpa``.
     """
-    positions = kwargs["position_ids"]  # (batch, length); the decoder layers pass it down
+    positions = kwargs.get("position_ids")  # (batch, length); the decoder layers pass it down
+    if positions is None or query.shape[2] != key.shape[2]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
