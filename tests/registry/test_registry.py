@@ -17,7 +17,18 @@ from tunelab.registry import db, repo
 from tunelab.registry.db import make_engine, migrate, open_registry, session_scope
 from tunelab.registry.tables import Base
 
-TABLES = {"models", "datasets", "runs", "metrics", "artifacts", "jobs", "events", "api_keys", "secrets", "alembic_version"}
+TABLES = {
+    "models",
+    "datasets",
+    "runs",
+    "metrics",
+    "artifacts",
+    "jobs",
+    "events",
+    "api_keys",
+    "secrets",
+    "alembic_version",
+}
 
 
 @pytest.fixture(autouse=True)
