@@ -22,7 +22,7 @@ from tunelab.data import cache, prepare
 from tunelab.data.formats import to_samples
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.sources import read_records
-from tunelab.data.templates import template_for
+from tunelab.data.templates import BUILTIN_NAME, CHATML, TOKENIZER_NAME, template_for
 from tunelab.data.tokenize import TokenizedSplit, tokenize_samples
 from tunelab.errors import DataError
 from tunelab.hub import load_tokenizer
@@ -345,3 +345,39 @@ def test_data_cache_command_lists_and_clears(chats: Path, tiny_tokenizer: Any, c
     cleared = cli("data", "cache", "--clear", "--json")
     assert cleared.returncode == 0 and json.loads(cleared.stdout)["removed"] == 2
     assert prepare_data(DataCfg(train=str(chats), max_seq_len=32), tiny_tokenizer).cache_status == "miss"
+
+
+# --------------------------------------------------------------------------- one template per dataset
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_tool_calls_the_template_cant_render_switch_the_whole_dataset_to_chatml(
+    tmp_path: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, num_proc: int
+) -> None:
+    """Every example, not only those with tools, is trained with the template saved with the adapter."""
+    data = write_chats(tmp_path / "train.jsonl", 600, seed=3)
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"q": "cat"}}}
+    tool_chat = {
+        "messages": [
+            {"role": "user", "content": "find the cat"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "on a mat"},
+            {"role": "assistant", "content": "the cat sat on a mat"},
+        ]
+    }
+    with data.open("a", encoding="utf-8") as f:  # the only tool call comes last, in the last chunk
+        f.write(json.dumps(tool_chat) + "\n")
+    monkeypatch.setattr(prepare, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(prepare, "CHECK_FIRST_BYTES", 0)
+    assert template_for(tiny_tokenizer)[1] == TOKENIZER_NAME and "tool_calls" not in tiny_tokenizer.chat_template
+    out = prepare_data(DataCfg(train=str(data), max_seq_len=256, num_proc=num_proc), tiny_tokenizer)
+    assert out.template_name == BUILTIN_NAME
+    records = read_records(data)
+    expected = tokenize_samples(
+        to_samples(records, "chat"), tiny_tokenizer, template=CHATML, max_seq_len=256, mask_prompt=True
+    )
+    assert rows(out.train) == rows(expected)
+    assert "<tool_call>" in tiny_tokenizer.decode(out.train.input_ids[len(out.train) - 1].tolist())
+    assert (
+        prepare_data(DataCfg(train=str(data), max_seq_len=256, num_proc=num_proc), tiny_tokenizer).cache_status == "hit"
+    )

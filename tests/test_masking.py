@@ -15,7 +15,7 @@ import pytest
 
 from tunelab.data.formats import to_samples
 from tunelab.data.sources import Record
-from tunelab.data.templates import CHATML, template_for_sample
+from tunelab.data.templates import CHATML, TemplateLacksTools, template_for_sample
 from tunelab.data.tokenize import IGNORE, tokenize_samples
 from tunelab.errors import ConfigError
 
@@ -224,14 +224,17 @@ def test_tool_calls_use_the_models_template_when_it_supports_them(tok: Any) -> N
     assert_tokens(tokenize(tok, record, "chat", "all_assistant", template=TOOL_TEMPLATE), expected)
 
 
-def test_a_template_without_tool_support_falls_back_to_builtin_chatml(tok: Any) -> None:
+def test_a_template_without_tool_support_is_refused_per_sample_and_chatml_renders_the_calls(tok: Any) -> None:
     plain = "{% for m in messages %}{{ m['role'] + ': ' + (m['content'] or '') + '\\n' }}{% endfor %}"
     sample = to_samples([Record(TOOL_CHAT, "t.jsonl", 1)], "chat")[0]
     assert template_for_sample(plain, sample.messages, sample.tools) == CHATML
     assert template_for_sample(TOOL_TEMPLATE, sample.messages) == TOOL_TEMPLATE
     assert template_for_sample(plain, CHAT["messages"]) == plain  # no tools: the model's own template
-    # The calls are rendered (and trained), not silently dropped by the plain template.
-    assert_tokens(tokenize(tok, TOOL_CHAT, "chat", "all_assistant", template=plain), TOOL_TURNS["all_assistant"])
+    # Never silently dropped: tokenizing refuses the plain template (prepare_data then switches the whole
+    # dataset to the built-in ChatML), and with it the calls are rendered and trained.
+    with pytest.raises(TemplateLacksTools, match="tools that the model.s chat template can.t render"):
+        tokenize(tok, TOOL_CHAT, "chat", "all_assistant", template=plain)
+    assert_tokens(tokenize(tok, TOOL_CHAT, "chat", "all_assistant", template=CHATML), TOOL_TURNS["all_assistant"])
 
 
 def test_mask_prompt_false_trains_every_token_whatever_train_on(tok: Any) -> None:

@@ -14,7 +14,7 @@ import pytest
 from tunelab.data.formats import to_samples
 from tunelab.data.preview import preview_dataset, token_texts
 from tunelab.data.sources import Record
-from tunelab.data.templates import render, template_for
+from tunelab.data.templates import BUILTIN_NAME, render, template_for
 from tunelab.data.tokenize import IGNORE, tokenize_samples
 from tunelab.data.validate import duplicates, length_histogram, validate_dataset
 from tunelab.errors import ConfigError, DataError
@@ -97,7 +97,9 @@ def test_preview_marks_truncation_and_examples_left_with_nothing_to_train(tmp_pa
     assert gone.dropped and gone.trained == 0 and gone.total == first_trained
 
 
-def test_preview_says_when_tool_calls_fall_back_to_builtin_chatml(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_preview_switches_to_builtin_chatml_like_training_when_tools_cant_render(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     call = {"function": {"name": "sum", "arguments": {"a": 2}}}
     tool_chat = {
         "messages": [
@@ -108,8 +110,10 @@ def test_preview_says_when_tool_calls_fall_back_to_builtin_chatml(tmp_path: Path
         ]
     }
     path = write_jsonl(tmp_path / "train.jsonl", [tool_chat, SHORT])
-    with_tools, plain = preview_dataset(str(path), model=str(tiny_model_dir), n=2).examples
-    assert "built-in ChatML" in with_tools.note and plain.note == ""
+    preview = preview_dataset(str(path), model=str(tiny_model_dir), n=2)
+    with_tools, plain = preview.examples
+    assert "built-in ChatML" in preview.note and preview.chat_template == BUILTIN_NAME
+    assert "".join(t for t, _, _ in plain.tokens).startswith("<|im_start|>")
     text = "".join(t for t, _, _ in with_tools.tokens)
     assert '<tool_call>{"name": "sum", "arguments": {"a": 2}}</tool_call>' in text
 

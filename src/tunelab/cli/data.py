@@ -132,6 +132,8 @@ def preview(
         typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         return
     console.print(f"format [bold]{result.format}[/], chat template: {result.chat_template}")
+    if result.note:
+        console.print(f"[yellow]{result.note}[/]", soft_wrap=True)
     console.print(Text.assemble("legend: ", ("trained", _TRAINED[0]), " ", ("masked", _MASKED[0])))
     for number, example in enumerate(result.examples, start=1):
         _print_example(number, example, max_seq_len)
@@ -220,8 +222,6 @@ def _print_example(number: int, example: Any, max_seq_len: int) -> None:
         f"{example.total} tokens, {example.trained} trained, {cut}{note}",
         soft_wrap=True,
     )
-    if example.note:
-        console.print(f"[yellow]{example.note}[/]", soft_wrap=True)
     line = Text()
     for index, (text, _id, trained) in enumerate(example.tokens):
         styles = _TRAINED if trained else _MASKED

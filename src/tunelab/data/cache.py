@@ -31,7 +31,7 @@ from tunelab.data.tokenize import IGNORE, TokenizedSplit
 from tunelab.settings import get_settings
 
 # Bump whenever a code change alters the token ids or labels produced for the same inputs.
-TOKENIZATION_VERSION = 1
+TOKENIZATION_VERSION = 2  # 2: one template per dataset (tool calls switch the whole dataset to ChatML)
 _SPLITS = ("train", "valid")
 # Files that define how a checkpoint folder tokenizes (whichever of them exist are hashed).
 _TOKENIZER_FILES = (

@@ -24,7 +24,7 @@ from tunelab.data import cache
 from tunelab.data.formats import detect_format, to_sample, to_samples
 from tunelab.data.parallel import CHUNK_RECORDS, Task, TokenizeOptions, default_num_proc, tokenize_stream
 from tunelab.data.sources import Record, content_hash, iter_records, read_records, resolve_files
-from tunelab.data.templates import CHATML, template_for
+from tunelab.data.templates import BUILTIN_NAME, CHATML, TemplateLacksTools, template_for
 from tunelab.data.tokenize import TokenizedSplit
 from tunelab.errors import DataError
 
@@ -149,13 +149,15 @@ def prepare_data(cfg: DataCfg, tokenizer: Any, source: DataSource | None = None,
     source = source if source is not None else scan_data(cfg)
     template, template_name = template_for(tokenizer)
     carve = cfg.valid_split if source.valid_path is None else 0.0
-    key = cache.cache_key(_key_components(cfg, source, tokenizer, template, carve, seed))
     use_cache = cfg.cache and source.local
-    entry = cache.load_entry(key) if use_cache else None
-    status = "hit" if entry is not None else ("miss" if use_cache else "off")
-    log.info("tokenization cache %s (%s)", status, key)
-    if entry is None:
-        entry = _build(cfg, source, tokenizer, template, key, carve=carve, seed=seed, keep=use_cache)
+    try:
+        key, entry, status = _tokenized(cfg, source, tokenizer, template, carve, seed, use_cache)
+    except TemplateLacksTools as exc:
+        # One template for the whole dataset: it is the one saved with the adapter, so chat and
+        # export must see what every example was trained with.
+        log.warning("%s; tokenizing the dataset with the built-in ChatML template instead", exc.message)
+        template, template_name = CHATML, BUILTIN_NAME
+        key, entry, status = _tokenized(cfg, source, tokenizer, template, carve, seed, use_cache)
     valid = entry.valid if entry.valid is not None and len(entry.valid) else None
     return PreparedData(
         train=entry.train,
@@ -171,6 +173,19 @@ def prepare_data(cfg: DataCfg, tokenizer: Any, source: DataSource | None = None,
     )
 
 
+def _tokenized(
+    cfg: DataCfg, source: DataSource, tokenizer: Any, template: str, carve: float, seed: int, use_cache: bool
+) -> tuple[str, cache.CachedSplits, str]:
+    """The splits for one template: from the cache when its key matches, else tokenized (and cached)."""
+    key = cache.cache_key(_key_components(cfg, source, tokenizer, template, carve, seed))
+    entry = cache.load_entry(key) if use_cache else None
+    status = "hit" if entry is not None else ("miss" if use_cache else "off")
+    log.info("tokenization cache %s (%s)", status, key)
+    if entry is None:
+        entry = _build(cfg, source, tokenizer, template, key, carve=carve, seed=seed, keep=use_cache)
+    return key, entry, status
+
+
 def _key_components(
     cfg: DataCfg, source: DataSource, tokenizer: Any, template: str, carve: float, seed: int
 ) -> dict[str, Any]:
@@ -179,8 +194,6 @@ def _key_components(
         "data": source.content_hash,
         "tokenizer": cache.tokenizer_fingerprint(tokenizer),
         "template": hashlib.sha256(template.encode()).hexdigest(),
-        # Samples with tools the model's template can't render fall back to the built-in one.
-        "builtin_template": hashlib.sha256(CHATML.encode()).hexdigest(),
         "format": source.format,
         "max_seq_len": cfg.max_seq_len,
         "mask_prompt": cfg.mask_prompt,

@@ -15,7 +15,7 @@ from typing import Any
 
 from tunelab.data.formats import Sample, detect_format, to_sample
 from tunelab.data.sources import Record, iter_records, resolve_files
-from tunelab.data.templates import template_for, template_for_sample
+from tunelab.data.templates import BUILTIN_NAME, CHATML, needs_builtin, template_for
 from tunelab.data.tokenize import IGNORE, tokenize_samples
 
 # Decoding a token alone garbles characters split across tokens (byte-level BPE) and drops the leading
@@ -34,7 +34,6 @@ class PreviewExample:
     full_length: int
     truncated: bool
     dropped: bool
-    note: str = ""
     total: int = field(init=False)
     trained: int = field(init=False)
 
@@ -54,6 +53,7 @@ class Preview:
     format: str
     chat_template: str
     examples: list[PreviewExample]
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -61,6 +61,7 @@ class Preview:
             "format": self.format,
             "chat_template": self.chat_template,
             "examples": [e.to_dict() for e in self.examples],
+            "note": self.note,
         }
 
 
@@ -86,6 +87,10 @@ def preview_dataset(
     samples = [to_sample(record, fmt) for record in records]
     tokenizer = load_tokenizer(resolve_model_path(model))
     template, template_name = template_for(tokenizer)
+    note = ""
+    if any(s.kind == "chat" and needs_builtin(template, s.messages, s.tools) for s in samples):
+        template, template_name = CHATML, BUILTIN_NAME  # what training does for such a dataset
+        note = "the model's chat template can't render tool calls: the dataset is trained with the built-in ChatML"
     examples = preview_examples(
         samples,
         records,
@@ -95,7 +100,7 @@ def preview_dataset(
         mask_prompt=mask_prompt,
         train_on=train_on,
     )
-    return Preview(fmt, template_name, examples)
+    return Preview(fmt, template_name, examples, note)
 
 
 def preview_examples(
@@ -128,16 +133,9 @@ def preview_examples(
                 full_length=len(ids),
                 truncated=len(ids) > max_seq_len,
                 dropped=not any(trained),
-                note=_template_note(sample, template),
             )
         )
     return out
-
-
-def _template_note(sample: Sample, template: str) -> str:
-    if sample.kind == "chat" and template_for_sample(template, sample.messages, sample.tools) != template:
-        return "rendered with the built-in ChatML: the model's chat template can't render its tool calls"
-    return ""
 
 
 def _uncut(

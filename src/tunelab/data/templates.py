@@ -43,6 +43,20 @@ def template_for(tokenizer: Any) -> tuple[str, str]:
     return CHATML, BUILTIN_NAME
 
 
+class TemplateLacksTools(DataError):
+    """A conversation uses tools that the dataset's chat template can't render.
+
+    Raised while tokenizing; :func:`tunelab.data.prepare.prepare_data` catches
+    it and tokenizes the whole dataset with the built-in template instead, so
+    every example (and the template saved with the adapter) agrees.
+    """
+
+
+def needs_builtin(template: str, messages: Sequence[dict[str, Any]], tools: Sequence[Any] = ()) -> bool:
+    """Whether ``template`` would silently drop this conversation's tool calls or tool list."""
+    return template_for_sample(template, messages, tools) != template
+
+
 def template_for_sample(template: str, messages: Sequence[dict[str, Any]], tools: Sequence[Any] = ()) -> str:
     """``template``, unless the sample uses tools it can't render: then the built-in ChatML.
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.data.formats import Sample
-from tunelab.data.templates import chat_segments, render, template_for_sample
+from tunelab.data.templates import TemplateLacksTools, chat_segments, needs_builtin, render
 from tunelab.errors import ConfigError, ModelError
 
 IGNORE = -100
@@ -180,7 +180,13 @@ def _pieces(
     if sample.kind == "completion":
         pieces = [(sample.completion, True)]
         return [(sample.prompt, False), *pieces] if sample.prompt else pieces
-    template = template_for_sample(template, sample.messages, sample.tools)
+    if needs_builtin(template, sample.messages, sample.tools):
+        raise TemplateLacksTools(
+            "this conversation uses tools that the model's chat template can't render",
+            path=where[0],
+            line=where[1],
+            hint="tunelab switches the dataset to its built-in ChatML template for tool calls",
+        )
     if not mask_prompt:  # every token is trained: no need to locate the assistant turns
         return [(render(tokenizer, template, sample.messages, generation_prompt=False, tools=sample.tools), True)]
     return chat_segments(tokenizer, template, sample.messages, where=where, train_on=train_on, tools=sample.tools)
