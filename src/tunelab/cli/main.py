@@ -21,6 +21,7 @@ from tunelab.cli import jobs as jobs_cmd
 from tunelab.cli import runs as runs_cmd
 from tunelab.cli import serve as serve_cmd
 from tunelab.cli import train as train_cmd
+from tunelab.cli import ui as ui_cmd
 from tunelab.cli import use as use_cmd
 from tunelab.cli.console import err_console
 from tunelab.errors import TunelabError
@@ -46,6 +47,7 @@ app.command("serve")(serve_cmd.serve)
 app.command("worker")(serve_cmd.worker)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.add_typer(auth_cmd.app, name="auth")
+app.command("ui")(ui_cmd.ui)
 
 
 def _print_version(value: bool) -> None:
