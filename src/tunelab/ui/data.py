@@ -8,8 +8,8 @@ registry, so the dashboard and the CLI can't disagree about a run.
 
 from __future__ import annotations
 
-from pathlib import Path
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
