@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ class Prepared:
     info: ModelInfo
     data: PreparedData
     stream: MicroBatchStream
-    valid: list[Batch] | None
+    valid: Sequence[Batch] | None
     total_steps: int
     state: TrainerState
     resumed_from: Path | None
@@ -104,7 +104,7 @@ def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[
     return Prepared(choice, backend, info, data, stream, valid, steps, state, resumed_from, memory)
 
 
-def _batches(cfg: RunConfig, data: PreparedData, pad_id: int) -> tuple[MicroBatchStream, list[Batch] | None]:
+def _batches(cfg: RunConfig, data: PreparedData, pad_id: int) -> tuple[MicroBatchStream, Sequence[Batch] | None]:
     """The training stream and the validation batches, packed when ``data.packing`` is on."""
     plan = BatchPlan(cfg.train.micro_batch_size, cfg.train.seed, cfg.data.shuffle, cfg.data.group_by_length)
     pack_to = cfg.data.max_seq_len if cfg.data.packing else None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tunelab.data.lazy import LazyBatches
 from tunelab.data.packing import collate_packed, pack_rows, row_lengths, token_efficiency
 from tunelab.data.tokenize import IGNORE, TokenizedSplit
 
@@ -103,7 +104,8 @@ def collate(split: TokenizedSplit, indices: np.ndarray, pad_id: int) -> dict[str
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def eval_batches(split: TokenizedSplit, batch_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+def eval_batches(split: TokenizedSplit, batch_size: int, pad_id: int) -> LazyBatches:
     """Every validation example once, length-sorted so batches carry little padding."""
     order = np.argsort(-split.lengths, kind="stable")
-    return [collate(split, order[i : i + batch_size], pad_id) for i in range(0, len(order), batch_size)]
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return LazyBatches(groups, lambda indices: collate(split, indices, pad_id))

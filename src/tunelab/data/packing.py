@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tunelab.data.lazy import LazyBatches
 from tunelab.data.tokenize import IGNORE, TokenizedSplit
 
 _WINDOW = 8192  # examples packed together; larger packs tighter, and costs O(window x rows)
@@ -95,15 +96,14 @@ def collate_packed(split: TokenizedSplit, rows: Sequence[np.ndarray], pad_id: in
     }
 
 
-def packed_eval_batches(
-    split: TokenizedSplit, batch_size: int, capacity: int, pad_id: int
-) -> list[dict[str, np.ndarray]]:
+def packed_eval_batches(split: TokenizedSplit, batch_size: int, capacity: int, pad_id: int) -> LazyBatches:
     """Every validation example once, packed (file order, no shuffling), fullest rows first."""
     lengths = split.lengths
     rows = pack_rows(lengths, capacity, seed=0, shuffle=False)
     order = np.argsort(-row_lengths(lengths, rows), kind="stable")
     ordered = [rows[i] for i in order]
-    return [collate_packed(split, ordered[i : i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+    groups = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return LazyBatches(groups, lambda rows_of_batch: collate_packed(split, rows_of_batch, pad_id))
 
 
 def token_efficiency(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> float:
