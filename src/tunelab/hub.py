@@ -63,6 +63,23 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """``save_pretrained``, keeping the SentencePiece ``legacy`` flag transformers 5 leaves out.
+
+    transformers 5 rebuilds a Llama tokenizer's pre-tokenizer from that flag on
+    load (ignoring tokenizer.json), so without it a legacy tokenizer comes back
+    non-legacy and tokenizes text after special tokens differently.
+    """
+    tokenizer.save_pretrained(str(folder))
+    legacy = getattr(tokenizer, "legacy", None)
+    config_file = Path(folder) / "tokenizer_config.json"
+    if isinstance(legacy, bool) and config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.get("legacy") != legacy:
+            config["legacy"] = legacy
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def architecture_of(folder: Path) -> str:
     """The ``architectures[0]`` (or ``model_type``) from a checkpoint's config.json."""
     try:

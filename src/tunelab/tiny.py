@@ -139,7 +139,12 @@ def train_bpe_tokenizer(
 
 
 def train_sentencepiece_tokenizer(
-    texts: Iterable[str], out_dir: Path, *, vocab_size: int = 512, chat_template: str | None = CHATML
+    texts: Iterable[str],
+    out_dir: Path,
+    *,
+    vocab_size: int = 512,
+    chat_template: str | None = CHATML,
+    legacy: bool = False,
 ) -> Path:
     """Train a SentencePiece BPE and save it Llama-style: ``tokenizer.model``, no ``tokenizer.json``.
 
@@ -148,6 +153,11 @@ def train_sentencepiece_tokenizer(
     model is BPE (not unigram) because ``LlamaTokenizer`` rebuilds a BPE from
     the proto.  Byte fallback keeps unseen characters encodable; identity
     normalisation and kept whitespace make decoding round-trip.
+
+    ``legacy`` picks the flavour: ``False`` (transformers' modern Llama
+    tokenizer) puts "▁" only before the start of the input; ``True`` (Llama 2's
+    original) puts it before every run of text, also right after a special
+    token, which is what llama.cpp's SentencePiece tokenizer does.
     """
     import sentencepiece as spm
 
@@ -186,7 +196,7 @@ def train_sentencepiece_tokenizer(
         "pad_token": "<pad>",
         "add_bos_token": True,
         "add_eos_token": False,
-        "legacy": False,
+        "legacy": legacy,
         "clean_up_tokenization_spaces": False,
         # Marks the ChatML pieces special too, so skip_special_tokens drops them.
         "added_tokens_decoder": {str(i): _added_token(p) for i, p in enumerate(pieces)},
@@ -352,6 +362,7 @@ def make_tiny_checkpoint(
     tokenizer: str = "bpe",
     vocab_size: int = 512,
     seed: int = 0,
+    sp_legacy: bool = False,
     **model_kwargs: Any,
 ) -> Path:
     """Write tokenizer and matching model into one folder: a local HF checkpoint.
@@ -360,6 +371,7 @@ def make_tiny_checkpoint(
     built so the model's vocabulary and special-token ids come from what a
     loader will actually see (``len(tokenizer)``, not the requested size).
     ``model_kwargs`` go to :func:`build_tiny_model` and win over derived ids.
+    ``sp_legacy`` picks the SentencePiece flavour (see :func:`train_sentencepiece_tokenizer`).
     """
     from transformers import AutoTokenizer
 
@@ -371,7 +383,10 @@ def make_tiny_checkpoint(
     if tokenizer not in writers:
         raise ValueError(f"unknown tokenizer form {tokenizer!r}; choose one of {', '.join(TOKENIZER_FORMS)}")
     out_dir = Path(out_dir)
-    writers[tokenizer](texts, out_dir, vocab_size=vocab_size)
+    if tokenizer == "sentencepiece":
+        train_sentencepiece_tokenizer(texts, out_dir, vocab_size=vocab_size, legacy=sp_legacy)
+    else:
+        writers[tokenizer](texts, out_dir, vocab_size=vocab_size)
     tok = AutoTokenizer.from_pretrained(out_dir)
     ids = {
         "eos_token_id": tok.eos_token_id,

@@ -15,9 +15,16 @@ from tests.integration.conftest import base_config, chat_data, tiny_model_from
 from tunelab.export.pipeline import ExportSource
 
 # (arch, tokenizer form): byte-level BPE on Qwen2, SentencePiece on Llama, as those families ship them.
+# "llama-sp" is transformers' modern (non-legacy) SentencePiece flavour, "llama-sp-legacy" Llama 2's own,
+# the one llama.cpp reproduces.
 __all__ = ["chat_data"]  # the session fixture, shared with the integration tests
 
-MODELS = {"qwen2-bpe": ("qwen2", "bpe"), "llama-sp": ("llama", "sentencepiece"), "llama-bpe": ("llama", "bpe")}
+MODELS = {
+    "qwen2-bpe": ("qwen2", "bpe"),
+    "llama-sp": ("llama", "sentencepiece"),
+    "llama-sp-legacy": ("llama", "sentencepiece-legacy"),
+    "llama-bpe": ("llama", "bpe"),
+}
 
 
 def train_run(chat_data: Path, root: Path, arch: str, tokenizer: str, *, steps: int = 10) -> Path:
@@ -25,11 +32,13 @@ def train_run(chat_data: Path, root: Path, arch: str, tokenizer: str, *, steps: 
     from tunelab import services
     from tunelab.config.load import load_config
 
+    legacy = tokenizer.endswith("-legacy")
     model = tiny_model_from(
         chat_data,
         root / "base",
         arch=arch,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer.removesuffix("-legacy"),
+        **({"sp_legacy": True} if legacy else {}),
         hidden_size=64,
         num_heads=4,
         num_kv_heads=2,

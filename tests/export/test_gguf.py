@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tunelab.errors import ModelError
@@ -23,7 +24,14 @@ LLAMA3 = (
 
 @pytest.mark.parametrize(
     ("name", "quant"),
-    [("qwen2-bpe", "f32"), ("llama-bpe", "f16"), ("qwen2-bpe", "bf16"), ("llama-bpe", "q8_0"), ("qwen2-bpe", "q4_0")],
+    [
+        ("qwen2-bpe", "f32"),
+        ("llama-bpe", "f16"),
+        ("qwen2-bpe", "bf16"),
+        ("llama-bpe", "q8_0"),
+        ("qwen2-bpe", "q4_0"),
+        ("llama-sp-legacy", "f16"),
+    ],
 )
 def test_gguf_round_trip_through_llama_cpp(
     name: str, quant: str, sources: dict[str, ExportSource], tmp_path: Path
@@ -37,14 +45,18 @@ def test_gguf_round_trip_through_llama_cpp(
     runtime = GGUFRuntime(result.path)
     assert runtime.chat_template() == sources[name].template
     meta = runtime.llm.metadata
-    # transformers gives Qwen2 tokenizers Qwen's split regex; the Llama one keeps the trained (Llama 3) regex.
-    assert meta["tokenizer.ggml.pre"] == {"qwen2-bpe": "qwen2", "llama-bpe": "llama-bpe"}[name]
+    if name == "llama-sp-legacy":  # SentencePiece: a "▁" before every run of text, as transformers' legacy mode
+        assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] == "true"
+    else:  # transformers gives Qwen2 tokenizers Qwen's split regex; Llama keeps the trained (Llama 3) one.
+        assert meta["tokenizer.ggml.pre"] == {"qwen2-bpe": "qwen2", "llama-bpe": "llama-bpe"}[name]
     assert int(meta["tokenizer.ggml.eot_token_id"]) == runtime.tokenize("<|im_end|>", add_special=False)[0]
 
 
 def test_sentencepiece_gguf_mismatch_is_refused_with_a_reason(sources: dict[str, ExportSource], tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match=r"llama\.cpp always does"):
+    """transformers' non-legacy flavour prefixes only the start of the text; llama.cpp can't do that."""
+    with pytest.raises(ModelError, match=r"llama\.cpp does both or neither") as caught:
         export_model(sources["llama-sp"], "gguf", tmp_path / "model.gguf")
+    assert '"legacy": true' in (caught.value.hint or "")
 
 
 def test_corrupt_gguf_template_is_caught(sources: dict[str, ExportSource], tmp_path: Path) -> None:
@@ -61,15 +73,18 @@ def test_corrupt_gguf_template_is_caught(sources: dict[str, ExportSource], tmp_p
     assert report.tokenization_match and report.greedy_agreement == 1.0  # only the template is wrong
 
 
-def test_ollama_modelfile_matches_training_template(sources: dict[str, ExportSource], tmp_path: Path) -> None:
-    result = export_model(sources["qwen2-bpe"], "ollama", tmp_path / "ollama", quantize="q8_0")
+@pytest.mark.parametrize("name", ["qwen2-bpe", "llama-sp-legacy"])
+def test_ollama_modelfile_matches_training_template(
+    name: str, sources: dict[str, ExportSource], tmp_path: Path
+) -> None:
+    result = export_model(sources[name], "ollama", tmp_path / "ollama", quantize="q8_0")
     assert result.report is not None and result.report["passed"], result.report
     text = (result.path / "Modelfile").read_text()
     assert text.startswith("FROM ./model.gguf\n") and 'PARAMETER stop "<|im_end|>"' in text
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(sources["qwen2-bpe"].tokenizer_dir)
-    want = jinja_render(tokenizer, sources["qwen2-bpe"].template or "", CONVERSATION)
+    tokenizer = AutoTokenizer.from_pretrained(sources[name].tokenizer_dir)
+    want = jinja_render(tokenizer, sources[name].template or "", CONVERSATION)
     assert render_modelfile(result.path / "Modelfile", CONVERSATION, tokenizer) == want
 
 
@@ -96,30 +111,87 @@ def test_go_template_interpreter() -> None:
     assert render_go(template, data) == "S:sys\nU:hiA:yo"
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen3", "gemma"])
-def test_gguf_other_families(arch: str, chat_data: Path, tmp_path: Path) -> None:
-    """Whole-model exports (as of a full fine-tune) of the other families llama.cpp runs."""
+# Per family: tiny-model settings llama.cpp computes the same way (Gemma's graph ties the output layer and
+# scales queries by the head size; Gemma 3's second layer is made a full-attention one, with its own rope base).
+FAMILY_SETTINGS: dict[str, dict[str, object]] = {
+    "mistral": {},
+    "qwen3": {},
+    "phi3": {},
+    "gemma": {"tie_word_embeddings": True},
+    "gemma2": {"tie_word_embeddings": True, "query_pre_attn_scalar": 16},
+    "gemma3": {
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+}
+
+
+def _tiny(chat_data: Path, out: Path, arch: str, **settings: object) -> ExportSource:
+    """A whole tiny model (as of a full fine-tune); ``settings`` not taken by the builder go into config.json."""
+    import json
+
     from tests.integration.conftest import tiny_model_from
 
     from tunelab.hub import load_tokenizer
 
-    extra = {"tie_word_embeddings": True} if arch == "gemma" else {}  # llama.cpp's Gemma has no separate lm_head
-    base = tiny_model_from(chat_data, tmp_path / arch, arch=arch, hidden_size=64, num_heads=4, **extra)
-    source = ExportSource(base, None, base, load_tokenizer(base).chat_template)
+    config_keys = ("query_pre_attn_scalar", "rope_parameters", "layer_types")
+    config_only = {k: settings.pop(k) for k in config_keys if k in settings}
+    base = tiny_model_from(chat_data, out, arch=arch, hidden_size=64, num_heads=4, **settings)
+    if config_only:
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps({**config, **config_only}))
+    return ExportSource(base, None, base, load_tokenizer(base).chat_template)
+
+
+@pytest.mark.parametrize("arch", list(FAMILY_SETTINGS))
+def test_gguf_other_families(arch: str, chat_data: Path, tmp_path: Path) -> None:
+    """Each family llama.cpp runs, exported whole and checked logit by logit."""
+    source = _tiny(chat_data, tmp_path / arch, arch, **FAMILY_SETTINGS[arch])
     result = export_model(source, "gguf", tmp_path / "model.gguf", quantize="f32")
     assert result.report is not None and result.report["passed"], result.report
     assert result.report["greedy_agreement"] == 1.0
 
 
 def test_gguf_refuses_what_llama_cpp_would_compute_differently(chat_data: Path, tmp_path: Path) -> None:
-    from tests.integration.conftest import tiny_model_from
-
-    from tunelab.hub import load_tokenizer
-
-    base = tiny_model_from(chat_data, tmp_path / "gemma", arch="gemma", hidden_size=64, num_heads=4)
-    source = ExportSource(base, None, base, load_tokenizer(base).chat_template)
+    source = _tiny(chat_data, tmp_path / "gemma", "gemma")
     with pytest.raises(ModelError, match="own lm_head"):
         export_model(source, "gguf", tmp_path / "model.gguf")
-    phi = tiny_model_from(chat_data, tmp_path / "phi3", arch="phi3", hidden_size=64, num_heads=4)
-    with pytest.raises(ModelError, match="does not support model_type 'phi3'"):
-        export_model(ExportSource(phi, None, phi, None), "gguf", tmp_path / "phi.gguf")
+    # transformers' Gemma 2 default scales queries by 1/sqrt(256), llama.cpp by 1/sqrt(head size) (16 here).
+    source = _tiny(chat_data, tmp_path / "gemma2", "gemma2", tie_word_embeddings=True)
+    with pytest.raises(ModelError, match="query_pre_attn_scalar=256"):
+        export_model(source, "gguf", tmp_path / "gemma2.gguf")
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small, so a tiny head's wavelengths fall on all three sides of the scaled band.
+    "original_max_position_embeddings": 64,
+}
+
+
+def test_llama3_rope_factors_match_transformers() -> None:
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tunelab.export.gguf_rope import llama3_factors
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters=LLAMA3_ROPE)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    unscaled = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    factors = llama3_factors(config.to_dict(), 16)
+    assert factors is not None and {1.0, 8.0} < set(factors.round(6).tolist())  # unscaled, scaled and blended
+    np.testing.assert_allclose(unscaled / scaled.numpy(), factors, rtol=1e-5)
+
+
+def test_gguf_llama3_rope_scaling_round_trip(chat_data: Path, tmp_path: Path) -> None:
+    source = _tiny(chat_data, tmp_path / "llama", "llama", rope_parameters=LLAMA3_ROPE)
+    result = export_model(source, "gguf", tmp_path / "model.gguf", quantize="f32")
+    assert result.report is not None and result.report["passed"], result.report
+    from gguf import GGUFReader
+
+    assert "rope_freqs.weight" in {t.name for t in GGUFReader(result.path).tensors}

@@ -10,12 +10,17 @@ shapes alone.
 Per family, what llama.cpp expects differently from transformers:
 * llama / mistral: llama.cpp rotates adjacent pairs in q/k, transformers rotates
   halves, so q_proj and k_proj rows are permuted;
-* gemma: RMSNorm weights are stored as ``1 + w`` (transformers adds the 1 at run time).
+* gemma (1, 2, 3): RMSNorm weights are stored as ``1 + w`` (transformers adds the 1 at run time);
+  Gemma 2/3 also need their soft-capping and sliding-window keys;
+* phi3: no permutation (llama.cpp rotates halves, as transformers does), but see
+  :func:`model_name` for the tokenizer fix-up llama.cpp keys on the model name;
+* Llama 3.1 rope scaling becomes a ``rope_freqs`` tensor (:mod:`.gguf_rope`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.errors import ConfigError, ModelError
+from tunelab.export.gguf_rope import ROPE_FREQS, check_rope, llama3_factors, rope_params, rope_theta
 from tunelab.export.gguf_tokenizer import read_vocab
 from tunelab.export.hf import stop_tokens
 from tunelab.export.merge import Merged
@@ -52,9 +58,10 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("QWEN2"),
     "qwen3": Family("QWEN3"),
     "gemma": Family("GEMMA", norm_plus_one=True, tied_output=True),
+    "gemma2": Family("GEMMA2", norm_plus_one=True, tied_output=True),
+    "gemma3_text": Family("GEMMA3", norm_plus_one=True, tied_output=True),
+    "phi3": Family("PHI3"),
 }
-# Checked against llama.cpp with tiny models and not passing yet: phi3 (its vocabulary loader
-# rejects a byte-level BPE), gemma2/gemma3 (soft-capping and sliding-window keys not written).
 
 
 def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Written:
@@ -83,7 +90,10 @@ def write_gguf(folder: Path, out: Path, *, quant: str, tokenizer: Any = None, te
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
     stops = stop_tokens(tokenizer, template)
     vocab = read_vocab(folder, tokenizer, vocab_size=int(config["vocab_size"]), template=template, stops=stops)
-    tensors = list(_index(folder))
+    tensors: list[_Entry | _Array] = list(_index(folder))
+    factors = llama3_factors(config, _head_dim(config))
+    if factors is not None:  # llama.cpp divides each rotary frequency by these
+        tensors.append(_Array(ROPE_FREQS, factors.shape, factors))
     if family.tied_output:
         tensors = _drop_tied_output(tensors, config)
     arch = getattr(gguf.MODEL_ARCH, family.arch)
@@ -91,18 +101,9 @@ def write_gguf(folder: Path, out: Path, *, quant: str, tokenizer: Any = None, te
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
     notes: list[str] = []
-    _write_hparams(writer, config, quant)
+    _write_hparams(writer, config, quant, tokenizer)
     vocab.write(writer)
-    plan = []
-    for entry in tensors:
-        if entry.name.endswith("rotary_emb.inv_freq"):
-            continue  # recomputed by llama.cpp from rope_freq_base
-        target = names.get_name(entry.name, try_suffixes=(".weight", ".bias"))
-        if target is None:
-            raise ModelError(f"no GGUF name for tensor {entry.name} of this {config['model_type']} checkpoint")
-        qtype = _tensor_type(target, entry.shape, quant, notes)
-        writer.add_tensor_info(target, entry.shape, np.dtype(np.float32), _nbytes(entry.shape, qtype), raw_dtype=qtype)
-        plan.append((entry, target, qtype))
+    plan = _plan(writer, tensors, names, config, quant, notes)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -114,6 +115,23 @@ def write_gguf(folder: Path, out: Path, *, quant: str, tokenizer: Any = None, te
     return notes
 
 
+def _plan(
+    writer: Any, tensors: list[_Entry | _Array], names: Any, config: dict[str, Any], quant: str, notes: list[str]
+) -> list[tuple[_Entry | _Array, str, Any]]:
+    """Register every tensor's GGUF name, shape and type with the writer (headers go first)."""
+    plan = []
+    for entry in tensors:
+        if entry.name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed by llama.cpp from rope_freq_base
+        target = entry.name if isinstance(entry, _Array) else names.get_name(entry.name, (".weight", ".bias"))
+        if target is None:
+            raise ModelError(f"no GGUF name for tensor {entry.name} of this {config['model_type']} checkpoint")
+        qtype = _tensor_type(target, entry.shape, quant, notes)
+        writer.add_tensor_info(target, entry.shape, np.dtype(np.float32), _nbytes(entry.shape, qtype), raw_dtype=qtype)
+        plan.append((entry, target, qtype))
+    return plan
+
+
 def _family(config: dict[str, Any]) -> Family:
     model_type = str(config.get("model_type"))
     if model_type not in FAMILIES:
@@ -121,14 +139,12 @@ def _family(config: dict[str, Any]) -> Family:
             f"GGUF export does not support model_type {model_type!r} yet",
             hint=f"supported: {', '.join(FAMILIES)}; export --to hf and use llama.cpp's converter for this one",
         )
-    scaling = config.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type")) or (config.get("rope_parameters") or {}).get("rope_type")
-    if rope_type not in (None, "default"):
-        raise ModelError(f"GGUF export does not handle rope scaling {rope_type!r} yet", hint="export --to hf instead")
-    return FAMILIES[model_type]
+    family = FAMILIES[model_type]
+    check_rope(config, llama_arch=family.arch == "LLAMA")
+    return family
 
 
-def _drop_tied_output(tensors: list[_Entry], config: dict[str, Any]) -> list[_Entry]:
+def _drop_tied_output(tensors: list[_Entry | _Array], config: dict[str, Any]) -> list[_Entry | _Array]:
     """For families whose llama.cpp graph has no separate output layer: refuse an untied one."""
     if any(e.name == "lm_head.weight" for e in tensors) and not config.get("tie_word_embeddings", True):
         raise ModelError(
@@ -139,16 +155,15 @@ def _drop_tied_output(tensors: list[_Entry], config: dict[str, Any]) -> list[_En
     return [e for e in tensors if e.name != "lm_head.weight"]
 
 
-def _rope_theta(config: dict[str, Any]) -> float:
-    params = config.get("rope_parameters") or {}
-    return float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
+def _head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
 
 
-def _write_hparams(writer: Any, config: dict[str, Any], quant: str) -> None:
+def _write_hparams(writer: Any, config: dict[str, Any], quant: str, tokenizer: Any) -> None:
     import gguf
 
     heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    head_dim = _head_dim(config)
     writer.add_context_length(int(config.get("max_position_embeddings", 4096)))
     writer.add_embedding_length(int(config["hidden_size"]))
     writer.add_block_count(int(config["num_hidden_layers"]))
@@ -158,15 +173,87 @@ def _write_hparams(writer: Any, config: dict[str, Any], quant: str) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(_rope_theta(config))
+    full, sliding = rope_params(config)
+    writer.add_rope_freq_base(rope_theta(full))
+    if sliding:
+        writer.add_rope_freq_base_swa(rope_theta(sliding))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(int(config["vocab_size"]))
     if config.get("sliding_window") and config.get("use_sliding_window", True) and config["model_type"] == "phi3":
         writer.add_sliding_window(int(config["sliding_window"]))
+    if config["model_type"] in ("gemma2", "gemma3_text"):
+        _write_gemma_keys(writer, config, head_dim)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
     writer.add_file_type(int(getattr(gguf.LlamaFileType, file_types.get(quant, "MOSTLY_Q4_0"))))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_name(str((config.get("architectures") or [config["model_type"]])[0]))
+    writer.add_name(model_name(config, tokenizer))
+
+
+def _write_gemma_keys(writer: Any, config: dict[str, Any], head_dim: int) -> None:
+    """Gemma 2/3: soft-capping and sliding-window keys, and the query scale llama.cpp assumes."""
+    gemma2 = config["model_type"] == "gemma2"
+    # llama.cpp scales queries by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for the 27B sizes only).
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar is not None and int(scalar) != head_dim:
+        raise ModelError(
+            f"this checkpoint scales attention by query_pre_attn_scalar={scalar}, but llama.cpp's "
+            f"{config['model_type']} uses the head size ({head_dim}), so a GGUF would compute different logits",
+            hint="export --to hf, mlx or onnx instead",
+        )
+    if gemma2:
+        attn_cap, final_cap = config.get("attn_logit_softcapping"), config.get("final_logit_softcapping")
+        # llama.cpp's gemma2 always caps (at 50 and 30 unless the file says otherwise).
+        if attn_cap is None or final_cap is None:
+            raise ModelError(
+                "llama.cpp's gemma2 always soft-caps attention and final logits, but this checkpoint disables it",
+                hint="export --to hf, mlx or onnx instead",
+            )
+        writer.add_attn_logit_softcapping(float(attn_cap))
+        writer.add_final_logit_softcapping(float(final_cap))
+    if config.get("sliding_window"):
+        writer.add_sliding_window(int(config["sliding_window"]))
+    sliding = [t == "sliding_attention" for t in config.get("layer_types") or []]
+    if gemma2 and sliding and sliding != [i % 2 == 0 for i in range(len(sliding))]:
+        # llama.cpp's gemma2 alternates sliding and full layers whatever the file says.
+        raise ModelError(
+            "this Gemma 2 checkpoint does not alternate sliding-window and full attention layers as "
+            "llama.cpp's gemma2 does, so long prompts would be computed differently",
+            hint="export --to hf, mlx or onnx instead",
+        )
+    if sliding and not gemma2:  # Gemma 3: llama.cpp reads which layers slide from the file
+        writer.add_sliding_window_pattern(sliding)
+
+
+def model_name(config: dict[str, Any], tokenizer: Any) -> str:
+    """``general.name``: the architecture class, unless that would trip llama.cpp's Phi-3 fix-up.
+
+    llama.cpp keys one tokenizer fix-up on the model *name*: a name containing
+    "phi3" or "phi-3" makes every special token strip the whitespace after it
+    (as Phi-3's own tokenizer does) and looks up "</s>", "<s>", "<unk>" and
+    "<|endoftext|>" (a vocabulary without them fails to load).  So the name
+    keeps "Phi3" only for a tokenizer that really strips there.
+    """
+    name = str((config.get("architectures") or [config["model_type"]])[0])
+    if not re.search(r"(?i)phi-?3", name):
+        return name
+    if _strips_after_specials(tokenizer):
+        missing = [t for t in ("</s>", "<s>", "<unk>", "<|endoftext|>") if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ModelError(
+                f"llama.cpp's Phi-3 tokenizer fix-up needs the tokens {', '.join(missing)}, which this tokenizer "
+                "lacks, so llama.cpp could not load the GGUF",
+                hint="export --to hf, mlx or onnx instead",
+            )
+        return name
+    return re.sub(r"(?i)phi-?3", "Phi 3 ", name).strip()
+
+
+def _strips_after_specials(tokenizer: Any) -> bool:
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    if not specials:
+        return False
+    ids = tokenizer(specials[-1] + " \n", add_special_tokens=False)["input_ids"]
+    return len(ids) == 1
 
 
 def _tensor_type(target: str, shape: tuple[int, ...], quant: str, notes: list[str]) -> Any:
@@ -244,6 +331,18 @@ class _Entry:
             fh.seek(self.start)
             data = np.fromfile(fh, dtype=dtype, count=(self.end - self.start) // dtype.itemsize)
         return data.reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class _Array:
+    """A tensor computed by the exporter rather than read from the checkpoint."""
+
+    name: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    def read(self) -> np.ndarray:
+        return self.data
 
 
 def _index(folder: Path) -> Iterator[_Entry]:

@@ -9,7 +9,8 @@ Two forms, as llama.cpp knows them:
   name is chosen by matching the tokenizer's regex against the ones llama.cpp
   implements; an unknown regex is refused rather than guessed.
 * ``llama``: SentencePiece (Llama 2, Mistral, Gemma) from the ``tokenizer.model``
-  proto: pieces, scores and piece types, and whether a space is prepended.
+  proto: pieces, scores and piece types, and whether a space is prepended
+  (probed on the loaded tokenizer, see :func:`_space_prefix`).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def read_vocab(folder: Path, tokenizer: Any, *, vocab_size: int, template: str |
     """Build the GGUF vocabulary of the HF tokenizer saved in ``folder`` (``tokenizer`` is it, loaded)."""
     sp_file = next((folder / n for n in SP_FILES if (folder / n).is_file()), None)
     if sp_file is not None:
-        _check_space_after_specials(tokenizer, template)
         vocab = _sentencepiece(sp_file, tokenizer)
+        vocab.add_space_prefix = _space_prefix(tokenizer, template)
     elif (folder / "tokenizer.json").is_file():
         vocab = _byte_bpe(json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")), tokenizer)
     else:
@@ -175,30 +176,42 @@ def _sentencepiece(path: Path, tokenizer: Any) -> GGUFVocab:
             tokens.append(content)
             types.append(kind)
             scores.append(0.0)
-    add_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
-    return GGUFVocab("llama", tokens, types, scores=scores, add_space_prefix=add_prefix)
+    return GGUFVocab("llama", tokens, types, scores=scores)
 
 
-def _check_space_after_specials(tokenizer: Any, template: str | None) -> None:
-    """Refuse what llama.cpp can't reproduce: SentencePiece text after a special token without a "▁".
+def _space_prefix(tokenizer: Any, template: str | None) -> bool:
+    """Whether llama.cpp must put a "▁" before text; refuse a tokenizer it can't reproduce.
 
-    llama.cpp's SentencePiece tokenizer puts a space before every run of text
-    that follows a special token (the legacy Llama behaviour); transformers'
-    non-legacy Llama tokenizer does not.  Chat prompts are full of special
-    tokens, so such a GGUF would see different tokens than training did.
+    llama.cpp's SentencePiece tokenizer has one switch, ``add_space_prefix``:
+    on, every run of text gets a "▁", at the start of the input and right
+    after each special token (HF ``legacy=True`` / Metaspace ``always``, as
+    Llama 2 and Mistral ship); off, none does (no dummy prefix, as Gemma).
+    transformers' non-legacy Llama tokenizer (Metaspace ``first``) prefixes
+    only the start of the input, which neither setting reproduces once a
+    special token is followed by text, as in every chat prompt.  So the
+    behaviour is probed on the tokenizer itself rather than read from configs.
     """
+    at_start = _starts_with_space(tokenizer, "a")
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
     used = [t for t in specials if template is not None and t in template]
     if not used:
-        return
-    ids = tokenizer(used[0] + "a", add_special_tokens=False)["input_ids"]
-    after = tokenizer.convert_ids_to_tokens(ids[1:2])
-    if after and not after[0].startswith("\u2581"):
+        return at_start  # text never follows a special token in a prompt
+    after_special = _starts_with_space(tokenizer, used[0] + "a", skip=1)
+    if at_start != after_special:
         raise ModelError(
-            "this SentencePiece tokenizer (non-legacy) does not put a space after special tokens, but llama.cpp "
-            "always does, so a GGUF would tokenize chat prompts differently from training",
-            hint="export --to hf, mlx or onnx instead, or train with a byte-level BPE tokenizer for GGUF",
+            "this SentencePiece tokenizer puts a space before the start of the text but not after special "
+            "tokens (transformers' non-legacy Llama tokenizer); llama.cpp does both or neither, so a GGUF "
+            "would tokenize chat prompts differently from training",
+            hint='train with a legacy tokenizer ("legacy": true in tokenizer_config.json, as Llama 2 and '
+            "Mistral ship) or a byte-level BPE one for GGUF; or export --to hf, mlx or onnx instead",
         )
+    return at_start
+
+
+def _starts_with_space(tokenizer: Any, text: str, *, skip: int = 0) -> bool:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][skip:]
+    first = tokenizer.convert_ids_to_tokens(ids[:1])
+    return bool(first) and str(first[0]).startswith("\u2581")
 
 
 def _pad(vocab: GGUFVocab, size: int) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.export.merge import Merged
+from tunelab.hub import save_tokenizer
 
 # End-of-turn markers of common chat templates; one that the template writes is a stop token.
 SENTENCEPIECE_FILES: tuple[str, ...] = ("tokenizer.model", "spiece.model")
@@ -46,7 +47,7 @@ def write_hf(merged: Merged, out: Path, *, max_shard_size: str = "4GB") -> Path:
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(str(out))
+    save_tokenizer(tokenizer, out)  # keeps the SentencePiece legacy flag
     for name in SENTENCEPIECE_FILES:  # transformers 5 saves tokenizer.json only; GGUF wants the proto
         if (merged.base / name).is_file() and not (out / name).exists():
             shutil.copy2(merged.base / name, out / name)

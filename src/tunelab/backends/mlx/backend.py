@@ -23,7 +23,7 @@ from tunelab.backends.mlx.blas import ensure_fast_blas
 from tunelab.backends.mlx.hf_config import rope_fixes
 from tunelab.backends.peft_format import AdapterSpec, read_adapter, write_adapter
 from tunelab.errors import ConfigError, ModelError, StateError
-from tunelab.hub import architecture_of, resolve_model_path
+from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
 
 ensure_fast_blas()  # must precede the first `import mlx.core` on Linux (see blas.py)
 
@@ -209,7 +209,7 @@ class MlxBackend:
             write_adapter(path, spec, {p: layer.peft_tensors() for p, layer in self._adapters.items()})
         else:
             self._save_full_model(path)
-        self.tokenizer.save_pretrained(str(path))
+        save_tokenizer(self.tokenizer, path)  # keeps the SentencePiece legacy flag
 
     def _save_full_model(self, path: Path) -> None:
         weights = _flat(self.model.parameters())

@@ -20,7 +20,7 @@ from tunelab.backends.torch.loading import load_causal_lm, pick_device, pick_dty
 from tunelab.backends.torch.loss import summed_loss, supports_hidden_path
 from tunelab.backends.torch.methods import ADAPTER_METHODS, apply_method
 from tunelab.errors import ConfigError, StateError
-from tunelab.hub import architecture_of, resolve_model_path
+from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
 
 
 class TorchBackend:
@@ -138,7 +138,7 @@ class TorchBackend:
     def save_adapter(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(path), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(path))
+        save_tokenizer(self.tokenizer, path)  # keeps the SentencePiece legacy flag
 
     def save_checkpoint(self, path: Path) -> None:
         assert self._optimizer is not None
