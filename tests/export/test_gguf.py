@@ -59,6 +59,21 @@ def test_sentencepiece_gguf_mismatch_is_refused_with_a_reason(sources: dict[str,
     assert '"legacy": true' in (caught.value.hint or "")
 
 
+def test_sentencepiece_without_dummy_prefix_writes_no_space_prefix(chat_data: Path, tmp_path: Path) -> None:
+    """Gemma-style: no "▁" anywhere is the other setting llama.cpp reproduces (add_space_prefix = false)."""
+    import json
+
+    from gguf import GGUFReader
+
+    source = _tiny(chat_data, tmp_path / "sp", "llama", tokenizer="sentencepiece")
+    config_file = source.tokenizer_dir / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "add_prefix_space": False}))
+    result = export_model(source, "gguf", tmp_path / "model.gguf", quantize="f32")
+    assert result.report is not None and result.report["passed"], result.report
+    field = GGUFReader(result.path).fields["tokenizer.ggml.add_space_prefix"]
+    assert field.contents() is False
+
+
 def test_corrupt_gguf_template_is_caught(sources: dict[str, ExportSource], tmp_path: Path) -> None:
     from tunelab.export.gguf import write_gguf
 
