@@ -178,6 +178,23 @@ def test_gguf_refuses_what_llama_cpp_would_compute_differently(chat_data: Path, 
         export_model(source, "gguf", tmp_path / "gemma2.gguf")
 
 
+def test_phi3_name_trips_llama_cpp_fixup_only_for_a_tokenizer_that_needs_it(
+    sources: dict[str, ExportSource],
+) -> None:
+    """llama.cpp makes every special token of a model *named* Phi-3 strip the whitespace after it."""
+    from tokenizers import AddedToken
+
+    from tunelab.export.gguf import model_name
+    from tunelab.hub import load_tokenizer
+
+    config = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}
+    tokenizer = load_tokenizer(sources["qwen2-bpe"].tokenizer_dir)
+    assert "phi3" not in model_name(config, tokenizer).lower()  # keeps "<|im_end|>\n" as training saw it
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken("<|end|>", rstrip=True, special=True)]})
+    with pytest.raises(ModelError, match=r"needs the tokens </s>, <s>, <unk>"):
+        model_name(config, tokenizer)  # Phi-3-like stripping, but without the tokens llama.cpp looks up
+
+
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 10000.0,
