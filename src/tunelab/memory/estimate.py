@@ -8,10 +8,11 @@ The model follows what the backends actually allocate in one training step
   (same dtype as the parameter: fp32 for PEFT adapters, which PEFT upcasts);
 * **activations** saved for backward, per token and layer — with gradient
   checkpointing only each layer's input, plus one layer recomputed in backward;
-* **logits & loss**: tunelab's torch loss projects the supervised positions
-  through the LM head in one piece (not chunked) and upcasts to fp32, so at the
-  start of backward three fp32 ``tokens × vocab`` buffers are alive at once
-  (saved log-softmax, its incoming gradient and its outgoing gradient);
+* **logits & loss**: tunelab's torch loss projects only the supervised positions
+  through the LM head, in chunks whose gradients are taken on the spot, so one
+  chunk's fp32 logits are alive at a time; MLX (and torch's plain path) hold
+  fp32 ``tokens × vocab`` buffers for the whole batch (saved log-softmax, its
+  incoming gradient and its outgoing gradient);
 * **temporaries**: a decoder layer's backward workspace, dequantized weights,
   the foreach AdamW step's scratch copy on CUDA;
 * **runtime**: what the framework holds outside tensors (CUDA context, or the
@@ -29,6 +30,7 @@ from tunelab.errors import ConfigError
 from tunelab.memory.shapes import Linear, ModelShape
 
 GiB = 2**30
+CHUNK_ELEMENTS = 2**25  # keep equal to backends/torch/linear_ce.py (no torch import here)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAPTER_METHODS = ("lora", "dora", "qlora")
 METHODS = ("lora", "dora", "qlora", "full", "freeze", "prefix", "ia3")
@@ -140,7 +142,7 @@ def estimate(shape: ModelShape, work: Workload) -> Estimate:
         Line("gradients", "gradients", phase.grads, "" if phase.grads else "none allocated at the peak"),
         Line("optimizer", "optimizer state", 2 * params_b, "AdamW: 2 moments per trainable parameter"),
         Line("activations", "activations", phase.acts, _acts_note(work)),
-        Line("logits", "logits & loss", phase.logits, "fp32 positions × vocab, not chunked" if phase.logits else ""),
+        Line("logits", "logits & loss", phase.logits, _logits_note(work) if phase.logits else ""),
         Line("temporaries", "temporaries", phase.temps, phase.temps_note),
     ]
     tensors = sum(x.bytes for x in lines)
@@ -327,7 +329,9 @@ def logits_bytes(shape: ModelShape, work: Workload) -> int:
     picked = rows * work.supervised
     if work.backend == "mlx" and work.compiled:
         picked = rows  # the compiled MLX step projects every position (fixed shapes)
-    # torch: saved log-softmax + its gradient in and out; MLX's graph holds one more fp32 copy.
+    if work.backend == "torch" and work.fast_loss:
+        return _chunked_loss_bytes(shape, work, int(picked))
+    # The model's own logits: saved log-softmax + its gradient in and out; MLX's graph holds one more fp32 copy.
     peak = (16 if work.backend == "mlx" else 12) * picked * shape.vocab
     if shape.logit_softcap:
         peak += 8 * picked * shape.vocab  # the scaled logits and tanh's saved output
@@ -335,6 +339,29 @@ def logits_bytes(shape: ModelShape, work: Workload) -> int:
         # The model's own full logits stay alive next to the gathered fp32 copy while the loss runs.
         peak = max(peak, (a * rows + a * picked + 8 * picked) * shape.vocab)
     return int(peak)
+
+
+def _logits_note(work: Workload) -> str:
+    if work.backend == "torch" and work.fast_loss:
+        return "fp32 logits of one chunk of positions at a time"
+    return "fp32 positions × vocab"
+
+
+def _chunked_loss_bytes(shape: ModelShape, work: Workload, picked: int) -> int:
+    """torch's fused head + loss (``backends/torch/linear_ce.py``): one chunk of logits at a time.
+
+    Alive at the chunk's peak: its head output in the compute dtype, the fp32
+    logits (softmax'd in place), tanh's output under soft-capping, the gradient
+    cast back to the compute dtype; beside them the gathered hidden states and
+    the hidden-state gradient being filled.  A trained head (full fine-tuning)
+    also accumulates an fp32 weight gradient.
+    """
+    a = DTYPE_BYTES[work.dtype]
+    rows = min(picked, max(64, CHUNK_ELEMENTS // max(shape.vocab, 1)))
+    per_row = (2 * a + 4 + (4 if shape.logit_softcap else 0)) * shape.vocab
+    hidden = 2 * a * picked * shape.hidden
+    head_grad = 4 * shape.vocab * shape.hidden if work.method == "full" else 0
+    return int(rows * per_row + hidden + head_grad)
 
 
 def _workspace(shape: ModelShape, work: Workload) -> int:

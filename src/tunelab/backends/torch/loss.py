@@ -2,8 +2,9 @@
 
 With prompt masking most positions carry no loss, and for small models the
 vocabulary projection is a large share of the FLOPs; gathering the supervised
-hidden states first skips that work (and never holds the full logits) while
-computing exactly the same summed cross-entropy.
+hidden states first skips that work while computing exactly the same summed
+cross-entropy, and the head + loss then run in chunks of positions
+(:mod:`linear_ce`), so the fp32 logits of a whole batch never exist at once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.backends.torch.attention import model_inputs
+from tunelab.backends.torch.linear_ce import is_plain_linear, linear_cross_entropy
 
 IGNORE = -100
 
@@ -46,14 +48,17 @@ def summed_loss(
     selected = labels != IGNORE
     tokens = int(selected.sum())
     inputs = model_inputs(batch, attention)
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if fast:
-        hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][selected])
+        hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][selected]
+        head = causal_lm.get_output_embeddings()
+        if is_plain_linear(head):  # chunked: the full fp32 logits never exist
+            return linear_cross_entropy(hidden, head, labels[selected], softcap=cap), tokens
+        logits = head(hidden)
     else:
         out = forward(**inputs, use_cache=False)
         logits = out.logits[:, -labels.shape[1] - 1 : -1][selected]
     logits = logits.float()
-    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, labels[selected], reduction="sum"), tokens

@@ -1,0 +1,105 @@
+"""LM head + cross-entropy in chunks of positions, with the gradient taken in the same pass.
+
+The plain loss materialises ``positions × vocab`` fp32 logits and keeps them
+(plus the log-softmax autograd saves) until backward: for a 128k vocabulary at
+4,096 supervised positions that is ~6 GiB, more than a 4-bit 8B model's
+weights.  Here each chunk's logits live only while that chunk is processed:
+the forward pass already knows everything backward needs, since
+``d loss / d logits = softmax - onehot``, so it computes the gradients with
+respect to the hidden states (and the head's weight, when it trains) right
+away and keeps only those.  Backward then just scales them by the incoming
+gradient.  The result equals the unchunked loss up to fp32 summation order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Elements of one chunk's fp32 logits: 2**25 is 128 MiB, e.g. 256 positions of a 128k vocabulary.
+CHUNK_ELEMENTS = 2**25
+
+
+def chunk_rows(vocab: int) -> int:
+    """How many positions one chunk projects."""
+    return max(64, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        softcap: float,
+        rows: int,
+    ) -> torch.Tensor:
+        want_h, want_w = hidden.requires_grad, weight.requires_grad
+        want_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start : start + rows], labels[start : start + rows]
+            logits = torch.nn.functional.linear(h, weight, bias).float()
+            capped = None
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if not (want_h or want_w or want_b):
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(len(y), device=grad.device), y] -= 1.0
+            if capped is not None:
+                grad.mul_(1.0 - capped * capped)
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+            grad_low = grad.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[start : start + rows] = grad_low @ weight
+            if grad_w is not None:
+                grad_w.addmm_(grad_low.t().float(), h.float())
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
+        ctx.which = (want_h, want_w, want_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        saved = iter(ctx.saved_tensors)
+        want_h, want_w, want_b = ctx.which
+        w_dtype, b_dtype = ctx.dtypes
+        grad_h = grad_w = grad_b = None
+        if want_h:
+            grad_h = next(saved)
+            grad_h = grad_h * grad_out.to(grad_h.dtype)
+        if want_w:
+            grad_w = (next(saved) * grad_out).to(w_dtype)
+        if want_b:
+            grad_b = (next(saved) * grad_out).to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    labels: torch.Tensor,
+    *,
+    softcap: float | None = None,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``labels`` (``hidden`` is ``positions × hidden``)."""
+    rows = rows or chunk_rows(head.weight.shape[0])
+    out: torch.Tensor = _LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, float(softcap or 0.0), rows)
+    return out
+
+
+def is_plain_linear(module: Any) -> bool:
+    """Only an unwrapped ``nn.Linear`` head can be fused (not a LoRA-wrapped or quantized one)."""
+    return type(module) is torch.nn.Linear
