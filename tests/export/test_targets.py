@@ -10,7 +10,7 @@ import pytest
 
 from tunelab.export.pipeline import ExportSource, Written, export_model, verify_export
 
-NAMES = ["qwen2-bpe", "llama-sp"]
+NAMES = ["qwen2-bpe", "llama-sp", "llama-sp-legacy"]
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ import numpy as np
 from tunelab.errors import ModelError
 from tunelab.export.merge import Merged
 from tunelab.export.pipeline import Written
+from tunelab.hub import save_tokenizer
 
 PACKAGE = "model.mlpackage"
 MAX_LENGTH = 2048
@@ -60,7 +61,7 @@ def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Writ
             raise ModelError(f"coremltools could not convert this model ({type(exc).__name__}: {exc})") from None
     out.mkdir(parents=True, exist_ok=True)
     mlmodel.save(str(out / PACKAGE))
-    merged.tokenizer.save_pretrained(str(out))
+    save_tokenizer(merged.tokenizer, out)  # keeps the SentencePiece legacy flag
     check_spec(out / PACKAGE)
     notes = (
         [] if platform.system() == "Darwin" else ["converted and spec-checked; Core ML runs the model only on macOS"]

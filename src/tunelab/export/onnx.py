@@ -22,6 +22,7 @@ import numpy as np
 from tunelab.errors import ModelError
 from tunelab.export.merge import Merged
 from tunelab.export.pipeline import Written
+from tunelab.hub import save_tokenizer
 
 MODEL_FILE = "model.onnx"
 INPUTS: tuple[str, ...] = ("input_ids", "past_keys", "past_values")
@@ -56,7 +57,7 @@ def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Writ
             raise ModelError(f"torch.onnx could not export this model ({type(exc).__name__}: {exc})") from None
     assert program is not None
     program.save(str(out / MODEL_FILE), external_data=_large(merged.model))
-    merged.tokenizer.save_pretrained(str(out))
+    save_tokenizer(merged.tokenizer, out)  # keeps the SentencePiece legacy flag
     merged.model.config.save_pretrained(str(out))
     return Written(out, "float32", lambda: ONNXRuntime(out))
 
