@@ -258,7 +258,7 @@ def test_bad_value_in_yaml_names_allowed_values(
     cfg.write_text(cfg.read_text().replace("steps: 2", "steps: 2\n  lr: -1") + "method:\n  name: lorra\n")
     rc, output = run_main("train", cfg)
     assert_clean_failure(rc, output, ConfigError, "train.lr: must be > 0 and <= 10.0 (got -1)", "method.name:")
-    assert "lora, dora, full, freeze, prefix or ia3" in output
+    assert "lora, dora, qlora, full, freeze, prefix or ia3" in output
 
 
 def test_missing_config_file(cli: Cli, tmp_path: Path) -> None:

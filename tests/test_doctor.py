@@ -53,7 +53,7 @@ def test_doctor_prints_the_capability_table(cli: Cli) -> None:
     result = cli("doctor", env={"COLUMNS": "120"})
     assert result.returncode == 0, result.stderr
     assert "Capabilities" in result.stdout
-    assert "lora, dora, full, freeze, prefix, ia3" in result.stdout
+    assert "lora, dora, qlora, full, freeze, prefix, ia3" in result.stdout
     assert "backend: auto →" in result.stdout
 
 

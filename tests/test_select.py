@@ -58,7 +58,7 @@ def test_choice_and_reason(
         (MAC_NO_MLX, "mlx", "lora", None, "mlx is not installed", "set backend: torch or auto"),
         (LINUX_BARE, "mlx", "lora", None, "mlx is not installed", 'pip install "tunelab[mlx]"'),
         (MAC, "mlx", "ia3", None, "mlx can't run method ia3", "set backend: torch or auto"),
-        (LINUX_CPU, "mlx", "prefix", None, "method prefix", "lora, dora, full, freeze"),
+        (LINUX_CPU, "mlx", "prefix", None, "method prefix", "lora, dora, qlora, full, freeze"),
         (LINUX_CPU, "mlx", "lora", "bert", "architecture bert", "set backend: torch or auto"),
         (LINUX_BARE, "auto", "lora", None, "PyTorch is not installed", 'pip install "tunelab[torch]"'),
         (replace(LINUX_CPU, has_torch=False), "torch", "lora", None, "PyTorch", 'pip install "tunelab[torch]"'),

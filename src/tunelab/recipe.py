@@ -45,8 +45,9 @@ class Prepared:
     memory: MemoryPlan | None = None  # the estimate, and the batch size actually used
 
 
-def model_spec(cfg: RunConfig) -> ModelSpec:
+def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None) -> ModelSpec:
     m = cfg.model
+    estimate = memory.estimate if memory is not None else None
     return ModelSpec(
         m.path,
         m.dtype,
@@ -57,13 +58,19 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         compile=cfg.train.compile,
         packing=cfg.data.packing,
+        offload_activations=cfg.train.offload_activations,
+        memory_limit_bytes=estimate.total if estimate is not None else None,
     )
 
 
 def method_spec(cfg: RunConfig) -> MethodSpec:
     m = cfg.method
     targets = m.targets if isinstance(m.targets, str) else tuple(m.targets)
-    return MethodSpec(m.name, m.rank, m.alpha, m.dropout, targets, m.layers, m.num_virtual_tokens, cfg.train.seed)
+    return MethodSpec(
+        *(m.name, m.rank, m.alpha, m.dropout, targets, m.layers, m.num_virtual_tokens, cfg.train.seed),
+        bits=m.bits,
+        group_size=m.group_size,
+    )
 
 
 def optim_spec(cfg: RunConfig) -> OptimSpec:
@@ -92,7 +99,7 @@ def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[
     on_data(data)
     cfg, memory = plan_run(cfg, folder, choice.name, data.train, output_dir, resume=resume)  # before loading
     backend = make_backend(choice)
-    info = backend.load(model_spec(cfg), method_spec(cfg), optim_spec(cfg), tokenizer)
+    info = backend.load(model_spec(cfg, memory), method_spec(cfg), optim_spec(cfg), tokenizer)
     stream, valid = _batches(cfg, data, tokenizer.pad_token_id)
     state, resumed_from = TrainerState(), None
     if resume:

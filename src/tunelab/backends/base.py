@@ -30,6 +30,8 @@ class ModelSpec:
     gradient_checkpointing: bool = False
     compile: bool = True
     packing: bool = False  # batches carry position_ids/segment_ids: attention must stay per example
+    offload_activations: bool = False  # CUDA: saved activations live in pinned CPU memory
+    memory_limit_bytes: int | None = None  # MLX on Metal: wired/cache limits derived from the estimate
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class MethodSpec:
     layers: int = 2
     num_virtual_tokens: int = 16
     seed: int = 0
+    bits: int | None = None  # qlora: the frozen base quantized to 4 or 8 bits
+    group_size: int = 64  # qlora on MLX: affine quantization group
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,24 @@ from typing import Any, NamedTuple
 from tunelab.backends.base import Backend
 from tunelab.errors import BackendError
 
-TORCH_METHODS = ("lora", "dora", "full", "freeze", "prefix", "ia3")
-MLX_METHODS = ("lora", "dora", "full", "freeze")
+TORCH_METHODS = ("lora", "dora", "qlora", "full", "freeze", "prefix", "ia3")
+MLX_METHODS = ("lora", "dora", "qlora", "full", "freeze")
 TORCH_INSTALL = 'install it with: pip install "tunelab[torch]"'
 MLX_INSTALL = 'install it with: pip install "tunelab[mlx]"'
 
 # What each backend implements in this version of tunelab (flip an entry when its backend gains it).
-TORCH_FEATURES = {"compiled_step": False, "gradient_checkpointing": True, "quantized_bases": False}
-MLX_FEATURES = {"compiled_step": True, "gradient_checkpointing": True, "quantized_bases": False}
+TORCH_FEATURES = {
+    "compiled_step": False,
+    "gradient_checkpointing": True,
+    "quantized_bases": True,  # qlora through bitsandbytes (CUDA)
+    "offload_activations": True,  # CUDA
+}
+MLX_FEATURES = {
+    "compiled_step": True,
+    "gradient_checkpointing": True,
+    "quantized_bases": True,  # qlora through MLX affine quantization, and MLX-quantized checkpoints
+    "offload_activations": False,
+}
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,9 @@ def choose_backend(requested: str, method: str, *, model_type: str | None = None
     imported (~1 s) only when torch is the answer, since only then does its
     device appear in the reason.
     """
-    choice = decide(detect_environment(probe_torch=False), requested, method, model_type)
-    if choice.name == "torch":
+    # qlora's auto choice depends on CUDA (bitsandbytes' home), so probe torch for it up front.
+    choice = decide(detect_environment(probe_torch=method == "qlora"), requested, method, model_type)
+    if choice.name == "torch" and method != "qlora":
         choice = decide(detect_environment(), requested, method, model_type)
     return choice
 
@@ -101,10 +112,23 @@ def decide(env: Environment, requested: str, method: str, model_type: str | None
         fix = f"; or {blocker.fix}" if blocker.fix else ""
         _require_torch(env, method, why=f"auto: {blocker.text}, and torch is not installed either", hint=fix)
         return Choice("torch", f"auto: {blocker.text}; using torch on {env.torch_device}")
+    if method == "qlora" and not env.cuda:
+        return _qlora_without_cuda(env, model_type)
     _require_torch(env, method, why="auto: torch is the backend for this machine, but PyTorch is not installed")
     if env.cuda:
         return Choice("torch", "auto: NVIDIA GPU found; using torch on cuda")
     return Choice("torch", "auto: no Apple Silicon or NVIDIA GPU here; using torch on cpu")
+
+
+def _qlora_without_cuda(env: Environment, model_type: str | None) -> Choice:
+    """QLoRA off CUDA: bitsandbytes is CUDA-oriented, MLX quantizes on any CPU, so MLX it is."""
+    blocker = mlx_blocker(env, "qlora", model_type)
+    if blocker is None:
+        return Choice("mlx", f"auto: qlora without an NVIDIA GPU; using mlx on {env.mlx_device}")
+    raise BackendError(
+        f"auto: method qlora needs a CUDA GPU (torch + bitsandbytes) or the MLX backend, and {blocker.text}",
+        hint=(blocker.fix or "use a machine with an NVIDIA GPU") + "; or use method: lora",
+    )
 
 
 class Blocker(NamedTuple):

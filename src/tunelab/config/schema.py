@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DataFormat = Literal["auto", "text", "completion", "instruction", "chat", "sharegpt"]
-MethodName = Literal["lora", "dora", "full", "freeze", "prefix", "ia3"]
+MethodName = Literal["lora", "dora", "qlora", "full", "freeze", "prefix", "ia3"]
 Scheduler = Literal["constant", "linear", "cosine"]
 BackendName = Literal["auto", "torch", "mlx"]
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
@@ -68,7 +68,7 @@ class DataCfg(_Section):
 
 
 class MethodCfg(_Section):
-    """What is trained: adapters (lora, dora, prefix, ia3) or base weights (full, freeze)."""
+    """What is trained: adapters (lora, dora, qlora, prefix, ia3) or base weights (full, freeze)."""
 
     name: MethodName = "lora"
     rank: int = Field(8, ge=1, le=4096)
@@ -77,6 +77,8 @@ class MethodCfg(_Section):
     targets: Literal["all-linear"] | list[str] = "all-linear"
     layers: int = Field(2, ge=1, description="freeze: how many of the last decoder layers to train")
     num_virtual_tokens: int = Field(16, ge=1, le=1024, description="prefix: virtual tokens per layer")
+    bits: int | None = Field(None, description="qlora: the base's bits, 4 or 8 (default 4)")
+    group_size: int = Field(64, description="qlora on MLX: weights per affine quantization group (32, 64, 128)")
 
     @field_validator("targets")
     @classmethod
@@ -84,6 +86,19 @@ class MethodCfg(_Section):
         if isinstance(v, list) and not v:
             raise ValueError("must be 'all-linear' or a non-empty list of module names")
         return v
+
+    @model_validator(mode="after")
+    def _quantized(self) -> MethodCfg:
+        # bits only means something for qlora; saying it with lora is almost surely a forgotten method name.
+        if self.bits is not None and self.name != "qlora":
+            raise ValueError(f"method.bits goes with name: qlora (got name: {self.name}); remove bits or use qlora")
+        if self.bits is not None and self.bits not in (4, 8):
+            raise ValueError(f"method.bits must be 4 or 8 (got {self.bits})")
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"method.group_size must be 32, 64 or 128 (got {self.group_size})")
+        if self.name == "qlora" and self.bits is None:
+            object.__setattr__(self, "bits", 4)  # the default depends on name; the model is frozen after this
+        return self
 
 
 class TrainCfg(_Section):
@@ -113,6 +128,9 @@ class TrainCfg(_Section):
     )
     compile: bool = Field(True, description="compile the training step where the backend supports it (MLX)")
     eval_batch_size: int | None = Field(None, ge=1)
+    offload_activations: bool = Field(
+        False, description="CUDA: keep saved activations in pinned CPU memory during the forward (less GPU memory)"
+    )
 
     @field_validator("batch_size", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.loading import load_causal_lm, pick_device, pick_dtype
 from tunelab.backends.torch.loss import summed_loss, supports_hidden_path
 from tunelab.backends.torch.methods import ADAPTER_METHODS, apply_method
+from tunelab.backends.torch.quant import bnb_config
 from tunelab.errors import ConfigError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
 
@@ -38,6 +39,7 @@ class TorchBackend:
         self._max_grad_norm = 1.0
         self._fast_loss = False
         self._attention = "sdpa"
+        self._offload = False
 
     # -- setup -------------------------------------------------------------------------------
     def load(self, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
@@ -50,8 +52,21 @@ class TorchBackend:
         folder = resolve_model_path(model.path, model.revision)
         self.device = pick_device(model.device)
         dtype = pick_dtype(model.dtype, self.device)
+        if model.offload_activations and self.device.type != "cuda":
+            raise ConfigError(
+                f"train.offload_activations moves activations from a CUDA GPU to CPU memory; this run is on "
+                f"{self.device}",
+                hint="set train.offload_activations: false",
+            )
+        self._offload = model.offload_activations
+        quant = bnb_config(method.bits or 4, dtype, self.device) if method.name == "qlora" else None
         base = load_causal_lm(
-            folder, dtype=dtype, device=self.device, attn=model.attn_implementation, trust=model.trust_remote_code
+            folder,
+            dtype=dtype,
+            device=self.device,
+            attn=model.attn_implementation,
+            trust=model.trust_remote_code,
+            quantization=quant,
         )
         self._attention = str(base.config._attn_implementation)
         if model.packing:
@@ -72,7 +87,7 @@ class TorchBackend:
             architecture=architecture_of(folder),
             num_params=sum(p.numel() for p in self.model.parameters()),
             trainable_params=sum(p.numel() for p in self._params),
-            dtype=str(dtype).removeprefix("torch."),
+            dtype=_dtype_name(dtype, method),
             device=str(self.device),
             path=str(folder),
         )
@@ -108,7 +123,13 @@ class TorchBackend:
     # -- training ----------------------------------------------------------------------------
     def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
         self.model.train()
-        loss, tokens = self._summed_loss(batch)
+        if self._offload:
+            # Tensors saved for backward (with checkpointing: each layer's input) wait in pinned
+            # CPU memory and come back, asynchronously, when backward needs them.
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                loss, tokens = self._summed_loss(batch)
+        else:
+            loss, tokens = self._summed_loss(batch)
         (loss * loss_scale).backward()
         return LossSum(float(loss.detach()), tokens)
 
@@ -240,6 +261,14 @@ class TorchBackend:
             return int(torch.cuda.max_memory_allocated(self.device))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _dtype_name(dtype: torch.dtype, method: MethodSpec) -> str:
+    """The compute dtype, with the base's quantization for qlora (e.g. ``nf4/bfloat16``)."""
+    name = str(dtype).removeprefix("torch.")
+    if method.name != "qlora":
+        return name
+    return f"{'nf4' if (method.bits or 4) == 4 else 'int8'}/{name}"
 
 
 class _QueueStreamer:

@@ -35,13 +35,21 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_causal_lm(folder: Path, *, dtype: torch.dtype, device: torch.device, attn: str, trust: bool) -> Any:
-    """Load any causal-LM architecture transformers knows (safetensors, sharded or not)."""
+def load_causal_lm(
+    folder: Path, *, dtype: torch.dtype, device: torch.device, attn: str, trust: bool, quantization: Any = None
+) -> Any:
+    """Load any causal-LM architecture transformers knows (safetensors, sharded or not).
+
+    With ``quantization`` (a bitsandbytes config) the weights are quantized while
+    loading, straight onto ``device``: a quantized model can't be moved afterwards.
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
     if attn != "auto":
         kwargs["attn_implementation"] = attn
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device})
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except Exception as exc:
@@ -49,7 +57,7 @@ def load_causal_lm(folder: Path, *, dtype: torch.dtype, device: torch.device, at
             f"could not load a causal LM from {folder} ({type(exc).__name__}: {exc})",
             hint="check that the folder holds a complete checkpoint of a causal LM architecture",
         ) from None
-    return model.to(device)  # type: ignore[arg-type]
+    return model if quantization is not None else model.to(device)  # type: ignore[arg-type]
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
