@@ -25,6 +25,7 @@ def streamlit_command(host: str, port: int) -> list[str]:
         "--browser.gatherUsageStats", "false",
         "--server.fileWatcherType", "none",
         "--global.developmentMode", "false",
+        "--client.toolbarMode", "minimal",  # no "Deploy" button: this dashboard is local
     ]  # fmt: skip
 
 
