@@ -19,6 +19,13 @@ if [ "$(uname -s)" = "Linux" ] && ! command -v initdb > /dev/null && ! ls /usr/l
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) > /dev/null 2>&1 \
     || echo "note: could not install postgresql; the PostgreSQL queue tests will be skipped"
 fi
+# The dashboard's browser test (tests/ui/test_browser.py) drives Debian's headless Chromium through
+# chromedriver: install both, best effort; without them that test skips and says why.
+if [ "$(uname -s)" = "Linux" ] && ! command -v chromedriver > /dev/null \
+    && [ "$(id -u)" = "0" ] && command -v apt-get > /dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) > /dev/null 2>&1 \
+    || echo "note: could not install chromium/chromium-driver; the dashboard's browser test will be skipped"
+fi
 python -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[all,dev]"
 python -m ruff check src tests bench scripts
 python -m ruff format --check src tests bench scripts
