@@ -34,9 +34,11 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  # noqa: E402
 from tunelab.backends.mlx.packing import enable_packing, packed_caches  # noqa: E402
+from tunelab.backends.mlx.quant import in_features, is_quantized, quantize_base, set_memory_limits  # noqa: E402
 
 IGNORE = -100
 _PAD_MULTIPLE = 32
+_LORA_METHODS = ("lora", "dora", "qlora")  # qlora: LoRA over a quantized base
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -65,8 +67,12 @@ class MlxBackend:
     def load(self, model: ModelSpec, method: MethodSpec, optim_spec: OptimSpec, tokenizer: Any) -> ModelInfo:
         self._load_base(model, tokenizer)
         self.method = method
+        if method.name == "qlora" and not is_quantized(self.model):
+            quantize_base(self.model, method.bits or 4, method.group_size)
+        self._check_quantized(method)
+        set_memory_limits(model.memory_limit_bytes)
         self.model.freeze()
-        if method.name in ("lora", "dora"):
+        if method.name in _LORA_METHODS:
             self._wrap(method)
         elif method.name == "full":
             self.model.unfreeze()
@@ -111,6 +117,15 @@ class MlxBackend:
             self._loss_and_grad = loss_and_grad
         return self._info(trainable=sum(v.size for v in _flat(self.model.trainable_parameters()).values()))
 
+    def _check_quantized(self, method: MethodSpec) -> None:
+        """A quantized base can only be frozen: adapters train over it, its own weights can't take gradients."""
+        if not is_quantized(self.model) or method.name in ("lora", "qlora"):
+            return
+        raise ConfigError(
+            f"method: {method.name} can't train a quantized base (its weights are 4/8-bit codes)",
+            hint="use method: lora or qlora, or a full-precision checkpoint",
+        )
+
     def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
         self._load_base(model, tokenizer)
         if adapter is not None:
@@ -154,7 +169,7 @@ class MlxBackend:
         base = dict(linear_modules(self.model)).get(path)
         if base is None:
             raise ModelError(f"the adapter names module {path}, which this model does not have")
-        in_dims = base.weight.shape[1]
+        in_dims = in_features(base)
         layer = LoRALinear(
             base, rank=rank, alpha=alpha, dropout=dropout, a_init=lora_a_init(seed, path, rank, in_dims), dora=dora
         )
@@ -165,7 +180,11 @@ class MlxBackend:
     def _info(self, *, trainable: int) -> ModelInfo:
         params = sum(v.size for v in _flat(self.model.parameters()).values())
         device = "gpu" if mx.default_device() == mx.gpu else "cpu"
-        dtype = str(self.model.model.embed_tokens.weight.dtype).removeprefix("mlx.core.")
+        floats = (v.dtype for v in _flat(self.model.parameters()).values() if mx.issubdtype(v.dtype, mx.floating))
+        dtype = str(next(floats, "?")).removeprefix("mlx.core.")  # not embed_tokens: it may be quantized
+        bits = {m.bits for _, m in self.model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+        if bits:
+            dtype = f"{max(bits)}bit/{dtype}"
         return ModelInfo(architecture_of(self.folder), params, trainable, dtype, f"mlx:{device}", str(self.folder))
 
     # -- training ----------------------------------------------------------------------------
@@ -197,7 +216,7 @@ class MlxBackend:
     # -- persistence -------------------------------------------------------------------------
     def save_adapter(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        if self.method.name in ("lora", "dora"):
+        if self.method.name in _LORA_METHODS:
             spec = AdapterSpec(
                 rank=self.method.rank,
                 alpha=self.method.alpha,

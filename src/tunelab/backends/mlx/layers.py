@@ -19,10 +19,11 @@ class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (and DoRA magnitude if ``dora``)."""
 
     def __init__(
-        self, base: nn.Linear, *, rank: int, alpha: float, dropout: float, a_init: np.ndarray, dora: bool
+        self, base: nn.Module, *, rank: int, alpha: float, dropout: float, a_init: np.ndarray, dora: bool
     ) -> None:
         super().__init__()
-        out_dims, in_dims = base.weight.shape
+        # a_init is (rank, in): the input width, which a quantized weight's packed shape doesn't show.
+        out_dims, in_dims = base.weight.shape[0], a_init.shape[1]
         self.base = base
         self.scale = alpha / rank
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
@@ -69,11 +70,12 @@ class LoRALinear(nn.Module):
         return ["lora_a", "lora_b", "magnitude"] if self.dora else ["lora_a", "lora_b"]
 
 
-def linear_modules(model: nn.Module, *, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` under the model by HF-style dotted path, except the output head."""
+def linear_modules(model: nn.Module, *, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, nn.Module]:
+    """Every linear layer (plain or quantized) under the model by HF-style dotted path, except the output head."""
     found = {}
     for path, module in model.named_modules():
-        if isinstance(module, nn.Linear) and path and path.split(".")[-1] not in skip:
+        linear = isinstance(module, (nn.Linear, nn.QuantizedLinear))
+        if linear and path and path.split(".")[-1] not in skip:
             found[path] = module
     return found
 
