@@ -15,6 +15,7 @@ a ratio, and checks each page against the 2 s budget.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import tempfile
@@ -64,6 +65,9 @@ def render_s(url_path: str, repeats: int, **query: str) -> float:
     """Median seconds of one full script run of the page (a fresh session each time: no warm caches)."""
     from streamlit.testing.v1 import AppTest
 
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("streamlit"):  # AppTest's "missing ScriptRunContext" chatter
+            logging.getLogger(name).setLevel(logging.ERROR)
     times = []
     for _ in range(repeats):
         at = AppTest.from_function(_page, args=(url_path,), default_timeout=120)

@@ -6,6 +6,8 @@ import streamlit as st
 
 from tunelab.ui import data
 
+LINEAGE_SHOWN = 25
+
 
 def render() -> None:
     """The lineage table, then the same grouped by base model."""
@@ -22,11 +24,21 @@ def render() -> None:
     st.dataframe(rows, hide_index=True, width="stretch", key="models_table")
     st.subheader("Lineage")
     for base in bases:
-        with st.expander(base, expanded=len(bases) <= 3):
-            for row in (r for r in rows if r["base"] == base):
-                chain = [f"`{row['dataset']}`", f"run `{row['run']}` ({row['status']})"]
-                if row["adapter"]:
-                    chain.append(f"`{row['adapter']}`")
-                if row["exports"]:
-                    chain.append(row["exports"])
-                st.markdown(" → ".join(chain))
+        runs = [r for r in rows if r["base"] == base]
+        with st.expander(f"{base} ({len(runs)} runs)", expanded=len(bases) <= 3):
+            # Newest first, and only the newest few: the table above holds them all, and a thousand
+            # markdown lines would double the page's render time.
+            for row in runs[:LINEAGE_SHOWN]:
+                st.markdown(" → ".join(chain(row)))
+            if len(runs) > LINEAGE_SHOWN:
+                st.caption(f"… and {len(runs) - LINEAGE_SHOWN} older runs (in the table above)")
+
+
+def chain(row: dict[str, str]) -> list[str]:
+    """One lineage line: dataset → run → adapter → exports."""
+    out = [f"`{row['dataset']}`", f"run `{row['run']}` ({row['status']})"]
+    if row["adapter"]:
+        out.append(f"`{row['adapter']}`")
+    if row["exports"]:
+        out.append(row["exports"])
+    return out
