@@ -125,3 +125,25 @@ def test_torch_qlora_trains_on_cuda_and_saves_a_peft_adapter(tiny_model_dir: Pat
     backend.save_adapter(tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     PeftModel.from_pretrained(base, str(tmp_path / "adapter"))  # the adapter loads onto the full-precision base
+
+
+def test_estimator_follows_qlora_and_offload_settings(tiny_model_dir: Path) -> None:
+    from tunelab.config.schema import RunConfig
+    from tunelab.memory.estimate import estimate
+    from tunelab.memory.plan import workload
+    from tunelab.memory.shapes import read_shape
+
+    shape = read_shape(tiny_model_dir)
+    raw = {"model": {"path": str(tiny_model_dir)}, "data": {"train": "x.jsonl", "max_seq_len": 512}}
+    plain = RunConfig.model_validate({**raw, "method": {"name": "lora"}})
+    qlora = RunConfig.model_validate({**raw, "method": {"name": "qlora", "bits": 8}})
+    offload = RunConfig.model_validate({**raw, "method": {"name": "qlora"}, "train": {"offload_activations": True}})
+    work = {name: workload(cfg, shape, backend="torch", device="cuda") for name, cfg in
+            (("plain", plain), ("qlora", qlora), ("offload", offload))}  # fmt: skip
+    assert (work["plain"].bits, work["qlora"].bits, work["offload"].bits) == (None, 8, 4)
+    assert work["offload"].offload_activations and not work["qlora"].offload_activations
+    assert estimate(shape, work["qlora"]).get("weights") < estimate(shape, work["plain"]).get("weights")
+    with_acts = estimate(shape, replace(work["offload"], offload_activations=False)).get("activations")
+    assert estimate(shape, work["offload"]).get("activations") < with_acts
+    # Off CUDA there is nothing to offload to: the option does not change the prediction.
+    assert not workload(offload, shape, backend="mlx", device="cpu").offload_activations

@@ -77,6 +77,7 @@ class Workload:
     grad_accum: int = 1
     fast_loss: bool = True  # torch: only supervised positions go through the LM head
     compiled: bool = False  # MLX's compiled step
+    offload_activations: bool = False  # torch/CUDA: saved activations wait in pinned CPU memory
 
     @property
     def tokens(self) -> int:
@@ -187,6 +188,10 @@ def _phases(shape: ModelShape, work: Workload, params_b: int) -> list[_Phase]:
     else:
         kept = first = shape.layers * layer + final_norm
         last = layer
+    if work.offload_activations:
+        # Saved tensors go to CPU as the forward makes them and come back one layer at a time in backward.
+        kept = final_norm + (layer_input if work.gradient_checkpointing else 0)
+        first = last = (layer_input + recomputed) if work.gradient_checkpointing else layer
     earlier = params_b if work.grad_accum > 1 else 0  # gradients of earlier micro-batches
     block_grads = params_b // max(shape.layers, 1)
     temps, note = _workspace(shape, work), "one layer's backward workspace"
@@ -388,6 +393,8 @@ def _count(n: int) -> str:
 
 
 def _acts_note(work: Workload) -> str:
+    if work.offload_activations:
+        return f"{work.batch}×{work.seq_len} tokens; saved ones offloaded to CPU, one layer back at a time"
     if work.gradient_checkpointing:
         return f"{work.batch}×{work.seq_len} tokens; checkpointed: layer inputs + one layer"
     return f"{work.batch}×{work.seq_len} tokens, every layer"

@@ -127,15 +127,16 @@ def workload(cfg: RunConfig, shape: ModelShape, *, backend: str, device: str, **
         dropout=m.dropout > 0,
         trained_layers=m.layers,
         num_virtual_tokens=m.num_virtual_tokens,
-        # method.bits / method.group_size arrive with QLoRA; until then a quantized base comes from the checkpoint.
-        bits=getattr(m, "bits", None),
-        group_size=getattr(m, "group_size", None) or shape.quant_group_size,
+        # An MLX-quantized checkpoint stays as stored (qlora does not quantize it again).
+        bits=shape.quant_bits or m.bits,
+        group_size=shape.quant_group_size if shape.quant_bits else m.group_size,
         batch=batch,
         seq_len=cfg.data.max_seq_len,
         gradient_checkpointing=t.gradient_checkpointing,
         grad_accum=t.grad_accum,
         compiled=backend == "mlx" and t.compile,
         fast_loss=m.name != "prefix",  # prefix tuning takes the model's own (full) logits
+        offload_activations=t.offload_activations and backend == "torch" and device == "cuda",
     )
     return replace(base, **fields)
 
