@@ -152,3 +152,18 @@ def test_system_shows_doctor_and_live_use(in_registry: Registry) -> None:
     assert labels[:2] == ["CPU", "Memory"] and at.metric[0].value.endswith("%")
     assert any("Auto backend" in md.value for md in at.markdown)
     assert "torch" in set(at.dataframe[0].value["package"])
+
+
+def test_run_page_cancels_a_queued_job(registry_copy: Registry) -> None:
+    from tests.integration.conftest import base_config
+
+    from tunelab import services
+    from tunelab.config.load import validate_config
+
+    raw = base_config(registry_copy.model, registry_copy.data, registry_copy.home / "queued-out")
+    job = services.submit_job(validate_config(raw))
+    at = page_test("run", run=job["run_id"]).run()
+    assert at.metric[0].value == "queued"
+    assert "No metrics yet" in at.info[0].value
+    at.button(key="run_cancel").click().run()
+    assert services.show_job(job["id"])["status"] == "cancelled"
