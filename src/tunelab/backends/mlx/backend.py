@@ -34,7 +34,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  # noqa: E402
 from tunelab.backends.mlx.packing import enable_packing, packed_caches  # noqa: E402
-from tunelab.backends.mlx.quant import in_features, is_quantized, quantize_base, set_memory_limits  # noqa: E402
+from tunelab.backends.mlx.quant import in_features, prepare_base, set_memory_limits  # noqa: E402
 
 IGNORE = -100
 _PAD_MULTIPLE = 32
@@ -67,9 +67,7 @@ class MlxBackend:
     def load(self, model: ModelSpec, method: MethodSpec, optim_spec: OptimSpec, tokenizer: Any) -> ModelInfo:
         self._load_base(model, tokenizer)
         self.method = method
-        if method.name == "qlora" and not is_quantized(self.model):
-            quantize_base(self.model, method.bits or 4, method.group_size)
-        self._check_quantized(method)
+        prepare_base(self.model, method.name, method.bits or 4, method.group_size)
         set_memory_limits(model.memory_limit_bytes)
         self.model.freeze()
         if method.name in _LORA_METHODS:
@@ -116,15 +114,6 @@ class MlxBackend:
             self._head = _split_head(self.model)
             self._loss_and_grad = loss_and_grad
         return self._info(trainable=sum(v.size for v in _flat(self.model.trainable_parameters()).values()))
-
-    def _check_quantized(self, method: MethodSpec) -> None:
-        """A quantized base can only be frozen: adapters train over it, its own weights can't take gradients."""
-        if not is_quantized(self.model) or method.name in ("lora", "qlora"):
-            return
-        raise ConfigError(
-            f"method: {method.name} can't train a quantized base (its weights are 4/8-bit codes)",
-            hint="use method: lora or qlora, or a full-precision checkpoint",
-        )
 
     def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
         self._load_base(model, tokenizer)

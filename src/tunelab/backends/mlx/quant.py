@@ -27,6 +27,24 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
 
 
+def prepare_base(model: nn.Module, method: str, bits: int, group_size: int) -> None:
+    """Quantize the base for qlora (unless the checkpoint already is); refuse methods that train quantized weights.
+
+    A quantized base can only stay frozen: adapters train over it, while its own
+    4/8-bit codes can't take gradients (full, freeze), and DoRA's magnitude needs
+    the dense weight's row norms.
+    """
+    if method == "qlora" and is_quantized(model):
+        log.info("method: qlora: the checkpoint is already quantized; training over it as stored")
+    elif method == "qlora":
+        quantize_base(model, bits, group_size)
+    if is_quantized(model) and method not in ("lora", "qlora"):
+        raise ConfigError(
+            f"method: {method} can't train a quantized base (its weights are 4/8-bit codes)",
+            hint="use method: lora or qlora, or a full-precision checkpoint",
+        )
+
+
 def quantize_base(model: nn.Module, bits: int, group_size: int) -> int:
     """Quantize every linear and embedding layer whose input width divides into groups; return how many.
 
