@@ -32,9 +32,9 @@ def test_qlora_defaults_to_4_bits_and_group_64() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"name": "lora", "bits": 4}, "method.bits goes with name: qlora"),
-        ({"name": "qlora", "bits": 3}, "method.bits must be 4 or 8"),
-        ({"name": "qlora", "group_size": 48}, "method.group_size must be 32, 64 or 128"),
+        ({"name": "lora", "bits": 4}, "bits is for name: qlora"),
+        ({"name": "qlora", "bits": 3}, "bits must be 4 or 8"),
+        ({"name": "qlora", "group_size": 48}, "group_size must be 32, 64 or 128"),
     ],
 )
 def test_config_refuses_inconsistent_quantization(fields: dict, message: str) -> None:
@@ -83,6 +83,19 @@ def test_torch_qlora_without_bitsandbytes_fails_cleanly(
     assert proc.returncode == BackendError.exit_code != 0, output
     assert "Traceback" not in output, output
     assert "needs bitsandbytes" in output and "backend: mlx" in output, output
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [({"name": "lora", "bits": 4}, "method: bits is for name: qlora"), ({"name": "qlora", "bits": 2}, "bits must be")],
+)
+def test_cli_refuses_bad_quantization_settings(
+    cli: Callable[..., CompletedProcess[str]], tiny_model_dir: Path, tmp_path: Path, method: dict, message: str
+) -> None:
+    proc = cli("train", _config(tmp_path, tiny_model_dir, method=method))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == ConfigError.exit_code, output
+    assert "Traceback" not in output and message in output, output
 
 
 def test_offload_activations_is_refused_off_cuda(tiny_model_dir: Path) -> None:

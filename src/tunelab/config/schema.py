@@ -91,11 +91,11 @@ class MethodCfg(_Section):
     def _quantized(self) -> MethodCfg:
         # bits only means something for qlora; saying it with lora is almost surely a forgotten method name.
         if self.bits is not None and self.name != "qlora":
-            raise ValueError(f"method.bits goes with name: qlora (got name: {self.name}); remove bits or use qlora")
+            raise ValueError(f"bits is for name: qlora (got name: {self.name}); remove bits or set name: qlora")
         if self.bits is not None and self.bits not in (4, 8):
-            raise ValueError(f"method.bits must be 4 or 8 (got {self.bits})")
+            raise ValueError(f"bits must be 4 or 8 (got {self.bits})")
         if self.group_size not in (32, 64, 128):
-            raise ValueError(f"method.group_size must be 32, 64 or 128 (got {self.group_size})")
+            raise ValueError(f"group_size must be 32, 64 or 128 (got {self.group_size})")
         if self.name == "qlora" and self.bits is None:
             object.__setattr__(self, "bits", 4)  # the default depends on name; the model is frozen after this
         return self
