@@ -23,7 +23,9 @@ is something to learn (the loss falls from ~ln 128256 = 11.8 towards ln 1000 =
 6.9) and the two runs' curves can be compared as they move.  Printed: both
 final losses (mean of the last 5 steps) and their relative difference (target
 ≤ 2%), the largest per-step difference, and QLoRA's peak
-``torch.cuda.max_memory_allocated`` over its 50 steps (target ≤ 10 GiB).
+``torch.cuda.max_memory_allocated`` over its 50 steps (target ≤ 10 GiB); then, for
+``train.offload_activations``, QLoRA's peak over 5 steps with the forward under
+``torch.autograd.graph.save_on_cpu(pin_memory=True)``.
 ``--tiny`` runs a 2-layer model (CPU too; QLoRA is skipped without
 bitsandbytes/CUDA) to check the script itself.
 """
@@ -31,6 +33,7 @@ bitsandbytes/CUDA) to check the script itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -54,19 +57,21 @@ RESULT = "RESULT "
 LOSS_TARGET = 0.02
 PEAK_TARGET = 10 * GiB
 SUB_VOCAB = 1000
+OFFLOAD_STEPS = 5  # the offload run is there for its peak memory only
 TAIL = 5  # final loss = mean of the last TAIL steps (one step's batch is noise)
 
 
 def main() -> None:
     args = _parse()
     if args.part:  # a child: one run, its losses and peak as one JSON line for the parent
-        say(RESULT + json.dumps(_train(args, quantized=args.part == "qlora")))
+        say(RESULT + json.dumps(_train(args, quantized=args.part.startswith("qlora"), offload="offload" in args.part)))
         return
     results = {"lora": _child(args, "lora")}
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
         say("QLoRA skipped: it needs a CUDA GPU and bitsandbytes (carry its wheel, see the docstring)")
     else:
         results["qlora"] = _child(args, "qlora")
+        results["qlora-offload"] = _child(args, "qlora-offload")
     _report(results, args)
 
 
@@ -88,8 +93,12 @@ def _child(args: argparse.Namespace, part: str) -> dict[str, Any]:
     return result
 
 
-def _train(args: argparse.Namespace, *, quantized: bool) -> dict[str, Any]:
-    """Build (and quantize), add LoRA, train ``args.steps`` steps; return losses, peak and timing."""
+def _train(args: argparse.Namespace, *, quantized: bool, offload: bool = False) -> dict[str, Any]:
+    """Build (and quantize), add LoRA, train ``args.steps`` steps; return losses, peak and timing.
+
+    ``offload`` runs OFFLOAD_STEPS steps as ``train.offload_activations`` does: the forward
+    under ``save_on_cpu(pin_memory=True)``, for its peak memory.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     numbers = TINY if args.tiny else LLAMA_31_8B
     started = time.perf_counter()
@@ -101,28 +110,30 @@ def _train(args: argparse.Namespace, *, quantized: bool) -> dict[str, Any]:
     peft_model = apply_method(model, spec)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
-    say(f"{'qlora' if quantized else 'lora'}: ready in {time.perf_counter() - started:.1f} s")
+    say(f"{args.part}: ready in {time.perf_counter() - started:.1f} s")
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    batches = _batches(args.steps, args.batch, args.seq)
+    steps = min(args.steps, OFFLOAD_STEPS) if offload else args.steps
+    batches = _batches(steps, args.batch, args.seq)
     losses, started = [], time.perf_counter()
     peft_model.train()
     for step, ids in enumerate(batches):
         ids = ids.to(device)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        total, tokens = summed_loss(model, peft_model, inputs, True)
+        with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
+            total, tokens = summed_loss(model, peft_model, inputs, True)
         (total / tokens).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(total.detach()) / tokens)
-        if step % 10 == 0 or step == args.steps - 1:
+        if step % 10 == 0 or step == steps - 1:
             say(f"  step {step + 1:3d}  loss {losses[-1]:.4f}")
     if device.type == "cuda":
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return {"losses": losses, "peak_bytes": peak, "seconds_per_step": (time.perf_counter() - started) / args.steps}
+    return {"losses": losses, "peak_bytes": peak, "seconds_per_step": (time.perf_counter() - started) / steps}
 
 
 def _batches(steps: int, batch: int, seq: int) -> list[torch.Tensor]:
@@ -149,6 +160,10 @@ def _report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> Non
         if peak is not None:
             verdict = "PASS" if peak <= PEAK_TARGET else "FAIL"
             say(f"QLoRA peak memory (max allocated): {peak / GiB:.2f} GiB (target <= 10 GiB) {verdict}")
+        offload = results["qlora-offload"]
+        if offload["peak_bytes"] is not None:
+            say(f"QLoRA with offload_activations: peak {offload['peak_bytes'] / GiB:.2f} GiB, "
+                f"{offload['seconds_per_step']:.2f} s/step ({OFFLOAD_STEPS} steps)")  # fmt: skip
         summary.update(final_relative_difference=diff, largest_step_difference=worst)
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +184,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script itself (CPU too)")
-    parser.add_argument("--part", choices=["lora", "qlora"], help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=["lora", "qlora", "qlora-offload"], help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
