@@ -54,6 +54,17 @@ def test_auto_qlora_without_cuda_or_mlx_says_what_to_install() -> None:
     assert "tunelab[mlx]" in str(info.value)
 
 
+def test_an_mlx_quantized_checkpoint_goes_to_mlx(tmp_path: Path) -> None:
+    from tunelab.backends.select import is_mlx_quantized
+
+    assert decide(replace(LINUX, cuda=True), "auto", "lora", "llama", mlx_quantized=True).name == "mlx"
+    with pytest.raises(BackendError, match="can't load an MLX-quantized checkpoint") as info:
+        decide(LINUX, "torch", "lora", "llama", mlx_quantized=True)
+    assert "--to hf" in str(info.value)
+    (tmp_path / "config.json").write_text(json.dumps({"quantization": {"bits": 4, "group_size": 64}}))
+    assert is_mlx_quantized(tmp_path) and not is_mlx_quantized(tmp_path / "missing")
+
+
 def _config(folder: Path, model: Path, **top: object) -> Path:
     data = folder / "train.jsonl"
     rows = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(8)]

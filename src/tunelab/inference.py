@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.backends.base import Backend, ModelSpec
-from tunelab.backends.select import choose_backend, make_backend, model_type_of
+from tunelab.backends.select import choose_backend, is_mlx_quantized, make_backend, model_type_of
 from tunelab.data.templates import template_for
 from tunelab.data.tokenize import special_prefix
 from tunelab.errors import ModelError, NotFoundError
@@ -84,7 +84,8 @@ def load_generator(
     tok_dir = adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else folder
     tokenizer = load_tokenizer(tok_dir)
     method = _adapter_method(adapter_dir) if adapter_dir is not None else "full"
-    engine = make_backend(choose_backend(backend, method, model_type=model_type_of(folder)))
+    choice = choose_backend(backend, method, model_type=model_type_of(folder), mlx_quantized=is_mlx_quantized(folder))
+    engine = make_backend(choice)
     engine.load_inference(ModelSpec(str(folder), device=device), adapter_dir, tokenizer)
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.backends.base import Backend, Batch, MethodSpec, ModelInfo, ModelSpec, OptimSpec
-from tunelab.backends.select import Choice, choose_backend, make_backend, model_type_of
+from tunelab.backends.select import Choice, choose_backend, is_mlx_quantized, make_backend, model_type_of
 from tunelab.config.schema import RunConfig
 from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
 from tunelab.data.packing import packed_eval_batches
@@ -91,7 +91,8 @@ def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[
     """
     source = scan_data(cfg.data)
     folder = resolve_model_path(cfg.model.path, cfg.model.revision)
-    choice = choose_backend(cfg.backend, cfg.method.name, model_type=model_type_of(folder))
+    quantized = is_mlx_quantized(folder)
+    choice = choose_backend(cfg.backend, cfg.method.name, model_type=model_type_of(folder), mlx_quantized=quantized)
     tokenizer = load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
     data = prepare_data(cfg.data, tokenizer, source, seed=cfg.train.seed)
     if data.template_name == BUILTIN_NAME:

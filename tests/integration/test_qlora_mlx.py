@@ -32,10 +32,11 @@ def _losses(out: Path) -> tuple[float, float]:
     return first, last
 
 
-def _generate(model: Path, adapter: Path) -> list[int]:
+def _generate(model: Path, adapter: Path, backend: str = "mlx") -> list[int]:
     from tunelab.inference import load_generator
 
-    generator = load_generator(model=str(model), adapter=str(adapter), chat=True, backend="mlx")
+    generator = load_generator(model=str(model), adapter=str(adapter), chat=True, backend=backend)
+    assert generator.backend.name == "mlx"
     ids = generator.prompt_ids("List: tea, rice, honey")
     tokens = list(generator.backend.generate(ids, max_new_tokens=8, temperature=0.0, top_p=1.0, stop_ids=[], seed=0))
     assert len(tokens) == 8 and all(isinstance(t, int) for t in tokens)
@@ -56,7 +57,7 @@ def test_mlx_4bit_qlora_trains_and_its_adapter_generates(e2e_model: Path, chat_d
     _generate(e2e_model, adapter)  # the full-precision base
     quantized = tmp_path / "base-4bit"
     convert_checkpoint(str(e2e_model), quantized, to="mlx", bits=4, group_size=32)
-    _generate(quantized, adapter)  # an MLX-quantized base
+    _generate(quantized, adapter, backend="auto")  # an MLX-quantized base: auto knows only mlx loads it
 
 
 def test_qlora_quantizes_the_base_and_trains_only_the_adapters(e2e_model: Path) -> None:
@@ -85,7 +86,9 @@ def test_lora_trains_on_an_mlx_quantized_checkpoint(e2e_model: Path, chat_data: 
     convert_checkpoint(str(e2e_model), quantized, to="mlx", bits=8, group_size=64)
     raw = _qlora_config(quantized, chat_data, tmp_path / "run")
     raw["method"].update(name="lora")
-    services.start_run(load_config(raw))
+    raw["backend"] = "auto"  # picks mlx: the checkpoint is MLX-quantized
+    outcome = services.start_run(load_config(raw))
+    assert services.show_run(outcome.run_id)["backend"] == "mlx"
     first, last = _losses(tmp_path / "run")
     assert last < first, (first, last)
     raw = _qlora_config(quantized, chat_data, tmp_path / "dora")

@@ -75,23 +75,31 @@ class Environment:
         return "gpu" if self.mlx_metal else "cpu"
 
 
-def choose_backend(requested: str, method: str, *, model_type: str | None = None) -> Choice:
+def choose_backend(
+    requested: str, method: str, *, model_type: str | None = None, mlx_quantized: bool = False
+) -> Choice:
     """Resolve ``backend: auto|torch|mlx`` to one that can run ``method`` (on ``model_type``) here.
 
     ``model_type`` is the checkpoint's ``config.json`` value (see
-    :func:`model_type_of`); without it the architecture is not checked.  torch is
-    imported (~1 s) only when torch is the answer, since only then does its
-    device appear in the reason.
+    :func:`model_type_of`); without it the architecture is not checked.
+    ``mlx_quantized``: the checkpoint holds MLX-quantized weights (see
+    :func:`is_mlx_quantized`), which only MLX loads.  torch is imported (~1 s)
+    only when torch is the answer, since only then does its device appear in the reason.
     """
     # qlora's auto choice depends on CUDA (bitsandbytes' home), so probe torch for it up front.
-    choice = decide(detect_environment(probe_torch=method == "qlora"), requested, method, model_type)
+    env = detect_environment(probe_torch=method == "qlora")
+    choice = decide(env, requested, method, model_type, mlx_quantized=mlx_quantized)
     if choice.name == "torch" and method != "qlora":
-        choice = decide(detect_environment(), requested, method, model_type)
+        choice = decide(detect_environment(), requested, method, model_type, mlx_quantized=mlx_quantized)
     return choice
 
 
-def decide(env: Environment, requested: str, method: str, model_type: str | None = None) -> Choice:
+def decide(
+    env: Environment, requested: str, method: str, model_type: str | None = None, *, mlx_quantized: bool = False
+) -> Choice:
     """The whole policy: auto prefers MLX on Apple Silicon, torch elsewhere; MLX on a Linux CPU only on request."""
+    if mlx_quantized and requested != "mlx":
+        return _mlx_quantized_base(env, requested, method, model_type)
     if requested == "torch":
         _require_torch(env, method, why="backend: torch needs PyTorch")
         return Choice("torch", f"requested; torch on {env.torch_device}")
@@ -129,6 +137,20 @@ def _qlora_without_cuda(env: Environment, model_type: str | None) -> Choice:
         f"auto: method qlora needs a CUDA GPU (torch + bitsandbytes) or the MLX backend, and {blocker.text}",
         hint=(blocker.fix or "use a machine with an NVIDIA GPU") + "; or use method: lora",
     )
+
+
+def _mlx_quantized_base(env: Environment, requested: str, method: str, model_type: str | None) -> Choice:
+    """An MLX-quantized checkpoint: transformers can't load its weights, so only MLX will do."""
+    convert = "or convert it for torch with: tunelab convert PATH --to hf --out NEW_PATH"
+    if requested == "torch":
+        raise BackendError("backend: torch can't load an MLX-quantized checkpoint", hint=f"set backend: mlx; {convert}")
+    blocker = mlx_blocker(env, method, model_type)
+    if blocker is not None:
+        raise BackendError(
+            f"auto: this checkpoint is MLX-quantized, which only mlx loads, and {blocker.text}",
+            hint=(f"{blocker.fix}; " if blocker.fix else "") + convert,
+        )
+    return Choice("mlx", f"auto: MLX-quantized checkpoint; using mlx on {env.mlx_device}")
 
 
 class Blocker(NamedTuple):
@@ -248,6 +270,16 @@ def model_type_of(path_or_folder: str | Path) -> str | None:
         return None
     value = config.get("model_type") if isinstance(config, dict) else None
     return value if isinstance(value, str) and value else None
+
+
+def is_mlx_quantized(path_or_folder: str | Path) -> bool:
+    """Whether a local checkpoint's config.json has MLX's ``quantization`` block (False for hub ids)."""
+    folder = Path(path_or_folder).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("quantization"), dict)
 
 
 def capabilities(env: Environment) -> list[dict[str, Any]]:

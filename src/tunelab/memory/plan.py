@@ -153,7 +153,10 @@ def estimate_config(
     elif device == "metal":
         backend = "mlx"
     else:
-        backend = choose_backend(cfg.backend, cfg.method.name, model_type=shape.model_type or None).name
+        quantized = bool(shape.quant_bits)  # an MLX-quantized checkpoint: only mlx loads it
+        backend = choose_backend(
+            cfg.backend, cfg.method.name, model_type=shape.model_type or None, mlx_quantized=quantized
+        ).name
     where = device or target_device(cfg.device, backend)
     budget = _budget(backend, where, budget_bytes)
     work = workload(cfg, shape, backend=backend, device=where, **({"bits": bits} if bits else {}))
