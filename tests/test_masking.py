@@ -232,7 +232,7 @@ def test_a_template_without_tool_support_is_refused_per_sample_and_chatml_render
     assert template_for_sample(plain, CHAT["messages"]) == plain  # no tools: the model's own template
     # Never silently dropped: tokenizing refuses the plain template (prepare_data then switches the whole
     # dataset to the built-in ChatML), and with it the calls are rendered and trained.
-    with pytest.raises(TemplateLacksTools, match="tools that the model.s chat template can.t render"):
+    with pytest.raises(TemplateLacksTools, match=r"tools that the model.s chat template can.t render"):
         tokenize(tok, TOOL_CHAT, "chat", "all_assistant", template=plain)
     assert_tokens(tokenize(tok, TOOL_CHAT, "chat", "all_assistant", template=CHATML), TOOL_TURNS["all_assistant"])
 

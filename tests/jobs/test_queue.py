@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from tunelab import services
 from tunelab.config.load import validate_config
 from tunelab.errors import ConfigError, StateError
 from tunelab.jobs import queue
-from tunelab.registry import jobs_repo
+from tunelab.registry import jobs_repo, repo
 from tunelab.registry.db import open_registry, session_scope
 
 
@@ -115,7 +116,7 @@ def test_postgres_claim_skips_rows_locked_by_another_worker(registry_url: str, t
         pytest.skip("FOR UPDATE SKIP LOCKED is the PostgreSQL claim; SQLite serialises claims with its write lock")
     first, second = _submit(tmp_path), _submit(tmp_path)
     with session_scope(open_registry()) as holding:
-        held = jobs_repo.claim_job(holding, worker_id="slow", stale_before=services.datetime.now(services.timezone.utc))
+        held = jobs_repo.claim_job(holding, worker_id="slow", stale_before=datetime.now(timezone.utc))
         assert held is not None and held.id == first
         started = time.monotonic()
         other = queue.claim("fast", stale_after=60)  # its own transaction, while "slow" still holds the row lock
@@ -127,6 +128,6 @@ def test_postgres_claim_skips_rows_locked_by_another_worker(registry_url: str, t
 def test_job_whose_run_already_completed_is_not_trained_again(registry_url: str, tmp_path: Path) -> None:
     job = services.submit_job(_cfg(tmp_path, output_dir=str(tmp_path / "out")), kind="train")
     with session_scope(open_registry()) as s:
-        services.repo.update_run(s, job["run_id"], status="completed")
+        repo.update_run(s, job["run_id"], status="completed")
     # e.g. the worker died between the end of training and recording the job's end
     assert services.run_job(job["id"]) == "completed"

@@ -1,0 +1,143 @@
+"""Jobs: submit to the queue, run a claimed job, its events, cancel; and what pollers read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab import recipe
+from tunelab.config.load import validate_config
+from tunelab.config.schema import RunConfig
+from tunelab.errors import ConfigError
+from tunelab.registry import repo
+from tunelab.registry.db import open_registry, session_scope
+from tunelab.services.runs import resume_run
+from tunelab.settings import get_settings
+
+
+def submit_job(
+    cfg: RunConfig, *, kind: str = "train", priority: int = 0, allowed_roots: Sequence[Path] | None = None
+) -> dict[str, Any]:
+    """Queue ``cfg`` for a worker; a train job gets its (queued) run at once, so its id is known.
+
+    ``allowed_roots`` (the API passes them) confines every path in the config to those folders.
+    """
+    from tunelab.registry import jobs_repo
+    from tunelab.registry.tables import JOB_KINDS
+    from tunelab.security.paths import check_config_paths
+
+    if kind not in JOB_KINDS:
+        raise ConfigError(f"job kind must be one of {', '.join(JOB_KINDS)} (got {kind!r})")
+    if allowed_roots is not None:
+        check_config_paths(cfg, allowed_roots)
+    run_id = None
+    with session_scope(open_registry()) as s:
+        if kind == "train":
+            run_id = repo.new_run_id()
+            output_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else get_settings().runs_dir / run_id
+            recipe.check_fresh_output(output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+            repo.create_run(s, run_id=run_id, config=cfg.to_dict(), output_dir=str(output_dir), name=cfg.name)
+        job = jobs_repo.create_job(
+            s, job_id=jobs_repo.new_job_id(), kind=kind, config=cfg.to_dict(), run_id=run_id, priority=priority
+        )
+        jobs_repo.add_event(s, type="status", data={"status": "queued"}, job_id=job.id, run_id=run_id)
+        return jobs_repo.job_public(job)
+
+
+def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable[[], bool] = lambda: False) -> str:
+    """Do a claimed job's work in this process; returns ``completed`` or ``stopped``.
+
+    Training always continues from the run's newest checkpoint, so a job taken
+    over from a dead worker resumes instead of starting again.
+    """
+    from tunelab.data.validate import validate_dataset
+    from tunelab.registry import jobs_repo
+
+    with session_scope(open_registry()) as s:
+        job = jobs_repo.get_job(s, job_id)
+        kind, run_id, config = job.kind, job.run_id, dict(job.config)
+        trained = run_id is not None and repo.get_run(s, run_id).status == "completed"
+    if kind == "validate" or run_id is None:
+        cfg = validate_config(config)
+        report = validate_dataset(
+            cfg.data.train, valid=cfg.data.valid, fmt=cfg.data.format, max_seq_len=cfg.data.max_seq_len
+        )
+        counts = ", ".join(f"{k}: {v['records']} records" for k, v in report["splits"].items())
+        record_job_event(job_id, None, "log", {"text": f"ok: format {report['format']}; {counts}"})
+        return "completed"
+    if trained:
+        return "completed"  # its worker died after training but before recording the job's end
+    outcome = resume_run(run_id, callbacks=callbacks, should_stop=should_stop)
+    return "completed" if outcome.status == "completed" else "stopped"
+
+
+def record_job_event(job_id: str | None, run_id: str | None, type: str, data: dict[str, Any]) -> None:
+    """Append a metric | log | status event for a job and/or run."""
+    from tunelab.registry import jobs_repo
+
+    with session_scope(open_registry()) as s:
+        jobs_repo.add_event(s, type=type, data=data, job_id=job_id, run_id=run_id)
+
+
+def list_jobs(*, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    """The newest jobs as public JSON."""
+    from tunelab.registry import jobs_repo
+
+    with session_scope(open_registry()) as s:
+        return [jobs_repo.job_public(row) for row in jobs_repo.list_jobs(s, status=status, limit=limit)]
+
+
+def show_job(job_text: str) -> dict[str, Any]:
+    """One job, by id or unique prefix."""
+    from tunelab.registry import jobs_repo
+
+    with session_scope(open_registry()) as s:
+        return jobs_repo.job_public(jobs_repo.get_job(s, jobs_repo.resolve_job_id(s, job_text)))
+
+
+def cancel_job(job_text: str) -> dict[str, Any]:
+    """Cancel a queued job, or ask the worker of a running one to checkpoint and stop."""
+    from tunelab.jobs import queue
+
+    return queue.cancel(job_text)
+
+
+def job_events(job_text: str, *, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+    """A job's events (status changes, logs, metrics) with ``id > after``."""
+    from tunelab.registry import jobs_repo
+
+    with session_scope(open_registry()) as s:
+        job_id = jobs_repo.resolve_job_id(s, job_text)
+        return jobs_repo.events_after(s, job_id=job_id, after=after, limit=limit)
+
+
+def run_events(run_text: str, *, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+    """A run's events with ``id > after`` (what the WebSocket sends)."""
+    from tunelab.registry import jobs_repo
+
+    with session_scope(open_registry()) as s:
+        run_id = repo.resolve_run_id(s, run_text)
+        return jobs_repo.events_after(s, run_id=run_id, after=after, limit=limit)
+
+
+def run_metrics(run_text: str) -> list[dict[str, Any]]:
+    """Every metric point of a run as ``{step, name, value}``."""
+    with session_scope(open_registry()) as s:
+        return repo.metric_history(s, repo.resolve_run_id(s, run_text))
+
+
+def run_status(run_id: str) -> str:
+    """A run's status, cheap enough to poll; a run trained by a job isn't over until its job has recorded the end."""
+    from tunelab.registry import jobs_repo
+
+    with session_scope(open_registry()) as s:
+        status = repo.get_run(s, run_id).status
+        job = jobs_repo.job_for_run(s, run_id)
+        if job is not None and job.status not in jobs_repo.FINAL_STATUSES:
+            return job.status
+        return status

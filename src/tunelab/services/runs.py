@@ -1,0 +1,208 @@
+"""Runs: start, resume, list and show; a run is recorded before any heavy work starts.
+
+So even a crash while loading the model leaves a ``failed`` run with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab import recipe
+from tunelab.config.load import validate_config
+from tunelab.config.schema import RunConfig
+from tunelab.data.prepare import PreparedData
+from tunelab.errors import StateError, TunelabError
+from tunelab.registry import repo
+from tunelab.registry.db import open_registry, session_scope
+from tunelab.settings import get_settings
+from tunelab.train.callbacks import BaseCallback, CallbackList, MetricsFile
+from tunelab.train.checkpoint import list_checkpoints
+from tunelab.train.tensorboard import TensorBoardCallback
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended and where its results are."""
+
+    run_id: str
+    status: str
+    output_dir: Path
+    result_dir: Path | None
+    metrics: dict[str, float | None]
+
+
+def start_run(
+    cfg: RunConfig,
+    *,
+    callbacks: Sequence[Any] = (),
+    should_stop: Callable[[], bool] = lambda: False,
+    run_id: str | None = None,
+) -> RunOutcome:
+    """Record a new run and train it to the end (or until ``should_stop``)."""
+    engine = open_registry()
+    run_id = run_id or repo.new_run_id()
+    output_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else get_settings().runs_dir / run_id
+    recipe.check_fresh_output(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    with session_scope(engine) as s:
+        repo.create_run(s, run_id=run_id, config=cfg.to_dict(), output_dir=str(output_dir), name=cfg.name)
+    return _execute(run_id, cfg, output_dir, resume=False, callbacks=callbacks, should_stop=should_stop)
+
+
+def resume_run(
+    run_text: str, *, callbacks: Sequence[Any] = (), should_stop: Callable[[], bool] = lambda: False
+) -> RunOutcome:
+    """Continue a run from its newest checkpoint (from the start if it never wrote one)."""
+    engine = open_registry()
+    with session_scope(engine) as s:
+        run_id = repo.resolve_run_id(s, run_text)
+        row = repo.get_run(s, run_id)
+        config, output_dir, status = dict(row.config), Path(row.output_dir), row.status
+    if status == "completed":
+        raise StateError(f"run {run_id} already completed; its result is in {output_dir}")
+    cfg = validate_config(config)
+    return _execute(run_id, cfg, output_dir, resume=True, callbacks=callbacks, should_stop=should_stop)
+
+
+def _execute(
+    run_id: str,
+    cfg: RunConfig,
+    output_dir: Path,
+    *,
+    resume: bool,
+    callbacks: Sequence[Any],
+    should_stop: Callable[[], bool],
+) -> RunOutcome:
+    engine = open_registry()
+    with session_scope(engine) as s:
+        repo.update_run(
+            s, run_id, status="running", started_at=datetime.now(timezone.utc), error=None, finished_at=None
+        )
+    try:
+        prep = recipe.setup(cfg, output_dir, resume=resume, on_data=lambda d: _record_data(run_id, d))
+        with session_scope(engine) as s:
+            model_id = repo.upsert_model(
+                s, path=prep.info.path, architecture=prep.info.architecture, num_params=prep.info.num_params
+            )
+            repo.update_run(
+                s,
+                run_id,
+                model_id=model_id,
+                backend=prep.choice.name,
+                backend_reason=prep.choice.reason,
+                device=prep.info.device,
+                total_steps=prep.total_steps,
+                estimated_memory_bytes=prep.memory.estimate.total if prep.memory and prep.memory.estimate else None,
+            )
+        hooks = CallbackList(
+            [
+                MetricsFile(output_dir / "metrics.jsonl"),
+                *([TensorBoardCallback(output_dir / "tensorboard")] if cfg.tensorboard else []),
+                RegistryCallback(run_id),
+                *callbacks,
+            ]
+        )
+        hooks.on_message(f"tokenization cache {prep.data.cache_status}" + _key_note(prep.data.cache_key))
+        if prep.memory is not None:
+            hooks.on_message(prep.memory.summary())
+        if prep.resumed_from is not None:
+            hooks.on_message(f"resuming from {prep.resumed_from.name}")
+        result = recipe.train(cfg, prep, output_dir, hooks, should_stop)
+    except BaseException as exc:
+        _finish(run_id, "failed" if not isinstance(exc, KeyboardInterrupt) else "cancelled", error=_reason(exc))
+        raise
+    status = "completed" if result.status == "completed" else "cancelled"
+    final = recipe.result_dir(output_dir, cfg.method.name) if status == "completed" else None
+    metrics = {"train_loss": None, "val_loss": result.state.last_val_loss, "best_val_loss": result.state.best_val_loss}
+    with session_scope(engine) as s:
+        latest = repo.latest_metrics(s, run_id)
+        metrics["train_loss"] = latest.get("train_loss")
+        metrics["tokens_per_sec"] = result.state.tokens_seen / max(result.state.elapsed_s, 1e-9)
+        if final is not None:
+            repo.add_artifact(s, run_id=run_id, kind=final.name, path=str(final))
+        repo.add_artifact(s, run_id=run_id, kind="metrics", path=str(output_dir / "metrics.jsonl"))
+        if cfg.tensorboard:
+            repo.add_artifact(s, run_id=run_id, kind="tensorboard", path=str(output_dir / "tensorboard"))
+        repo.update_run(s, run_id, peak_memory_bytes=prep.backend.peak_memory_bytes(), step=result.state.step)
+    hooks.on_end(step=result.state.step, status=status)
+    _finish(run_id, status, final_metrics=metrics)
+    return RunOutcome(run_id, status, output_dir, final, metrics)
+
+
+def _record_data(run_id: str, data: PreparedData) -> None:
+    """Record the dataset a run trains on: hash, format, counts, tokenization cache key and length stats."""
+    with session_scope(open_registry()) as s:
+        dataset_id = repo.upsert_dataset(
+            s,
+            path=data.train_path,
+            content_hash=data.content_hash,
+            format=data.format,
+            num_train=len(data.train),
+            num_valid=len(data.valid) if data.valid else 0,
+            cache_key=data.cache_key,
+            stats={**data.stats, "valid_path": data.valid_path},
+        )
+        repo.update_run(s, run_id, dataset_id=dataset_id, chat_template=data.template_name)
+
+
+def _key_note(key: str | None) -> str:
+    return f" ({key})" if key else " (data.cache is off)"
+
+
+def _finish(run_id: str, status: str, *, error: str | None = None, final_metrics: dict | None = None) -> None:
+    fields: dict[str, Any] = {"status": status, "finished_at": datetime.now(timezone.utc), "error": error}
+    if final_metrics is not None:
+        fields["final_metrics"] = final_metrics
+    with session_scope(open_registry()) as s:
+        repo.update_run(s, run_id, **fields)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
+
+
+class RegistryCallback(BaseCallback):
+    """Mirror metrics and checkpoints into the registry as they happen."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._last_write = 0.0
+
+    def on_start(self, *, step: int, total_steps: int) -> None:
+        with session_scope(open_registry()) as s:
+            repo.delete_metrics_after(s, run_id=self.run_id, step=step)
+            repo.update_run(s, self.run_id, step=step, total_steps=total_steps)
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        with session_scope(open_registry()) as s:
+            repo.add_metrics(s, run_id=self.run_id, step=step, values=metrics)
+            repo.update_run(s, self.run_id, step=step)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        with session_scope(open_registry()) as s:
+            live = {str(p) for p in list_checkpoints(path.parent)}
+            for row in repo.list_artifacts(s, self.run_id):
+                if row.kind == "checkpoint" and row.path not in live:
+                    repo.remove_artifact(s, run_id=self.run_id, kind="checkpoint", path=row.path)
+            repo.add_artifact(s, run_id=self.run_id, kind="checkpoint", path=str(path), meta={"step": step})
+
+
+def list_runs(*, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    """Summaries of the newest runs (the same JSON as `runs show`)."""
+    with session_scope(open_registry()) as s:
+        return [repo.run_summary(s, row.id) for row in repo.list_runs(s, status=status, limit=limit)]
+
+
+def show_run(run_text: str) -> dict[str, Any]:
+    """One run's public JSON, found by id or unique id prefix."""
+    with session_scope(open_registry()) as s:
+        return repo.run_summary(s, repo.resolve_run_id(s, run_text))
