@@ -57,6 +57,8 @@ def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None) -> ModelSpec:
         cfg.device,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         compile=cfg.train.compile,
+        fused_loss=cfg.train.fused_loss,
+        activation_budget=cfg.train.activation_budget,
         packing=cfg.data.packing,
         offload_activations=cfg.train.offload_activations,
         memory_limit_bytes=estimate.total if estimate is not None else None,

@@ -28,7 +28,9 @@ class ModelSpec:
     attn_implementation: str = "auto"
     device: str = "auto"
     gradient_checkpointing: bool = False
-    compile: bool = True
+    compile: bool = True  # MLX: the compiled step; torch on CUDA: compiled decoder layers
+    fused_loss: bool = True  # chunked LM head + cross-entropy (torch)
+    activation_budget: float = 0.8  # compiled layers: share of activations kept for backward
     packing: bool = False  # batches carry position_ids/segment_ids: attention must stay per example
     offload_activations: bool = False  # CUDA: saved activations live in pinned CPU memory
     memory_limit_bytes: int | None = None  # MLX on Metal: wired/cache limits derived from the estimate

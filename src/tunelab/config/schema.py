@@ -126,7 +126,19 @@ class TrainCfg(_Section):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~30% slower"
     )
-    compile: bool = Field(True, description="compile the training step where the backend supports it (MLX)")
+    compile: bool = Field(
+        True, description="compile the training step (MLX) or each decoder layer (torch on CUDA); false runs eager"
+    )
+    activation_budget: float = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="torch on CUDA, compiled layers: share of activations kept for backward; the rest is "
+        "recomputed, cheapest first (below 1: less memory, a little slower)",
+    )
+    fused_loss: bool = Field(
+        True, description="torch: LM head + cross-entropy in chunks, without the whole batch's logits in memory"
+    )
     eval_batch_size: int | None = Field(None, ge=1)
     offload_activations: bool = Field(
         False, description="CUDA: keep saved activations in pinned CPU memory during the forward (less GPU memory)"

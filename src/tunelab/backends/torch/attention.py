@@ -19,7 +19,11 @@ the throughput of length-grouped batches: ``bench/packing_cpu.py``).  FlexAttent
 has no CPU backward in torch 2.13, and gathering examples into per-length
 buckets measured slower than the dense mask (the gathers' backward costs more
 than it saves).  On CUDA, :func:`choose_packed_attention` is the hook:
-flash-attention varlen when installed, else FlexAttention, else ``sdpa``.
+flash-attention varlen when installed, else PyTorch's own flash varlen kernel
+(:func:`torch_varlen`, registered as ``tunelab_varlen``; half precision only),
+else FlexAttention, else ``sdpa``.  The varlen kernels take the examples as
+one flat sequence with cumulative lengths and never compute a masked-out pair,
+which is what makes packing pay on a GPU.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-VARLEN = ("flash_attention_2", "flash_attention_3")
+TORCH_VARLEN = "tunelab_varlen"
+VARLEN = ("flash_attention_2", "flash_attention_3", TORCH_VARLEN)
 PACKED_SDPA = "tunelab_packed_sdpa"
-_CUDA_PREFERENCE = (*VARLEN, "flex_attention")
+_CUDA_PREFERENCE = ("flash_attention_2", "flash_attention_3", TORCH_VARLEN, "flex_attention")
 _CHUNK = 256  # queries per chunk: smaller trims more keys, larger launches fewer kernels
 
 
@@ -57,6 +62,12 @@ def choose_packed_attention(model: Any, device: torch.device, requested: str) ->
         model.set_attn_implementation(PACKED_SDPA)
         return PACKED_SDPA
     for name in _CUDA_PREFERENCE:
+        if name == TORCH_VARLEN:
+            if not torch_varlen_usable(model):
+                continue
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(TORCH_VARLEN, torch_varlen)
         try:
             model.set_attn_implementation(name)
         except (ImportError, ValueError) as exc:  # kernel not installed, or not supported by this architecture
@@ -67,6 +78,70 @@ def choose_packed_attention(model: Any, device: torch.device, requested: str) ->
     return current
 
 
+def torch_varlen_usable(model: Any) -> bool:
+    """PyTorch's flash varlen kernel: torch >= 2.10, a half-precision model, causal, no score soft-capping."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    capped = getattr(model.config, "attn_logit_softcapping", None)
+    config = model.config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return dtype in (torch.bfloat16, torch.float16) and not capped and (not window or _varlen_takes("window_size"))
+
+
+def _varlen_takes(name: str) -> bool:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return name in inspect.signature(varlen_attn).parameters
+
+
+def torch_varlen(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed example through ``torch.nn.attention.varlen`` (transformers' signature).
+
+    ``cu_seq_lens_q`` and ``max_length_q`` come from :func:`varlen_kwargs` via
+    the model's forward.  Without them (generation with a KV cache) it is ``sdpa``.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[2] != key.shape[2]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    batch, heads, length, dim = query.shape
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], dim)
+    options: dict[str, Any] = {"scale": scaling}
+    window = kwargs.get("sliding_window")
+    if _varlen_takes("window_size"):
+        options["window_size"] = (window - 1 if window else -1, 0)  # (-1, 0): causal
+    else:
+        options["is_causal"] = True
+    if k.shape[1] != heads:
+        if _varlen_takes("enable_gqa"):
+            options["enable_gqa"] = True
+        else:
+            groups = heads // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    longest = kwargs["max_length_q"]
+    out: Any = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+    return out.reshape(batch, length, heads, dim), None
+
+
 def model_inputs(batch: dict[str, torch.Tensor], attention: str) -> dict[str, Any]:
     """Keyword arguments for the model's forward on ``batch`` (packed or padded)."""
     if "position_ids" not in batch:
@@ -74,21 +149,24 @@ def model_inputs(batch: dict[str, torch.Tensor], attention: str) -> dict[str, An
     # No attention_mask on purpose: with one, transformers would not look for example boundaries.
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     if attention in VARLEN:
-        inputs.update(varlen_kwargs(batch["position_ids"]))
+        inputs.update(varlen_kwargs(batch["position_ids"], static=attention == TORCH_VARLEN))
     return inputs
 
 
-def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
+def varlen_kwargs(position_ids: torch.Tensor, static: bool = False) -> dict[str, Any]:
     """Cumulative example lengths over the flattened batch, as flash-attention's varlen kernels take them.
 
     Every example (and each row's padding tail) starts at position 0, so the
-    starts are where the flattened positions are 0.
+    starts are where the flattened positions are 0.  With ``static`` the
+    longest length is given as the row length, an upper bound the kernel
+    accepts: one number for every batch (a compiled layer is not recompiled
+    for each new maximum) and no wait for the device to count it.
     """
     flat = position_ids.reshape(-1)
     starts = (flat == 0).nonzero().reshape(-1)
     total = torch.tensor([flat.numel()], device=flat.device)
     cu = torch.cat([starts, total]).to(torch.int32)
-    longest = int(cu.diff().max())
+    longest = position_ids.shape[-1] if static else int(cu.diff().max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, OptimSpec
 from tunelab.backends.torch.attention import choose_packed_attention
+from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
 from tunelab.backends.torch.loading import load_causal_lm, pick_device, pick_dtype
-from tunelab.backends.torch.loss import summed_loss, supports_hidden_path
+from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import ADAPTER_METHODS, apply_method
 from tunelab.backends.torch.quant import bnb_config
 from tunelab.errors import ConfigError, StateError
@@ -40,6 +41,8 @@ class TorchBackend:
         self._fast_loss = False
         self._attention = "sdpa"
         self._offload = False
+        self.fast = FastPath()
+        self._autocast: torch.dtype | None = None  # CUDA: the base's half dtype, for fp32 adapters
 
     # -- setup -------------------------------------------------------------------------------
     def load(self, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
@@ -50,24 +53,41 @@ class TorchBackend:
                 "data.packing does not work with method: prefix", hint="set data.packing: false or another method"
             )
         folder = resolve_model_path(model.path, model.revision)
-        self.device = pick_device(model.device)
-        dtype = pick_dtype(model.dtype, self.device)
-        if model.offload_activations and self.device.type != "cuda":
+        device = pick_device(model.device)
+        dtype = pick_dtype(model.dtype, device)
+        if model.offload_activations and device.type != "cuda":
             raise ConfigError(
-                f"train.offload_activations moves activations from a CUDA GPU to CPU memory; this run is on "
-                f"{self.device}",
+                f"train.offload_activations moves activations from a CUDA GPU to CPU memory; this run is on {device}",
                 hint="set train.offload_activations: false",
             )
-        self._offload = model.offload_activations
-        quant = bnb_config(method.bits or 4, dtype, self.device) if method.name == "qlora" else None
+        quant = bnb_config(method.bits or 4, dtype, device) if method.name == "qlora" else None
         base = load_causal_lm(
             folder,
             dtype=dtype,
-            device=self.device,
+            device=device,
             attn=model.attn_implementation,
             trust=model.trust_remote_code,
             quantization=quant,
         )
+        info = self.attach(base, model, method, optim, tokenizer)
+        return ModelInfo(
+            architecture=architecture_of(folder),
+            num_params=info.num_params,
+            trainable_params=info.trainable_params,
+            dtype=info.dtype,
+            device=info.device,
+            path=str(folder),
+        )
+
+    def attach(self, base: Any, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
+        """Make a loaded transformers model trainable: method, memory options, fast path, optimizer.
+
+        :meth:`load` calls it after reading the checkpoint; ``bench/gpu.py`` calls
+        it on a random-initialised model built in GPU memory.
+        """
+        self.device = next(base.parameters()).device
+        dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
+        self._offload = model.offload_activations
         self._attention = str(base.config._attn_implementation)
         if model.packing:
             self._attention = choose_packed_attention(base, self.device, model.attn_implementation)
@@ -77,19 +97,31 @@ class TorchBackend:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph for adapters
         self.model = apply_method(base, method)
-        self._fast_loss = method.name != "prefix" and supports_hidden_path(self._causal_lm)
+        self.fast = resolve(
+            self.device, compile=model.compile, fused_loss=model.fused_loss, activation_budget=model.activation_budget
+        )
+        if self.fast.compile_layers:
+            compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
+        self._fast_loss = self.fast.fused_loss and method.name != "prefix" and supports_hidden_path(self._causal_lm)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
+        mixed = dtype in (torch.bfloat16, torch.float16) and any(p.dtype == torch.float32 for p in self._params)
+        self._autocast = dtype if mixed and self.device.type == "cuda" else None
         self._max_grad_norm = optim.max_grad_norm
         self._optimizer = torch.optim.AdamW(
-            self._params, lr=0.0, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+            self._params,
+            lr=0.0,
+            betas=optim.betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            fused=self.device.type == "cuda" or None,  # one kernel for all adapter tensors
         )
         return ModelInfo(
-            architecture=architecture_of(folder),
+            architecture=str(getattr(base.config, "model_type", "")),
             num_params=sum(p.numel() for p in self.model.parameters()),
             trainable_params=sum(p.numel() for p in self._params),
             dtype=_dtype_name(dtype, method),
             device=str(self.device),
-            path=str(folder),
+            path="",
         )
 
     def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
@@ -150,7 +182,16 @@ class TorchBackend:
         return LossSum(float(loss), tokens)
 
     def _summed_loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        return summed_loss(self._causal_lm, self.model, self._to_device(batch), self._fast_loss, self._attention)
+        if self.fast.compile_layers:
+            batch = pad_to_multiple(batch)
+        positions = torch.from_numpy(supervised_positions(batch["labels"])).to(self.device)
+        inputs = self._to_device(batch)
+        # Adapters are kept in fp32 (exact optimizer updates) over a bf16/fp16 base; under
+        # autocast their matmuls run in the base's dtype on the tensor cores, as the
+        # weight is cast, not the activation (an fp32 copy of every adapter input would
+        # double what is saved for backward and run on the slow fp32 GEMMs).
+        with torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=bool(self._autocast)):
+            return summed_loss(self._causal_lm, self.model, inputs, self._fast_loss, self._attention, positions)
 
     def _to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
@@ -261,6 +302,28 @@ class TorchBackend:
             return int(torch.cuda.max_memory_allocated(self.device))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def pad_to_multiple(batch: Batch) -> Batch:
+    """Right-pad a batch's length to a multiple of :data:`fast.SHAPE_MULTIPLE` (fewer compiled shapes).
+
+    The added columns carry no loss and are masked out (or, packed, form a
+    sequence of their own), so the loss is unchanged.
+    """
+    length = batch["input_ids"].shape[1]
+    extra = round_up(length) - length
+    if extra == 0:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        if key == "labels":
+            fill = np.full((value.shape[0], extra), -100, dtype=value.dtype)
+        elif key == "position_ids":  # restarting at 0: a sequence of its own, which nothing real attends to
+            fill = np.broadcast_to(np.arange(extra, dtype=value.dtype), (value.shape[0], extra))
+        else:  # input_ids (any id), attention_mask and segment_ids: 0
+            fill = np.zeros((value.shape[0], extra), dtype=value.dtype)
+        out[key] = np.concatenate([value, fill], axis=1)
+    return out
 
 
 def _dtype_name(dtype: torch.dtype, method: MethodSpec) -> str:

@@ -26,6 +26,43 @@ def chunk_rows(vocab: int) -> int:
     return max(64, CHUNK_ELEMENTS // max(vocab, 1))
 
 
+def _chunk_loss_grad(
+    logits: torch.Tensor, labels: torch.Tensor, softcap: float, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of one chunk and ``d loss / d logits`` (in the logits' dtype).
+
+    Written as whole-tensor expressions so that, compiled, the fp32 upcast,
+    soft-cap, log-sum-exp and softmax-minus-one-hot fuse into a reduction and
+    one elementwise pass over the chunk instead of a kernel (and an fp32 copy)
+    per step.
+    """
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32
+    capped = None
+    if softcap:
+        capped = torch.tanh(z / softcap)
+        z = capped * softcap
+    lse = torch.logsumexp(z, dim=-1)
+    loss = (lse - z.gather(1, labels[:, None]).squeeze(1)).sum()
+    if not want_grad:
+        return loss, None
+    classes = torch.arange(z.shape[1], device=z.device)
+    grad = torch.exp(z - lse[:, None]) - (classes[None, :] == labels[:, None]).float()
+    if capped is not None:
+        grad = grad * (1.0 - capped * capped)
+    return loss, grad.to(logits.dtype)
+
+
+_COMPILED: Any = None
+
+
+def _compiled_chunk() -> Any:
+    """:func:`_chunk_loss_grad` compiled once per process (CUDA: Triton kernels)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_chunk_loss_grad)  # the last, shorter chunk makes its size dynamic
+    return _COMPILED
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -43,28 +80,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk = _compiled_chunk() if hidden.is_cuda else _chunk_loss_grad
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start : start + rows], labels[start : start + rows]
-            logits = torch.nn.functional.linear(h, weight, bias).float()
-            capped = None
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if not (want_h or want_w or want_b):
+            logits = torch.nn.functional.linear(h, weight, bias)
+            loss, grad = chunk(logits, y, softcap, want_h or want_w or want_b)
+            total += loss
+            if grad is None:
                 continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            grad[torch.arange(len(y), device=grad.device), y] -= 1.0
-            if capped is not None:
-                grad.mul_(1.0 - capped * capped)
             if grad_b is not None:
-                grad_b += grad.sum(0)
-            grad_low = grad.to(hidden.dtype)
+                grad_b += grad.float().sum(0)
             if grad_h is not None:
-                grad_h[start : start + rows] = grad_low @ weight
+                grad_h[start : start + rows] = grad @ weight
             if grad_w is not None:
-                grad_w.addmm_(grad_low.t().float(), h.float())
+                grad_w.addmm_(grad.t().float(), h.float())
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
         ctx.which = (want_h, want_w, want_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)

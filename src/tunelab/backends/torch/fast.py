@@ -1,0 +1,87 @@
+"""The CUDA fast path: compiled decoder layers, the fused loss, and static shapes for them.
+
+What costs time in a LoRA step on a GPU, past the big matrix products, is
+memory traffic: RMSNorm, RoPE, SiLU·up, residual adds, the LoRA adds and
+scalings each read and write whole activation tensors, and eager PyTorch
+launches one kernel per op.  ``torch.compile`` on each decoder layer
+("regional" compilation: the layers share code, so one compiled graph serves
+all of them and compiling takes seconds, not minutes) fuses those chains into
+a few Triton kernels, and its partitioner decides per tensor whether backward
+reads it back or recomputes it: cheap elementwise results (the normalised
+hidden state, SiLU(gate)·up) are recomputed rather than saved, which is the
+"checkpoint only what is cheap" half of the memory savings.  The other half is
+the chunked LM head + cross-entropy (:mod:`linear_ce`), which never holds the
+whole batch's logits.
+
+Each part has its own switch (``train.compile``, ``train.fused_loss``); the
+plain eager path is what runs with both off, and the numerics test holds the
+fast path to it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunelab.backends.torch.loading import decoder_layers
+
+log = logging.getLogger(__name__)
+
+# Compiled graphs are specialised to shapes; padded (unpacked) batches are
+# rounded up to a multiple of this so that a few graphs cover every length.
+SHAPE_MULTIPLE = 128
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Which parts of the fast path a run uses (resolved for its device)."""
+
+    compile_layers: bool = False
+    fused_loss: bool = True
+    activation_budget: float = 1.0
+
+    @property
+    def parts(self) -> list[str]:
+        return [name for name, on in (("compiled layers", self.compile_layers), ("fused loss", self.fused_loss)) if on]
+
+
+def resolve(device: torch.device, *, compile: bool, fused_loss: bool, activation_budget: float = 1.0) -> FastPath:
+    """The parts that apply on ``device``: layer compilation pays only on CUDA (Triton kernels)."""
+    compiled = compile and device.type == "cuda" and _inductor_available()
+    return FastPath(compile_layers=compiled, fused_loss=fused_loss, activation_budget=activation_budget)
+
+
+def _inductor_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # inductor's GPU code generator is Triton
+        return False
+    return True
+
+
+def compile_decoder_layers(model: Any, activation_budget: float = 1.0) -> int:
+    """Compile each decoder layer in place (``nn.Module.compile``); returns how many.
+
+    Every layer runs the same Python code over its own weights, and dynamo
+    treats module parameters as graph inputs, so the first layer's graph is
+    reused by the others.  Gradient checkpointing wraps the compiled call from
+    outside, so the two compose.
+    """
+    import torch._functorch.config as functorch_config
+
+    # Below 1 the partitioner keeps only this share of each layer's activations for
+    # backward and recomputes the rest, choosing what is cheapest to recompute
+    # (elementwise chains and norms before matrix products).  Read when the first
+    # forward compiles, and process-wide: a process trains one model.
+    functorch_config.activation_memory_budget = activation_budget
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()  # static shapes first; dynamo goes dynamic if a new length comes
+    return len(layers)
+
+
+def round_up(length: int, multiple: int = SHAPE_MULTIPLE) -> int:
+    return -(-length // multiple) * multiple

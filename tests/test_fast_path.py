@@ -1,0 +1,101 @@
+"""The CUDA fast path's host-side pieces, which run everywhere: padding, selection, switches.
+
+The kernels themselves (compiled layers, PyTorch's varlen attention) need a GPU
+and are checked in ``tests/integration/test_cuda_fast.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec  # noqa: E402
+from tunelab.backends.torch.backend import TorchBackend, pad_to_multiple  # noqa: E402
+from tunelab.backends.torch.fast import SHAPE_MULTIPLE, resolve, round_up  # noqa: E402
+from tunelab.backends.torch.linear_ce import _chunk_loss_grad  # noqa: E402
+from tunelab.backends.torch.loss import supervised_positions  # noqa: E402
+from tunelab.config.load import validate_config  # noqa: E402
+from tunelab.data.packing import collate_packed  # noqa: E402
+from tunelab.data.tokenize import IGNORE, TokenizedSplit  # noqa: E402
+from tunelab.errors import ConfigError  # noqa: E402
+
+
+def _batch(rng: np.random.Generator, lengths: list[int], width: int) -> dict[str, np.ndarray]:
+    ids = np.zeros((len(lengths), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, IGNORE)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(3, 200, size=n)
+        mask[row, :n] = 1
+        labels[row, n // 2 : n] = ids[row, n // 2 : n]  # a prompt half that is masked
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_round_up_and_resolve_on_cpu() -> None:
+    assert [round_up(n) for n in (1, SHAPE_MULTIPLE, SHAPE_MULTIPLE + 1)] == [SHAPE_MULTIPLE, SHAPE_MULTIPLE, 2 * 128]
+    fast = resolve(torch.device("cpu"), compile=True, fused_loss=True, activation_budget=0.5)
+    assert not fast.compile_layers  # compiled layers are a CUDA feature
+    assert fast.fused_loss and fast.parts == ["fused loss"]
+
+
+def test_supervised_positions_match_a_boolean_mask() -> None:
+    labels = np.array([[IGNORE, 5, IGNORE, 7], [1, IGNORE, 2, 3]])
+    shifted = labels[:, 1:]
+    assert supervised_positions(labels).tolist() == np.flatnonzero(shifted != IGNORE).tolist() == [0, 2, 4, 5]
+
+
+def test_padding_to_a_multiple_keeps_every_array_aligned() -> None:
+    rng = np.random.default_rng(0)
+    batch = _batch(rng, [30, 70], 70)
+    padded = pad_to_multiple(batch)
+    assert {k: v.shape for k, v in padded.items()} == {k: (2, 128) for k in batch}
+    for key, value in batch.items():
+        np.testing.assert_array_equal(padded[key][:, :70], value)
+    assert (padded["labels"][:, 70:] == IGNORE).all() and (padded["attention_mask"][:, 70:] == 0).all()
+    assert pad_to_multiple(padded) is padded  # already a multiple: untouched
+
+
+def test_packed_padding_tail_is_a_sequence_of_its_own() -> None:
+    split = TokenizedSplit(input_ids=[np.arange(3, 63), np.arange(3, 43)], labels=[np.arange(3, 63), np.arange(3, 43)])
+    batch = collate_packed(split, [np.array([0, 1])], 0)  # one full row of 100 tokens
+    padded = pad_to_multiple(batch)
+    assert padded["position_ids"][0, 100:].tolist() == list(range(28))
+    assert (padded["segment_ids"][0, 100:] == 0).all()
+
+
+def test_padded_batch_gives_the_same_loss(tiny_model_dir: Path, tiny_tokenizer: object) -> None:
+    """What the compiled path feeds (padded to a multiple) scores exactly what the unpadded batch does."""
+    backend = TorchBackend()
+    backend.load(ModelSpec(str(tiny_model_dir), dtype="float32", device="cpu"), MethodSpec(), OptimSpec(), None)
+    rng = np.random.default_rng(1)
+    batch = _batch(rng, [40, 90, 17], 90)
+    plain, padded = backend.eval_loss(batch), backend.eval_loss(pad_to_multiple(batch))
+    assert plain.tokens == padded.tokens
+    assert abs(plain.loss_sum - padded.loss_sum) <= 1e-5 * plain.loss_sum
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_chunk_loss_and_gradient_are_cross_entropy(softcap: float) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(16, 50, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (16,))
+    loss, grad = _chunk_loss_grad(logits.detach(), labels, softcap, True)
+    capped = torch.tanh(logits / softcap) * softcap if softcap else logits
+    reference = torch.nn.functional.cross_entropy(capped, labels, reduction="sum")
+    reference.backward()
+    assert grad is not None and logits.grad is not None
+    assert torch.allclose(loss, reference) and torch.allclose(grad, logits.grad)
+    assert _chunk_loss_grad(logits.detach(), labels, softcap, False)[1] is None
+
+
+def test_fast_path_switches_are_validated() -> None:
+    base = {"model": {"path": "m"}, "data": {"train": "d.jsonl"}}
+    cfg = validate_config({**base, "train": {"compile": False, "fused_loss": False, "activation_budget": 0.5}})
+    assert (cfg.train.compile, cfg.train.fused_loss, cfg.train.activation_budget) == (False, False, 0.5)
+    assert validate_config(base).train.activation_budget == 0.8
+    with pytest.raises(ConfigError, match="activation_budget"):
+        validate_config({**base, "train": {"activation_budget": 0}})
