@@ -18,8 +18,10 @@ its estimator and the torch backend's loss and LoRA code are plain imports).
 Nothing is downloaded: the model is random-initialised from Llama-3.1-8B's
 config numbers, in bf16, directly on the GPU.
 
-Each row trains LoRA (rank 16, all linear layers, as tunelab's torch backend
-builds it) on random tokens, every position supervised (the worst case for the
+Each row trains LoRA (rank 16, all linear layers) through tunelab's torch
+backend itself (``TorchBackend.attach``: PEFT adapters, autocast, and on CUDA
+the fast path as it is by default, compiled layers with activation budget 0.8
+and the fused loss) on random tokens, every position supervised (the worst case for the
 logits), batch B × 2048 tokens, with and without gradient checkpointing: two
 optimizer steps, the peak taken over the second (AdamW's state exists by then).
 ``torch.cuda.max_memory_allocated`` is compared with the estimator's tensor
@@ -52,9 +54,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tunelab.backends.base import MethodSpec
-from tunelab.backends.torch.loss import summed_loss
-from tunelab.backends.torch.methods import apply_method
+from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
+from tunelab.backends.torch.backend import TorchBackend
 from tunelab.memory.estimate import GiB, Workload, estimate
 from tunelab.memory.shapes import read_shape
 
@@ -82,7 +83,13 @@ def main() -> None:
     numbers = TINY if args.tiny else LLAMA_31_8B
     shape = read_shape(numbers)
     work = Workload(
-        backend="torch", device=device.type, dtype="bfloat16", rank=args.rank, seq_len=args.seq, padded=False
+        backend="torch",
+        device=device.type,
+        dtype="bfloat16",
+        rank=args.rank,
+        seq_len=args.seq,
+        padded=False,
+        compiled_layers=device.type == "cuda",  # the backend's CUDA fast path, as it is by default
     )
     if args.part:  # a child process: one model family, rows as JSON lines for the parent
         # Only children touch the GPU: a CUDA context in the parent would take memory from them.
@@ -131,14 +138,15 @@ def _rows(args: argparse.Namespace, numbers: dict[str, Any], device: torch.devic
             f"  weights on the GPU: {_gib(torch.cuda.memory_allocated())} GiB, "
             f"predicted {_gib(estimate(shape, work).get('weights'))} GiB"
         )
-    peft_model = apply_method(model, MethodSpec("lora", rank=args.rank, alpha=2.0 * args.rank, targets="all-linear"))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    backend = TorchBackend()  # the training path itself: PEFT LoRA, autocast, compiled layers, fused loss
+    method = MethodSpec("lora", rank=args.rank, alpha=2.0 * args.rank, targets="all-linear")
+    backend.attach(model, ModelSpec("", "bfloat16"), method, OptimSpec(), None)
     rows = []
     for checkpointing in (False, True):
         _set_checkpointing(model, checkpointing)
         for batch in args.batches:
             predicted = estimate(shape, replace(work, batch=batch, gradient_checkpointing=checkpointing))
-            measured = _measure(model, peft_model, params, batch, args.seq, shape.vocab, device)
+            measured = _measure(backend, batch, args.seq, shape.vocab, device)
             name = "qlora-nf4" if work.bits else "lora"
             rows.append(_row(name, batch, args.seq, checkpointing, predicted, measured, device))
             say(_markdown_row(rows[-1]))
@@ -220,14 +228,12 @@ def _set_checkpointing(model: Any, on: bool) -> None:
             model.disable_input_require_grads()
 
 
-def _measure(
-    model: Any, peft_model: Any, params: list, batch: int, seq: int, vocab: int, device: torch.device
-) -> dict[str, Any]:
-    """Two AdamW steps of tunelab's loss; the peak of the second. Out of memory is a result too."""
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    ids = torch.randint(0, vocab, (batch, seq), device=device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    peft_model.train()
+def _measure(backend: Any, batch: int, seq: int, vocab: int, device: torch.device) -> dict[str, Any]:
+    """Two training steps through the backend; the peak of the second. Out of memory is a result too."""
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(0, vocab, size=(batch, seq))
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
     result: dict[str, Any] = {"oom": False, "allocated": None, "reserved": None, "runtime": None, "step_s": None}
     try:
         for step in range(2):
@@ -235,11 +241,8 @@ def _measure(
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 started = time.perf_counter()
-            loss, _ = summed_loss(model, peft_model, inputs, True)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            del loss
+            backend.forward_backward(inputs, 1.0 / (batch * (seq - 1)))
+            backend.optimizer_step(1e-5)
         if device.type == "cuda":
             torch.cuda.synchronize()
             result["step_s"] = time.perf_counter() - started
@@ -250,8 +253,7 @@ def _measure(
     except torch.cuda.OutOfMemoryError:
         result["oom"] = True
     finally:
-        optimizer.zero_grad(set_to_none=True)
-        del optimizer, inputs, ids
+        backend._optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -77,11 +77,18 @@ class Workload:
     grad_accum: int = 1
     fast_loss: bool = True  # torch: only supervised positions go through the LM head
     compiled: bool = False  # MLX's compiled step
+    compiled_layers: bool = False  # torch on CUDA: compiled decoder layers (the fast path)
+    activation_budget: float = 0.8  # compiled layers: share of activations the partitioner keeps
     offload_activations: bool = False  # torch/CUDA: saved activations wait in pinned CPU memory
 
     @property
     def tokens(self) -> int:
         return self.batch * self.seq_len
+
+    @property
+    def autocast(self) -> bool:
+        """torch on CUDA runs fp32 adapters over a 16-bit base under autocast: their inputs stay 16-bit."""
+        return self.backend == "torch" and self.device == "cuda" and DTYPE_BYTES.get(self.dtype, 4) != 4
 
 
 @dataclass(frozen=True)
@@ -279,6 +286,8 @@ def _check(shape: ModelShape, work: Workload) -> None:
 
 def layer_activation_bytes(shape: ModelShape, work: Workload) -> float:
     """Bytes saved for backward per token by one decoder layer (no checkpointing)."""
+    if work.compiled_layers:
+        return compiled_layer_bytes(shape, work)
     a = DTYPE_BYTES[work.dtype]
     h, i = shape.hidden, shape.intermediate
     kv = shape.q_dim if (work.padded and work.backend == "torch") else shape.kv_dim  # masked SDPA: k/v expanded
@@ -301,18 +310,47 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> float:
     return norms + attention + mlp + saved_inputs
 
 
+def compiled_layer_bytes(shape: ModelShape, work: Workload) -> float:
+    """What a compiled decoder layer saves per token, as inductor's partitioner chooses (torch on CUDA).
+
+    Always kept (costly to recompute): the layer's input and mid-layer residual,
+    q/k/v and the attention output with its log-sum-exp, and the MLP's gate and
+    up projections.  At ``activation_budget`` 1 it also keeps what is cheap to
+    recompute (the two normalised inputs, the o_proj input copy, SiLU(gate)·up);
+    from 0.8 to just under 1 those are recomputed (measured: one partition for
+    0.8-0.9 on Llama-8B); lower budgets recompute matrix products too, taken
+    here as proportional.
+    """
+    a = DTYPE_BYTES[work.dtype]
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    kept: float = a * (2 * h + 2 * q + 2 * kv + 2 * i) + 4 * shape.heads
+    cheap = a * (shape.norms_per_layer * h + q + i)
+    if work.method in ("full", "freeze") or work.activation_budget >= 1.0:
+        kept += cheap  # trained weights need their inputs (and budget 1 keeps everything)
+    elif work.activation_budget < 0.8:
+        kept *= work.activation_budget / 0.8
+    if work.method in ADAPTER_METHODS:
+        mods = targeted(shape, work.targets)
+        kept += sum(a * work.rank for _ in mods)  # A's outputs
+        if work.dropout:
+            kept += sum((a + 1) * lin.in_features for lin in mods)  # dropout output and mask
+        if work.method == "dora":
+            kept += sum((a + 4) * lin.out_features for lin in mods)
+    return kept
+
+
 def _adapter_bytes(shape: ModelShape, work: Workload, a: int, inputs: dict[str, int]) -> float:
     """What LoRA/DoRA adapters save: their input (upcast to fp32 by PEFT, once per module) and A's output."""
     mods = targeted(shape, work.targets)
     saved = 0.0
     if work.dropout:
         saved += sum(5 * lin.in_features for lin in mods)  # dropout output (fp32) and its mask
-    elif work.backend == "torch" and a != 4:
+    elif work.backend == "torch" and a != 4 and not work.autocast:
         saved += sum(4 * lin.in_features for lin in mods)  # PEFT casts x to fp32 per module
     else:
         groups = {_input_group(lin.name) for lin in mods}  # same-dtype input: shared, saved once
         saved += sum(a * inputs[g] for g in groups)
-    lora_a_out = 4 if work.backend == "torch" else a
+    lora_a_out = 4 if work.backend == "torch" and not work.autocast else a
     saved += sum(lora_a_out * work.rank for _ in mods)
     if work.method == "dora":
         saved += sum((a + 4) * lin.out_features for lin in mods)

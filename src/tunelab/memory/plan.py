@@ -135,6 +135,8 @@ def workload(cfg: RunConfig, shape: ModelShape, *, backend: str, device: str, **
         gradient_checkpointing=t.gradient_checkpointing,
         grad_accum=t.grad_accum,
         compiled=backend == "mlx" and t.compile,
+        compiled_layers=backend == "torch" and device == "cuda" and t.compile,
+        activation_budget=t.activation_budget,
         fast_loss=m.name != "prefix",  # prefix tuning takes the model's own (full) logits
         offload_activations=t.offload_activations and backend == "torch" and device == "cuda",
     )
