@@ -154,7 +154,8 @@ class TorchBackend:
 
     # -- training ----------------------------------------------------------------------------
     def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
-        self.model.train()
+        if not self.model.training:  # walking every module each step costs host time the GPU waits for
+            self.model.train()
         if self._offload:
             # Tensors saved for backward (with checkpointing: each layer's input) wait in pinned
             # CPU memory and come back, asynchronously, when backward needs them.
@@ -173,7 +174,7 @@ class TorchBackend:
         norm = torch.nn.utils.clip_grad_norm_(self._params, limit)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return float(norm)  # read back last: the optimizer's kernels are queued before the host waits
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> LossSum:
