@@ -145,7 +145,7 @@ def torch_varlen(
 def model_inputs(batch: dict[str, torch.Tensor], attention: str) -> dict[str, Any]:
     """Keyword arguments for the model's forward on ``batch`` (packed or padded)."""
     if "position_ids" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     # No attention_mask on purpose: with one, transformers would not look for example boundaries.
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     if attention in VARLEN:

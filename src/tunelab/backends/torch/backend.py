@@ -185,6 +185,10 @@ class TorchBackend:
     def _summed_loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
         if self.fast.compile_layers:
             batch = pad_to_multiple(batch)
+        if "position_ids" not in batch and batch["attention_mask"].all():
+            # No padding (a row of whole examples): without a mask transformers builds none and
+            # attention takes its causal kernel, with no host-device round trip to find that out.
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
         positions = torch.from_numpy(supervised_positions(batch["labels"])).to(self.device)
         inputs = self._to_device(batch)
         # Adapters are kept in fp32 (exact optimizer updates) over a bf16/fp16 base; under
