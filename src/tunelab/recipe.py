@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.backends.base import Backend, Batch, MethodSpec, ModelInfo, ModelSpec, OptimSpec
@@ -20,6 +20,8 @@ from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
 from tunelab.data.packing import packed_eval_batches
 from tunelab.data.prepare import PreparedData, prepare_data, scan_data
 from tunelab.data.templates import BUILTIN_NAME, CHATML
+from tunelab.distributed.group import SOLO, Group, main_first
+from tunelab.distributed.sharding import DataParallel, check_parallel
 from tunelab.errors import StateError
 from tunelab.hub import load_tokenizer, resolve_model_path
 from tunelab.memory.plan import MemoryPlan, plan_run
@@ -43,6 +45,7 @@ class Prepared:
     state: TrainerState
     resumed_from: Path | None
     memory: MemoryPlan | None = None  # the estimate, and the batch size actually used
+    parallel: DataParallel = field(default_factory=DataParallel)  # this process's share of each global micro-batch
 
 
 def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None) -> ModelSpec:
@@ -86,37 +89,53 @@ def total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(epochs * batches_per_epoch / cfg.train.grad_accum))
 
 
-def setup(cfg: RunConfig, output_dir: Path, *, resume: bool, on_data: Callable[[PreparedData], None]) -> Prepared:
+def setup(
+    cfg: RunConfig,
+    output_dir: Path,
+    *,
+    resume: bool,
+    on_data: Callable[[PreparedData], None],
+    group: Group = SOLO,
+) -> Prepared:
     """Check the data first (small data fails in a second), then tokenizer, data, model and state.
 
     Big data is validated while it is tokenized (or not at all on a cache hit), still before the model loads.
+    With several processes rank 0 tokenizes first, so the others read its cache instead of racing it.
     """
     source = scan_data(cfg.data)
     folder = resolve_model_path(cfg.model.path, cfg.model.revision)
     quantized = is_mlx_quantized(folder)
     choice = choose_backend(cfg.backend, cfg.method.name, model_type=model_type_of(folder), mlx_quantized=quantized)
+    check_parallel(cfg.train.parallel, choice.name, group.world)
     tokenizer = load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
-    data = prepare_data(cfg.data, tokenizer, source, seed=cfg.train.seed)
+    with main_first(group):
+        data = prepare_data(cfg.data, tokenizer, source, seed=cfg.train.seed)
     if data.template_name == BUILTIN_NAME:
         tokenizer.chat_template = CHATML  # saved with the adapter, so export and chat use what training used
     on_data(data)
     cfg, memory = plan_run(cfg, folder, choice.name, data.train, output_dir, resume=resume)  # before loading
     backend = make_backend(choice)
     info = backend.load(model_spec(cfg, memory), method_spec(cfg), optim_spec(cfg), tokenizer)
-    stream, valid = _batches(cfg, data, tokenizer.pad_token_id)
     state, resumed_from = TrainerState(), None
     if resume:
         resumed_from = latest_checkpoint(output_dir / "checkpoints")
         if resumed_from is not None:
             backend.load_checkpoint(resumed_from)
             state = read_state(resumed_from)
+    # The data order is over global micro-batches; a checkpoint keeps their size, so a
+    # run resumed on another number of processes still sees the same batches.
+    state.global_batch = state.global_batch or cfg.train.micro_batch_size * group.world
+    stream, valid = _batches(cfg, data, tokenizer.pad_token_id, state.global_batch)
     steps = total_steps(cfg, stream.batches_per_epoch)
-    return Prepared(choice, backend, info, data, stream, valid, steps, state, resumed_from, memory)
+    parallel = DataParallel(group, cfg.train.micro_batch_size)
+    return Prepared(choice, backend, info, data, stream, valid, steps, state, resumed_from, memory, parallel)
 
 
-def _batches(cfg: RunConfig, data: PreparedData, pad_id: int) -> tuple[MicroBatchStream, Sequence[Batch] | None]:
-    """The training stream and the validation batches, packed when ``data.packing`` is on."""
-    plan = BatchPlan(cfg.train.micro_batch_size, cfg.train.seed, cfg.data.shuffle, cfg.data.group_by_length)
+def _batches(
+    cfg: RunConfig, data: PreparedData, pad_id: int, rows: int
+) -> tuple[MicroBatchStream, Sequence[Batch] | None]:
+    """The training stream (``rows`` per global micro-batch) and the validation batches, packed when asked."""
+    plan = BatchPlan(rows, cfg.train.seed, cfg.data.shuffle, cfg.data.group_by_length)
     pack_to = cfg.data.max_seq_len if cfg.data.packing else None
     stream = MicroBatchStream(data.train, plan, pad_id, pack_to=pack_to)
     eval_bs = cfg.train.eval_batch_size or cfg.train.micro_batch_size
@@ -149,8 +168,9 @@ def train(
             f"packing: {len(prep.data.train)} examples in rows of up to {cfg.data.max_seq_len} tokens; "
             f"{prep.stream.token_efficiency:.1%} of the tokens trained on are real (not padding)"
         )
-    result = run_loop(prep.backend, prep.stream, prep.valid, schedule, opts, prep.state, callbacks, should_stop)
-    if result.status == "completed":
+    loop_args = (prep.backend, prep.stream, prep.valid, schedule, opts, prep.state, callbacks, should_stop)
+    result = run_loop(*loop_args, parallel=prep.parallel)
+    if result.status == "completed" and prep.parallel.group.rank == 0:  # the weights are the same on every rank
         save_result(prep.backend, result_dir(output_dir, cfg.method.name))
     return result
 

@@ -38,22 +38,45 @@ def train(
     config: Path | None = typer.Argument(None, help="YAML config (see `tunelab init` and examples/)."),
     overrides: list[str] | None = typer.Argument(None, help="Overrides such as train.lr=1e-4 method.rank=16."),
     resume: str | None = typer.Option(None, "--resume", help="Continue the run with this id from its checkpoint."),
+    nproc: int = typer.Option(
+        1, "--nproc", help="Data-parallel processes on this machine (torch; batch_size is per process)."
+    ),
 ) -> None:
     """Fine-tune a model as the config says (or resume a run after a crash or Ctrl-C)."""
     from tunelab import services
     from tunelab.config.load import load_config
+    from tunelab.distributed.group import rank_from_env
 
+    if resume and (config is not None or overrides):
+        raise ConfigError("--resume takes the run's stored config; don't pass a config or overrides")
+    if not resume and config is None:
+        raise ConfigError("give a config file (tunelab train CONFIG) or --resume RUN_ID")
+    if nproc != 1:
+        if config is not None:
+            load_config(config, overrides or [])  # a bad config fails here, once, not in every process
+        _launch(nproc, config, overrides, resume)
+        return
+    main = rank_from_env() == 0  # under torchrun only rank 0 shows progress
+    views = [LiveView()] if main else []
     with graceful_stop() as should_stop:
         if resume:
-            if config is not None or overrides:
-                raise ConfigError("--resume takes the run's stored config; don't pass a config or overrides")
-            outcome = services.resume_run(resume, callbacks=[LiveView()], should_stop=should_stop)
+            outcome = services.resume_run(resume, callbacks=views, should_stop=should_stop)
         else:
-            if config is None:
-                raise ConfigError("give a config file (tunelab train CONFIG) or --resume RUN_ID")
+            assert config is not None  # checked above
             cfg = load_config(config, overrides or [])
-            outcome = services.start_run(cfg, callbacks=[LiveView()], should_stop=should_stop)
-    _report(outcome)
+            outcome = services.start_run(cfg, callbacks=views, should_stop=should_stop)
+    if main:
+        _report(outcome)
+
+
+def _launch(nproc: int, config: Path | None, overrides: list[str] | None, resume: str | None) -> None:
+    """Run this same command on ``nproc`` processes (torchrun) and exit with their status."""
+    from tunelab.distributed.launch import launch
+
+    args = ["train", "--resume", resume] if resume else ["train", str(config), *(overrides or [])]
+    code = launch(nproc, args)
+    if code != 0:
+        raise typer.Exit(code)
 
 
 def _report(outcome: Any) -> None:

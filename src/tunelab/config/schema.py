@@ -143,6 +143,11 @@ class TrainCfg(_Section):
     offload_activations: bool = Field(
         False, description="CUDA: keep saved activations in pinned CPU memory during the forward (less GPU memory)"
     )
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="several processes (torchrun, --nproc): ddp = each holds the model and trains on its share "
+        "of every batch (batch_size is per process); fsdp = shard the base (not built yet); auto = ddp",
+    )
 
     @field_validator("batch_size", mode="before")
     @classmethod

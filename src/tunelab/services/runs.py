@@ -17,6 +17,7 @@ from tunelab import recipe
 from tunelab.config.load import validate_config
 from tunelab.config.schema import RunConfig
 from tunelab.data.prepare import PreparedData
+from tunelab.distributed.group import Group, join, shared
 from tunelab.errors import StateError, TunelabError
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
@@ -44,7 +45,15 @@ def start_run(
     should_stop: Callable[[], bool] = lambda: False,
     run_id: str | None = None,
 ) -> RunOutcome:
-    """Record a new run and train it to the end (or until ``should_stop``)."""
+    """Record a new run and train it to the end (or until ``should_stop``).
+
+    Under torchrun every rank calls this; rank 0 records the run and tells the others its id.
+    """
+    run_id, output_dir = shared(join(), lambda: _record_new(cfg, run_id))
+    return _execute(run_id, cfg, output_dir, resume=False, callbacks=callbacks, should_stop=should_stop)
+
+
+def _record_new(cfg: RunConfig, run_id: str | None) -> tuple[str, Path]:
     engine = open_registry()
     run_id = run_id or repo.new_run_id()
     output_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else get_settings().runs_dir / run_id
@@ -53,22 +62,29 @@ def start_run(
     (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     with session_scope(engine) as s:
         repo.create_run(s, run_id=run_id, config=cfg.to_dict(), output_dir=str(output_dir), name=cfg.name)
-    return _execute(run_id, cfg, output_dir, resume=False, callbacks=callbacks, should_stop=should_stop)
+    return run_id, output_dir
 
 
 def resume_run(
     run_text: str, *, callbacks: Sequence[Any] = (), should_stop: Callable[[], bool] = lambda: False
 ) -> RunOutcome:
-    """Continue a run from its newest checkpoint (from the start if it never wrote one)."""
-    engine = open_registry()
-    with session_scope(engine) as s:
+    """Continue a run from its newest checkpoint (from the start if it never wrote one).
+
+    The number of processes may differ from the run's start (the checkpoint keeps the global batch).
+    """
+    run_id, config, output_dir = shared(join(), lambda: _stored_run(run_text))
+    cfg = validate_config(config)
+    return _execute(run_id, cfg, output_dir, resume=True, callbacks=callbacks, should_stop=should_stop)
+
+
+def _stored_run(run_text: str) -> tuple[str, dict, Path]:
+    with session_scope(open_registry()) as s:
         run_id = repo.resolve_run_id(s, run_text)
         row = repo.get_run(s, run_id)
         config, output_dir, status = dict(row.config), Path(row.output_dir), row.status
     if status == "completed":
         raise StateError(f"run {run_id} already completed; its result is in {output_dir}")
-    cfg = validate_config(config)
-    return _execute(run_id, cfg, output_dir, resume=True, callbacks=callbacks, should_stop=should_stop)
+    return run_id, config, output_dir
 
 
 def _execute(
@@ -80,13 +96,19 @@ def _execute(
     callbacks: Sequence[Any],
     should_stop: Callable[[], bool],
 ) -> RunOutcome:
+    group = join()
+    if group.world > 1:
+        # Every rank must stop at the same step, so one Ctrl-C anywhere stops them all.
+        should_stop = _any_rank(group, should_stop)
+        if group.rank != 0:
+            return _execute_follower(run_id, cfg, output_dir, resume=resume, group=group, should_stop=should_stop)
     engine = open_registry()
     with session_scope(engine) as s:
         repo.update_run(
             s, run_id, status="running", started_at=datetime.now(timezone.utc), error=None, finished_at=None
         )
     try:
-        prep = recipe.setup(cfg, output_dir, resume=resume, on_data=lambda d: _record_data(run_id, d))
+        prep = recipe.setup(cfg, output_dir, resume=resume, on_data=lambda d: _record_data(run_id, d), group=group)
         with session_scope(engine) as s:
             model_id = repo.upsert_model(
                 s, path=prep.info.path, architecture=prep.info.architecture, num_params=prep.info.num_params
@@ -133,6 +155,24 @@ def _execute(
         repo.update_run(s, run_id, peak_memory_bytes=prep.backend.peak_memory_bytes(), step=result.state.step)
     hooks.on_end(step=result.state.step, status=status)
     _finish(run_id, status, final_metrics=metrics)
+    group.barrier()  # the others wait for the result to be saved and recorded, so all ranks end together
+    return RunOutcome(run_id, status, output_dir, final, metrics)
+
+
+def _any_rank(group: Group, should_stop: Callable[[], bool]) -> Callable[[], bool]:
+    return lambda: group.any(should_stop())
+
+
+def _execute_follower(
+    run_id: str, cfg: RunConfig, output_dir: Path, *, resume: bool, group: Group, should_stop: Callable[[], bool]
+) -> RunOutcome:
+    """A rank other than 0: the same setup and loop, but no registry, files or progress of its own."""
+    prep = recipe.setup(cfg, output_dir, resume=resume, on_data=lambda _d: None, group=group)
+    result = recipe.train(cfg, prep, output_dir, CallbackList([]), should_stop)
+    status = "completed" if result.status == "completed" else "cancelled"
+    final = recipe.result_dir(output_dir, cfg.method.name) if status == "completed" else None
+    metrics = {"val_loss": result.state.last_val_loss, "best_val_loss": result.state.best_val_loss}
+    group.barrier()  # rank 0 is saving and recording the result
     return RunOutcome(run_id, status, output_dir, final, metrics)
 
 

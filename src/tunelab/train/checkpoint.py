@@ -31,6 +31,7 @@ class TrainerState:
     elapsed_s: float = 0.0
     last_val_loss: float | None = None
     best_val_loss: float | None = None
+    global_batch: int = 0  # rows per global micro-batch (batch_size × processes); 0 = older checkpoint
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:

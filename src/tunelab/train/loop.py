@@ -19,6 +19,7 @@ import numpy as np
 from tunelab.backends.base import Backend, Batch
 from tunelab.data.batching import MicroBatchStream
 from tunelab.data.tokenize import IGNORE
+from tunelab.distributed.sharding import DataParallel
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, save_checkpoint
 from tunelab.train.schedules import Schedule
@@ -43,13 +44,17 @@ class LoopResult:
     status: str  # completed | interrupted
 
 
-def evaluate(backend: Backend, batches: Sequence[Batch]) -> float:
-    """Token-weighted mean cross-entropy over every supervised token of the validation set."""
-    total, tokens = 0.0, 0
-    for batch in batches:
-        part = backend.eval_loss(batch)
+def evaluate(backend: Backend, batches: Sequence[Batch], parallel: DataParallel = DataParallel()) -> float:
+    """Token-weighted mean cross-entropy over every supervised token of the validation set.
+
+    With several processes each evaluates its share of the batches and the sums are added up.
+    """
+    total, tokens = 0.0, 0.0
+    for index in parallel.shard_of(len(batches)):
+        part = backend.eval_loss(batches[index])
         total += part.loss_sum
         tokens += part.tokens
+    total, tokens = parallel.group.all_sum([total, tokens])
     return total / max(tokens, 1)
 
 
@@ -62,16 +67,24 @@ def run_loop(
     state: TrainerState,
     callbacks: BaseCallback,
     should_stop: Callable[[], bool] = lambda: False,
+    parallel: DataParallel = DataParallel(),
 ) -> LoopResult:
-    """Train from ``state`` to ``opts.total_steps``; save and return early when ``should_stop()``."""
+    """Train from ``state`` to ``opts.total_steps``; save and return early when ``should_stop()``.
+
+    With several processes (``parallel``) every rank runs this loop in step: each
+    takes its rows of the same global micro-batches, the loss is scaled by the
+    global supervised-token count, and only rank 0 writes checkpoints.
+    """
     callbacks.on_start(step=state.step, total_steps=opts.total_steps)
     while state.step < opts.total_steps:
         started = time.perf_counter()
-        micro = [stream.get(state.cursor + i) for i in range(opts.grad_accum)]
+        micro = [stream.get(state.cursor + i) for i in range(opts.grad_accum)]  # global micro-batches
         supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         loss_sum = 0.0
-        for batch in micro:
+        for batch in (piece for b in micro for piece in parallel.local(b)):
             loss_sum += backend.forward_backward(batch, 1.0 / max(supervised, 1)).loss_sum
+        if parallel.group.world > 1:
+            loss_sum = parallel.group.all_sum([loss_sum])[0]
         lr = schedule(state.step)
         grad_norm = backend.optimizer_step(lr)
         seconds = time.perf_counter() - started
@@ -95,9 +108,10 @@ def run_loop(
             callbacks.on_metrics(state.step, metrics)
         finished = state.step == opts.total_steps
         if valid and (finished or (opts.eval_every and state.step % opts.eval_every == 0)):
-            _validate(backend, valid, state, callbacks)
+            _validate(backend, valid, state, callbacks, parallel)
         stop = should_stop()
-        if (opts.save_every and state.step % opts.save_every == 0 and not finished) or (stop and not finished):
+        saving = (opts.save_every and state.step % opts.save_every == 0) or stop
+        if saving and not finished and parallel.group.rank == 0:  # the weights are the same on every rank
             path = save_checkpoint(opts.checkpoint_dir, backend, state, keep=opts.keep_checkpoints)
             callbacks.on_checkpoint(state.step, path)
         if stop and not finished:
@@ -106,8 +120,10 @@ def run_loop(
     return LoopResult(state, "completed")
 
 
-def _validate(backend: Backend, valid: Sequence[Batch], state: TrainerState, callbacks: BaseCallback) -> None:
-    val_loss = evaluate(backend, valid)
+def _validate(
+    backend: Backend, valid: Sequence[Batch], state: TrainerState, callbacks: BaseCallback, parallel: DataParallel
+) -> None:
+    val_loss = evaluate(backend, valid, parallel)
     state.last_val_loss = val_loss
     if state.best_val_loss is None or val_loss < state.best_val_loss:
         state.best_val_loss = val_loss

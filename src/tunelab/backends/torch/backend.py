@@ -21,6 +21,7 @@ from tunelab.backends.torch.loading import load_causal_lm, pick_device, pick_dty
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import ADAPTER_METHODS, apply_method
 from tunelab.backends.torch.quant import bnb_config
+from tunelab.distributed.torch_sync import broadcast_params, sum_gradients
 from tunelab.errors import ConfigError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
 
@@ -104,6 +105,7 @@ class TorchBackend:
             compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
         self._fast_loss = self.fast.fused_loss and method.name != "prefix" and supports_hidden_path(self._causal_lm)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
+        broadcast_params(self._params)  # several processes: all start from rank 0's weights
         mixed = dtype in (torch.bfloat16, torch.float16) and any(p.dtype == torch.float32 for p in self._params)
         self._autocast = dtype if mixed and self.device.type == "cuda" else None
         self._max_grad_norm = optim.max_grad_norm
@@ -170,6 +172,7 @@ class TorchBackend:
         assert self._optimizer is not None
         for group in self._optimizer.param_groups:
             group["lr"] = lr
+        sum_gradients(self._params)  # several processes: each holds its share's gradient
         limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._params, limit)
         self._optimizer.step()

@@ -1,0 +1,170 @@
+"""The processes of one run and the few collectives the trainer needs.
+
+torchrun (and ``tunelab train --nproc``) describe a process by environment
+variables: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``.
+:func:`join` turns them into a :class:`Group`; a process started any other way
+gets :data:`SOLO`, whose collectives cost nothing, so single-process runs take
+exactly the path they always did.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Group(Protocol):
+    """The collectives a data-parallel run needs (every rank must call them in the same order)."""
+
+    rank: int
+    world: int
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        ...
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sums of ``values`` over all ranks."""
+        ...
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on at least one."""
+        ...
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank (a picklable object)."""
+        ...
+
+
+class SoloGroup:
+    """One process: every collective is the identity."""
+
+    rank = 0
+    world = 1
+
+    def barrier(self) -> None:
+        pass
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        return list(values)
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def broadcast(self, obj: T) -> T:
+        return obj
+
+
+SOLO = SoloGroup()
+
+
+class TorchGroup:
+    """A ``torch.distributed`` process group; CPU tensors go over gloo, CUDA ones over NCCL."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank = rank
+        self.world = world
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(list(values), dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return [float(v) for v in tensor]
+
+    def any(self, flag: bool) -> bool:
+        return self.all_sum([1.0 if flag else 0.0])[0] > 0
+
+    def broadcast(self, obj: T) -> T:
+        import torch
+        import torch.distributed as dist
+
+        box: list[Any] = [obj]
+        dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+        return box[0]
+
+
+_joined: list[Group] = []  # filled on the first join(): the process group lives as long as the process
+
+
+def rank_from_env() -> int:
+    """This process's rank as torchrun set it (0 when not started by torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join() -> Group:
+    """The group this process belongs to, set up on first use (:data:`SOLO` outside torchrun)."""
+    if _joined:
+        return _joined[0]
+    if world_from_env() <= 1:
+        return SOLO
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        # Each rank owns one GPU; a plain "cuda" device then means this one.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_leave)
+    group = TorchGroup(dist.get_rank(), dist.get_world_size())
+    _joined.append(group)
+    return group
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def main_first(group: Group) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. to fill a cache), the others after it is done."""
+    if group.rank != 0:
+        group.barrier()
+    yield
+    if group.rank == 0:
+        group.barrier()
+
+
+def shared(group: Group, make: Any) -> Any:
+    """``make()`` run on rank 0 only, its result (or its error) handed to every rank.
+
+    A user error on rank 0 (an output_dir in use, an unknown run id) then stops
+    every rank with the same message, instead of leaving them waiting.
+    """
+    from tunelab.errors import StateError, TunelabError
+
+    if group.world == 1:
+        return make()
+    result: Any = None
+    error: BaseException | None = None
+    if group.rank == 0:
+        try:
+            result = make()
+        except BaseException as exc:  # re-raised below, after the others have heard of it
+            error = exc
+    message = None if error is None else (error.message if isinstance(error, TunelabError) else repr(error))
+    result, message = group.broadcast((result, message))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise StateError(f"rank 0 failed: {message}")
+    return result

@@ -1,0 +1,65 @@
+"""``tunelab train --nproc N``: run the same command as N local processes under torchrun.
+
+torchrun itself (``python -m torch.distributed.run``) is started as a child,
+rather than spawning workers with ``torch.multiprocessing``: it sets the
+environment contract clusters use (``RANK``, ``WORLD_SIZE``, a free rendezvous
+port with ``--standalone``), and when one worker fails it stops the others
+instead of leaving them waiting in a collective; a signal it gets is passed on
+to the workers, whose graceful stop (checkpoint, then exit) then works as with
+one process.  So ``--nproc`` and a plain
+``torchrun … -m tunelab train`` are the very same code path, and this
+process, which never imports torch, stays a thin parent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from tunelab.errors import ConfigError
+
+
+def torchrun_command(nproc: int, tunelab_args: Sequence[str]) -> list[str]:
+    """The command line that runs ``tunelab <tunelab_args>`` as ``nproc`` processes on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "tunelab",
+        *tunelab_args,
+    ]
+
+
+def launch(nproc: int, tunelab_args: Sequence[str]) -> int:
+    """Run ``tunelab <tunelab_args>`` on ``nproc`` local processes; returns torchrun's exit code."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be 1 or more (got {nproc})")
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc was given inside a torchrun worker", hint="use either torchrun or --nproc, not both")
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError(
+            "--nproc runs the processes with torchrun, and torch is not installed", hint="pip install torch"
+        )
+    env = dict(os.environ)
+    # N processes share the cores: one thread each unless the user chose otherwise.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torchrun gets a session of its own and every Ctrl-C or SIGTERM from here, exactly once:
+    # it passes the signal to the workers, whose graceful stop checkpoints and ends the run.
+    proc = subprocess.Popen(torchrun_command(nproc, tunelab_args), env=env, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

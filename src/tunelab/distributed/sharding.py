@@ -1,0 +1,70 @@
+"""Data parallelism: which rows of every global micro-batch this process trains on.
+
+The data order is the single-process one over *global* micro-batches of
+``global_rows`` rows (``batch_size × processes`` when the run started).  Rank
+``r`` of ``N`` takes rows ``r::N`` of each, in pieces of at most ``batch_size``
+rows.  The loss is normalised by the global count of supervised tokens and the
+gradients are summed over ranks, so the update is the one a single process
+would make on the whole global batch; and because ``global_rows`` is kept in
+the checkpoint, a run started on 2 processes resumes on 1 (or 4) with the same
+batches: one process then runs each global batch as two pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tunelab.backends.base import Batch
+from tunelab.distributed.group import SOLO, Group
+from tunelab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """How this rank takes its share of a global micro-batch."""
+
+    group: Group = field(default=SOLO)
+    rows: int = 0  # most rows per forward on this process (the micro-batch size); 0 = no limit
+
+    def local(self, batch: Batch) -> list[Batch]:
+        """This rank's rows of ``batch``, in pieces of at most ``rows`` rows (empty if it gets none)."""
+        count = len(batch["input_ids"])
+        if self.group.world == 1 and (self.rows == 0 or count <= self.rows):
+            return [batch]  # the single-process path, untouched
+        mine = np.arange(self.group.rank, count, self.group.world)
+        step = self.rows or max(len(mine), 1)
+        return [_trim({k: v[mine[i : i + step]] for k, v in batch.items()}) for i in range(0, len(mine), step)]
+
+    def shard_of(self, count: int) -> range:
+        """Indices ``rank::world`` of ``count`` items (validation batches are split this way)."""
+        return range(self.group.rank, count, self.group.world)
+
+
+def _trim(batch: Batch) -> Batch:
+    """Drop the trailing columns that are padding in every row of this piece.
+
+    Batches are right-padded to the longest row of the *global* batch; a causal
+    model's outputs at real positions do not depend on later columns, so
+    cutting them changes no loss, only saves compute.
+    """
+    used = batch["attention_mask"].any(axis=0)
+    width = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 1
+    return {k: np.ascontiguousarray(v[:, :width]) for k, v in batch.items()}
+
+
+def check_parallel(parallel: str, backend: str, world: int) -> None:
+    """Refuse what several processes can't do yet, saying what to set instead."""
+    if world <= 1:
+        return
+    if backend != "torch":
+        raise ConfigError(
+            f"several processes (WORLD_SIZE={world}) train on the torch backend only for now; this run uses {backend}",
+            hint="set backend: torch, or train on one process",
+        )
+    if parallel == "fsdp":
+        raise ConfigError(
+            "train.parallel: fsdp (FSDP2 sharding of the base) is not built yet; data parallel is",
+            hint="set train.parallel: ddp (or auto): every process holds the whole model and the gradients are summed",
+        )

@@ -1,0 +1,123 @@
+"""Data parallel on torch/gloo: 2 processes with batch B train exactly as 1 process with batch 2B.
+
+Every run goes through the real CLI (``--nproc 2`` is torchrun underneath), in fp32 with
+dropout 0, so the loss curves of the two layouts must agree to rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.numpy import load_file
+from tests.integration.conftest import base_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 40
+BATCH = 4  # per process; the single-process reference uses 2 × BATCH
+TOL = 1e-4
+
+
+def _cli(*args: str, home: Path) -> subprocess.Popen:
+    env = {**os.environ, "TUNELAB_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    env.pop("TUNELAB_DB_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tunelab", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{out}\n{err}"
+    return out
+
+
+def _config(tmp: Path, model: Path, data: Path, batch: int) -> Path:
+    raw = base_config(model, data, tmp / "out", steps=STEPS, batch_size=batch, save_every=10)
+    raw["method"]["dropout"] = 0.0
+    raw["model"]["dtype"] = "float32"
+    raw["device"] = "cpu"
+    raw["backend"] = "torch"
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def _curve(out: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {row["step"]: row[key] for row in rows if key in row}
+
+
+def _assert_close(left: dict[int, float], right: dict[int, float], steps: range) -> None:
+    for step in steps:
+        assert abs(left[step] - right[step]) < TOL, (step, left[step], right[step])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_data: Path) -> Path:
+    """One process, micro-batch 2 × BATCH: the output folder of the run every layout must match."""
+    root = tmp_path_factory.mktemp("reference")
+    _finish(_cli("train", str(_config(root, e2e_model, chat_data, 2 * BATCH)), home=root / "home"))
+    return root / "out"
+
+
+def test_two_processes_match_one_with_twice_the_batch(
+    reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
+) -> None:
+    cfg = _config(tmp_path, e2e_model, chat_data, BATCH)
+    out = _finish(_cli("train", str(cfg), "--nproc", "2", home=tmp_path / "home"))
+    assert "completed" in out  # rank 0 reports; the run is recorded once
+    _assert_close(_curve(tmp_path / "out", "train_loss"), _curve(reference, "train_loss"), range(1, STEPS + 1))
+    _assert_close(_curve(tmp_path / "out", "val_loss"), _curve(reference, "val_loss"), range(STEPS, STEPS + 1))
+    left = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    right = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    assert max(float(abs(left[k] - right[k]).max()) for k in left) < TOL
+    assert [r["status"] for r in _runs(tmp_path / "home")] == ["completed"]
+
+
+def test_checkpoint_of_two_processes_resumes_on_one(
+    reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    out = tmp_path / "out"
+    proc = _cli("train", str(_config(tmp_path, e2e_model, chat_data, BATCH)), "--nproc", "2", home=home)
+    deadline = time.time() + 180
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text(encoding="utf-8"):
+        assert proc.poll() is None, f"run ended before its first step: {proc.communicate()}"
+        assert time.time() < deadline, "timed out waiting for the first step"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # as Ctrl-C: every rank stops at the same step, rank 0 checkpoints
+    _out, err = proc.communicate(timeout=120)
+    runs = _runs(home)
+    assert runs[0]["status"] == "cancelled", err
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert saved and saved[-1] < STEPS
+    state = json.loads((out / "checkpoints" / f"step-{saved[-1]}" / "trainer_state.json").read_text())
+    assert state["global_batch"] == 2 * BATCH  # one process will run each global batch as two pieces
+    _finish(_cli("train", "--resume", runs[0]["id"], home=home))  # one process
+    _assert_close(_curve(out, "train_loss"), _curve(reference, "train_loss"), range(1, STEPS + 1))
+    _assert_close(_curve(out, "val_loss"), _curve(reference, "val_loss"), range(STEPS, STEPS + 1))
+    assert _runs(home)[0]["status"] == "completed"
+
+
+def _runs(home: Path) -> list[dict]:
+    listed = subprocess.run(
+        [sys.executable, "-m", "tunelab", "runs", "list", "--json"],
+        env={**os.environ, "TUNELAB_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(listed.stdout)
