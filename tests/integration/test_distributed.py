@@ -1,7 +1,8 @@
 """Data parallel on torch/gloo: 2 processes with batch B train exactly as 1 process with batch 2B.
 
-Every run goes through the real CLI (``--nproc 2`` is torchrun underneath), in fp32 with
-dropout 0, so the loss curves of the two layouts must agree to rounding.
+Every run goes through the real CLI, once under a plain ``torchrun`` and once with
+``--nproc 2`` (torchrun underneath), in fp32 with dropout 0, so the loss curves of the
+two layouts must agree to rounding.
 """
 
 from __future__ import annotations
@@ -14,23 +15,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
 from tests.integration.conftest import base_config
-
-pytestmark = pytest.mark.slow
 
 STEPS = 40
 BATCH = 4  # per process; the single-process reference uses 2 × BATCH
 TOL = 1e-4
 
 
-def _cli(*args: str, home: Path) -> subprocess.Popen:
+def _cli(*args: str, home: Path, torchrun: int = 0) -> subprocess.Popen:
+    """``tunelab ARGS``, or with ``torchrun`` N: ``torchrun --nproc-per-node N -m tunelab ARGS`` as a cluster would."""
     env = {**os.environ, "TUNELAB_HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("TUNELAB_DB_URL", None)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] if torchrun else []
     return subprocess.Popen(
-        [sys.executable, "-m", "tunelab", *args],
+        [sys.executable, *launcher, "-m", "tunelab", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -73,11 +75,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_da
     return root / "out"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_twice_the_batch(
     reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
 ) -> None:
     cfg = _config(tmp_path, e2e_model, chat_data, BATCH)
-    out = _finish(_cli("train", str(cfg), "--nproc", "2", home=tmp_path / "home"))
+    out = _finish(_cli("train", str(cfg), home=tmp_path / "home", torchrun=2))
     assert "completed" in out  # rank 0 reports; the run is recorded once
     _assert_close(_curve(tmp_path / "out", "train_loss"), _curve(reference, "train_loss"), range(1, STEPS + 1))
     _assert_close(_curve(tmp_path / "out", "val_loss"), _curve(reference, "val_loss"), range(STEPS, STEPS + 1))
@@ -87,6 +90,7 @@ def test_two_processes_match_one_with_twice_the_batch(
     assert [r["status"] for r in _runs(tmp_path / "home")] == ["completed"]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_resumes_on_one(
     reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
 ) -> None:
@@ -121,3 +125,31 @@ def _runs(home: Path) -> list[dict]:
         check=True,
     )
     return json.loads(listed.stdout)
+
+
+def test_each_rank_takes_its_rows_in_pieces_of_batch_size() -> None:
+    from tunelab.distributed.sharding import DataParallel
+
+    class Rank:  # a group of 2 seen from one rank; local() does no communication
+        def __init__(self, rank: int) -> None:
+            self.rank, self.world = rank, 2
+
+    lengths = [5, 3, 4, 2, 6, 1]
+    mask = np.array([[1] * n + [0] * (6 - n) for n in lengths])
+    batch = {"input_ids": np.arange(36).reshape(6, 6), "attention_mask": mask, "labels": mask.copy()}
+    pieces = DataParallel(Rank(1), rows=2).local(batch)  # type: ignore[arg-type]
+    assert [p["input_ids"][:, 0].tolist() for p in pieces] == [[6, 18], [30]]  # rows 1, 3, 5
+    assert [p["input_ids"].shape[1] for p in pieces] == [3, 1]  # padding only this rank had is cut
+    whole = DataParallel(rows=6).local(batch)
+    assert whole[0] is batch  # one process, one piece: the batch as it was
+
+
+def test_what_several_processes_cannot_do_yet_is_refused_with_the_fix() -> None:
+    from tunelab.distributed.sharding import check_parallel
+    from tunelab.errors import ConfigError
+
+    check_parallel("fsdp", "mlx", 1)  # one process: nothing to refuse
+    with pytest.raises(ConfigError, match=r"train\.parallel: ddp"):
+        check_parallel("fsdp", "torch", 2)
+    with pytest.raises(ConfigError, match="backend: torch"):
+        check_parallel("auto", "mlx", 2)
