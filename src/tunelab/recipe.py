@@ -20,7 +20,7 @@ from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
 from tunelab.data.packing import packed_eval_batches
 from tunelab.data.prepare import PreparedData, prepare_data, scan_data
 from tunelab.data.templates import BUILTIN_NAME, CHATML
-from tunelab.distributed.group import SOLO, Group, main_first
+from tunelab.distributed.group import SOLO, Group, launched_by_mlx, main_first
 from tunelab.distributed.sharding import DataParallel, check_parallel
 from tunelab.errors import StateError
 from tunelab.hub import load_tokenizer, resolve_model_path
@@ -106,7 +106,7 @@ def setup(
     folder = resolve_model_path(cfg.model.path, cfg.model.revision)
     quantized = is_mlx_quantized(folder)
     choice = choose_backend(cfg.backend, cfg.method.name, model_type=model_type_of(folder), mlx_quantized=quantized)
-    check_parallel(cfg.train.parallel, choice.name, group.world)
+    check_parallel(cfg.train.parallel, choice.name, group.world, mlx_launch=launched_by_mlx())
     tokenizer = load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
     with main_first(group):
         data = prepare_data(cfg.data, tokenizer, source, seed=cfg.train.seed)

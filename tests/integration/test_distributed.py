@@ -46,12 +46,12 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def _config(tmp: Path, model: Path, data: Path, batch: int) -> Path:
-    raw = base_config(model, data, tmp / "out", steps=STEPS, batch_size=batch, save_every=10)
+def _config(tmp: Path, model: Path, data: Path, batch: int, backend: str = "torch", steps: int = STEPS) -> Path:
+    raw = base_config(model, data, tmp / "out", steps=steps, batch_size=batch, save_every=10)
     raw["method"]["dropout"] = 0.0
     raw["model"]["dtype"] = "float32"
     raw["device"] = "cpu"
-    raw["backend"] = "torch"
+    raw["backend"] = backend
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
@@ -127,6 +127,23 @@ def _runs(home: Path) -> list[dict]:
     return json.loads(listed.stdout)
 
 
+@pytest.mark.slow
+def test_mlx_ring_two_processes_match_one_with_twice_the_batch(
+    e2e_model: Path, chat_data: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    steps = 12
+    _finish(_cli("train", str(_config(one, e2e_model, chat_data, 2 * BATCH, "mlx", steps)), home=one / "home"))
+    cfg = _config(two, e2e_model, chat_data, BATCH, "mlx", steps)
+    _finish(_cli("train", str(cfg), "--nproc", "2", home=two / "home"))  # mlx.launch, ring backend
+    _assert_close(_curve(two / "out", "train_loss"), _curve(one / "out", "train_loss"), range(1, steps + 1))
+    _assert_close(_curve(two / "out", "val_loss"), _curve(one / "out", "val_loss"), range(steps, steps + 1))
+    assert [r["backend"] for r in _runs(two / "home")] == ["mlx"]
+
+
 def test_each_rank_takes_its_rows_in_pieces_of_batch_size() -> None:
     from tunelab.distributed.sharding import DataParallel
 
@@ -153,3 +170,5 @@ def test_what_several_processes_cannot_do_yet_is_refused_with_the_fix() -> None:
         check_parallel("fsdp", "torch", 2)
     with pytest.raises(ConfigError, match="backend: torch"):
         check_parallel("auto", "mlx", 2)
+    with pytest.raises(ConfigError, match="backend: mlx"):
+        check_parallel("auto", "torch", 2, mlx_launch=True)

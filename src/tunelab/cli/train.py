@@ -52,9 +52,12 @@ def train(
     if not resume and config is None:
         raise ConfigError("give a config file (tunelab train CONFIG) or --resume RUN_ID")
     if nproc != 1:
-        if config is not None:
-            load_config(config, overrides or [])  # a bad config fails here, once, not in every process
-        _launch(nproc, config, overrides, resume)
+        if config is not None:  # a bad config fails here, once, not in every process
+            backend = load_config(config, overrides or []).backend
+        else:
+            run = services.show_run(resume or "")
+            backend = run.get("backend") or run["config"].get("backend", "auto")  # the one it trained on
+        _launch(nproc, config, overrides, resume, backend)
         return
     main = rank_from_env() == 0  # under torchrun only rank 0 shows progress
     views = [LiveView()] if main else []
@@ -69,12 +72,12 @@ def train(
         _report(outcome)
 
 
-def _launch(nproc: int, config: Path | None, overrides: list[str] | None, resume: str | None) -> None:
-    """Run this same command on ``nproc`` processes (torchrun) and exit with their status."""
+def _launch(nproc: int, config: Path | None, overrides: list[str] | None, resume: str | None, backend: str) -> None:
+    """Run this same command on ``nproc`` processes (mlx.launch for backend: mlx, else torchrun); exit as they do."""
     from tunelab.distributed.launch import launch
 
     args = ["train", "--resume", resume] if resume else ["train", str(config), *(overrides or [])]
-    code = launch(nproc, args)
+    code = launch(nproc, args, backend=backend)
     if code != 0:
         raise typer.Exit(code)
 

@@ -99,18 +99,30 @@ _joined: list[Group] = []  # filled on the first join(): the process group lives
 
 
 def rank_from_env() -> int:
-    """This process's rank as torchrun set it (0 when not started by torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank as torchrun or mlx.launch set it (0 when started by neither)."""
+    return int(os.environ.get("RANK", os.environ.get("MLX_RANK", "0")))
 
 
 def world_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_by_mlx() -> bool:
+    """True in a process ``mlx.launch`` started (it sets ``MLX_RANK``; torchrun sets ``WORLD_SIZE``)."""
+    return "MLX_RANK" in os.environ and "WORLD_SIZE" not in os.environ
+
+
 def join() -> Group:
-    """The group this process belongs to, set up on first use (:data:`SOLO` outside torchrun)."""
+    """The group this process belongs to, set up on first use (:data:`SOLO` when started alone)."""
     if _joined:
         return _joined[0]
+    if launched_by_mlx():
+        from tunelab.distributed.mlx_group import MlxGroup
+
+        mlx_group = MlxGroup()
+        if mlx_group.world > 1:
+            _joined.append(mlx_group)
+        return _joined[0] if _joined else SOLO
     if world_from_env() <= 1:
         return SOLO
     import torch

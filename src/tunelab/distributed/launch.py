@@ -1,4 +1,4 @@
-"""``tunelab train --nproc N``: run the same command as N local processes under torchrun.
+"""``tunelab train --nproc N``: run the same command as N local processes (torchrun or mlx.launch).
 
 torchrun itself (``python -m torch.distributed.run``) is started as a child,
 rather than spawning workers with ``torch.multiprocessing``: it sets the
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tunelab.errors import ConfigError
 
@@ -37,22 +39,38 @@ def torchrun_command(nproc: int, tunelab_args: Sequence[str]) -> list[str]:
     ]
 
 
-def launch(nproc: int, tunelab_args: Sequence[str]) -> int:
-    """Run ``tunelab <tunelab_args>`` on ``nproc`` local processes; returns torchrun's exit code."""
+def mlx_launch_command(nproc: int, tunelab_args: Sequence[str]) -> list[str]:
+    """The ``mlx.launch`` command line (ring backend, this machine) for ``nproc`` MLX processes."""
+    script = Path(sys.executable).with_name("mlx.launch")
+    found = str(script) if script.is_file() else shutil.which("mlx.launch")
+    if found is None:
+        raise ConfigError("--nproc with backend: mlx runs mlx.launch, which is not installed", hint="pip install mlx")
+    return [found, "-n", str(nproc), "--backend", "ring", sys.executable, "-m", "tunelab", *tunelab_args]
+
+
+def launch(nproc: int, tunelab_args: Sequence[str], *, backend: str = "torch") -> int:
+    """Run ``tunelab <tunelab_args>`` on ``nproc`` local processes; returns the launcher's exit code.
+
+    ``backend: mlx`` runs ``mlx.launch`` (its ring backend); anything else torchrun.
+    """
     if nproc < 1:
         raise ConfigError(f"--nproc must be 1 or more (got {nproc})")
-    if "WORLD_SIZE" in os.environ:
-        raise ConfigError("--nproc was given inside a torchrun worker", hint="use either torchrun or --nproc, not both")
-    if importlib.util.find_spec("torch") is None:
+    if "WORLD_SIZE" in os.environ or "MLX_RANK" in os.environ:
+        raise ConfigError("--nproc was given inside a launched worker", hint="use either a launcher or --nproc")
+    if backend == "mlx":
+        command = mlx_launch_command(nproc, tunelab_args)
+    elif importlib.util.find_spec("torch") is None:
         raise ConfigError(
             "--nproc runs the processes with torchrun, and torch is not installed", hint="pip install torch"
         )
+    else:
+        command = torchrun_command(nproc, tunelab_args)
     env = dict(os.environ)
     # N processes share the cores: one thread each unless the user chose otherwise.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # torchrun gets a session of its own and every Ctrl-C or SIGTERM from here, exactly once:
+    # The launcher gets a session of its own and every Ctrl-C or SIGTERM from here, exactly once:
     # it passes the signal to the workers, whose graceful stop checkpoints and ends the run.
-    proc = subprocess.Popen(torchrun_command(nproc, tunelab_args), env=env, start_new_session=True)
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
 
     def forward(signum: int, _frame: object) -> None:
         proc.send_signal(signum)

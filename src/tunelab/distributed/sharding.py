@@ -54,14 +54,19 @@ def _trim(batch: Batch) -> Batch:
     return {k: np.ascontiguousarray(v[:, :width]) for k, v in batch.items()}
 
 
-def check_parallel(parallel: str, backend: str, world: int) -> None:
-    """Refuse what several processes can't do yet, saying what to set instead."""
+def check_parallel(parallel: str, backend: str, world: int, *, mlx_launch: bool = False) -> None:
+    """Refuse what several processes can't do yet, saying what to set instead.
+
+    torchrun's processes train on torch; ``mlx.launch``'s on MLX (its ring or MPI backend).
+    """
     if world <= 1:
         return
-    if backend != "torch":
+    wanted = "mlx" if mlx_launch else "torch"
+    if backend != wanted:
+        launcher = "mlx.launch" if mlx_launch else "torchrun"
         raise ConfigError(
-            f"several processes (WORLD_SIZE={world}) train on the torch backend only for now; this run uses {backend}",
-            hint="set backend: torch, or train on one process",
+            f"processes started by {launcher} train on the {wanted} backend; this run uses {backend}",
+            hint=f"set backend: {wanted} (tunelab train --nproc picks the launcher from the config's backend)",
         )
     if parallel == "fsdp":
         raise ConfigError(

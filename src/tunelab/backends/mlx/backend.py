@@ -22,6 +22,7 @@ from tunelab.backends.lora_init import lora_a_init
 from tunelab.backends.mlx.blas import ensure_fast_blas
 from tunelab.backends.mlx.hf_config import rope_fixes
 from tunelab.backends.peft_format import AdapterSpec, read_adapter, write_adapter
+from tunelab.distributed.group import launched_by_mlx
 from tunelab.errors import ConfigError, ModelError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
 
@@ -57,6 +58,7 @@ class MlxBackend:
         self._grads: Any = None
         self._max_grad_norm = 1.0
         self._micro = 0  # micro-batches seen: dropout RNG is reseeded from it, so resume is exact
+        self._distributed = launched_by_mlx()  # one of several processes started by mlx.launch
         self._loss_and_grad: Any = None
         self._head: Any = None  # output projection, when the decoder/head split reproduces the logits
         self._pad_multiple = 1
@@ -188,6 +190,10 @@ class MlxBackend:
         return LossSum(float(loss), int(tokens))
 
     def optimizer_step(self, lr: float) -> float:
+        if self._distributed:  # several processes (mlx.launch): each holds its share's gradient
+            from tunelab.distributed.mlx_group import sum_gradients
+
+            self._grads = sum_gradients(self._grads, self.model.trainable_parameters())
         limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")
         grads, norm = optim.clip_grad_norm(self._grads, limit)
         self._optimizer.learning_rate = lr
