@@ -27,7 +27,7 @@ MLX_INSTALL = 'install it with: pip install "tunelab[mlx]"'
 
 # What each backend implements in this version of tunelab (flip an entry when its backend gains it).
 TORCH_FEATURES = {
-    "compiled_step": False,
+    "compiled_step": True,  # CUDA: compiled decoder layers (the fast path); eager elsewhere
     "gradient_checkpointing": True,
     "quantized_bases": True,  # qlora through bitsandbytes (CUDA)
     "offload_activations": True,  # CUDA
@@ -286,6 +286,7 @@ def capabilities(env: Environment) -> list[dict[str, Any]]:
     """Per backend: usable here?, devices, methods and options — the table `tunelab doctor` prints."""
     torch_devices = (["cuda"] if env.cuda else []) + (["mps"] if env.mps else []) + ["cpu"]
     mlx_ok = env.has_mlx and env.has_mlx_lm
+    torch_cuda = env.has_torch and env.cuda
     mlx_missing = [name for name, ok in (("mlx", env.has_mlx), ("mlx-lm", env.has_mlx_lm)) if not ok]
     return [
         {
@@ -293,7 +294,7 @@ def capabilities(env: Environment) -> list[dict[str, Any]]:
             "available": env.has_torch,
             "devices": torch_devices if env.has_torch else [],
             "methods": list(TORCH_METHODS),
-            "options": {**TORCH_FEATURES, "bf16": env.has_torch and env.cuda},
+            "options": {**TORCH_FEATURES, "compiled_step": torch_cuda, "bf16": torch_cuda},
             "note": "" if env.has_torch else TORCH_INSTALL,
         },
         {
