@@ -77,6 +77,11 @@ def compile_decoder_layers(model: Any, activation_budget: float = 1.0) -> int:
     # (elementwise chains and norms before matrix products).  Read when the first
     # forward compiles, and process-wide: a process trains one model.
     functorch_config.activation_memory_budget = activation_budget
+    # A layer the compiler can't handle (an exotic architecture, a missing C compiler for
+    # Triton's launcher) then runs eager with a logged warning instead of failing the run.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.suppress_errors = True
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile()  # static shapes first; dynamo goes dynamic if a new length comes
