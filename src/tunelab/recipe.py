@@ -168,8 +168,9 @@ def train(
             f"packing: {len(prep.data.train)} examples in rows of up to {cfg.data.max_seq_len} tokens; "
             f"{prep.stream.token_efficiency:.1%} of the tokens trained on are real (not padding)"
         )
-    loop_args = (prep.backend, prep.stream, prep.valid, schedule, opts, prep.state, callbacks, should_stop)
-    result = run_loop(*loop_args, parallel=prep.parallel)
+    result = run_loop(
+        prep.backend, prep.stream, prep.valid, schedule, opts, prep.state, callbacks, should_stop, prep.parallel
+    )
     if result.status == "completed" and prep.parallel.group.rank == 0:  # the weights are the same on every rank
         save_result(prep.backend, result_dir(output_dir, cfg.method.name))
     return result
