@@ -30,7 +30,7 @@ def torchrun_command(nproc: int, tunelab_args: Sequence[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "tunelab.distributed.torchrun_main",  # torchrun itself, minus its traceback around a worker's error
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
