@@ -144,6 +144,19 @@ def test_mlx_ring_two_processes_match_one_with_twice_the_batch(
     assert [r["backend"] for r in _runs(two / "home")] == ["mlx"]
 
 
+@pytest.mark.slow
+def test_a_user_error_on_rank_0_stops_every_rank_with_its_message(
+    e2e_model: Path, chat_data: Path, tmp_path: Path
+) -> None:
+    cfg = _config(tmp_path, e2e_model, chat_data, BATCH)
+    (tmp_path / "out" / "adapter").mkdir(parents=True)  # another run's result is already there
+    proc = _cli("train", str(cfg), "--nproc", "2", home=tmp_path / "home")
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 7  # StateError's exit code, passed on by the launcher
+    assert "already holds a run" in err
+    assert "Traceback" not in err
+
+
 def test_each_rank_takes_its_rows_in_pieces_of_batch_size() -> None:
     from tunelab.distributed.sharding import DataParallel
 

@@ -13,6 +13,7 @@ import atexit
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -132,7 +133,10 @@ def join() -> Group:
         # Each rank owns one GPU; a plain "cuda" device then means this one.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        # The others wait in a barrier while rank 0 tokenizes a large dataset; a crashed
+        # rank is caught by torchrun long before this, so the limit only has to be generous.
+        dist.init_process_group(backend, timeout=timedelta(hours=2))
         atexit.register(_leave)
     group = TorchGroup(dist.get_rank(), dist.get_world_size())
     _joined.append(group)
