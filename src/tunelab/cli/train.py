@@ -39,7 +39,9 @@ def train(
     overrides: list[str] | None = typer.Argument(None, help="Overrides such as train.lr=1e-4 method.rank=16."),
     resume: str | None = typer.Option(None, "--resume", help="Continue the run with this id from its checkpoint."),
     nproc: int = typer.Option(
-        1, "--nproc", help="Data-parallel processes on this machine (torch; batch_size is per process)."
+        1,
+        "--nproc",
+        help="Data-parallel processes here (torchrun; mlx.launch with backend: mlx); batch_size is per process.",
     ),
 ) -> None:
     """Fine-tune a model as the config says (or resume a run after a crash or Ctrl-C)."""
