@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +14,7 @@ class JobCreate(BaseModel):
     config: dict[str, Any]
     kind: Literal["train", "validate"] = "train"
     priority: int = Field(0, ge=-1000, le=1000)
+    nproc: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1  # processes; batch_size is per process
 
 
 class JobPublic(BaseModel):
@@ -24,6 +25,7 @@ class JobPublic(BaseModel):
     priority: int
     attempts: int
     max_attempts: int
+    nproc: int = 1  # 0: all the worker offers
     worker_id: str | None
     heartbeat_at: str | None
     cancel_requested: bool

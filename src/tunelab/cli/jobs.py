@@ -38,14 +38,18 @@ def submit(
     overrides: list[str] | None = typer.Argument(None, help="Overrides such as train.lr=1e-4."),
     kind: str = typer.Option("train", help="train, or validate (check config and data without training)."),
     priority: int = typer.Option(0, help="Higher runs first."),
+    nproc: str = typer.Option(
+        "1", "--nproc", help="Processes to train on (N, or auto = all the worker offers); batch_size is per process."
+    ),
     server: str | None = ServerOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Queue a config for a worker; prints the job id (last word) and its run id."""
     from tunelab.config.load import load_config
+    from tunelab.jobs.ranks import parse_nproc
 
     cfg = load_config(config, overrides or [])
-    job = _jobs(server).submit_job(cfg, kind=kind, priority=priority)
+    job = _jobs(server).submit_job(cfg, kind=kind, priority=priority, nproc=parse_nproc(nproc))
     if as_json:
         typer.echo(json.dumps(job, indent=2))
         return
@@ -96,6 +100,8 @@ def show(
     )
     if job.get("run_id"):
         console.print(f"run {job['run_id']} (`tunelab runs show {job['run_id']}`)")
+    if job.get("nproc", 1) != 1:
+        console.print(f"processes: {job['nproc'] or 'all the worker offers'}")
     if job.get("worker_id"):
         console.print(f"worker {job['worker_id']}, last heartbeat {job.get('heartbeat_at')}")
     if job.get("error"):
@@ -145,3 +151,13 @@ def cancel(
     job = _jobs(server).cancel_job(job_id)
     state = "cancelled" if job["status"] == "cancelled" else "cancel requested (the worker stops it after this step)"
     console.print(f"job {job['id']}: {state}")
+
+
+@app.command("run-rank", hidden=True)
+def run_rank(
+    job_id: str = typer.Argument(...), run_id: str | None = typer.Argument(None)
+) -> None:  # pragma: no cover - runs in torchrun's ranks
+    """One rank of a job a worker runs on several processes (started by the worker, not by hand)."""
+    from tunelab.jobs.child import rank_main
+
+    rank_main(job_id, run_id)

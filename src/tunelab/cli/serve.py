@@ -40,11 +40,15 @@ def worker(
     poll: float = typer.Option(1.0, help="Seconds between looks at an empty queue."),
     max_jobs: int | None = typer.Option(None, help="Exit after this many jobs."),
     exit_when_idle: bool = typer.Option(False, help="Exit when the queue is empty."),
+    nproc: str = typer.Option(
+        "1", "--nproc", help="Processes a job may run on here (torchrun ranks): N, or auto = one per CUDA GPU."
+    ),
 ) -> None:
     """Run queued jobs one at a time, each in a child process; Ctrl-C checkpoints and hands the job back."""
+    from tunelab.jobs.ranks import offered_nproc
     from tunelab.jobs.worker import WorkerOptions, run_worker
 
     if heartbeat <= 0 or stale_after <= heartbeat:
         raise ConfigError("--heartbeat must be > 0 and --stale-after longer than --heartbeat")
-    options = WorkerOptions(heartbeat, stale_after, poll, max_jobs, exit_when_idle)
+    options = WorkerOptions(heartbeat, stale_after, poll, max_jobs, exit_when_idle, offered_nproc(nproc))
     run_worker(options, say=lambda text: err_console.print(text, markup=False, highlight=False))

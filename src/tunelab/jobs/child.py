@@ -12,7 +12,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +62,57 @@ def _exit_with_parent() -> None:
 
 def main(job_id: str, run_id: str | None, stop: Any) -> None:
     """Run one job; the exit code tells the worker how it ended (0, EXIT_STOPPED or EXIT_FAILED)."""
+    _exit_with_parent()
+    os._exit(_run(job_id, run_id, stop.is_set, record_errors=True))
+
+
+def rank_main(job_id: str, run_id: str | None) -> None:
+    """One rank of a job the worker launched on several processes (see ``tunelab.jobs.ranks``)."""
+    from tunelab.distributed.group import rank_from_env
+    from tunelab.jobs.ranks import STOP_FILE_ENV, WORKER_PID_ENV
+
+    _exit_with_launcher(int(os.environ[WORKER_PID_ENV]))
+    stop_file = Path(os.environ[STOP_FILE_ENV])
+    # Only rank 0 writes to the registry, a failure's reason included.
+    os._exit(_run(job_id, run_id, stop_file.exists, record_errors=rank_from_env() == 0))
+
+
+def _exit_with_launcher(worker_pid: int) -> None:
+    """Exit when the launcher (our parent) or the worker is gone: its job may be another worker's by now."""
+    launcher = os.getppid()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def watch() -> None:
+        while os.getppid() == launcher and alive(worker_pid):
+            time.sleep(0.5)
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="tunelab-launcher-watch", daemon=True).start()
+
+
+def _run(job_id: str, run_id: str | None, should_stop: Callable[[], bool], *, record_errors: bool) -> int:
     from tunelab import services
     from tunelab.registry import jobs_repo
     from tunelab.registry.db import open_registry, session_scope
 
-    _exit_with_parent()
     try:
-        status = services.run_job(job_id, callbacks=[EventCallback(job_id, run_id)], should_stop=stop.is_set)
+        status = services.run_job(job_id, callbacks=[EventCallback(job_id, run_id)], should_stop=should_stop)
     except BaseException as exc:
-        reason = str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
-        details = reason if isinstance(exc, TunelabError) else traceback.format_exc()
-        with session_scope(open_registry()) as s:
-            jobs_repo.set_job_error(s, job_id, reason)
-            jobs_repo.add_event(s, type="log", data={"text": details, "level": "error"}, job_id=job_id, run_id=run_id)
-        os._exit(EXIT_FAILED)
-    os._exit(0 if status == "completed" else EXIT_STOPPED)
+        if record_errors:
+            reason = str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
+            details = reason if isinstance(exc, TunelabError) else traceback.format_exc()
+            with session_scope(open_registry()) as s:
+                jobs_repo.set_job_error(s, job_id, reason)
+                jobs_repo.add_event(
+                    s, type="log", data={"text": details, "level": "error"}, job_id=job_id, run_id=run_id
+                )
+        return EXIT_FAILED
+    return 0 if status == "completed" else EXIT_STOPPED

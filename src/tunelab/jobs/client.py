@@ -39,8 +39,8 @@ class ApiClient:
             raise _error_for(response.status_code, _detail(response))
         return response.json()
 
-    def submit_job(self, cfg: RunConfig, *, kind: str = "train", priority: int = 0) -> dict[str, Any]:
-        body = {"config": cfg.to_dict(), "kind": kind, "priority": priority}
+    def submit_job(self, cfg: RunConfig, *, kind: str = "train", priority: int = 0, nproc: int = 1) -> dict[str, Any]:
+        body = {"config": cfg.to_dict(), "kind": kind, "priority": priority, "nproc": nproc or "auto"}
         return self._call("POST", "/v1/jobs", json=body)
 
     def list_jobs(self, *, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:

@@ -31,10 +31,15 @@ class Claimed:
     attempts: int
     max_attempts: int
     config: dict[str, Any]
+    nproc: int = 1  # processes asked for; 0 = every one the worker offers
 
 
-def claim(worker_id: str, *, stale_after: float, engine: Engine | None = None) -> Claimed | None:
+def claim(
+    worker_id: str, *, stale_after: float, max_nproc: int | None = None, engine: Engine | None = None
+) -> Claimed | None:
     """Take the next job (or one abandoned by a dead worker); None when there is nothing to do.
+
+    ``max_nproc`` is how many processes the worker offers: jobs asking for more wait for a bigger worker.
 
     A job abandoned more often than its ``max_attempts`` is failed instead of
     being taken again, so a job that kills its worker can't loop forever.
@@ -42,10 +47,11 @@ def claim(worker_id: str, *, stale_after: float, engine: Engine | None = None) -
     engine = engine or open_registry()
     while True:
         with session_scope(engine) as s:
-            row = jobs_repo.claim_job(s, worker_id=worker_id, stale_before=utcnow() - timedelta(seconds=stale_after))
+            stale_before = utcnow() - timedelta(seconds=stale_after)
+            row = jobs_repo.claim_job(s, worker_id=worker_id, stale_before=stale_before, max_nproc=max_nproc)
             if row is None:
                 return None
-            job = Claimed(row.id, row.kind, row.run_id, row.attempts, row.max_attempts, dict(row.config))
+            job = Claimed(row.id, row.kind, row.run_id, row.attempts, row.max_attempts, dict(row.config), row.nproc)
             give_up = _abandoned_reason(row.attempts, row.max_attempts, bool(row.cancel_requested))
             if give_up is None:
                 status = {"status": "running", "attempt": job.attempts, "worker": worker_id}

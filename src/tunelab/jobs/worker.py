@@ -1,4 +1,4 @@
-"""`tunelab worker`: claim jobs one at a time and run each in a child process.
+"""`tunelab worker`: claim jobs one at a time and run each in a child process (or N ranks, see ranks.py).
 
 The worker holds a job's lease by heart-beating while its child trains, turns
 a cancel request into a clean stop (the child checkpoints and exits), and on
@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from tunelab.jobs import queue
 from tunelab.jobs.child import EXIT_STOPPED
+from tunelab.jobs.ranks import LaunchedJob, job_nproc
 from tunelab.registry.db import session_scope
 
 
@@ -35,6 +36,7 @@ class WorkerOptions:
     poll_s: float = 1.0
     max_jobs: int | None = None  # stop after this many jobs (None: run until stopped)
     exit_when_idle: bool = False
+    nproc: int = 1  # processes this machine offers a job (torchrun / mlx.launch ranks); one job at a time
 
 
 def new_worker_id() -> str:
@@ -50,6 +52,17 @@ def _context() -> Any:
         ctx.set_forkserver_preload(["tunelab.services", "tunelab.jobs.child"])
         return ctx
     return multiprocessing.get_context("spawn")
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """Ask a running job to checkpoint and stop (``request``); calling it says whether that was asked."""
+
+    request: Callable[[], None]
+    requested: Callable[[], bool]
+
+    def __call__(self) -> bool:
+        return self.requested()
 
 
 class Worker:
@@ -72,7 +85,7 @@ class Worker:
         self.say(f"worker {self.worker_id} waiting for jobs")
         while not self.stopping and (self.options.max_jobs is None or done < self.options.max_jobs):
             try:
-                job = queue.claim(self.worker_id, stale_after=self.options.stale_after_s)
+                job = queue.claim(self.worker_id, stale_after=self.options.stale_after_s, max_nproc=self.options.nproc)
             except OperationalError as exc:  # the DB restarting or unreachable for a moment: wait, don't die
                 self.say(f"registry unavailable ({type(exc.orig).__name__}); retrying")
                 time.sleep(max(self.options.poll_s, 1.0))
@@ -87,26 +100,42 @@ class Worker:
         return done
 
     def run_job(self, job: queue.Claimed) -> str:
-        """Run a claimed job in a child process to its end; returns the job's new status."""
-        from tunelab.jobs import child
-
+        """Run a claimed job in a child process (or its ranks, for several) to its end; returns its new status."""
+        nproc = job_nproc(job.nproc, self.options.nproc) if job.kind == "train" else 1
         note = f" (attempt {job.attempts}, resuming)" if job.attempts > 1 else ""
-        self.say(f"job {job.id} ({job.kind}{f', run {job.run_id}' if job.run_id else ''}) started{note}")
-        stop = self._ctx.Event()
-        proc = self._ctx.Process(target=child.main, args=(job.id, job.run_id, stop), name=f"tunelab-job-{job.id}")
-        proc.start()
-        lost = self._supervise(job.id, proc, stop)
+        on = f" on {nproc} processes" if nproc > 1 else ""
+        self.say(f"job {job.id} ({job.kind}{f', run {job.run_id}' if job.run_id else ''}) started{on}{note}")
+        proc, stop = self._start(job, nproc)
+        try:
+            lost = self._supervise(job.id, proc, stop)
+            stop_requested = stop()
+        finally:
+            if isinstance(proc, LaunchedJob):
+                proc.cleanup()
         if lost:
             self.say(f"job {job.id}: lease lost to another worker; stopped our copy")
             return "lost"
-        status, error = self._outcome(job.id, proc.exitcode, stop.is_set())
+        status, error = self._outcome(job.id, proc.exitcode, stop_requested)
         queue.finish(job.id, self.worker_id, status, error=error)
         if status == "failed" and error is None:
-            error = self._job(job.id).error  # written by the child that saw the exception
+            error = self._job(job.id).error  # written by the child (rank 0) that saw the exception
         self.say(f"job {job.id} {status}" + (f": {error}" if error else ""))
         return status
 
-    def _supervise(self, job_id: str, proc: Any, stop: Any) -> bool:
+    def _start(self, job: queue.Claimed, nproc: int) -> tuple[Any, _Stop]:
+        """The job's process: a forkserver child, or torchrun / mlx.launch with ``nproc`` ranks."""
+        from tunelab.jobs import child
+
+        if nproc > 1:
+            backend = str(job.config.get("backend") or "torch")
+            ranks = LaunchedJob(nproc, job.id, job.run_id, backend=backend)
+            return ranks, _Stop(ranks.request_stop, ranks.stop_requested)
+        event = self._ctx.Event()
+        proc = self._ctx.Process(target=child.main, args=(job.id, job.run_id, event), name=f"tunelab-job-{job.id}")
+        proc.start()
+        return proc, _Stop(event.set, event.is_set)
+
+    def _supervise(self, job_id: str, proc: Any, stop: _Stop) -> bool:
         """Beat while the child runs; returns True when the lease was lost (the child was killed)."""
         while proc.is_alive():
             proc.join(self.options.heartbeat_s)
@@ -118,8 +147,8 @@ class Worker:
                 proc.kill()
                 proc.join()
                 return True
-            if state == "cancel" or self.stopping:
-                stop.set()
+            if (state == "cancel" or self.stopping) and not stop():
+                stop.request()
         return False
 
     def _outcome(self, job_id: str, code: int | None, stop_requested: bool) -> tuple[str, str | None]:

@@ -38,8 +38,9 @@ def create_job(
     run_id: str | None = None,
     priority: int = 0,
     max_attempts: int = 3,
+    nproc: int = 1,
 ) -> JobRow:
-    """Queue a new job."""
+    """Queue a new job (``nproc`` processes; 0 = every one its worker offers)."""
     row = JobRow(
         id=job_id,
         kind=kind,
@@ -49,6 +50,7 @@ def create_job(
         priority=priority,
         attempts=0,
         max_attempts=max_attempts,
+        nproc=nproc,
         cancel_requested=0,
         created_at=utcnow(),
     )
@@ -88,8 +90,12 @@ def list_jobs(session: Session, *, status: str | None = None, limit: int = 200) 
     return list(session.scalars(stmt))
 
 
-def claim_job(session: Session, *, worker_id: str, stale_before: datetime) -> JobRow | None:
+def claim_job(
+    session: Session, *, worker_id: str, stale_before: datetime, max_nproc: int | None = None
+) -> JobRow | None:
     """Atomically take the most urgent job: queued, or running under a worker silent since ``stale_before``.
+
+    ``max_nproc`` (the processes the worker offers) skips jobs that ask for more.
 
     Must be the first statement of its session (SQLite takes the write lock here).
     """
@@ -99,6 +105,8 @@ def claim_job(session: Session, *, worker_id: str, stale_before: datetime) -> Jo
         JobRow.status == "queued",
         and_(JobRow.status == "running", JobRow.heartbeat_at < stale_before),
     )
+    if max_nproc is not None:
+        free = and_(free, JobRow.nproc <= max_nproc)
     stmt = (
         select(JobRow)
         .where(free)
@@ -212,6 +220,7 @@ def job_public(row: JobRow) -> dict[str, Any]:
         "priority": row.priority,
         "attempts": row.attempts,
         "max_attempts": row.max_attempts,
+        "nproc": row.nproc,
         "worker_id": row.worker_id,
         "heartbeat_at": _iso(row.heartbeat_at),
         "cancel_requested": bool(row.cancel_requested),

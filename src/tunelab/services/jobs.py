@@ -19,9 +19,16 @@ from tunelab.settings import get_settings
 
 
 def submit_job(
-    cfg: RunConfig, *, kind: str = "train", priority: int = 0, allowed_roots: Sequence[Path] | None = None
+    cfg: RunConfig,
+    *,
+    kind: str = "train",
+    priority: int = 0,
+    allowed_roots: Sequence[Path] | None = None,
+    nproc: int = 1,
 ) -> dict[str, Any]:
     """Queue ``cfg`` for a worker; a train job gets its (queued) run at once, so its id is known.
+
+    ``nproc`` processes train it (batch_size is per process); 0 = all its worker offers.
 
     ``allowed_roots`` (the API passes them) confines every path in the config to those folders.
     """
@@ -31,6 +38,8 @@ def submit_job(
 
     if kind not in JOB_KINDS:
         raise ConfigError(f"job kind must be one of {', '.join(JOB_KINDS)} (got {kind!r})")
+    if nproc < 0:
+        raise ConfigError(f"nproc must be 1 or more, or auto (got {nproc})")
     if allowed_roots is not None:
         check_config_paths(cfg, allowed_roots)
     run_id = None
@@ -43,7 +52,13 @@ def submit_job(
             (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
             repo.create_run(s, run_id=run_id, config=cfg.to_dict(), output_dir=str(output_dir), name=cfg.name)
         job = jobs_repo.create_job(
-            s, job_id=jobs_repo.new_job_id(), kind=kind, config=cfg.to_dict(), run_id=run_id, priority=priority
+            s,
+            job_id=jobs_repo.new_job_id(),
+            kind=kind,
+            config=cfg.to_dict(),
+            run_id=run_id,
+            priority=priority,
+            nproc=nproc if kind == "train" else 1,
         )
         jobs_repo.add_event(s, type="status", data={"status": "queued"}, job_id=job.id, run_id=run_id)
         return jobs_repo.job_public(job)

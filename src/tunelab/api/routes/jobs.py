@@ -21,7 +21,10 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 def submit_job(body: JobCreate, settings: SettingsDep) -> dict[str, Any]:
     """Queue a job; a bad config is a 422 naming the key, a path outside the allowed roots too."""
     cfg = validate_config(body.config)
-    return services.submit_job(cfg, kind=body.kind, priority=body.priority, allowed_roots=settings.allowed_roots)
+    nproc = 0 if body.nproc == "auto" else body.nproc
+    return services.submit_job(
+        cfg, kind=body.kind, priority=body.priority, allowed_roots=settings.allowed_roots, nproc=nproc
+    )
 
 
 @router.get("", response_model=list[JobPublic])
