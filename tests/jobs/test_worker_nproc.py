@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tunelab.errors import ConfigError
 from tunelab.jobs import queue
 from tunelab.jobs.ranks import job_nproc, offered_nproc, parse_nproc
 
-STEPS = 12
+STEPS = 24
 BATCH = 4  # per process; the one-process reference trains on 2 × BATCH
 
 
@@ -75,12 +76,31 @@ def test_nproc_is_n_or_auto_and_jobs_wait_for_a_worker_that_offers_enough(tmp_pa
     assert claimed is not None and claimed.id == job["id"] and claimed.nproc == 2
 
 
+@pytest.fixture(scope="module")
+def reference_adapter(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_data: Path) -> Path:
+    """One process with batch 2 × BATCH, uninterrupted (in a registry of its own): what every layout must match."""
+    from tunelab.registry.db import close_registries
+
+    root = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TUNELAB_HOME", str(root / "home"))
+        env.delenv("TUNELAB_DB_URL", raising=False)
+        outcome = services.start_run(validate_config(_raw(e2e_model, chat_data, root / "out", 2 * BATCH)))
+        close_registries()
+    assert outcome.status == "completed"
+    return root / "out/adapter/adapter_model.safetensors"
+
+
+def _adapter_diff(reference: Path, out: Path) -> float:
+    left, right = load_file(str(reference)), load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert left.keys() == right.keys()
+    return max(float(abs(left[k] - right[k]).max()) for k in left)
+
+
 @pytest.mark.slow
 def test_two_process_job_trains_as_one_process_with_twice_the_batch(
-    e2e_model: Path, chat_data: Path, tmp_path: Path, workers: list
+    reference_adapter: Path, e2e_model: Path, chat_data: Path, tmp_path: Path, workers: list
 ) -> None:
-    reference = services.start_run(validate_config(_raw(e2e_model, chat_data, tmp_path / "ref", 2 * BATCH)))
-    assert reference.status == "completed"
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(_raw(e2e_model, chat_data, tmp_path / "out", BATCH)), encoding="utf-8")
     submit = [sys.executable, "-m", "tunelab", "jobs", "submit", str(cfg_path), "--nproc", "2", "--json"]
@@ -89,10 +109,7 @@ def test_two_process_job_trains_as_one_process_with_twice_the_batch(
     assert workers[0].wait(timeout=240) == 0, (tmp_path / "w.log").read_text()
     assert "on 2 processes" in (tmp_path / "w.log").read_text()
     assert services.show_job(job["id"])["status"] == "completed", (tmp_path / "w.log").read_text()
-    left = load_file(str(tmp_path / "ref/adapter/adapter_model.safetensors"))
-    right = load_file(str(tmp_path / "out/adapter/adapter_model.safetensors"))
-    assert left.keys() == right.keys()
-    assert max(float(abs(left[k] - right[k]).max()) for k in left) < 1e-4
+    assert _adapter_diff(reference_adapter, tmp_path / "out") < 1e-4
     steps = [e["step"] for e in services.job_events(job["id"]) if e["type"] == "metric" and "train_loss" in e]
     assert sorted(steps) == sorted(set(steps)) and STEPS in steps, "each step's metrics reach the log once"
 
@@ -113,3 +130,24 @@ def test_cancel_stops_every_rank_with_a_checkpoint(
     assert run["status"] == "cancelled" and run["step"] < 2000
     assert (tmp_path / "out/checkpoints" / f"step-{run['step']}").is_dir(), "the last step was checkpointed"
     assert _ranks_alive(job["id"]) == [], "no rank outlives the cancel"
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_job_resumes_on_another_worker_with_another_process_count(
+    reference_adapter: Path, e2e_model: Path, chat_data: Path, tmp_path: Path, workers: list
+) -> None:
+    job = services.submit_job(validate_config(_raw(e2e_model, chat_data, tmp_path / "out", BATCH)), nproc=0)
+    workers.append(start_worker("--nproc", "2", log=tmp_path / "w1.log"))
+    wait_until(lambda: (tmp_path / "out/checkpoints/step-5").exists(), timeout=120, what="checkpoint step-5")
+    os.kill(workers[0].pid, signal.SIGKILL)
+    workers[0].wait(timeout=30)
+    assert not (tmp_path / "out/adapter").exists(), "the job finished before its worker could be killed"
+    wait_until(lambda: not _ranks_alive(job["id"]), timeout=30, what="the dead worker's ranks to exit")
+    time.sleep(3.5)  # the lease lapses after the workers' --stale-after 3
+    # An `auto` job takes what the next worker offers: 1 process, the global batch kept by the checkpoint.
+    workers.append(start_worker("--nproc", "1", "--exit-when-idle", log=tmp_path / "w2.log"))
+    assert workers[1].wait(timeout=240) == 0, (tmp_path / "w2.log").read_text()
+    done = services.show_job(job["id"])
+    assert done["status"] == "completed" and done["attempts"] == 2, done
+    assert "resuming from step-" in " ".join(e.get("text", "") for e in services.job_events(job["id"]))
+    assert _adapter_diff(reference_adapter, tmp_path / "out") < 1e-4
