@@ -65,6 +65,7 @@ def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None) -> ModelSpec:
         packing=cfg.data.packing,
         offload_activations=cfg.train.offload_activations,
         memory_limit_bytes=estimate.total if estimate is not None else None,
+        parallel=cfg.train.parallel,
     )
 
 
@@ -127,7 +128,7 @@ def setup(
     state.global_batch = state.global_batch or cfg.train.micro_batch_size * group.world
     stream, valid = _batches(cfg, data, tokenizer.pad_token_id, state.global_batch)
     steps = total_steps(cfg, stream.batches_per_epoch)
-    parallel = DataParallel(group, cfg.train.micro_batch_size)
+    parallel = DataParallel(group, cfg.train.micro_batch_size, even=cfg.train.parallel == "fsdp")
     return Prepared(choice, backend, info, data, stream, valid, steps, state, resumed_from, memory, parallel)
 
 
@@ -173,6 +174,9 @@ def train(
     )
     if result.status == "completed" and prep.parallel.group.rank == 0:  # the weights are the same on every rank
         save_result(prep.backend, result_dir(output_dir, cfg.method.name))
+    elif result.status == "completed" and getattr(prep.backend, "collective_saves", False):
+        # FSDP: this rank's shards join the gather of the adapter; rank 0 alone writes it.
+        prep.backend.save_adapter(result_dir(output_dir, cfg.method.name))
     return result
 
 

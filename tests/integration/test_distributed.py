@@ -179,8 +179,9 @@ def test_what_several_processes_cannot_do_yet_is_refused_with_the_fix() -> None:
     from tunelab.errors import ConfigError
 
     check_parallel("fsdp", "mlx", 1)  # one process: nothing to refuse
+    check_parallel("fsdp", "torch", 2)  # FSDP2 on torch (tests/integration/test_fsdp.py)
     with pytest.raises(ConfigError, match=r"train\.parallel: ddp"):
-        check_parallel("fsdp", "torch", 2)
+        check_parallel("fsdp", "mlx", 2, mlx_launch=True)
     with pytest.raises(ConfigError, match="backend: torch"):
         check_parallel("auto", "mlx", 2)
     with pytest.raises(ConfigError, match="backend: mlx"):

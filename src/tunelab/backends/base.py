@@ -34,6 +34,7 @@ class ModelSpec:
     packing: bool = False  # batches carry position_ids/segment_ids: attention must stay per example
     offload_activations: bool = False  # CUDA: saved activations live in pinned CPU memory
     memory_limit_bytes: int | None = None  # MLX on Metal: wired/cache limits derived from the estimate
+    parallel: str = "auto"  # train.parallel; torch with fsdp: sharded model and DCP checkpoints
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,8 @@ class TrainCfg(_Section):
     parallel: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
         description="several processes (torchrun, --nproc): ddp = each holds the model and trains on its share "
-        "of every batch (batch_size is per process); fsdp = shard the base (not built yet); auto = ddp",
+        "of every batch (batch_size is per process); fsdp = shard the base and adapters over the processes "
+        "(torch FSDP2); auto = ddp",
     )
 
     @field_validator("batch_size", mode="before")

@@ -12,6 +12,7 @@ batches: one process then runs each global batch as two pieces.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,10 @@ class DataParallel:
 
     group: Group = field(default=SOLO)
     rows: int = 0  # most rows per forward on this process (the micro-batch size); 0 = no limit
+    # FSDP: every forward and backward is a collective (weights are gathered, gradients
+    # reduce-scattered), so every rank must run as many as the others: one with fewer
+    # pieces runs extra ones that carry no loss.
+    even: bool = False
 
     def local(self, batch: Batch) -> list[Batch]:
         """This rank's rows of ``batch``, in pieces of at most ``rows`` rows (empty if it gets none)."""
@@ -35,11 +40,30 @@ class DataParallel:
             return [batch]  # the single-process path, untouched
         mine = np.arange(self.group.rank, count, self.group.world)
         step = self.rows or max(len(mine), 1)
-        return [_trim({k: v[mine[i : i + step]] for k, v in batch.items()}) for i in range(0, len(mine), step)]
+        pieces = [_trim({k: v[mine[i : i + step]] for k, v in batch.items()}) for i in range(0, len(mine), step)]
+        if not self.even:
+            return pieces
+        most = max(-(-len(range(r, count, self.group.world)) // step) for r in range(self.group.world))
+        return pieces + [_no_loss(batch)] * (max(most, 1) - len(pieces))
 
     def shard_of(self, count: int) -> range:
         """Indices ``rank::world`` of ``count`` items (validation batches are split this way)."""
         return range(self.group.rank, count, self.group.world)
+
+    def share(self, batches: Sequence[Batch]) -> list[Batch]:
+        """This rank's validation batches (``rank::world``); with ``even``, as many on every rank."""
+        mine = [batches[i] for i in self.shard_of(len(batches))]
+        if not self.even or not batches:
+            return mine
+        most = -(-len(batches) // self.group.world)
+        return mine + [_no_loss(batches[0])] * (most - len(mine))
+
+
+def _no_loss(batch: Batch) -> Batch:
+    """A one-row, one-column piece of ``batch`` whose label is ignored: a forward that adds nothing."""
+    piece = {k: np.ascontiguousarray(v[:1, :1]) for k, v in batch.items()}
+    piece["labels"] = np.full_like(piece["labels"], -100)
+    return piece
 
 
 def _trim(batch: Batch) -> Batch:
@@ -68,8 +92,8 @@ def check_parallel(parallel: str, backend: str, world: int, *, mlx_launch: bool 
             f"processes started by {launcher} train on the {wanted} backend; this run uses {backend}",
             hint=f"set backend: {wanted} (tunelab train --nproc picks the launcher from the config's backend)",
         )
-    if parallel == "fsdp":
+    if parallel == "fsdp" and mlx_launch:
         raise ConfigError(
-            "train.parallel: fsdp (FSDP2 sharding of the base) is not built yet; data parallel is",
-            hint="set train.parallel: ddp (or auto): every process holds the whole model and the gradients are summed",
+            "train.parallel: fsdp shards the model with torch's FSDP2; MLX runs data parallel only",
+            hint="set train.parallel: ddp (or auto), or backend: torch with torchrun",
         )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.backends.base import Backend
+from tunelab.distributed.group import SOLO, Group
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -38,14 +39,26 @@ class TrainerState:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
-def save_checkpoint(root: Path, backend: Backend, state: TrainerState, *, keep: int) -> Path:
-    """Write ``root/step-N`` atomically and delete all but the newest ``keep`` checkpoints."""
+def save_checkpoint(root: Path, backend: Backend, state: TrainerState, *, keep: int, group: Group = SOLO) -> Path:
+    """Write ``root/step-N`` atomically and delete all but the newest ``keep`` checkpoints.
+
+    A backend whose weights are sharded over the processes (``collective_saves``:
+    FSDP) is called on every rank, each writing its shards into rank 0's temp
+    folder; rank 0 alone then adds the trainer state and renames the folder.
+    """
+    collective = bool(getattr(backend, "collective_saves", False)) and group.world > 1
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
-    tmp = root / f".step-{state.step}.tmp-{os.getpid()}"
-    if tmp.exists():
+    tmp = root / f".step-{state.step}.tmp-{group.broadcast(os.getpid()) if collective else os.getpid()}"
+    if group.rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
+    if collective:
+        group.barrier()  # the stale folder is gone before anyone writes into it
     backend.save_checkpoint(tmp)
+    if collective:
+        group.barrier()  # every shard is written
+        if group.rank != 0:
+            return final
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
     _fsync_tree(tmp)
     if final.exists():  # re-saving a step after a resume: move the old one out of the way first

@@ -50,8 +50,8 @@ def evaluate(backend: Backend, batches: Sequence[Batch], parallel: DataParallel 
     With several processes each evaluates its share of the batches and the sums are added up.
     """
     total, tokens = 0.0, 0.0
-    for index in parallel.shard_of(len(batches)):
-        part = backend.eval_loss(batches[index])
+    for batch in parallel.share(batches):
+        part = backend.eval_loss(batch)
         total += part.loss_sum
         tokens += part.tokens
     total, tokens = parallel.group.all_sum([total, tokens])
@@ -111,8 +111,11 @@ def run_loop(
             _validate(backend, valid, state, callbacks, parallel)
         stop = should_stop()
         saving = (opts.save_every and state.step % opts.save_every == 0) or stop
-        if saving and not finished and parallel.group.rank == 0:  # the weights are the same on every rank
-            path = save_checkpoint(opts.checkpoint_dir, backend, state, keep=opts.keep_checkpoints)
+        # The weights are the same on every rank, except under FSDP, where every rank saves its shards.
+        if saving and not finished and (parallel.group.rank == 0 or getattr(backend, "collective_saves", False)):
+            path = save_checkpoint(
+                opts.checkpoint_dir, backend, state, keep=opts.keep_checkpoints, group=parallel.group
+            )
             callbacks.on_checkpoint(state.step, path)
         if stop and not finished:
             callbacks.on_message(f"stopped at step {state.step}; resume with --resume")

@@ -21,7 +21,8 @@ from tunelab.backends.torch.loading import load_causal_lm, pick_device, pick_dty
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import ADAPTER_METHODS, apply_method
 from tunelab.backends.torch.quant import bnb_config
-from tunelab.distributed.torch_sync import broadcast_params, sum_gradients
+from tunelab.distributed import fsdp
+from tunelab.distributed.torch_sync import active, broadcast_params, sum_gradients
 from tunelab.errors import ConfigError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
 
@@ -44,6 +45,8 @@ class TorchBackend:
         self._offload = False
         self.fast = FastPath()
         self._autocast: torch.dtype | None = None  # CUDA: the base's half dtype, for fp32 adapters
+        self._dcp = False  # train.parallel: fsdp: checkpoints in DCP's sharded format
+        self.collective_saves = False  # FSDP over several processes: every rank takes part in saves
 
     # -- setup -------------------------------------------------------------------------------
     def load(self, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
@@ -106,6 +109,19 @@ class TorchBackend:
         self._fast_loss = self.fast.fused_loss and method.name != "prefix" and supports_hidden_path(self._causal_lm)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         broadcast_params(self._params)  # several processes: all start from rank 0's weights
+        self._dcp = model.parallel == "fsdp"
+        self.collective_saves = self._dcp and active()
+        if self.collective_saves:
+            if method.name == "qlora":
+                raise ConfigError(
+                    "train.parallel: fsdp can't shard a 4-bit (qlora) base yet",
+                    hint="set method: lora with train.parallel: fsdp, or train.parallel: ddp for qlora",
+                )
+            fsdp.shard(self.model)
+            self._params = [p for p in self.model.parameters() if p.requires_grad]  # now DTensor shards
+            # The fused loss reads the LM head's weight outside any module's forward, where FSDP
+            # has not gathered it; the plain path runs the head through the root's forward.
+            self._fast_loss = False
         mixed = dtype in (torch.bfloat16, torch.float16) and any(p.dtype == torch.float32 for p in self._params)
         self._autocast = dtype if mixed and self.device.type == "cuda" else None
         self._max_grad_norm = optim.max_grad_norm
@@ -172,12 +188,13 @@ class TorchBackend:
         assert self._optimizer is not None
         for group in self._optimizer.param_groups:
             group["lr"] = lr
-        sum_gradients(self._params)  # several processes: each holds its share's gradient
+        if not self.collective_saves:  # FSDP has reduce-scattered the gradients in backward
+            sum_gradients(self._params)  # several processes: each holds its share's gradient
         limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._params, limit)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
-        return float(norm)  # read back last: the optimizer's kernels are queued before the host waits
+        return fsdp.total_norm(norm)  # read back last: the optimizer's kernels are queued before the host waits
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> LossSum:
@@ -206,23 +223,62 @@ class TorchBackend:
 
     # -- persistence -------------------------------------------------------------------------
     def save_adapter(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(path), safe_serialization=True)
+        if self.collective_saves:  # gathered on every rank, written by rank 0 in PEFT's layout
+            full = fsdp.full_weights(self.model, trainable_only=self.method in ADAPTER_METHODS)
+            if fsdp.rank() != 0:
+                return
+            path.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(str(path), safe_serialization=True, state_dict=full)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(str(path), safe_serialization=True)
         save_tokenizer(self.tokenizer, path)  # keeps the SentencePiece legacy flag
 
     def save_checkpoint(self, path: Path) -> None:
         assert self._optimizer is not None
         path.mkdir(parents=True, exist_ok=True)
-        names = self._trainable_names()
-        tensors = {name: p.detach().to("cpu").contiguous() for name, p in names.items()}
-        save_file(tensors, str(path / "trainable.safetensors"))
-        torch.save(self._optimizer.state_dict(), path / "optimizer.pt")
+        if self._dcp:
+            fsdp.save(path, self.model, self._optimizer)
+            if fsdp.rank() != 0:
+                return
+        else:
+            names = self._trainable_names()
+            tensors = {name: p.detach().to("cpu").contiguous() for name, p in names.items()}
+            save_file(tensors, str(path / "trainable.safetensors"))
+            torch.save(self._optimizer.state_dict(), path / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
         torch.save(rng, path / "rng.pt")
 
     def load_checkpoint(self, path: Path) -> None:
+        assert self._optimizer is not None
+        if fsdp.is_sharded_checkpoint(path) or self.collective_saves:
+            self._load_sharded(path)
+        else:
+            self._load_whole(path)
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _load_sharded(self, path: Path) -> None:
+        """A checkpoint DCP wrote (train.parallel: fsdp), resharded onto this run's processes."""
+        assert self._optimizer is not None
+        if not fsdp.is_sharded_checkpoint(path):
+            raise StateError(
+                f"checkpoint {path} was written without train.parallel: fsdp and can't be sharded",
+                hint="resume with the config the run was started with",
+            )
+        try:
+            fsdp.load(path, self.model, self._optimizer)
+        except (RuntimeError, ValueError) as exc:  # DCP's complaint names the missing weights
+            raise StateError(
+                f"checkpoint {path} does not match this model/method: {exc}",
+                hint="resume with the config the run was started with",
+            ) from exc
+
+    def _load_whole(self, path: Path) -> None:
         assert self._optimizer is not None
         saved = load_file(str(path / "trainable.safetensors"))
         names = self._trainable_names()
@@ -235,10 +291,6 @@ class TorchBackend:
             for name, param in names.items():
                 param.copy_(saved[name].to(param.device, param.dtype))
         self._optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def _trainable_names(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

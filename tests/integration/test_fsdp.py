@@ -1,0 +1,116 @@
+"""FSDP2 on torch/gloo: 2 sharded processes with batch B train exactly as 1 process with batch 2B.
+
+``train.parallel: fsdp`` shards the frozen base and the LoRA adapters over the
+processes; its checkpoints are DCP folders (each rank writes its shards) that a
+single process, without FSDP, resumes from.  Runs go through the real CLI under
+torchrun, in fp32 with dropout 0, as in ``test_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+from tests.integration.test_distributed import BATCH, TOL, _assert_close, _cli, _config, _curve, _finish, _runs
+
+STEPS = 12
+
+
+def _fsdp_config(tmp: Path, model: Path, data: Path, batch: int) -> Path:
+    path = _config(tmp, model, data, batch, steps=STEPS)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw["train"]["parallel"] = "fsdp"
+    raw["train"]["save_every"] = 4
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_data: Path) -> Path:
+    """One process (no FSDP), micro-batch 2 × BATCH: the run both sharded layouts must match."""
+    root = tmp_path_factory.mktemp("fsdp-reference")
+    _finish(_cli("train", str(_fsdp_config(root, e2e_model, chat_data, 2 * BATCH)), home=root / "home"))
+    return root / "out"
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_with_twice_the_batch(
+    reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
+) -> None:
+    cfg = _fsdp_config(tmp_path, e2e_model, chat_data, BATCH)
+    _finish(_cli("train", str(cfg), home=tmp_path / "home", torchrun=2))
+    out = tmp_path / "out"
+    _assert_close(_curve(out, "train_loss"), _curve(reference, "train_loss"), range(1, STEPS + 1))
+    _assert_close(_curve(out, "val_loss"), _curve(reference, "val_loss"), range(STEPS, STEPS + 1))
+    assert (out / "checkpoints" / "step-8" / "__1_0.distcp").is_file()  # rank 1 wrote its shards (DCP)
+    # The gathered adapter has the one-process layout: same files, names, shapes, and values.
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == sorted(
+        p.name for p in (reference / "adapter").iterdir()
+    )
+    left = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    right = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    assert sorted(left) == sorted(right)
+    assert max(float(np.abs(left[k] - right[k]).max()) for k in left) < TOL
+    _loads_with_peft(e2e_model, out / "adapter")
+    assert [r["status"] for r in _runs(tmp_path / "home")] == ["completed"]
+
+
+def _loads_with_peft(model: Path, adapter: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model))
+    tuned = PeftModel.from_pretrained(base, str(adapter))
+    lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert lora_b and all(float(p.abs().sum()) > 0 for p in lora_b)  # trained weights, not PEFT's zero init
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_of_two_processes_resumes_on_one(
+    reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
+) -> None:
+    home, out = tmp_path / "home", tmp_path / "out"
+    proc = _cli("train", str(_fsdp_config(tmp_path, e2e_model, chat_data, BATCH)), "--nproc", "2", home=home)
+    deadline = time.time() + 180
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text(encoding="utf-8"):
+        assert proc.poll() is None, f"run ended before its first step: {proc.communicate()}"
+        assert time.time() < deadline, "timed out waiting for the first step"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # every rank stops at the same step and writes its shards
+    _out, err = proc.communicate(timeout=120)
+    runs = _runs(home)
+    assert runs[0]["status"] == "cancelled", err
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert saved and saved[-1] < STEPS
+    last = out / "checkpoints" / f"step-{saved[-1]}"
+    assert {p.name for p in last.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}  # one file per rank
+    assert json.loads((last / "trainer_state.json").read_text())["global_batch"] == 2 * BATCH
+    _finish(_cli("train", "--resume", runs[0]["id"], home=home))  # one process, no FSDP: DCP reads every shard
+    _assert_close(_curve(out, "train_loss"), _curve(reference, "train_loss"), range(1, STEPS + 1))
+    _assert_close(_curve(out, "val_loss"), _curve(reference, "val_loss"), range(STEPS, STEPS + 1))
+    assert _runs(home)[0]["status"] == "completed"
+
+
+def test_fsdp_ranks_run_as_many_forwards_as_each_other() -> None:
+    from tunelab.distributed.sharding import DataParallel
+
+    class Rank:  # a group of 2 seen from one rank; local() and share() do no communication
+        def __init__(self, rank: int) -> None:
+            self.rank, self.world = rank, 2
+
+    mask = np.ones((5, 4), dtype=np.int64)
+    batch = {"input_ids": np.arange(20).reshape(5, 4), "attention_mask": mask, "labels": mask.copy()}
+    first = DataParallel(Rank(0), rows=2, even=True).local(batch)  # type: ignore[arg-type]
+    second = DataParallel(Rank(1), rows=2, even=True).local(batch)  # type: ignore[arg-type]
+    assert len(first) == len(second) == 2  # rows 0, 2, 4 vs rows 1, 3 (+ a piece with no loss)
+    assert (second[-1]["labels"] == -100).all()
+    assert len(DataParallel(Rank(1), rows=2).local(batch)) == 1  # data parallel needs no padding
+    valid = [batch, batch, batch]
+    assert [len(DataParallel(Rank(r), even=True).share(valid)) for r in (0, 1)] == [2, 2]  # type: ignore[arg-type]
+    assert (DataParallel(Rank(1), even=True).share(valid)[-1]["labels"] == -100).all()  # type: ignore[arg-type]
