@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from tunelab.backends.torch.loading import decoder_layers
+from tunelab.errors import StateError
 
 DCP_METADATA = ".metadata"  # the file DCP writes last; its presence marks a sharded checkpoint
 
@@ -73,8 +74,14 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    hint = "resume with the config the run was started with"
+    if not is_sharded_checkpoint(path):
+        raise StateError(f"checkpoint {path} was written without train.parallel: fsdp and can't be sharded", hint=hint)
     state = _state(model, optimizer)  # the layout wanted here; DCP fills it in place
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except (RuntimeError, ValueError) as exc:  # DCP's complaint names the weights it lacks
+        raise StateError(f"checkpoint {path} does not match this model/method: {exc}", hint=hint) from exc
     set_state_dict(
         model,
         optimizer,

@@ -254,29 +254,13 @@ class TorchBackend:
     def load_checkpoint(self, path: Path) -> None:
         assert self._optimizer is not None
         if fsdp.is_sharded_checkpoint(path) or self.collective_saves:
-            self._load_sharded(path)
+            fsdp.load(path, self.model, self._optimizer)  # resharded onto this run's processes
         else:
             self._load_whole(path)
         rng = torch.load(path / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-
-    def _load_sharded(self, path: Path) -> None:
-        """A checkpoint DCP wrote (train.parallel: fsdp), resharded onto this run's processes."""
-        assert self._optimizer is not None
-        if not fsdp.is_sharded_checkpoint(path):
-            raise StateError(
-                f"checkpoint {path} was written without train.parallel: fsdp and can't be sharded",
-                hint="resume with the config the run was started with",
-            )
-        try:
-            fsdp.load(path, self.model, self._optimizer)
-        except (RuntimeError, ValueError) as exc:  # DCP's complaint names the missing weights
-            raise StateError(
-                f"checkpoint {path} does not match this model/method: {exc}",
-                hint="resume with the config the run was started with",
-            ) from exc
 
     def _load_whole(self, path: Path) -> None:
         assert self._optimizer is not None
