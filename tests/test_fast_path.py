@@ -99,3 +99,34 @@ def test_fast_path_switches_are_validated() -> None:
     assert validate_config(base).train.activation_budget == 0.8
     with pytest.raises(ConfigError, match="activation_budget"):
         validate_config({**base, "train": {"activation_budget": 0}})
+
+
+def test_torch_varlen_is_chosen_only_where_its_kernel_applies() -> None:
+    """PyTorch's flash varlen kernel: half precision, no soft-capped scores; fp32 models keep the exact path."""
+    pytest.importorskip("torch.nn.attention.varlen")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.backends.torch.attention import torch_varlen_usable
+
+    def model(dtype: object, **extra: object) -> object:
+        config = AutoConfig.for_model(
+            "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, **extra,
+        )  # fmt: skip
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    assert torch_varlen_usable(model(torch.bfloat16))
+    assert torch_varlen_usable(model(torch.float16))
+    assert not torch_varlen_usable(model(torch.float32))  # the kernel is half precision only
+    capped = AutoConfig.for_model(
+        "gemma2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    gemma2 = AutoModelForCausalLM.from_config(capped, dtype=torch.bfloat16)
+    assert capped.attn_logit_softcapping and not torch_varlen_usable(gemma2)
