@@ -76,6 +76,26 @@ def test_nproc_is_n_or_auto_and_jobs_wait_for_a_worker_that_offers_enough(tmp_pa
     assert claimed is not None and claimed.id == job["id"] and claimed.nproc == 2
 
 
+def test_api_takes_nproc_as_a_number_or_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from tunelab.api.app import create_app
+    from tunelab.security.keys import create_key
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hi"}\n', encoding="utf-8")
+    monkeypatch.setenv("TUNELAB_API_ROOTS", str(tmp_path))
+    config = base_config(tmp_path / "model", data, tmp_path / "out")
+    key, _ = create_key("test")
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as api:
+        assert api.post("/v1/jobs", json={"config": config, "nproc": "auto"}).json()["nproc"] == 0
+        config["output_dir"] = str(tmp_path / "out2")
+        assert api.post("/v1/jobs", json={"config": config, "nproc": 4}).json()["nproc"] == 4
+        config["output_dir"] = str(tmp_path / "out3")
+        refused = api.post("/v1/jobs", json={"config": config, "nproc": 0})
+        assert refused.status_code == 422 and "nproc" in refused.text
+
+
 @pytest.fixture(scope="module")
 def reference_adapter(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_data: Path) -> Path:
     """One process with batch 2 × BATCH, uninterrupted (in a registry of its own): what every layout must match."""
