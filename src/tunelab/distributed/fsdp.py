@@ -18,6 +18,7 @@ own format, the same files a one-process run writes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tunelab.backends.torch.loading import decoder_layers
 from tunelab.errors import StateError
 
 DCP_METADATA = ".metadata"  # the file DCP writes last; its presence marks a sharded checkpoint
+_LOSS_METHOD = "tunelab_loss"  # the loss, as a forward of the root (see as_root_forward)
 
 
 def shard(model: torch.nn.Module) -> None:
@@ -44,6 +46,21 @@ def shard(model: torch.nn.Module) -> None:
             module.set_gradient_divide_factor(1.0)
             # A factor of 1 would otherwise be sent as PREMUL_SUM, which gloo (CPU) lacks.
             module.set_force_sum_reduction_for_comms(True)
+
+
+def as_root_forward(model: torch.nn.Module, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run as a forward of the root, so FSDP gathers the root's weights around it.
+
+    The loss calls the decoder and then the LM head's weight directly (the chunked
+    head + cross-entropy), not the root's ``forward``; outside a forward the head's
+    weight is a shard, so the loss is registered as one of the root's forwards.
+    """
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    setattr(model, _LOSS_METHOD, fn)  # registration wraps an attribute of the module
+    register_fsdp_forward_method(model, _LOSS_METHOD)
+    hooked: Callable[..., Any] = getattr(model, _LOSS_METHOD)
+    return hooked
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

@@ -47,6 +47,7 @@ class TorchBackend:
         self._autocast: torch.dtype | None = None  # CUDA: the base's half dtype, for fp32 adapters
         self._dcp = False  # train.parallel: fsdp: checkpoints in DCP's sharded format
         self.collective_saves = False  # FSDP over several processes: every rank takes part in saves
+        self._loss = summed_loss
 
     # -- setup -------------------------------------------------------------------------------
     def load(self, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
@@ -119,9 +120,7 @@ class TorchBackend:
                 )
             fsdp.shard(self.model)
             self._params = [p for p in self.model.parameters() if p.requires_grad]  # now DTensor shards
-            # The fused loss reads the LM head's weight outside any module's forward, where FSDP
-            # has not gathered it; the plain path runs the head through the root's forward.
-            self._fast_loss = False
+            self._loss = fsdp.as_root_forward(self.model, summed_loss)  # the LM head gathered for the fused loss
         mixed = dtype in (torch.bfloat16, torch.float16) and any(p.dtype == torch.float32 for p in self._params)
         self._autocast = dtype if mixed and self.device.type == "cuda" else None
         self._max_grad_norm = optim.max_grad_norm
@@ -216,7 +215,7 @@ class TorchBackend:
         # weight is cast, not the activation (an fp32 copy of every adapter input would
         # double what is saved for backward and run on the slow fp32 GEMMs).
         with torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=bool(self._autocast)):
-            return summed_loss(self._causal_lm, self.model, inputs, self._fast_loss, self._attention, positions)
+            return self._loss(self._causal_lm, self.model, inputs, self._fast_loss, self._attention, positions)
 
     def _to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
