@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from tunelab.errors import TunelabError
 from tunelab.jobs import queue
 from tunelab.jobs.child import EXIT_STOPPED
 from tunelab.jobs.ranks import LaunchedJob, job_nproc
@@ -105,7 +106,12 @@ class Worker:
         note = f" (attempt {job.attempts}, resuming)" if job.attempts > 1 else ""
         on = f" on {nproc} processes" if nproc > 1 else ""
         self.say(f"job {job.id} ({job.kind}{f', run {job.run_id}' if job.run_id else ''}) started{on}{note}")
-        proc, stop = self._start(job, nproc)
+        try:
+            proc, stop = self._start(job, nproc)
+        except (TunelabError, OSError) as exc:  # e.g. torch or mlx.launch missing on this machine
+            queue.finish(job.id, self.worker_id, "failed", error=str(exc))
+            self.say(f"job {job.id} failed: {exc}")
+            return "failed"
         try:
             lost = self._supervise(job.id, proc, stop)
             stop_requested = stop()
