@@ -117,3 +117,15 @@ def test_fsdp_ranks_run_as_many_forwards_as_each_other() -> None:
     valid = [batch, batch, batch]
     assert [len(DataParallel(Rank(r), even=True).share(valid)) for r in (0, 1)] == [2, 2]  # type: ignore[arg-type]
     assert (DataParallel(Rank(1), even=True).share(valid)[-1]["labels"] == -100).all()  # type: ignore[arg-type]
+
+
+def test_a_checkpoint_without_shards_is_refused_under_fsdp(tmp_path: Path) -> None:
+    import torch
+
+    from tunelab.distributed import fsdp
+    from tunelab.errors import StateError
+
+    (tmp_path / "trainable.safetensors").write_bytes(b"")  # what a ddp or one-process run writes
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(StateError, match=r"without train\.parallel: fsdp"):
+        fsdp.load(tmp_path, model, torch.optim.AdamW(model.parameters()))
