@@ -145,6 +145,33 @@ def test_mlx_ring_two_processes_match_one_with_twice_the_batch(
 
 
 @pytest.mark.slow
+def test_mlx_checkpoint_of_two_ring_processes_resumes_on_one(e2e_model: Path, chat_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    steps = 12
+    _finish(_cli("train", str(_config(one, e2e_model, chat_data, 2 * BATCH, "mlx", steps)), home=one / "home"))
+    home, out = two / "home", two / "out"
+    proc = _cli("train", str(_config(two, e2e_model, chat_data, BATCH, "mlx", steps)), "--nproc", "2", home=home)
+    deadline = time.time() + 180
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text(encoding="utf-8"):
+        assert proc.poll() is None, f"run ended before its first step: {proc.communicate()}"
+        assert time.time() < deadline, "timed out waiting for the first step"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # every ring rank stops at the same step; rank 0 checkpoints
+    _out, err = proc.communicate(timeout=120)
+    runs = _runs(home)
+    assert runs[0]["status"] == "cancelled", err
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert saved and saved[-1] < steps
+    _finish(_cli("train", "--resume", runs[0]["id"], home=home))  # one process, no ring
+    _assert_close(_curve(out, "train_loss"), _curve(one / "out", "train_loss"), range(1, steps + 1))
+    _assert_close(_curve(out, "val_loss"), _curve(one / "out", "val_loss"), range(steps, steps + 1))
+    assert _runs(home)[0]["status"] == "completed"
+
+
+@pytest.mark.slow
 def test_a_user_error_on_rank_0_stops_every_rank_with_its_message(
     e2e_model: Path, chat_data: Path, tmp_path: Path
 ) -> None:

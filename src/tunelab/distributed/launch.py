@@ -13,6 +13,7 @@ process, which never imports torch, stays a thin parent.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -45,7 +46,17 @@ def mlx_launch_command(nproc: int, tunelab_args: Sequence[str]) -> list[str]:
     found = str(script) if script.is_file() else shutil.which("mlx.launch")
     if found is None:
         raise ConfigError("--nproc with backend: mlx runs mlx.launch, which is not installed", hint="pip install mlx")
-    return [found, "-n", str(nproc), "--backend", "ring", sys.executable, "-m", "tunelab", *tunelab_args]
+    # mlx.launch relays the ranks' output through pipes and dies on a signal, which would cut the
+    # ranks off mid-checkpoint: it starts with Ctrl-C and SIGTERM ignored (inherited across exec),
+    # and each rank, which installs its own graceful-stop handlers, gets the signal directly.
+    return [sys.executable, "-c", _IGNORE_STOP_SIGNALS, found, "-n", str(nproc), "--backend", "ring",
+            sys.executable, "-m", "tunelab", *tunelab_args]  # fmt: skip
+
+
+_IGNORE_STOP_SIGNALS = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 def launch(nproc: int, tunelab_args: Sequence[str], *, backend: str = "torch") -> int:
@@ -73,11 +84,36 @@ def launch(nproc: int, tunelab_args: Sequence[str], *, backend: str = "torch") -
     proc = subprocess.Popen(command, env=env, start_new_session=True)
 
     def forward(signum: int, _frame: object) -> None:
-        proc.send_signal(signum)
+        if backend == "mlx":
+            # mlx.launch (ignoring it) does not pass signals on: every process of its session gets it.
+            _signal_group(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
+        code = proc.wait()
+        if backend == "mlx":
+            _wait_for_group(proc.pid)  # ranks still checkpointing after the launcher itself ended
+        return code
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(pgid, signum)
+
+
+def _wait_for_group(pgid: int, timeout: float = 600.0) -> None:
+    """Return once no process of the launcher's session is left (or after ``timeout`` seconds)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
