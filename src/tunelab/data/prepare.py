@@ -25,7 +25,7 @@ from tunelab.data.formats import detect_format, to_sample, to_samples
 from tunelab.data.parallel import CHUNK_RECORDS, Task, TokenizeOptions, default_num_proc, tokenize_stream
 from tunelab.data.sources import Record, content_hash, iter_records, read_records, resolve_files
 from tunelab.data.templates import BUILTIN_NAME, CHATML, TemplateLacksTools, template_for
-from tunelab.data.tokenize import TokenizedSplit
+from tunelab.data.tokenize import TokenizedSplit, length_summary
 from tunelab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -282,16 +282,11 @@ class _Carver:
 
 def length_stats(split: TokenizedSplit) -> dict[str, float]:
     """Token-length summary used by `data validate` and the run log."""
-    lengths = split.lengths
-    if not len(lengths):
-        return {"count": 0}
+    summary = length_summary(split.lengths)
+    if summary["count"] == 0:
+        return summary
     return {
-        "count": len(lengths),
-        "min": int(lengths.min()),
-        "mean": float(lengths.mean()),
-        "p50": float(np.percentile(lengths, 50)),
-        "p95": float(np.percentile(lengths, 95)),
-        "max": int(lengths.max()),
+        **summary,
         "supervised_tokens": split.supervised_tokens,
         "truncated": split.truncated,
         "dropped": split.dropped,

@@ -190,3 +190,17 @@ def _pieces(
     if not mask_prompt:  # every token is trained: no need to locate the assistant turns
         return [(render(tokenizer, template, sample.messages, generation_prompt=False, tools=sample.tools), True)]
     return chat_segments(tokenizer, template, sample.messages, where=where, train_on=train_on, tools=sample.tools)
+
+
+def length_summary(lengths: np.ndarray) -> dict[str, Any]:
+    """Count, min, mean, median, p95 and max of example lengths (just the count when there are none)."""
+    if not len(lengths):
+        return {"count": 0}
+    return {
+        "count": len(lengths),
+        "min": int(lengths.min()),
+        "mean": float(lengths.mean()),
+        "p50": float(np.percentile(lengths, 50)),
+        "p95": float(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+    }

@@ -20,7 +20,7 @@ import numpy as np
 from tunelab.data.formats import detect_format, to_samples
 from tunelab.data.sources import Record, iter_records, resolve_files
 from tunelab.data.templates import template_for
-from tunelab.data.tokenize import IGNORE, tokenize_samples
+from tunelab.data.tokenize import IGNORE, length_summary, tokenize_samples
 
 DUPLICATES_SHOWN = 5
 # Records are read, checked and tokenized a chunk at a time, so a dataset larger than memory validates too.
@@ -168,17 +168,7 @@ def _entry(path: str, tally: _Tally, with_tokens: bool) -> dict[str, Any]:
 def _token_stats(lengths: np.ndarray, tally: _Tally, truncated: int) -> dict[str, Any]:
     """Lengths and supervised tokens of the examples the trainer keeps, cut at ``max_seq_len``."""
     counts = {"supervised_tokens": tally.supervised, "truncated": truncated, "dropped": tally.dropped}
-    if not len(lengths):
-        return {"count": 0, **counts}
-    return {
-        "count": len(lengths),
-        "min": int(lengths.min()),
-        "mean": float(lengths.mean()),
-        "p50": float(np.percentile(lengths, 50)),
-        "p95": float(np.percentile(lengths, 95)),
-        "max": int(lengths.max()),
-        **counts,
-    }
+    return {**length_summary(lengths), **counts}
 
 
 def duplicates(records: Sequence[Record]) -> dict[str, Any]:
