@@ -28,6 +28,7 @@ which is what makes packing pay on a GPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -91,6 +92,7 @@ def torch_varlen_usable(model: Any) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and not capped and (not window or _varlen_takes("window_size"))
 
 
+@functools.cache  # asked by every layer of every forward: read the signature once
 def _varlen_takes(name: str) -> bool:
     import inspect
 
