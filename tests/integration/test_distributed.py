@@ -46,6 +46,19 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+def _stop_after_first_step(proc: subprocess.Popen, out: Path) -> str:
+    """SIGTERM the run once its first step is logged (as Ctrl-C: every rank stops at the same step and
+    rank 0 checkpoints); return its stderr."""
+    deadline = time.time() + 180
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text(encoding="utf-8"):
+        assert proc.poll() is None, f"run ended before its first step: {proc.communicate()}"
+        assert time.time() < deadline, "timed out waiting for the first step"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    return err
+
+
 def _config(tmp: Path, model: Path, data: Path, batch: int, backend: str = "torch", steps: int = STEPS) -> Path:
     raw = base_config(model, data, tmp / "out", steps=steps, batch_size=batch, save_every=10)
     raw["method"]["dropout"] = 0.0
@@ -97,13 +110,7 @@ def test_checkpoint_of_two_processes_resumes_on_one(
     home = tmp_path / "home"
     out = tmp_path / "out"
     proc = _cli("train", str(_config(tmp_path, e2e_model, chat_data, BATCH)), "--nproc", "2", home=home)
-    deadline = time.time() + 180
-    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text(encoding="utf-8"):
-        assert proc.poll() is None, f"run ended before its first step: {proc.communicate()}"
-        assert time.time() < deadline, "timed out waiting for the first step"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)  # as Ctrl-C: every rank stops at the same step, rank 0 checkpoints
-    _out, err = proc.communicate(timeout=120)
+    err = _stop_after_first_step(proc, out)
     runs = _runs(home)
     assert runs[0]["status"] == "cancelled", err
     saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
@@ -154,13 +161,7 @@ def test_mlx_checkpoint_of_two_ring_processes_resumes_on_one(e2e_model: Path, ch
     _finish(_cli("train", str(_config(one, e2e_model, chat_data, 2 * BATCH, "mlx", steps)), home=one / "home"))
     home, out = two / "home", two / "out"
     proc = _cli("train", str(_config(two, e2e_model, chat_data, BATCH, "mlx", steps)), "--nproc", "2", home=home)
-    deadline = time.time() + 180
-    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text(encoding="utf-8"):
-        assert proc.poll() is None, f"run ended before its first step: {proc.communicate()}"
-        assert time.time() < deadline, "timed out waiting for the first step"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)  # every ring rank stops at the same step; rank 0 checkpoints
-    _out, err = proc.communicate(timeout=120)
+    err = _stop_after_first_step(proc, out)
     runs = _runs(home)
     assert runs[0]["status"] == "cancelled", err
     saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))

@@ -9,15 +9,23 @@ torchrun, in fp32 with dropout 0, as in ``test_distributed.py``.
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
-from tests.integration.test_distributed import BATCH, TOL, _assert_close, _cli, _config, _curve, _finish, _runs
+from tests.integration.test_distributed import (
+    BATCH,
+    TOL,
+    _assert_close,
+    _cli,
+    _config,
+    _curve,
+    _finish,
+    _runs,
+    _stop_after_first_step,
+)
 
 STEPS = 12
 
@@ -80,13 +88,7 @@ def test_fsdp_checkpoint_of_two_processes_resumes_on_one(
 ) -> None:
     home, out = tmp_path / "home", tmp_path / "out"
     proc = _cli("train", str(_fsdp_config(tmp_path, e2e_model, chat_data, BATCH)), "--nproc", "2", home=home)
-    deadline = time.time() + 180
-    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text(encoding="utf-8"):
-        assert proc.poll() is None, f"run ended before its first step: {proc.communicate()}"
-        assert time.time() < deadline, "timed out waiting for the first step"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)  # every rank stops at the same step and writes its shards
-    _out, err = proc.communicate(timeout=120)
+    err = _stop_after_first_step(proc, out)  # every rank stops at the same step and writes its shards
     runs = _runs(home)
     assert runs[0]["status"] == "cancelled", err
     saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,17 @@ def registry_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     url = base.rsplit("/", 1)[0] + f"/{name}"
     monkeypatch.setenv("TUNELAB_DB_URL", url)
     return url
+
+
+@pytest.fixture
+def workers() -> Iterator[list[subprocess.Popen]]:
+    """Worker processes a test starts; any still alive at the end are killed (each leads its own session)."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def write_data(folder: Path, n: int = 10) -> Path:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,6 @@ from tunelab import services
 from tunelab.config.load import validate_config
 
 STEPS = 30
-
-
-@pytest.fixture
-def workers() -> Iterator[list[subprocess.Popen]]:
-    """Worker processes a test starts; any still alive at the end are killed."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def _train_cfg(model: Path, data: Path, out: Path, **train: object):
