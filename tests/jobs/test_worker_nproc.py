@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,18 +25,8 @@ from tunelab.errors import ConfigError
 from tunelab.jobs import queue
 from tunelab.jobs.ranks import job_nproc, offered_nproc, parse_nproc
 
-STEPS = 24
+STEPS = 120  # long enough that a worker killed after step 5 leaves the job unfinished on an idle machine too
 BATCH = 4  # per process; the one-process reference trains on 2 × BATCH
-
-
-@pytest.fixture
-def workers() -> Iterator[list[subprocess.Popen]]:
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def _raw(model: Path, data: Path, out: Path, batch: int, steps: int = STEPS) -> dict:
