@@ -64,6 +64,7 @@ def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None) -> ModelSpec:
         activation_budget=cfg.train.activation_budget,
         packing=cfg.data.packing,
         offload_activations=cfg.train.offload_activations,
+        offload_checkpoints=cfg.train.offload_checkpoints,
         memory_limit_bytes=estimate.total if estimate is not None else None,
         parallel=cfg.train.parallel,
     )

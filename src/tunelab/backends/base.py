@@ -33,6 +33,7 @@ class ModelSpec:
     activation_budget: float = 0.8  # compiled layers: share of activations kept for backward
     packing: bool = False  # batches carry position_ids/segment_ids: attention must stay per example
     offload_activations: bool = False  # CUDA: saved activations live in pinned CPU memory
+    offload_checkpoints: bool | str = "auto"  # CUDA + checkpointing: layer inputs in pinned CPU memory
     memory_limit_bytes: int | None = None  # MLX on Metal: wired/cache limits derived from the estimate
     parallel: str = "auto"  # train.parallel; torch with fsdp: sharded model and DCP checkpoints
 

@@ -143,6 +143,12 @@ class TrainCfg(_Section):
     offload_activations: bool = Field(
         False, description="CUDA: keep saved activations in pinned CPU memory during the forward (less GPU memory)"
     )
+    offload_checkpoints: bool | Literal["auto"] = Field(
+        "auto",
+        description="with gradient_checkpointing on CUDA: each layer's saved input waits in pinned CPU memory, "
+        "copied out and back while other layers compute, so GPU memory barely grows with sequence length; "
+        "auto = on wherever it applies (CUDA, gradient_checkpointing, not fsdp or prefix)",
+    )
     parallel: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
         description="several processes (torchrun, --nproc): ddp = each holds the model and trains on its share "

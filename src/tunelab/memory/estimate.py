@@ -80,6 +80,7 @@ class Workload:
     compiled_layers: bool = False  # torch on CUDA: compiled decoder layers (the fast path)
     activation_budget: float = 0.8  # compiled layers: share of activations the partitioner keeps
     offload_activations: bool = False  # torch/CUDA: saved activations wait in pinned CPU memory
+    offload_checkpoints: bool = False  # torch/CUDA with checkpointing: layer inputs wait in pinned CPU memory
 
     @property
     def tokens(self) -> int:
@@ -195,10 +196,12 @@ def _phases(shape: ModelShape, work: Workload, params_b: int) -> list[_Phase]:
     else:
         kept = first = shape.layers * layer + final_norm
         last = layer
-    if work.offload_activations:
-        # Saved tensors go to CPU as the forward makes them and come back one layer at a time in backward.
+    if work.offload_activations or (work.offload_checkpoints and work.gradient_checkpointing):
+        # Saved tensors go to CPU as the forward makes them and come back one layer at a time in
+        # backward (offloaded checkpoints: the layer being recomputed and the next one, prefetched).
         kept = final_norm + (layer_input if work.gradient_checkpointing else 0)
-        first = last = (layer_input + recomputed) if work.gradient_checkpointing else layer
+        fetched = layer_input * (2 if work.offload_checkpoints else 1)
+        first = last = (fetched + recomputed) if work.gradient_checkpointing else layer
     earlier = params_b if work.grad_accum > 1 else 0  # gradients of earlier micro-batches
     block_grads = params_b // max(shape.layers, 1)
     temps, note = _workspace(shape, work), "one layer's backward workspace"

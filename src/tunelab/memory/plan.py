@@ -139,6 +139,12 @@ def workload(cfg: RunConfig, shape: ModelShape, *, backend: str, device: str, **
         activation_budget=t.activation_budget,
         fast_loss=m.name != "prefix",  # prefix tuning takes the model's own (full) logits
         offload_activations=t.offload_activations and backend == "torch" and device == "cuda",
+        offload_checkpoints=bool(t.offload_checkpoints)
+        and t.gradient_checkpointing
+        and backend == "torch"
+        and device == "cuda"
+        and t.parallel != "fsdp"
+        and m.name != "prefix",
     )
     return replace(base, **fields)
 

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, OptimSpec
 from tunelab.backends.torch.attention import choose_packed_attention
+from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
-from tunelab.backends.torch.loading import load_causal_lm, pick_device, pick_dtype
+from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_device, pick_dtype
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import ADAPTER_METHODS, apply_method
 from tunelab.backends.torch.quant import bnb_config
@@ -48,6 +49,12 @@ class TorchBackend:
         self._dcp = False  # train.parallel: fsdp: checkpoints in DCP's sharded format
         self.collective_saves = False  # FSDP over several processes: every rank takes part in saves
         self._loss = summed_loss
+        # Whether every module is in training mode.  Tracked here, not read from the PEFT wrapper:
+        # ``get_peft_model`` returns a wrapper whose own flag says "training" over a base that
+        # ``from_pretrained`` left in eval mode, and in eval mode transformers skips gradient
+        # checkpointing (and dropout) without a word.
+        self._training = False
+        self.checkpointing = "off"  # off | on | offloaded: what the run really does, for the log
 
     # -- setup -------------------------------------------------------------------------------
     def load(self, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
@@ -98,8 +105,13 @@ class TorchBackend:
             self._attention = choose_packed_attention(base, self.device, model.attn_implementation)
         self.tokenizer = tokenizer
         self.method = method.name
-        if model.gradient_checkpointing:
+        own_checkpoints = model.gradient_checkpointing and model.parallel != "fsdp" and method.name != "prefix"
+        offload = offload_checkpoints(model, method, self.device)
+        if model.gradient_checkpointing and not own_checkpoints:
+            # FSDP's hooks must stay outside the checkpoint, and prefix tuning's virtual tokens ride in the
+            # KV cache a replayed layer would append to twice: transformers' own switch handles both.
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if offload:
             base.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph for adapters
         self.model = apply_method(base, method)
         self.fast = resolve(
@@ -107,6 +119,9 @@ class TorchBackend:
         )
         if self.fast.compile_layers:
             compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
+        if own_checkpoints:
+            checkpoint_layers(decoder_layers(self._causal_lm), offload=offload)
+        self.checkpointing = "offloaded" if offload else "on" if model.gradient_checkpointing else "off"
         self._fast_loss = self.fast.fused_loss and method.name != "prefix" and supports_hidden_path(self._causal_lm)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         broadcast_params(self._params)  # several processes: all start from rank 0's weights
@@ -171,8 +186,9 @@ class TorchBackend:
 
     # -- training ----------------------------------------------------------------------------
     def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
-        if not self.model.training:  # walking every module each step costs host time the GPU waits for
+        if not self._training:  # walking every module each step costs host time the GPU waits for
             self.model.train()
+            self._training = True
         if self._offload:
             # Tensors saved for backward (with checkpointing: each layer's input) wait in pinned
             # CPU memory and come back, asynchronously, when backward needs them.
@@ -198,6 +214,7 @@ class TorchBackend:
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> LossSum:
         self.model.eval()
+        self._training = False
         loss, tokens = self._summed_loss(batch)
         return LossSum(float(loss), tokens)
 
@@ -304,6 +321,7 @@ class TorchBackend:
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         self.model.eval()
+        self._training = False
         torch.manual_seed(seed)
         ids = torch.tensor([list(prompt_ids)], device=self.device)
         tokens: queue.Queue[int | BaseException | None] = queue.Queue()
@@ -345,6 +363,23 @@ class TorchBackend:
             return int(torch.cuda.max_memory_allocated(self.device))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def offload_checkpoints(model: ModelSpec, method: MethodSpec, device: torch.device) -> bool:
+    """Whether checkpointed layer inputs go to CPU memory: ``auto`` wherever that applies; ``true`` or a refusal."""
+    applies = model.gradient_checkpointing and device.type == "cuda"
+    applies = applies and model.parallel != "fsdp" and method.name != "prefix"
+    if model.offload_checkpoints == "auto" or not model.offload_checkpoints:
+        return bool(model.offload_checkpoints) and applies
+    if applies:
+        return True
+    if not model.gradient_checkpointing:
+        why, fix = "it offloads what gradient checkpointing keeps", "set train.gradient_checkpointing: true"
+    elif device.type != "cuda":
+        why, fix = f"it moves data off a CUDA GPU and this run is on {device}", "leave it at auto"
+    else:
+        why, fix = "it can't work with train.parallel: fsdp or method: prefix", "leave it at auto"
+    raise ConfigError(f"train.offload_checkpoints: true: {why}", hint=f"{fix}, or set it to false")
 
 
 def pad_to_multiple(batch: Batch) -> Batch:

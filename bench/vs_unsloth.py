@@ -1,0 +1,326 @@
+"""`tunelab train` beside Unsloth on one GPU: the same checkpoint, shapes and steps; tok/s, peak memory, ratios.
+
+One command on one lease (see ../shared/gpu/README.md for the Unsloth tree it needs):
+
+    mkdir -p /tmp/site_us && tar -xJf .gpu/unsloth-site-cp312.tar.xz -C /tmp/site_us
+    PYTHONUNBUFFERED=1 python3 bench/vs_unsloth.py --unsloth-site /tmp/site_us --rows lora_gc,qlora_gc
+
+What each side runs, as its users run it:
+
+* **tunelab**: ``python -m tunelab train CONFIG`` in a process of its own (a fresh ``TUNELAB_HOME``),
+  on a ``text`` dataset whose every record is longer than the row, so each micro-batch is B full rows
+  of T tokens with every position supervised: bf16 base (NF4 for qlora), LoRA r16 α32 on the seven
+  linears, AdamW, constant LR, ``train.steps`` steps, everything else tunelab's defaults (compiled
+  layers, fused loss; with checkpointing, offloaded checkpoints where they apply).  tok/s is the
+  median of the per-step ``tokens_per_sec`` that the run logs, after the warm-up steps; peak is the
+  run's recorded ``peak_memory_bytes`` (``torch.cuda.max_memory_allocated`` over the whole process,
+  loading included); the estimate is ``tunelab estimate CONFIG --json``'s tensor bytes.
+* **Unsloth**: ``unsloth_step.py`` (from ../shared/gpu/): ``FastLanguageModel`` on the same folder, the
+  same LoRA, ``use_gradient_checkpointing="unsloth"`` for the checkpointed rows, fused AdamW, random
+  tokens B×T with every position supervised, median step after the same warm-up, peak reset after
+  loading.  It runs in a process of its own because importing Unsloth patches transformers.
+
+Checkpoints are random-initialised from Llama-3.1-8B's and Llama-3.2-1B's config numbers, saved once
+under ``--workdir`` (``/dev/shm`` by default: a RAM disk, so building them takes seconds).  Each row
+prints as it finishes and is appended to ``$OUT/vs_unsloth.jsonl`` (or ``bench/results/``).
+``--longest`` also searches, for 8B QLoRA with checkpointing at batch 1, the longest row each stack
+trains in ``--cap-gib`` of GPU memory (``torch.cuda.set_per_process_memory_fraction`` in each process).
+``--tiny`` runs the tunelab side on a small CPU model to check the plumbing (no Unsloth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False,
+    ),
+    "llama1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    shape: str
+    method: str  # lora | qlora
+    batch: int
+    seq: int
+    gc: bool
+
+    @property
+    def unsloth_mode(self) -> str:
+        return f"{self.method}_gc" if self.gc else self.method
+
+
+ROWS = {
+    r.name: r
+    for r in (
+        Row("lora", "llama8b", "lora", 2, 2048, False),
+        Row("lora_gc", "llama8b", "lora", 2, 2048, True),
+        Row("qlora_gc", "llama8b", "qlora", 2, 2048, True),
+        Row("qlora_gc_16k", "llama8b", "qlora", 1, 16384, True),
+        Row("1b_lora", "llama1b", "lora", 8, 2048, False),
+        Row("tiny_lora_gc", "tiny", "lora", 2, 256, True),
+    )
+}
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def build_checkpoint(folder: Path, shape: str) -> Path:
+    """A random-initialised bf16 Llama with a small byte-level BPE tokenizer (ids below its vocabulary)."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.tiny import train_bpe_tokenizer
+
+    train_bpe_tokenizer(_words(random.Random(0), 20_000).split(), folder, vocab_size=2000)
+    config = AutoConfig.for_model("llama", max_position_embeddings=131072, **SHAPES[shape])
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    with torch.device("cuda" if cuda else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
+    model.save_pretrained(folder)
+    del model
+    return folder
+
+
+def _words(rng: random.Random, n: int) -> str:
+    vocab = [f"{a}{b}{c}" for a in "bcdfgklmnprstv" for b in "aeiou" for c in ("", "n", "r", "s", "l")]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def write_data(path: Path, rows: int, seq: int) -> Path:
+    """Records longer than ``seq`` tokens (truncated to it), so every micro-batch is full rows."""
+    if path.exists():
+        return path
+    rng = random.Random(1)
+    path.write_text("".join(json.dumps({"text": _words(rng, int(seq * 1.2))}) + "\n" for _ in range(rows)))
+    return path
+
+
+def tunelab_config(row: Row, model: Path, data: Path, steps: int, out: Path) -> Path:
+    import yaml
+
+    cfg = {
+        "model": {"path": str(model), "dtype": "bfloat16" if row.shape != "tiny" else "float32"},
+        "data": {"train": str(data), "format": "text", "max_seq_len": row.seq, "cache": False},
+        "method": {"name": row.method, "rank": 16, "alpha": 32, "targets": TARGETS},
+        "train": {
+            "steps": steps, "batch_size": row.batch, "lr": 1e-4, "scheduler": "constant", "warmup": 0,
+            "gradient_checkpointing": row.gc, "log_every": 1, "save_every": 0, "eval_every": 0,
+        },
+        "tensorboard": False,
+        "output_dir": str(out / "run"),
+    }  # fmt: skip
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# -- the two stacks -----------------------------------------------------------------------------
+def run_tunelab(row: Row, model: Path, data: Path, steps: int, warm: int, work: Path, cap: float | None) -> dict:
+    out = work / f"tl-{row.name}-{row.seq}-{int(time.time())}"
+    out.mkdir(parents=True)
+    cfg = tunelab_config(row, model, data, steps, out)
+    path = f"{REPO / 'src'}:{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "TUNELAB_HOME": str(out / "home"), "PYTHONPATH": path}
+    estimate = _json(subprocess.run([sys.executable, "-m", "tunelab", "estimate", str(cfg), "--json"],
+                                    env=env, capture_output=True, text=True))  # fmt: skip
+    entry = [sys.executable, "-m", "tunelab", "train", str(cfg)]
+    if cap is not None:  # the same process, the same CLI, with the memory cap a smaller card has
+        entry = [sys.executable, "-c", _capped_main(cap), "train", str(cfg)]
+    started = time.time()
+    proc = subprocess.run(entry, env=env, capture_output=True, text=True)
+    wall = time.time() - started
+    (out / "train.log").write_text(proc.stdout + proc.stderr)
+    result: dict[str, Any] = {"stack": "tunelab", "row": row.name, "seq": row.seq, "wall_s": round(wall, 1)}
+    if proc.returncode != 0:
+        return {**result, "error": _tail(proc.stdout + proc.stderr)}
+    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line]
+    speeds = [m["tokens_per_sec"] for m in metrics if "tokens_per_sec" in m][warm:]
+    show = _json(subprocess.run([sys.executable, "-m", "tunelab", "runs", "show", "--json", _run_id(out, env)],
+                                env=env, capture_output=True, text=True))  # fmt: skip
+    step_s = [m["step_time_s"] for m in metrics if "step_time_s" in m][warm:]
+    return {
+        **result,
+        "tok_s": round(statistics.median(speeds)),
+        "step_tok_s": round(row.batch * row.seq / statistics.median(step_s)) if step_s else None,
+        "peak_gib": _gib(show.get("peak_memory_bytes")),
+        "estimate_gib": _gib((estimate.get("estimate") or estimate).get("tensor_bytes")),
+        "estimate_total_gib": _gib(show.get("estimated_memory_bytes")),
+        "losses": [round(m["train_loss"], 3) for m in metrics if "train_loss" in m][:: max(1, steps // 4)],
+    }
+
+
+def run_unsloth(row: Row, model: Path, steps: int, site: str, cap: float | None) -> dict:
+    script = REPO / ".gpu" / "unsloth_step.py"
+    env = {**os.environ, "PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}", "US_STEPS": str(steps)}
+    args = [str(script), row.unsloth_mode, str(model), str(row.batch), str(row.seq)]
+    entry = [sys.executable, *args] if cap is None else [sys.executable, "-c", _capped_script(cap), *args]
+    started = time.time()
+    proc = subprocess.run(entry, env=env, capture_output=True, text=True)
+    wall = round(time.time() - started, 1)
+    result: dict[str, Any] = {"stack": "unsloth", "row": row.name, "seq": row.seq, "wall_s": wall}
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {**result, "error": _tail(proc.stdout + proc.stderr)}
+    data = json.loads(line.removeprefix("RESULT "))
+    return {**result, "tok_s": data["tok_s"], "peak_gib": data["peak_gib"], "losses": data["losses"]}
+
+
+def _capped_main(gib: float) -> str:
+    return (
+        "import sys, torch; torch.cuda.set_per_process_memory_fraction("
+        f"{gib} * 2**30 / torch.cuda.get_device_properties(0).total_memory); "
+        "sys.argv[0] = 'tunelab'; from tunelab.cli.main import main; main()"
+    )
+
+
+def _capped_script(gib: float) -> str:
+    return (
+        "import runpy, sys, torch; torch.cuda.set_per_process_memory_fraction("
+        f"{gib} * 2**30 / torch.cuda.get_device_properties(0).total_memory); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+
+
+def longest(stack: str, fits: Any, lo: int = 4096, hi: int = 131072) -> int:
+    """The longest multiple of 1,024 tokens that ``fits(seq)`` trains (doubling, then bisection)."""
+    best = 0
+    seq = lo
+    while seq <= hi and fits(seq):
+        best, seq = seq, seq * 2
+    top = min(seq, hi + 1024)
+    while top - best > 1024 * max(1, best // 16384):
+        mid = (best + top) // 2 // 1024 * 1024
+        if fits(mid):
+            best = mid
+        else:
+            top = mid
+    return best
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _json(proc: subprocess.CompletedProcess[str]) -> dict:
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return {}
+
+
+def _run_id(out: Path, env: dict[str, str]) -> str:
+    """The one run under this fresh TUNELAB_HOME, as `tunelab runs list --json` gives it."""
+    runs = subprocess.run([sys.executable, "-m", "tunelab", "runs", "list", "--json"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    return str(json.loads(runs.stdout)[0]["id"])
+
+
+def _gib(n: int | None) -> float | None:
+    return round(n / 2**30, 2) if n else None
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _emit(result: dict, sink: Path) -> None:
+    print(json.dumps(result), flush=True)
+    with sink.open("a") as fh:
+        fh.write(json.dumps(result) + "\n")
+
+
+def table(results: list[dict]) -> str:
+    by = {(r["stack"], r["row"], r["seq"]): r for r in results if "tok_s" in r}
+    lines = [
+        "| row | tunelab tok/s | tunelab peak GiB | estimate GiB | Unsloth tok/s | Unsloth peak GiB | speed | memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for stack, name, seq in sorted({(r["stack"], r["row"], r["seq"]) for r in results}):
+        if stack != "tunelab":
+            continue
+        t, u = by.get(("tunelab", name, seq), {}), by.get(("unsloth", name, seq), {})
+        speed = f"{t['tok_s'] / u['tok_s']:.2f}x" if t.get("tok_s") and u.get("tok_s") else "-"
+        memory = f"{t['peak_gib'] / u['peak_gib']:.2f}x" if t.get("peak_gib") and u.get("peak_gib") else "-"
+        lines.append(
+            f"| {name} ({seq}) | {t.get('tok_s', 'fail')} | {t.get('peak_gib', '-')} | {t.get('estimate_gib', '-')} "
+            f"| {u.get('tok_s', '-')} | {u.get('peak_gib', '-')} | {speed} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="lora,lora_gc,qlora_gc,qlora_gc_16k,1b_lora")
+    p.add_argument("--stacks", default="tunelab,unsloth")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warm", type=int, default=4)
+    p.add_argument("--workdir", type=Path, default=Path("/dev/shm/tunelab-vs"))
+    p.add_argument("--unsloth-site", default="/tmp/site_us")
+    p.add_argument("--longest", action="store_true", help="also the longest 8B QLoRA row in --cap-gib")
+    p.add_argument("--cap-gib", type=float, default=24.0)
+    p.add_argument("--tiny", action="store_true", help="CPU plumbing check: the tiny row, tunelab only")
+    args = p.parse_args()
+    if args.tiny:
+        args.rows, args.stacks, args.steps, args.warm = "tiny_lora_gc", "tunelab", 6, 2
+    out = Path(os.environ.get("OUT", REPO / "bench" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    sink = out / "vs_unsloth.jsonl"
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    stacks = args.stacks.split(",")
+    results: list[dict] = []
+    for name in args.rows.split(","):
+        row = ROWS[name]
+        model = build_checkpoint(args.workdir / row.shape, row.shape)
+        data = write_data(args.workdir / f"text-{row.seq}.jsonl", row.batch * args.steps + 8, row.seq)
+        for stack in stacks:
+            if stack == "tunelab":
+                result = run_tunelab(row, model, data, args.steps, args.warm, args.workdir, None)
+            else:
+                result = run_unsloth(row, model, args.steps, args.unsloth_site, None)
+            results.append(result)
+            _emit(result, sink)
+    if args.longest:
+        row = ROWS["qlora_gc_16k"]
+        model = build_checkpoint(args.workdir / row.shape, row.shape)
+        for stack in stacks:
+
+            def fits(seq: int, stack: str = stack) -> bool:
+                at = Row(row.name, row.shape, row.method, 1, seq, True)
+                if stack == "tunelab":
+                    data = write_data(args.workdir / f"text-{seq}.jsonl", 4 + 8, seq)
+                    result = run_tunelab(at, model, data, 4, 2, args.workdir, args.cap_gib)
+                else:
+                    result = run_unsloth(at, model, 4, args.unsloth_site, args.cap_gib)
+                _emit({**result, "cap_gib": args.cap_gib}, sink)
+                return "tok_s" in result
+
+            _emit({"stack": stack, "longest_seq": longest(stack, fits), "cap_gib": args.cap_gib}, sink)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
