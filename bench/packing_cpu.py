@@ -132,8 +132,8 @@ def worker(config_path: Path, warmup: int) -> dict[str, float]:
     from tunelab import recipe
     from tunelab.config.load import load_config
     from tunelab.data.prepare import length_stats
-    from tunelab.data.tokenize import IGNORE
     from tunelab.train.callbacks import BaseCallback
+    from tunelab.vocab import IGNORE
 
     cfg = load_config(json.loads(config_path.read_text(encoding="utf-8")))
     stamps: dict[int, float] = {}

@@ -18,9 +18,10 @@ from tunelab.data.formats import Sample, detect_format, to_samples
 from tunelab.data.prepare import load_records, prepare_data
 from tunelab.data.sources import Record, iter_records, read_records, resolve_files
 from tunelab.data.templates import BUILTIN_NAME, CHATML, TOKENIZER_NAME, render, template_for
-from tunelab.data.tokenize import IGNORE, tokenize_samples
+from tunelab.data.tokenize import tokenize_samples
 from tunelab.data.validate import validate_dataset
 from tunelab.errors import DataError
+from tunelab.vocab import IGNORE
 
 END = "<|im_end|>"
 

@@ -20,8 +20,9 @@ from tunelab.backends.torch.linear_ce import _chunk_loss_grad  # noqa: E402
 from tunelab.backends.torch.loss import supervised_positions  # noqa: E402
 from tunelab.config.load import validate_config  # noqa: E402
 from tunelab.data.packing import collate_packed  # noqa: E402
-from tunelab.data.tokenize import IGNORE, TokenizedSplit  # noqa: E402
+from tunelab.data.tokenize import TokenizedSplit  # noqa: E402
 from tunelab.errors import ConfigError  # noqa: E402
+from tunelab.vocab import IGNORE  # noqa: E402
 
 
 def _batch(rng: np.random.Generator, lengths: list[int], width: int) -> dict[str, np.ndarray]:

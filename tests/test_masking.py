@@ -16,8 +16,9 @@ import pytest
 from tunelab.data.formats import to_samples
 from tunelab.data.sources import Record
 from tunelab.data.templates import CHATML, TemplateLacksTools, template_for_sample
-from tunelab.data.tokenize import IGNORE, tokenize_samples
+from tunelab.data.tokenize import tokenize_samples
 from tunelab.errors import ConfigError
+from tunelab.vocab import IGNORE
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "[CALL]", "[/CALL]"]
 WORDS = "system user assistant tool Hi Yes Sum two and Four Tools name add arguments a 2 4 # ( )"

@@ -162,8 +162,9 @@ def test_train_estimate_uses_the_longest_example_and_a_resumed_auto_run_keeps_it
 ) -> None:
     import numpy as np
 
-    from tunelab.data.tokenize import IGNORE, TokenizedSplit
+    from tunelab.data.tokenize import TokenizedSplit
     from tunelab.memory.plan import PLAN_FILE, data_extent, plan_run
+    from tunelab.vocab import IGNORE
 
     ids = [np.arange(n) for n in (10, 40, 25)]
     labels = [np.where(np.arange(len(x)) < len(x) // 2, IGNORE, x) for x in ids]  # second half supervised

@@ -10,7 +10,7 @@ from tests.test_schedules_batching import PAD, make_split
 
 from tunelab.data.batching import BatchPlan, MicroBatchStream, collate
 from tunelab.data.packing import collate_packed, pack_rows, packed_eval_batches, row_lengths
-from tunelab.data.tokenize import IGNORE
+from tunelab.vocab import IGNORE
 
 CAPACITY = 256
 

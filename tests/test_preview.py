@@ -15,9 +15,10 @@ from tunelab.data.formats import to_samples
 from tunelab.data.preview import preview_dataset, token_texts
 from tunelab.data.sources import Record
 from tunelab.data.templates import BUILTIN_NAME, render, template_for
-from tunelab.data.tokenize import IGNORE, tokenize_samples
+from tunelab.data.tokenize import tokenize_samples
 from tunelab.data.validate import duplicates, length_histogram, validate_dataset
 from tunelab.errors import ConfigError, DataError
+from tunelab.vocab import IGNORE
 
 CHAT = {
     "messages": [

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from tunelab.data.batching import BatchPlan, MicroBatchStream, collate, eval_batches
-from tunelab.data.tokenize import IGNORE, TokenizedSplit
+from tunelab.data.tokenize import TokenizedSplit
 from tunelab.train.schedules import make_schedule, warmup_steps
+from tunelab.vocab import IGNORE
 
 PAD = 0
 

@@ -14,6 +14,7 @@ from tunelab.data.templates import template_for
 from tunelab.data.tokenize import special_prefix
 from tunelab.errors import ModelError, NotFoundError
 from tunelab.hub import load_tokenizer, resolve_model_path
+from tunelab.vocab import CHAT_FORMATS
 
 # End-of-turn markers of common chat templates; generation stops on any that the vocabulary has.
 _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
@@ -108,7 +109,7 @@ def generator_for_run(run_id: str, *, device: str = "auto", backend: str | None 
     run = show_run(run_id)
     artifacts = run["artifacts"]
     fmt = (run.get("dataset") or {}).get("format") or run["config"]["data"]["format"]
-    chat = fmt in ("chat", "instruction")
+    chat = fmt in CHAT_FORMATS
     if artifacts.get("adapter"):
         return load_generator(
             model=run["config"]["model"]["path"], adapter=artifacts["adapter"], chat=chat, device=device

@@ -29,6 +29,7 @@ from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, latest_checkpoint, read_state
 from tunelab.train.loop import LoopOptions, LoopResult, run_loop
 from tunelab.train.schedules import make_schedule, warmup_steps
+from tunelab.vocab import WHOLE_MODEL_METHODS
 
 
 @dataclass
@@ -183,7 +184,7 @@ def train(
 
 def result_dir(output_dir: Path, method: str) -> Path:
     """Adapters go to ``adapter/``; full and freeze runs produce a whole model in ``model/``."""
-    return output_dir / ("model" if method in ("full", "freeze") else "adapter")
+    return output_dir / ("model" if method in WHOLE_MODEL_METHODS else "adapter")
 
 
 def save_result(backend: Backend, final: Path) -> None:

@@ -24,8 +24,9 @@ from tunelab.config.schema import DataCfg
 from tunelab.data.batching import collate
 from tunelab.data.packing import collate_packed
 from tunelab.data.prepare import prepare_data
-from tunelab.data.tokenize import IGNORE, TokenizedSplit
+from tunelab.data.tokenize import TokenizedSplit
 from tunelab.hub import load_tokenizer
+from tunelab.vocab import IGNORE
 
 HAS_MLX = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
 BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="mlx-lm not installed"))]

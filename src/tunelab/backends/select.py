@@ -19,9 +19,10 @@ from typing import Any, NamedTuple
 
 from tunelab.backends.base import Backend
 from tunelab.errors import BackendError
+from tunelab.vocab import METHODS
 
-TORCH_METHODS = ("lora", "dora", "qlora", "full", "freeze", "prefix", "ia3")
-MLX_METHODS = ("lora", "dora", "qlora", "full", "freeze")
+TORCH_METHODS = METHODS
+MLX_METHODS = tuple(m for m in METHODS if m not in ("prefix", "ia3"))  # mlx-lm has no prefix tuning or IA3
 TORCH_INSTALL = 'install it with: pip install "tunelab[torch]"'
 MLX_INSTALL = 'install it with: pip install "tunelab[mlx]"'
 

@@ -10,18 +10,19 @@ from rich.table import Table
 from rich.text import Text
 
 from tunelab.cli.console import console
+from tunelab.vocab import DATA_FORMATS, TRAIN_ON
 
 app = typer.Typer(help="Check datasets before training.", no_args_is_help=True)
 
-FORMATS = "auto | text | completion | instruction | chat | sharegpt"
-TRAIN_ON = "last_assistant | all_assistant | everything"
+FORMATS = " | ".join(DATA_FORMATS)
+TRAIN_ON_TEXT = " | ".join(TRAIN_ON)
 
 # Options both commands share, declared once.
 PathArg = Annotated[
     str, typer.Argument(help="A JSONL/JSON/CSV/Parquet/Arrow/HDF5 file, a folder with train/valid files, or a hub id.")
 ]
 FormatOpt = Annotated[str, typer.Option("--format", help=FORMATS)]
-TrainOnOpt = Annotated[str, typer.Option("--train-on", help=f"chat turns that carry loss: {TRAIN_ON}")]
+TrainOnOpt = Annotated[str, typer.Option("--train-on", help=f"chat turns that carry loss: {TRAIN_ON_TEXT}")]
 MaxLenOpt = Annotated[int, typer.Option("--max-seq-len", help="Length that sequences are truncated to.")]
 MaskOpt = Annotated[bool, typer.Option("--mask-prompt/--no-mask-prompt", help="Train only on answers.")]
 ColumnOpt = Annotated[
@@ -141,15 +142,12 @@ def preview(
 
 def _options(fmt: str, train_on: str, column: list[str] | None) -> dict[str, str]:
     """Check the choice options (a clear ConfigError, not a traceback) and parse ``--column`` pairs."""
-    from tunelab.config.schema import DataCfg
-    from tunelab.data.tokenize import TRAIN_ON as TRAIN_ON_CHOICES
     from tunelab.errors import ConfigError
 
-    allowed = DataCfg.model_fields["format"].annotation.__args__  # type: ignore[union-attr]
-    if fmt not in allowed:
-        raise ConfigError(f"--format must be one of {', '.join(allowed)} (got {fmt!r})")
-    if train_on not in TRAIN_ON_CHOICES:
-        raise ConfigError(f"--train-on must be one of {', '.join(TRAIN_ON_CHOICES)} (got {train_on!r})")
+    if fmt not in DATA_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(DATA_FORMATS)} (got {fmt!r})")
+    if train_on not in TRAIN_ON:
+        raise ConfigError(f"--train-on must be one of {', '.join(TRAIN_ON)} (got {train_on!r})")
     columns: dict[str, str] = {}
     for pair in column or []:
         ours, sep, theirs = pair.partition("=")

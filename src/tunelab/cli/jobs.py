@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from tunelab.cli.console import console
+from tunelab.vocab import FINAL_STATUSES
 
 app = typer.Typer(help="Queue fine-tunes for `tunelab worker` and follow them.", no_args_is_help=True)
 
@@ -18,7 +19,6 @@ ServerOpt = typer.Option(
     None, "--server", envvar="TUNELAB_SERVER", help="A `tunelab serve` URL (key from TUNELAB_API_KEY)."
 )
 JsonOpt = typer.Option(False, "--json", help="Print JSON.")
-FINAL = ("completed", "failed", "cancelled")
 
 
 def _jobs(server: str | None) -> Any:
@@ -122,7 +122,7 @@ def logs(
         for event in events:
             typer.echo(_format_event(event))
             after = event["id"]
-        if not follow or (not events and jobs.show_job(job_id)["status"] in FINAL):
+        if not follow or (not events and jobs.show_job(job_id)["status"] in FINAL_STATUSES):
             return
         if not events:
             time.sleep(0.5)

@@ -9,13 +9,14 @@ import typer
 
 from tunelab.cli.console import console
 from tunelab.errors import ConfigError
+from tunelab.vocab import METHODS
 
 
 def init(
     out: Path = typer.Option(Path("tunelab.yaml"), "--out", "-o", help="Where to write the config."),
     model: str | None = typer.Option(None, help="Base model: local folder or hub id."),
     data: str | None = typer.Option(None, help="Training data file or folder."),
-    method: str | None = typer.Option(None, help="lora | dora | full | freeze | prefix | ia3"),
+    method: str | None = typer.Option(None, help=" | ".join(METHODS)),
     steps: int | None = typer.Option(None, help="Optimizer steps (leave empty for one epoch)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Don't ask; use the options and defaults."),
     force: bool = typer.Option(False, help="Overwrite an existing file."),
@@ -35,7 +36,7 @@ def init(
         method = (
             method
             or questionary.select(
-                "Method:", choices=["lora", "dora", "full", "freeze", "prefix", "ia3"], default="lora"
+                "Method:", choices=list(METHODS), default="lora"
             ).ask()
         )
         if steps is None:

@@ -11,13 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DataFormat = Literal["auto", "text", "completion", "instruction", "chat", "sharegpt"]
-MethodName = Literal["lora", "dora", "qlora", "full", "freeze", "prefix", "ia3"]
+from tunelab.vocab import DataFormat, MethodName, TrainOn
+
 Scheduler = Literal["constant", "linear", "cosine"]
 BackendName = Literal["auto", "torch", "mlx"]
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-TrainOn = Literal["last_assistant", "all_assistant", "everything"]
 
 
 class _Section(BaseModel):

@@ -16,7 +16,8 @@ import numpy as np
 
 from tunelab.data.lazy import LazyBatches
 from tunelab.data.packing import collate_packed, pack_rows, row_lengths, token_efficiency
-from tunelab.data.tokenize import IGNORE, TokenizedSplit
+from tunelab.data.tokenize import TokenizedSplit
+from tunelab.vocab import IGNORE
 
 _GROUP_SPAN = 64  # batches per length-sorted group: little padding, order still random
 

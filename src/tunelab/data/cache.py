@@ -27,8 +27,9 @@ from typing import Any, overload
 
 import numpy as np
 
-from tunelab.data.tokenize import IGNORE, TokenizedSplit
+from tunelab.data.tokenize import TokenizedSplit
 from tunelab.settings import get_settings
+from tunelab.vocab import IGNORE
 
 # Bump whenever a code change alters the token ids or labels produced for the same inputs.
 TOKENIZATION_VERSION = 2  # 2: one template per dataset (tool calls switch the whole dataset to ChatML)

@@ -15,8 +15,9 @@ from typing import Any
 
 from tunelab.data.sources import Record
 from tunelab.errors import DataError
+from tunelab.vocab import DATA_FORMATS
 
-FORMATS = ("text", "completion", "instruction", "chat", "sharegpt")
+FORMATS = tuple(f for f in DATA_FORMATS if f != "auto")  # what "auto" chooses between
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speakers -> chat roles.  `function_call` turns hold a JSON call the assistant makes and
 # `observation` turns the tool's answer (the LLaMA-Factory flavour); user/assistant are common aliases.

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from tunelab.data.lazy import LazyBatches
-from tunelab.data.tokenize import IGNORE, TokenizedSplit
+from tunelab.data.tokenize import TokenizedSplit
+from tunelab.vocab import IGNORE
 
 _WINDOW = 8192  # examples packed together; larger packs tighter, and costs O(window x rows)
 _PACK_STREAM = 2**32 - 1  # RNG stream for packing, apart from the per-epoch streams 0, 1, 2, …

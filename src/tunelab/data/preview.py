@@ -16,7 +16,8 @@ from typing import Any
 from tunelab.data.formats import Sample, detect_format, to_sample
 from tunelab.data.sources import Record, iter_records, resolve_files
 from tunelab.data.templates import BUILTIN_NAME, CHATML, needs_builtin, template_for
-from tunelab.data.tokenize import IGNORE, tokenize_samples
+from tunelab.data.tokenize import tokenize_samples
+from tunelab.vocab import IGNORE
 
 # Decoding a token alone garbles characters split across tokens (byte-level BPE) and drops the leading
 # space of SentencePiece pieces, so each token's text is read off a short window of tokens before it.

@@ -18,9 +18,7 @@ import numpy as np
 from tunelab.data.formats import Sample
 from tunelab.data.templates import TemplateLacksTools, chat_segments, needs_builtin, render
 from tunelab.errors import ConfigError, ModelError
-
-IGNORE = -100
-TRAIN_ON = ("last_assistant", "all_assistant", "everything")
+from tunelab.vocab import IGNORE, TRAIN_ON
 
 
 @dataclass

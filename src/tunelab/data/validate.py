@@ -20,7 +20,8 @@ import numpy as np
 from tunelab.data.formats import detect_format, to_samples
 from tunelab.data.sources import Record, iter_records, resolve_files
 from tunelab.data.templates import template_for
-from tunelab.data.tokenize import IGNORE, length_summary, tokenize_samples
+from tunelab.data.tokenize import length_summary, tokenize_samples
+from tunelab.vocab import IGNORE
 
 DUPLICATES_SHOWN = 5
 # Records are read, checked and tokenized a chunk at a time, so a dataset larger than memory validates too.

@@ -20,6 +20,7 @@ import numpy as np
 from tunelab.backends.base import Batch
 from tunelab.distributed.group import SOLO, Group
 from tunelab.errors import ConfigError
+from tunelab.vocab import IGNORE
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class DataParallel:
 def _no_loss(batch: Batch) -> Batch:
     """A one-row, one-column piece of ``batch`` whose label is ignored: a forward that adds nothing."""
     piece = {k: np.ascontiguousarray(v[:1, :1]) for k, v in batch.items()}
-    piece["labels"] = np.full_like(piece["labels"], -100)
+    piece["labels"] = np.full_like(piece["labels"], IGNORE)
     return piece
 
 

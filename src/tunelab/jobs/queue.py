@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from tunelab.registry import jobs_repo, repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.registry.tables import utcnow
+from tunelab.vocab import ACTIVE_STATUSES
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def _mark(s: Any, job_id: str, run_id: str | None, status: str, error: str | Non
     if status == "queued":  # handed back by a stopping worker: the run waits for the next one
         repo.update_run(s, run_id, status="queued")
         return
-    if run.status in ("queued", "running"):  # the child normally records the run's end itself
+    if run.status in ACTIVE_STATUSES:  # the child normally records the run's end itself
         repo.update_run(s, run_id, status=status, finished_at=utcnow(), error=error)
 
 

@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 
 from tunelab.errors import ConfigError
 from tunelab.memory.shapes import Linear, ModelShape
+from tunelab.vocab import LORA_METHODS, METHODS, WHOLE_MODEL_METHODS
 
 GiB = 2**30
 CHUNK_ELEMENTS = 2**25  # keep equal to backends/torch/linear_ce.py (no torch import here)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-ADAPTER_METHODS = ("lora", "dora", "qlora")
-METHODS = ("lora", "dora", "qlora", "full", "freeze", "prefix", "ia3")
 
 # What each runtime holds beside tensors (measured: CUDA 12/13 context with cuBLAS/cuDNN
 # handles on an H100; a Python process with torch+transformers, or mlx+transformers, imported).
@@ -138,7 +137,7 @@ def estimate(shape: ModelShape, work: Workload) -> Estimate:
     _check(shape, work)
     trainable, train_dtype_bytes = trainable_params(shape, work)
     params_b = trainable * train_dtype_bytes
-    in_place = work.method in ("full", "freeze")  # trained weights are the base weights themselves
+    in_place = work.method in WHOLE_MODEL_METHODS  # trained weights are the base weights themselves
     phase = max(_phases(shape, work, params_b), key=lambda p: p.total)
     lines = [
         Line("weights", "weights", weight_bytes(shape, work), _weights_note(shape, work)),
@@ -245,7 +244,7 @@ def weight_bytes(shape: ModelShape, work: Workload) -> int:
 def trainable_params(shape: ModelShape, work: Workload) -> tuple[int, int]:
     """(number of trained parameters, bytes per parameter) for the method."""
     a = DTYPE_BYTES[work.dtype]
-    if work.method in ADAPTER_METHODS:
+    if work.method in LORA_METHODS:
         mods = targeted(shape, work.targets)
         per_layer = sum(work.rank * (lin.in_features + lin.out_features) for lin in mods)
         if work.method == "dora":
@@ -306,7 +305,7 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> float:
     if work.method == "full" or work.method == "freeze":
         share = 1.0 if work.method == "full" else min(work.trained_layers, shape.layers) / shape.layers
         saved_inputs += share * (a * sum(inputs.values()) + a * shape.norms_per_layer * h)
-    elif work.method in ADAPTER_METHODS:
+    elif work.method in LORA_METHODS:
         saved_inputs += _adapter_bytes(shape, work, a, inputs)
     elif work.method == "ia3":
         saved_inputs += a * (2 * kv + i)
@@ -328,11 +327,11 @@ def compiled_layer_bytes(shape: ModelShape, work: Workload) -> float:
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
     kept: float = a * (2 * h + 2 * q + 2 * kv + 2 * i) + 4 * shape.heads
     cheap = a * (shape.norms_per_layer * h + q + i)
-    if work.method in ("full", "freeze") or work.activation_budget >= 1.0:
+    if work.method in WHOLE_MODEL_METHODS or work.activation_budget >= 1.0:
         kept += cheap  # trained weights need their inputs (and budget 1 keeps everything)
     elif work.activation_budget < 0.8:
         kept *= work.activation_budget / 0.8
-    if work.method in ADAPTER_METHODS:
+    if work.method in LORA_METHODS:
         mods = targeted(shape, work.targets)
         kept += sum(a * work.rank for _ in mods)  # A's outputs
         if work.dropout:

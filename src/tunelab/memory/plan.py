@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from tunelab.config.schema import RunConfig
-from tunelab.data.tokenize import IGNORE, TokenizedSplit
+from tunelab.data.tokenize import TokenizedSplit
 from tunelab.errors import ConfigError, ModelError, TunelabError
 from tunelab.memory.autobatch import SAFETY, choose_batch
 from tunelab.memory.budget import Budget, device_budget
 from tunelab.memory.estimate import DTYPE_BYTES, Estimate, GiB, Workload, estimate
 from tunelab.memory.shapes import ModelShape, read_shape
+from tunelab.vocab import IGNORE
 
 _SCANNED = 4096  # longest examples whose supervised tokens are counted
 PLAN_FILE = "memory.json"  # in the run's folder: a resumed auto run keeps the batch it started with

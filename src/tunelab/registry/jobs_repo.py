@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 from tunelab.errors import NotFoundError, StateError
 from tunelab.registry.repo import MIN_PREFIX_LEN, _iso, _json_safe
 from tunelab.registry.tables import EventRow, JobRow, utcnow
+from tunelab.vocab import ACTIVE_STATUSES, FINAL_STATUSES
 
-FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 EVENT_TYPES = frozenset({"metric", "log", "status"})
 
 
@@ -149,7 +149,7 @@ def release_job(session: Session, *, job_id: str, worker_id: str | None, status:
         values.update(worker_id=None, heartbeat_at=None)
     if error is not None:
         values["error"] = error
-    stmt = update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(("queued", "running")))
+    stmt = update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(ACTIVE_STATUSES))
     if worker_id is not None:
         stmt = stmt.where(JobRow.worker_id == worker_id)
     return session.execute(stmt.values(**values)).rowcount == 1  # type: ignore[attr-defined]

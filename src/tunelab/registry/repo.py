@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session
 
 from tunelab.errors import NotFoundError, StateError
 from tunelab.registry.tables import (
-    RUN_STATUSES,
     ArtifactRow,
     DatasetRow,
     MetricRow,
@@ -29,6 +28,7 @@ from tunelab.registry.tables import (
     RunRow,
     utcnow,
 )
+from tunelab.vocab import RUN_STATUSES
 
 MIN_PREFIX_LEN = 3
 # Always present in run_summary()["metrics"] so consumers needn't test for keys.

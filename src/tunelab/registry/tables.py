@@ -28,9 +28,6 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-RUN_STATUSES: tuple[str, ...] = ("queued", "running", "completed", "failed", "cancelled")
-"""Every value ``runs.status`` may hold; the CLI can use it for ``--status`` choices."""
-
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -117,7 +114,7 @@ class DatasetRow(Base):
 
 
 class RunRow(Base):
-    """One fine-tuning run; ``status`` is one of :data:`RUN_STATUSES`."""
+    """One fine-tuning run; ``status`` is one of :data:`tunelab.vocab.RUN_STATUSES`."""
 
     __tablename__ = "runs"
     __table_args__ = (Index("ix_runs_status", "status"),)
@@ -190,12 +187,6 @@ class ArtifactRow(Base):
     meta: Mapped[dict[str, Any] | None] = mapped_column(_json(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 
-
-JOB_STATUSES: tuple[str, ...] = ("queued", "running", "completed", "failed", "cancelled")
-"""Every value ``jobs.status`` may hold; the last three are final."""
-
-JOB_KINDS: tuple[str, ...] = ("train", "validate")
-"""``train`` fine-tunes a run; ``validate`` checks a config and its data as training would, without training."""
 
 
 class JobRow(Base):

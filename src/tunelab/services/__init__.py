@@ -17,10 +17,9 @@ from tunelab.services.jobs import (
     submit_job,
 )
 from tunelab.services.runs import RegistryCallback, RunOutcome, list_runs, resume_run, show_run, start_run
-from tunelab.services.uploads import UPLOAD_SUFFIXES, served_models, upload_dataset
+from tunelab.services.uploads import served_models, upload_dataset
 
 __all__ = [
-    "UPLOAD_SUFFIXES",
     "RegistryCallback",
     "RunOutcome",
     "cancel_job",

@@ -16,6 +16,7 @@ from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.services.runs import resume_run
 from tunelab.settings import get_settings
+from tunelab.vocab import FINAL_STATUSES, JOB_KINDS
 
 
 def submit_job(
@@ -33,7 +34,6 @@ def submit_job(
     ``allowed_roots`` (the API passes them) confines every path in the config to those folders.
     """
     from tunelab.registry import jobs_repo
-    from tunelab.registry.tables import JOB_KINDS
     from tunelab.security.paths import check_config_paths
 
     if kind not in JOB_KINDS:
@@ -153,6 +153,6 @@ def run_status(run_id: str) -> str:
     with session_scope(open_registry()) as s:
         status = repo.get_run(s, run_id).status
         job = jobs_repo.job_for_run(s, run_id)
-        if job is not None and job.status not in jobs_repo.FINAL_STATUSES:
+        if job is not None and job.status not in FINAL_STATUSES:
             return job.status
         return status

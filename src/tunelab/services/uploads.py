@@ -7,8 +7,7 @@ from typing import Any
 
 from tunelab.services.runs import list_runs
 from tunelab.settings import get_settings
-
-UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+from tunelab.vocab import UPLOAD_SUFFIXES
 
 
 def upload_dataset(source: Any, *, filename: str, limit_bytes: int) -> dict[str, Any]:

@@ -18,11 +18,11 @@ import numpy as np
 
 from tunelab.backends.base import Backend, Batch
 from tunelab.data.batching import MicroBatchStream
-from tunelab.data.tokenize import IGNORE
 from tunelab.distributed.sharding import DataParallel
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, save_checkpoint
 from tunelab.train.schedules import Schedule
+from tunelab.vocab import IGNORE
 
 
 @dataclass(frozen=True)

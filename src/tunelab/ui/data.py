@@ -18,6 +18,7 @@ from tunelab import services
 from tunelab.config.load import validate_config
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
+from tunelab.vocab import UPLOAD_SUFFIXES
 
 # Metric names the trainer logs, in the order the run page charts them.
 CHARTS = {
@@ -26,7 +27,6 @@ CHARTS = {
     "Tokens/s": ("tokens_per_sec",),
     "Peak memory (GiB)": ("peak_memory_gb",),
 }
-ACTIVE = ("queued", "running", "claimed", "cancelling")
 
 
 def run_rows(*, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
@@ -178,7 +178,7 @@ def uploaded_datasets() -> list[str]:
     from tunelab.settings import get_settings
 
     folder = get_settings().datasets_dir
-    return sorted(str(p) for p in folder.glob("*") if p.suffix in services.UPLOAD_SUFFIXES) if folder.is_dir() else []
+    return sorted(str(p) for p in folder.glob("*") if p.suffix in UPLOAD_SUFFIXES) if folder.is_dir() else []
 
 
 def lineage(*, limit: int = 1000) -> list[dict[str, Any]]:

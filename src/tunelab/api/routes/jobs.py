@@ -10,7 +10,7 @@ from tunelab import services
 from tunelab.api.deps import SettingsDep
 from tunelab.api.schemas import JobCreate, JobPublic
 from tunelab.config.load import validate_config
-from tunelab.registry.tables import JOB_STATUSES
+from tunelab.vocab import JOB_STATUSES
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 StatusFilter = Annotated[str | None, Query(pattern="^(" + "|".join(JOB_STATUSES) + ")$")]

@@ -12,12 +12,11 @@ from tunelab import services
 from tunelab.api.deps import require_key_ws
 from tunelab.api.schemas import MetricPoint
 from tunelab.errors import NotFoundError
-from tunelab.registry.tables import RUN_STATUSES
+from tunelab.vocab import FINAL_STATUSES, RUN_STATUSES
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 ws_router = APIRouter(prefix="/runs", tags=["runs"])
 StatusFilter = Annotated[str | None, Query(pattern="^(" + "|".join(RUN_STATUSES) + ")$")]
-FINAL = frozenset({"completed", "failed", "cancelled"})
 POLL_S = 0.25
 
 
@@ -69,6 +68,6 @@ async def _pump(websocket: WebSocket, run_id: str, after: int) -> None:
             after = event["id"]
         if not events:
             run = await run_in_threadpool(services.run_status, run_id)
-            if run in FINAL and not await run_in_threadpool(services.run_events, run_id, after=after):
+            if run in FINAL_STATUSES and not await run_in_threadpool(services.run_events, run_id, after=after):
                 return
             await asyncio.sleep(POLL_S)

@@ -25,6 +25,7 @@ from tunelab.backends.peft_format import AdapterSpec, read_adapter, write_adapte
 from tunelab.distributed.group import launched_by_mlx
 from tunelab.errors import ConfigError, ModelError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
+from tunelab.vocab import IGNORE, LORA_METHODS
 
 ensure_fast_blas()  # must precede the first `import mlx.core` on Linux (see blas.py)
 
@@ -37,9 +38,7 @@ from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  
 from tunelab.backends.mlx.packing import enable_packing, packed_caches  # noqa: E402
 from tunelab.backends.mlx.quant import in_features, prepare_base, set_memory_limits  # noqa: E402
 
-IGNORE = -100
 _PAD_MULTIPLE = 32
-_LORA_METHODS = ("lora", "dora", "qlora")  # qlora: LoRA over a quantized base
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -72,7 +71,7 @@ class MlxBackend:
         prepare_base(self.model, method.name, method.bits or 4, method.group_size)
         set_memory_limits(model.memory_limit_bytes)
         self.model.freeze()
-        if method.name in _LORA_METHODS:
+        if method.name in LORA_METHODS:
             self._wrap(method)
         elif method.name == "full":
             self.model.unfreeze()
@@ -211,7 +210,7 @@ class MlxBackend:
     # -- persistence -------------------------------------------------------------------------
     def save_adapter(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        if self.method.name in _LORA_METHODS:
+        if self.method.name in LORA_METHODS:
             spec = AdapterSpec(
                 rank=self.method.rank,
                 alpha=self.method.alpha,

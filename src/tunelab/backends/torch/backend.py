@@ -20,12 +20,13 @@ from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
 from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_device, pick_dtype
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
-from tunelab.backends.torch.methods import ADAPTER_METHODS, apply_method
+from tunelab.backends.torch.methods import apply_method
 from tunelab.backends.torch.quant import bnb_config
 from tunelab.distributed import fsdp
 from tunelab.distributed.torch_sync import active, broadcast_params, sum_gradients
 from tunelab.errors import ConfigError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
+from tunelab.vocab import ADAPTER_METHODS, IGNORE
 
 
 class TorchBackend:
@@ -395,7 +396,7 @@ def pad_to_multiple(batch: Batch) -> Batch:
     out = {}
     for key, value in batch.items():
         if key == "labels":
-            fill = np.full((value.shape[0], extra), -100, dtype=value.dtype)
+            fill = np.full((value.shape[0], extra), IGNORE, dtype=value.dtype)
         elif key == "position_ids":  # restarting at 0: a sequence of its own, which nothing real attends to
             fill = np.broadcast_to(np.arange(extra, dtype=value.dtype), (value.shape[0], extra))
         else:  # input_ids (any id), attention_mask and segment_ids: 0

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from tunelab.backends.torch.attention import model_inputs
 from tunelab.backends.torch.linear_ce import is_plain_linear, linear_cross_entropy
-
-IGNORE = -100
+from tunelab.vocab import IGNORE
 
 
 def supports_hidden_path(model: Any) -> bool:

@@ -10,8 +10,7 @@ from tunelab.backends.base import MethodSpec
 from tunelab.backends.lora_init import lora_a_init
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.errors import ConfigError
-
-ADAPTER_METHODS = ("lora", "dora", "qlora", "prefix", "ia3")  # qlora: LoRA over a quantized base
+from tunelab.vocab import ADAPTER_METHODS, LORA_METHODS
 
 
 def apply_method(model: Any, spec: MethodSpec) -> Any:
@@ -35,7 +34,7 @@ def _peft(model: Any, spec: MethodSpec) -> Any:
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
     targets: Any = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
-    if spec.name in ("lora", "dora", "qlora"):
+    if spec.name in LORA_METHODS:
         config: Any = LoraConfig(
             r=spec.rank,
             lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT accepts float scaling
@@ -58,7 +57,7 @@ def _peft(model: Any, spec: MethodSpec) -> Any:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise ConfigError(f"method.targets: {exc}", hint="use all-linear or module names the model has") from None
-    if spec.name in ("lora", "dora", "qlora"):
+    if spec.name in LORA_METHODS:
         _shared_lora_init(peft_model, spec.seed)
     return peft_model
 

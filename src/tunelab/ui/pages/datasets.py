@@ -9,12 +9,13 @@ import streamlit as st
 
 from tunelab.errors import TunelabError
 from tunelab.ui import data
+from tunelab.vocab import UPLOAD_SUFFIXES
 
 
 def render() -> None:
     """Upload or pick a data file, then inspect it with a model's tokenizer."""
     st.title("Datasets")
-    upload = st.file_uploader("Upload a data file", type=["jsonl", "json", "csv", "parquet"], key="ds_upload")
+    upload = st.file_uploader("Upload a data file", type=[s.lstrip(".") for s in UPLOAD_SUFFIXES], key="ds_upload")
     if upload is not None and st.session_state.get("ds_uploaded_name") != upload.name:
         try:
             stored = data.upload(upload.getvalue(), upload.name)

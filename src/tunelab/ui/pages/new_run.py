@@ -6,11 +6,10 @@ from typing import Any, get_args
 
 import streamlit as st
 
-from tunelab.config.schema import BackendName, DataFormat, MethodName, Scheduler
+from tunelab.config.schema import BackendName, Scheduler
 from tunelab.errors import TunelabError
 from tunelab.ui import data, nav
-
-ADAPTER_METHODS = ("lora", "dora")
+from tunelab.vocab import DATA_FORMATS, LORA_METHODS, METHODS
 
 
 def render() -> None:
@@ -52,13 +51,13 @@ def _form() -> dict[str, Any]:
     train = st.text_input("Training data (file or folder)", key="new_train")
     train = train or (picked if picked in uploads else "")
     cols = list(st.columns(3))
-    fmt = cols[0].selectbox("Format", get_args(DataFormat), key="new_format")
+    fmt = cols[0].selectbox("Format", DATA_FORMATS, key="new_format")
     seq = cols[1].number_input("Max sequence length", value=1024, step=64, key="new_seq")
     backend = cols[2].selectbox("Backend", get_args(BackendName), key="new_backend")
     st.subheader("Method")
     cols = list(st.columns(4))
-    method: dict[str, Any] = {"name": cols[0].selectbox("Method", get_args(MethodName), key="new_method")}
-    if method["name"] in ADAPTER_METHODS:
+    method: dict[str, Any] = {"name": cols[0].selectbox("Method", METHODS, key="new_method")}
+    if method["name"] in LORA_METHODS:
         method["rank"] = cols[1].number_input("Rank", value=8, step=1, key="new_rank")
         method["alpha"] = cols[2].number_input("Alpha", value=16.0, step=1.0, key="new_alpha")
         method["dropout"] = cols[3].number_input("Dropout", value=0.0, step=0.05, key="new_dropout")

@@ -8,6 +8,7 @@ import streamlit as st
 
 from tunelab.errors import TunelabError
 from tunelab.ui import charts, data
+from tunelab.vocab import ACTIVE_STATUSES
 
 REFRESH_S = 2.0  # while a run trains, its charts and status poll the registry this often
 
@@ -23,7 +24,7 @@ def render() -> None:
     except TunelabError as exc:
         st.error(str(exc))
         return
-    active = run["live_status"] in data.ACTIVE
+    active = run["live_status"] in ACTIVE_STATUSES
     _live(run["id"], refresh=REFRESH_S if active else None)
     config_tab, logs_tab, files_tab = st.tabs(["Config", "Logs", "Checkpoints and artifacts"])
     config_tab.code(data.config_yaml(run["config"]), language="yaml")
@@ -62,7 +63,7 @@ def _live(run_id: str, *, refresh: float | None) -> None:
         cols[4].metric("Duration", "—" if row["duration_s"] is None else f"{row['duration_s']:.0f} s")
         if run.get("error"):
             st.error(run["error"])
-        if status in ("queued", "running", "claimed") and st.button("Cancel", key="run_cancel"):
+        if status in ACTIVE_STATUSES and st.button("Cancel", key="run_cancel"):
             job = _job_of(run)
             if job:
                 data.cancel(job)
@@ -72,7 +73,7 @@ def _live(run_id: str, *, refresh: float | None) -> None:
         for title, names in data.CHARTS.items():
             if any(name in series for name in names):
                 st.plotly_chart(charts.lines({n: series[n] for n in names if n in series}, title), key=f"c_{title}")
-        if refresh and status not in data.ACTIVE:
+        if refresh and status not in ACTIVE_STATUSES:
             st.rerun()  # finished: one full rerun stops the timer and shows the final artifacts
 
     body()
