@@ -1,4 +1,4 @@
-"""Generate with a base model, an adapter, or a finished run — streaming text out."""
+"""Generate with a base model or a base model plus an adapter — streaming text out."""
 
 from __future__ import annotations
 
@@ -12,12 +12,20 @@ from tunelab.backends.base import Backend, ModelSpec
 from tunelab.backends.select import choose_backend, is_mlx_quantized, make_backend, model_type_of
 from tunelab.data.templates import template_for
 from tunelab.data.tokenize import special_prefix
-from tunelab.errors import ModelError, NotFoundError
+from tunelab.errors import ModelError
 from tunelab.hub import load_tokenizer, resolve_model_path
-from tunelab.vocab import CHAT_FORMATS
 
 # End-of-turn markers of common chat templates; generation stops on any that the vocabulary has.
 _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class Usage:
+    """Token counts and why generation ended (OpenAI's ``usage`` and ``finish_reason``)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
 
 
 @dataclass
@@ -49,6 +57,37 @@ class Generator:
                 continue
             yield text[len(shown) :]
             shown = text
+
+    def stream_chat(
+        self, messages: list[dict[str, str]], usage: Usage, *, max_tokens: int, **sampling: Any
+    ) -> Iterator[str]:
+        """Answer a conversation (the last message alone for a plain-text model), counting into ``usage``."""
+        ids = self.conversation_ids(messages)
+        usage.prompt_tokens = len(ids)
+        stops = stop_ids(self.tokenizer)
+        out: list[int] = []
+        shown = ""
+        usage.finish_reason = "length"
+        for token in self.backend.generate(ids, max_new_tokens=max_tokens, stop_ids=stops, **sampling):
+            if token in stops:
+                usage.finish_reason = "stop"
+                break
+            out.append(token)
+            usage.completion_tokens = len(out)
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            yield text[len(shown) :]
+            shown = text
+
+    def conversation_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.chat:  # a plain-text model: the conversation's last message is the prompt
+            return self.prompt_ids(messages[-1]["content"])
+        template, _ = template_for(self.tokenizer)
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def complete(self, prompt: str, **kwargs: Any) -> str:
         return "".join(self.stream(prompt, **kwargs))
@@ -102,24 +141,4 @@ def _adapter_method(folder: Path) -> str:
     return {"IA3": "ia3", "PREFIX_TUNING": "prefix"}.get(kind, kind.lower())
 
 
-def generator_for_run(run_id: str, *, device: str = "auto", backend: str | None = None) -> Generator:
-    """Load what a finished run produced, with the prompt format it was trained on."""
-    from tunelab.services import show_run
-
-    run = show_run(run_id)
-    artifacts = run["artifacts"]
-    fmt = (run.get("dataset") or {}).get("format") or run["config"]["data"]["format"]
-    chat = fmt in CHAT_FORMATS
-    if artifacts.get("adapter"):
-        return load_generator(
-            model=run["config"]["model"]["path"], adapter=artifacts["adapter"], chat=chat, device=device
-        )
-    if artifacts.get("model"):
-        return load_generator(model=artifacts["model"], chat=chat, device=device)
-    raise NotFoundError(
-        f"run {run['id']} has no adapter or model yet (status {run['status']})",
-        hint=f"finish it first: tunelab train --resume {run['id']}",
-    )
-
-
-__all__ = ["Generator", "generator_for_run", "load_generator", "stop_ids"]
+__all__ = ["Generator", "Usage", "load_generator", "stop_ids"]

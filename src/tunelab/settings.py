@@ -15,6 +15,8 @@ class Settings:
     db_url: str
     api_roots: tuple[Path, ...] = ()
     upload_limit_bytes: int = 100 * 2**20
+    # One example's size in a dataset file: tokenizing a record costs ~200× its bytes in memory.
+    max_record_bytes: int = 8 * 2**20
 
     @property
     def runs_dir(self) -> Path:
@@ -42,7 +44,14 @@ def get_settings() -> Settings:
     # TUNELAB_API_ROOTS: os.pathsep-separated folders (models, data) the API may use.
     roots = tuple(Path(p).expanduser() for p in os.environ.get("TUNELAB_API_ROOTS", "").split(os.pathsep) if p)
     upload_mb = _positive_float("TUNELAB_UPLOAD_LIMIT_MB", 100.0)
-    return Settings(home=home, db_url=db_url, api_roots=roots, upload_limit_bytes=int(upload_mb * 2**20))
+    record_mb = _positive_float("TUNELAB_MAX_RECORD_MB", 8.0)
+    return Settings(
+        home=home,
+        db_url=db_url,
+        api_roots=roots,
+        upload_limit_bytes=int(upload_mb * 2**20),
+        max_record_bytes=int(record_mb * 2**20),
+    )
 
 
 def _positive_float(name: str, default: float) -> float:

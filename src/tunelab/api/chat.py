@@ -1,4 +1,4 @@
-"""Chat completions with a run's adapter: model loading, one-at-a-time generation, OpenAI shapes.
+"""Chat completions with a run's adapter: loaded models kept, one-at-a-time generation, OpenAI shapes.
 
 Models are loaded on first use and kept (the most recent few); generation
 runs on one thread per request under a lock, because a backend holds one
@@ -16,23 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.errors import NotFoundError
+from tunelab import services
 
-RUN_PREFIX = "run:"
 _END = object()
-
-
-@dataclass
-class Piece:
-    text: str
-    tokens: int
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"
 
 
 @dataclass
@@ -45,25 +31,19 @@ class ChatModels:
 
     def resolve(self, model: str) -> str:
         """``run:RUN_ID`` → the full run id (404 for anything else)."""
-        from tunelab import services
-
-        if not model.startswith(RUN_PREFIX):
-            raise NotFoundError(f"model {model[:80]!r} not found: use 'run:RUN_ID' (GET /v1/models lists them)")
-        return services.show_run(model[len(RUN_PREFIX) :])["id"]
+        return services.resolve_served(model)
 
     def _generator(self, run_id: str) -> Any:
-        from tunelab.inference import generator_for_run
-
         if run_id in self._loaded:
             self._loaded.move_to_end(run_id)
             return self._loaded[run_id]
-        gen = generator_for_run(run_id)
+        gen = services.generator_for_run(run_id)
         self._loaded[run_id] = gen
         while len(self._loaded) > self.keep:
             self._loaded.popitem(last=False)
         return gen
 
-    def stream(self, run_id: str, messages: list[dict[str, str]], usage: Usage, **sampling: Any) -> Iterator[str]:
+    def stream(self, run_id: str, messages: list[dict[str, str]], usage: Any, **sampling: Any) -> Iterator[str]:
         """Yield text pieces; model errors surface at the first ``next()``."""
         out: queue.Queue[Any] = queue.Queue(maxsize=64)
 
@@ -71,7 +51,7 @@ class ChatModels:
             try:
                 with self._lock:
                     gen = self._generator(run_id)
-                    for piece in _generate(gen, messages, usage, **sampling):
+                    for piece in services.stream_chat(gen, messages, usage, **sampling):
                         out.put(piece)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 out.put(exc)
@@ -84,43 +64,7 @@ class ChatModels:
             yield item
 
 
-def _prompt_ids(gen: Any, messages: list[dict[str, str]]) -> list[int]:
-    from tunelab.data.templates import template_for
-
-    if not gen.chat:  # a plain-text run: the conversation's last message is the prompt
-        return gen.prompt_ids(messages[-1]["content"])
-    template, _ = template_for(gen.tokenizer)
-    text = gen.tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True
-    )
-    return list(gen.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _generate(
-    gen: Any, messages: list[dict[str, str]], usage: Usage, *, max_tokens: int, **sampling: Any
-) -> Iterator[str]:
-    from tunelab.inference import stop_ids
-
-    ids = _prompt_ids(gen, messages)
-    usage.prompt_tokens = len(ids)
-    stops = stop_ids(gen.tokenizer)
-    out: list[int] = []
-    shown = ""
-    usage.finish_reason = "length"
-    for token in gen.backend.generate(ids, max_new_tokens=max_tokens, stop_ids=stops, **sampling):
-        if token in stops:
-            usage.finish_reason = "stop"
-            break
-        out.append(token)
-        usage.completion_tokens = len(out)
-        text = gen.tokenizer.decode(out, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            continue
-        yield text[len(shown) :]
-        shown = text
-
-
-def completion_body(model: str, text: str, usage: Usage) -> dict[str, Any]:
+def completion_body(model: str, text: str, usage: Any) -> dict[str, Any]:
     """A non-streaming ``chat.completion`` object."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -138,7 +82,7 @@ def completion_body(model: str, text: str, usage: Usage) -> dict[str, Any]:
     }
 
 
-def sse_chunks(model: str, pieces: Iterator[str], usage: Usage) -> Iterator[str]:
+def sse_chunks(model: str, pieces: Iterator[str], usage: Any) -> Iterator[str]:
     """``chat.completion.chunk`` events as Server-Sent Events, ending with ``data: [DONE]``."""
     import json
 

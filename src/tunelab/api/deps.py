@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, WebSocket, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from tunelab.services.views import KeyView
 from tunelab.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `tunelab auth create-key`.")
@@ -21,9 +22,9 @@ def unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> dict[str, Any]:
+def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> KeyView:
     """The caller's API key record; 401 when the header is missing, malformed, unknown or revoked."""
-    from tunelab.security.keys import verify_key
+    from tunelab.services import verify_key
 
     if credentials is None:
         raise unauthorized(
@@ -36,7 +37,7 @@ def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depe
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-ApiKey = Annotated[dict[str, Any], Depends(require_key)]
+ApiKey = Annotated[KeyView, Depends(require_key)]
 
 
 async def require_key_ws(websocket: WebSocket) -> bool:
@@ -46,7 +47,7 @@ async def require_key_ws(websocket: WebSocket) -> bool:
     """
     from starlette.concurrency import run_in_threadpool
 
-    from tunelab.security.keys import verify_key
+    from tunelab.services import verify_key
 
     header = websocket.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")

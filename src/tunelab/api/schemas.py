@@ -1,10 +1,15 @@
-"""Request and response bodies (separate from the ORM rows and from the run config)."""
+"""Request and response bodies (separate from the ORM rows and from the run config).
+
+Responses are the services' views (the same fields `--json` prints), named for the API.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tunelab.services.views import JobView, MetricPoint, RunView, ServedModel, UploadedDataset
 
 
 class JobCreate(BaseModel):
@@ -17,47 +22,27 @@ class JobCreate(BaseModel):
     nproc: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1  # processes; batch_size is per process
 
 
-class JobPublic(BaseModel):
-    id: str
-    kind: str
-    status: str
-    run_id: str | None
-    priority: int
-    attempts: int
-    max_attempts: int
-    nproc: int = 1  # 0: all the worker offers
-    worker_id: str | None
-    heartbeat_at: str | None
-    cancel_requested: bool
-    error: str | None
-    created_at: str | None
-    started_at: str | None
-    finished_at: str | None
-    config: dict[str, Any]
+class JobPublic(JobView):
+    """A job, as `tunelab jobs show --json` prints it."""
 
 
-class MetricPoint(BaseModel):
-    step: int
-    name: str
-    value: float | None
+class RunPublic(RunView):
+    """A run, exactly as `tunelab runs show RUN --json` prints it."""
 
 
-class DatasetPublic(BaseModel):
+class DatasetPublic(UploadedDataset):
     """An uploaded dataset: use ``path`` as ``data.train`` in a job's config."""
 
-    id: str
-    path: str
-    format: str
-    size_bytes: int
-    splits: dict[str, Any]
 
+class ModelPublic(ServedModel):
+    """A servable run in OpenAI's model shape."""
 
-class ModelPublic(BaseModel):
-    id: str
     object: Literal["model"] = "model"
-    created: int
     owned_by: str = "tunelab"
-    base_model: str | None = None
+
+
+__all__ = ["ChatMessage", "ChatRequest", "DatasetPublic", "JobCreate", "JobPublic", "MetricPoint", "ModelList"]
+__all__ += ["ModelPublic", "RunPublic"]
 
 
 class ModelList(BaseModel):

@@ -8,6 +8,7 @@ import sys
 import typer
 from rich.table import Table
 
+from tunelab import services
 from tunelab.cli.console import console
 
 app = typer.Typer(help="API keys for `tunelab serve`, and encrypted secrets.", no_args_is_help=True)
@@ -16,30 +17,26 @@ app = typer.Typer(help="API keys for `tunelab serve`, and encrypted secrets.", n
 @app.command("create-key")
 def create_key(name: str = typer.Option(..., "--name", help="Who or what the key is for.")) -> None:
     """Create an API key and print it once (the last word of the line); only its hash is stored."""
-    from tunelab.security.keys import create_key as make
-
-    key, row = make(name)
-    console.print(f"API key {row['id']} ({row['name']}), shown only now: {key}", soft_wrap=True)
+    key, row = services.create_key(name)
+    console.print(f"API key {row.id} ({row.name}), shown only now: {key}", soft_wrap=True)
 
 
 @app.command("list")
 def list_keys(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List API keys (names and prefixes; the keys themselves are not stored)."""
-    from tunelab.security.keys import list_keys as rows
-
-    keys = rows()
+    keys = services.list_keys()
     if as_json:
-        typer.echo(json.dumps(keys, indent=2))
+        typer.echo(json.dumps([k.to_dict() for k in keys], indent=2))
         return
     table = Table("id", "name", "prefix", "created", "last used", "revoked")
     for k in keys:
         table.add_row(
-            str(k["id"]),
-            k["name"],
-            k["prefix"] + "…",
-            (k["created_at"] or "")[:19],
-            (k["last_used_at"] or "-")[:19],
-            (k["revoked_at"] or "-")[:19],
+            str(k.id),
+            k.name,
+            k.prefix + "…",
+            (k.created_at or "")[:19],
+            (k.last_used_at or "-")[:19],
+            (k.revoked_at or "-")[:19],
         )
     console.print(table if keys else "no API keys: create one with `tunelab auth create-key --name NAME`")
 
@@ -47,10 +44,8 @@ def list_keys(as_json: bool = typer.Option(False, "--json", help="Print JSON."))
 @app.command("revoke")
 def revoke(key: str = typer.Argument(..., help="The key's id or name (all keys with that name).")) -> None:
     """Revoke an API key: requests with it get 401 from now on."""
-    from tunelab.security.keys import revoke_key
-
-    for row in revoke_key(key):
-        console.print(f"revoked key {row['id']} ({row['name']})")
+    for row in services.revoke_key(key):
+        console.print(f"revoked key {row.id} ({row.name})")
 
 
 @app.command("set-secret")
@@ -58,17 +53,13 @@ def set_secret(
     name: str = typer.Argument(..., help="e.g. hf_token or wandb_api_key."),
 ) -> None:
     """Store a secret encrypted at rest; the value is read from stdin (or a hidden prompt)."""
-    from tunelab.security.secrets import set_secret as store
-
     value = sys.stdin.read().strip() if not sys.stdin.isatty() else typer.prompt(name, hide_input=True)
-    store(name, value)
+    services.set_secret(name, value)
     console.print(f"secret {name} stored (encrypted)")
 
 
 @app.command("secrets")
 def secrets() -> None:
     """List the names of stored secrets (never their values)."""
-    from tunelab.security.secrets import list_secrets
-
-    names = list_secrets()
+    names = services.list_secrets()
     console.print("\n".join(names) if names else "no secrets stored")

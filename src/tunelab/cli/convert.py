@@ -22,10 +22,12 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
 ) -> None:
     """Convert a checkpoint to mlx-lm's layout (--to mlx) or back to transformers' (--to hf)."""
-    from tunelab.convert import convert_checkpoint
+    from tunelab import services
 
     err_console.print(Text(f"converting {src} to {to}…"))
-    result = convert_checkpoint(src, out, to=to, bits=quantize, group_size=group_size, dtype=dtype, force=force)
+    result = services.convert_checkpoint(
+        src, out, to=to, bits=quantize, group_size=group_size, dtype=dtype, force=force
+    )
     form = f"{result.bits}-bit affine, group size {result.group_size}" if result.bits else result.dtype or "as stored"
     console.print(Text.assemble(("wrote ", "green"), str(result.out), f" ({result.to}, {form})"))
     console.print(

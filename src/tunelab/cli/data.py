@@ -52,10 +52,10 @@ def validate(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the checks training runs on a dataset; print counts, lengths, truncation and duplicates."""
-    from tunelab.data.validate import validate_dataset
+    from tunelab import services
 
     columns = _options(fmt, train_on, column)
-    report = validate_dataset(
+    report = services.validate_dataset(
         path,
         fmt=fmt,
         model=model,
@@ -67,9 +67,9 @@ def validate(
         subset=subset,
     )
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json.dumps(report.to_dict(), indent=2))
         return
-    _print_validation(report, max_seq_len, with_model=model is not None)
+    _print_validation(report.to_dict(), max_seq_len, with_model=model is not None)
 
 
 @app.command("cache")
@@ -78,21 +78,22 @@ def cache(
     as_json: JsonOpt = False,
 ) -> None:
     """List the tokenized datasets cached under TUNELAB_HOME/cache/tokenized (or delete them with --clear)."""
-    from tunelab.data.cache import cache_root, clear_entries, list_entries
+    from tunelab import services
 
     if clear:
-        count, size = clear_entries()
+        cleared = services.clear_cache()
         typer.echo(
-            json.dumps({"removed": count, "bytes": size})
+            json.dumps(cleared.to_dict())
             if as_json
-            else f"removed {count} entries, {size / 2**20:.1f} MiB"
+            else f"removed {cleared.removed} entries, {cleared.bytes / 2**20:.1f} MiB"
         )
         return
-    entries = list_entries()
+    entries = services.cache_entries()
     if as_json:
-        typer.echo(json.dumps([e.__dict__ for e in entries], indent=2))
+        typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))
         return
-    table = Table("key", "rows", "size", title=f"{cache_root()} ({sum(e.size_bytes for e in entries) / 2**20:.1f} MiB)")
+    total = sum(e.size_bytes for e in entries) / 2**20
+    table = Table("key", "rows", "size", title=f"{services.cache_root()} ({total:.1f} MiB)")
     for e in entries:
         rows = ", ".join(f"{k} {v}" for k, v in e.rows.items()) if e.rows is not None else "incomplete"
         table.add_row(e.key, rows, f"{e.size_bytes / 2**20:.1f} MiB")
@@ -114,10 +115,10 @@ def preview(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the first examples exactly as the trainer sees them: trained tokens highlighted, the rest dimmed."""
-    from tunelab.data.preview import preview_dataset
+    from tunelab import services
 
     columns = _options(fmt, train_on, column)
-    result = preview_dataset(
+    result = services.preview_dataset(
         path,
         model=model,
         n=n,

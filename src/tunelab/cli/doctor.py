@@ -22,9 +22,9 @@ _OPTIONS = (
 
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print the same facts as JSON.")) -> None:
     """Check this machine: hardware, installed backends, the backend `auto` picks, and what each can do."""
-    from tunelab.hardware import doctor_report
+    from tunelab import services
 
-    report = doctor_report()
+    report = services.doctor().to_dict()
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

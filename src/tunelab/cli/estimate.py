@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich import box
@@ -36,25 +37,23 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
 ) -> None:
     """Predict a run's peak memory (weights, adapters, optimizer, activations, logits) before loading anything."""
+    from tunelab import services
     from tunelab.config.load import load_config
-    from tunelab.memory.plan import estimate_config
 
     if device is not None and device not in ("cuda", "mps", "metal", "cpu"):
         raise ConfigError(f"--device must be cuda, mps, metal or cpu (got {device!r})")
     if bits is not None and bits not in (4, 8):
         raise ConfigError(f"--bits must be 4 or 8 (got {bits})")
     cfg = load_config(config, overrides or [])
-    plan = estimate_config(cfg, device=device, budget_bytes=parse_size(memory) if memory else None, bits=bits)
+    plan = services.estimate_memory(cfg, device=device, budget_bytes=parse_size(memory) if memory else None, bits=bits)
     if as_json:
         typer.echo(json.dumps(plan.to_dict(), indent=2))
         return
     _render(plan)
 
 
-def _render(plan: object) -> None:
-    from tunelab.memory.plan import MemoryPlan
-
-    assert isinstance(plan, MemoryPlan) and plan.estimate is not None
+def _render(plan: Any) -> None:
+    assert plan.estimate is not None
     est, work = plan.estimate, plan.estimate.workload
     ckpt = ", gradient checkpointing" if work.gradient_checkpointing else ""
     quant = f", {work.bits}-bit base" if work.bits else ""
@@ -96,10 +95,8 @@ def size_text(n: int) -> str:
     return f"{n} B"
 
 
-def _verdict(plan: object) -> Text:
-    from tunelab.memory.plan import MemoryPlan
-
-    assert isinstance(plan, MemoryPlan) and plan.estimate is not None
+def _verdict(plan: Any) -> Text:
+    assert plan.estimate is not None
     budget = plan.budget
     if plan.fits is None:
         return Text(f"capacity of the {budget.device} unknown ({budget.source}); pass --memory 80GiB to compare")

@@ -22,14 +22,10 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
 def _jobs(server: str | None) -> Any:
-    """The local services module or a remote client: both have the same job functions."""
-    if server:
-        from tunelab.jobs.client import ApiClient
-
-        return ApiClient(server)
+    """The local job services or a client of a `tunelab serve`: both have the same job functions."""
     from tunelab import services
 
-    return services
+    return services.job_service(server)
 
 
 @app.command("submit")
@@ -45,13 +41,13 @@ def submit(
     as_json: bool = JsonOpt,
 ) -> None:
     """Queue a config for a worker; prints the job id (last word) and its run id."""
+    from tunelab import services
     from tunelab.config.load import load_config
-    from tunelab.jobs.ranks import parse_nproc
 
     cfg = load_config(config, overrides or [])
-    job = _jobs(server).submit_job(cfg, kind=kind, priority=priority, nproc=parse_nproc(nproc))
+    job = _jobs(server).submit_job(cfg, kind=kind, priority=priority, nproc=services.parse_nproc(nproc))
     if as_json:
-        typer.echo(json.dumps(job, indent=2))
+        typer.echo(json.dumps(job.to_dict(), indent=2))
         return
     run = f" (run {job['run_id']})" if job.get("run_id") else ""
     console.print(f"queued{run}; start a worker with `tunelab worker`; job {job['id']}")
@@ -67,7 +63,7 @@ def list_jobs(
     """List jobs, newest first."""
     jobs = _jobs(server).list_jobs(status=status, limit=limit)
     if as_json:
-        typer.echo(json.dumps(jobs, indent=2))
+        typer.echo(json.dumps([j.to_dict() for j in jobs], indent=2))
         return
     table = Table("id", "kind", "status", "run", "attempts", "priority", "worker", "created")
     for j in jobs:
@@ -93,7 +89,7 @@ def show(
     """Show one job."""
     job = _jobs(server).show_job(job_id)
     if as_json:
-        typer.echo(json.dumps(job, indent=2))
+        typer.echo(json.dumps(job.to_dict(), indent=2))
         return
     console.print(
         f"[bold]{job['id']}[/] {job['kind']} — {job['status']} (attempt {job['attempts']}/{job['max_attempts']})"
@@ -158,6 +154,6 @@ def run_rank(
     job_id: str = typer.Argument(...), run_id: str | None = typer.Argument(None)
 ) -> None:  # pragma: no cover - runs in torchrun's ranks
     """One rank of a job a worker runs on several processes (started by the worker, not by hand)."""
-    from tunelab.jobs.child import rank_main
+    from tunelab import services
 
-    rank_main(job_id, run_id)
+    services.run_rank(job_id, run_id)

@@ -27,7 +27,7 @@ def list_runs(
 
     runs = services.list_runs(status=status, limit=limit)
     if as_json:
-        typer.echo(json.dumps(runs, indent=2))
+        typer.echo(json.dumps([r.to_dict() for r in runs], indent=2))
         return
     table = Table("id", "name", "status", "backend", "device", "method", "step", "train loss", "val loss", "created")
     for r in runs:
@@ -56,7 +56,7 @@ def show_run(
 
     run = services.show_run(run_id)
     if as_json:
-        typer.echo(json.dumps(run, indent=2))
+        typer.echo(json.dumps(run.to_dict(), indent=2))
         return
     m = run["metrics"]
     console.print(f"[bold]{run['id']}[/] {run.get('name') or ''} — {run['status']}")

@@ -45,10 +45,14 @@ def worker(
     ),
 ) -> None:
     """Run queued jobs one at a time, each in a child process; Ctrl-C checkpoints and hands the job back."""
-    from tunelab.jobs.ranks import offered_nproc
-    from tunelab.jobs.worker import WorkerOptions, run_worker
+    from tunelab import services
 
-    if heartbeat <= 0 or stale_after <= heartbeat:
-        raise ConfigError("--heartbeat must be > 0 and --stale-after longer than --heartbeat")
-    options = WorkerOptions(heartbeat, stale_after, poll, max_jobs, exit_when_idle, offered_nproc(nproc))
-    run_worker(options, say=lambda text: err_console.print(text, markup=False, highlight=False))
+    services.run_worker(
+        heartbeat=heartbeat,
+        stale_after=stale_after,
+        poll=poll,
+        max_jobs=max_jobs,
+        exit_when_idle=exit_when_idle,
+        nproc=nproc,
+        say=lambda text: err_console.print(text, markup=False, highlight=False),
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -13,22 +13,46 @@ import typer
 from tunelab.cli.console import console, err_console
 from tunelab.cli.progress import LiveView
 from tunelab.errors import ConfigError
+from tunelab.train.callbacks import BaseCallback
+
+
+class StopSwitch(BaseCallback):
+    """Ctrl-C/SIGTERM for one run; called, it answers the loop's "should I stop?".
+
+    Before the loop starts there is nothing to checkpoint, and loading a model or
+    tokenizing can take minutes, so a stop then ends the process at once (the run
+    is marked cancelled).  Once training, the first stop asks the loop to
+    checkpoint and stop after this step; a second one aborts at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.training = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def on_start(self, *, step: int, total_steps: int) -> None:
+        self.training = True
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if not self.training:
+            err_console.print("[yellow]stopped before training started; the run is marked cancelled[/]")
+            raise KeyboardInterrupt
+        if self.requested:
+            err_console.print("[yellow]aborting without a checkpoint[/]")
+            raise KeyboardInterrupt
+        self.requested = True
+        err_console.print("[yellow]stopping after this step and saving a checkpoint (Ctrl-C again to abort)[/]")
 
 
 @contextmanager
-def graceful_stop() -> Iterator[Callable[[], bool]]:
-    """First Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop; a second one aborts at once."""
-    requested = {"stop": False}
-
-    def handler(signum: int, frame: Any) -> None:
-        if requested["stop"]:
-            raise KeyboardInterrupt
-        requested["stop"] = True
-        err_console.print("[yellow]stopping after this step and saving a checkpoint (Ctrl-C again to abort)[/]")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+def graceful_stop() -> Iterator[StopSwitch]:
+    """Install a :class:`StopSwitch` on SIGINT and SIGTERM for the block (pass it as a callback too)."""
+    switch = StopSwitch()
+    previous = {sig: signal.signal(sig, switch.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: requested["stop"]
+        yield switch
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -62,14 +86,17 @@ def train(
         _launch(nproc, config, overrides, resume, backend)
         return
     main = rank_from_env() == 0  # under torchrun only rank 0 shows progress
-    views = [LiveView()] if main else []
-    with graceful_stop() as should_stop:
-        if resume:
-            outcome = services.resume_run(resume, callbacks=views, should_stop=should_stop)
-        else:
-            assert config is not None  # checked above
-            cfg = load_config(config, overrides or [])
-            outcome = services.start_run(cfg, callbacks=views, should_stop=should_stop)
+    views: list[BaseCallback] = [LiveView()] if main else []
+    try:
+        with graceful_stop() as stop:
+            if resume:
+                outcome = services.resume_run(resume, callbacks=[*views, stop], should_stop=stop)
+            else:
+                assert config is not None  # checked above
+                cfg = load_config(config, overrides or [])
+                outcome = services.start_run(cfg, callbacks=[*views, stop], should_stop=stop)
+    except KeyboardInterrupt:  # a stop before training started, or a second Ctrl-C: the run is marked cancelled
+        raise typer.Exit(130) from None
     if main:
         _report(outcome)
 

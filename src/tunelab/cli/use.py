@@ -23,7 +23,7 @@ def init(
 ) -> None:
     """Ask a few questions and write a commented config to start from."""
     from tunelab.config.load import load_config
-    from tunelab.starter import render_starter
+    from tunelab.config.starter import render_starter
 
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists", hint="pass --force to overwrite it, or --out another.yaml")
@@ -33,12 +33,7 @@ def init(
 
         model = model or questionary.text("Base model (folder or hub id):", default="Qwen/Qwen2.5-0.5B-Instruct").ask()
         data = data or questionary.text("Training data (file or folder):", default="data/").ask()
-        method = (
-            method
-            or questionary.select(
-                "Method:", choices=list(METHODS), default="lora"
-            ).ask()
-        )
+        method = method or questionary.select("Method:", choices=list(METHODS), default="lora").ask()
         if steps is None:
             answer = questionary.text("Steps (empty = one epoch):", default="").ask()
             steps = int(answer) if answer and answer.strip().isdigit() else None
@@ -69,14 +64,14 @@ def generate(
     backend: str | None = typer.Option(None, help="auto | torch | mlx (default: the run's, or auto)."),
 ) -> None:
     """Stream a completion from a run's model, or from a base model with an adapter."""
-    from tunelab.inference import generator_for_run, load_generator
+    from tunelab import services
 
     if run:
-        gen = generator_for_run(run, backend=backend)
+        gen = services.generator_for_run(run, backend=backend)
         if chat is not None:
             gen.chat = chat
     elif model:
-        gen = load_generator(model=model, adapter=adapter, chat=chat, backend=backend or "auto")
+        gen = services.load_generator(model=model, adapter=adapter, chat=chat, backend=backend or "auto")
     else:
         raise ConfigError("give --run RUN_ID, or --model PATH (optionally with --adapter PATH)")
     for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunelab.config.schema import RunConfig
-from tunelab.config.yaml_loader import load_yaml
+from tunelab.config.yaml_loader import DuplicateKeyError, ExpansionError, load_yaml
 from tunelab.errors import ConfigError
 
 
@@ -73,6 +73,8 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. train.lr=1e-4)")
         try:
             value = load_yaml(text) if text.strip() else ""
+        except ExpansionError as exc:  # not a plain string either: say why it is refused
+            raise ConfigError(f"override {key}: {exc.problem}") from None
         except yaml.YAMLError:
             value = text
         pairs.append((key, value))
@@ -104,7 +106,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
-        kind = "" if "given twice" in str(problem) else "YAML syntax error: "
+        kind = "" if isinstance(exc, DuplicateKeyError | ExpansionError) else "YAML syntax error: "
         raise ConfigError(f"{where}: {kind}{problem}") from None
     if data is None:
         return {}

@@ -5,6 +5,12 @@ PyYAML follows YAML 1.1, where ``1e-4`` is a string, ``no`` is ``False`` and
 loader resolves only ``true``/``false`` as booleans, decimal integers, and
 floats with or without a dot, and refuses a key given twice in one mapping
 (the last one silently winning hides mistakes).
+
+Anchors and aliases are bounded: PyYAML builds an alias as a shared reference,
+so a few lines of nested aliases ("billion laughs") cost nothing to parse but
+expand into billions of items as soon as anything walks the value (validation,
+an error message, saving the config).  The document is composed first and its
+expanded size measured on the node graph before any Python object exists.
 """
 
 from __future__ import annotations
@@ -32,8 +38,33 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping holds the same key twice."""
 
 
+MAX_ALIASES = 100
+"""Aliases one document may use; a config needs a handful at most."""
+MAX_EXPANDED = 1_000_000
+"""Nodes plus scalar characters a document may hold once every alias is expanded."""
+
+
+class ExpansionError(yaml.MarkedYAMLError):
+    """A document whose aliases expand too far, or refer to themselves, or that nests too deeply."""
+
+    def __init__(self, problem: str, mark: Any = None) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
 class ConfigLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema scalars and duplicate-key detection."""
+    """SafeLoader with YAML 1.2 core-schema scalars, duplicate-key detection and bounded aliases."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise ExpansionError(f"more than {MAX_ALIASES} aliases (*name); write the values out instead", mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -70,5 +101,47 @@ ConfigLoader.add_constructor("tag:yaml.org,2002:float", ConfigLoader.construct_y
 
 
 def load_yaml(text: str) -> Any:
-    """Parse YAML text with :class:`ConfigLoader`."""
-    return yaml.load(text, Loader=ConfigLoader)  # safe: ConfigLoader derives from SafeLoader
+    """Parse YAML text with :class:`ConfigLoader`; :class:`ExpansionError` for an alias bomb."""
+    loader = ConfigLoader(text)  # safe: ConfigLoader derives from SafeLoader
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if loader._aliases:
+            _check_expansion(node)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ExpansionError("the document nests too deeply (hundreds of levels)") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a node graph whose aliases expand past :data:`MAX_EXPANDED` or form a cycle."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ExpansionError("an alias refers to the collection it is inside of (a cycle)", node.start_mark)
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.ScalarNode):
+            total += len(node.value)
+        else:
+            children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+            for child in children:
+                total = min(total + size(child), MAX_EXPANDED + 1)  # capped: the sum stays a small number
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    if size(root) > MAX_EXPANDED:
+        raise ExpansionError(
+            f"its aliases (*name) expand it to more than {MAX_EXPANDED:,} items and characters; "
+            "write the values out instead of repeating anchors",
+            root.start_mark,
+        )

@@ -6,6 +6,12 @@ rows at a time by `tables.py` (their rows are numbered instead), and hub
 datasets (or local dataset folders) go through ``datasets.load_dataset``.
 ``data.columns`` renaming happens here, so nothing downstream sees the file's
 own field names.  Nothing here interprets a record: that is `formats.py`'s job.
+
+Every record is bounded in size (``TUNELAB_MAX_RECORD_MB``, see settings):
+tokenizing one costs about 200 times its bytes in memory, so a single 50 MB
+line would otherwise take ~9 GiB before anything could say it is too long.
+Line-based files are read a bounded line at a time, so an oversized line is
+refused after reading at most the limit.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 from tunelab.data import tables
 from tunelab.errors import DataError
+from tunelab.settings import get_settings
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".feather", ".h5", ".hdf5")
 _SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "validation", "val", "dev", "eval", "test")}
@@ -79,6 +86,7 @@ def iter_records(
     split: str = "train",
     columns: Mapping[str, str] | None = None,
     subset: str | None = None,
+    max_record_bytes: int | None = None,
 ) -> Iterator[Record]:
     """Stream the records of a file (or hub dataset), validating as it goes.
 
@@ -87,11 +95,13 @@ def iter_records(
     ``subset`` pick what a hub dataset (or an HDF5 file with several tables)
     yields.  ``columns`` maps tunelab's field names to the file's
     (``{"prompt": "question"}``) and is applied to every record before anything
-    looks at it.  A source with no record at all raises :class:`DataError`.
+    looks at it.  A source with no record at all raises :class:`DataError`, and
+    so does a record over ``max_record_bytes`` (default: the settings' limit).
     """
     mapping = dict(columns or {})
+    limit = max_record_bytes or get_settings().max_record_bytes
     count = 0
-    for record in _iter_raw(source, split, subset):
+    for record in _iter_raw(source, split, subset, limit):
         count += 1
         yield _renamed(record, mapping) if mapping else record
     if count == 0:
@@ -104,21 +114,24 @@ def read_records(
     split: str = "train",
     columns: Mapping[str, str] | None = None,
     subset: str | None = None,
+    max_record_bytes: int | None = None,
 ) -> list[Record]:
     """Read every record of a file (or hub dataset) into a list; see :func:`iter_records`."""
-    return list(iter_records(source, split=split, columns=columns, subset=subset))
+    records = iter_records(source, split=split, columns=columns, subset=subset, max_record_bytes=max_record_bytes)
+    return list(records)
 
 
-def _iter_raw(source: Path | str, split: str, subset: str | None) -> Iterator[Record]:
+def _iter_raw(source: Path | str, split: str, subset: str | None, limit: int) -> Iterator[Record]:
     if isinstance(source, str) or not source.is_file():
-        yield from _read_hub(str(source), split, subset)
+        for record in _read_hub(str(source), split, subset):
+            yield _checked(record, limit)
         return
     suffix = source.suffix.lower()
     if source.stat().st_size == 0:
         raise DataError("the file is empty", path=str(source), hint="add at least one example")
     line_reader = _LINE_READERS.get(suffix)
     if line_reader is not None:
-        yield from line_reader(source)
+        yield from line_reader(source, limit)
         return
     rows = _table_rows(source, suffix, split)
     if rows is None:
@@ -128,7 +141,51 @@ def _iter_raw(source: Path | str, split: str, subset: str | None) -> Iterator[Re
             hint=f"use one of {', '.join(SUFFIXES)}",
         )
     for number, row in enumerate(rows, start=1):
-        yield Record(row, str(source), number)
+        yield _checked(Record(row, str(source), number), limit)
+
+
+def _checked(record: Record, limit: int) -> Record:
+    """A parsed record (JSON array item, table row, hub row) whose text is within ``limit``."""
+    size = _text_size(record.data)
+    if size > limit:
+        raise _too_big(record.path, record.line, f"holds about {size:,} bytes of text, more than", limit)
+    return record
+
+
+def _text_size(value: Any) -> int:
+    """Characters of every string (and bytes of every blob) in a record: its size, cheaply, without encoding."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str | bytes | bytearray):
+            total += len(item)
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        else:
+            total += 8  # a number, bool or null
+    return total
+
+
+def _too_big(path: Path | str, line: int, what: str, limit: int) -> DataError:
+    return DataError(
+        f"this record {what} the limit of {limit:,} bytes ({limit / 2**20:.3g} MiB) per record",
+        path=str(path),
+        line=line,
+        hint="split it into smaller examples, or raise the limit with the environment variable TUNELAB_MAX_RECORD_MB",
+    )
+
+
+def _bounded_lines(fh: Any, path: Path, limit: int) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw line)`` pairs; a line longer than ``limit`` is refused after reading ``limit`` bytes."""
+    number = 0
+    while raw := fh.readline(limit + 1):
+        number += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            raise _too_big(path, number, "is longer than", limit)
+        yield number, raw
 
 
 def _table_rows(path: Path, suffix: str, split: str) -> Iterator[dict[str, Any]] | None:
@@ -185,9 +242,9 @@ def _hash_file(digest: Any, path: Path) -> None:
             digest.update(chunk)
 
 
-def _read_jsonl(path: Path) -> Iterator[Record]:
+def _read_jsonl(path: Path, limit: int) -> Iterator[Record]:
     with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+        for number, raw in _bounded_lines(fh, path, limit):
             text = _decode(raw, path, number)
             if not text.strip():
                 continue
@@ -204,7 +261,7 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             yield Record(value, str(path), number)
 
 
-def _read_json(path: Path) -> Iterator[Record]:
+def _read_json(path: Path, limit: int) -> Iterator[Record]:
     text = _decode(path.read_bytes(), path, None)
     try:
         value = json.loads(text)
@@ -223,7 +280,7 @@ def _read_json(path: Path) -> Iterator[Record]:
     for index, item in enumerate(value):
         if not isinstance(item, dict):
             raise DataError(f"item {index} must be an object", path=str(path), line=line_of[index])
-        yield Record(item, str(path), line_of[index])
+        yield _checked(Record(item, str(path), line_of[index]), limit)
 
 
 def _json_item_lines(text: str, count: int, *, wrapped: bool) -> list[int]:
@@ -260,19 +317,34 @@ def _json_item_lines(text: str, count: int, *, wrapped: bool) -> list[int]:
     return lines
 
 
-def _read_csv(path: Path) -> Iterator[Record]:
+def _read_csv(path: Path, limit: int) -> Iterator[Record]:
+    # The per-record bound below replaces csv's own 128 KiB field limit (which raises a bare csv.Error).
+    csv.field_size_limit(max(csv.field_size_limit(), limit))
+    state = {"start": 1, "pending": 0}  # the current record's first line, and its bytes read so far
+
+    def lines(fh: Any) -> Iterator[str]:
+        # Decoded line by line: a bad byte is reported on its own line and the file is never loaded whole;
+        # a quoted field spanning lines is refused as soon as its record passes the limit.
+        for number, raw in _bounded_lines(fh, path, limit):
+            state["pending"] += len(raw)
+            if state["pending"] > limit:
+                raise _too_big(path, state["start"], "spans more bytes than", limit)
+            yield _decode(raw, path, number)
+
     with path.open("rb") as fh:
-        # Decoded line by line: a bad byte is reported on its own line and the file is never loaded whole.
-        lines = (_decode(raw, path, number) for number, raw in enumerate(fh, start=1))
-        reader = csv.DictReader(lines)
-        if not reader.fieldnames:
-            raise DataError("CSV has no header row", path=str(path), line=1)
-        start = 2
-        for row in reader:
-            if None in row:
-                raise DataError("row has more fields than the header", path=str(path), line=start)
-            yield Record(dict(row), str(path), start)
-            start = reader.line_num + 1
+        reader = csv.DictReader(lines(fh))
+        try:
+            if not reader.fieldnames:
+                raise DataError("CSV has no header row", path=str(path), line=1)
+            state.update(start=2, pending=0)
+            for row in reader:
+                if None in row:
+                    raise DataError("row has more fields than the header", path=str(path), line=state["start"])
+                record = Record(dict(row), str(path), state["start"])
+                state.update(start=reader.line_num + 1, pending=0)
+                yield record
+        except csv.Error as exc:
+            raise DataError(f"not valid CSV ({exc})", path=str(path), line=state["start"]) from None
 
 
 def _read_hub(name: str, split: str, subset: str | None) -> Iterator[Record]:
@@ -333,7 +405,7 @@ def _looks_like_hub_name(text: str) -> bool:
     return not text.lower().endswith(SUFFIXES)
 
 
-_LINE_READERS: dict[str, Callable[[Path], Iterator[Record]]] = {
+_LINE_READERS: dict[str, Callable[[Path, int], Iterator[Record]]] = {
     ".jsonl": _read_jsonl,
     ".json": _read_json,
     ".csv": _read_csv,

@@ -5,6 +5,9 @@ tunelab, so a child starts in milliseconds and a crash in training (even a
 segfault) only ends the child.  If the worker itself dies, the child exits at
 once (it watches the worker's sentinel): a job must never have two trainers
 writing one output folder after another worker takes it over.
+
+What a job *does* is handed in as ``work`` (the services' ``run_job``): the
+queue machinery runs use cases without importing them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,9 @@ EXIT_STOPPED = 75
 EXIT_FAILED = 1
 EXIT_ORPHANED = 70
 
+Work = Callable[..., str]
+"""``work(job_id, callbacks=..., should_stop=...)`` does a claimed job; returns ``completed`` or ``stopped``."""
+
 
 class EventCallback(BaseCallback):
     """Training progress as ``metric`` and ``log`` events, for `jobs logs` and the WebSocket."""
@@ -34,9 +40,11 @@ class EventCallback(BaseCallback):
         self.job_id, self.run_id = job_id, run_id
 
     def _emit(self, type: str, data: dict[str, Any]) -> None:
-        from tunelab.services import record_job_event
+        from tunelab.registry import jobs_repo
+        from tunelab.registry.db import open_registry, session_scope
 
-        record_job_event(self.job_id, self.run_id, type, data)
+        with session_scope(open_registry()) as s:
+            jobs_repo.add_event(s, type=type, data=data, job_id=self.job_id, run_id=self.run_id)
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._emit("metric", {"step": step, **metrics})
@@ -60,13 +68,13 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="tunelab-parent-watch", daemon=True).start()
 
 
-def main(job_id: str, run_id: str | None, stop: Any) -> None:
+def main(work: Work, job_id: str, run_id: str | None, stop: Any) -> None:
     """Run one job; the exit code tells the worker how it ended (0, EXIT_STOPPED or EXIT_FAILED)."""
     _exit_with_parent()
-    os._exit(_run(job_id, run_id, stop.is_set, record_errors=True))
+    os._exit(_run(work, job_id, run_id, stop.is_set, record_errors=True))
 
 
-def rank_main(job_id: str, run_id: str | None) -> None:
+def rank_main(work: Work, job_id: str, run_id: str | None) -> None:
     """One rank of a job the worker launched on several processes (see ``tunelab.jobs.ranks``)."""
     from tunelab.distributed.group import rank_from_env
     from tunelab.jobs.ranks import STOP_FILE_ENV, WORKER_PID_ENV
@@ -74,7 +82,7 @@ def rank_main(job_id: str, run_id: str | None) -> None:
     _exit_with_launcher(int(os.environ[WORKER_PID_ENV]))
     stop_file = Path(os.environ[STOP_FILE_ENV])
     # Only rank 0 writes to the registry, a failure's reason included.
-    os._exit(_run(job_id, run_id, stop_file.exists, record_errors=rank_from_env() == 0))
+    os._exit(_run(work, job_id, run_id, stop_file.exists, record_errors=rank_from_env() == 0))
 
 
 def _exit_with_launcher(worker_pid: int) -> None:
@@ -98,13 +106,13 @@ def _exit_with_launcher(worker_pid: int) -> None:
     threading.Thread(target=watch, name="tunelab-launcher-watch", daemon=True).start()
 
 
-def _run(job_id: str, run_id: str | None, should_stop: Callable[[], bool], *, record_errors: bool) -> int:
-    from tunelab import services
+def _run(work: Work, job_id: str, run_id: str | None, should_stop: Callable[[], bool], *, record_errors: bool) -> int:
     from tunelab.registry import jobs_repo
     from tunelab.registry.db import open_registry, session_scope
 
+    callbacks: Sequence[BaseCallback] = [EventCallback(job_id, run_id)]
     try:
-        status = services.run_job(job_id, callbacks=[EventCallback(job_id, run_id)], should_stop=should_stop)
+        status = work(job_id, callbacks=callbacks, should_stop=should_stop)
     except BaseException as exc:
         if record_errors:
             reason = str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"

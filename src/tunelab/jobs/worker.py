@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from tunelab.errors import TunelabError
 from tunelab.jobs import queue
-from tunelab.jobs.child import EXIT_STOPPED
+from tunelab.jobs.child import EXIT_STOPPED, Work
 from tunelab.jobs.ranks import LaunchedJob, job_nproc
 from tunelab.registry.db import session_scope
 
@@ -69,8 +69,11 @@ class _Stop:
 class Worker:
     """One worker: one job at a time (one per device)."""
 
-    def __init__(self, options: WorkerOptions, *, worker_id: str | None = None, say: Callable[[str], None] = print):
+    def __init__(
+        self, options: WorkerOptions, *, work: Work, worker_id: str | None = None, say: Callable[[str], None] = print
+    ):
         self.options = options
+        self.work = work  # what a job does (services.run_job), run in the child
         self.worker_id = worker_id or new_worker_id()
         self.say = say
         self.stopping = False
@@ -137,7 +140,9 @@ class Worker:
             ranks = LaunchedJob(nproc, job.id, job.run_id, backend=backend)
             return ranks, _Stop(ranks.request_stop, ranks.stop_requested)
         event = self._ctx.Event()
-        proc = self._ctx.Process(target=child.main, args=(job.id, job.run_id, event), name=f"tunelab-job-{job.id}")
+        proc = self._ctx.Process(
+            target=child.main, args=(self.work, job.id, job.run_id, event), name=f"tunelab-job-{job.id}"
+        )
         proc.start()
         return proc, _Stop(event.set, event.is_set)
 
@@ -176,9 +181,9 @@ class Worker:
             return jobs_repo.get_job(s, job_id)
 
 
-def run_worker(options: WorkerOptions, *, say: Callable[[str], None] = print) -> int:
+def run_worker(options: WorkerOptions, *, work: Work, say: Callable[[str], None] = print) -> int:
     """Run a worker in this process until SIGTERM/Ctrl-C (or the options say stop); returns jobs run."""
-    worker = Worker(options, say=say)
+    worker = Worker(options, work=work, say=say)
     previous = {sig: signal.signal(sig, worker.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return worker.run()

@@ -21,7 +21,7 @@ class Budget:
 
 def device_budget(backend: str, device: str) -> Budget:
     """The memory a run on ``device`` (through ``backend``) may use on this machine."""
-    from tunelab.hardware import describe_hardware
+    from tunelab.backends.hardware import describe_hardware
 
     if device == "metal":
         return Budget(device, _metal_working_set(), "Metal recommended working set")

@@ -188,7 +188,6 @@ class ArtifactRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 
 
-
 class JobRow(Base):
     """A queued unit of work; ``worker_id`` + ``heartbeat_at`` say who holds it and that it is alive."""
 

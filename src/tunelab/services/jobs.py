@@ -15,6 +15,7 @@ from tunelab.errors import ConfigError
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.services.runs import resume_run
+from tunelab.services.views import JobView, MetricPoint
 from tunelab.settings import get_settings
 from tunelab.vocab import FINAL_STATUSES, JOB_KINDS
 
@@ -26,7 +27,7 @@ def submit_job(
     priority: int = 0,
     allowed_roots: Sequence[Path] | None = None,
     nproc: int = 1,
-) -> dict[str, Any]:
+) -> JobView:
     """Queue ``cfg`` for a worker; a train job gets its (queued) run at once, so its id is known.
 
     ``nproc`` processes train it (batch_size is per process); 0 = all its worker offers.
@@ -61,7 +62,7 @@ def submit_job(
             nproc=nproc if kind == "train" else 1,
         )
         jobs_repo.add_event(s, type="status", data={"status": "queued"}, job_id=job.id, run_id=run_id)
-        return jobs_repo.job_public(job)
+        return JobView(**jobs_repo.job_public(job))
 
 
 def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable[[], bool] = lambda: False) -> str:
@@ -70,8 +71,8 @@ def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable
     Training always continues from the run's newest checkpoint, so a job taken
     over from a dead worker resumes instead of starting again.
     """
-    from tunelab.data.validate import validate_dataset
     from tunelab.registry import jobs_repo
+    from tunelab.services.datasets import validate_dataset
 
     with session_scope(open_registry()) as s:
         job = jobs_repo.get_job(s, job_id)
@@ -82,8 +83,8 @@ def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable
         report = validate_dataset(
             cfg.data.train, valid=cfg.data.valid, fmt=cfg.data.format, max_seq_len=cfg.data.max_seq_len
         )
-        counts = ", ".join(f"{k}: {v['records']} records" for k, v in report["splits"].items())
-        record_job_event(job_id, None, "log", {"text": f"ok: format {report['format']}; {counts}"})
+        counts = ", ".join(f"{k}: {v['records']} records" for k, v in report.splits.items())
+        record_job_event(job_id, None, "log", {"text": f"ok: format {report.format}; {counts}"})
         return "completed"
     if trained:
         return "completed"  # its worker died after training but before recording the job's end
@@ -99,27 +100,27 @@ def record_job_event(job_id: str | None, run_id: str | None, type: str, data: di
         jobs_repo.add_event(s, type=type, data=data, job_id=job_id, run_id=run_id)
 
 
-def list_jobs(*, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-    """The newest jobs as public JSON."""
+def list_jobs(*, status: str | None = None, limit: int = 200) -> list[JobView]:
+    """The newest jobs, newest first."""
     from tunelab.registry import jobs_repo
 
     with session_scope(open_registry()) as s:
-        return [jobs_repo.job_public(row) for row in jobs_repo.list_jobs(s, status=status, limit=limit)]
+        return [JobView(**jobs_repo.job_public(row)) for row in jobs_repo.list_jobs(s, status=status, limit=limit)]
 
 
-def show_job(job_text: str) -> dict[str, Any]:
+def show_job(job_text: str) -> JobView:
     """One job, by id or unique prefix."""
     from tunelab.registry import jobs_repo
 
     with session_scope(open_registry()) as s:
-        return jobs_repo.job_public(jobs_repo.get_job(s, jobs_repo.resolve_job_id(s, job_text)))
+        return JobView(**jobs_repo.job_public(jobs_repo.get_job(s, jobs_repo.resolve_job_id(s, job_text))))
 
 
-def cancel_job(job_text: str) -> dict[str, Any]:
+def cancel_job(job_text: str) -> JobView:
     """Cancel a queued job, or ask the worker of a running one to checkpoint and stop."""
     from tunelab.jobs import queue
 
-    return queue.cancel(job_text)
+    return JobView(**queue.cancel(job_text))
 
 
 def job_events(job_text: str, *, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
@@ -140,10 +141,10 @@ def run_events(run_text: str, *, after: int = 0, limit: int = 500) -> list[dict[
         return jobs_repo.events_after(s, run_id=run_id, after=after, limit=limit)
 
 
-def run_metrics(run_text: str) -> list[dict[str, Any]]:
-    """Every metric point of a run as ``{step, name, value}``."""
+def run_metrics(run_text: str) -> list[MetricPoint]:
+    """Every metric point of a run (``step``, ``name``, ``value``), in step order."""
     with session_scope(open_registry()) as s:
-        return repo.metric_history(s, repo.resolve_run_id(s, run_text))
+        return [MetricPoint(**point) for point in repo.metric_history(s, repo.resolve_run_id(s, run_text))]
 
 
 def run_status(run_id: str) -> str:
@@ -156,3 +157,56 @@ def run_status(run_id: str) -> str:
         if job is not None and job.status not in FINAL_STATUSES:
             return job.status
         return status
+
+
+def job_service(server: str | None) -> Any:
+    """Where the job functions run: this module (the local registry), or a `tunelab serve` at ``server``.
+
+    Both offer submit_job, list_jobs, show_job, cancel_job and job_events, returning the same views.
+    """
+    if server:
+        from tunelab.services.remote import ApiClient
+
+        return ApiClient(server)
+    import tunelab.services.jobs as local
+
+    return local
+
+
+def parse_nproc(text: str | int, *, flag: str = "--nproc") -> int:
+    """``N`` (1 or more) or ``auto`` (0: every process the worker offers)."""
+    from tunelab.jobs.ranks import parse_nproc as parse
+
+    return parse(text, flag=flag)
+
+
+def run_worker(
+    *,
+    heartbeat: float,
+    stale_after: float,
+    poll: float,
+    max_jobs: int | None,
+    exit_when_idle: bool,
+    nproc: str,
+    say: Callable[[str], None],
+) -> int:
+    """Run queued jobs in this process until stopped (SIGTERM/Ctrl-C); returns how many it ran.
+
+    Each job runs :func:`run_job` in a child process (or ``nproc`` ranks), handed to the worker here,
+    so the queue machinery never imports the use cases it runs.
+    """
+    from tunelab.jobs.ranks import offered_nproc
+    from tunelab.jobs.worker import WorkerOptions
+    from tunelab.jobs.worker import run_worker as run
+
+    if heartbeat <= 0 or stale_after <= heartbeat:
+        raise ConfigError("--heartbeat must be > 0 and --stale-after longer than --heartbeat")
+    options = WorkerOptions(heartbeat, stale_after, poll, max_jobs, exit_when_idle, offered_nproc(nproc))
+    return run(options, work=run_job, say=say)
+
+
+def run_rank(job_id: str, run_id: str | None) -> None:  # pragma: no cover - runs in torchrun's ranks
+    """One rank of a job a worker launched on several processes; exits the process when done."""
+    from tunelab.jobs.child import rank_main
+
+    rank_main(run_job, job_id, run_id)

@@ -21,6 +21,7 @@ from tunelab.distributed.group import Group, join, shared
 from tunelab.errors import StateError, TunelabError
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
+from tunelab.services.views import RunView
 from tunelab.settings import get_settings
 from tunelab.train.callbacks import BaseCallback, CallbackList, MetricsFile
 from tunelab.train.checkpoint import list_checkpoints
@@ -236,13 +237,13 @@ class RegistryCallback(BaseCallback):
             repo.add_artifact(s, run_id=self.run_id, kind="checkpoint", path=str(path), meta={"step": step})
 
 
-def list_runs(*, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-    """Summaries of the newest runs (the same JSON as `runs show`)."""
+def list_runs(*, status: str | None = None, limit: int = 200) -> list[RunView]:
+    """The newest runs, newest first (each the same view as `runs show`)."""
     with session_scope(open_registry()) as s:
-        return [repo.run_summary(s, row.id) for row in repo.list_runs(s, status=status, limit=limit)]
+        return [RunView(**repo.run_summary(s, row.id)) for row in repo.list_runs(s, status=status, limit=limit)]
 
 
-def show_run(run_text: str) -> dict[str, Any]:
-    """One run's public JSON, found by id or unique id prefix."""
+def show_run(run_text: str) -> RunView:
+    """One run, found by id or unique id prefix."""
     with session_scope(open_registry()) as s:
-        return repo.run_summary(s, repo.resolve_run_id(s, run_text))
+        return RunView(**repo.run_summary(s, repo.resolve_run_id(s, run_text)))

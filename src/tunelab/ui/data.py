@@ -1,7 +1,7 @@
 """What the dashboard pages read and do, as plain functions over the service layer.
 
 No SQL and no training logic here: every function is a call into
-:mod:`tunelab.services` (or a library function the CLI also uses) plus the
+:mod:`tunelab.services` (the same use cases the CLI and the API call) plus the
 reshaping a table or a chart needs.  Pages import this module, never the
 registry, so the dashboard and the CLI can't disagree about a run.
 """
@@ -18,7 +18,6 @@ from tunelab import services
 from tunelab.config.load import validate_config
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
-from tunelab.vocab import UPLOAD_SUFFIXES
 
 # Metric names the trainer logs, in the order the run page charts them.
 CHARTS = {
@@ -31,7 +30,7 @@ CHARTS = {
 
 def run_rows(*, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
     """One flat row per run for the Runs table (newest first)."""
-    return [run_row(run) for run in services.list_runs(status=status, limit=limit)]
+    return [run_row(run.to_dict()) for run in services.list_runs(status=status, limit=limit)]
 
 
 def run_row(run: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +71,7 @@ def filter_rows(rows: list[dict[str, Any]], *, text: str = "", statuses: list[st
 
 def run_detail(run_id: str) -> dict[str, Any]:
     """Everything the run page shows: the summary, the live status, and the job's log events."""
-    run = services.show_run(run_id)
+    run = services.show_run(run_id).to_dict()
     run["live_status"] = services.run_status(run["id"])
     run["events"] = services.run_events(run["id"], limit=500)
     return run
@@ -82,8 +81,8 @@ def metric_series(run_id: str) -> dict[str, list[tuple[int, float]]]:
     """Each metric's ``(step, value)`` points in step order."""
     series: dict[str, list[tuple[int, float]]] = {}
     for point in services.run_metrics(run_id):
-        if point["value"] is not None:
-            series.setdefault(point["name"], []).append((int(point["step"]), float(point["value"])))
+        if point.value is not None:
+            series.setdefault(point.name, []).append((point.step, float(point.value)))
     return series
 
 
@@ -128,19 +127,17 @@ def cli_command(cfg: RunConfig) -> str:
 
 def estimate_memory(cfg: RunConfig) -> dict[str, Any]:
     """The `tunelab estimate` figures for ``cfg`` (the model's config.json is read; no weights load)."""
-    from tunelab.memory.plan import estimate_config
-
-    return estimate_config(cfg).to_dict()
+    return services.estimate_memory(cfg).to_dict()
 
 
 def submit(cfg: RunConfig) -> dict[str, Any]:
     """Queue ``cfg`` as a train job; its run exists at once (``run_id`` in the answer)."""
-    return services.submit_job(cfg)
+    return services.submit_job(cfg).to_dict()
 
 
 def cancel(job_id: str) -> dict[str, Any]:
     """Cancel a queued job, or ask a running one to checkpoint and stop."""
-    return services.cancel_job(job_id)
+    return services.cancel_job(job_id).to_dict()
 
 
 def upload(data: bytes, filename: str) -> dict[str, Any]:
@@ -151,7 +148,7 @@ def upload(data: bytes, filename: str) -> dict[str, Any]:
 
     settings = get_settings()
     try:
-        return services.upload_dataset(io.BytesIO(data), filename=filename, limit_bytes=settings.upload_limit_bytes)
+        return services.upload_dataset(io.BytesIO(data), filename=filename).to_dict()
     except TunelabError as exc:
         # The message names the stored (generated) file; the user knows their file by its own name.
         stored = re.compile(re.escape(str(settings.datasets_dir)) + r"/[0-9a-f]{12}\.\w+")
@@ -161,61 +158,32 @@ def upload(data: bytes, filename: str) -> dict[str, Any]:
 
 def dataset_report(path: str, *, model: str | None, max_seq_len: int = 1024) -> dict[str, Any]:
     """`tunelab data validate`: format, counts, and with a model token lengths and their histogram."""
-    from tunelab.data.validate import validate_dataset
-
-    return validate_dataset(path, model=model, max_seq_len=max_seq_len)
+    return services.validate_dataset(path, model=model, max_seq_len=max_seq_len).to_dict()
 
 
 def masking_preview(path: str, *, model: str, n: int = 3, max_seq_len: int = 1024) -> dict[str, Any]:
     """`tunelab data preview`: the first examples' tokens, each marked trained or not."""
-    from tunelab.data.preview import preview_dataset
-
-    return preview_dataset(path, model=model, n=n, max_seq_len=max_seq_len).to_dict()
+    return services.preview_dataset(path, model=model, n=n, max_seq_len=max_seq_len).to_dict()
 
 
 def uploaded_datasets() -> list[str]:
     """Data files already under ``$TUNELAB_HOME/datasets`` (uploads land there)."""
-    from tunelab.settings import get_settings
-
-    folder = get_settings().datasets_dir
-    return sorted(str(p) for p in folder.glob("*") if p.suffix in UPLOAD_SUFFIXES) if folder.is_dir() else []
+    return services.uploaded_datasets()
 
 
 def lineage(*, limit: int = 1000) -> list[dict[str, Any]]:
     """Base model → dataset → run → adapter → exports, one row per run that produced something."""
-    rows = []
-    for run in services.list_runs(limit=limit):
-        artifacts = run.get("artifacts") or {}
-        exports = [
-            a["kind"].split(":", 1)[1] + ": " + a["path"]
-            for a in run.get("artifact_list", [])
-            if a["kind"].startswith("export:")
-        ]
-        rows.append(
-            {
-                "base": run["config"]["model"]["path"],
-                "dataset": run["config"]["data"]["train"],
-                "run": run["id"],
-                "status": run["status"],
-                "adapter": artifacts.get("adapter") or artifacts.get("model") or "",
-                "exports": ", ".join(exports),
-            }
-        )
-    return rows
+    return services.lineage(limit=limit)
 
 
 def chat_models() -> list[dict[str, Any]]:
     """Finished runs the playground can load (``id`` is ``run:RUN_ID``)."""
-    return services.served_models()
+    return [model.to_dict() for model in services.served_models()]
 
 
 def load_generator(run_id: str, *, base: bool = False) -> Any:
     """A run's fine-tuned model ready to answer, or (``base``) the model it started from."""
-    from tunelab.inference import generator_for_run, load_generator
-
-    if base:
-        return load_generator(model=services.show_run(run_id)["config"]["model"]["path"])
-    return generator_for_run(run_id)
+    return services.generator_for_run(run_id, base=base)
 
 
 def complete(generator: Any, prompt: str, *, max_new_tokens: int = 64) -> str:
@@ -225,9 +193,7 @@ def complete(generator: Any, prompt: str, *, max_new_tokens: int = 64) -> str:
 
 def doctor() -> dict[str, Any]:
     """What `tunelab doctor --json` prints (without the slow BLAS timing)."""
-    from tunelab.hardware import doctor_report
-
-    return doctor_report(measure=False)
+    return services.doctor(measure=False).to_dict()
 
 
 def live_usage() -> dict[str, Any]:

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tunelab.api.chat import Usage, completion_body, sse_chunks
+from tunelab import services
+from tunelab.api.chat import completion_body, sse_chunks
 from tunelab.api.schemas import ChatRequest
 
 router = APIRouter(prefix="/chat", tags=["chat"])
@@ -20,7 +21,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     models = request.app.state.chat_models
     run_id = await run_in_threadpool(models.resolve, body.model)
     messages = [m.model_dump() for m in body.messages]
-    usage = Usage()
+    usage = services.new_usage()
     sampling = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
     pieces = models.stream(run_id, messages, usage, **sampling)
     if body.stream:

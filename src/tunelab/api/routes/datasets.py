@@ -50,11 +50,12 @@ async def upload_dataset(request: Request, settings: SettingsDep) -> dict[str, A
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the form has no file in a field named 'file'")
-        return await run_in_threadpool(
+        stored = await run_in_threadpool(
             services.upload_dataset,
             upload.file,
             filename=upload.filename or "",
             limit_bytes=settings.upload_limit_bytes,
         )
+        return stored.to_dict()
     finally:
         await form.close()  # deletes the spooled temp file

@@ -24,24 +24,24 @@ def submit_job(body: JobCreate, settings: SettingsDep) -> dict[str, Any]:
     nproc = 0 if body.nproc == "auto" else body.nproc
     return services.submit_job(
         cfg, kind=body.kind, priority=body.priority, allowed_roots=settings.allowed_roots, nproc=nproc
-    )
+    ).to_dict()
 
 
 @router.get("", response_model=list[JobPublic])
 def list_jobs(status: StatusFilter = None, limit: Limit = 200) -> list[dict[str, Any]]:
     """Newest jobs first."""
-    return services.list_jobs(status=status, limit=limit)
+    return [job.to_dict() for job in services.list_jobs(status=status, limit=limit)]
 
 
 @router.get("/{job_id}", response_model=JobPublic)
 def show_job(job_id: str) -> dict[str, Any]:
-    return services.show_job(job_id)
+    return services.show_job(job_id).to_dict()
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: str) -> dict[str, Any]:
     """Cancel a queued job at once, or ask the worker to checkpoint and stop a running one."""
-    return services.cancel_job(job_id)
+    return services.cancel_job(job_id).to_dict()
 
 
 @router.get("/{job_id}/events")

@@ -15,4 +15,4 @@ router = APIRouter(prefix="/models", tags=["models"])
 @router.get("", response_model=ModelList)
 def list_models() -> dict[str, Any]:
     """Every completed run with an adapter or model, as ``run:RUN_ID``."""
-    return {"object": "list", "data": services.served_models()}
+    return {"object": "list", "data": [model.to_dict() for model in services.served_models()]}

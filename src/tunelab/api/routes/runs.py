@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tunelab import services
 from tunelab.api.deps import require_key_ws
-from tunelab.api.schemas import MetricPoint
+from tunelab.api.schemas import MetricPoint, RunPublic
 from tunelab.errors import NotFoundError
 from tunelab.vocab import FINAL_STATUSES, RUN_STATUSES
 
@@ -20,22 +20,22 @@ StatusFilter = Annotated[str | None, Query(pattern="^(" + "|".join(RUN_STATUSES)
 POLL_S = 0.25
 
 
-@router.get("")
+@router.get("", response_model=list[RunPublic])
 def list_runs(status: StatusFilter = None, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
     """Newest runs first."""
-    return services.list_runs(status=status, limit=limit)
+    return [run.to_dict() for run in services.list_runs(status=status, limit=limit)]
 
 
-@router.get("/{run_id}")
+@router.get("/{run_id}", response_model=RunPublic)
 def show_run(run_id: str) -> dict[str, Any]:
     """One run, exactly as `tunelab runs show RUN --json` prints it."""
-    return services.show_run(run_id)
+    return services.show_run(run_id).to_dict()
 
 
 @router.get("/{run_id}/metrics", response_model=list[MetricPoint])
 def run_metrics(run_id: str) -> list[dict[str, Any]]:
     """Every logged point as ``{step, name, value}``, in step order."""
-    return services.run_metrics(run_id)
+    return [point.to_dict() for point in services.run_metrics(run_id)]
 
 
 @ws_router.websocket("/{run_id}/events")
@@ -48,7 +48,7 @@ async def run_events(websocket: WebSocket, run_id: str, after: int = 0) -> None:
     if not await require_key_ws(websocket):
         return
     try:
-        run_id = (await run_in_threadpool(services.show_run, run_id))["id"]
+        run_id = (await run_in_threadpool(services.show_run, run_id)).id
     except NotFoundError as exc:
         await websocket.close(code=4404, reason=exc.message[:120])
         return

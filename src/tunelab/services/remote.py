@@ -1,4 +1,4 @@
-"""The same job operations as :mod:`tunelab.services`, over HTTP against `tunelab serve`.
+"""The same job operations as :mod:`tunelab.services.jobs`, over HTTP against `tunelab serve`.
 
 The CLI picks this when given ``--server URL`` (or ``TUNELAB_SERVER``); the key
 comes from ``TUNELAB_API_KEY`` so it never shows in shell history.
@@ -11,6 +11,7 @@ from typing import Any
 
 from tunelab.config.schema import RunConfig
 from tunelab.errors import ConfigError, NotFoundError, StateError, TunelabError
+from tunelab.services.views import JobView
 
 
 class ApiClient:
@@ -39,19 +40,19 @@ class ApiClient:
             raise _error_for(response.status_code, _detail(response))
         return response.json()
 
-    def submit_job(self, cfg: RunConfig, *, kind: str = "train", priority: int = 0, nproc: int = 1) -> dict[str, Any]:
+    def submit_job(self, cfg: RunConfig, *, kind: str = "train", priority: int = 0, nproc: int = 1) -> JobView:
         body = {"config": cfg.to_dict(), "kind": kind, "priority": priority, "nproc": nproc or "auto"}
-        return self._call("POST", "/v1/jobs", json=body)
+        return JobView(**self._call("POST", "/v1/jobs", json=body))
 
-    def list_jobs(self, *, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    def list_jobs(self, *, status: str | None = None, limit: int = 200) -> list[JobView]:
         params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
-        return self._call("GET", "/v1/jobs", params=params)
+        return [JobView(**job) for job in self._call("GET", "/v1/jobs", params=params)]
 
-    def show_job(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/jobs/{job_id}")
+    def show_job(self, job_id: str) -> JobView:
+        return JobView(**self._call("GET", f"/v1/jobs/{job_id}"))
 
-    def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+    def cancel_job(self, job_id: str) -> JobView:
+        return JobView(**self._call("POST", f"/v1/jobs/{job_id}/cancel"))
 
     def job_events(self, job_id: str, *, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
         return self._call("GET", f"/v1/jobs/{job_id}/events", params={"after": after, "limit": limit})

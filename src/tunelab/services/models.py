@@ -1,0 +1,114 @@
+"""Models: generate or chat with a finished run (or a base model plus an adapter), what can be served, convert."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import NotFoundError
+from tunelab.services.runs import list_runs, show_run
+from tunelab.services.views import RunView, ServedModel
+from tunelab.vocab import CHAT_FORMATS
+
+RUN_PREFIX = "run:"
+
+
+def load_generator(
+    *, model: str, adapter: str | None = None, chat: bool | None = None, backend: str = "auto", device: str = "auto"
+) -> Any:
+    """``model`` (a folder or hub id), plus a PEFT ``adapter``, loaded to answer prompts.
+
+    The result has ``stream(prompt, ...)``, ``complete(prompt, ...)``, ``stream_chat(messages, usage, ...)``
+    and a settable ``chat`` (apply the chat template; default: the tokenizer has one).
+    """
+    from tunelab.inference import load_generator as load
+
+    return load(model=model, adapter=adapter, chat=chat, device=device, backend=backend)
+
+
+def generator_for_run(run_text: str, *, backend: str | None = None, base: bool = False, device: str = "auto") -> Any:
+    """What a finished run produced (or, with ``base``, the model it started from), in its trained prompt format."""
+    run = show_run(run_text)
+    chat = run.trained_format in CHAT_FORMATS
+    if base:  # the base answers as it would untuned: with its own template, when it has one
+        return load_generator(model=run.base_model, backend=backend or "auto", device=device)
+    if run.artifacts.get("adapter"):
+        return load_generator(
+            model=run.base_model, adapter=run.artifacts["adapter"], chat=chat, backend=backend or "auto", device=device
+        )
+    if run.artifacts.get("model"):
+        return load_generator(model=run.artifacts["model"], chat=chat, backend=backend or "auto", device=device)
+    raise NotFoundError(
+        f"run {run.id} has no adapter or model yet (status {run.status})",
+        hint=f"finish it first: tunelab train --resume {run.id}",
+    )
+
+
+def new_usage() -> Any:
+    """A fresh counter of prompt/completion tokens and the finish reason, filled while a chat streams."""
+    from tunelab.inference import Usage
+
+    return Usage()
+
+
+def stream_chat(generator: Any, messages: list[dict[str, str]], usage: Any, **sampling: Any) -> Iterator[str]:
+    """Pieces of the answer to ``messages`` (``max_tokens``, ``temperature``, ``top_p``, ``seed``)."""
+    return generator.stream_chat(messages, usage, **sampling)
+
+
+def resolve_served(model: str) -> str:
+    """``run:RUN_ID`` (or a unique prefix of the id) → the full run id; NotFoundError for anything else."""
+    if not model.startswith(RUN_PREFIX):
+        raise NotFoundError(f"model {model[:80]!r} not found: use 'run:RUN_ID' (GET /v1/models lists them)")
+    return show_run(model[len(RUN_PREFIX) :]).id
+
+
+def served_models() -> list[ServedModel]:
+    """Finished runs that chat completions can serve, as ``run:RUN_ID`` models."""
+    out = []
+    for run in list_runs(status="completed", limit=1000):
+        if run.artifacts.get("adapter") or run.artifacts.get("model"):
+            created = datetime.fromisoformat(run.finished_at or run.created_at or "")
+            out.append(
+                ServedModel(id=f"{RUN_PREFIX}{run.id}", created=int(created.timestamp()), base_model=run.base_model)
+            )
+    return out
+
+
+def lineage(*, limit: int = 1000) -> list[dict[str, Any]]:
+    """Base model → dataset → run → adapter → exports, one row per run."""
+    return [_lineage_row(run) for run in list_runs(limit=limit)]
+
+
+def _lineage_row(run: RunView) -> dict[str, Any]:
+    exports = [a.kind.split(":", 1)[1] + ": " + a.path for a in run.artifact_list if a.kind.startswith("export:")]
+    return {
+        "base": run.base_model,
+        "dataset": run.config["data"]["train"],
+        "run": run.id,
+        "status": run.status,
+        "adapter": run.artifacts.get("adapter") or run.artifacts.get("model") or "",
+        "exports": ", ".join(exports),
+    }
+
+
+def convert_checkpoint(
+    src: str,
+    out: Path,
+    *,
+    to: str,
+    bits: int | None = None,
+    group_size: int = 64,
+    dtype: str | None = None,
+    force: bool = False,
+) -> Any:
+    """Convert a checkpoint to mlx-lm's layout (``to="mlx"``, optionally quantized) or back to transformers'.
+
+    Returns a ``ConvertResult`` (``out``, ``to``, ``bits``, ``group_size``, ``dtype``, ``params``,
+    ``bytes_written``, ``seconds``, ``copied``, ``notes``, ``model_type``, ``dequantized_bits``).
+    """
+    from tunelab.convert import convert_checkpoint as convert
+
+    return convert(src, out, to=to, bits=bits, group_size=group_size, dtype=dtype, force=force)
