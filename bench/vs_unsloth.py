@@ -209,14 +209,14 @@ def _capped_script(gib: float) -> str:
     )
 
 
-def longest(stack: str, fits: Any, lo: int = 4096, hi: int = 131072) -> int:
-    """The longest multiple of 1,024 tokens that ``fits(seq)`` trains (doubling, then bisection)."""
+def longest(stack: str, fits: Any, lo: int = 4096, hi: int = 131072, resolution: int = 16) -> int:
+    """The longest multiple of 1,024 tokens that ``fits(seq)`` trains (doubling, then bisection to best/resolution)."""
     best = 0
     seq = lo
     while seq <= hi and fits(seq):
         best, seq = seq, seq * 2
     top = min(seq, hi + 1024)
-    while top - best > 1024 * max(1, best // 16384):
+    while top - best > 1024 * max(1, best // (resolution * 1024)):
         mid = (best + top) // 2 // 1024 * 1024
         if fits(mid):
             best = mid
@@ -283,6 +283,8 @@ def main() -> None:
     p.add_argument("--unsloth-site", default="/tmp/site_us")
     p.add_argument("--longest", action="store_true", help="also the longest 8B QLoRA row in --cap-gib")
     p.add_argument("--cap-gib", type=float, default=24.0)
+    p.add_argument("--longest-from", type=int, default=4096, help="first length --longest tries (then doubles)")
+    p.add_argument("--resolution", type=int, default=16, help="--longest bisects to 1/RESOLUTION of the best length")
     p.add_argument("--tiny", action="store_true", help="CPU plumbing check: the tiny row, tunelab only")
     args = p.parse_args()
     if args.tiny:
@@ -293,7 +295,24 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     stacks = args.stacks.split(",")
     results: list[dict] = []
-    for name in args.rows.split(","):
+    if args.longest:
+        row = ROWS["qlora_gc_16k"]
+        model = build_checkpoint(args.workdir / row.shape, row.shape)
+        for stack in stacks:
+
+            def fits(seq: int, stack: str = stack) -> bool:
+                at = Row(row.name, row.shape, row.method, 1, seq, True)
+                if stack == "tunelab":
+                    data = write_data(args.workdir / f"text-{seq}.jsonl", 4 + 8, seq)
+                    result = run_tunelab(at, model, data, 3, 1, args.workdir, args.cap_gib)
+                else:
+                    result = run_unsloth(at, model, 3, args.unsloth_site, args.cap_gib)
+                _emit({**result, "cap_gib": args.cap_gib}, sink)
+                return "tok_s" in result
+
+            best = longest(stack, fits, args.longest_from, resolution=args.resolution)
+            _emit({"stack": stack, "longest_seq": best, "cap_gib": args.cap_gib}, sink)
+    for name in filter(None, args.rows.split(",")):
         row = ROWS[name]
         model = build_checkpoint(args.workdir / row.shape, row.shape)
         data = write_data(args.workdir / f"text-{row.seq}.jsonl", row.batch * args.steps + 8, row.seq)
@@ -304,22 +323,6 @@ def main() -> None:
                 result = run_unsloth(row, model, args.steps, args.unsloth_site, None)
             results.append(result)
             _emit(result, sink)
-    if args.longest:
-        row = ROWS["qlora_gc_16k"]
-        model = build_checkpoint(args.workdir / row.shape, row.shape)
-        for stack in stacks:
-
-            def fits(seq: int, stack: str = stack) -> bool:
-                at = Row(row.name, row.shape, row.method, 1, seq, True)
-                if stack == "tunelab":
-                    data = write_data(args.workdir / f"text-{seq}.jsonl", 4 + 8, seq)
-                    result = run_tunelab(at, model, data, 4, 2, args.workdir, args.cap_gib)
-                else:
-                    result = run_unsloth(at, model, 4, args.unsloth_site, args.cap_gib)
-                _emit({**result, "cap_gib": args.cap_gib}, sink)
-                return "tok_s" in result
-
-            _emit({"stack": stack, "longest_seq": longest(stack, fits), "cap_gib": args.cap_gib}, sink)
     print(table(results))
 
 
