@@ -87,7 +87,8 @@ def test_validate_with_a_model_refuses_a_50_mb_record_without_ballooning(tmp_pat
     assert result.returncode == 3, result.stderr
     assert f"{data}:2: this record is longer than the limit of 8,388,608 bytes (8 MiB) per record" in result.stderr
     assert "TUNELAB_MAX_RECORD_MB" in result.stderr and "Traceback" not in result.stderr
-    assert peak < 1 * 2**30, f"peak memory {peak / 2**30:.2f} GiB"  # before the fix: 8.7 GiB
+    # the process with torch + transformers imported sits near 1 GiB; before the fix it peaked at 8.7 GiB
+    assert peak < 2 * 2**30, f"peak memory {peak / 2**30:.2f} GiB"
 
 
 def test_the_record_limit_applies_to_every_format_and_is_configurable(
