@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tunelab.errors import ModelError
-from tunelab.export.gguf import GGUFRuntime
+from tunelab.export.gguf_runtime import GGUFRuntime
 from tunelab.export.ollama import FORMATS, jinja_render, match_format, render_go, render_modelfile
 from tunelab.export.pipeline import ExportSource, Written, export_model, verify_export
 from tunelab.export.verify import CONVERSATION
