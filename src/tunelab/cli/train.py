@@ -25,6 +25,8 @@ class StopSwitch(BaseCallback):
     checkpoint and stop after this step; a second one aborts at once.
     """
 
+    every_rank = True  # each rank must know when its own loop started, or a stop then kills it alone
+
     def __init__(self) -> None:
         self.requested = False
         self.training = False

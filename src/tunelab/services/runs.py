@@ -102,7 +102,10 @@ def _execute(
         # Every rank must stop at the same step, so one Ctrl-C anywhere stops them all.
         should_stop = _any_rank(group, should_stop)
         if group.rank != 0:
-            return _execute_follower(run_id, cfg, output_dir, resume=resume, group=group, should_stop=should_stop)
+            own = [c for c in callbacks if getattr(c, "every_rank", False)]
+            return _execute_follower(
+                run_id, cfg, output_dir, resume=resume, group=group, callbacks=own, should_stop=should_stop
+            )
     engine = open_registry()
     with session_scope(engine) as s:
         repo.update_run(
@@ -165,11 +168,19 @@ def _any_rank(group: Group, should_stop: Callable[[], bool]) -> Callable[[], boo
 
 
 def _execute_follower(
-    run_id: str, cfg: RunConfig, output_dir: Path, *, resume: bool, group: Group, should_stop: Callable[[], bool]
+    run_id: str,
+    cfg: RunConfig,
+    output_dir: Path,
+    *,
+    resume: bool,
+    group: Group,
+    callbacks: Sequence[Any],
+    should_stop: Callable[[], bool],
 ) -> RunOutcome:
-    """A rank other than 0: the same setup and loop, but no registry, files or progress of its own."""
+    """A rank other than 0: the same setup and loop, but no registry, files or progress of its own
+    (``callbacks`` are only those that control this process)."""
     prep = recipe.setup(cfg, output_dir, resume=resume, on_data=lambda _d: None, group=group)
-    result = recipe.train(cfg, prep, output_dir, CallbackList([]), should_stop)
+    result = recipe.train(cfg, prep, output_dir, CallbackList(list(callbacks)), should_stop)
     status = "completed" if result.status == "completed" else "cancelled"
     final = recipe.result_dir(output_dir, cfg.method.name) if status == "completed" else None
     metrics = {"val_loss": result.state.last_val_loss, "best_val_loss": result.state.best_val_loss}

@@ -24,7 +24,14 @@ class Callback(Protocol):
 
 
 class BaseCallback:
-    """No-op implementations so a callback only writes the hooks it needs."""
+    """No-op implementations so a callback only writes the hooks it needs.
+
+    ``every_rank``: with several processes, only rank 0 reports progress, so callbacks
+    reach rank 0 alone, unless they set this (one that controls its own process, such
+    as the CLI's Ctrl-C switch, must know on every rank when training starts).
+    """
+
+    every_rank = False
 
     def on_start(self, *, step: int, total_steps: int) -> None:
         pass
