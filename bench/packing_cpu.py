@@ -129,9 +129,9 @@ def run_config(args: argparse.Namespace, data: Path, model: Path, variant: str, 
 
 def worker(config_path: Path, warmup: int) -> dict[str, float]:
     """Train with tunelab's loop, timing every step; return token rates after ``warmup`` steps."""
-    from tunelab import recipe
     from tunelab.config.load import load_config
     from tunelab.data.prepare import length_stats
+    from tunelab.train import recipe
     from tunelab.train.callbacks import BaseCallback
     from tunelab.vocab import IGNORE
 

@@ -124,7 +124,7 @@ def test_fsdp_ranks_run_as_many_forwards_as_each_other() -> None:
 def test_a_checkpoint_without_shards_is_refused_under_fsdp(tmp_path: Path) -> None:
     import torch
 
-    from tunelab.distributed import fsdp
+    from tunelab.backends.torch import fsdp
     from tunelab.errors import StateError
 
     (tmp_path / "trainable.safetensors").write_bytes(b"")  # what a ddp or one-process run writes

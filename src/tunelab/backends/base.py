@@ -36,6 +36,7 @@ class ModelSpec:
     offload_checkpoints: bool | str = "auto"  # CUDA + checkpointing: layer inputs in pinned CPU memory
     memory_limit_bytes: int | None = None  # MLX on Metal: wired/cache limits derived from the estimate
     parallel: str = "auto"  # train.parallel; torch with fsdp: sharded model and DCP checkpoints
+    processes: int = 1  # data-parallel processes of this run (each holds its share's gradient)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from rich.live import Live
 from rich.table import Table
 
 from tunelab.cli.console import err_console
-from tunelab.train.callbacks import BaseCallback
+from tunelab.services import BaseCallback
 
 
 def _fmt_eta(seconds: float) -> str:

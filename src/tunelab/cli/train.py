@@ -13,7 +13,7 @@ import typer
 from tunelab.cli.console import console, err_console
 from tunelab.cli.progress import LiveView
 from tunelab.errors import ConfigError
-from tunelab.train.callbacks import BaseCallback
+from tunelab.services import BaseCallback
 
 
 class StopSwitch(BaseCallback):
@@ -73,21 +73,17 @@ def train(
     """Fine-tune a model as the config says (or resume a run after a crash or Ctrl-C)."""
     from tunelab import services
     from tunelab.config.load import load_config
-    from tunelab.distributed.group import rank_from_env
 
     if resume and (config is not None or overrides):
         raise ConfigError("--resume takes the run's stored config; don't pass a config or overrides")
     if not resume and config is None:
         raise ConfigError("give a config file (tunelab train CONFIG) or --resume RUN_ID")
     if nproc != 1:
-        if config is not None:  # a bad config fails here, once, not in every process
-            backend = load_config(config, overrides or []).backend
-        else:
-            run = services.show_run(resume or "")
-            backend = run.get("backend") or run["config"].get("backend", "auto")  # the one it trained on
-        _launch(nproc, config, overrides, resume, backend)
+        code = services.launch_run(nproc, config, overrides or [], resume)
+        if code != 0:
+            raise typer.Exit(code)
         return
-    main = rank_from_env() == 0  # under torchrun only rank 0 shows progress
+    main = services.is_main_process()  # under torchrun only rank 0 shows progress
     views: list[BaseCallback] = [LiveView()] if main else []
     try:
         with graceful_stop() as stop:
@@ -101,16 +97,6 @@ def train(
         raise typer.Exit(130) from None
     if main:
         _report(outcome)
-
-
-def _launch(nproc: int, config: Path | None, overrides: list[str] | None, resume: str | None, backend: str) -> None:
-    """Run this same command on ``nproc`` processes (mlx.launch for backend: mlx, else torchrun); exit as they do."""
-    from tunelab.distributed.launch import launch
-
-    args = ["train", "--resume", resume] if resume else ["train", str(config), *(overrides or [])]
-    code = launch(nproc, args, backend=backend)
-    if code != 0:
-        raise typer.Exit(code)
 
 
 def _report(outcome: Any) -> None:
@@ -130,6 +116,22 @@ def quickstart(
     steps: int = typer.Option(0, help="Override the number of training steps (0 = the built-in default)."),
 ) -> None:
     """Build a tiny model offline, fine-tune it on a shipped task, and show before/after."""
-    from tunelab.quickstart import run_quickstart
+    from rich.table import Table
 
-    run_quickstart(workdir=workdir, steps=steps or None, callbacks=[LiveView()], out=console)
+    from tunelab import services
+
+    console.print("[bold]tunelab quickstart[/]")
+    result = services.run_quickstart(
+        workdir=workdir, steps=steps or None, callbacks=[LiveView()], on_stage=lambda text: console.print(text)
+    )
+    table = Table("held-out prompt", "base model", "after LoRA fine-tune", show_lines=True)
+    for sample in result.samples:
+        table.add_row(sample.prompt, sample.before, sample.after)
+    console.print(table)
+    console.print(
+        f"LoRA run [bold]{result.lora_run}[/]: train loss {result.loss_first:.2f} → {result.loss_last:.2f}, "
+        f"validation loss {result.val_loss or float('nan'):.3f}"
+    )
+    console.print(f"adapter (PEFT format): {result.adapter}")
+    console.print(f"next: tunelab runs show {result.lora_run}")
+    console.print(f'      tunelab generate --run {result.lora_run} "List these items: tea, rice"')

@@ -9,11 +9,9 @@ exactly the path they always did.
 
 from __future__ import annotations
 
-import atexit
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -64,38 +62,6 @@ class SoloGroup:
 SOLO = SoloGroup()
 
 
-class TorchGroup:
-    """A ``torch.distributed`` process group; CPU tensors go over gloo, CUDA ones over NCCL."""
-
-    def __init__(self, rank: int, world: int) -> None:
-        self.rank = rank
-        self.world = world
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-    def all_sum(self, values: Sequence[float]) -> list[float]:
-        import torch
-        import torch.distributed as dist
-
-        tensor = torch.tensor(list(values), dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return [float(v) for v in tensor]
-
-    def any(self, flag: bool) -> bool:
-        return self.all_sum([1.0 if flag else 0.0])[0] > 0
-
-    def broadcast(self, obj: T) -> T:
-        import torch
-        import torch.distributed as dist
-
-        box: list[Any] = [obj]
-        dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
-        return box[0]
-
-
 _joined: list[Group] = []  # filled on the first join(): the process group lives as long as the process
 
 
@@ -118,7 +84,7 @@ def join() -> Group:
     if _joined:
         return _joined[0]
     if launched_by_mlx():
-        from tunelab.distributed.mlx_group import MlxGroup
+        from tunelab.backends.mlx.group import MlxGroup
 
         mlx_group = MlxGroup()
         if mlx_group.world > 1:
@@ -126,28 +92,11 @@ def join() -> Group:
         return _joined[0] if _joined else SOLO
     if world_from_env() <= 1:
         return SOLO
-    import torch
-    import torch.distributed as dist
+    from tunelab.backends.torch.group import join_torch
 
-    if torch.cuda.is_available():
-        # Each rank owns one GPU; a plain "cuda" device then means this one.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        # The others wait in a barrier while rank 0 tokenizes a large dataset; a crashed
-        # rank is caught by torchrun long before this, so the limit only has to be generous.
-        dist.init_process_group(backend, timeout=timedelta(hours=2))
-        atexit.register(_leave)
-    group = TorchGroup(dist.get_rank(), dist.get_world_size())
+    group = join_torch()
     _joined.append(group)
     return group
-
-
-def _leave() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @contextmanager

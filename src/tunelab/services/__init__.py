@@ -43,7 +43,17 @@ from tunelab.services.models import (
     served_models,
     stream_chat,
 )
-from tunelab.services.runs import RegistryCallback, RunOutcome, list_runs, resume_run, show_run, start_run
+from tunelab.services.quickstart import QuickstartResult, QuickstartSample, run_quickstart
+from tunelab.services.runs import (
+    RegistryCallback,
+    RunOutcome,
+    is_main_process,
+    launch_run,
+    list_runs,
+    resume_run,
+    show_run,
+    start_run,
+)
 from tunelab.services.system import doctor
 from tunelab.services.views import (
     CacheEntry,
@@ -56,13 +66,17 @@ from tunelab.services.views import (
     SystemReport,
     UploadedDataset,
 )
+from tunelab.train.callbacks import BaseCallback  # what interfaces subclass to watch a run
 
 __all__ = [
+    "BaseCallback",
     "CacheEntry",
     "DatasetReport",
     "JobView",
     "KeyView",
     "MetricPoint",
+    "QuickstartResult",
+    "QuickstartSample",
     "RegistryCallback",
     "RunOutcome",
     "RunView",
@@ -79,8 +93,10 @@ __all__ = [
     "estimate_memory",
     "export_run",
     "generator_for_run",
+    "is_main_process",
     "job_events",
     "job_service",
+    "launch_run",
     "lineage",
     "list_jobs",
     "list_keys",
@@ -97,6 +113,7 @@ __all__ = [
     "run_events",
     "run_job",
     "run_metrics",
+    "run_quickstart",
     "run_rank",
     "run_status",
     "run_worker",

@@ -8,7 +8,6 @@ from typing import Any
 
 import yaml
 
-from tunelab import recipe
 from tunelab.config.load import validate_config
 from tunelab.config.schema import RunConfig
 from tunelab.errors import ConfigError
@@ -17,6 +16,7 @@ from tunelab.registry.db import open_registry, session_scope
 from tunelab.services.runs import resume_run
 from tunelab.services.views import JobView, MetricPoint
 from tunelab.settings import get_settings
+from tunelab.train import recipe
 from tunelab.vocab import FINAL_STATUSES, JOB_KINDS
 
 

@@ -13,16 +13,17 @@ from typing import Any
 
 import yaml
 
-from tunelab import recipe
-from tunelab.config.load import validate_config
+from tunelab.config.load import load_config, validate_config
 from tunelab.config.schema import RunConfig
 from tunelab.data.prepare import PreparedData
-from tunelab.distributed.group import Group, join, shared
+from tunelab.distributed.group import Group, join, rank_from_env, shared
+from tunelab.distributed.launch import launch
 from tunelab.errors import StateError, TunelabError
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.services.views import RunView
 from tunelab.settings import get_settings
+from tunelab.train import recipe
 from tunelab.train.callbacks import BaseCallback, CallbackList, MetricsFile
 from tunelab.train.checkpoint import list_checkpoints
 from tunelab.train.tensorboard import TensorBoardCallback
@@ -86,6 +87,27 @@ def _stored_run(run_text: str) -> tuple[str, dict, Path]:
     if status == "completed":
         raise StateError(f"run {run_id} already completed; its result is in {output_dir}")
     return run_id, config, output_dir
+
+
+def launch_run(nproc: int, config: Path | None, overrides: Sequence[str], resume: str | None) -> int:
+    """Run ``tunelab train`` as ``nproc`` processes here (mlx.launch for backend: mlx, else torchrun).
+
+    A bad config fails here, once, not in every process.  Returns their exit code.
+    """
+    backend: str
+    if config is not None:
+        backend = load_config(config, list(overrides)).backend
+        args = ["train", str(config), *overrides]
+    else:
+        run = show_run(resume or "")
+        backend = run.backend or run.config.get("backend", "auto")  # the one it trained on
+        args = ["train", "--resume", resume or ""]
+    return launch(nproc, args, backend=backend)
+
+
+def is_main_process() -> bool:
+    """False in every process of a multi-process run but rank 0 (which alone shows progress)."""
+    return rank_from_env() == 0
 
 
 def _execute(

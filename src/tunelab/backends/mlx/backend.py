@@ -22,7 +22,6 @@ from tunelab.backends.lora_init import lora_a_init
 from tunelab.backends.mlx.blas import ensure_fast_blas
 from tunelab.backends.mlx.hf_config import rope_fixes
 from tunelab.backends.peft_format import AdapterSpec, read_adapter, write_adapter
-from tunelab.distributed.group import launched_by_mlx
 from tunelab.errors import ConfigError, ModelError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
 from tunelab.vocab import IGNORE, LORA_METHODS
@@ -57,7 +56,7 @@ class MlxBackend:
         self._grads: Any = None
         self._max_grad_norm = 1.0
         self._micro = 0  # micro-batches seen: dropout RNG is reseeded from it, so resume is exact
-        self._distributed = launched_by_mlx()  # one of several processes started by mlx.launch
+        self._distributed = False  # one of several processes (mlx.launch): set from the spec at load
         self._loss_and_grad: Any = None
         self._head: Any = None  # output projection, when the decoder/head split reproduces the logits
         self._pad_multiple = 1
@@ -68,6 +67,7 @@ class MlxBackend:
     def load(self, model: ModelSpec, method: MethodSpec, optim_spec: OptimSpec, tokenizer: Any) -> ModelInfo:
         self._load_base(model, tokenizer)
         self.method = method
+        self._distributed = model.processes > 1
         prepare_base(self.model, method.name, method.bits or 4, method.group_size)
         set_memory_limits(model.memory_limit_bytes)
         self.model.freeze()
@@ -190,7 +190,7 @@ class MlxBackend:
 
     def optimizer_step(self, lr: float) -> float:
         if self._distributed:  # several processes (mlx.launch): each holds its share's gradient
-            from tunelab.distributed.mlx_group import sum_gradients
+            from tunelab.backends.mlx.group import sum_gradients
 
             self._grads = sum_gradients(self._grads, self.model.trainable_parameters())
         limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")

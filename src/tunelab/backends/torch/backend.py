@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, OptimSpec
+from tunelab.backends.torch import fsdp
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
@@ -22,8 +23,7 @@ from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import apply_method
 from tunelab.backends.torch.quant import bnb_config
-from tunelab.distributed import fsdp
-from tunelab.distributed.torch_sync import active, broadcast_params, sum_gradients
+from tunelab.backends.torch.sync import active, broadcast_params, sum_gradients
 from tunelab.errors import ConfigError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
 from tunelab.vocab import ADAPTER_METHODS, IGNORE

@@ -13,33 +13,57 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from tunelab.config.load import load_config
+from tunelab.inference import load_generator
+from tunelab.services.runs import start_run
 from tunelab.settings import get_settings
+from tunelab.tiny import make_tiny_checkpoint
 
 BASE_STEPS = 200
 LORA_STEPS = 250
 
 
-def run_quickstart(
-    *, workdir: Path | None, steps: int | None, callbacks: Sequence[Any], out: Console
-) -> dict[str, Any]:
-    """Run both stages and print the before/after comparison; returns the figures shown."""
-    from tunelab import services
-    from tunelab.inference import load_generator
-    from tunelab.tiny import make_tiny_checkpoint
+@dataclass(frozen=True)
+class QuickstartSample:
+    """One held-out prompt answered by the base and by the fine-tuned model."""
 
+    prompt: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class QuickstartResult:
+    """What the quickstart did, for the interface to show."""
+
+    root: Path
+    base_run: str
+    lora_run: str
+    loss_first: float
+    loss_last: float
+    val_loss: float | None
+    adapter: Path
+    samples: list[QuickstartSample]
+
+
+def run_quickstart(
+    *,
+    workdir: Path | None,
+    steps: int | None,
+    callbacks: Sequence[Any],
+    on_stage: Callable[[str], None] = lambda _text: None,
+) -> QuickstartResult:
+    """Run both stages and answer held-out prompts before and after; ``on_stage`` hears each stage."""
     root = (workdir or get_settings().home / "quickstart").expanduser()
     data = _copy_data(root / "data")
-    out.print(f"[bold]tunelab quickstart[/] — working in {root}")
-    out.print("1/3 building a tiny Llama-shaped model and a tokenizer from the shipped text")
+    on_stage(f"working in {root}")
+    on_stage("1/3 building a tiny Llama-shaped model and a tokenizer from the shipped text")
     init = root / "base-init"
     shutil.rmtree(init, ignore_errors=True)
     texts = _texts(data)
@@ -55,7 +79,7 @@ def run_quickstart(
         intermediate_size=256,
         seed=0,
     )
-    out.print(f"2/3 pretraining the base briefly on {data / 'corpus.jsonl'} (full fine-tune)")
+    on_stage(f"2/3 pretraining the base briefly on {data / 'corpus.jsonl'} (full fine-tune)")
     base_cfg = load_config(
         {
             "name": "quickstart-base",
@@ -66,8 +90,8 @@ def run_quickstart(
             "output_dir": str(_fresh(root / "runs" / "base")),
         }
     )
-    base = services.start_run(base_cfg, callbacks=callbacks)
-    out.print("3/3 fine-tuning it with LoRA on the shopping-list task")
+    base = start_run(base_cfg, callbacks=callbacks)
+    on_stage("3/3 fine-tuning it with LoRA on the shopping-list task")
     lora_cfg = load_config(
         {
             "name": "quickstart-lora",
@@ -85,33 +109,19 @@ def run_quickstart(
             "output_dir": str(_fresh(root / "runs" / "lora")),
         }
     )
-    tuned = services.start_run(lora_cfg, callbacks=callbacks)
+    tuned = start_run(lora_cfg, callbacks=callbacks)
+    assert base.result_dir is not None and tuned.result_dir is not None  # both ran to completion
     curve = _loss_curve(tuned.output_dir / "metrics.jsonl")
     prompts = [json.loads(line)["messages"][0]["content"] for line in (data / "valid.jsonl").open()][:3]
     before = load_generator(model=str(base.result_dir), chat=True)
     after = load_generator(model=str(base.result_dir), adapter=str(tuned.result_dir), chat=True)
-    table = Table("held-out prompt", "base model", "after LoRA fine-tune", show_lines=True)
-    samples = []
-    for prompt in prompts:
-        pair = (before.complete(prompt, max_new_tokens=48), after.complete(prompt, max_new_tokens=48))
-        samples.append({"prompt": prompt, "before": pair[0], "after": pair[1]})
-        table.add_row(prompt, pair[0], pair[1])
-    out.print(table)
-    out.print(
-        f"LoRA run [bold]{tuned.run_id}[/]: train loss {curve[0]:.2f} → {curve[-1]:.2f}, "
-        f"validation loss {tuned.metrics['val_loss']:.3f}"
+    samples = [
+        QuickstartSample(p, before.complete(p, max_new_tokens=48), after.complete(p, max_new_tokens=48))
+        for p in prompts
+    ]
+    return QuickstartResult(
+        root, base.run_id, tuned.run_id, curve[0], curve[-1], tuned.metrics["val_loss"], tuned.result_dir, samples
     )
-    out.print(f"adapter (PEFT format): {tuned.result_dir}")
-    out.print(f"next: tunelab runs show {tuned.run_id}")
-    out.print(f'      tunelab generate --run {tuned.run_id} "List these items: tea, rice"')
-    return {
-        "base_run": base.run_id,
-        "lora_run": tuned.run_id,
-        "loss_first": curve[0],
-        "loss_last": curve[-1],
-        "val_loss": tuned.metrics["val_loss"],
-        "samples": samples,
-    }
 
 
 def _copy_data(dest: Path) -> Path:

@@ -49,7 +49,7 @@ class Prepared:
     parallel: DataParallel = field(default_factory=DataParallel)  # this process's share of each global micro-batch
 
 
-def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None) -> ModelSpec:
+def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None, processes: int = 1) -> ModelSpec:
     m = cfg.model
     estimate = memory.estimate if memory is not None else None
     return ModelSpec(
@@ -68,6 +68,7 @@ def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None) -> ModelSpec:
         offload_checkpoints=cfg.train.offload_checkpoints,
         memory_limit_bytes=estimate.total if estimate is not None else None,
         parallel=cfg.train.parallel,
+        processes=processes,
     )
 
 
@@ -118,7 +119,7 @@ def setup(
     on_data(data)
     cfg, memory = plan_run(cfg, folder, choice.name, data.train, output_dir, resume=resume)  # before loading
     backend = make_backend(choice)
-    info = backend.load(model_spec(cfg, memory), method_spec(cfg), optim_spec(cfg), tokenizer)
+    info = backend.load(model_spec(cfg, memory, group.world), method_spec(cfg), optim_spec(cfg), tokenizer)
     state, resumed_from = TrainerState(), None
     if resume:
         resumed_from = latest_checkpoint(output_dir / "checkpoints")
