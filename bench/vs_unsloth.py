@@ -143,11 +143,13 @@ def tunelab_config(row: Row, model: Path, data: Path, steps: int, out: Path) -> 
 
 
 # -- the two stacks -----------------------------------------------------------------------------
-def run_tunelab(row: Row, model: Path, data: Path, steps: int, warm: int, work: Path, cap: float | None) -> dict:
+def run_tunelab(
+    row: Row, model: Path, data: Path, steps: int, warm: int, work: Path, cap: float | None, site: str
+) -> dict:
     out = work / f"tl-{row.name}-{row.seq}-{int(time.time())}"
     out.mkdir(parents=True)
     cfg = tunelab_config(row, model, data, steps, out)
-    path = f"{REPO / 'src'}:{os.environ.get('PYTHONPATH', '')}"
+    path = f"{REPO / 'src'}:{_bitsandbytes_only(Path(site), work)}:{os.environ.get('PYTHONPATH', '')}"
     env = {**os.environ, "TUNELAB_HOME": str(out / "home"), "PYTHONPATH": path}
     estimate = _json(subprocess.run([sys.executable, "-m", "tunelab", "estimate", str(cfg), "--json"],
                                     env=env, capture_output=True, text=True))  # fmt: skip
@@ -175,6 +177,22 @@ def run_tunelab(row: Row, model: Path, data: Path, steps: int, warm: int, work: 
         "estimate_total_gib": _gib(show.get("estimated_memory_bytes")),
         "losses": [round(m["train_loss"], 3) for m in metrics if "train_loss" in m][:: max(1, steps // 4)],
     }
+
+
+def _bitsandbytes_only(site: Path, work: Path) -> Path:
+    """A folder holding only the Unsloth tree's bitsandbytes (QLoRA's kernels), for tunelab's side.
+
+    The device image has no bitsandbytes; the tree carried for Unsloth has one.  Putting the whole
+    tree on tunelab's path would also swap in that tree's transformers patches and libraries, so
+    only bitsandbytes is linked in.
+    """
+    folder = work / "bnb-only"
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in [*site.glob("bitsandbytes"), *site.glob("bitsandbytes-*.dist-info")]:
+        link = folder / entry.name
+        if not link.exists():
+            link.symlink_to(entry)
+    return folder
 
 
 def run_unsloth(row: Row, model: Path, steps: int, site: str, cap: float | None) -> dict:
@@ -304,7 +322,7 @@ def main() -> None:
                 at = Row(row.name, row.shape, row.method, 1, seq, True)
                 if stack == "tunelab":
                     data = write_data(args.workdir / f"text-{seq}.jsonl", 4 + 8, seq)
-                    result = run_tunelab(at, model, data, 3, 1, args.workdir, args.cap_gib)
+                    result = run_tunelab(at, model, data, 3, 1, args.workdir, args.cap_gib, args.unsloth_site)
                 else:
                     result = run_unsloth(at, model, 3, args.unsloth_site, args.cap_gib)
                 _emit({**result, "cap_gib": args.cap_gib}, sink)
@@ -318,7 +336,7 @@ def main() -> None:
         data = write_data(args.workdir / f"text-{row.seq}.jsonl", row.batch * args.steps + 8, row.seq)
         for stack in stacks:
             if stack == "tunelab":
-                result = run_tunelab(row, model, data, args.steps, args.warm, args.workdir, None)
+                result = run_tunelab(row, model, data, args.steps, args.warm, args.workdir, None, args.unsloth_site)
             else:
                 result = run_unsloth(row, model, args.steps, args.unsloth_site, None)
             results.append(result)
