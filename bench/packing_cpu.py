@@ -147,7 +147,7 @@ def worker(config_path: Path, warmup: int) -> dict[str, float]:
 
     output = Path(cfg.output_dir or ".")
     prep = recipe.setup(cfg, output, resume=False, on_data=lambda _data: None)
-    result = recipe.train(cfg, prep, output, Clock(), lambda: False)
+    result = recipe.train(prep, output, Clock(), lambda: False)
     steps = result.state.step
     batches = [prep.stream.get(c) for c in range(warmup, steps)]  # grad_accum 1: step s drew cursor s-1
     supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)

@@ -20,6 +20,11 @@ ADAPTER_METHODS: tuple[str, ...] = (*LORA_METHODS, "prefix", "ia3")
 WHOLE_MODEL_METHODS: tuple[str, ...] = ("full", "freeze")
 """Methods that change the base's own weights, so their result is a whole model (saved in ``model/``)."""
 
+# --- objectives ----------------------------------------------------------------------------------------------------
+ObjectiveName = Literal["sft"]
+OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
+"""What a run's loss optimizes; each backend maps every name here to one loss function."""
+
 # --- runs and jobs -------------------------------------------------------------------------------------------------
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)

@@ -66,7 +66,14 @@ def test_auto_batch_trains_with_the_effective_batch_and_records_the_estimate(
         row = repo.get_run(s, outcome.run_id)
         assert row.estimated_memory_bytes == plan["estimate"]["total_bytes"]
         assert row.peak_memory_bytes is not None
-    assert services.show_run(outcome.run_id)["estimated_memory_bytes"] == plan["estimate"]["total_bytes"]
+    shown = services.show_run(outcome.run_id)
+    assert shown["estimated_memory_bytes"] == plan["estimate"]["total_bytes"]
+    # One config per run: the registry holds the one it trained with (batch settled), and a resume
+    # takes that one; the run folder keeps the config as written.
+    trained = shown["config"]["train"]
+    assert (trained["batch_size"], trained["grad_accum"], trained["effective_batch_size"]) == (12, 1, None)
+    written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert (written["train"]["batch_size"], written["train"]["effective_batch_size"]) == ("auto", 12)
 
 
 def test_auto_batch_with_too_little_memory_says_what_to_change(tmp_path: Path) -> None:

@@ -66,6 +66,13 @@ class OptimSpec:
 
 
 @dataclass(frozen=True)
+class ObjectiveSpec:
+    """What the loss optimizes (``objective:``); each backend maps the name to one loss function."""
+
+    name: str = "sft"
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What was loaded, for logs and the registry."""
 
@@ -90,8 +97,15 @@ class Backend(Protocol):
 
     name: str
 
-    def load(self, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
-        """Load the base model, apply the method and build the optimizer."""
+    def load(
+        self,
+        model: ModelSpec,
+        method: MethodSpec,
+        optim: OptimSpec,
+        tokenizer: Any,
+        objective: ObjectiveSpec = ObjectiveSpec(),
+    ) -> ModelInfo:
+        """Load the base model, apply the method, choose the objective's loss and build the optimizer."""
         ...
 
     def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
@@ -99,7 +113,7 @@ class Backend(Protocol):
         ...
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
-        """Accumulate gradients of ``loss_sum * loss_scale`` for one micro-batch."""
+        """Accumulate gradients of ``loss_sum * loss_scale`` for one micro-batch (the objective's loss)."""
         ...
 
     def optimizer_step(self, lr: float) -> float:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tunelab.vocab import DataFormat, MethodName, TrainOn
+from tunelab.vocab import DataFormat, MethodName, ObjectiveName, TrainOn
 
 Scheduler = Literal["constant", "linear", "cosine"]
 BackendName = Literal["auto", "torch", "mlx"]
@@ -98,6 +98,14 @@ class MethodCfg(_Section):
         if self.name == "qlora" and self.bits is None:
             object.__setattr__(self, "bits", 4)  # the default depends on name; the model is frozen after this
         return self
+
+
+class ObjectiveCfg(_Section):
+    """``objective:`` what the loss optimizes."""
+
+    name: ObjectiveName = Field(
+        "sft", description="sft: token-weighted cross-entropy over the supervised (completion/assistant) tokens"
+    )
 
 
 class TrainCfg(_Section):
@@ -201,6 +209,7 @@ class RunConfig(_Section):
     model: ModelCfg
     data: DataCfg
     method: MethodCfg = MethodCfg()
+    objective: ObjectiveCfg = ObjectiveCfg()
     train: TrainCfg = TrainCfg()
     backend: BackendName = "auto"
     device: DeviceName = "auto"

@@ -248,7 +248,10 @@ def _budget(backend: str, device: str, override: int | None) -> Budget:
 
 
 def _with_batch(cfg: RunConfig, batch_size: int, grad_accum: int) -> RunConfig:
-    train = cfg.train.model_copy(update={"batch_size": batch_size, "grad_accum": grad_accum})
+    """The config with its batch settled: a fixed micro-batch and accumulation (what the run trains with,
+    and what the registry stores, so a resume never plans again)."""
+    settled = {"batch_size": batch_size, "grad_accum": grad_accum, "effective_batch_size": None}
+    train = cfg.train.model_copy(update=settled)
     return cfg.model_copy(update={"train": train})
 
 

@@ -148,6 +148,7 @@ def _execute(
                 device=prep.info.device,
                 total_steps=prep.total_steps,
                 estimated_memory_bytes=prep.memory.estimate.total if prep.memory and prep.memory.estimate else None,
+                config=prep.cfg.to_dict(),  # what it trains with (batch settled); output_dir/config.yaml is as written
             )
         hooks = CallbackList(
             [
@@ -162,7 +163,7 @@ def _execute(
             hooks.on_message(prep.memory.summary())
         if prep.resumed_from is not None:
             hooks.on_message(f"resuming from {prep.resumed_from.name}")
-        result = recipe.train(cfg, prep, output_dir, hooks, should_stop)
+        result = recipe.train(prep, output_dir, hooks, should_stop)
     except BaseException as exc:
         _finish(run_id, "failed" if not isinstance(exc, KeyboardInterrupt) else "cancelled", error=_reason(exc))
         raise
@@ -202,7 +203,7 @@ def _execute_follower(
     """A rank other than 0: the same setup and loop, but no registry, files or progress of its own
     (``callbacks`` are only those that control this process)."""
     prep = recipe.setup(cfg, output_dir, resume=resume, on_data=lambda _d: None, group=group)
-    result = recipe.train(cfg, prep, output_dir, CallbackList(list(callbacks)), should_stop)
+    result = recipe.train(prep, output_dir, CallbackList(list(callbacks)), should_stop)
     status = "completed" if result.status == "completed" else "cancelled"
     final = recipe.result_dir(output_dir, cfg.method.name) if status == "completed" else None
     metrics = {"val_loss": result.state.last_val_loss, "best_val_loss": result.state.best_val_loss}

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab.backends.base import Backend, Batch, MethodSpec, ModelInfo, ModelSpec, OptimSpec
+from tunelab.backends.base import Backend, Batch, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.select import Choice, choose_backend, is_mlx_quantized, make_backend, model_type_of
 from tunelab.config.schema import RunConfig
 from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
@@ -34,8 +34,9 @@ from tunelab.vocab import WHOLE_MODEL_METHODS
 
 @dataclass
 class Prepared:
-    """Everything set up and ready to train."""
+    """Everything set up and ready to train, with the one config the run trains with (batch settled)."""
 
+    cfg: RunConfig
     choice: Choice
     backend: Backend
     info: ModelInfo
@@ -82,6 +83,10 @@ def method_spec(cfg: RunConfig) -> MethodSpec:
     )
 
 
+def objective_spec(cfg: RunConfig) -> ObjectiveSpec:
+    return ObjectiveSpec(name=cfg.objective.name)
+
+
 def optim_spec(cfg: RunConfig) -> OptimSpec:
     return OptimSpec(weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm)
 
@@ -119,7 +124,8 @@ def setup(
     on_data(data)
     cfg, memory = plan_run(cfg, folder, choice.name, data.train, output_dir, resume=resume)  # before loading
     backend = make_backend(choice)
-    info = backend.load(model_spec(cfg, memory, group.world), method_spec(cfg), optim_spec(cfg), tokenizer)
+    spec = model_spec(cfg, memory, group.world)
+    info = backend.load(spec, method_spec(cfg), optim_spec(cfg), tokenizer, objective_spec(cfg))
     state, resumed_from = TrainerState(), None
     if resume:
         resumed_from = latest_checkpoint(output_dir / "checkpoints")
@@ -132,7 +138,7 @@ def setup(
     stream, valid = _batches(cfg, data, tokenizer.pad_token_id, state.global_batch)
     steps = total_steps(cfg, stream.batches_per_epoch)
     parallel = DataParallel(group, cfg.train.micro_batch_size, even=cfg.train.parallel == "fsdp")
-    return Prepared(choice, backend, info, data, stream, valid, steps, state, resumed_from, memory, parallel)
+    return Prepared(cfg, choice, backend, info, data, stream, valid, steps, state, resumed_from, memory, parallel)
 
 
 def _batches(
@@ -150,17 +156,15 @@ def _batches(
     return stream, eval_batches(data.valid, eval_bs, pad_id)
 
 
-def train(
-    cfg: RunConfig, prep: Prepared, output_dir: Path, callbacks: BaseCallback, should_stop: Callable[[], bool]
-) -> LoopResult:
+def train(prep: Prepared, output_dir: Path, callbacks: BaseCallback, should_stop: Callable[[], bool]) -> LoopResult:
     """Run the loop; on completion write the final adapter (or model) atomically."""
-    steps = prep.total_steps
+    cfg, steps = prep.cfg, prep.total_steps
     schedule = make_schedule(
         cfg.train.scheduler, lr=cfg.train.lr, total_steps=steps, warmup=warmup_steps(cfg.train.warmup, steps)
     )
     opts = LoopOptions(
         total_steps=steps,
-        grad_accum=prep.memory.grad_accum if prep.memory else cfg.train.grad_accum,  # batch_size: auto
+        grad_accum=cfg.train.grad_accum,  # settled by the memory plan (batch_size: auto)
         eval_every=cfg.train.eval_every,
         save_every=cfg.train.save_every,
         log_every=cfg.train.log_every,

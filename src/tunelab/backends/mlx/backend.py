@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, OptimSpec
+from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.lora_init import lora_a_init
 from tunelab.backends.mlx.blas import ensure_fast_blas
 from tunelab.backends.mlx.hf_config import rope_fixes
@@ -34,6 +34,7 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  # noqa: E402
+from tunelab.backends.mlx.objectives import MlxLoss, loss_for, token_cross_entropy  # noqa: E402
 from tunelab.backends.mlx.packing import enable_packing, packed_caches  # noqa: E402
 from tunelab.backends.mlx.quant import in_features, prepare_base, set_memory_limits  # noqa: E402
 
@@ -58,13 +59,22 @@ class MlxBackend:
         self._micro = 0  # micro-batches seen: dropout RNG is reseeded from it, so resume is exact
         self._distributed = False  # one of several processes (mlx.launch): set from the spec at load
         self._loss_and_grad: Any = None
+        self._objective: MlxLoss = token_cross_entropy
         self._head: Any = None  # output projection, when the decoder/head split reproduces the logits
         self._pad_multiple = 1
         self._pad_id = 0
         self._mask_rank = 0  # > 0 once packed batches are enabled (the rank of their attention mask)
 
     # -- setup -------------------------------------------------------------------------------
-    def load(self, model: ModelSpec, method: MethodSpec, optim_spec: OptimSpec, tokenizer: Any) -> ModelInfo:
+    def load(
+        self,
+        model: ModelSpec,
+        method: MethodSpec,
+        optim_spec: OptimSpec,
+        tokenizer: Any,
+        objective: ObjectiveSpec = ObjectiveSpec(),
+    ) -> ModelInfo:
+        self._objective = loss_for(objective)  # first: an objective this backend lacks fails before any loading
         self._load_base(model, tokenizer)
         self.method = method
         self._distributed = model.processes > 1
@@ -310,7 +320,7 @@ class MlxBackend:
     def _loss(
         self, model: Any, ids: mx.array, targets: mx.array, picked: mx.array | None, *packed: mx.array
     ) -> tuple[mx.array, mx.array]:
-        """Sum of token cross-entropies over supervised positions, and how many there are.
+        """The objective's summed loss over supervised positions, and how many there are.
 
         With ``picked`` the decoder's hidden states at supervised positions alone are
         projected to the vocabulary (same sum, far less head compute under prompt masking).
@@ -320,13 +330,8 @@ class MlxBackend:
         if picked is not None:
             hidden = model.model(ids, cache=cache)[:, :-1]
             hidden = hidden.reshape(-1, hidden.shape[-1])[picked]
-            logits = self._head(hidden).astype(mx.float32)
-            ce = nn.losses.cross_entropy(logits, targets, reduction="none")
-            return ce.sum(), mx.array(targets.shape[0])
-        logits = model(ids, cache=cache)[:, :-1].astype(mx.float32)
-        mask = targets != IGNORE
-        ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0), reduction="none")
-        return (ce * mask).sum(), mask.sum()
+            return self._objective(self._head(hidden).astype(mx.float32), targets)
+        return self._objective(model(ids, cache=cache)[:, :-1].astype(mx.float32), targets)
 
 
 def _flat(tree: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, OptimSpec
+from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.torch import fsdp
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
@@ -22,6 +22,7 @@ from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolv
 from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_device, pick_dtype
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import apply_method
+from tunelab.backends.torch.objectives import loss_for
 from tunelab.backends.torch.quant import bnb_config
 from tunelab.backends.torch.sync import active, broadcast_params, sum_gradients
 from tunelab.errors import ConfigError, StateError
@@ -58,7 +59,15 @@ class TorchBackend:
         self.checkpointing = "off"  # off | on | offloaded: what the run really does, for the log
 
     # -- setup -------------------------------------------------------------------------------
-    def load(self, model: ModelSpec, method: MethodSpec, optim: OptimSpec, tokenizer: Any) -> ModelInfo:
+    def load(
+        self,
+        model: ModelSpec,
+        method: MethodSpec,
+        optim: OptimSpec,
+        tokenizer: Any,
+        objective: ObjectiveSpec = ObjectiveSpec(),
+    ) -> ModelInfo:
+        self._loss = loss_for(objective)  # first: an objective this backend lacks fails before any loading
         if model.packing and method.name == "prefix":
             # Prefix tuning feeds its virtual tokens as a KV cache, and transformers finds
             # example boundaries only without one: packed examples would attend to each other.
@@ -136,7 +145,7 @@ class TorchBackend:
                 )
             fsdp.shard(self.model)
             self._params = [p for p in self.model.parameters() if p.requires_grad]  # now DTensor shards
-            self._loss = fsdp.as_root_forward(self.model, summed_loss)  # the LM head gathered for the fused loss
+            self._loss = fsdp.as_root_forward(self.model, self._loss)  # the LM head gathered for the fused loss
         mixed = dtype in (torch.bfloat16, torch.float16) and any(p.dtype == torch.float32 for p in self._params)
         self._autocast = dtype if mixed and self.device.type == "cuda" else None
         self._max_grad_norm = optim.max_grad_norm
