@@ -33,6 +33,7 @@ class TrainerState:
     last_val_loss: float | None = None
     best_val_loss: float | None = None
     global_batch: int = 0  # rows per global micro-batch (batch_size × processes); 0 = older checkpoint
+    micro_parts: int = 1  # pieces each micro-batch runs as, after out-of-memory back-offs (tunelab.train.backoff)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:
