@@ -409,6 +409,7 @@ def run_summary(session: Session, run_id: str) -> dict[str, Any]:
         "final_metrics": _json_safe(run.final_metrics),
         "peak_memory_bytes": run.peak_memory_bytes,
         "estimated_memory_bytes": run.estimated_memory_bytes,
+        "memory_backoffs": run.memory_backoffs or [],
         "artifacts": _group_artifacts(artifacts),
         "artifact_list": [
             {"kind": a.kind, "path": a.path, "meta": a.meta, "created_at": _iso(a.created_at)} for a in artifacts

@@ -147,6 +147,8 @@ class RunRow(Base):
     final_metrics: Mapped[dict[str, Any] | None] = mapped_column(_json(), nullable=True)
     peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     estimated_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Out-of-memory back-offs, oldest first: {"step", "micro_batch_size", "grad_accum", "reason"} each.
+    memory_backoffs: Mapped[list[dict[str, Any]] | None] = mapped_column(_json(), nullable=True)
 
 
 class MetricRow(Base):

@@ -85,6 +85,7 @@ class RunView(View):
     final_metrics: dict[str, Any] | None
     peak_memory_bytes: int | None
     estimated_memory_bytes: int | None
+    memory_backoffs: list[dict[str, Any]] = []  # out-of-memory back-offs: step, micro_batch_size, grad_accum, reason
     artifacts: dict[str, Any]
     artifact_list: list[ArtifactView]
 
