@@ -152,3 +152,11 @@ class Backend(Protocol):
     def peak_memory_bytes(self) -> int | None:
         """Peak accelerator (or process) memory so far, if the backend can tell."""
         ...
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is an allocation failure of this backend's device (CUDA, MPS, Metal or CPU)."""
+        ...
+
+    def release_memory(self) -> None:
+        """After an out-of-memory error mid-step: drop the step's partial gradients and cached memory."""
+        ...

@@ -6,7 +6,7 @@ So even a crash while loading the model leaves a ``failed`` run with the reason.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from tunelab.registry.db import open_registry, session_scope
 from tunelab.services.views import RunView
 from tunelab.settings import get_settings
 from tunelab.train import recipe
+from tunelab.train.backoff import Backoff
 from tunelab.train.callbacks import BaseCallback, CallbackList, MetricsFile
 from tunelab.train.checkpoint import list_checkpoints
 from tunelab.train.tensorboard import TensorBoardCallback
@@ -269,6 +270,11 @@ class RegistryCallback(BaseCallback):
                 if row.kind == "checkpoint" and row.path not in live:
                     repo.remove_artifact(s, run_id=self.run_id, kind="checkpoint", path=row.path)
             repo.add_artifact(s, run_id=self.run_id, kind="checkpoint", path=str(path), meta={"step": step})
+
+    def on_backoff(self, backoff: Backoff) -> None:
+        with session_scope(open_registry()) as s:
+            done = list(repo.get_run(s, self.run_id).memory_backoffs or [])
+            repo.update_run(s, self.run_id, memory_backoffs=[*done, asdict(backoff)])
 
 
 def list_runs(*, status: str | None = None, limit: int = 200) -> list[RunView]:

@@ -10,7 +10,10 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from tunelab.train.backoff import Backoff
 
 
 class Callback(Protocol):
@@ -20,6 +23,7 @@ class Callback(Protocol):
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def on_message(self, text: str) -> None: ...
+    def on_backoff(self, backoff: Backoff) -> None: ...
     def on_end(self, *, step: int, status: str) -> None: ...
 
 
@@ -44,6 +48,13 @@ class BaseCallback:
 
     def on_message(self, text: str) -> None:
         pass
+
+    def on_backoff(self, backoff: Backoff) -> None:
+        """An out-of-memory step is retried on smaller pieces; by default, say so as a message."""
+        self.on_message(
+            f"step {backoff.step} ran out of memory ({backoff.reason}); retrying it with micro-batch "
+            f"{backoff.micro_batch_size} × grad_accum {backoff.grad_accum} (same effective batch)"
+        )
 
     def on_end(self, *, step: int, status: str) -> None:
         pass
@@ -70,6 +81,10 @@ class CallbackList(BaseCallback):
     def on_message(self, text: str) -> None:
         for cb in self.callbacks:
             cb.on_message(text)
+
+    def on_backoff(self, backoff: Backoff) -> None:
+        for cb in self.callbacks:
+            cb.on_backoff(backoff)
 
     def on_end(self, *, step: int, status: str) -> None:
         for cb in self.callbacks:

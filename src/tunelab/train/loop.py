@@ -19,6 +19,7 @@ import numpy as np
 from tunelab.backends.base import Backend, Batch
 from tunelab.data.batching import MicroBatchStream
 from tunelab.distributed.sharding import DataParallel
+from tunelab.train.backoff import OutOfMemoryError, accumulate_with_backoff
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, save_checkpoint
 from tunelab.train.schedules import Schedule
@@ -80,9 +81,19 @@ def run_loop(
         started = time.perf_counter()
         micro = [stream.get(state.cursor + i) for i in range(opts.grad_accum)]  # global micro-batches
         supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        loss_sum = 0.0
-        for batch in (piece for b in micro for piece in parallel.local(b)):
-            loss_sum += backend.forward_backward(batch, 1.0 / max(supervised, 1)).loss_sum
+        try:
+            loss_sum, state.micro_parts = accumulate_with_backoff(
+                backend,
+                micro,
+                parallel,
+                state.micro_parts,
+                supervised,
+                step=state.step,
+                on_backoff=callbacks.on_backoff,
+            )
+        except OutOfMemoryError:
+            _save_last_step(backend, state, opts, callbacks, parallel)
+            raise
         if parallel.group.world > 1:
             loss_sum = parallel.group.all_sum([loss_sum])[0]
         lr = schedule(state.step)
@@ -121,6 +132,15 @@ def run_loop(
             callbacks.on_message(f"stopped at step {state.step}; resume with --resume")
             return LoopResult(state, "interrupted")
     return LoopResult(state, "completed")
+
+
+def _save_last_step(
+    backend: Backend, state: TrainerState, opts: LoopOptions, callbacks: BaseCallback, parallel: DataParallel
+) -> None:
+    """Checkpoint the last completed step before the run stops on an out-of-memory error it can't back off from."""
+    if state.step > 0 and parallel.group.world == 1:
+        path = save_checkpoint(opts.checkpoint_dir, backend, state, keep=opts.keep_checkpoints)
+        callbacks.on_checkpoint(state.step, path)
 
 
 def _validate(

@@ -33,6 +33,7 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
+from tunelab.backends.mlx import oom  # noqa: E402
 from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  # noqa: E402
 from tunelab.backends.mlx.objectives import MlxLoss, loss_for, token_cross_entropy  # noqa: E402
 from tunelab.backends.mlx.packing import enable_packing, packed_caches  # noqa: E402
@@ -287,6 +288,13 @@ class MlxBackend:
             if value in stop_ids:
                 return
             logits = self.model(token.reshape(1, 1), cache=cache)[:, -1, :]
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return oom.is_out_of_memory(exc)
+
+    def release_memory(self) -> None:
+        self._grads = None  # the failed step's partial sum
+        oom.release()
 
     def peak_memory_bytes(self) -> int | None:
         if mx.default_device() == mx.gpu:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
-from tunelab.backends.torch import fsdp
+from tunelab.backends.torch import fsdp, oom
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
@@ -367,6 +367,12 @@ class TorchBackend:
         finally:
             cancel.set()
             thread.join()
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return oom.is_out_of_memory(exc)
+
+    def release_memory(self) -> None:
+        oom.release(self._params, self.device)
 
     def peak_memory_bytes(self) -> int | None:
         if self.device.type == "cuda":

@@ -1,0 +1,106 @@
+"""Out-of-memory back-off: a step that runs out of memory is retried on smaller pieces, never lost.
+
+Each global micro-batch runs as ``parts`` pieces of its rows.  When a step runs out of memory (CUDA,
+MPS, Metal or a failed CPU allocation, as the backend tells), its partial gradients are dropped,
+``parts`` doubles — half the micro-batch, twice the accumulation — and the same step runs again
+on the same rows.  The loss is scaled by the step's supervised-token count whatever the pieces, so
+the gradient is the one the whole micro-batch gives (same effective batch, same data order): the run
+goes on as an uninterrupted run with the smaller micro-batch would.  Only when a piece of one row
+fails does the run stop, with :class:`OutOfMemoryError` naming what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tunelab.backends.base import Backend, Batch
+from tunelab.distributed.sharding import DataParallel
+from tunelab.errors import StateError
+
+_HINTS = (
+    "train.gradient_checkpointing: true",
+    "train.offload_checkpoints: true (CUDA)",
+    "method: qlora",
+    "a smaller data.max_seq_len",
+)
+
+
+class OutOfMemoryError(StateError):
+    """Even one row per piece does not fit: the run stops (its last completed step is checkpointed)."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """One back-off, as recorded on the run."""
+
+    step: int  # the step that ran out of memory (and was then retried)
+    micro_batch_size: int  # rows per piece from now on
+    grad_accum: int  # pieces per optimizer step from now on
+    reason: str  # the backend's out-of-memory message, first line
+
+
+def split_rows(batch: Batch, parts: int) -> list[Batch]:
+    """``batch`` as up to ``parts`` consecutive row groups, each trimmed of the padding columns it doesn't need."""
+    rows = batch["input_ids"].shape[0]
+    if parts <= 1 or rows == 1:
+        return [batch]
+    pieces = []
+    for idx in np.array_split(np.arange(rows), min(parts, rows)):
+        piece = {k: v[idx[0] : idx[-1] + 1] for k, v in batch.items()}
+        mask = piece["attention_mask"]
+        width = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1 if mask.any() else mask.shape[1]
+        pieces.append({k: v[:, :width] for k, v in piece.items()})
+    return pieces
+
+
+def accumulate(backend: Backend, micro: Sequence[Batch], parallel: DataParallel, parts: int, supervised: int) -> float:
+    """Forward and backward of one step's micro-batches (this rank's rows, in ``parts`` pieces each)."""
+    loss_sum = 0.0
+    for batch in micro:
+        for local in parallel.local(batch):
+            for piece in split_rows(local, parts):
+                loss_sum += backend.forward_backward(piece, 1.0 / max(supervised, 1)).loss_sum
+    return loss_sum
+
+
+def accumulate_with_backoff(
+    backend: Backend,
+    micro: Sequence[Batch],
+    parallel: DataParallel,
+    parts: int,
+    supervised: int,
+    *,
+    step: int,
+    on_backoff: Callable[[Backoff], None],
+) -> tuple[float, int]:
+    """:func:`accumulate`, halving the pieces on out-of-memory until one row per piece; returns (loss, parts)."""
+    while True:
+        try:
+            return accumulate(backend, micro, parallel, parts, supervised), parts
+        except Exception as exc:
+            if not backend.is_out_of_memory(exc):
+                raise
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        # Out of the except block, the exception and the frames it holds (the failed step's tensors) are gone.
+        backend.release_memory()
+        rows = max(b["input_ids"].shape[0] for b in micro) // max(parallel.group.world, 1)
+        if -(-rows // parts) <= 1 or parallel.group.world > 1:
+            raise _stop(step, rows, parts, parallel.group.world, reason)
+        parts *= 2
+        on_backoff(Backoff(step + 1, -(-rows // parts), len(micro) * parts, reason))
+
+
+def _stop(step: int, rows: int, parts: int, world: int, reason: str) -> OutOfMemoryError:
+    where = f"step {step + 1} ran out of memory ({reason})"
+    if world > 1:
+        return OutOfMemoryError(
+            f"{where} on one of {world} processes; back-off is for one process only",
+            hint="resume with a smaller train.batch_size, or " + ", ".join(_HINTS),
+        )
+    return OutOfMemoryError(
+        f"{where} even with {-(-rows // parts)} row per micro-batch; the last completed step is checkpointed",
+        hint="turn on " + ", or ".join(_HINTS) + ", then resume with `tunelab train --resume RUN_ID`",
+    )
