@@ -182,3 +182,15 @@ def test_train_estimate_uses_the_longest_example_and_a_resumed_auto_run_keeps_it
     resumed, again = plan_run(cfg, tiny_model_dir, "torch", split, tmp_path, resume=True)
     assert (resumed.train.batch_size, resumed.train.grad_accum, again.auto) == (2, 3, True)
     assert "batch 2 × grad_accum 3 (auto)" in again.summary()
+
+
+def test_a_measured_peak_far_from_the_estimate_is_said_and_a_close_one_is_not(tiny_model_dir: Path) -> None:
+    plan = estimate_config(load_config(_config(tiny_model_dir, batch_size=4)), device="cpu")
+    assert plan.estimate is not None
+    total = plan.estimate.total
+    assert plan.measured(int(total * 1.1)) is None and plan.measured(int(total * 0.9)) is None
+    above = plan.measured(int(total * 1.3))
+    assert above is not None and "30% above the estimate" in above
+    below = plan.measured(int(total * 0.5))
+    assert below is not None and "50% below" in below
+    assert plan.measured(None) is None

@@ -29,6 +29,9 @@ _SCANNED = 4096  # longest examples whose supervised tokens are counted
 PLAN_FILE = "memory.json"  # in the run's folder: a resumed auto run keeps the batch it started with
 
 
+PEAK_TOLERANCE = 0.15  # measured peak vs estimate beyond which a run's log says so
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """What a run will use and whether it fits; ``batch_size``/``grad_accum`` are final."""
@@ -54,6 +57,22 @@ class MemoryPlan:
         have = f" of {_gib(self.budget.bytes)} ({self.budget.source})" if self.budget.bytes else ""
         verdict = {True: "fits", False: "may NOT fit: see `tunelab estimate`", None: "capacity unknown"}[self.fits]
         return f"memory: estimated peak {_gib(self.estimate.total)}{have}, {verdict}; {batch}"
+
+    def measured(self, peak: int | None, tolerance: float = PEAK_TOLERANCE) -> str | None:
+        """A warning for the run's log when the measured ``peak`` is more than ``tolerance`` off the estimate.
+
+        ``batch_size: auto`` and the "fits" verdict rest on the estimate, so a large miss is worth
+        saying where the user sees it (and reporting: the estimator should model that run).
+        """
+        if self.estimate is None or not peak or not self.estimate.total:
+            return None
+        off = peak / self.estimate.total - 1
+        if abs(off) <= tolerance:
+            return None
+        return (
+            f"memory: the measured peak {_gib(peak)} is {abs(off):.0%} {'above' if off > 0 else 'below'} the "
+            f"estimate {_gib(self.estimate.total)}; batch_size: auto and the fits check rely on the estimate"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

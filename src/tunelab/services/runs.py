@@ -180,7 +180,11 @@ def _execute(
         repo.add_artifact(s, run_id=run_id, kind="metrics", path=str(output_dir / "metrics.jsonl"))
         if cfg.tensorboard:
             repo.add_artifact(s, run_id=run_id, kind="tensorboard", path=str(output_dir / "tensorboard"))
-        repo.update_run(s, run_id, peak_memory_bytes=prep.backend.peak_memory_bytes(), step=result.state.step)
+        peak = prep.backend.peak_memory_bytes()
+        repo.update_run(s, run_id, peak_memory_bytes=peak, step=result.state.step)
+    off = prep.memory.measured(peak) if prep.memory is not None else None
+    if off is not None:
+        hooks.on_message(off)
     hooks.on_end(step=result.state.step, status=status)
     _finish(run_id, status, final_metrics=metrics)
     group.barrier()  # the others wait for the result to be saved and recorded, so all ranks end together
