@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,19 +144,40 @@ def _cli_command() -> list[str]:
     return [script]
 
 
+def cli_env(home: str | os.PathLike[str], **extra: str) -> dict[str, str]:
+    """This process's environment for a CLI child whose registry and runs live under ``home`` (SQLite there)."""
+    env = {**os.environ, "TUNELAB_HOME": str(home), **extra}
+    env.pop("TUNELAB_DB_URL", None)
+    return env
+
+
+def start_cli(
+    *args: str | os.PathLike[str], home: str | os.PathLike[str], launcher: Sequence[str] = (), **extra: str
+) -> subprocess.Popen[str]:
+    """Start the real CLI (``launcher`` first, e.g. torchrun's) with text pipes; the caller waits on it."""
+    return subprocess.Popen(
+        [sys.executable, *launcher, "-m", "tunelab", *(str(a) for a in args)],
+        env=cli_env(home, **extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_cli(
     *args: str | os.PathLike[str],
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
-    timeout: float = 120,
+    timeout: float = 300,
+    home: str | os.PathLike[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``tunelab`` CLI in a subprocess and capture its text output.
 
     The child inherits this process's environment (including the per-test
-    ``TUNELAB_HOME``) plus ``env``.  Never raises on a non-zero exit code:
-    check ``returncode``, ``stdout`` and ``stderr`` yourself.
+    ``TUNELAB_HOME``, or ``home`` when given) plus ``env``.  Never raises on a
+    non-zero exit code: check ``returncode``, ``stdout`` and ``stderr`` yourself.
     """
-    child_env = {**os.environ, **(env or {})}
+    child_env = {**(cli_env(home) if home is not None else os.environ), **(env or {})}
     if not child_env.get("TUNELAB_HOME"):
         # Called outside a test (e.g. from a module fixture): still never touch ~/.tunelab.
         child_env["TUNELAB_HOME"] = tempfile.mkdtemp(prefix="tunelab_home_")

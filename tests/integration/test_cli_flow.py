@@ -3,37 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import run_cli
 from tests.integration.conftest import base_config
 
 pytestmark = pytest.mark.slow
-
-
-def _cli(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TUNELAB_HOME": str(home)}
-    env.pop("TUNELAB_DB_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "tunelab", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def test_train_then_runs_show_and_generate(e2e_model: Path, chat_data: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(base_config(e2e_model, chat_data, tmp_path / "out", save_every=6, eval_every=6)))
-    trained = _cli("train", str(cfg), "train.steps=12", "method.rank=8", home=home)
+    trained = run_cli("train", str(cfg), "train.steps=12", "method.rank=8", home=home)
     assert trained.returncode == 0, trained.stderr
     assert "completed" in trained.stdout
 
-    runs = json.loads(_cli("runs", "list", "--json", home=home).stdout)
+    runs = json.loads(run_cli("runs", "list", "--json", home=home).stdout)
     assert len(runs) == 1
-    run = json.loads(_cli("runs", "show", runs[0]["id"][:5], "--json", home=home).stdout)
+    run = json.loads(run_cli("runs", "show", runs[0]["id"][:5], "--json", home=home).stdout)
     assert run["id"] == runs[0]["id"]
     assert run["status"] == "completed" and run["backend"] == "torch" and run["device"] == "cpu"
     assert run["config"]["method"]["rank"] == 8  # the override was recorded, not the file's value
@@ -44,18 +34,18 @@ def test_train_then_runs_show_and_generate(e2e_model: Path, chat_data: Path, tmp
     assert run["artifacts"]["checkpoints"] == [str(tmp_path / "out" / "checkpoints" / "step-6")]
     assert (tmp_path / "out" / "metrics.jsonl").is_file()
 
-    generated = _cli("generate", "--run", run["id"], "List: tea, rice", "--max-new-tokens", "12", home=home)
+    generated = run_cli("generate", "--run", run["id"], "List: tea, rice", "--max-new-tokens", "12", home=home)
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.strip()
 
-    again = _cli("train", str(cfg), home=home)
+    again = run_cli("train", str(cfg), home=home)
     assert again.returncode != 0 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_quickstart_runs_offline(tmp_path: Path) -> None:
-    result = _cli("quickstart", "--workdir", str(tmp_path / "qs"), "--steps", "12", home=tmp_path / "home")
+    result = run_cli("quickstart", "--workdir", str(tmp_path / "qs"), "--steps", "12", home=tmp_path / "home")
     assert result.returncode == 0, result.stderr
     assert "held-out prompt" in result.stdout and "after LoRA fine-tune" in result.stdout
-    runs = json.loads(_cli("runs", "list", "--json", home=tmp_path / "home").stdout)
+    runs = json.loads(run_cli("runs", "list", "--json", home=tmp_path / "home").stdout)
     assert sorted(r["name"] for r in runs) == ["quickstart-base", "quickstart-lora"]
     assert all(r["status"] == "completed" for r in runs)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import run_cli
 from tests.integration.conftest import base_config
 
 from tunelab.memory.plan import PLAN_FILE
@@ -17,31 +15,23 @@ from tunelab.memory.plan import PLAN_FILE
 pytestmark = pytest.mark.slow
 
 
-def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TUNELAB_HOME": str(home)}
-    env.pop("TUNELAB_DB_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "tunelab", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_estimate_prints_the_breakdown_and_a_verdict(e2e_model: Path, chat_data: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(base_config(e2e_model, chat_data, tmp_path / "out")))
-    shown = _cli("estimate", str(cfg), "train.gradient_checkpointing=true", home=tmp_path)
+    shown = run_cli("estimate", str(cfg), "train.gradient_checkpointing=true", home=tmp_path)
     assert shown.returncode == 0, shown.stderr
     for label in ("weights", "optimizer state", "activations", "logits & loss", "runtime", "total", "fits"):
         assert label in shown.stdout
     assert "gradient checkpointing" in shown.stdout
 
-    report = json.loads(_cli("estimate", str(cfg), "--json", home=tmp_path).stdout)
+    report = json.loads(run_cli("estimate", str(cfg), "--json", home=tmp_path).stdout)
     lines = report["estimate"]["lines"]
     assert sum(line["bytes"] for line in lines) == report["estimate"]["total_bytes"]
     assert report["fits"] is True and report["budget"]["source"] == "system RAM"
 
-    small = _cli("estimate", str(cfg), "--memory", "100MB", home=tmp_path)
+    small = run_cli("estimate", str(cfg), "--memory", "100MB", home=tmp_path)
     assert small.returncode == 0 and "does not fit" in small.stdout and "gradient_checkpointing" in small.stdout
-    wrong = _cli("estimate", str(cfg), "method.targets=[query]", home=tmp_path)
+    wrong = run_cli("estimate", str(cfg), "method.targets=[query]", home=tmp_path)
     assert wrong.returncode == 2 and "method.targets" in wrong.stderr and "Traceback" not in wrong.stderr
 
 

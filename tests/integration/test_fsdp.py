@@ -15,23 +15,23 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
-from tests.integration.test_distributed import (
-    BATCH,
-    TOL,
-    _assert_close,
-    _cli,
-    _config,
-    _curve,
-    _finish,
-    _runs,
-    _stop_after_first_step,
+from tests.integration.runs import (
+    assert_close,
+    cpu_config,
+    curve,
+    finish,
+    listed_runs,
+    ranks_cli,
+    stop_after_first_step,
 )
 
 STEPS = 12
+BATCH = 4  # per process; the single-process reference uses 2 × BATCH
+TOL = 1e-4
 
 
 def _fsdp_config(tmp: Path, model: Path, data: Path, batch: int) -> Path:
-    path = _config(tmp, model, data, batch, steps=STEPS)
+    path = cpu_config(tmp, model, data, batch, steps=STEPS)
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     raw["train"]["parallel"] = "fsdp"
     raw["train"]["save_every"] = 4
@@ -43,7 +43,7 @@ def _fsdp_config(tmp: Path, model: Path, data: Path, batch: int) -> Path:
 def reference(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_data: Path) -> Path:
     """One process (no FSDP), micro-batch 2 × BATCH: the run both sharded layouts must match."""
     root = tmp_path_factory.mktemp("fsdp-reference")
-    _finish(_cli("train", str(_fsdp_config(root, e2e_model, chat_data, 2 * BATCH)), home=root / "home"))
+    finish(ranks_cli("train", str(_fsdp_config(root, e2e_model, chat_data, 2 * BATCH)), home=root / "home"))
     return root / "out"
 
 
@@ -55,10 +55,10 @@ def test_fsdp_two_processes_match_one_with_twice_the_batch(
     raw = yaml.safe_load(cfg.read_text(encoding="utf-8"))
     raw["train"]["eval_batch_size"] = 5  # 5 validation batches: rank 1 runs a no-loss one to keep step
     cfg.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    _finish(_cli("train", str(cfg), home=tmp_path / "home", torchrun=2))
+    finish(ranks_cli("train", str(cfg), home=tmp_path / "home", nproc=2))
     out = tmp_path / "out"
-    _assert_close(_curve(out, "train_loss"), _curve(reference, "train_loss"), range(1, STEPS + 1))
-    _assert_close(_curve(out, "val_loss"), _curve(reference, "val_loss"), range(STEPS, STEPS + 1))
+    assert_close(curve(out, "train_loss"), curve(reference, "train_loss"), range(1, STEPS + 1), TOL)
+    assert_close(curve(out, "val_loss"), curve(reference, "val_loss"), range(STEPS, STEPS + 1), TOL)
     assert (out / "checkpoints" / "step-8" / "__1_0.distcp").is_file()  # rank 1 wrote its shards (DCP)
     # The gathered adapter has the one-process layout: same files, names, shapes, and values.
     assert sorted(p.name for p in (out / "adapter").iterdir()) == sorted(
@@ -69,7 +69,7 @@ def test_fsdp_two_processes_match_one_with_twice_the_batch(
     assert sorted(left) == sorted(right)
     assert max(float(np.abs(left[k] - right[k]).max()) for k in left) < TOL
     _loads_with_peft(e2e_model, out / "adapter")
-    assert [r["status"] for r in _runs(tmp_path / "home")] == ["completed"]
+    assert [r["status"] for r in listed_runs(tmp_path / "home")] == ["completed"]
 
 
 def _loads_with_peft(model: Path, adapter: Path) -> None:
@@ -87,19 +87,19 @@ def test_fsdp_checkpoint_of_two_processes_resumes_on_one(
     reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
 ) -> None:
     home, out = tmp_path / "home", tmp_path / "out"
-    proc = _cli("train", str(_fsdp_config(tmp_path, e2e_model, chat_data, BATCH)), "--nproc", "2", home=home)
-    err = _stop_after_first_step(proc, out)  # every rank stops at the same step and writes its shards
-    runs = _runs(home)
+    proc = ranks_cli("train", str(_fsdp_config(tmp_path, e2e_model, chat_data, BATCH)), "--nproc", "2", home=home)
+    err = stop_after_first_step(proc, out)  # every rank stops at the same step and writes its shards
+    runs = listed_runs(home)
     assert runs[0]["status"] == "cancelled", err
     saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     assert saved and saved[-1] < STEPS
     last = out / "checkpoints" / f"step-{saved[-1]}"
     assert {p.name for p in last.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}  # one file per rank
     assert json.loads((last / "trainer_state.json").read_text())["global_batch"] == 2 * BATCH
-    _finish(_cli("train", "--resume", runs[0]["id"], home=home))  # one process, no FSDP: DCP reads every shard
-    _assert_close(_curve(out, "train_loss"), _curve(reference, "train_loss"), range(1, STEPS + 1))
-    _assert_close(_curve(out, "val_loss"), _curve(reference, "val_loss"), range(STEPS, STEPS + 1))
-    assert _runs(home)[0]["status"] == "completed"
+    finish(ranks_cli("train", "--resume", runs[0]["id"], home=home))  # one process, no FSDP: DCP reads every shard
+    assert_close(curve(out, "train_loss"), curve(reference, "train_loss"), range(1, STEPS + 1), TOL)
+    assert_close(curve(out, "val_loss"), curve(reference, "val_loss"), range(STEPS, STEPS + 1), TOL)
+    assert listed_runs(home)[0]["status"] == "completed"
 
 
 def test_fsdp_ranks_run_as_many_forwards_as_each_other() -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tests.integration.conftest import base_config, tiny_model_from
-from tests.integration.test_peft_roundtrip import _reference_val_loss
-from tests.integration.test_resume import _cli, _max_diff, _run_id, _wait_for
+from tests.integration.runs import adapter_diff, only_run_id, reference_val_loss, start_cli, wait_for
 
 from tunelab import services
 from tunelab.config.load import load_config
@@ -56,7 +55,7 @@ def test_mlx_adapter_reproduces_its_val_loss_in_peft(e2e_model: Path, chat_data:
     outcome = services.start_run(cfg)
     reported = services.show_run(outcome.run_id)["metrics"]["val_loss"]
     base = AutoModelForCausalLM.from_pretrained(str(e2e_model), dtype=torch.float32)
-    measured = _reference_val_loss(
+    measured = reference_val_loss(
         PeftModel.from_pretrained(base, str(outcome.result_dir)), outcome.result_dir, cfg.data
     )
     assert abs(measured - reported) / reported < 1e-3, (measured, reported)
@@ -90,20 +89,20 @@ def test_mlx_sigkill_then_resume_matches_uninterrupted(e2e_model: Path, chat_dat
         (root / "cfg.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
         return root / "cfg.yaml"
 
-    ref = _cli("train", str(write(tmp_path / "ref")), home=tmp_path / "ref" / "home")
+    ref = start_cli("train", str(write(tmp_path / "ref")), home=tmp_path / "ref" / "home")
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err
 
     home = tmp_path / "crash" / "home"
-    proc = _cli("train", str(write(tmp_path / "crash")), home=home)
-    _wait_for(tmp_path / "crash" / "out" / "checkpoints" / "step-10", proc)
+    proc = start_cli("train", str(write(tmp_path / "crash")), home=home)
+    wait_for(tmp_path / "crash" / "out" / "checkpoints" / "step-10", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (tmp_path / "crash" / "out" / "adapter").exists(), "the run finished before it could be killed"
-    resumed = _cli("train", "--resume", _run_id(home), home=home)
+    resumed = start_cli("train", "--resume", only_run_id(home), home=home)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert _max_diff(tmp_path / "ref" / "out" / "adapter", tmp_path / "crash" / "out" / "adapter") <= 1e-5
+    assert adapter_diff(tmp_path / "ref" / "out" / "adapter", tmp_path / "crash" / "out" / "adapter") <= 1e-5
 
 
 def test_mlx_full_finetune_loads_in_transformers(e2e_model: Path, chat_data: Path, tmp_path: Path) -> None:
@@ -112,6 +111,6 @@ def test_mlx_full_finetune_loads_in_transformers(e2e_model: Path, chat_data: Pat
     cfg = load_config(_parity_config(e2e_model, chat_data, tmp_path / "run", "mlx", "full"))
     outcome = services.start_run(cfg)
     model = AutoModelForCausalLM.from_pretrained(str(outcome.result_dir))
-    measured = _reference_val_loss(model, outcome.result_dir, cfg.data)
+    measured = reference_val_loss(model, outcome.result_dir, cfg.data)
     reported = services.show_run(outcome.run_id)["metrics"]["val_loss"]
     assert abs(measured - reported) / reported < 1e-3

@@ -8,31 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from tests.integration.conftest import base_config, tiny_model_from
+from tests.integration.runs import reference_val_loss
 
 from tunelab import services
 from tunelab.config.load import load_config
-from tunelab.data.batching import eval_batches
-from tunelab.data.prepare import prepare_data
-from tunelab.hub import load_tokenizer
-
-
-def _reference_val_loss(model: torch.nn.Module, tokenizer_dir: Path, cfg_data) -> float:
-    """Token-weighted mean CE over all supervised validation tokens, the plain transformers way."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    data = prepare_data(cfg_data, tokenizer)
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for batch in eval_batches(data.valid, 5, tokenizer.pad_token_id):  # another batching than training's
-            ids = torch.from_numpy(batch["input_ids"])
-            logits = model(input_ids=ids, attention_mask=torch.from_numpy(batch["attention_mask"])).logits
-            labels = torch.from_numpy(batch["labels"])[:, 1:]
-            mask = labels != -100
-            total += float(
-                torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="sum")
-            )
-            count += int(mask.sum())
-    return total / count
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix"])
@@ -52,7 +31,7 @@ def test_peft_reload_reproduces_val_loss(method: str, e2e_model: Path, chat_data
     reported = services.show_run(outcome.run_id)["metrics"]["val_loss"]
     base = AutoModelForCausalLM.from_pretrained(str(e2e_model), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(adapter))
-    measured = _reference_val_loss(peft_model, adapter, cfg.data)
+    measured = reference_val_loss(peft_model, adapter, cfg.data)
     assert abs(measured - reported) / reported < 1e-3, (measured, reported)
 
 
@@ -64,7 +43,7 @@ def test_full_finetune_saves_a_loadable_model(e2e_model: Path, chat_data: Path, 
     outcome = services.start_run(load_config(raw))
     assert outcome.result_dir is not None and outcome.result_dir.name == "model"
     model = AutoModelForCausalLM.from_pretrained(str(outcome.result_dir))
-    measured = _reference_val_loss(model, outcome.result_dir, load_config(raw).data)
+    measured = reference_val_loss(model, outcome.result_dir, load_config(raw).data)
     reported = services.show_run(outcome.run_id)["metrics"]["val_loss"]
     assert abs(measured - reported) / reported < 1e-3
 
@@ -80,7 +59,7 @@ def test_softcapped_logits_match_transformers(chat_data: Path, tmp_path: Path) -
     outcome = services.start_run(cfg)
     reported = services.show_run(outcome.run_id)["metrics"]["val_loss"]
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    measured = _reference_val_loss(
+    measured = reference_val_loss(
         PeftModel.from_pretrained(base, str(outcome.result_dir)), outcome.result_dir, cfg.data
     )
     assert abs(measured - reported) / reported < 1e-3, (measured, reported)

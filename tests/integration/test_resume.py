@@ -7,25 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.numpy import load_file
 from tests.integration.conftest import base_config
+from tests.integration.runs import adapter_diff, only_run_id, start_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
 STEPS = 60
-
-
-def _cli(*args: str, home: Path) -> subprocess.Popen:
-    env = {**os.environ, "TUNELAB_HOME": str(home)}
-    env.pop("TUNELAB_DB_URL", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "tunelab", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
 
 
 def _write_cfg(path: Path, model: Path, data: Path, out: Path) -> Path:
@@ -35,39 +26,12 @@ def _write_cfg(path: Path, model: Path, data: Path, out: Path) -> Path:
     return path
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"run ended before {path.name}: {proc.communicate()}"
-        assert time.time() < deadline, f"timed out waiting for {path}"
-        time.sleep(0.01)
-
-
-def _run_id(home: Path) -> str:
-    listed = subprocess.run(
-        [sys.executable, "-m", "tunelab", "runs", "list", "--json"],
-        env={**os.environ, "TUNELAB_HOME": str(home)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    runs = json.loads(listed.stdout)
-    assert len(runs) == 1
-    return runs[0]["id"]
-
-
-def _max_diff(a: Path, b: Path) -> float:
-    left, right = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
-    assert left.keys() == right.keys()
-    return max(float(abs(left[k] - right[k]).max()) for k in left)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_data: Path) -> Path:
     """The uninterrupted run's adapter."""
     root = tmp_path_factory.mktemp("reference")
     cfg = _write_cfg(root / "cfg.yaml", e2e_model, chat_data, root / "out")
-    proc = _cli("train", str(cfg), home=root / "home")
+    proc = start_cli("train", str(cfg), home=root / "home")
     _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     return root / "out" / "adapter"
@@ -78,18 +42,18 @@ def test_sigkill_then_resume_matches_uninterrupted(
 ) -> None:
     home = tmp_path / "home"
     cfg = _write_cfg(tmp_path / "cfg.yaml", e2e_model, chat_data, tmp_path / "out")
-    proc = _cli("train", str(cfg), home=home)
-    _wait_for(tmp_path / "out" / "checkpoints" / "step-15", proc)
+    proc = start_cli("train", str(cfg), home=home)
+    wait_for(tmp_path / "out" / "checkpoints" / "step-15", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (tmp_path / "out" / "adapter").exists(), "the run finished before it could be killed"
-    run_id = _run_id(home)
+    run_id = only_run_id(home)
 
-    resumed = _cli("train", "--resume", run_id, home=home)
+    resumed = start_cli("train", "--resume", run_id, home=home)
     _out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resuming from step-" in err
-    assert _max_diff(reference, tmp_path / "out" / "adapter") <= 1e-5
+    assert adapter_diff(reference, tmp_path / "out" / "adapter") <= 1e-5
 
     shown = json.loads(
         subprocess.run(
@@ -111,15 +75,15 @@ def test_ctrl_c_saves_checkpoint_and_resume_finishes(
 ) -> None:
     home = tmp_path / "home"
     cfg = _write_cfg(tmp_path / "cfg.yaml", e2e_model, chat_data, tmp_path / "out")
-    proc = _cli("train", str(cfg), home=home)
-    _wait_for(tmp_path / "out" / "checkpoints" / "step-10", proc)
+    proc = start_cli("train", str(cfg), home=home)
+    wait_for(tmp_path / "out" / "checkpoints" / "step-10", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert "--resume" in out
-    run_id = _run_id(home)
-    resumed = _cli("train", "--resume", run_id, home=home)
+    run_id = only_run_id(home)
+    resumed = start_cli("train", "--resume", run_id, home=home)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert _max_diff(reference, tmp_path / "out" / "adapter") <= 1e-5
+    assert adapter_diff(reference, tmp_path / "out" / "adapter") <= 1e-5

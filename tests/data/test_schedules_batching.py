@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tests.data.splits import PAD, make_split
 
 from tunelab.data.batching import BatchPlan, MicroBatchStream, collate, eval_batches
-from tunelab.data.tokenize import TokenizedSplit
 from tunelab.train.schedules import make_schedule, warmup_steps
 from tunelab.vocab import IGNORE
-
-PAD = 0
-
-
-def make_split(lengths: list[int] | np.ndarray, *, seed: int = 0) -> TokenizedSplit:
-    """Examples whose ids are distinct and non-zero (so padding is recognisable); first token unlabelled."""
-    rng = np.random.default_rng(seed)
-    split = TokenizedSplit()
-    for n in lengths:
-        ids = rng.integers(1, 1000, size=int(n)).astype(np.int32)
-        labels = ids.copy()
-        labels[0] = IGNORE
-        split.input_ids.append(ids)
-        split.labels.append(labels)
-    return split
 
 
 def random_lengths(n: int, seed: int = 1) -> np.ndarray:

@@ -6,7 +6,7 @@ import importlib.util
 
 import numpy as np
 import pytest
-from tests.test_schedules_batching import PAD, make_split
+from tests.data.splits import PAD, make_split
 
 from tunelab.data.batching import BatchPlan, MicroBatchStream, collate
 from tunelab.data.packing import collate_packed, pack_rows, packed_eval_batches, row_lengths

@@ -11,9 +11,10 @@ import pytest
 from tunelab.config.load import load_config
 from tunelab.errors import ConfigError, ModelError
 from tunelab.memory.autobatch import choose_batch, divisors
-from tunelab.memory.estimate import GiB, Workload, estimate
+from tunelab.memory.estimate import estimate
 from tunelab.memory.plan import estimate_config
 from tunelab.memory.shapes import read_shape
+from tunelab.memory.workload import GiB, Workload
 
 # Llama-3.1-8B's config.json, the numbers that matter.
 LLAMA_8B = {
