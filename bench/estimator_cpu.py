@@ -149,8 +149,9 @@ def _work(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
-    from tunelab.memory.estimate import Workload, estimate
+    from tunelab.memory.estimate import estimate
     from tunelab.memory.shapes import read_shape
+    from tunelab.memory.workload import Workload
 
     if job["backend"] == "mlx":
         from tunelab.backends.mlx.backend import MlxBackend as Backend

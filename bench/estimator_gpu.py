@@ -56,8 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
 from tunelab.backends.torch.backend import TorchBackend
-from tunelab.memory.estimate import GiB, Workload, estimate
+from tunelab.memory.estimate import estimate
 from tunelab.memory.shapes import read_shape
+from tunelab.memory.workload import GiB, Workload
 
 LLAMA_31_8B = {
     "model_type": "llama",

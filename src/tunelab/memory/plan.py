@@ -21,8 +21,9 @@ from tunelab.data.tokenize import TokenizedSplit
 from tunelab.errors import ConfigError, ModelError, TunelabError
 from tunelab.memory.autobatch import SAFETY, choose_batch
 from tunelab.memory.budget import Budget, device_budget
-from tunelab.memory.estimate import DTYPE_BYTES, Estimate, GiB, Workload, estimate
+from tunelab.memory.estimate import Estimate, estimate
 from tunelab.memory.shapes import ModelShape, read_shape
+from tunelab.memory.workload import DTYPE_BYTES, GiB, Workload
 from tunelab.vocab import IGNORE
 
 _SCANNED = 4096  # longest examples whose supervised tokens are counted

@@ -17,41 +17,28 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunelab.backends.mlx.hf_config import rope_fixes
+from tunelab.convert.files import (
+    DTYPES,
+    TEMPLATE_DIR,
+    config_dtype,
+    copy_tokenizer_files,
+    main_dtype,
+    read_config,
+    set_dtype_key,
+    staging,
+)
 from tunelab.errors import ConfigError, ModelError
 
 TARGETS: tuple[str, ...] = ("mlx", "hf")
 QUANT_BITS: tuple[int, ...] = (4, 8)
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
-DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 
-# Everything a tokenizer or a chat template can live in; copied as is when present.
-TOKENIZER_FILES: tuple[str, ...] = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "spiece.model",
-    "tiktoken.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "generation_config.json",
-)
-TOKENIZER_GLOBS: tuple[str, ...] = ("*.tiktoken", "tokenization_*.py")
-TEMPLATE_DIR = "additional_chat_templates"
 _QUANT_KEYS = ("quantization", "quantization_config")
 # mlx-lm -> transformers round trips checked to be exact (weights and logits) with mlx-lm 0.32 / transformers 5.
 VERIFIED_HF_ROUND_TRIP: tuple[str, ...] = ("gemma", "gemma2", "llama", "mistral", "phi3", "qwen2", "qwen3")
@@ -94,17 +81,17 @@ def convert_checkpoint(
     folder = _resolve_source(src)
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise ConfigError(f"--out {out} would replace the source checkpoint {folder}", hint="choose another --out")
-    config = _read_config(folder)
+    config = read_config(folder)
     _prepare_mlx()
     model_type = _check_mlx_supports(config)
     notes: list[str] = []
-    with _staging(out, force=force) as tmp:
+    with staging(out, force=force) as tmp:
         if to == "mlx":
             params, written_dtype = _to_mlx(folder, tmp, config, bits=bits, group_size=group_size, dtype=dtype)
             dequantized = None
         else:
             params, written_dtype, dequantized = _to_hf(folder, tmp, config, dtype=dtype, notes=notes)
-        copied = _copy_tokenizer_files(folder, tmp)
+        copied = copy_tokenizer_files(folder, tmp)
         if not any(name != "generation_config.json" for name in copied):
             notes.append(f"{folder} has no tokenizer files, so {out} holds weights and config only")
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
@@ -181,16 +168,6 @@ def _fetch_templates(repo: str, folder: Path) -> None:
             continue
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{folder / 'config.json'} is not readable JSON ({exc})") from None
-    if not isinstance(config, dict) or not config.get("model_type"):
-        raise ModelError(f"{folder / 'config.json'} has no model_type, so the architecture is unknown")
-    return config
-
-
 def _prepare_mlx() -> None:
     """On Linux, point MLX at a fast BLAS before mlx.core is imported for the first time."""
     from tunelab.backends.mlx.blas import ensure_fast_blas
@@ -245,14 +222,14 @@ def _to_mlx(
         )
     fixes = rope_fixes(config)
     model, _ = _load_mlx(folder, fixes)
-    target = dtype or _config_dtype(config)
+    target = dtype or config_dtype(config)
     if target is not None:
         _cast(model, target)
     weights = _parameters(model)
-    params, target = sum(int(v.size) for v in weights.values()), target or _main_dtype(weights)
+    params, target = sum(int(v.size) for v in weights.values()), target or main_dtype(weights)
     del weights  # save_model donates the arrays to free memory as it writes; keep no references
     new_config = {**config, **fixes}
-    _set_dtype_key(new_config, target)
+    set_dtype_key(new_config, target)
     if bits is not None:
         # quantize_model prints a bits-per-weight line; the library stays silent.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -278,13 +255,13 @@ def _to_hf(
     if quant:
         model = dequantize_model(model)
         dequantized = int(quant.get("bits", 0)) or None
-    target = dtype or _config_dtype(config)
+    target = dtype or config_dtype(config)
     if target is not None:
         _cast(model, target)
     weights = _parameters(model)
-    target = target or _main_dtype(weights)
+    target = target or main_dtype(weights)
     hf_config = {k: v for k, v in config.items() if k not in _QUANT_KEYS}
-    _set_dtype_key(hf_config, target)
+    set_dtype_key(hf_config, target)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _check_hf_layout(tmp, weights, str(config["model_type"]), notes)
     if config["model_type"] not in VERIFIED_HF_ROUND_TRIP:
@@ -356,7 +333,7 @@ def _load_mlx(folder: Path, overrides: dict[str, Any]) -> tuple[Any, dict[str, A
         return load_model(folder, lazy=True, model_config=overrides or None)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         detail = " ".join(str(exc).split())
-        model_type = _read_config(folder)["model_type"]
+        model_type = read_config(folder)["model_type"]
         hint = "check that config.json and the *.safetensors files belong together and are complete"
         if "not in model" in detail:
             hint = (
@@ -386,69 +363,3 @@ def _parameters(model: Any) -> dict[str, Any]:
 
     flat: Any = tree_flatten(model.parameters())  # typed as a union of list and dict; it is a list here
     return dict(flat)
-
-
-def _config_dtype(config: dict[str, Any]) -> str | None:
-    text: dict[str, Any] = config["text_config"] if isinstance(config.get("text_config"), dict) else {}
-    for value in (config.get("dtype"), config.get("torch_dtype"), text.get("dtype"), text.get("torch_dtype")):
-        if value in DTYPES:
-            return str(value)
-    return None
-
-
-def _main_dtype(weights: dict[str, Any]) -> str | None:
-    names = [str(v.dtype).rsplit(".", 1)[-1] for v in weights.values()]
-    floats = [n for n in names if n in DTYPES]
-    return max(set(floats), key=floats.count) if floats else None
-
-
-def _set_dtype_key(config: dict[str, Any], dtype: str | None) -> None:
-    """Record the dtype written, under the key(s) the source used (transformers 5 writes ``dtype``)."""
-    if dtype is None:
-        return
-    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-    for key in keys:
-        config[key] = dtype
-
-
-def _copy_tokenizer_files(folder: Path, tmp: Path) -> list[str]:
-    found = [folder / name for name in TOKENIZER_FILES]
-    found += [p for pattern in TOKENIZER_GLOBS for p in sorted(folder.glob(pattern))]
-    copied = []
-    for path in found:
-        if path.is_file():
-            shutil.copy2(path, tmp / path.name)
-            copied.append(path.name)
-    if (folder / TEMPLATE_DIR).is_dir():
-        shutil.copytree(folder / TEMPLATE_DIR, tmp / TEMPLATE_DIR)
-        copied.append(f"{TEMPLATE_DIR}/")
-    return copied
-
-
-@contextlib.contextmanager
-def _staging(out: Path, *, force: bool) -> Iterator[Path]:
-    """Yield an empty folder beside ``out``; rename it to ``out`` on success, delete it on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result should look like any folder
-        if not (out.exists() or out.is_symlink()):
-            os.replace(tmp, out)
-            return
-        if not force:
-            raise ConfigError(f"{out} appeared while converting", hint="pass --force to replace it")
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old, out)  # put the previous folder back rather than leave nothing
-            raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
