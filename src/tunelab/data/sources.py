@@ -16,15 +16,13 @@ refused after reading at most the limit.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.data import tables
+from tunelab.data.readers import Record, checked, read_csv, read_hub, read_json, read_jsonl
 from tunelab.errors import DataError
 from tunelab.settings import get_settings
 
@@ -32,15 +30,6 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".feather", ".h5", 
 _SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "validation", "val", "dev", "eval", "test")}
 # Files that mark a folder as a dataset `datasets.load_dataset` understands (a hub repo checked out locally).
 _DATASET_FOLDER_MARKERS = ("README.md", "data")
-
-
-@dataclass(frozen=True)
-class Record:
-    """One raw example and where it came from (for error messages)."""
-
-    data: dict[str, Any]
-    path: str
-    line: int
 
 
 def resolve_files(train: str, valid: str | None) -> tuple[Path | str, Path | str | None]:
@@ -123,8 +112,8 @@ def read_records(
 
 def _iter_raw(source: Path | str, split: str, subset: str | None, limit: int) -> Iterator[Record]:
     if isinstance(source, str) or not source.is_file():
-        for record in _read_hub(str(source), split, subset):
-            yield _checked(record, limit)
+        for record in read_hub(str(source), split, subset):
+            yield checked(record, limit)
         return
     suffix = source.suffix.lower()
     if source.stat().st_size == 0:
@@ -141,51 +130,7 @@ def _iter_raw(source: Path | str, split: str, subset: str | None, limit: int) ->
             hint=f"use one of {', '.join(SUFFIXES)}",
         )
     for number, row in enumerate(rows, start=1):
-        yield _checked(Record(row, str(source), number), limit)
-
-
-def _checked(record: Record, limit: int) -> Record:
-    """A parsed record (JSON array item, table row, hub row) whose text is within ``limit``."""
-    size = _text_size(record.data)
-    if size > limit:
-        raise _too_big(record.path, record.line, f"holds about {size:,} bytes of text, more than", limit)
-    return record
-
-
-def _text_size(value: Any) -> int:
-    """Characters of every string (and bytes of every blob) in a record: its size, cheaply, without encoding."""
-    total, stack = 0, [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str | bytes | bytearray):
-            total += len(item)
-        elif isinstance(item, Mapping):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-        else:
-            total += 8  # a number, bool or null
-    return total
-
-
-def _too_big(path: Path | str, line: int, what: str, limit: int) -> DataError:
-    return DataError(
-        f"this record {what} the limit of {limit:,} bytes ({limit / 2**20:.3g} MiB) per record",
-        path=str(path),
-        line=line,
-        hint="split it into smaller examples, or raise the limit with the environment variable TUNELAB_MAX_RECORD_MB",
-    )
-
-
-def _bounded_lines(fh: Any, path: Path, limit: int) -> Iterator[tuple[int, bytes]]:
-    """``(line number, raw line)`` pairs; a line longer than ``limit`` is refused after reading ``limit`` bytes."""
-    number = 0
-    while raw := fh.readline(limit + 1):
-        number += 1
-        if len(raw) > limit and not raw.endswith(b"\n"):
-            raise _too_big(path, number, "is longer than", limit)
-        yield number, raw
+        yield checked(Record(row, str(source), number), limit)
 
 
 def _table_rows(path: Path, suffix: str, split: str) -> Iterator[dict[str, Any]] | None:
@@ -242,147 +187,6 @@ def _hash_file(digest: Any, path: Path) -> None:
             digest.update(chunk)
 
 
-def _read_jsonl(path: Path, limit: int) -> Iterator[Record]:
-    with path.open("rb") as fh:
-        for number, raw in _bounded_lines(fh, path, limit):
-            text = _decode(raw, path, number)
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"not valid JSON ({exc.msg}, column {exc.colno})", path=str(path), line=number
-                ) from None
-            if not isinstance(value, dict):
-                raise DataError(
-                    f"each line must be a JSON object, got {type(value).__name__}", path=str(path), line=number
-                )
-            yield Record(value, str(path), number)
-
-
-def _read_json(path: Path, limit: int) -> Iterator[Record]:
-    text = _decode(path.read_bytes(), path, None)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"not valid JSON ({exc.msg})", path=str(path), line=exc.lineno) from None
-    wrapped = isinstance(value, dict)
-    if wrapped:
-        # {"data": [...]} or {"train": [...]} wrappers are common exports.
-        lists = [v for v in value.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError("expected a JSON array of objects", path=str(path), line=1)
-        value = lists[0]
-    if not isinstance(value, list):
-        raise DataError("expected a JSON array of objects", path=str(path), line=1)
-    line_of = _json_item_lines(text, len(value), wrapped=wrapped)
-    for index, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise DataError(f"item {index} must be an object", path=str(path), line=line_of[index])
-        yield _checked(Record(item, str(path), line_of[index]), limit)
-
-
-def _json_item_lines(text: str, count: int, *, wrapped: bool) -> list[int]:
-    """The line on which each item of the records array starts.
-
-    Scans the text once, tracking strings (with escapes) and a stack of open
-    containers; an item is an object whose parent is the records array: the
-    top-level array, or for ``{"data": [...]}`` the array one level down.
-    """
-    lines: list[int] = []
-    stack: list[str] = []
-    line, in_str, escape = 1, False, False
-    target_depth = 2 if wrapped else 1
-    for ch in text:
-        if ch == "\n":
-            line += 1
-        if in_str:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_str = False
-            continue
-        if ch == '"':
-            in_str = True
-        elif ch in "[{":
-            if ch == "{" and len(stack) == target_depth and stack[-1] == "[":
-                lines.append(line)
-            stack.append(ch)
-        elif ch in "]}" and stack:
-            stack.pop()
-    lines += [1] * (count - len(lines))
-    return lines
-
-
-def _read_csv(path: Path, limit: int) -> Iterator[Record]:
-    # The per-record bound below replaces csv's own 128 KiB field limit (which raises a bare csv.Error).
-    csv.field_size_limit(max(csv.field_size_limit(), limit))
-    state = {"start": 1, "pending": 0}  # the current record's first line, and its bytes read so far
-
-    def lines(fh: Any) -> Iterator[str]:
-        # Decoded line by line: a bad byte is reported on its own line and the file is never loaded whole;
-        # a quoted field spanning lines is refused as soon as its record passes the limit.
-        for number, raw in _bounded_lines(fh, path, limit):
-            state["pending"] += len(raw)
-            if state["pending"] > limit:
-                raise _too_big(path, state["start"], "spans more bytes than", limit)
-            yield _decode(raw, path, number)
-
-    with path.open("rb") as fh:
-        reader = csv.DictReader(lines(fh))
-        try:
-            if not reader.fieldnames:
-                raise DataError("CSV has no header row", path=str(path), line=1)
-            state.update(start=2, pending=0)
-            for row in reader:
-                if None in row:
-                    raise DataError("row has more fields than the header", path=str(path), line=state["start"])
-                record = Record(dict(row), str(path), state["start"])
-                state.update(start=reader.line_num + 1, pending=0)
-                yield record
-        except csv.Error as exc:
-            raise DataError(f"not valid CSV ({exc})", path=str(path), line=state["start"]) from None
-
-
-def _read_hub(name: str, split: str, subset: str | None) -> Iterator[Record]:
-    """A hub dataset by name, or a local dataset folder; both go through ``datasets.load_dataset``."""
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a core dependency
-        raise DataError(f"{name}: not a local file and the `datasets` package is missing") from None
-    local = Path(name).expanduser().is_dir()
-    try:
-        ds = datasets.load_dataset(name, subset, split=split)
-    except Exception as exc:  # datasets raises many types (network, missing split, bad config)
-        text = str(exc).strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
-        what = "dataset folder" if local else "hub dataset"
-        raise DataError(
-            f"{name}: could not be loaded as a {what} (split {split!r}, subset {subset!r}): {reason}",
-            hint="check data.split and data.subset"
-            + ("" if local else ", the dataset name, and that this machine is online"),
-        ) from None
-    for index, row in enumerate(ds):
-        yield Record(dict(row), name, index + 1)
-
-
-def _decode(raw: bytes, path: Path, line: int | None) -> str:
-    try:
-        return raw.decode("utf-8-sig" if line in (None, 1) else "utf-8")
-    except UnicodeDecodeError as exc:
-        if line is None:
-            line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"bytes that are not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
-            path=str(path),
-            line=line,
-            hint="re-save the file as UTF-8",
-        ) from None
-
-
 def _find_split(folder: Path, split: str) -> Path | None:
     for stem in _SPLIT_NAMES[split]:
         for suffix in SUFFIXES:
@@ -406,7 +210,7 @@ def _looks_like_hub_name(text: str) -> bool:
 
 
 _LINE_READERS: dict[str, Callable[[Path, int], Iterator[Record]]] = {
-    ".jsonl": _read_jsonl,
-    ".json": _read_json,
-    ".csv": _read_csv,
+    ".jsonl": read_jsonl,
+    ".json": read_json,
+    ".csv": read_csv,
 }
