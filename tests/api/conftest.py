@@ -38,31 +38,40 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("server")
-    (root / "roots").mkdir()
+def start_server(root: Path, **env: str) -> tuple[Server, subprocess.Popen]:
+    """Start `tunelab serve` on a free loopback port with its home under ``root``; returns it and its process
+    (in a session of its own: stop it with ``os.killpg``) once ``/health`` answers."""
+    (root / "roots").mkdir(parents=True, exist_ok=True)
     port = _free_port()
     srv = Server(f"http://127.0.0.1:{port}", "", root / "home", root / "roots", root / "serve.log")
-    env = srv.env(TUNELAB_UPLOAD_LIMIT_MB=str(UPLOAD_LIMIT_MB))
+    child_env = srv.env(**env)
     made = subprocess.run(
         [sys.executable, "-m", "tunelab", "auth", "create-key", "--name", "tests"],
-        env=env, capture_output=True, text=True, check=True,
+        env=child_env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    key = made.stdout.split()[-1]
     cmd = [sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--log-level", "warning"]
-    with srv.log.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with srv.log.open("ab") as log:
+        proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_healthy(srv.url, proc)
+    return Server(srv.url, made.stdout.split()[-1], srv.home, srv.roots, srv.log), proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        _wait_healthy(srv.url, proc)
-        yield Server(srv.url, key, srv.home, srv.roots, srv.log)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv, proc = start_server(tmp_path_factory.mktemp("server"), TUNELAB_UPLOAD_LIMIT_MB=str(UPLOAD_LIMIT_MB))
+    try:
+        yield srv
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_server(proc)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,12 @@ def upload_dataset(source: Any, *, filename: str, limit_bytes: int | None = None
     """Store an uploaded data file under ``$TUNELAB_HOME/datasets`` and validate it like `data validate`.
 
     The client's file name only picks the format (its suffix); the stored name
-    is generated, so no path from the client is ever used as a path.  A file
-    over ``limit_bytes`` (default: the settings' upload limit) or with invalid
-    records is deleted again.
+    is generated, so no path from the client is ever used as a path.  The bytes go
+    to ``datasets/.incoming/`` first and are renamed into ``datasets/`` only after
+    the last byte arrived and the records validated: a server killed mid-upload
+    leaves no half file that could be listed or trained on.  A file over
+    ``limit_bytes`` (default: the settings' upload limit) or with invalid records
+    is deleted again.
     """
     import uuid
 
@@ -95,30 +99,63 @@ def upload_dataset(source: Any, *, filename: str, limit_bytes: int | None = None
         raise DataError(f"upload a {', '.join(UPLOAD_SUFFIXES)} file (got {filename[:80]!r})")
     settings = get_settings()
     limit = settings.upload_limit_bytes if limit_bytes is None else limit_bytes
-    folder = settings.datasets_dir
-    folder.mkdir(parents=True, exist_ok=True)
+    incoming = _incoming_dir()
     dataset_id = uuid.uuid4().hex[:12]
-    dest = folder / f"{dataset_id}{suffix}"
+    staged = incoming / f"{os.getpid()}-{dataset_id}{suffix}"  # the writer's pid: see _sweep_incoming
+    dest = incoming.parent / f"{dataset_id}{suffix}"
     try:
-        with dest.open("xb") as out:
+        with staged.open("xb") as out:
             written = 0
             while chunk := source.read(1 << 20):
                 written += len(chunk)
                 if written > limit:
                     raise TooLargeError(f"the file is larger than the upload limit of {limit} bytes")
                 out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
         if written == 0:
             raise DataError("the uploaded file is empty")
-        report = validate_dataset(str(dest))
+        report = validate_dataset(str(staged))
+        os.replace(staged, dest)
     except BaseException:
-        dest.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
         raise
     return UploadedDataset(
         id=dataset_id, path=str(dest), format=report.format, size_bytes=written, splits=report.splits
     )
 
 
+def _incoming_dir() -> Path:
+    """``datasets/.incoming`` (created), with what dead writers left there removed first."""
+    incoming = get_settings().datasets_dir / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    _sweep_incoming(incoming)
+    return incoming
+
+
+def _sweep_incoming(incoming: Path) -> None:
+    """Delete staged uploads whose writing process is gone (a server killed mid-upload); live ones stay."""
+    for path in incoming.iterdir():
+        pid = path.name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def uploaded_datasets() -> list[str]:
     """Data files already under ``$TUNELAB_HOME/datasets`` (uploads land there), oldest name first."""
     folder = get_settings().datasets_dir
-    return sorted(str(p) for p in folder.glob("*") if p.suffix in UPLOAD_SUFFIXES) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    if (folder / ".incoming").is_dir():
+        _sweep_incoming(folder / ".incoming")
+    return sorted(str(p) for p in folder.glob("*") if p.is_file() and p.suffix in UPLOAD_SUFFIXES)
