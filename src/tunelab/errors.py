@@ -85,3 +85,10 @@ class TooLargeError(TunelabError):
 
     exit_code = 3
     http_status = 413
+
+
+class StorageError(TunelabError):
+    """A disk is full (or a file too large for it): what was being written, where, and how much it needs."""
+
+    exit_code = 8
+    http_status = 507

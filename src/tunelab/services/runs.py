@@ -162,6 +162,8 @@ def _execute(
         hooks.on_message(f"tokenization cache {prep.data.cache_status}" + _key_note(prep.data.cache_key))
         if prep.memory is not None:
             hooks.on_message(prep.memory.summary())
+        for note in prep.skipped:  # a damaged checkpoint: said on the console and in the job's log
+            hooks.on_message(note)
         if prep.resumed_from is not None:
             hooks.on_message(f"resuming from {prep.resumed_from.name}")
         result = recipe.train(prep, output_dir, hooks, should_stop)

@@ -26,7 +26,7 @@ from tunelab.errors import StateError
 from tunelab.hub import load_tokenizer, resolve_model_path
 from tunelab.memory.plan import MemoryPlan, plan_run
 from tunelab.train.callbacks import BaseCallback
-from tunelab.train.checkpoint import TrainerState, latest_checkpoint, read_state
+from tunelab.train.checkpoint import Resumed, TrainerState, resume_checkpoint
 from tunelab.train.loop import LoopOptions, LoopResult, run_loop
 from tunelab.train.schedules import make_schedule, warmup_steps
 from tunelab.vocab import WHOLE_MODEL_METHODS
@@ -48,6 +48,7 @@ class Prepared:
     resumed_from: Path | None
     memory: MemoryPlan | None = None  # the estimate, and the batch size actually used
     parallel: DataParallel = field(default_factory=DataParallel)  # this process's share of each global micro-batch
+    skipped: list[str] = field(default_factory=list)  # damaged checkpoints passed over on resume, and why
 
 
 def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None, processes: int = 1) -> ModelSpec:
@@ -126,19 +127,19 @@ def setup(
     backend = make_backend(choice)
     spec = model_spec(cfg, memory, group.world)
     info = backend.load(spec, method_spec(cfg), optim_spec(cfg), tokenizer, objective_spec(cfg))
-    state, resumed_from = TrainerState(), None
-    if resume:
-        resumed_from = latest_checkpoint(output_dir / "checkpoints")
-        if resumed_from is not None:
-            backend.load_checkpoint(resumed_from)
-            state = read_state(resumed_from)
+    resumed = Resumed()
+    if resume:  # the newest checkpoint that verifies and loads; rank 0 alone tidies the folder
+        resumed = resume_checkpoint(output_dir / "checkpoints", backend.load_checkpoint, tidy=group.rank == 0)
+    state = resumed.state
     # The data order is over global micro-batches; a checkpoint keeps their size, so a
     # run resumed on another number of processes still sees the same batches.
     state.global_batch = state.global_batch or cfg.train.micro_batch_size * group.world
     stream, valid = _batches(cfg, data, tokenizer.pad_token_id, state.global_batch)
     steps = total_steps(cfg, stream.batches_per_epoch)
     parallel = DataParallel(group, cfg.train.micro_batch_size, even=cfg.train.parallel == "fsdp")
-    return Prepared(cfg, choice, backend, info, data, stream, valid, steps, state, resumed_from, memory, parallel)
+    return Prepared(
+        cfg, choice, backend, info, data, stream, valid, steps, state, resumed.path, memory, parallel, resumed.skipped
+    )
 
 
 def _batches(

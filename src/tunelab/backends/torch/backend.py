@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
-from tunelab.backends.torch import fsdp, oom
+from tunelab.backends.torch import fsdp, oom, state_io
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
@@ -271,11 +271,8 @@ class TorchBackend:
             names = self._trainable_names()
             tensors = {name: p.detach().to("cpu").contiguous() for name, p in names.items()}
             save_file(tensors, str(path / "trainable.safetensors"))
-            torch.save(self._optimizer.state_dict(), path / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
-        torch.save(rng, path / "rng.pt")
+            state_io.save_optimizer(self._optimizer, path)
+        state_io.save_rng(path)  # no pickles: a planted file must not run code on --resume
 
     def load_checkpoint(self, path: Path) -> None:
         assert self._optimizer is not None
@@ -283,10 +280,7 @@ class TorchBackend:
             fsdp.load(path, self.model, self._optimizer)  # resharded onto this run's processes
         else:
             self._load_whole(path)
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        state_io.load_rng(path)
 
     def _load_whole(self, path: Path) -> None:
         assert self._optimizer is not None
@@ -300,7 +294,7 @@ class TorchBackend:
         with torch.no_grad():
             for name, param in names.items():
                 param.copy_(saved[name].to(param.device, param.dtype))
-        self._optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        state_io.load_optimizer(self._optimizer, path, self.device)
 
     def _trainable_names(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -18,13 +18,15 @@ own format, the same files a one-process run writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from tunelab.backends.torch import dcp_safe
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.errors import StateError
 
@@ -80,7 +82,8 @@ def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     """Write this process's shards into ``path`` (collective: every rank calls it with the same path)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(_state(model, optimizer), checkpoint_id=str(path))
+    with _unwrapped():  # a full disk reaches the checkpoint writer as the OSError it is
+        dcp.save(_state(model, optimizer), checkpoint_id=str(path))
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -96,7 +99,8 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         raise StateError(f"checkpoint {path} was written without train.parallel: fsdp and can't be sharded", hint=hint)
     state = _state(model, optimizer)  # the layout wanted here; DCP fills it in place
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with _unwrapped():
+            dcp.load(state, storage_reader=dcp_safe.SafeReader(path))  # its .metadata is read without pickle's reach
     except (RuntimeError, ValueError) as exc:  # DCP's complaint names the weights it lacks
         raise StateError(f"checkpoint {path} does not match this model/method: {exc}", hint=hint) from exc
     set_state_dict(
@@ -108,6 +112,21 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         # refused a checkpoint that lacks any trainable weight this model has).
         options=StateDictOptions(ignore_frozen_params=True, strict=False),
     )
+
+
+@contextmanager
+def _unwrapped() -> Iterator[None]:
+    """DCP wraps every failure in a ``CheckpointException``, a ``BaseException`` that ``except Exception`` misses:
+    re-raise the first process's own exception, so callers see a full disk or a refused file as such."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        failures = [failure[0] for failure in exc.failures.values() if isinstance(failure, tuple)]
+        if not failures:
+            raise
+        raise failures[0] from exc
 
 
 def full_weights(model: torch.nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
