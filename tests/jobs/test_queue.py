@@ -40,7 +40,7 @@ def test_train_job_gets_a_queued_run_and_a_status_event(registry_url: str, tmp_p
     job = services.submit_job(_cfg(tmp_path, output_dir=str(tmp_path / "out")), kind="train")
     assert job["status"] == "queued" and job["run_id"]
     assert services.show_run(job["run_id"])["status"] == "queued"
-    assert (tmp_path / "out" / "config.yaml").is_file()
+    assert not (tmp_path / "out").exists()  # nothing is written until a worker runs the job
     events = services.run_events(job["run_id"])
     assert [(e["type"], e["status"]) for e in events] == [("status", "queued")]
     with pytest.raises(ConfigError, match="job kind"):

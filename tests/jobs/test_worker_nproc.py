@@ -75,12 +75,11 @@ def test_api_takes_nproc_as_a_number_or_auto(tmp_path: Path, monkeypatch: pytest
     data.write_text('{"text": "hi"}\n', encoding="utf-8")
     monkeypatch.setenv("TUNELAB_API_ROOTS", str(tmp_path))
     config = base_config(tmp_path / "model", data, tmp_path / "out")
+    del config["output_dir"]  # over the API each run gets a folder of its own under the runs folder
     key, _ = create_key("test")
     with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as api:
         assert api.post("/v1/jobs", json={"config": config, "nproc": "auto"}).json()["nproc"] == 0
-        config["output_dir"] = str(tmp_path / "out2")
         assert api.post("/v1/jobs", json={"config": config, "nproc": 4}).json()["nproc"] == 4
-        config["output_dir"] = str(tmp_path / "out3")
         refused = api.post("/v1/jobs", json={"config": config, "nproc": 0})
         assert refused.status_code == 422 and "nproc" in refused.text
 

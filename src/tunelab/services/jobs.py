@@ -43,14 +43,13 @@ def submit_job(
         raise ConfigError(f"nproc must be 1 or more, or auto (got {nproc})")
     if allowed_roots is not None:
         check_config_paths(cfg, allowed_roots)
+        _check_api_output(cfg)
     run_id = None
     with session_scope(open_registry()) as s:
-        if kind == "train":
+        if kind == "train":  # checked, not created: nothing is written until a worker runs it
             run_id = repo.new_run_id()
             output_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else get_settings().runs_dir / run_id
-            recipe.check_fresh_output(output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+            recipe.check_fresh_output(output_dir, cfg)
             repo.create_run(s, run_id=run_id, config=cfg.to_dict(), output_dir=str(output_dir), name=cfg.name)
         job = jobs_repo.create_job(
             s,
@@ -63,6 +62,19 @@ def submit_job(
         )
         jobs_repo.add_event(s, type="status", data={"status": "queued"}, job_id=job.id, run_id=run_id)
         return JobView(**jobs_repo.job_public(job))
+
+
+def _check_api_output(cfg: RunConfig) -> None:
+    """Over the API a run writes only under the runs folder: the other allowed roots hold models and data."""
+    if not cfg.output_dir:
+        return
+    runs = get_settings().runs_dir.expanduser().resolve()
+    out = Path(cfg.output_dir).expanduser().resolve()
+    if out != runs and runs not in out.parents:
+        raise ConfigError(
+            f"output_dir must be inside {runs} for jobs submitted over the API",
+            hint="leave output_dir out: the run gets a folder of its own there",
+        )
 
 
 def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable[[], bool] = lambda: False) -> str:
@@ -88,8 +100,18 @@ def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable
         return "completed"
     if trained:
         return "completed"  # its worker died after training but before recording the job's end
+    _write_config_once(run_id, config)
     outcome = resume_run(run_id, callbacks=callbacks, should_stop=should_stop)
     return "completed" if outcome.status == "completed" else "stopped"
+
+
+def _write_config_once(run_id: str, config: dict[str, Any]) -> None:
+    """The run folder's config.yaml, as submitted, written when a worker first takes the job."""
+    with session_scope(open_registry()) as s:
+        output_dir = Path(repo.get_run(s, run_id).output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not (output_dir / "config.yaml").exists():
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 
 def record_job_event(job_id: str | None, run_id: str | None, type: str, data: dict[str, Any]) -> None:

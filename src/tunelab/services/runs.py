@@ -6,7 +6,7 @@ So even a crash while loading the model leaves a ``failed`` run with the reason.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,11 @@ from tunelab.distributed.launch import launch
 from tunelab.errors import StateError, TunelabError
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
+from tunelab.services.run_records import RegistryCallback
 from tunelab.services.views import RunView
 from tunelab.settings import get_settings
 from tunelab.train import recipe
-from tunelab.train.backoff import Backoff
-from tunelab.train.callbacks import BaseCallback, CallbackList, MetricsFile
-from tunelab.train.checkpoint import list_checkpoints
+from tunelab.train.callbacks import CallbackList, MetricsFile
 from tunelab.train.tensorboard import TensorBoardCallback
 
 
@@ -60,7 +59,7 @@ def _record_new(cfg: RunConfig, run_id: str | None) -> tuple[str, Path]:
     engine = open_registry()
     run_id = run_id or repo.new_run_id()
     output_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else get_settings().runs_dir / run_id
-    recipe.check_fresh_output(output_dir)
+    recipe.check_fresh_output(output_dir, cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     with session_scope(engine) as s:
@@ -250,37 +249,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     return str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
-
-
-class RegistryCallback(BaseCallback):
-    """Mirror metrics and checkpoints into the registry as they happen."""
-
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-        self._last_write = 0.0
-
-    def on_start(self, *, step: int, total_steps: int) -> None:
-        with session_scope(open_registry()) as s:
-            repo.delete_metrics_after(s, run_id=self.run_id, step=step)
-            repo.update_run(s, self.run_id, step=step, total_steps=total_steps)
-
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        with session_scope(open_registry()) as s:
-            repo.add_metrics(s, run_id=self.run_id, step=step, values=metrics)
-            repo.update_run(s, self.run_id, step=step)
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        with session_scope(open_registry()) as s:
-            live = {str(p) for p in list_checkpoints(path.parent)}
-            for row in repo.list_artifacts(s, self.run_id):
-                if row.kind == "checkpoint" and row.path not in live:
-                    repo.remove_artifact(s, run_id=self.run_id, kind="checkpoint", path=row.path)
-            repo.add_artifact(s, run_id=self.run_id, kind="checkpoint", path=str(path), meta={"step": step})
-
-    def on_backoff(self, backoff: Backoff) -> None:
-        with session_scope(open_registry()) as s:
-            done = list(repo.get_run(s, self.run_id).memory_backoffs or [])
-            repo.update_run(s, self.run_id, memory_backoffs=[*done, asdict(backoff)])
 
 
 def list_runs(*, status: str | None = None, limit: int = 200) -> list[RunView]:

@@ -19,17 +19,20 @@ from tunelab.config.schema import RunConfig
 from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
 from tunelab.data.packing import packed_eval_batches
 from tunelab.data.prepare import PreparedData, prepare_data, scan_data
+from tunelab.data.sources import SUFFIXES
 from tunelab.data.templates import BUILTIN_NAME, CHATML
 from tunelab.distributed.group import SOLO, Group, launched_by_mlx, main_first
 from tunelab.distributed.sharding import DataParallel, check_parallel
 from tunelab.errors import StateError
 from tunelab.hub import load_tokenizer, resolve_model_path
-from tunelab.memory.plan import MemoryPlan, plan_run
+from tunelab.memory.plan import PLAN_FILE, MemoryPlan, plan_run
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import Resumed, TrainerState, resume_checkpoint
 from tunelab.train.loop import LoopOptions, LoopResult, run_loop
 from tunelab.train.schedules import make_schedule, warmup_steps
 from tunelab.vocab import WHOLE_MODEL_METHODS
+
+_RUN_FILES = ("metrics.jsonl", PLAN_FILE)  # what a run that stopped early leaves in its own folder
 
 
 @dataclass
@@ -202,11 +205,36 @@ def save_result(backend: Backend, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def check_fresh_output(output_dir: Path) -> None:
-    """Never train over another run's results."""
+def check_fresh_output(output_dir: Path, cfg: RunConfig | None = None) -> None:
+    """Never train over another run's results, nor into a folder holding a model or a dataset (``cfg``'s own
+    or any other): checkpoints and results would land among files someone relies on."""
     for name in ("adapter", "model", "checkpoints"):
         if (output_dir / name).exists():
             raise StateError(
                 f"output_dir {output_dir} already holds a run ({name}/ exists)",
                 hint="choose another output_dir, or continue that run with `tunelab train --resume RUN_ID`",
             )
+    holds = _held_inputs(output_dir, cfg)
+    if holds:
+        raise StateError(
+            f"output_dir {output_dir} holds {holds}; a run writes only into a folder of its own",
+            hint="leave output_dir out (the run gets one under the runs folder) or name a new folder",
+        )
+
+
+def _held_inputs(output_dir: Path, cfg: RunConfig | None) -> str | None:
+    """What input ``output_dir`` holds or is: a model checkpoint, data files, or the run's own model or data."""
+    out = output_dir.expanduser().resolve()
+    if cfg is not None:
+        for label, given in (("the run's model", cfg.model.path), ("the run's data", cfg.data.train)):
+            path = Path(given).expanduser()
+            if path.exists() and (path.resolve() == out or out in path.resolve().parents):
+                return label
+    if not out.is_dir():
+        return None
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return "a model checkpoint"
+    data = sorted(
+        p.name for p in out.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES and p.name not in _RUN_FILES
+    )
+    return f"data files ({', '.join(data[:3])})" if data else None
