@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +41,33 @@ def ui(
         err_console.print(f"[yellow]dashboard on {host}: it has no login, so anyone who can reach it can train[/]")
     err_console.print(f"dashboard: http://{host}:{port}  (Ctrl-C stops it)")
     # The child reads the same TUNELAB_HOME / TUNELAB_DB_URL, so it sees the CLI's registry.
-    try:
-        code = subprocess.call(streamlit_command(host, port), env=os.environ.copy())
-    except KeyboardInterrupt:
-        code = 0
+    code = _serve(streamlit_command(host, port))
     if code:
         raise typer.Exit(code)
+
+
+def _serve(command: list[str]) -> int:
+    """Run Streamlit until it exits; Ctrl-C or SIGTERM here stops it too (never leaves it serving the port).
+
+    A signal sent to this process alone (a service manager's SIGTERM, ``kill PID``) would otherwise end
+    only the CLI and orphan the server: the handlers pass it on and wait for the child to go.
+    """
+    proc = subprocess.Popen(command, env=os.environ.copy())
+
+    def forward(signum: int, _frame: object) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # an exception in the wait: don't leave it behind
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0 if code in (0, -signal.SIGINT, -signal.SIGTERM) else code
