@@ -131,3 +131,14 @@ def test_job_whose_run_already_completed_is_not_trained_again(registry_url: str,
         repo.update_run(s, job["run_id"], status="completed")
     # e.g. the worker died between the end of training and recording the job's end
     assert services.run_job(job["id"]) == "completed"
+
+
+def test_handing_a_job_back_does_not_use_up_its_attempts(registry_url: str, tmp_path: Path) -> None:
+    """A worker that stops gracefully (Ctrl-C) hands its job back; doing so more often than max_attempts
+    must not fail the job, while a worker that dies still counts (test_a_job_that_keeps_killing...)."""
+    job_id = _submit(tmp_path)
+    for i in range(5):
+        claimed = queue.claim(f"w{i}", stale_after=60)
+        assert claimed is not None and claimed.id == job_id and claimed.attempts == 1
+        assert queue.finish(job_id, f"w{i}", "queued")
+    assert services.show_job(job_id)["status"] == "queued"

@@ -144,10 +144,11 @@ def test_stopping_a_worker_hands_its_job_back_for_the_next_one(
     assert workers[0].wait(timeout=120) == 0
     handed_back = services.show_job(job["id"])
     assert handed_back["status"] == "queued" and handed_back["worker_id"] is None, handed_back
+    assert handed_back["attempts"] == 0  # a graceful stop is not an abandoned attempt
     assert services.show_run(job["run_id"])["status"] == "queued"
     workers.append(start_worker("--max-jobs", "1", log=tmp_path / "w2.log"))
     assert workers[1].wait(timeout=300) == 0
     done = services.show_job(job["id"])
-    assert done["status"] == "completed" and done["attempts"] == 2
+    assert done["status"] == "completed" and done["attempts"] == 1
     logs = [e.get("text", "") for e in services.job_events(job["id"]) if e["type"] == "log"]
     assert any(t.startswith("resuming from step-") for t in logs)

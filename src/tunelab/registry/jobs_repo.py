@@ -13,7 +13,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from tunelab.errors import NotFoundError, StateError
@@ -146,7 +146,11 @@ def release_job(session: Session, *, job_id: str, worker_id: str | None, status:
     if status in FINAL_STATUSES:
         values["finished_at"] = utcnow()
     else:
-        values.update(worker_id=None, heartbeat_at=None)
+        # Handed back by a worker that is stopping (Ctrl-C, a service manager): the job was not abandoned,
+        # so the claim is not counted against its max_attempts (only dead workers' jobs are).
+        values.update(
+            worker_id=None, heartbeat_at=None, attempts=case((JobRow.attempts > 0, JobRow.attempts - 1), else_=0)
+        )
     if error is not None:
         values["error"] = error
     stmt = update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(ACTIVE_STATUSES))
