@@ -25,11 +25,44 @@ def check_path(value: str, key: str, roots: Sequence[Path]) -> None:
         )
 
 
-def check_config_paths(cfg: RunConfig, roots: Sequence[Path]) -> None:
-    """Every path in a config submitted over the API must lie inside ``roots`` (hub ids included: no downloads)."""
-    check_path(cfg.model.path, "model.path", roots)
-    check_path(cfg.data.train, "data.train", roots)
-    if cfg.data.valid:
-        check_path(cfg.data.valid, "data.valid", roots)
-    if cfg.output_dir:
-        check_path(cfg.output_dir, "output_dir", roots)
+def check_config_paths(cfg: RunConfig, roots: Sequence[Path]) -> RunConfig:
+    """Every path in a config submitted over the API must lie inside ``roots`` (hub ids included: no downloads).
+
+    Returns the config with each path absolute: a relative one is taken inside the first root that holds
+    it (or the first root), never against the server's or a worker's working directory, so the worker
+    that runs the job reads exactly the file that was checked here.
+    """
+    model = anchor(cfg.model.path, roots, "model.path")
+    train = anchor(cfg.data.train, roots, "data.train")
+    valid = anchor(cfg.data.valid, roots, "data.valid") if cfg.data.valid else None
+    out = anchor(cfg.output_dir, roots, "output_dir", existing=False) if cfg.output_dir else None
+    check_path(model, "model.path", roots)
+    check_path(train, "data.train", roots)
+    if valid:
+        check_path(valid, "data.valid", roots)
+    if out:
+        check_path(out, "output_dir", roots)
+    data = cfg.data.model_copy(update={"train": train, "valid": valid})
+    return cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"path": model}), "data": data, "output_dir": out}
+    )
+
+
+def anchor(value: str, roots: Sequence[Path], key: str, *, existing: bool = True) -> str:
+    """``value`` as an absolute path: as given when absolute (``~`` expanded), else under the first root holding it.
+
+    A relative input (``existing``) that no root holds is refused: it would otherwise be a path the
+    worker resolves on its own, or a hub id, and the server downloads nothing.
+    """
+    path = Path(value).expanduser()
+    if path.is_absolute() or not roots:
+        return str(path)
+    candidates = [root.expanduser() / path for root in roots]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None and existing:
+        allowed = ", ".join(str(r) for r in roots)
+        raise ConfigError(
+            f"{key}: {value} names nothing inside the folders this server may read (a hub id? it downloads nothing)",
+            hint=f"give a path under {allowed} (set TUNELAB_API_ROOTS to change them), or upload data to /v1/datasets",
+        )
+    return str(found or candidates[0])

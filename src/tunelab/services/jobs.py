@@ -42,7 +42,7 @@ def submit_job(
     if nproc < 0:
         raise ConfigError(f"nproc must be 1 or more, or auto (got {nproc})")
     if allowed_roots is not None:
-        check_config_paths(cfg, allowed_roots)
+        cfg = check_config_paths(cfg, allowed_roots)  # absolute from here on: the worker reads what was checked
         _check_api_output(cfg)
     run_id = None
     with session_scope(open_registry()) as s:
