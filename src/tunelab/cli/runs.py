@@ -68,6 +68,8 @@ def show_run(
     )
     if run.get("error"):
         console.print(f"[red]error:[/] {run['error']}")
+    for path in run.get("missing") or []:
+        console.print(f"[red]gone:[/] {path} (deleted or moved since the run wrote it)")
     for kind, path in run["artifacts"].items():
         if path:
             console.print(f"{kind}: {path}")

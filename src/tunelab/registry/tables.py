@@ -149,6 +149,9 @@ class RunRow(Base):
     estimated_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # Out-of-memory back-offs, oldest first: {"step", "micro_batch_size", "grad_accum", "reason"} each.
     memory_backoffs: Mapped[list[dict[str, Any]] | None] = mapped_column(_json(), nullable=True)
+    # The process training the run (set when it starts): a `running` run whose process is gone is marked failed.
+    owner_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    owner_host: Mapped[str | None] = mapped_column(String, nullable=True)
 
 
 class MetricRow(Base):

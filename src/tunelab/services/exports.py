@@ -8,6 +8,7 @@ from typing import Any
 from tunelab.errors import StateError
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
+from tunelab.services import run_health
 
 
 def export_run(
@@ -31,6 +32,7 @@ def export_run(
     with session_scope(open_registry()) as s:
         run_id = repo.resolve_run_id(s, run_text)
         run = repo.run_summary(s, run_id)
+    run_health.require_files(run, "export")
     artifacts = run["artifacts"]
     if run["status"] != "completed" or not (artifacts.get("adapter") or artifacts.get("model")):
         raise StateError(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import NotFoundError
+from tunelab.services import run_health
 from tunelab.services.runs import list_runs, show_run
 from tunelab.services.views import RunView, ServedModel
 from tunelab.vocab import CHAT_FORMATS
@@ -34,6 +35,7 @@ def generator_for_run(run_text: str, *, backend: str | None = None, base: bool =
     chat = run.trained_format in CHAT_FORMATS
     if base:  # the base answers as it would untuned: with its own template, when it has one
         return load_generator(model=run.base_model, backend=backend or "auto", device=device)
+    run_health.require_files(run, "generate with")
     if run.artifacts.get("adapter"):
         return load_generator(
             model=run.base_model, adapter=run.artifacts["adapter"], chat=chat, backend=backend or "auto", device=device

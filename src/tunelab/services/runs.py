@@ -21,6 +21,7 @@ from tunelab.distributed.launch import launch
 from tunelab.errors import StateError, TunelabError
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
+from tunelab.services import run_health
 from tunelab.services.run_records import RegistryCallback
 from tunelab.services.views import RunView
 from tunelab.settings import get_settings
@@ -80,12 +81,15 @@ def resume_run(
 
 
 def _stored_run(run_text: str) -> tuple[str, dict, Path]:
+    run_health.fail_orphaned_runs()
     with session_scope(open_registry()) as s:
         run_id = repo.resolve_run_id(s, run_text)
         row = repo.get_run(s, run_id)
         config, output_dir, status = dict(row.config), Path(row.output_dir), row.status
+        owner = (row.owner_pid, row.owner_host) if status == "running" else (None, None)
     if status == "completed":
         raise StateError(f"run {run_id} already completed; its result is in {output_dir}")
+    run_health.refuse_if_training(run_id, *owner)
     return run_id, config, output_dir
 
 
@@ -131,7 +135,13 @@ def _execute(
     engine = open_registry()
     with session_scope(engine) as s:
         repo.update_run(
-            s, run_id, status="running", started_at=datetime.now(timezone.utc), error=None, finished_at=None
+            s,
+            run_id,
+            status="running",
+            started_at=datetime.now(timezone.utc),
+            error=None,
+            finished_at=None,
+            **run_health.owner(),  # so a run whose process dies without a word is marked failed later
         )
     try:
         prep = recipe.setup(cfg, output_dir, resume=resume, on_data=lambda d: _record_data(run_id, d), group=group)
@@ -253,11 +263,17 @@ def _reason(exc: BaseException) -> str:
 
 def list_runs(*, status: str | None = None, limit: int = 200) -> list[RunView]:
     """The newest runs, newest first (each the same view as `runs show`)."""
+    run_health.fail_orphaned_runs()
     with session_scope(open_registry()) as s:
-        return [RunView(**repo.run_summary(s, row.id)) for row in repo.list_runs(s, status=status, limit=limit)]
+        return [_view(repo.run_summary(s, row.id)) for row in repo.list_runs(s, status=status, limit=limit)]
 
 
 def show_run(run_text: str) -> RunView:
     """One run, found by id or unique id prefix."""
+    run_health.fail_orphaned_runs()
     with session_scope(open_registry()) as s:
-        return RunView(**repo.run_summary(s, repo.resolve_run_id(s, run_text)))
+        return _view(repo.run_summary(s, repo.resolve_run_id(s, run_text)))
+
+
+def _view(summary: dict[str, Any]) -> RunView:
+    return RunView(**summary, missing=run_health.missing_files(summary))

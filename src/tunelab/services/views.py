@@ -88,6 +88,7 @@ class RunView(View):
     memory_backoffs: list[dict[str, Any]] = []  # out-of-memory back-offs: step, micro_batch_size, grad_accum, reason
     artifacts: dict[str, Any]
     artifact_list: list[ArtifactView]
+    missing: list[str] = []  # the run's folder or results, gone from disk since it wrote them (deleted or moved)
 
     @property
     def base_model(self) -> str:
