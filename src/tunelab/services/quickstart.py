@@ -19,14 +19,14 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tunelab.config.load import load_config
+from tunelab.config.schema import RunConfig
 from tunelab.inference import load_generator
 from tunelab.services.runs import start_run
 from tunelab.settings import get_settings
 from tunelab.tiny import make_tiny_checkpoint
-
-BASE_STEPS = 200
-LORA_STEPS = 250
 
 
 @dataclass(frozen=True)
@@ -80,37 +80,14 @@ def run_quickstart(
         seed=0,
     )
     on_stage(f"2/3 pretraining the base briefly on {data / 'corpus.jsonl'} (full fine-tune)")
-    base_cfg = load_config(
-        {
-            "name": "quickstart-base",
-            "model": {"path": str(init)},
-            "data": {"train": str(data / "corpus.jsonl"), "max_seq_len": 256},
-            "method": {"name": "full"},
-            "train": {"steps": steps or BASE_STEPS, "batch_size": 16, "lr": 3e-3, "warmup": 10, "log_every": 10},
-            "output_dir": str(_fresh(root / "runs" / "base")),
-        }
-    )
+    base_cfg = _preset("base", init, {"train": str(data / "corpus.jsonl")}, root / "runs" / "base", steps)
     base = start_run(base_cfg, callbacks=callbacks)
+    assert base.result_dir is not None  # it ran to completion
     on_stage("3/3 fine-tuning it with LoRA on the shopping-list task")
-    lora_cfg = load_config(
-        {
-            "name": "quickstart-lora",
-            "model": {"path": str(base.result_dir)},
-            "data": {"train": str(data / "train.jsonl"), "valid": str(data / "valid.jsonl"), "max_seq_len": 256},
-            "method": {"name": "lora", "rank": 32, "alpha": 64},
-            "train": {
-                "steps": steps or LORA_STEPS,
-                "batch_size": 16,
-                "lr": 3e-3,
-                "warmup": 10,
-                "eval_every": 50,
-                "log_every": 1,
-            },
-            "output_dir": str(_fresh(root / "runs" / "lora")),
-        }
-    )
+    splits = {"train": str(data / "train.jsonl"), "valid": str(data / "valid.jsonl")}
+    lora_cfg = _preset("lora", base.result_dir, splits, root / "runs" / "lora", steps)
     tuned = start_run(lora_cfg, callbacks=callbacks)
-    assert base.result_dir is not None and tuned.result_dir is not None  # both ran to completion
+    assert tuned.result_dir is not None
     curve = _loss_curve(tuned.output_dir / "metrics.jsonl")
     prompts = [json.loads(line)["messages"][0]["content"] for line in (data / "valid.jsonl").open()][:3]
     before = load_generator(model=str(base.result_dir), chat=True)
@@ -122,6 +99,17 @@ def run_quickstart(
     return QuickstartResult(
         root, base.run_id, tuned.run_id, curve[0], curve[-1], tuned.metrics["val_loss"], tuned.result_dir, samples
     )
+
+
+def _preset(name: str, model: Path, data: dict[str, str], out: Path, steps: int | None) -> RunConfig:
+    """The stage's shipped YAML preset with this machine's paths (and ``steps``, when given) filled in."""
+    raw = yaml.safe_load(files("tunelab.assets").joinpath("quickstart", f"{name}.yaml").read_text(encoding="utf-8"))
+    raw["model"] = {"path": str(model)}
+    raw["data"].update(data)
+    raw["output_dir"] = str(_fresh(out))
+    if steps:
+        raw["train"]["steps"] = steps
+    return load_config(raw)
 
 
 def _copy_data(dest: Path) -> Path:
