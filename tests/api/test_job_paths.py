@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 from tests.api.conftest import Server
@@ -21,3 +24,30 @@ def test_a_relative_data_path_is_taken_inside_the_allowed_roots(api: httpx.Clien
     escape = {"model": {"path": str(server.roots / "model")}, "data": {"train": "../../../etc/passwd"}}
     refused = api.post("/v1/jobs", json={"config": escape, "kind": "validate"})
     assert refused.status_code == 422 and refused.json()["detail"].startswith("data.train"), refused.text
+
+
+def test_a_file_swapped_for_a_link_after_submit_is_refused_when_the_worker_reads_it(
+    api: httpx.Client, server: Server, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.jsonl"  # outside every allowed folder
+    secret.write_text(json.dumps({"text": "the private key is 1234"}) + "\n", encoding="utf-8")
+    data = server.roots / "swapped.jsonl"
+    data.write_text(json.dumps({"text": "hi"}) + "\n", encoding="utf-8")
+    config = {"model": {"path": str(server.roots / "model")}, "data": {"train": str(data)}}
+    queued = api.post("/v1/jobs", json={"config": config, "kind": "validate"})
+    assert queued.status_code == 201, queued.text
+    data.unlink()
+    data.symlink_to(secret)  # after the check, before any worker reads it
+
+    worker = subprocess.run(
+        [sys.executable, "-m", "tunelab", "worker", "--max-jobs", "1", "--poll", "0.2"],
+        env=server.env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    job = api.get(f"/v1/jobs/{queued.json()['id']}").json()
+    assert job["status"] == "failed" and "data.train" in job["error"] and "outside" in job["error"], job
+    events = api.get(f"/v1/jobs/{job['id']}/events").text
+    assert "1234" not in events and "1234" not in job["error"]  # nothing of the file reaches the client

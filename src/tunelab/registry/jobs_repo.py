@@ -39,8 +39,9 @@ def create_job(
     priority: int = 0,
     max_attempts: int = 3,
     nproc: int = 1,
+    allowed_roots: list[str] | None = None,
 ) -> JobRow:
-    """Queue a new job (``nproc`` processes; 0 = every one its worker offers)."""
+    """Queue a new job (``nproc`` processes; 0 = every one its worker offers; ``allowed_roots``: over the API)."""
     row = JobRow(
         id=job_id,
         kind=kind,
@@ -51,6 +52,7 @@ def create_job(
         attempts=0,
         max_attempts=max_attempts,
         nproc=nproc,
+        allowed_roots=allowed_roots,
         cancel_requested=0,
         created_at=utcnow(),
     )

@@ -213,6 +213,8 @@ class JobRow(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=3, server_default=text("3"))
     # Processes the job trains on (torchrun / mlx.launch on the worker's machine); 0 = all the worker offers.
     nproc: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default=text("1"))
+    # Submitted over the API: the folders its paths must stay in, checked again when a worker reads them.
+    allowed_roots: Mapped[list[str] | None] = mapped_column(_json(), nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     cancel_requested: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default=text("0"))

@@ -66,3 +66,17 @@ def anchor(value: str, roots: Sequence[Path], key: str, *, existing: bool = True
             hint=f"give a path under {allowed} (set TUNELAB_API_ROOTS to change them), or upload data to /v1/datasets",
         )
     return str(found or candidates[0])
+
+
+def recheck_config_paths(cfg: RunConfig, roots: Sequence[Path]) -> None:
+    """At use: the paths a job was accepted with must still resolve inside ``roots``.
+
+    A file accepted at submit can be replaced by a link to somewhere else before a worker reads it;
+    resolving again just before reading catches that (and the error names the key, not the contents).
+    """
+    for key, value in (("model.path", cfg.model.path), ("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
+        if value and not is_under(Path(value), roots):
+            raise ConfigError(
+                f"{key}: {value} now leads outside the folders this job was accepted for (changed since submit)",
+                hint="submit the job again with the file itself inside the allowed folders, not a link out of them",
+            )

@@ -59,6 +59,7 @@ def submit_job(
             run_id=run_id,
             priority=priority,
             nproc=nproc if kind == "train" else 1,
+            allowed_roots=[str(r) for r in allowed_roots] if allowed_roots is not None else None,
         )
         jobs_repo.add_event(s, type="status", data={"status": "queued"}, job_id=job.id, run_id=run_id)
         return JobView(**jobs_repo.job_public(job))
@@ -88,8 +89,12 @@ def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable
 
     with session_scope(open_registry()) as s:
         job = jobs_repo.get_job(s, job_id)
-        kind, run_id, config = job.kind, job.run_id, dict(job.config)
+        kind, run_id, config, roots = job.kind, job.run_id, dict(job.config), job.allowed_roots
         trained = run_id is not None and repo.get_run(s, run_id).status == "completed"
+    if roots is not None:  # submitted over the API: its files must still be where they were accepted
+        from tunelab.security.paths import recheck_config_paths
+
+        recheck_config_paths(validate_config(config), [Path(r) for r in roots])
     if kind == "validate" or run_id is None:
         cfg = validate_config(config)
         report = validate_dataset(
