@@ -80,3 +80,54 @@ def test_checkpointing_lowers_the_peak_of_tunelab_train(
     assert offloaded["peak"] < kept["peak"], (offloaded, kept)
     for other in (kept, offloaded):
         assert other["losses"] == pytest.approx(plain["losses"], rel=2e-2)
+
+
+def test_a_run_capped_below_its_batch_backs_off_and_completes(tmp_path: Path, llama_dir: Path) -> None:
+    """`set_per_process_memory_fraction` below what micro-batch 8 needs: the run halves it and finishes."""
+    import os
+    import subprocess
+    import sys
+
+    rng = random.Random(1)
+    words = [f"w{i}" for i in range(500)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choices(words, k=3000))}) + "\n" for _ in range(64)))
+
+    def run(name: str, batch: int, accum: int, cap_bytes: int | None) -> dict[str, Any]:
+        cfg = {
+            "model": {"path": str(llama_dir), "dtype": "bfloat16"},
+            "data": {"train": str(data), "max_seq_len": 2048, "group_by_length": False},
+            "method": {"name": "lora", "rank": 16, "alpha": 32},
+            "train": {"steps": 3, "batch_size": batch, "grad_accum": accum, "compile": False, "seed": 0},
+            "tensorboard": False,
+            "output_dir": str(tmp_path / name / "run"),
+        }
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "run.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        cap = "" if cap_bytes is None else (
+            "import torch; torch.cuda.set_per_process_memory_fraction("
+            f"{cap_bytes} / torch.cuda.get_device_properties(0).total_memory); "
+        )  # fmt: skip
+        env = {**os.environ, "TUNELAB_HOME": str(tmp_path / name / "home")}
+        env.pop("TUNELAB_DB_URL", None)
+        code = cap + "import sys; sys.argv[0] = 'tunelab'; from tunelab.cli.main import main; main()"
+        proc = subprocess.run([sys.executable, "-c", code, "train", str(path)], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        listed = subprocess.run(
+            [sys.executable, "-m", "tunelab", "runs", "list", "--json"], env=env, capture_output=True, text=True
+        )
+        run_id = json.loads(listed.stdout)[0]["id"]
+        shown = subprocess.run(
+            [sys.executable, "-m", "tunelab", "runs", "show", run_id, "--json"], env=env, capture_output=True, text=True
+        )
+        return json.loads(shown.stdout)
+
+    small = run("small", 4, 2, None)
+    big = run("big", 8, 1, None)
+    assert big["peak_memory_bytes"] > small["peak_memory_bytes"] * 1.3, (big, small)
+    cap = (small["peak_memory_bytes"] + big["peak_memory_bytes"]) // 2
+    capped = run("capped", 8, 1, cap)
+    assert capped["memory_backoffs"], "the capped run should have backed off"
+    assert capped["memory_backoffs"][0]["step"] == 1 and capped["memory_backoffs"][0]["micro_batch_size"] <= 4
+    assert capped["peak_memory_bytes"] <= cap
