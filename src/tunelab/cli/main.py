@@ -12,6 +12,7 @@ import typer
 from rich.text import Text
 
 from tunelab.cli import auth as auth_cmd
+from tunelab.cli import chat as chat_cmd
 from tunelab.cli import convert as convert_cmd
 from tunelab.cli import data as data_cmd
 from tunelab.cli import doctor as doctor_cmd
@@ -37,6 +38,7 @@ app.command("train")(train_cmd.train)
 app.command("quickstart")(train_cmd.quickstart)
 app.command("init")(use_cmd.init)
 app.command("generate")(use_cmd.generate)
+app.command("chat")(chat_cmd.chat)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("convert")(convert_cmd.convert)
 app.command("estimate")(estimate_cmd.estimate)

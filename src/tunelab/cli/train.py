@@ -88,21 +88,32 @@ def train(
     try:
         with graceful_stop() as stop:
             if resume:
-                outcome = services.resume_run(resume, callbacks=[*views, stop], should_stop=stop)
+                outcome = services.resume_run(
+                    resume, callbacks=[*views, stop], should_stop=stop, on_recorded=_announce if main else None
+                )
             else:
                 assert config is not None  # checked above
                 cfg = load_config(config, overrides or [])
-                outcome = services.start_run(cfg, callbacks=[*views, stop], should_stop=stop)
+                outcome = services.start_run(
+                    cfg, callbacks=[*views, stop], should_stop=stop, on_recorded=_announce if main else None
+                )
     except KeyboardInterrupt:  # a stop before training started, or a second Ctrl-C: the run is marked cancelled
         raise typer.Exit(130) from None
     if main:
         _report(outcome)
 
 
+def _announce(run_id: str, output_dir: Path) -> None:
+    """The run's id first, before loading and tokenizing, so it can be followed or resumed from the start."""
+    console.print(f"run [bold]{run_id}[/] → {output_dir}  (tunelab runs show {run_id})")
+
+
 def _report(outcome: Any) -> None:
     if outcome.status == "completed":
-        loss = outcome.metrics.get("val_loss") or outcome.metrics.get("train_loss")
-        console.print(f"[green]run {outcome.run_id} completed[/] (loss {loss:.4f})")
+        metrics = outcome.metrics
+        named = [(k, metrics.get(k)) for k in ("val_loss", "train_loss") if metrics.get(k) is not None]
+        loss = f" ({named[0][0].replace('_', ' ')} {named[0][1]:.4f})" if named else ""
+        console.print(f"[green]run {outcome.run_id} completed[/]{loss}")
         console.print(f"result: {outcome.result_dir}")
     else:
         console.print(

@@ -56,6 +56,7 @@ def generate(
     run: str | None = typer.Option(None, "--run", help="Use the result of this run."),
     model: str | None = typer.Option(None, help="Base model folder or hub id (instead of --run)."),
     adapter: str | None = typer.Option(None, help="PEFT adapter folder to apply to --model."),
+    system: str | None = typer.Option(None, help="System prompt before the prompt (chat models)."),
     max_new_tokens: int = typer.Option(128, min=1, help="How many tokens at most."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
@@ -63,18 +64,14 @@ def generate(
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: auto)."),
     backend: str | None = typer.Option(None, help="auto | torch | mlx (default: the run's, or auto)."),
 ) -> None:
-    """Stream a completion from a run's model, or from a base model with an adapter."""
+    """Stream a completion from a run's model, or from a base model with an adapter (`tunelab chat` for more turns)."""
     from tunelab import services
 
-    if run:
-        gen = services.generator_for_run(run, backend=backend)
-        if chat is not None:
-            gen.chat = chat
-    elif model:
-        gen = services.load_generator(model=model, adapter=adapter, chat=chat, backend=backend or "auto")
-    else:
+    if not run and not model:
         raise ConfigError("give --run RUN_ID, or --model PATH (optionally with --adapter PATH)")
-    for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+    session = services.open_chat(run=run, model=model, adapter=adapter, system=system, backend=backend, chat=chat)
+    sampling = services.Sampling(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    for piece in session.send(prompt, sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -5,6 +5,7 @@ quickstart); each use case is one function returning a typed view (:mod:`.views`
 Import them from here.
 """
 
+from tunelab.services.chat import ChatSession, Sampling, open_chat
 from tunelab.services.datasets import (
     cache_entries,
     cache_root,
@@ -71,6 +72,7 @@ from tunelab.train.callbacks import BaseCallback  # what interfaces subclass to 
 __all__ = [
     "BaseCallback",
     "CacheEntry",
+    "ChatSession",
     "DatasetReport",
     "JobView",
     "KeyView",
@@ -80,6 +82,7 @@ __all__ = [
     "RegistryCallback",
     "RunOutcome",
     "RunView",
+    "Sampling",
     "ServedModel",
     "SystemReport",
     "UploadedDataset",
@@ -104,6 +107,7 @@ __all__ = [
     "list_secrets",
     "load_generator",
     "new_usage",
+    "open_chat",
     "parse_nproc",
     "preview_dataset",
     "record_job_event",

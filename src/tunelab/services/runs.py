@@ -47,12 +47,17 @@ def start_run(
     callbacks: Sequence[Any] = (),
     should_stop: Callable[[], bool] = lambda: False,
     run_id: str | None = None,
+    on_recorded: Callable[[str, Path], None] | None = None,
 ) -> RunOutcome:
     """Record a new run and train it to the end (or until ``should_stop``).
 
     Under torchrun every rank calls this; rank 0 records the run and tells the others its id.
+    ``on_recorded(run_id, output_dir)`` is called as soon as the run is in the registry, before
+    loading or tokenizing (minutes on a big model), so a user can find the run while it starts.
     """
     run_id, output_dir = shared(join(), lambda: _record_new(cfg, run_id))
+    if on_recorded is not None:
+        on_recorded(run_id, output_dir)
     return _execute(run_id, cfg, output_dir, resume=False, callbacks=callbacks, should_stop=should_stop)
 
 
@@ -69,13 +74,20 @@ def _record_new(cfg: RunConfig, run_id: str | None) -> tuple[str, Path]:
 
 
 def resume_run(
-    run_text: str, *, callbacks: Sequence[Any] = (), should_stop: Callable[[], bool] = lambda: False
+    run_text: str,
+    *,
+    callbacks: Sequence[Any] = (),
+    should_stop: Callable[[], bool] = lambda: False,
+    on_recorded: Callable[[str, Path], None] | None = None,
 ) -> RunOutcome:
     """Continue a run from its newest checkpoint (from the start if it never wrote one).
 
     The number of processes may differ from the run's start (the checkpoint keeps the global batch).
+    ``on_recorded`` as for :func:`start_run`, once the run is found.
     """
     run_id, config, output_dir = shared(join(), lambda: _stored_run(run_text))
+    if on_recorded is not None:
+        on_recorded(run_id, output_dir)
     cfg = validate_config(config)
     return _execute(run_id, cfg, output_dir, resume=True, callbacks=callbacks, should_stop=should_stop)
 
