@@ -36,6 +36,7 @@ def resolve_model_path(path: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(path, revision=revision, local_files_only=True, allow_patterns=patterns))
     except Exception:
         pass
+    require_hub(f"model.path: {path} is not in the local Hugging Face cache")
     try:
         return Path(snapshot_download(path, revision=revision, allow_patterns=patterns))
     except Exception as exc:
@@ -44,6 +45,61 @@ def resolve_model_path(path: str, revision: str | None = None) -> Path:
             f"({type(exc).__name__})",
             hint="check the id and your connection, or download the model once and point at its folder",
         ) from None
+
+
+# Seconds to wait for the hub's address and a TCP connection before calling this machine offline.
+_PROBE_S = 4.0
+_reachable: dict[str, bool] = {}  # endpoint -> answer, so a process probes once
+
+
+def require_hub(context: str) -> None:
+    """Fail at once, naming ``context``, when the hub can't be reached (offline mode, or no network).
+
+    huggingface_hub retries a failed name lookup for ~25 s before giving up; one short probe
+    (a DNS lookup and a TCP connect, bounded in time) tells the same thing at once.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(
+            f"{context}, and HF_HUB_OFFLINE is set, so nothing is downloaded",
+            hint="download it once with HF_HUB_OFFLINE unset, or point at a local folder",
+        )
+    endpoint = constants.ENDPOINT
+    if endpoint not in _reachable:
+        _reachable[endpoint] = _probe(endpoint)
+    if not _reachable[endpoint]:
+        raise ModelError(
+            f"{context}, and {endpoint} can't be reached from this machine (no network?)",
+            hint="connect and try again, point at a local checkpoint folder, or set HF_HUB_OFFLINE=1 to use "
+            "only what is cached without trying the network",
+        )
+
+
+def _probe(endpoint: str) -> bool:
+    """Whether a TCP connection to ``endpoint`` opens within :data:`_PROBE_S` (True behind a proxy: can't tell)."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def connect() -> None:  # in a thread: getaddrinfo ignores socket timeouts and may hang on a dead resolver
+        try:
+            socket.create_connection((url.hostname or "", port), timeout=_PROBE_S).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(_PROBE_S)
+    return bool(result and result[0])
 
 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> Any:

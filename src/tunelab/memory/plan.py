@@ -97,7 +97,11 @@ def load_shape(path: str, revision: str | None = None) -> ModelShape:
         return read_shape(resolve_model_path(path, revision))  # a folder, or the error that says what is wrong
     from huggingface_hub import hf_hub_download
 
+    from tunelab.hub import require_hub
+
     for offline in (True, False):  # the HF cache first: no network when the model was used before
+        if not offline:
+            require_hub(f"model.path: the config.json of {path} is not in the local Hugging Face cache")
         try:
             return read_shape(
                 Path(hf_hub_download(path, "config.json", revision=revision, local_files_only=offline)).parent
