@@ -117,3 +117,27 @@ def test_mlx_matmuls_are_served_by_openblas_unless_told_otherwise() -> None:
     """Which library answers MLX's cblas calls (the speed itself is measured by doctor and bench/)."""
     assert "openblas" in (_python(_PROVIDER) or "")
     assert "openblas" not in (_python(_PROVIDER, TUNELAB_BLAS="reference") or "")
+
+
+@needs_linux_mlx
+@pytest.mark.skipif(not DEBIAN_OPENBLAS.is_file(), reason="Debian's libopenblas0-pthread is not installed")
+def test_doctor_under_load_judges_the_blas_by_the_library_not_the_speed(cli: Cli) -> None:
+    """Busy cores slow OpenBLAS down; doctor still names it and gives no reference-BLAS warning (issue 22 item 16)."""
+    spin = "import time\nend = time.time() + 60\nwhile time.time() < end: pass"
+    load = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        result = cli("doctor", "--json", env={"OPENBLAS_NUM_THREADS": "1"})
+    finally:
+        for proc in load:
+            proc.kill()
+            proc.wait()
+    assert result.returncode == 0, result.stderr
+    blas = json.loads(result.stdout)["mlx_blas"]
+    assert "openblas" in blas["served_by"] and blas["warning"] is None, blas
+    assert blas["gflops"] > 0  # reported as a figure only
+
+
+@needs_linux_mlx
+def test_doctor_names_the_bundled_blas_that_serves_mlx_when_told_to_keep_it(cli: Cli) -> None:
+    blas = json.loads(cli("doctor", "--json", env={"TUNELAB_BLAS": "reference"}).stdout)["mlx_blas"]
+    assert "libblas" in blas["served_by"] and "mlx" in blas["served_by"] and "apt-get install" in blas["warning"]

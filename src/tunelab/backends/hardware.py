@@ -19,7 +19,6 @@ from typing import Any
 from tunelab.errors import BackendError
 
 BACKEND_PACKAGES = ("torch", "transformers", "peft", "mlx", "mlx-lm", "bitsandbytes")
-MIN_FAST_GFLOPS = 50.0  # below this MLX's CPU matmuls are on a reference BLAS (~6 GFLOP/s)
 
 
 def describe_hardware() -> dict[str, Any]:
@@ -75,16 +74,28 @@ def mlx_blas_report(*, measure: bool = True) -> dict[str, Any] | None:
     if not sys.platform.startswith("linux") or importlib.util.find_spec("mlx") is None:
         return None
     try:
-        from tunelab.backends.mlx.blas import FIX_HINT, ensure_fast_blas, measure_matmul_gflops
+        from tunelab.backends.mlx.blas import FIX_HINT, ensure_fast_blas, is_reference_library, serving_library
 
         info = ensure_fast_blas()
     except BackendError as exc:
-        return {"name": None, "path": None, "loaded": False, "why": exc.message, "gflops": None, "warning": exc.hint}
-    report: dict[str, Any] = {**info.to_dict(), "gflops": None, "warning": None}
+        return {
+            "name": None,
+            "path": None,
+            "loaded": False,
+            "why": exc.message,
+            "gflops": None,
+            "served_by": None,
+            "warning": exc.hint,
+        }
+    report: dict[str, Any] = {**info.to_dict(), "gflops": None, "served_by": None, "warning": None}
     if measure:
-        report["gflops"] = round(measure_matmul_gflops(512), 1)
-    slow = report["gflops"] is not None and report["gflops"] < MIN_FAST_GFLOPS
-    if info.is_reference or slow:
+        from tunelab.backends.mlx.blas import measure_matmul_gflops
+
+        report["gflops"] = round(measure_matmul_gflops(512), 1)  # a figure to read, never a verdict: load skews it
+    served = serving_library()
+    report["served_by"] = served
+    # The verdict comes from which library answers cblas_sgemm, or (mlx not loaded yet) from the choice made.
+    if info.is_reference if served is None else is_reference_library(served):
         report["warning"] = f"MLX's CPU matmuls run on a slow reference BLAS: {FIX_HINT}"
     return report
 

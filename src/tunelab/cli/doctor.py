@@ -49,7 +49,7 @@ def _render(report: dict[str, Any]) -> None:
     blas = report["mlx_blas"]
     if blas is not None:
         speed = f", {blas['gflops']:.0f} GFLOP/s (512² fp32 matmul)" if blas["gflops"] is not None else ""
-        where = f" {blas['path']}" if blas["path"] else ""
+        where = f" {blas.get('served_by') or blas['path'] or ''}".rstrip()
         console.print(Text.assemble(("MLX BLAS: ", "bold"), f"{blas['name']}{where}{speed} — {blas['why']}"))
         if blas["warning"]:
             console.print(Text.assemble(("warning: ", "bold yellow"), blas["warning"]))

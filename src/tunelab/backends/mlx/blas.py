@@ -164,6 +164,29 @@ def _global_cblas_path() -> str | None:
         return None
 
 
+def serving_library() -> str | None:
+    """The file whose ``cblas_sgemm`` MLX's CPU matmuls call in this process (None: mlx is not loaded).
+
+    The global scope is searched first, so a library found there (dladdr) serves MLX; otherwise
+    MLX binds to the BLAS it bundles, which /proc/self/maps shows once mlx.core is loaded.  This
+    is the fact behind doctor's warning, not a speed: a busy machine makes any BLAS look slow.
+    """
+    found = _global_cblas_path()
+    if found is not None:
+        return found
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            mapped = {line.split(maxsplit=5)[-1].strip() for line in fh if "/" in line}
+    except OSError:
+        return None
+    return next((path for path in sorted(mapped) if os.path.basename(path).lower().startswith("libblas")), None)
+
+
+def is_reference_library(path: str | None) -> bool:
+    """True for the netlib BLAS the mlx wheels bundle (or none at all): the slow one."""
+    return path is None or os.path.basename(path).lower().startswith("libblas")
+
+
 def _name_of(path: str) -> str:
     base = os.path.basename(path).lower()
     if "openblas" in base:
@@ -197,4 +220,13 @@ def measure_matmul_gflops(n: int = 512, reps: int | None = None) -> float:
     return 2 * n**3 / min(times) / 1e9
 
 
-__all__ = ["ENV_VAR", "FIX_HINT", "BlasInfo", "candidate_paths", "ensure_fast_blas", "measure_matmul_gflops"]
+__all__ = [
+    "ENV_VAR",
+    "FIX_HINT",
+    "BlasInfo",
+    "candidate_paths",
+    "ensure_fast_blas",
+    "is_reference_library",
+    "measure_matmul_gflops",
+    "serving_library",
+]
