@@ -17,6 +17,8 @@ class Settings:
     upload_limit_bytes: int = 100 * 2**20
     # One example's size in a dataset file: tokenizing a record costs ~200× its bytes in memory.
     max_record_bytes: int = 8 * 2**20
+    # How long a chat over the API waits for the model (answers are generated one at a time) before a 503.
+    chat_wait_s: float = 30.0
 
     @property
     def runs_dir(self) -> Path:
@@ -45,12 +47,14 @@ def get_settings() -> Settings:
     roots = tuple(Path(p).expanduser() for p in os.environ.get("TUNELAB_API_ROOTS", "").split(os.pathsep) if p)
     upload_mb = _positive_float("TUNELAB_UPLOAD_LIMIT_MB", 100.0)
     record_mb = _positive_float("TUNELAB_MAX_RECORD_MB", 8.0)
+    chat_wait_s = _positive_float("TUNELAB_CHAT_WAIT_S", 30.0)
     return Settings(
         home=home,
         db_url=db_url,
         api_roots=roots,
         upload_limit_bytes=int(upload_mb * 2**20),
         max_record_bytes=int(record_mb * 2**20),
+        chat_wait_s=chat_wait_s,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -23,13 +25,21 @@ UPLOAD_PATH = "/v1/datasets"
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A ready app; settings are read now (or passed in), not at import."""
     settings = settings or get_settings()
+    chat_models = ChatModels(wait_s=settings.chat_wait_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        chat_models.close()  # stop answers at their next token, so the process exits promptly
+
     app = FastAPI(
         title="tunelab",
         version=__version__,
         description="Queue fine-tunes, follow runs, chat with their adapters. Send `Authorization: Bearer KEY`.",
+        lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.chat_models = ChatModels()
+    app.state.chat_models = chat_models
     app.include_router(health.router)
     secured = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
     for module in (jobs, runs, datasets, models, chat):

@@ -10,6 +10,9 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-def health() -> dict[str, str]:
-    """Liveness: the server is up (says nothing about workers)."""
+async def health() -> dict[str, str]:
+    """Liveness: the server is up (says nothing about workers).
+
+    ``async``: it answers on the event loop, whatever holds the server's thread pool.
+    """
     return {"status": "ok", "version": __version__}
