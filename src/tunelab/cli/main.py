@@ -7,6 +7,7 @@ traceback.  Only unexpected exceptions (bugs) keep theirs.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 from rich.text import Text
@@ -81,6 +82,24 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)(\.|$)")
 
 
+def _flags_take_no_value(command: Any) -> None:
+    """Show on/off flags without a value placeholder in every help screen (Typer labels them ``<bool>``)."""
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    made_help = command.get_help_option  # --help itself is made on first use, so label it then
+
+    def help_option(ctx: Any) -> Any:
+        option = made_help(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _flags_take_no_value(sub)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; exit with tunelab's exit code for user errors.
 
@@ -89,8 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     path such as ``data[v2]/x.jsonl`` must not be read as Rich markup.
     """
     _quiet_libraries()
+    command = typer.main.get_command(app)
+    _flags_take_no_value(command)
     try:
-        app(args=argv)
+        command(args=argv, prog_name="tunelab")
     except TunelabError as exc:
         err_console.print(Text.assemble(("error: ", "bold red"), exc.message))
         if exc.hint:
