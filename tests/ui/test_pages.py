@@ -36,6 +36,8 @@ def test_app_opens_on_the_runs_table(in_registry: Registry) -> None:
     ids = list(at.dataframe[0].value["id"])
     assert sorted(ids) == sorted(in_registry.run_ids)
     assert set(at.dataframe[0].value["status"]) == {"completed"}
+    model = in_registry.model  # a folder named "model", like most: its parent tells runs apart (issue 22 item 21)
+    assert set(at.dataframe[0].value["model"]) == {f"{model.parent.name}/{model.name}"}
 
 
 def test_runs_filter_and_sort(in_registry: Registry) -> None:

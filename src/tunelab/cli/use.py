@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -23,26 +24,43 @@ def init(
 ) -> None:
     """Ask a few questions and write a commented config to start from."""
     from tunelab.config.load import load_config
-    from tunelab.config.starter import render_starter
+    from tunelab.config.starter import check_starter_paths, render_starter
 
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists", hint="pass --force to overwrite it, or --out another.yaml")
     interactive = not yes and sys.stdin.isatty()
     if interactive:
-        import questionary
-
-        model = model or questionary.text("Base model (folder or hub id):", default="Qwen/Qwen2.5-0.5B-Instruct").ask()
-        data = data or questionary.text("Training data (file or folder):", default="data/").ask()
-        method = method or questionary.select("Method:", choices=list(METHODS), default="lora").ask()
-        if steps is None:
-            answer = questionary.text("Steps (empty = one epoch):", default="").ask()
-            steps = int(answer) if answer and answer.strip().isdigit() else None
+        model, data, method, steps = _ask(model, data, method, steps)
     if not model or not data:
         raise ConfigError("init needs --model and --data (or answer the questions in a terminal)")
+    check_starter_paths(model=model, data=data)
     text = render_starter(model=model, data=data, method=method or "lora", steps=steps)
     load_config(_parse(text))  # the starter must itself be valid
     out.write_text(text, encoding="utf-8")
     console.print(f"wrote {out}; start training with: tunelab train {out}")
+
+
+def _ask(model: str | None, data: str | None, method: str | None, steps: int | None) -> tuple[Any, Any, Any, Any]:
+    """The questions for what the options left out; paths are checked as they are typed."""
+    import questionary
+
+    from tunelab.config.starter import path_problem
+
+    def check(what: str) -> Any:
+        return lambda text: path_problem(text, what) or True  # questionary shows a string as the problem
+
+    model = (
+        model
+        or questionary.text(
+            "Base model (folder or hub id):", default="Qwen/Qwen2.5-0.5B-Instruct", validate=check("model")
+        ).ask()
+    )
+    data = data or questionary.text("Training data (file or folder):", default="data/", validate=check("data")).ask()
+    method = method or questionary.select("Method:", choices=list(METHODS), default="lora").ask()
+    if steps is None:
+        answer = questionary.text("Steps (empty = one epoch):", default="").ask()
+        steps = int(answer) if answer and answer.strip().isdigit() else None
+    return model, data, method, steps
 
 
 def _parse(text: str) -> dict:

@@ -46,14 +46,19 @@ def run_row(run: dict[str, Any]) -> dict[str, Any]:
         "status": run["status"],
         "backend": run.get("backend") or "",
         "device": run.get("device") or "",
-        "model": Path(str(config.get("model", {}).get("path", ""))).name,
-        "dataset": Path(str(config.get("data", {}).get("train", ""))).name,
+        "model": short_path(str(config.get("model", {}).get("path", ""))),
+        "dataset": short_path(str(config.get("data", {}).get("train", ""))),
         "method": config.get("method", {}).get("name", ""),
         "steps": f"{run.get('step') or 0}/{run.get('total_steps') or '?'}",
         "best_val_loss": best,
         "duration_s": run.get("duration_s"),
         "created_at": run.get("created_at") or "",
     }
+
+
+def short_path(path: str) -> str:
+    """The last two parts of a path (a hub id stays whole): checkpoint folders are often all named "model"."""
+    return "/".join(Path(path).parts[-2:]) if path else ""
 
 
 def filter_rows(rows: list[dict[str, Any]], *, text: str = "", statuses: list[str] | None = None) -> list[dict]:
