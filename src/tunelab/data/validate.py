@@ -11,19 +11,25 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from tunelab.data.formats import detect_format, to_samples
+from tunelab.data.formats import Sample, detect_format, to_sample
 from tunelab.data.sources import Record, iter_records, resolve_files
 from tunelab.data.templates import template_for
 from tunelab.data.tokenize import length_summary, tokenize_samples
+from tunelab.errors import DataError
 from tunelab.vocab import IGNORE
 
 DUPLICATES_SHOWN = 5
+# Bad records reported in one pass (the rest are counted): a messy file is fixed in one round, not one per error.
+PROBLEMS_SHOWN = 50
+LINES_SHOWN = 12  # line numbers listed per kind of problem
+PROBLEMS_KEPT = 10_000  # reading stops here: memory stays bounded on a file that is wrong throughout
 # Records are read, checked and tokenized a chunk at a time, so a dataset larger than memory validates too.
 CHUNK = 1024
 # Long enough that nothing is cut: the report needs each example's full length to say what truncation loses.
@@ -95,7 +101,7 @@ def validate_dataset(
     split: str = "train",
     subset: str | None = None,
 ) -> dict[str, Any]:
-    """Validate every record (raising :class:`DataError` on the first bad one) and summarise.
+    """Validate every record and summarise; bad records raise one :class:`DataError` listing them all, by kind.
 
     Each split reports its record count and duplicates; with ``model`` (a
     checkpoint folder or hub id) also token-length statistics, a length
@@ -114,14 +120,58 @@ def validate_dataset(
         tokenizer = load_tokenizer(resolve_model_path(model))
         template, report["chat_template"] = template_for(tokenizer)
         tokenizing = _Tokenizing(tokenizer, template, mask_prompt, train_on)
-    tally = _scan(itertools.chain([first], train), fmt, tokenizing, max_seq_len, None)
-    report["splits"]["train"] = _entry(str(train_path), tally, tokenizing is not None)
+    problems: list[DataError] = []
+    tally = _scan(itertools.chain([first], train), fmt, tokenizing, max_seq_len, None, problems)
+    valid_tally = None
     if valid_path is not None:
         records = iter_records(valid_path, split="validation", columns=columns, subset=subset)
-        valid_tally = _scan(records, fmt, tokenizing, max_seq_len, tally.keys)
+        valid_tally = _scan(records, fmt, tokenizing, max_seq_len, tally.keys, problems)
+    if problems:
+        raise grouped(problems)
+    report["splits"]["train"] = _entry(str(train_path), tally, tokenizing is not None)
+    if valid_tally is not None:
         report["splits"]["valid"] = _entry(str(valid_path), valid_tally, tokenizing is not None)
         report["splits"]["valid"]["duplicates"]["also_in_train"] = valid_tally.also_in_train
     return report
+
+
+def grouped(problems: list[DataError]) -> DataError:
+    """One error listing every bad record found, grouped by kind of problem, with their files and lines."""
+    kinds: dict[str, list[DataError]] = {}
+    for exc in problems:
+        kinds.setdefault(_kind(exc), []).append(exc)
+    lines = [
+        ("at least " if len(problems) >= PROBLEMS_KEPT else "")
+        + f"{len(problems):,} bad record{'s' if len(problems) != 1 else ''}"
+        + (f" (the first {PROBLEMS_SHOWN} are listed)" if len(problems) > PROBLEMS_SHOWN else "")
+        + ":"
+    ]
+    shown = problems[:PROBLEMS_SHOWN]
+    for kind, found in sorted(kinds.items(), key=lambda item: -len(item[1])):
+        listed = [exc for exc in found if exc in shown]
+        where = _where(listed[:LINES_SHOWN])
+        more = f" and {len(found) - min(len(listed), LINES_SHOWN):,} more" if len(found) > LINES_SHOWN else ""
+        lines.append(f"  {kind} ({len(found):,}): {where}{more}")
+    first = problems[0]
+    error = DataError("\n".join(lines), hint=f"fix these and validate again (first: {first.message})")
+    error.path, error.line = first.path, first.line  # where the first one is, for callers that point at it
+    return error
+
+
+def _where(found: list[DataError]) -> str:
+    """``file: lines 2, 5`` per file, in the order found."""
+    by_file: dict[str | None, list[str]] = {}
+    for exc in found:
+        by_file.setdefault(exc.path, []).append(str(exc.line))
+    return "; ".join(f"{path}: line{'s' if len(n) > 1 else ''} {', '.join(n)}" for path, n in by_file.items())
+
+
+def _kind(exc: DataError) -> str:
+    """The problem without where it is: indices and columns vary between records of one kind."""
+    text = exc.message
+    prefix = f"{exc.path}:{exc.line}: "
+    text = text[len(prefix) :] if text.startswith(prefix) else text
+    return re.sub(r"\[\d+\]", "[…]", re.sub(r", column \d+", "", text))
 
 
 def _scan(
@@ -130,12 +180,13 @@ def _scan(
     tokenizing: _Tokenizing | None,
     max_seq_len: int,
     train_keys: Mapping[bytes, int] | None,
+    problems: list[DataError],
 ) -> _Tally:
     tally = _Tally(max_seq_len)
     while chunk := list(itertools.islice(records, CHUNK)):
-        samples = to_samples(chunk, fmt)
+        samples, chunk = _valid_samples(chunk, fmt, problems)
         tally.add_records(chunk, train_keys)
-        if tokenizing is not None:
+        if tokenizing is not None and not problems:  # once a record is bad the report is the problems
             tokens = tokenize_samples(
                 samples,
                 tokenizing.tokenizer,
@@ -147,6 +198,21 @@ def _scan(
             )
             tally.add_tokens(tokens.input_ids, tokens.labels, tokens.dropped)
     return tally
+
+
+def _valid_samples(chunk: list[Record], fmt: str, problems: list[DataError]) -> tuple[list[Sample], list[Record]]:
+    """The records of ``chunk`` that are valid ``fmt`` and their samples; each bad one joins ``problems``."""
+    samples, kept = [], []
+    for record in chunk:
+        try:
+            samples.append(to_sample(record, fmt))
+        except DataError as exc:
+            problems.append(exc)
+            if len(problems) >= PROBLEMS_KEPT:
+                raise grouped(problems) from None
+            continue
+        kept.append(record)
+    return samples, kept
 
 
 def _entry(path: str, tally: _Tally, with_tokens: bool) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def validate_dataset(
     split: str = "train",
     subset: str | None = None,
 ) -> DatasetReport:
-    """Run the checks training runs on every record (DataError names the first bad one) and summarise.
+    """Run the checks training runs on every record and summarise; one DataError lists every bad record, by kind.
 
     With ``model`` also token lengths, a histogram and truncation, tokenized exactly as training does.
     """
@@ -114,15 +114,23 @@ def upload_dataset(source: Any, *, filename: str, limit_bytes: int | None = None
             out.flush()
             os.fsync(out.fileno())
         if written == 0:
-            raise DataError("the uploaded file is empty")
-        report = validate_dataset(str(staged))
+            raise DataError(f"the uploaded file {shown_name(filename)} is empty")
+        try:
+            report = validate_dataset(str(staged))
+        except DataError as exc:  # say it of the user's file: the staged name means nothing to them
+            raise DataError(exc.message.replace(str(staged), shown_name(filename)), hint=exc.hint) from None
         os.replace(staged, dest)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
-    return UploadedDataset(
-        id=dataset_id, path=str(dest), format=report.format, size_bytes=written, splits=report.splits
-    )
+    splits = {name: {**split, "path": str(dest)} for name, split in report.splits.items()}
+    return UploadedDataset(id=dataset_id, path=str(dest), format=report.format, size_bytes=written, splits=splits)
+
+
+def shown_name(filename: str) -> str:
+    """The client's file name as messages show it: its last part, printable, at most 100 characters."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(c if c.isprintable() else "?" for c in name)[:100] or "the upload"
 
 
 def _incoming_dir() -> Path:
