@@ -34,6 +34,7 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from tunelab.backends.mlx import oom  # noqa: E402
+from tunelab.backends.mlx.forward import checkpoint_class, split_head  # noqa: E402
 from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  # noqa: E402
 from tunelab.backends.mlx.objectives import MlxLoss, loss_for, token_cross_entropy  # noqa: E402
 from tunelab.backends.mlx.packing import enable_packing, packed_caches  # noqa: E402
@@ -106,7 +107,7 @@ class MlxBackend:
         )
         if model.gradient_checkpointing:
             for layer in self.model.model.layers:
-                _checkpoint_class(type(layer))
+                checkpoint_class(type(layer))
         if model.packing:
             self._mask_rank = enable_packing(self.model)
         loss_and_grad = nn.value_and_grad(self.model, self._loss)
@@ -123,7 +124,7 @@ class MlxBackend:
             self._loss_and_grad = lambda _model, ids, targets, _picked, *packed: compiled(ids, targets, *packed)
             self._pad_multiple = _PAD_MULTIPLE
         else:
-            self._head = _split_head(self.model)
+            self._head = split_head(self.model)
             self._loss_and_grad = loss_and_grad
         return self._info(trainable=sum(v.size for v in _flat(self.model.trainable_parameters()).values()))
 
@@ -363,55 +364,6 @@ def _pad_to(ids: np.ndarray, labels: np.ndarray, multiple: int, pad_id: int) -> 
         np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id),
         np.pad(labels, ((0, 0), (0, extra)), constant_values=IGNORE),
     )
-
-
-def _checkpoint_class(cls: type) -> None:
-    """Recompute a block's activations in backward (mx.checkpoint) for every instance of its class.
-
-    Patching the class keeps parameter paths unchanged (a wrapper module would
-    rename every weight); it is done once per class.
-    """
-    if getattr(cls, "_tunelab_checkpointed", False):
-        return
-    plain = cls.__call__
-
-    def checkpointed(self: Any, *args: Any, **kwargs: Any) -> Any:
-        def inner(params: Any, *a: Any, **k: Any) -> Any:
-            self.update(params)
-            return plain(self, *a, **k)
-
-        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-    setattr(cls, "__call__", checkpointed)  # noqa: B010 - assigning a method on the class on purpose
-    setattr(cls, "_tunelab_checkpointed", True)  # noqa: B010
-
-
-def _split_head(model: Any) -> Any:
-    """The output projection, if ``head(model.model(x))`` equals ``model(x)`` for this architecture.
-
-    Some architectures transform logits after the head.  Their config fields say
-    so (soft-capping, scaling); a probe forward then checks the rest.  The fields
-    are needed as well: on small logits ``tanh(x / c) · c`` is ``x`` to 1e-4, so a
-    probe alone can't see soft-capping.
-    """
-    inner = getattr(model, "model", None)
-    args = getattr(model, "args", None)
-    for field in ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping"):
-        if getattr(args, field, None) not in (None, 1, 1.0):
-            return None
-    if inner is None:
-        return None
-    head = getattr(model, "lm_head", None)
-    if head is None and hasattr(getattr(inner, "embed_tokens", None), "as_linear"):
-        head = inner.embed_tokens.as_linear
-    if head is None:
-        return None
-    probe = mx.array([[1, 2, 3, 4, 5]])
-    try:
-        same = mx.allclose(head(inner(probe)), model(probe), rtol=1e-4, atol=1e-4).item()
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return head if same else None
 
 
 def _auto_dtype(model: Any) -> Any:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import queue
 import resource
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from tunelab.backends.torch import fsdp, oom, state_io
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
+from tunelab.backends.torch.generate import stream_tokens
 from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_device, pick_dtype
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import apply_method
@@ -310,57 +309,19 @@ class TorchBackend:
         stop_ids: Sequence[int],
         seed: int,
     ) -> Iterator[int]:
-        """Stream tokens from transformers' ``generate`` running in a worker thread.
-
-        Closing the iterator early (a stop token, a client that goes away) cancels
-        the worker through a stopping criterion and waits for it, so no thread is
-        left generating behind the caller's back.
-        """
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        cancel = threading.Event()
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
         self.model.eval()
         self._training = False
-        torch.manual_seed(seed)
-        ids = torch.tensor([list(prompt_ids)], device=self.device)
-        tokens: queue.Queue[int | BaseException | None] = queue.Queue()
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
-        kwargs: dict[str, Any] = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "max_new_tokens": max_new_tokens,
-            "eos_token_id": list(stop_ids) or None,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "streamer": _QueueStreamer(tokens),
-            "stopping_criteria": StoppingCriteriaList([_Cancelled()]),
-            "do_sample": False,
-            **sampling,
-        }
-
-        def work() -> None:
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except BaseException as exc:  # surfaced in the consuming thread
-                tokens.put(exc)
-            finally:
-                tokens.put(None)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        try:
-            while (item := tokens.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancel.set()
-            thread.join()
+        return stream_tokens(
+            self.model,
+            self.device,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_ids=stop_ids,
+            pad_id=self.tokenizer.pad_token_id,
+            seed=seed,
+        )
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return oom.is_out_of_memory(exc)
@@ -420,22 +381,3 @@ def _dtype_name(dtype: torch.dtype, method: MethodSpec) -> str:
     if method.name != "qlora":
         return name
     return f"{'nf4' if (method.bits or 4) == 4 else 'int8'}/{name}"
-
-
-class _QueueStreamer:
-    """The two-method streamer interface transformers' generate calls, feeding a queue."""
-
-    def __init__(self, out: queue.Queue[Any]) -> None:
-        self.out = out
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        flat = value.reshape(-1).tolist()
-        if not self._prompt_seen:  # the first call carries the prompt
-            self._prompt_seen = True
-            return
-        for token in flat:
-            self.out.put(int(token))
-
-    def end(self) -> None:
-        pass
