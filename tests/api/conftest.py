@@ -38,9 +38,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(root: Path, **env: str) -> tuple[Server, subprocess.Popen]:
+def start_server(root: Path, log_level: str = "warning", **env: str) -> tuple[Server, subprocess.Popen]:
     """Start `tunelab serve` on a free loopback port with its home under ``root``; returns it and its process
-    (in a session of its own: stop it with ``os.killpg``) once ``/health`` answers."""
+    (in a session of its own: stop it with ``os.killpg``) once ``/health`` answers. ``info`` logs each request."""
     (root / "roots").mkdir(parents=True, exist_ok=True)
     port = _free_port()
     srv = Server(f"http://127.0.0.1:{port}", "", root / "home", root / "roots", root / "serve.log")
@@ -49,7 +49,7 @@ def start_server(root: Path, **env: str) -> tuple[Server, subprocess.Popen]:
         [sys.executable, "-m", "tunelab", "auth", "create-key", "--name", "tests"],
         env=child_env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    cmd = [sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--log-level", log_level]
     with srv.log.open("ab") as log:
         proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     _wait_healthy(srv.url, proc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, WebSocket, status
@@ -40,20 +41,41 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ApiKey = Annotated[KeyView, Depends(require_key)]
 
 
-async def require_key_ws(websocket: WebSocket) -> bool:
-    """WebSocket auth: ``Authorization: Bearer KEY`` (or ``?api_key=`` where a browser can't set headers).
+BEARER_SUBPROTOCOL = "tunelab.bearer"
+"""A browser can't set headers on a WebSocket: it may offer ``["tunelab.bearer", KEY]`` as subprotocols."""
 
-    Refuses the handshake (HTTP 403 to the client, close code 4401) and returns False without a valid key.
+
+@dataclass(frozen=True)
+class WsAuth:
+    """A WebSocket client's key was accepted; answer the handshake with ``subprotocol`` (None: none asked)."""
+
+    subprotocol: str | None = None
+
+
+def _ws_key(websocket: WebSocket) -> tuple[str, str | None]:
+    """The key a WebSocket client sent, and the subprotocol to accept when it came as one."""
+    scheme, _, key = websocket.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and key:
+        return key.strip(), None
+    offered = [str(p) for p in websocket.scope.get("subprotocols", [])]
+    if BEARER_SUBPROTOCOL in offered:
+        rest = [p for p in offered if p != BEARER_SUBPROTOCOL]
+        return (rest[0] if rest else ""), BEARER_SUBPROTOCOL
+    # Kept for older clients; the server's logs show it as api_key=[redacted] (see api/logs.py).
+    return websocket.query_params.get("api_key", "").strip(), None
+
+
+async def require_key_ws(websocket: WebSocket) -> WsAuth | None:
+    """WebSocket auth: ``Authorization: Bearer KEY``, the subprotocols ``tunelab.bearer, KEY``, or ``?api_key=``.
+
+    Refuses the handshake (HTTP 403 to the client, close code 4401) and returns None without a valid key.
     """
     from starlette.concurrency import run_in_threadpool
 
     from tunelab.services import verify_key
 
-    header = websocket.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key:
-        key = websocket.query_params.get("api_key", "")
-    if key and await run_in_threadpool(verify_key, key.strip()) is not None:
-        return True
+    key, subprotocol = _ws_key(websocket)
+    if key and await run_in_threadpool(verify_key, key) is not None:
+        return WsAuth(subprotocol)
     await websocket.close(code=4401, reason="missing or invalid API key")
-    return False
+    return None

@@ -34,6 +34,12 @@ def too_big(path: Path | str, line: int, what: str, limit: int) -> DataError:
     )
 
 
+def too_deep(path: Path | str, line: int | None) -> DataError:
+    """Lists or objects nested past what the JSON parser follows (a record is only a few levels deep)."""
+    return DataError("nested too deeply to read: a record is objects, lists and strings a few levels deep",
+                     path=str(path), line=line)  # fmt: skip
+
+
 def _bounded_lines(fh: Any, path: Path, limit: int) -> Iterator[tuple[int, bytes]]:
     """``(line number, raw line)`` pairs; a line longer than ``limit`` is refused after reading ``limit`` bytes."""
     number = 0
@@ -56,6 +62,8 @@ def read_jsonl(path: Path, limit: int) -> Iterator[Record]:
                 raise DataError(
                     f"not valid JSON ({exc.msg}, column {exc.colno})", path=str(path), line=number
                 ) from None
+            except RecursionError:
+                raise too_deep(path, number) from None
             if not isinstance(value, dict):
                 raise DataError(
                     f"each line must be a JSON object, got {type(value).__name__}", path=str(path), line=number
@@ -69,6 +77,8 @@ def read_json(path: Path, limit: int) -> Iterator[Record]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON ({exc.msg})", path=str(path), line=exc.lineno) from None
+    except RecursionError:
+        raise too_deep(path, None) from None
     wrapped = isinstance(value, dict)
     if wrapped:
         # {"data": [...]} or {"train": [...]} wrappers are common exports.

@@ -115,12 +115,17 @@ def _run(work: Work, job_id: str, run_id: str | None, should_stop: Callable[[], 
         status = work(job_id, callbacks=callbacks, should_stop=should_stop)
     except BaseException as exc:
         if record_errors:
-            reason = str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
-            details = reason if isinstance(exc, TunelabError) else traceback.format_exc()
+            # Events and the job's error reach API clients: the message only. A bug's traceback (server
+            # paths and all) goes to this process's stderr, which is the worker's own log.
+            if isinstance(exc, TunelabError):
+                reason = str(exc)
+            else:
+                reason = f"{type(exc).__name__}: {exc} (a bug in tunelab: the worker's log has the traceback)"
+                traceback.print_exc()
             with session_scope(open_registry()) as s:
                 jobs_repo.set_job_error(s, job_id, reason)
                 jobs_repo.add_event(
-                    s, type="log", data={"text": details, "level": "error"}, job_id=job_id, run_id=run_id
+                    s, type="log", data={"text": reason, "level": "error"}, job_id=job_id, run_id=run_id
                 )
         return EXIT_FAILED
     return 0 if status == "completed" else EXIT_STOPPED

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import datetime, timezone
 from typing import Any
 
 from tunelab.errors import ConfigError
@@ -15,6 +16,8 @@ from tunelab.registry import keys_repo
 from tunelab.registry.db import open_registry, session_scope
 
 KEY_PREFIX = "tl_"
+TOUCH_EVERY_S = 60.0
+"""``last_used_at`` is exact to a minute: a request per second costs one write a minute."""
 
 
 def hash_key(key: str) -> str:
@@ -38,7 +41,19 @@ def verify_key(key: str) -> dict[str, Any] | None:
         return None
     with session_scope(open_registry()) as s:
         row = keys_repo.find_active_key(s, hash_key(key))
-        return keys_repo.api_key_public(row) if row is not None else None
+        if row is None:
+            return None
+        if _stale(row.last_used_at):  # checked here first, so most requests don't even send the UPDATE
+            keys_repo.touch_key(s, row.id, every_s=TOUCH_EVERY_S)
+        return keys_repo.api_key_public(row)
+
+
+def _stale(last_used: datetime | None) -> bool:
+    if last_used is None:
+        return True
+    if last_used.tzinfo is None:  # SQLite hands datetimes back without their zone (they are stored in UTC)
+        last_used = last_used.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - last_used).total_seconds() >= TOUCH_EVERY_S
 
 
 def list_keys() -> list[dict[str, Any]]:

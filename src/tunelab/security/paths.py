@@ -11,12 +11,32 @@ from tunelab.errors import ConfigError
 
 def is_under(path: Path, roots: Sequence[Path]) -> bool:
     """True when ``path`` (symlinks and ``..`` resolved) lies inside one of ``roots``."""
-    real = path.expanduser().resolve()
+    try:
+        real = path.expanduser().resolve()
+    except (OSError, ValueError):  # a name the OS refuses (too long, a NUL byte) lies nowhere
+        return False
     return any(real == r or r in real.parents for r in (root.expanduser().resolve() for root in roots))
+
+
+MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4096
+"""What Linux and macOS accept for one file name and for a whole path."""
+
+
+def check_shape(value: str, key: str) -> None:
+    """Refuse, naming ``key``, a path no file system can hold: a NUL byte, or a name or path over the OS limits."""
+    if "\x00" in value:
+        raise ConfigError(f"{key}: a path may not contain a NUL byte (got {value[:80]!r})")
+    longest = max((len(part.encode("utf-8", "surrogatepass")) for part in value.split("/")), default=0)
+    if longest > MAX_NAME_BYTES or len(value.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ConfigError(
+            f"{key}: a path of at most {MAX_PATH_BYTES} bytes with names of at most {MAX_NAME_BYTES} bytes each "
+            f"is needed (got {len(value):,} characters, the longest name {longest:,} bytes)"
+        )
 
 
 def check_path(value: str, key: str, roots: Sequence[Path]) -> None:
     """Raise a ConfigError naming ``key`` unless ``value`` lies inside ``roots``."""
+    check_shape(value, key)
     if not is_under(Path(value), roots):
         allowed = ", ".join(str(r) for r in roots) or "(none configured)"
         raise ConfigError(
@@ -54,6 +74,7 @@ def anchor(value: str, roots: Sequence[Path], key: str, *, existing: bool = True
     A relative input (``existing``) that no root holds is refused: it would otherwise be a path the
     worker resolves on its own, or a hub id, and the server downloads nothing.
     """
+    check_shape(value, key)
     path = Path(value).expanduser()
     if path.is_absolute() or not roots:
         return str(path)

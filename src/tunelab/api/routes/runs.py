@@ -18,6 +18,7 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 ws_router = APIRouter(prefix="/runs", tags=["runs"])
 StatusFilter = Annotated[str | None, Query(pattern="^(" + "|".join(RUN_STATUSES) + ")$")]
 POLL_S = 0.25
+MAX_EVENT_ID = 2**62
 
 
 @router.get("", response_model=list[RunPublic])
@@ -39,25 +40,39 @@ def run_metrics(run_id: str) -> list[dict[str, Any]]:
 
 
 @ws_router.websocket("/{run_id}/events")
-async def run_events(websocket: WebSocket, run_id: str, after: int = 0) -> None:
-    """JSON events (``type``: metric | log | status), starting with everything after ``after`` (default: all).
+async def run_events(websocket: WebSocket, run_id: str) -> None:
+    """JSON events (``type``: metric | log | status), starting with everything after ``?after=ID`` (default: all).
 
     A late subscriber therefore first gets what it missed; the socket closes
-    itself once the run has ended and every event has been sent.
+    itself once the run has ended and every event has been sent. A bad ``after``
+    or an unknown run closes it at once with code 4400 or 4404 and a reason.
     """
-    if not await require_key_ws(websocket):
+    auth = await require_key_ws(websocket)
+    if auth is None:
         return
+    await websocket.accept(subprotocol=auth.subprotocol)
+    after = _event_id(websocket.query_params.get("after", "0"))
     try:
-        run_id = (await run_in_threadpool(services.show_run, run_id)).id
-    except NotFoundError as exc:
-        await websocket.close(code=4404, reason=exc.message[:120])
-        return
-    await websocket.accept()
-    try:
-        await _pump(websocket, run_id, max(after, 0))
-    except WebSocketDisconnect:
-        return
-    await websocket.close(code=status.WS_1000_NORMAL_CLOSURE)
+        if after is None:
+            await websocket.close(code=4400, reason=f"after: a whole number from 0 to {MAX_EVENT_ID} is needed")
+            return
+        try:
+            run_id = (await run_in_threadpool(services.show_run, run_id)).id
+        except NotFoundError as exc:
+            await websocket.close(code=4404, reason=exc.message[:120])
+            return
+        await _pump(websocket, run_id, after)
+        await websocket.close(code=status.WS_1000_NORMAL_CLOSURE)
+    except (WebSocketDisconnect, OSError):
+        return  # the client left: nothing to send, nothing to log
+
+
+def _event_id(text: str) -> int | None:
+    """``after`` as an event id, or None when it is not one (the registry holds ids up to 2**62)."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_EVENT_ID:
+        return None
+    return int(text)
 
 
 async def _pump(websocket: WebSocket, run_id: str, after: int) -> None:
