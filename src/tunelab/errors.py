@@ -92,3 +92,10 @@ class StorageError(TunelabError):
 
     exit_code = 8
     http_status = 507
+
+
+class DivergedError(TunelabError):
+    """Training produced a non-finite loss or gradient (NaN or inf); the run stops before saving such weights."""
+
+    exit_code = 9
+    http_status = 422

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -65,9 +69,45 @@ def test_sigkill_then_resume_matches_uninterrupted(
         ).stdout
     )
     assert shown["status"] == "completed" and shown["step"] == STEPS
-    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [s for s in steps if s]
-    assert sorted(set(train_steps)) == list(range(1, STEPS + 1)), "metrics after a resume have no gaps"
+    _assert_every_step_once(tmp_path / "out", home)
+
+
+def test_sigkill_at_a_random_step_logs_every_step_once(
+    reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
+) -> None:
+    """Metrics are buffered between checkpoints: a kill anywhere loses only steps the resume redoes and logs."""
+    home = tmp_path / "home"
+    cfg = _write_cfg(tmp_path / "cfg.yaml", e2e_model, chat_data, tmp_path / "out")
+    rng = random.Random()
+    checkpoint = rng.choice(range(5, 40, 5))
+    proc = start_cli("train", str(cfg), home=home)
+    wait_for(tmp_path / "out" / "checkpoints" / f"step-{checkpoint}", proc)
+    time.sleep(rng.uniform(0.0, 0.5))  # somewhere between this checkpoint and a later step
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "out" / "adapter").exists(), "the run finished before it could be killed"
+
+    resumed = start_cli("train", "--resume", only_run_id(home), home=home)
+    _out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert adapter_diff(reference, tmp_path / "out" / "adapter") <= 1e-5, f"killed after step-{checkpoint}"
+    _assert_every_step_once(tmp_path / "out", home)
+
+
+def _assert_every_step_once(out: Path, home: Path) -> None:
+    """metrics.jsonl and the registry hold each training step once, and each validation once (every 20 steps)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    file_train = Counter(r["step"] for r in rows if "train_loss" in r)
+    file_val = Counter(r["step"] for r in rows if "val_loss" in r)
+    db = sqlite3.connect(home / "tunelab.db")
+    try:
+        db_train = Counter(s for (s,) in db.execute("SELECT step FROM metrics WHERE name = 'train_loss'"))
+        db_val = Counter(s for (s,) in db.execute("SELECT step FROM metrics WHERE name = 'val_loss'"))
+    finally:
+        db.close()
+    every = Counter(range(1, STEPS + 1))
+    assert file_train == every and db_train == every, "each step logged exactly once"
+    assert file_val == db_val == Counter([20, 40, 60])
 
 
 def test_ctrl_c_saves_checkpoint_and_resume_finishes(

@@ -11,6 +11,8 @@ from rich.table import Table
 from tunelab.cli.console import err_console
 from tunelab.services import BaseCallback
 
+_LIVE_EVERY_S = 0.25  # the live panel's own refresh rate: a newer table would not be shown sooner
+
 
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -39,14 +41,21 @@ class LiveView(BaseCallback):
             self._live.start()
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Keep the newest values; draw at most every ``every_s`` seconds (4 times a second on a TTY).
+
+        A small model steps hundreds of times a second: building a table or a line for each would cost
+        more than the step.  Validations and the last step are always drawn.
+        """
         self.step = step
         self.values.update(metrics)
+        now = time.perf_counter()
+        every = _LIVE_EVERY_S if self._live is not None else self.every_s
+        if "val_loss" not in metrics and step != self.total and now - self._last_print < every:
+            return
+        self._last_print = now
         if self._live is not None:
             self._live.update(self._table())
-            return
-        now = time.perf_counter()
-        if "val_loss" in metrics or step == self.total or now - self._last_print >= self.every_s:
-            self._last_print = now
+        else:
             err_console.print(self._line(), highlight=False, soft_wrap=True)
 
     def on_checkpoint(self, step: int, path: Path) -> None:

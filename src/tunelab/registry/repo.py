@@ -249,11 +249,16 @@ def delete_run(session: Session, run_id: str) -> None:
     session.execute(delete(RunRow).where(RunRow.id == run_id))
 
 
-def add_metrics(session: Session, *, run_id: str, step: int, values: dict[str, float]) -> None:
-    """Log scalars for one step; non-finite values are stored as NULL."""
+def add_metrics(
+    session: Session, *, run_id: str, step: int, values: dict[str, float], at: datetime | None = None
+) -> None:
+    """Log scalars for one step; non-finite values are stored as NULL.
+
+    ``at``: when the step logged them (rows written in a batch keep their own times), default now.
+    """
     if not values:
         return
-    now = utcnow()
+    now = at or utcnow()
     rows = [
         {
             "run_id": run_id,

@@ -2,12 +2,20 @@
 
 The loop calls these hooks and knows nothing of terminals, databases or
 TensorBoard; the service layer decides which callbacks a run has.
+
+A step of a small model takes milliseconds, so a callback that writes per step
+(a file append, a database commit) costs as much as the step.  Writers therefore
+buffer and write every :data:`FLUSH_EVERY_S` seconds; the loop calls ``flush``
+before every checkpoint and when it ends, so a checkpoint never covers a step
+whose metrics were not written, and a crash loses at most the rows a resume
+logs again anyway (the steps after the last checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,7 +32,30 @@ class Callback(Protocol):
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def on_message(self, text: str) -> None: ...
     def on_backoff(self, backoff: Backoff) -> None: ...
+    def flush(self) -> None: ...
     def on_end(self, *, step: int, status: str) -> None: ...
+
+
+FLUSH_EVERY_S = 2.0
+"""How long buffered metrics may wait before they are written (the dashboard and `runs show` lag by this much)."""
+
+
+class Due:
+    """True at the first call, then once every ``every_s`` seconds: when a buffering callback writes.
+
+    The first step is written at once, so a watcher (the dashboard, `runs show`) sees a run start training.
+    """
+
+    def __init__(self, every_s: float = FLUSH_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last = -float("inf")
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return False
+        self._last = now
+        return True
 
 
 class BaseCallback:
@@ -56,6 +87,9 @@ class BaseCallback:
             f"{backoff.micro_batch_size} × grad_accum {backoff.grad_accum} (same effective batch)"
         )
 
+    def flush(self) -> None:
+        """Write out whatever is buffered: the loop calls this before a checkpoint and when it ends."""
+
     def on_end(self, *, step: int, status: str) -> None:
         pass
 
@@ -86,18 +120,29 @@ class CallbackList(BaseCallback):
         for cb in self.callbacks:
             cb.on_backoff(backoff)
 
+    def flush(self) -> None:
+        for cb in self.callbacks:
+            if hasattr(cb, "flush"):  # a plain object with some of the hooks is a callback too
+                cb.flush()
+
     def on_end(self, *, step: int, status: str) -> None:
         for cb in self.callbacks:
             cb.on_end(step=step, status=status)
 
 
 class MetricsFile(BaseCallback):
-    """Append metrics to ``metrics.jsonl``; on resume, drop rows past the checkpoint (they will be redone)."""
+    """Append metrics to ``metrics.jsonl``; on resume, drop rows past the checkpoint (they will be redone).
 
-    def __init__(self, path: Path) -> None:
+    Rows are buffered and appended every ``every_s`` seconds, at ``flush`` and at the end.
+    """
+
+    def __init__(self, path: Path, every_s: float = FLUSH_EVERY_S) -> None:
         self.path = path
+        self._due = Due(every_s)
+        self._pending: list[str] = []
 
     def on_start(self, *, step: int, total_steps: int) -> None:
+        self._pending.clear()
         if not self.path.exists():
             return
         kept = [
@@ -110,8 +155,19 @@ class MetricsFile(BaseCallback):
         os.replace(tmp, self.path)
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self._pending.append(json.dumps({"step": step, **metrics}) + "\n")
+        if self._due():
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+            fh.write("".join(self._pending))
+        self._pending.clear()
+
+    def on_end(self, *, step: int, status: str) -> None:
+        self.flush()
 
 
 def _step_of(line: str) -> int:

@@ -9,6 +9,7 @@ averaging per-batch means does not happen here.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ import numpy as np
 
 from tunelab.backends.base import Backend, Batch
 from tunelab.data.batching import MicroBatchStream
+from tunelab.data.prefetch import Prefetcher
 from tunelab.distributed.sharding import DataParallel
+from tunelab.errors import DivergedError
 from tunelab.train.backoff import OutOfMemoryError, accumulate_with_backoff
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, save_checkpoint
@@ -75,43 +78,51 @@ def run_loop(
     With several processes (``parallel``) every rank runs this loop in step: each
     takes its rows of the same global micro-batches, the loss is scaled by the
     global supervised-token count, and only rank 0 writes checkpoints.
+
+    Callbacks may buffer what they are told; they are flushed before every
+    checkpoint (so what a checkpoint covers is recorded when it exists) and when
+    the loop ends, however it ends.
     """
     callbacks.on_start(step=state.step, total_steps=opts.total_steps)
+    try:
+        with Prefetcher(stream, opts.grad_accum) as batches:
+            return _steps(backend, batches, valid, schedule, opts, state, callbacks, should_stop, parallel)
+    finally:
+        callbacks.flush()
+
+
+def _steps(
+    backend: Backend,
+    batches: Prefetcher,
+    valid: Sequence[Batch] | None,
+    schedule: Schedule,
+    opts: LoopOptions,
+    state: TrainerState,
+    callbacks: BaseCallback,
+    should_stop: Callable[[], bool],
+    parallel: DataParallel,
+) -> LoopResult:
+    last_end = time.perf_counter()  # wall clock between step ends: the step plus the loop's own work
     while state.step < opts.total_steps:
+        micro = batches.take(state.cursor)  # global micro-batches, collated while the previous step ran
         started = time.perf_counter()
-        micro = [stream.get(state.cursor + i) for i in range(opts.grad_accum)]  # global micro-batches
-        supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        try:
-            loss_sum, state.micro_parts = accumulate_with_backoff(
-                backend,
-                micro,
-                parallel,
-                state.micro_parts,
-                supervised,
-                step=state.step,
-                on_backoff=callbacks.on_backoff,
-            )
-        except OutOfMemoryError:
-            _save_last_step(backend, state, opts, callbacks, parallel)
-            raise
-        if parallel.group.world > 1:
-            loss_sum = parallel.group.all_sum([loss_sum])[0]
-        lr = schedule(state.step)
-        grad_norm = backend.optimizer_step(lr)
-        seconds = time.perf_counter() - started
+        loss, lr, grad_norm = _train_step(backend, micro, schedule, opts, state, callbacks, parallel)
+        ended = time.perf_counter()
+        wall, last_end = ended - last_end, ended
         tokens = int(sum(int(b["attention_mask"].sum()) for b in micro))
         state.step += 1
         state.cursor += opts.grad_accum
         state.tokens_seen += tokens
-        state.elapsed_s += seconds
+        state.elapsed_s += wall
         if state.step % opts.log_every == 0 or state.step == opts.total_steps:
             metrics = {
-                "train_loss": loss_sum / max(supervised, 1),
+                "train_loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_sec": tokens / max(seconds, 1e-9),
+                "tokens_per_sec": tokens / max(wall, 1e-9),  # what the user gets
+                "step_tokens_per_sec": tokens / max(ended - started, 1e-9),  # the step alone
                 "token_efficiency": tokens / max(sum(b["input_ids"].size for b in micro), 1),  # 1 - padding share
-                "epoch": stream.epoch_of(state.cursor),
+                "epoch": batches.stream.epoch_of(state.cursor),
             }
             memory = backend.peak_memory_bytes()
             if memory is not None:
@@ -124,6 +135,7 @@ def run_loop(
         saving = (opts.save_every and state.step % opts.save_every == 0) or stop
         # The weights are the same on every rank, except under FSDP, where every rank saves its shards.
         if saving and not finished and (parallel.group.rank == 0 or getattr(backend, "collective_saves", False)):
+            callbacks.flush()  # the metrics up to this step are recorded before the checkpoint exists
             path = save_checkpoint(
                 opts.checkpoint_dir, backend, state, keep=opts.keep_checkpoints, group=parallel.group
             )
@@ -132,6 +144,50 @@ def run_loop(
             callbacks.on_message(f"stopped at step {state.step}; resume with --resume")
             return LoopResult(state, "interrupted")
     return LoopResult(state, "completed")
+
+
+def _train_step(
+    backend: Backend,
+    micro: list[Batch],
+    schedule: Schedule,
+    opts: LoopOptions,
+    state: TrainerState,
+    callbacks: BaseCallback,
+    parallel: DataParallel,
+) -> tuple[float, float, float]:
+    """One optimizer step over ``micro``; returns its loss, learning rate and gradient norm.
+
+    A non-finite loss stops the run before the optimizer applies it, and a
+    non-finite gradient norm before the weights it produced can be checkpointed.
+    """
+    supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    try:
+        loss_sum, state.micro_parts = accumulate_with_backoff(
+            backend, micro, parallel, state.micro_parts, supervised, step=state.step, on_backoff=callbacks.on_backoff
+        )
+    except OutOfMemoryError:
+        _save_last_step(backend, state, opts, callbacks, parallel)
+        raise
+    if parallel.group.world > 1:
+        loss_sum = parallel.group.all_sum([loss_sum])[0]
+    loss = loss_sum / max(supervised, 1)
+    check_finite("loss", loss, state.step + 1)
+    lr = schedule(state.step)
+    grad_norm = backend.optimizer_step(lr)
+    check_finite("gradient norm", grad_norm, state.step + 1)
+    return loss, lr, grad_norm
+
+
+def check_finite(what: str, value: float, step: int) -> None:
+    """Stop a diverged run with the step and what to change, instead of training on NaN weights."""
+    if math.isfinite(value):
+        return
+    raise DivergedError(
+        f"training diverged at step {step}: the {what} is {value} (not finite); the run stops here and keeps "
+        "its last checkpoint, which holds only finite weights",
+        hint="lower train.lr or method.alpha (or enable clipping with train.max_grad_norm), and check the data "
+        "for broken examples; then start again, or resume from the last checkpoint with `tunelab train --resume`",
+    )
 
 
 def _save_last_step(
