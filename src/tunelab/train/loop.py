@@ -119,15 +119,9 @@ def _steps(
                 "train_loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_sec": tokens / max(wall, 1e-9),  # what the user gets
-                "step_tokens_per_sec": tokens / max(ended - started, 1e-9),  # the step alone
-                "token_efficiency": tokens / max(sum(b["input_ids"].size for b in micro), 1),  # 1 - padding share
                 "epoch": batches.stream.epoch_of(state.cursor),
             }
-            memory = backend.peak_memory_bytes()
-            if memory is not None:
-                metrics["peak_memory_gb"] = memory / 2**30
-            callbacks.on_metrics(state.step, metrics)
+            callbacks.on_metrics(state.step, {**metrics, **_pace(backend, micro, tokens, wall, ended - started)})
         finished = state.step == opts.total_steps
         if valid and (finished or (opts.eval_every and state.step % opts.eval_every == 0)):
             _validate(backend, valid, state, callbacks, parallel)
@@ -144,6 +138,19 @@ def _steps(
             callbacks.on_message(f"stopped at step {state.step}; resume with --resume")
             return LoopResult(state, "interrupted")
     return LoopResult(state, "completed")
+
+
+def _pace(backend: Backend, micro: list[Batch], tokens: int, wall: float, step: float) -> dict[str, float]:
+    """Throughput between step ends (what the user gets) and of the step alone, padding share and memory."""
+    metrics = {
+        "tokens_per_sec": tokens / max(wall, 1e-9),
+        "step_tokens_per_sec": tokens / max(step, 1e-9),
+        "token_efficiency": tokens / max(sum(b["input_ids"].size for b in micro), 1),  # 1 - padding share
+    }
+    memory = backend.peak_memory_bytes()
+    if memory is not None:
+        metrics["peak_memory_gb"] = memory / 2**30
+    return metrics
 
 
 def _train_step(
