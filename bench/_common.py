@@ -147,6 +147,37 @@ def make_conversations(spec: DataSpec) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass(frozen=True)
+class CompletionSpec:
+    """Short prompt/completion pairs (the small-model regime: many short steps)."""
+
+    examples: int = 512
+    seed: int = 0
+    prompt_words: tuple[int, int] = (4, 8)
+    completion_words: tuple[int, int] = (1, 4)
+    synthetic_words: int = 600
+
+
+def make_completions(spec: CompletionSpec) -> list[dict[str, Any]]:
+    """``spec.examples`` records ``{"prompt", "completion"}``, a few words each (about 14 tokens together)."""
+    rng = random.Random(spec.seed)
+    words = make_vocabulary(rng, spec.synthetic_words)
+    weights = [1.0 / ((rank + 2.7) ** 1.1) for rank in range(1, len(words) + 1)]  # Zipf, as in _Writer
+    rows = []
+    for _ in range(spec.examples):
+        prompt = rng.choices(words, weights=weights, k=rng.randint(*spec.prompt_words))
+        answer = rng.choices(words, weights=weights, k=rng.randint(*spec.completion_words))
+        rows.append({"prompt": " ".join(prompt).capitalize() + ":", "completion": " " + " ".join(answer) + "."})
+    return rows
+
+
+def record_texts(row: dict[str, Any]) -> list[str]:
+    """The texts of a chat or prompt/completion record (what a tokenizer is trained on)."""
+    if "messages" in row:
+        return [m["content"] for m in row["messages"]]
+    return [row["prompt"], row["completion"]]
+
+
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
@@ -169,14 +200,15 @@ class ModelSpec:
 
 
 def build_checkpoint(out: Path, rows: Sequence[dict[str, Any]], spec: ModelSpec) -> Path:
-    """Train a BPE tokenizer (ChatML template) on the message texts and save a random-init Llama.
+    """Train a BPE tokenizer (ChatML template) on the record texts and save a random-init Llama.
 
     The tokenizer learns from the very texts it will encode, like a real
     tokenizer on in-domain text, so token counts per word are realistic.
+    Chat records give their message contents; prompt/completion records both fields.
     """
     from tunelab.tiny import make_tiny_checkpoint
 
-    texts = [m["content"] for row in rows for m in row["messages"]]
+    texts = [text for row in rows for text in record_texts(row)]
     return make_tiny_checkpoint(
         out,
         texts,

@@ -61,6 +61,27 @@ def tokenize_example(messages: list[dict[str, Any]], tokenizer: Any, max_len: in
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+def tokenize_completion(prompt: str, completion: str, tokenizer: Any, max_len: int) -> dict[str, list[int]]:
+    """A prompt/completion pair: prompt tokens then completion tokens then EOS; loss on completion + EOS only.
+
+    The pieces are tokenized apart (no special tokens) so the prompt/completion
+    boundary is exact, which is how the usual recipes mask the prompt.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and tokenizer.add_bos_token else []
+    input_ids = (bos + prompt_ids + answer_ids)[:max_len]
+    labels = ([-100] * (len(bos) + len(prompt_ids)) + answer_ids)[:max_len]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def tokenize_record(record: dict[str, Any], tokenizer: Any, max_len: int) -> dict[str, list[int]]:
+    """A chat record (``messages``) or a prompt/completion record, tokenized with its labels."""
+    if "messages" in record:
+        return tokenize_example(record["messages"], tokenizer, max_len)
+    return tokenize_completion(record["prompt"], record["completion"], tokenizer, max_len)
+
+
 class StepClock(TrainerCallback):
     """Wall-clock time at the start of training and at the end of every optimizer step."""
 
@@ -111,15 +132,19 @@ def main() -> None:
         choices=["random", "group_by_length"],
         help="TrainingArguments.train_sampling_strategy (random is the Trainer's default)",
     )
+    parser.add_argument("--valid", help="valid.jsonl: evaluated once, after the last step")
+    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: no checkpoints)")
+    parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--result", required=True, help="JSON file for losses, timings and token counts")
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    dataset = load_dataset("json", data_files=args.train, split="train")
-    dataset = dataset.map(
-        lambda ex: tokenize_example(ex["messages"], tokenizer, args.max_seq_len),
-        remove_columns=dataset.column_names,
+    files = {"train": args.train, **({"valid": args.valid} if args.valid else {})}
+    splits = load_dataset("json", data_files=files)
+    splits = splits.map(
+        lambda ex: tokenize_record(ex, tokenizer, args.max_seq_len), remove_columns=splits["train"].column_names
     )
+    dataset = splits["train"]
     data_ready = time.time()
 
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -132,8 +157,10 @@ def main() -> None:
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        logging_steps=10,
-        save_strategy="no",
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        per_device_eval_batch_size=args.batch_size,
         eval_strategy="no",
         report_to=[],
         use_cpu=True,
@@ -154,6 +181,7 @@ def main() -> None:
     model_ready = time.time()
 
     trainer.train()
+    evaluation = trainer.evaluate(splits["valid"]) if args.valid else {}
     trained = time.time()
     trainer.save_model(str(Path(args.out) / "adapter"))
     saved = time.time()
@@ -170,6 +198,7 @@ def main() -> None:
         "trained": trained,
         "saved": saved,
         "final_loss": losses[-1] if losses else None,
+        "eval_loss": evaluation.get("eval_loss"),
         "log_history": trainer.state.log_history,
         "examples": len(dataset),
         "real_tokens": collator.real[: args.steps],
