@@ -15,6 +15,7 @@ from tunelab import __version__
 from tunelab.api import hints, logs
 from tunelab.api.chat import ChatModels
 from tunelab.api.deps import require_key
+from tunelab.api.responses import errors
 from tunelab.api.routes import chat, datasets, health, jobs, models, runs
 from tunelab.errors import TunelabError
 from tunelab.settings import Settings, get_settings
@@ -44,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.chat_models = chat_models
     app.include_router(health.router)
-    secured = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    secured = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=errors(400, 401, 413, 422))
     for module in (jobs, runs, datasets, models, chat):
         secured.include_router(module.router)
     app.include_router(secured)

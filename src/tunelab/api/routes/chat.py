@@ -23,7 +23,7 @@ router = APIRouter(prefix="/chat", tags=["chat"])
 @router.post(
     "/completions",
     response_model=None,
-    responses=errors(404, 503, extra={200: {"content": {"text/event-stream": {}}}}),
+    responses=errors(404, 409, 503, extra={200: {"content": {"text/event-stream": {}}}}),
 )
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
     """Answer with the run's base model plus its adapter; ``stream: true`` sends SSE chunks.

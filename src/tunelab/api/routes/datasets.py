@@ -11,6 +11,7 @@ from starlette.formparsers import MultiPartException
 
 from tunelab import services
 from tunelab.api.deps import SettingsDep
+from tunelab.api.responses import errors
 from tunelab.api.schemas import DatasetPublic
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -36,7 +37,7 @@ _FORM_SCHEMA = {
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetPublic,
     openapi_extra=_FORM_SCHEMA,
-    responses={413: {"description": "too large"}, 415: {"description": "not multipart"}},
+    responses=errors(415, 507),
 )
 async def upload_dataset(request: Request, settings: SettingsDep) -> dict[str, Any]:
     """Upload a .jsonl/.json/.csv/.parquet file in the form field ``file``; use the returned ``path`` as data.train."""

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, status
 
 from tunelab import services
 from tunelab.api.deps import SettingsDep
+from tunelab.api.responses import errors
 from tunelab.api.schemas import JobCreate, JobPublic
 from tunelab.config.load import validate_config
 from tunelab.vocab import JOB_STATUSES
@@ -17,7 +18,7 @@ StatusFilter = Annotated[str | None, Query(pattern="^(" + "|".join(JOB_STATUSES)
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic, responses=errors(409, 507))
 def submit_job(body: JobCreate, settings: SettingsDep) -> dict[str, Any]:
     """Queue a job; a bad config is a 422 naming the key, a path outside the allowed roots too."""
     cfg = validate_config(body.config)
@@ -33,18 +34,18 @@ def list_jobs(status: StatusFilter = None, limit: Limit = 200) -> list[dict[str,
     return [job.to_dict() for job in services.list_jobs(status=status, limit=limit)]
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=errors(404))
 def show_job(job_id: str) -> dict[str, Any]:
     return services.show_job(job_id).to_dict()
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=errors(404, 409))
 def cancel_job(job_id: str) -> dict[str, Any]:
     """Cancel a queued job at once, or ask the worker to checkpoint and stop a running one."""
     return services.cancel_job(job_id).to_dict()
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", responses=errors(404))
 def job_events(
     job_id: str, after: Annotated[int, Query(ge=0, le=2**62)] = 0, limit: Limit = 500
 ) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tunelab import services
 from tunelab.api.deps import require_key_ws
+from tunelab.api.responses import errors
 from tunelab.api.schemas import MetricPoint, RunPublic
 from tunelab.errors import NotFoundError
 from tunelab.vocab import FINAL_STATUSES, RUN_STATUSES
@@ -27,13 +28,13 @@ def list_runs(status: StatusFilter = None, limit: Annotated[int, Query(ge=1, le=
     return [run.to_dict() for run in services.list_runs(status=status, limit=limit)]
 
 
-@router.get("/{run_id}", response_model=RunPublic)
+@router.get("/{run_id}", response_model=RunPublic, responses=errors(404))
 def show_run(run_id: str) -> dict[str, Any]:
     """One run, exactly as `tunelab runs show RUN --json` prints it."""
     return services.show_run(run_id).to_dict()
 
 
-@router.get("/{run_id}/metrics", response_model=list[MetricPoint])
+@router.get("/{run_id}/metrics", response_model=list[MetricPoint], responses=errors(404))
 def run_metrics(run_id: str) -> list[dict[str, Any]]:
     """Every logged point as ``{step, name, value}``, in step order."""
     return [point.to_dict() for point in services.run_metrics(run_id)]
