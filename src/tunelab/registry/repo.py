@@ -8,18 +8,24 @@ model or artifact at once can't trip over each other's unique constraints.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import uuid
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, func, insert, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from tunelab.errors import NotFoundError, StateError
+
+# Metrics live in metrics_repo; callers keep reaching them as repo.add_metrics and so on.
+from tunelab.registry.metrics_repo import CORE_METRICS, finite
+from tunelab.registry.metrics_repo import add_metrics as add_metrics
+from tunelab.registry.metrics_repo import delete_metrics_after as delete_metrics_after
+from tunelab.registry.metrics_repo import latest_metrics as latest_metrics
+from tunelab.registry.metrics_repo import metric_history as metric_history
 from tunelab.registry.tables import (
     ArtifactRow,
     DatasetRow,
@@ -31,9 +37,6 @@ from tunelab.registry.tables import (
 from tunelab.vocab import RUN_STATUSES
 
 MIN_PREFIX_LEN = 3
-# Always present in run_summary()["metrics"] so consumers needn't test for keys.
-CORE_METRICS = ("train_loss", "val_loss", "tokens_per_sec")
-
 _UPDATABLE_RUN_FIELDS = frozenset(c.key for c in RunRow.__table__.columns) - {"id"}
 _LAST_INT = re.compile(r"(\d+)(?!.*\d)")
 
@@ -56,17 +59,9 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _finite(value: float | None) -> float | None:
-    # NaN/inf are not valid JSON and SQLite stores NaN as NULL anyway, so the
-    # registry uses NULL/None for "not a finite number" everywhere.
-    if value is None or not math.isfinite(value):
-        return None
-    return value
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float):
-        return _finite(value)
+        return finite(value)
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -249,58 +244,6 @@ def delete_run(session: Session, run_id: str) -> None:
     session.execute(delete(RunRow).where(RunRow.id == run_id))
 
 
-def add_metrics(
-    session: Session, *, run_id: str, step: int, values: dict[str, float], at: datetime | None = None
-) -> None:
-    """Log scalars for one step; non-finite values are stored as NULL.
-
-    ``at``: when the step logged them (rows written in a batch keep their own times), default now.
-    """
-    if not values:
-        return
-    now = at or utcnow()
-    rows = [
-        {
-            "run_id": run_id,
-            "step": int(step),
-            "name": name,
-            "value": _finite(float(v)),
-            "created_at": now,
-        }
-        for name, v in values.items()
-    ]
-    session.execute(insert(MetricRow), rows)
-
-
-def latest_metrics(session: Session, run_id: str) -> dict[str, float | None]:
-    """For each metric name, its value at the highest step (last write wins on ties)."""
-    # Max step per name, joined back to its rows: uses the (run_id, step) index
-    # and is about twice as fast on SQLite as a row_number() window.
-    top = (
-        select(MetricRow.name, func.max(MetricRow.step).label("step"))
-        .where(MetricRow.run_id == run_id)
-        .group_by(MetricRow.name)
-        .subquery()
-    )
-    stmt = (
-        select(MetricRow.name, MetricRow.value)
-        .join(top, (MetricRow.name == top.c.name) & (MetricRow.step == top.c.step))
-        .where(MetricRow.run_id == run_id)
-        .order_by(MetricRow.id)  # a step logged twice: the later row overwrites below
-    )
-    return {name: value for name, value in session.execute(stmt)}
-
-
-def metric_history(session: Session, run_id: str) -> list[dict[str, Any]]:
-    """All logged points as ``{"step", "name", "value"}``, in step order (for plots/exports)."""
-    stmt = (
-        select(MetricRow.step, MetricRow.name, MetricRow.value)
-        .where(MetricRow.run_id == run_id)
-        .order_by(MetricRow.step, MetricRow.id)
-    )
-    return [{"step": s, "name": n, "value": v} for s, n, v in session.execute(stmt)]
-
-
 def add_artifact(
     session: Session,
     *,
@@ -420,10 +363,3 @@ def run_summary(session: Session, run_id: str) -> dict[str, Any]:
             {"kind": a.kind, "path": a.path, "meta": a.meta, "created_at": _iso(a.created_at)} for a in artifacts
         ],
     }
-
-
-def delete_metrics_after(session: Session, *, run_id: str, step: int) -> None:
-    """Forget metrics logged after ``step``: a resumed run redoes those steps and logs them again."""
-    from sqlalchemy import delete
-
-    session.execute(delete(MetricRow).where(MetricRow.run_id == run_id, MetricRow.step > step))

@@ -27,6 +27,7 @@ from tunelab.services.views import RunView
 from tunelab.settings import get_settings
 from tunelab.train import recipe
 from tunelab.train.callbacks import CallbackList, MetricsFile
+from tunelab.train.loop import LoopResult
 from tunelab.train.tensorboard import TensorBoardCallback
 
 
@@ -144,8 +145,7 @@ def _execute(
             return _execute_follower(
                 run_id, cfg, output_dir, resume=resume, group=group, callbacks=own, should_stop=should_stop
             )
-    engine = open_registry()
-    with session_scope(engine) as s:
+    with session_scope(open_registry()) as s:
         repo.update_run(
             s,
             run_id,
@@ -157,46 +157,75 @@ def _execute(
         )
     try:
         prep = recipe.setup(cfg, output_dir, resume=resume, on_data=lambda d: _record_data(run_id, d), group=group)
-        with session_scope(engine) as s:
-            model_id = repo.upsert_model(
-                s, path=prep.info.path, architecture=prep.info.architecture, num_params=prep.info.num_params
-            )
-            repo.update_run(
-                s,
-                run_id,
-                model_id=model_id,
-                backend=prep.choice.name,
-                backend_reason=prep.choice.reason,
-                device=prep.info.device,
-                total_steps=prep.total_steps,
-                estimated_memory_bytes=prep.memory.estimate.total if prep.memory and prep.memory.estimate else None,
-                config=prep.cfg.to_dict(),  # what it trains with (batch settled); output_dir/config.yaml is as written
-            )
-        hooks = CallbackList(
-            [
-                MetricsFile(output_dir / "metrics.jsonl"),
-                *([TensorBoardCallback(output_dir / "tensorboard")] if cfg.tensorboard else []),
-                RegistryCallback(run_id),
-                *callbacks,
-            ]
-        )
-        hooks.on_message(f"tokenization cache {prep.data.cache_status}" + _key_note(prep.data.cache_key))
-        if prep.memory is not None:
-            hooks.on_message(prep.memory.summary())
-        for note in prep.skipped:  # a damaged checkpoint: said on the console and in the job's log
-            hooks.on_message(note)
-        if prep.resumed_from is not None:
-            hooks.on_message(f"resuming from {prep.resumed_from.name}")
+        _record_loaded(run_id, prep)
+        hooks = _hooks(run_id, cfg, output_dir, prep, callbacks)
         result = recipe.train(prep, output_dir, hooks, should_stop)
     except BaseException as exc:
         _finish(run_id, "failed" if not isinstance(exc, KeyboardInterrupt) else "cancelled", error=_reason(exc))
         raise
     status = "completed" if result.status == "completed" else "cancelled"
     final = recipe.result_dir(output_dir, cfg.method.name) if status == "completed" else None
+    metrics = _record_result(run_id, cfg, output_dir, prep, result, final, hooks)
+    hooks.on_end(step=result.state.step, status=status)
+    _finish(run_id, status, final_metrics=metrics)
+    group.barrier()  # the others wait for the result to be saved and recorded, so all ranks end together
+    return RunOutcome(run_id, status, output_dir, final, metrics)
+
+
+def _record_loaded(run_id: str, prep: recipe.Prepared) -> None:
+    """What loading decided: the model, backend and device, the step count, the estimate, the settled config."""
+    with session_scope(open_registry()) as s:
+        model_id = repo.upsert_model(
+            s, path=prep.info.path, architecture=prep.info.architecture, num_params=prep.info.num_params
+        )
+        repo.update_run(
+            s,
+            run_id,
+            model_id=model_id,
+            backend=prep.choice.name,
+            backend_reason=prep.choice.reason,
+            device=prep.info.device,
+            total_steps=prep.total_steps,
+            estimated_memory_bytes=prep.memory.estimate.total if prep.memory and prep.memory.estimate else None,
+            config=prep.cfg.to_dict(),  # what it trains with (batch settled); output_dir/config.yaml is as written
+        )
+
+
+def _hooks(
+    run_id: str, cfg: RunConfig, output_dir: Path, prep: recipe.Prepared, callbacks: Sequence[Any]
+) -> CallbackList:
+    """The run's callbacks (files, registry, the caller's), told first what setup found."""
+    hooks = CallbackList(
+        [
+            MetricsFile(output_dir / "metrics.jsonl"),
+            *([TensorBoardCallback(output_dir / "tensorboard")] if cfg.tensorboard else []),
+            RegistryCallback(run_id),
+            *callbacks,
+        ]
+    )
+    hooks.on_message(f"tokenization cache {prep.data.cache_status}" + _key_note(prep.data.cache_key))
+    if prep.memory is not None:
+        hooks.on_message(prep.memory.summary())
+    for note in prep.skipped:  # a damaged checkpoint: said on the console and in the job's log
+        hooks.on_message(note)
+    if prep.resumed_from is not None:
+        hooks.on_message(f"resuming from {prep.resumed_from.name}")
+    return hooks
+
+
+def _record_result(
+    run_id: str,
+    cfg: RunConfig,
+    output_dir: Path,
+    prep: recipe.Prepared,
+    result: LoopResult,
+    final: Path | None,
+    hooks: CallbackList,
+) -> dict[str, float | None]:
+    """The run's final metrics, artifacts and measured peak (said when it is far from the estimate)."""
     metrics = {"train_loss": None, "val_loss": result.state.last_val_loss, "best_val_loss": result.state.best_val_loss}
-    with session_scope(engine) as s:
-        latest = repo.latest_metrics(s, run_id)
-        metrics["train_loss"] = latest.get("train_loss")
+    with session_scope(open_registry()) as s:
+        metrics["train_loss"] = repo.latest_metrics(s, run_id).get("train_loss")
         metrics["tokens_per_sec"] = result.state.tokens_seen / max(result.state.elapsed_s, 1e-9)
         if final is not None:
             repo.add_artifact(s, run_id=run_id, kind=final.name, path=str(final))
@@ -208,10 +237,7 @@ def _execute(
     off = prep.memory.measured(peak) if prep.memory is not None else None
     if off is not None:
         hooks.on_message(off)
-    hooks.on_end(step=result.state.step, status=status)
-    _finish(run_id, status, final_metrics=metrics)
-    group.barrier()  # the others wait for the result to be saved and recorded, so all ranks end together
-    return RunOutcome(run_id, status, output_dir, final, metrics)
+    return metrics
 
 
 def _any_rank(group: Group, should_stop: Callable[[], bool]) -> Callable[[], bool]:
