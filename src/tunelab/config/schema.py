@@ -19,6 +19,11 @@ DeviceName = Literal["auto", "cuda", "mps", "cpu"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+# The largest step count or interval the registry can hold (a 32-bit INTEGER column on PostgreSQL):
+# bounded here, so a value past it is a config error with its range, not a traceback or an overflow later.
+MAX_INT = 2**31 - 1
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -74,7 +79,7 @@ class MethodCfg(_Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: Literal["all-linear"] | list[str] = "all-linear"
-    layers: int = Field(2, ge=1, description="freeze: how many of the last decoder layers to train")
+    layers: int = Field(2, ge=1, le=MAX_INT, description="freeze: how many of the last decoder layers to train")
     num_virtual_tokens: int = Field(16, ge=1, le=1024, description="prefix: virtual tokens per layer")
     bits: int | None = Field(None, description="qlora: the base's bits, 4 or 8 (default 4)")
     group_size: int = Field(64, description="qlora on MLX: weights per affine quantization group (32, 64, 128)")
@@ -111,7 +116,7 @@ class ObjectiveCfg(_Section):
 class TrainCfg(_Section):
     """The optimisation schedule: length, batch, learning rate, evaluation and checkpoints."""
 
-    steps: int | None = Field(None, ge=1, description="optimizer steps; exclusive with epochs")
+    steps: int | None = Field(None, ge=1, le=MAX_INT, description="optimizer steps; exclusive with epochs")
     epochs: float | None = Field(None, gt=0, le=10_000)
     batch_size: int | Literal["auto"] = Field(
         4, description="micro-batch size, or auto: the largest that fits this device (see effective_batch_size)"
@@ -126,10 +131,10 @@ class TrainCfg(_Section):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="clip gradients to this norm; 0 turns clipping off")
     seed: int = Field(0, ge=0, lt=2**32)
-    eval_every: int = Field(0, ge=0, description="steps between validations; 0 = only at the end")
-    save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
-    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(0, ge=0, le=MAX_INT, description="steps between validations; 0 = only at the end")
+    save_every: int = Field(0, ge=0, le=MAX_INT, description="steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1, le=MAX_INT, description="newest checkpoints kept on disk")
+    log_every: int = Field(1, ge=1, le=MAX_INT)
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~30% slower"
     )
@@ -146,7 +151,7 @@ class TrainCfg(_Section):
     fused_loss: bool = Field(
         True, description="torch: LM head + cross-entropy in chunks, without the whole batch's logits in memory"
     )
-    eval_batch_size: int | None = Field(None, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1, le=MAX_INT)
     offload_activations: bool = Field(
         False, description="CUDA: keep saved activations in pinned CPU memory during the forward (less GPU memory)"
     )

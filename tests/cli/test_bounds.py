@@ -1,0 +1,42 @@
+"""Integers past what the registry holds are config errors with their range, on the CLI and over HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunelab.config.load import load_config
+from tunelab.errors import ConfigError
+
+HUGE = str(10**30)
+
+
+@pytest.mark.parametrize(
+    "key", ["train.steps", "train.save_every", "train.eval_every", "train.log_every", "train.keep_checkpoints"]
+)
+def test_a_step_count_past_a_32_bit_column_is_refused_with_its_range(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}: must be >= \d and <= 2147483647"):
+        load_config({"model": {"path": "m"}, "data": {"train": "d"}}, [f"{key}={HUGE}"])
+
+
+def test_the_cli_says_so_without_a_traceback(cli, tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model: {path: m}\ndata: {train: d}\n", encoding="utf-8")
+    out = cli("train", str(cfg), f"train.steps={HUGE}")
+    assert out.returncode == 2 and "train.steps" in out.stderr and "2147483647" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_over_http_it_is_a_422(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from tunelab.api.app import create_app
+    from tunelab.security.keys import create_key
+
+    monkeypatch.setenv("TUNELAB_API_ROOTS", str(tmp_path))
+    key, _ = create_key("test")
+    config = {"model": {"path": str(tmp_path)}, "data": {"train": str(tmp_path)}, "train": {"steps": 10**30}}
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as api:
+        refused = api.post("/v1/jobs", json={"config": config})
+    assert refused.status_code == 422 and "train.steps" in refused.text, refused.text
