@@ -106,6 +106,7 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> Any:
     """Load the tokenizer in any form transformers reads, and make sure it can pad."""
     from transformers import AutoTokenizer
 
+    check_config_json(Path(folder))  # transformers reads it first and would blame the tokenizer for it
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -117,6 +118,21 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> Any:
         # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_config_json(folder: Path) -> None:
+    """A checkpoint's config.json, when there, must be a JSON object: say so by name if it is not."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(
+            f"{path} is not valid JSON ({exc})", hint="restore the checkpoint's config.json (it names the architecture)"
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} is not a JSON object", hint="restore the checkpoint's config.json")
 
 
 def save_tokenizer(tokenizer: Any, folder: Path) -> None:

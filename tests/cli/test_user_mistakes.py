@@ -1,4 +1,4 @@
-"""Integers past what the registry holds are config errors with their range, on the CLI and over HTTP."""
+"""Config values and checkpoint files a user can get wrong give a message that names them, never a traceback."""
 
 from __future__ import annotations
 
@@ -40,3 +40,20 @@ def test_over_http_it_is_a_422(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as api:
         refused = api.post("/v1/jobs", json={"config": config})
     assert refused.status_code == 422 and "train.steps" in refused.text, refused.text
+
+
+def test_a_broken_config_json_is_named_as_such_not_as_a_tokenizer_problem(
+    cli, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "config.json").write_text("{ not json", encoding="utf-8")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hello there"}\n', encoding="utf-8")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {{path: {model}}}\ndata: {{train: {data}}}\noutput_dir: {tmp_path / 'out'}\n")
+    out = cli("train", str(cfg))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "config.json is not valid JSON" in out.stderr and "tokenizer" not in out.stderr
