@@ -57,3 +57,21 @@ def test_a_broken_config_json_is_named_as_such_not_as_a_tokenizer_problem(
     out = cli("train", str(cfg))
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "config.json is not valid JSON" in out.stderr and "tokenizer" not in out.stderr
+
+
+def test_a_config_json_declaring_layers_the_weights_lack_is_refused(cli, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    config["num_hidden_layers"] += 4  # 4 layers more than the safetensors hold
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hello there"}\n', encoding="utf-8")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {{path: {model}}}\ndata: {{train: {data}}}\nbackend: torch\noutput_dir: {tmp_path / 'o'}\n")
+    out = cli("train", str(cfg))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "does not hold" in out.stderr and "start random" in out.stderr

@@ -51,12 +51,19 @@ def load_causal_lm(
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device})
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except Exception as exc:
         raise ModelError(
             f"could not load a causal LM from {folder} ({type(exc).__name__}: {exc})",
             hint="check that the folder holds a complete checkpoint of a causal LM architecture",
         ) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would start them random and train on: a config.json that overstates the weights
+        raise ModelError(
+            f"{folder}: config.json declares {len(missing)} weight(s) the checkpoint does not hold "
+            f"(e.g. {', '.join(missing[:3])}); they would start random",
+            hint="restore the config.json that came with these weights, or use the complete checkpoint",
+        )
     return model if quantization is not None else model.to(device)  # type: ignore[arg-type]
 
 
