@@ -51,7 +51,8 @@ def load_causal_lm(
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device})
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+        model, info = loaded  # (model, {"missing_keys": ..., ...}) with output_loading_info
     except Exception as exc:
         raise ModelError(
             f"could not load a causal LM from {folder} ({type(exc).__name__}: {exc})",
