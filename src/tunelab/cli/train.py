@@ -105,7 +105,8 @@ def train(
 
 def _announce(run_id: str, output_dir: Path) -> None:
     """The run's id first, before loading and tokenizing, so it can be followed or resumed from the start."""
-    console.print(f"run [bold]{run_id}[/] → {output_dir}  (tunelab runs show {run_id})")
+    # One line, never wrapped by Rich: the id and the command to see it stay together for copying.
+    console.print(f"run [bold]{run_id}[/] → {output_dir}  (tunelab runs show {run_id})", soft_wrap=True)
 
 
 def _report(outcome: Any) -> None:
