@@ -125,7 +125,10 @@ def test_a_run_that_runs_out_of_memory_halves_its_micro_batch_and_matches_the_sm
         ).stdout
     )
     assert run["status"] == "completed"
-    assert [(b["step"], b["micro_batch_size"], b["grad_accum"]) for b in run["memory_backoffs"]] == [(1, 4, 2)]
+    # One back-off to 4 x 2; on a loaded machine the retry can also fail (the failed attempt leaves the heap
+    # fragmented) and back off again to 2 x 4: the same effective batch and rows, so the adapter still matches.
+    backoffs = [(b["step"], b["micro_batch_size"], b["grad_accum"]) for b in run["memory_backoffs"]]
+    assert backoffs[0] == (1, 4, 2) and backoffs[1:] in ([], [(1, 2, 4)]), backoffs
 
 
 @pytest.mark.slow

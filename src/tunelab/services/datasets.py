@@ -118,7 +118,8 @@ def upload_dataset(source: Any, *, filename: str, limit_bytes: int | None = None
         try:
             report = validate_dataset(str(staged))
         except DataError as exc:  # say it of the user's file: the staged name means nothing to them
-            raise DataError(exc.message.replace(str(staged), shown_name(filename)), hint=exc.hint) from None
+            hint = exc.hint.replace(str(staged), shown_name(filename)) if exc.hint else None
+            raise DataError(exc.message.replace(str(staged), shown_name(filename)), hint=hint) from None
         os.replace(staged, dest)
     except BaseException:
         staged.unlink(missing_ok=True)
