@@ -28,6 +28,9 @@ WAIT_S = 5  # TUNELAB_CHAT_WAIT_S: how long a chat may wait for the model before
 PENDING = 48  # more chats at once than the server's shared thread pool has threads (40)
 LONG = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4096, "stream": True}
 SHORT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+# The chats queued behind the left stream: long enough that 48 of them take seconds one after another, so at
+# least 20 are still waiting when /health is checked even on a quiet machine (8 tokens each drained in < 1 s).
+QUEUED = {**SHORT, "max_tokens": 64}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def test_a_client_leaving_a_stream_wedges_nothing_and_pending_chats_starve_no_ro
 
     def chat() -> None:
         try:
-            statuses.append(httpx.post(f"{srv.url}/v1/chat/completions", json={**SHORT, "model": model},
+            statuses.append(httpx.post(f"{srv.url}/v1/chat/completions", json={**QUEUED, "model": model},
                                        headers=_auth(srv), timeout=120))  # fmt: skip
         except httpx.HTTPError as exc:  # reported by the assertions below, not as a thread's traceback
             statuses.append(exc)
