@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tunelab.services.run_health import process_exists
 from tunelab.services.views import CacheCleared, CacheEntry, DatasetReport, UploadedDataset
 from tunelab.settings import get_settings
 from tunelab.vocab import UPLOAD_SUFFIXES
@@ -146,18 +147,8 @@ def _sweep_incoming(incoming: Path) -> None:
     """Delete staged uploads whose writing process is gone (a server killed mid-upload); live ones stay."""
     for path in incoming.iterdir():
         pid = path.name.split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_exists(int(pid)):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def uploaded_datasets() -> list[str]:
