@@ -125,10 +125,14 @@ def test_a_run_that_runs_out_of_memory_halves_its_micro_batch_and_matches_the_sm
         ).stdout
     )
     assert run["status"] == "completed"
-    # One back-off to 4 x 2; on a loaded machine the retry can also fail (the failed attempt leaves the heap
-    # fragmented) and back off again to 2 x 4: the same effective batch and rows, so the adapter still matches.
+    # The first step backs off to 4 x 2. On a loaded machine a later step can fail again (the failed attempt
+    # leaves the heap fragmented) and halve once more, at step 1 or after it: each back-off halves the micro-batch
+    # and doubles accumulation, so the effective batch and rows stay those of the reference and the adapter
+    # still matches (checked above).
     backoffs = [(b["step"], b["micro_batch_size"], b["grad_accum"]) for b in run["memory_backoffs"]]
-    assert backoffs[0] == (1, 4, 2) and backoffs[1:] in ([], [(1, 2, 4)]), backoffs
+    assert backoffs[0] == (1, 4, 2), backoffs
+    for before, after in zip(backoffs, backoffs[1:]):
+        assert after[0] >= before[0] and after[1] * 2 == before[1] and after[2] == before[2] * 2, backoffs
 
 
 @pytest.mark.slow
