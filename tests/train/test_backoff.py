@@ -8,6 +8,7 @@ uninterrupted run at 4 × 2 (same effective batch, same rows in the same order).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -131,7 +132,7 @@ def test_a_run_that_runs_out_of_memory_halves_its_micro_batch_and_matches_the_sm
     # still matches (checked above).
     backoffs = [(b["step"], b["micro_batch_size"], b["grad_accum"]) for b in run["memory_backoffs"]]
     assert backoffs[0] == (1, 4, 2), backoffs
-    for before, after in zip(backoffs, backoffs[1:]):
+    for before, after in itertools.pairwise(backoffs):
         assert after[0] >= before[0] and after[1] * 2 == before[1] and after[2] == before[2] * 2, backoffs
 
 
