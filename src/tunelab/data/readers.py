@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,28 +50,50 @@ def _bounded_lines(fh: Any, path: Path, limit: int) -> Iterator[tuple[int, bytes
         yield number, raw
 
 
-def read_jsonl(path: Path, limit: int) -> Iterator[Record]:
+OnBad = Callable[[DataError], None]
+"""Where a reader reports a bad line it can step over (validation lists them all); without one, it raises."""
+
+
+def _raise(exc: DataError) -> None:
+    raise exc
+
+
+def read_jsonl(path: Path, limit: int, on_bad: OnBad | None = None) -> Iterator[Record]:
+    """The objects of a JSON Lines file; a line that is not UTF-8, not JSON or not an object goes to ``on_bad``.
+
+    Each line stands alone, so a bad one can be reported and skipped and the rest still read: ``data
+    validate`` lists every bad line in one pass instead of stopping at the first.  A line over ``limit``
+    always raises (the reader would otherwise resume mid-line).
+    """
+    report = on_bad or _raise
     with path.open("rb") as fh:
         for number, raw in _bounded_lines(fh, path, limit):
-            text = decode(raw, path, number)
-            if not text.strip():
-                continue
             try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"not valid JSON ({exc.msg}, column {exc.colno})", path=str(path), line=number
-                ) from None
-            except RecursionError:
-                raise too_deep(path, number) from None
-            if not isinstance(value, dict):
-                raise DataError(
-                    f"each line must be a JSON object, got {type(value).__name__}", path=str(path), line=number
-                )
-            yield Record(value, str(path), number)
+                value = _json_line(raw, path, number)
+            except DataError as exc:
+                report(exc)
+                continue
+            if value is not None:
+                yield Record(value, str(path), number)
 
 
-def read_json(path: Path, limit: int) -> Iterator[Record]:
+def _json_line(raw: bytes, path: Path, number: int) -> dict[str, Any] | None:
+    """One JSONL line parsed: an object, ``None`` for a blank line, or a :class:`DataError` saying what's wrong."""
+    text = decode(raw, path, number)
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON ({exc.msg}, column {exc.colno})", path=str(path), line=number) from None
+    except RecursionError:
+        raise too_deep(path, number) from None
+    if not isinstance(value, dict):
+        raise DataError(f"each line must be a JSON object, got {type(value).__name__}", path=str(path), line=number)
+    return value
+
+
+def read_json(path: Path, limit: int, on_bad: OnBad | None = None) -> Iterator[Record]:
     text = decode(path.read_bytes(), path, None)
     try:
         value = json.loads(text)
@@ -91,7 +113,8 @@ def read_json(path: Path, limit: int) -> Iterator[Record]:
     line_of = _json_item_lines(text, len(value), wrapped=wrapped)
     for index, item in enumerate(value):
         if not isinstance(item, dict):
-            raise DataError(f"item {index} must be an object", path=str(path), line=line_of[index])
+            (on_bad or _raise)(DataError(f"item {index} must be an object", path=str(path), line=line_of[index]))
+            continue
         yield checked(Record(item, str(path), line_of[index]), limit)
 
 
@@ -129,7 +152,7 @@ def _json_item_lines(text: str, count: int, *, wrapped: bool) -> list[int]:
     return lines
 
 
-def read_csv(path: Path, limit: int) -> Iterator[Record]:
+def read_csv(path: Path, limit: int, on_bad: OnBad | None = None) -> Iterator[Record]:
     # The per-record bound below replaces csv's own 128 KiB field limit (which raises a bare csv.Error).
     csv.field_size_limit(max(csv.field_size_limit(), limit))
     state = {"start": 1, "pending": 0}  # the current record's first line, and its bytes read so far
@@ -150,10 +173,12 @@ def read_csv(path: Path, limit: int) -> Iterator[Record]:
                 raise DataError("CSV has no header row", path=str(path), line=1)
             state.update(start=2, pending=0)
             for row in reader:
-                if None in row:
-                    raise DataError("row has more fields than the header", path=str(path), line=state["start"])
                 record = Record(dict(row), str(path), state["start"])
                 state.update(start=reader.line_num + 1, pending=0)
+                if None in row:
+                    extra = DataError("row has more fields than the header", path=record.path, line=record.line)
+                    (on_bad or _raise)(extra)
+                    continue
                 yield record
         except csv.Error as exc:
             raise DataError(f"not valid CSV ({exc})", path=str(path), line=state["start"]) from None

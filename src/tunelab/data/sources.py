@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data import tables
-from tunelab.data.readers import Record, checked, read_csv, read_hub, read_json, read_jsonl
+from tunelab.data.readers import OnBad, Record, checked, read_csv, read_hub, read_json, read_jsonl
 from tunelab.errors import DataError
 from tunelab.settings import get_settings
 
@@ -76,6 +76,7 @@ def iter_records(
     columns: Mapping[str, str] | None = None,
     subset: str | None = None,
     max_record_bytes: int | None = None,
+    on_bad: OnBad | None = None,
 ) -> Iterator[Record]:
     """Stream the records of a file (or hub dataset), validating as it goes.
 
@@ -85,15 +86,24 @@ def iter_records(
     yields.  ``columns`` maps tunelab's field names to the file's
     (``{"prompt": "question"}``) and is applied to every record before anything
     looks at it.  A source with no record at all raises :class:`DataError`, and
-    so does a record over ``max_record_bytes`` (default: the settings' limit).
+    so does a record over ``max_record_bytes`` (default: the settings' limit).  With ``on_bad``, a
+    line-level problem of a JSONL, JSON or CSV file (not UTF-8, not JSON, not an object, too many fields)
+    is reported there and the line skipped, so a validator can list them all in one pass.
     """
     mapping = dict(columns or {})
     limit = max_record_bytes or get_settings().max_record_bytes
-    count = 0
-    for record in _iter_raw(source, split, subset, limit):
+    count, bad = 0, 0
+
+    def report(exc: DataError) -> None:
+        nonlocal bad
+        bad += 1
+        assert on_bad is not None
+        on_bad(exc)
+
+    for record in _iter_raw(source, split, subset, limit, report if on_bad else None):
         count += 1
         yield _renamed(record, mapping) if mapping else record
-    if count == 0:
+    if count == 0 and bad == 0:
         raise DataError("the file holds no records", path=str(source), hint="add at least one example")
 
 
@@ -110,7 +120,7 @@ def read_records(
     return list(records)
 
 
-def _iter_raw(source: Path | str, split: str, subset: str | None, limit: int) -> Iterator[Record]:
+def _iter_raw(source: Path | str, split: str, subset: str | None, limit: int, on_bad: OnBad | None) -> Iterator[Record]:
     if isinstance(source, str) or not source.is_file():
         for record in read_hub(str(source), split, subset):
             yield checked(record, limit)
@@ -120,7 +130,7 @@ def _iter_raw(source: Path | str, split: str, subset: str | None, limit: int) ->
         raise DataError("the file is empty", path=str(source), hint="add at least one example")
     line_reader = _LINE_READERS.get(suffix)
     if line_reader is not None:
-        yield from line_reader(source, limit)
+        yield from line_reader(source, limit, on_bad)
         return
     rows = _table_rows(source, suffix, split)
     if rows is None:
@@ -209,7 +219,7 @@ def _looks_like_hub_name(text: str) -> bool:
     return not text.lower().endswith(SUFFIXES)
 
 
-_LINE_READERS: dict[str, Callable[[Path, int], Iterator[Record]]] = {
+_LINE_READERS: dict[str, Callable[[Path, int, OnBad | None], Iterator[Record]]] = {
     ".jsonl": read_jsonl,
     ".json": read_json,
     ".csv": read_csv,

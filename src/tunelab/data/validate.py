@@ -8,6 +8,7 @@ split, and validation examples that also appear in train).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -109,8 +110,12 @@ def validate_dataset(
     chat template exactly as training tokenizes.
     """
     train_path, valid_path = resolve_files(path, valid)
-    train = iter_records(train_path, split=split, columns=columns, subset=subset)
-    first = next(train)
+    problems: list[DataError] = []
+    note = functools.partial(_note, problems)
+    train = iter_records(train_path, split=split, columns=columns, subset=subset, on_bad=note)
+    first = next(train, None)
+    if first is None:  # every line was bad
+        raise grouped(problems)
     fmt = fmt if fmt != "auto" else detect_format(first)
     report: dict[str, Any] = {"format": fmt, "splits": {}}
     tokenizing = None
@@ -120,11 +125,10 @@ def validate_dataset(
         tokenizer = load_tokenizer(resolve_model_path(model))
         template, report["chat_template"] = template_for(tokenizer)
         tokenizing = _Tokenizing(tokenizer, template, mask_prompt, train_on)
-    problems: list[DataError] = []
     tally = _scan(itertools.chain([first], train), fmt, tokenizing, max_seq_len, None, problems)
     valid_tally = None
     if valid_path is not None:
-        records = iter_records(valid_path, split="validation", columns=columns, subset=subset)
+        records = iter_records(valid_path, split="validation", columns=columns, subset=subset, on_bad=note)
         valid_tally = _scan(records, fmt, tokenizing, max_seq_len, tally.keys, problems)
     if problems:
         raise grouped(problems)
@@ -207,12 +211,17 @@ def _valid_samples(chunk: list[Record], fmt: str, problems: list[DataError]) -> 
         try:
             samples.append(to_sample(record, fmt))
         except DataError as exc:
-            problems.append(exc)
-            if len(problems) >= PROBLEMS_KEPT:
-                raise grouped(problems) from None
+            _note(problems, exc)
             continue
         kept.append(record)
     return samples, kept
+
+
+def _note(problems: list[DataError], exc: DataError) -> None:
+    """Keep one more problem; past :data:`PROBLEMS_KEPT` the report is raised (a messy file has said enough)."""
+    problems.append(exc)
+    if len(problems) >= PROBLEMS_KEPT:
+        raise grouped(problems) from None
 
 
 def _entry(path: str, tally: _Tally, with_tokens: bool) -> dict[str, Any]:
