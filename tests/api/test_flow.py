@@ -108,3 +108,28 @@ def _check_chat(api: httpx.Client, model: str) -> None:
     streamed = "".join(p["choices"][0]["delta"].get("content", "") for p in parsed)
     assert streamed == text, "greedy streaming yields the same text as the whole answer"
     assert parsed[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_run_trained_from_the_cli_replays_its_events_over_the_websocket(
+    server: Server, e2e_model: Path, chat_data: Path, tmp_path: Path
+) -> None:
+    config = base_config(e2e_model, chat_data, tmp_path / "out", steps=6, save_every=3, log_every=2)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    trained = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", str(path)],
+        env=server.env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    runs = subprocess.run(
+        [sys.executable, "-m", "tunelab", "runs", "list", "--json"],
+        env=server.env(), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    run_id = next(r["id"] for r in json.loads(runs.stdout) if r["output_dir"] == str(tmp_path / "out"))
+
+    replayed: list[dict[str, Any]] = []
+    _collect(f"{server.url.replace('http', 'ws')}/v1/runs/{run_id}/events", server.key, replayed)
+    assert [e["status"] for e in replayed if e["type"] == "status"] == ["running", "completed"]
+    assert [e["step"] for e in replayed if e["type"] == "metric" and "train_loss" in e] == [2, 4, 6]
+    logs = [e["text"] for e in replayed if e["type"] == "log"]
+    assert "checkpoint saved at step 3" in logs and any("tokenization cache" in text for text in logs)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.train.callbacks import FLUSH_EVERY_S, BaseCallback, Due
+from tunelab.jobs.events import EventCallback
+from tunelab.train.callbacks import BaseCallback
 
 EXIT_STOPPED = 75
 """The child stopped early on request (cancel, or the worker shutting down) after saving a checkpoint."""
@@ -31,49 +32,6 @@ EXIT_ORPHANED = 70
 
 Work = Callable[..., str]
 """``work(job_id, callbacks=..., should_stop=...)`` does a claimed job; returns ``completed`` or ``stopped``."""
-
-
-class EventCallback(BaseCallback):
-    """Training progress as ``metric`` and ``log`` events, for `jobs logs` and the WebSocket.
-
-    Metric events are buffered and written in one transaction every few seconds
-    (a commit per step would cost a small model as much as its step); a log
-    event is written at once, after the metrics before it, so order is kept.
-    """
-
-    def __init__(self, job_id: str, run_id: str | None, every_s: float = FLUSH_EVERY_S) -> None:
-        self.job_id, self.run_id = job_id, run_id
-        self._due = Due(every_s)
-        self._pending: list[tuple[str, dict[str, Any]]] = []
-
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self._pending.append(("metric", {"step": step, **metrics}))
-        if self._due():
-            self.flush()
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        self._log(f"checkpoint saved at step {step}")
-
-    def on_message(self, text: str) -> None:
-        self._log(text)
-
-    def on_end(self, *, step: int, status: str) -> None:
-        self.flush()
-
-    def _log(self, text: str) -> None:
-        self._pending.append(("log", {"text": text}))
-        self.flush()
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        from tunelab.registry import jobs_repo
-        from tunelab.registry.db import open_registry, session_scope
-
-        with session_scope(open_registry()) as s:
-            for type, data in self._pending:
-                jobs_repo.add_event(s, type=type, data=data, job_id=self.job_id, run_id=self.run_id)
-        self._pending.clear()
 
 
 def _exit_with_parent() -> None:

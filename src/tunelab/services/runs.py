@@ -19,6 +19,7 @@ from tunelab.data.prepare import PreparedData
 from tunelab.distributed.group import Group, join, rank_from_env, shared
 from tunelab.distributed.launch import launch
 from tunelab.errors import StateError, TunelabError
+from tunelab.jobs.events import EventCallback
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.services import run_health
@@ -194,12 +195,18 @@ def _record_loaded(run_id: str, prep: recipe.Prepared) -> None:
 def _hooks(
     run_id: str, cfg: RunConfig, output_dir: Path, prep: recipe.Prepared, callbacks: Sequence[Any]
 ) -> CallbackList:
-    """The run's callbacks (files, registry, the caller's), told first what setup found."""
+    """The run's callbacks (files, registry, events, the caller's), told first what setup found.
+
+    A job's child passes its own :class:`EventCallback` (with the job's id); a run started any other way
+    gets one here, so the WebSocket replays a foreground run as it does a job's.
+    """
+    events = [] if any(isinstance(c, EventCallback) for c in callbacks) else [EventCallback(None, run_id)]
     hooks = CallbackList(
         [
             MetricsFile(output_dir / "metrics.jsonl"),
             *([TensorBoardCallback(output_dir / "tensorboard")] if cfg.tensorboard else []),
             RegistryCallback(run_id),
+            *events,
             *callbacks,
         ]
     )
