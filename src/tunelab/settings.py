@@ -71,3 +71,20 @@ def _positive_float(name: str, default: float) -> float:
 
         raise ConfigError(f"{name} must be a positive number (got {text!r})")
     return value
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal and the job logs for tunelab's own output: no weight-loading bars or deprecation chatter.
+
+    Called first by every process that trains or exports: the CLI, and a job's child process (started from
+    a forkserver, which inherits the environment but not the warning filters).  The environment variables
+    must be set before transformers and huggingface_hub are imported, which read them once.
+    """
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # Deprecations inside transformers/peft/torch are for their callers (tunelab), not for its users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)(\.|$)")

@@ -27,6 +27,7 @@ from tunelab.cli import ui as ui_cmd
 from tunelab.cli import use as use_cmd
 from tunelab.cli.console import err_console
 from tunelab.errors import TunelabError
+from tunelab.settings import quiet_libraries
 
 app = typer.Typer(
     name="tunelab",
@@ -70,18 +71,6 @@ def _root(
     """Fine-tune open LLMs on your own data, locally."""
 
 
-def _quiet_libraries() -> None:
-    """Keep the terminal for tunelab's own output: no weight-loading bars or deprecation chatter."""
-    import os
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)(\.|$)")
-
-
 def _flags_take_no_value(command: Any) -> None:
     """Show on/off flags without a value placeholder in every help screen (Typer labels them ``<bool>``)."""
     for param in command.params:
@@ -107,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     tunelab's errors pass through it and are printed here, as plain text: a
     path such as ``data[v2]/x.jsonl`` must not be read as Rich markup.
     """
-    _quiet_libraries()
+    quiet_libraries()
     command = typer.main.get_command(app)
     _flags_take_no_value(command)
     try:

@@ -13,7 +13,10 @@ at a time through the cache, so both paths are compared with the merged model.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,7 @@ def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Writ
     example = (torch.tensor([[1, 2], [3, 4]]), *(torch.zeros(layers, 2, heads, 3, head_dim) for _ in range(2)))
     batch, seq, past = (torch.export.Dim(n, max=1 << 16) for n in ("batch", "sequence", "past"))
     dims = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past}, "past_values": {1: batch, 3: past}}
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_registry():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -60,6 +63,19 @@ def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Writ
     save_tokenizer(merged.tokenizer, out)  # keeps the SentencePiece legacy flag
     merged.model.config.save_pretrained(str(out))
     return Written(out, "float32", lambda: ONNXRuntime(out))
+
+
+@contextlib.contextmanager
+def _quiet_registry() -> Iterator[None]:
+    """torch.onnx logs a warning per torchvision operator it can't register when torchvision is missing:
+    noise a language model's export can't act on, so its registry logger says only errors meanwhile."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def cache_shape(config: Any) -> tuple[int, int, int]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.jobs.events import EventCallback
+from tunelab.settings import quiet_libraries
 from tunelab.train.callbacks import BaseCallback
 
 EXIT_STOPPED = 75
@@ -48,6 +49,7 @@ def _exit_with_parent() -> None:
 
 def main(work: Work, job_id: str, run_id: str | None, stop: Any) -> None:
     """Run one job; the exit code tells the worker how it ended (0, EXIT_STOPPED or EXIT_FAILED)."""
+    quiet_libraries()
     _exit_with_parent()
     os._exit(_run(work, job_id, run_id, stop.is_set, record_errors=True))
 
@@ -57,6 +59,7 @@ def rank_main(work: Work, job_id: str, run_id: str | None) -> None:
     from tunelab.distributed.group import rank_from_env
     from tunelab.jobs.ranks import STOP_FILE_ENV, WORKER_PID_ENV
 
+    quiet_libraries()
     _exit_with_launcher(int(os.environ[WORKER_PID_ENV]))
     stop_file = Path(os.environ[STOP_FILE_ENV])
     # Only rank 0 writes to the registry, a failure's reason included.
