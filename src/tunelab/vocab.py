@@ -21,9 +21,19 @@ WHOLE_MODEL_METHODS: tuple[str, ...] = ("full", "freeze")
 """Methods that change the base's own weights, so their result is a whole model (saved in ``model/``)."""
 
 # --- objectives ----------------------------------------------------------------------------------------------------
-ObjectiveName = Literal["sft"]
+ObjectiveName = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"]
 OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
 """What a run's loss optimizes; each backend maps every name here to one loss function."""
+PAIRWISE_OBJECTIVES: tuple[str, ...] = ("dpo", "ipo", "orpo", "simpo")
+"""Objectives that compare a chosen and a rejected response to one prompt (data format ``preference``)."""
+PREFERENCE_OBJECTIVES: tuple[str, ...] = (*PAIRWISE_OBJECTIVES, "kto")
+"""Objectives whose loss is a mean over pairs (or KTO examples), not over tokens."""
+REFERENCE_OBJECTIVES: tuple[str, ...] = ("dpo", "ipo", "kto")
+"""Objectives that score the policy against a frozen reference model (orpo and simpo need none)."""
+OBJECTIVE_FORMATS: dict[str, str] = {**dict.fromkeys(PAIRWISE_OBJECTIVES, "preference"), "kto": "kto"}
+"""The data format each non-SFT objective trains on."""
+# What each sequence of a preference batch is (``roles`` in a batch, one code per token; 0 = padding).
+ROLE_CHOSEN, ROLE_REJECTED, ROLE_DESIRABLE, ROLE_UNDESIRABLE, ROLE_KL = 1, 2, 3, 4, 5
 
 # --- runs and jobs -------------------------------------------------------------------------------------------------
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
@@ -38,7 +48,7 @@ JobKind = Literal["train", "validate"]
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 
 # --- data ----------------------------------------------------------------------------------------------------------
-DataFormat = Literal["auto", "text", "completion", "instruction", "chat", "sharegpt"]
+DataFormat = Literal["auto", "text", "completion", "instruction", "chat", "sharegpt", "preference", "kto"]
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 CHAT_FORMATS: tuple[str, ...] = ("chat", "instruction")
 """Record formats trained through the chat template (so generation applies it too)."""

@@ -11,7 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tunelab.vocab import DataFormat, MethodName, ObjectiveName, TrainOn
+from tunelab.vocab import (
+    OBJECTIVE_FORMATS,
+    PREFERENCE_OBJECTIVES,
+    DataFormat,
+    MethodName,
+    ObjectiveName,
+    TrainOn,
+)
 
 Scheduler = Literal["constant", "linear", "cosine"]
 BackendName = Literal["auto", "torch", "mlx"]
@@ -106,11 +113,47 @@ class MethodCfg(_Section):
 
 
 class ObjectiveCfg(_Section):
-    """``objective:`` what the loss optimizes."""
+    """``objective:`` what the loss optimizes: SFT, or a preference objective over chosen/rejected responses."""
 
     name: ObjectiveName = Field(
-        "sft", description="sft: token-weighted cross-entropy over the supervised (completion/assistant) tokens"
+        "sft",
+        description="sft: token-weighted cross-entropy over the supervised (completion/assistant) tokens; "
+        "dpo, ipo, orpo, simpo: prefer the chosen over the rejected response of each pair (data format "
+        "preference); kto: raise desirable and lower undesirable completions (data format kto)",
     )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="dpo/ipo/kto: the temperature of the implicit reward against the reference model (default "
+        "0.1); simpo: the reward scale (default 2.0)",
+    )
+    gamma: float | None = Field(None, ge=0, le=100, description="simpo: the target reward margin (default 0.5)")
+    alpha: float | None = Field(None, gt=0, le=100, description="orpo: the odds-ratio loss weight λ (default 0.1)")
+    precompute_ref: bool = Field(
+        False,
+        description="dpo/ipo: the reference model's log-probs computed once before training instead of a "
+        "reference forward every step (full and freeze then keep no frozen copy of the model)",
+    )
+
+    @model_validator(mode="after")
+    def _knobs(self) -> ObjectiveCfg:
+        # A knob another objective reads is almost surely a forgotten objective.name: said, never ignored.
+        uses = {"beta": ("dpo", "ipo", "kto", "simpo"), "gamma": ("simpo",), "alpha": ("orpo",)}
+        for knob, names in uses.items():
+            if getattr(self, knob) is not None and self.name not in names:
+                raise ValueError(
+                    f"{knob} is for objective.name {_either(names)} (got name: {self.name}); "
+                    f"remove objective.{knob} or change objective.name"
+                )
+        if self.precompute_ref and self.name not in ("dpo", "ipo"):
+            why = "kto scores mismatched pairs formed per batch" if self.name == "kto" else "it has no reference"
+            raise ValueError(f"precompute_ref is for dpo and ipo ({self.name}: {why}); remove it")
+        defaults = {"beta": 2.0 if self.name == "simpo" else 0.1, "gamma": 0.5, "alpha": 0.1}
+        for knob, names in uses.items():
+            if getattr(self, knob) is None and self.name in names:
+                object.__setattr__(self, knob, defaults[knob])  # name-dependent default; frozen after this
+        return self
 
 
 class TrainCfg(_Section):
@@ -208,6 +251,31 @@ class TrainCfg(_Section):
         return self.batch_size * self.grad_accum
 
 
+def _either(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def objective_data_problem(objective: str, fmt: str) -> str | None:
+    """Why data of format ``fmt`` can't train ``objective`` (None when it can; ``auto`` is checked once detected)."""
+    wanted = OBJECTIVE_FORMATS.get(objective)
+    if fmt == "auto" or fmt == wanted:
+        return None
+    if wanted is not None:
+        return (
+            f"objective {objective} trains on data format {wanted} (got {fmt}); give "
+            + (
+                '{"prompt", "chosen", "rejected"} records'
+                if wanted == "preference"
+                else '{"prompt", "completion", "label": true|false} records'
+            )
+            + f", set data.format: {wanted} or auto, or change objective.name"
+        )
+    if fmt in OBJECTIVE_FORMATS.values():
+        names = ", ".join(name for name, f in OBJECTIVE_FORMATS.items() if f == fmt)
+        return f"data format {fmt} trains with objective.name {names} (got {objective})"
+    return None
+
+
 class RunConfig(_Section):
     """A whole fine-tuning run, as written in YAML and overridden from the command line."""
 
@@ -221,6 +289,20 @@ class RunConfig(_Section):
     output_dir: str | None = Field(None, description="default: $TUNELAB_HOME/runs/<run id>")
     name: str | None = Field(None, max_length=200)
     tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _objective_data(self) -> RunConfig:
+        problem = objective_data_problem(self.objective.name, self.data.format)
+        if problem is not None:
+            raise ValueError(problem)
+        if self.objective.name in PREFERENCE_OBJECTIVES and (
+            not self.data.mask_prompt or self.data.train_on == "everything"
+        ):
+            raise ValueError(
+                f"objective {self.objective.name} scores only the responses, never the prompt; "
+                "remove data.mask_prompt: false and data.train_on: everything"
+            )
+        return self
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (what the registry stores and the API returns)."""
