@@ -30,9 +30,15 @@ class Settings:
         return self.home / "datasets"
 
     @property
+    def quickstart_dir(self) -> Path:
+        """Where `tunelab quickstart` builds its model and data unless told otherwise."""
+        return self.home / "quickstart"
+
+    @property
     def allowed_roots(self) -> tuple[Path, ...]:
-        """Folders paths given over the API may point into: configured roots, uploads and runs."""
-        return (*self.api_roots, self.datasets_dir, self.runs_dir)
+        """Folders paths given over the API may point into: configured roots, uploads, runs, and the quickstart's
+        model and data (tunelab made them, so a newcomer's first job over the API can train on them)."""
+        return (*self.api_roots, self.datasets_dir, self.runs_dir, self.quickstart_dir)
 
 
 def get_settings() -> Settings:

@@ -51,3 +51,19 @@ def test_a_file_swapped_for_a_link_after_submit_is_refused_when_the_worker_reads
     assert job["status"] == "failed" and "data.train" in job["error"] and "outside" in job["error"], job
     events = api.get(f"/v1/jobs/{job['id']}/events").text
     assert "1234" not in events and "1234" not in job["error"]  # nothing of the file reaches the client
+
+
+def test_the_quickstarts_own_model_and_data_may_be_used_over_the_api(api: httpx.Client, server: Server) -> None:
+    # What `tunelab quickstart` leaves in the home: a newcomer's first API job trains on it without setting
+    # TUNELAB_API_ROOTS (issue 22 item 17); the refusal for anything else lists that folder among the allowed.
+    quick = server.home / "quickstart"
+    (quick / "data").mkdir(parents=True, exist_ok=True)
+    (quick / "data" / "train.jsonl").write_text(json.dumps({"text": "hi"}) + "\n", encoding="utf-8")
+    config = {"model": {"path": str(quick / "model")}, "data": {"train": str(quick / "data" / "train.jsonl")}}
+    queued = api.post("/v1/jobs", json={"config": config, "kind": "validate"})
+    assert queued.status_code == 201, queued.text
+    api.post(f"/v1/jobs/{queued.json()['id']}/cancel")
+
+    outside = {"model": {"path": "/opt/elsewhere/model"}, "data": {"train": str(quick / "data" / "train.jsonl")}}
+    refused = api.post("/v1/jobs", json={"config": outside, "kind": "validate"})
+    assert refused.status_code == 422 and str(quick) in refused.json()["hint"], refused.text

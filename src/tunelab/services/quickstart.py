@@ -60,7 +60,7 @@ def run_quickstart(
     on_stage: Callable[[str], None] = lambda _text: None,
 ) -> QuickstartResult:
     """Run both stages and answer held-out prompts before and after; ``on_stage`` hears each stage."""
-    root = (workdir or get_settings().home / "quickstart").expanduser()
+    root = (workdir or get_settings().quickstart_dir).expanduser()
     data = _copy_data(root / "data")
     on_stage(f"working in {root}")
     on_stage("1/3 building a tiny Llama-shaped model and a tokenizer from the shipped text")
