@@ -133,10 +133,12 @@ def test_the_server_stops_promptly_on_sigterm_and_logged_no_tracebacks(
 ) -> None:
     srv, proc, model = served
     _leave_a_long_stream(srv, model)
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pytest.fail("tunelab serve was still running 15 s after SIGTERM")
+    with _stream(srv, model) as live:  # and one client still connected, not reading, when SIGTERM comes
+        assert next(live.iter_lines()).startswith("data: ")
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)  # uvicorn's graceful shutdown would wait for the stream's client for ever
+        except subprocess.TimeoutExpired:
+            pytest.fail("tunelab serve was still running 15 s after SIGTERM")
     log = srv.log.read_text(encoding="utf-8", errors="replace")
     assert "Traceback" not in log, log[-3000:]
