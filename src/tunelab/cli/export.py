@@ -19,7 +19,8 @@ def export(
         None,
         "--quantize",
         "-q",
-        help="gguf/ollama: f32 | f16 | bf16 | q8_0 | q4_0 (default f16, bf16 for a bf16 base); "
+        help="gguf/ollama: f32 | f16 | bf16 | q8_0 | q4_0, or a K-quant q2_k | q3_k_m | q4_k_s | q4_k_m | "
+        "q5_k_s | q5_k_m | q6_k (llama.cpp's quantizer; default f16, bf16 for a bf16 base); "
         "mlx: 4 | 8; coreml: float32 | float16.",
     ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip loading the export in its runtime to check it."),

@@ -66,10 +66,25 @@ FAMILIES: dict[str, Family] = {
 
 
 def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Written:
-    """Pipeline entry point: write ``out`` (a .gguf file) and say how to load it back."""
+    """Pipeline entry point: write ``out`` (a .gguf file) and say how to load it back.
+
+    A K-quant is written as tunelab's float GGUF first (beside ``out``, removed
+    afterwards) and then quantized by llama.cpp's own quantizer (:mod:`.gguf_kquant`).
+    """
+    from tunelab.export.gguf_kquant import KQUANTS, quantize_file
+
     quant = quantize or default_quant(folder)
-    notes = write_gguf(folder, out, quant=quant, tokenizer=merged.tokenizer, template=merged.template)
-    return Written(out, _PRECISION[quant], lambda: GGUFRuntime(out), notes=notes)
+    if quant not in KQUANTS:
+        notes = write_gguf(folder, out, quant=quant, tokenizer=merged.tokenizer, template=merged.template)
+        return Written(out, _PRECISION[quant], lambda: GGUFRuntime(out), notes=notes)
+    staged = out.with_name(f".{out.name}.float.gguf")
+    try:
+        float_quant = default_quant(folder)
+        notes = write_gguf(folder, staged, quant=float_quant, tokenizer=merged.tokenizer, template=merged.template)
+        notes += quantize_file(staged, out, quant)
+    finally:
+        staged.unlink(missing_ok=True)
+    return Written(out, quant, lambda: GGUFRuntime(out), notes=notes)
 
 
 def default_quant(folder: Path) -> str:

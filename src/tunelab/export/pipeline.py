@@ -22,11 +22,13 @@ from tunelab.export.merge import Merged, merge_model
 from tunelab.export.verify import Reference, Report, Runtime, raise_if_failed, sha256_of, verify
 
 TARGETS: tuple[str, ...] = ("hf", "mlx", "gguf", "ollama", "onnx", "coreml")
+# llama.cpp's K-quants, written by its own quantizer (tunelab.export.gguf_kquant.KQUANTS has the same keys).
+K_QUANTS: tuple[str, ...] = ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 QUANTIZE: dict[str, tuple[str, ...]] = {
     "hf": (),
     "mlx": ("4", "8"),
-    "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0"),
-    "ollama": ("f32", "f16", "bf16", "q8_0", "q4_0"),
+    "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS),
+    "ollama": ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS),
     "onnx": (),
     "coreml": ("float32", "float16"),
 }
