@@ -10,7 +10,9 @@ of examples; rows are packed once, so the cursor arithmetic is the same.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -46,18 +48,66 @@ class BatchPlan:
         return batches
 
 
+class Units(Protocol):
+    """What a micro-batch is made of: single examples, or units of several sequences (a preference pair).
+
+    The plan orders units; a unit is never split between micro-batches or packed rows.
+    """
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens each unit holds."""
+        ...
+
+    def collate(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The padded batch of these units."""
+        ...
+
+    def collate_packed(self, rows: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """The packed batch of these rows of units."""
+        ...
+
+
+@dataclass(frozen=True)
+class ExampleUnits:
+    """Every example of the split is a unit of its own (SFT)."""
+
+    split: TokenizedSplit
+    pad_id: int
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.split.lengths
+
+    def collate(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return collate(self.split, indices, self.pad_id)
+
+    def collate_packed(self, rows: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        return collate_packed(self.split, rows, self.pad_id)
+
+
 class MicroBatchStream:
     """An endless stream of padded micro-batches, positioned by a single cursor.
 
     With ``pack_to`` every micro-batch holds ``plan.batch_size`` rows of examples
     packed up to ``pack_to`` tokens each, instead of that many single examples.
+    ``units`` (default: each example) says what the plan orders.
     """
 
-    def __init__(self, split: TokenizedSplit, plan: BatchPlan, pad_id: int, *, pack_to: int | None = None) -> None:
+    def __init__(
+        self,
+        split: TokenizedSplit,
+        plan: BatchPlan,
+        pad_id: int,
+        *,
+        pack_to: int | None = None,
+        units: Units | None = None,
+    ) -> None:
         self.split = split
         self.plan = plan
         self.pad_id = pad_id
-        lengths = split.lengths
+        self.units: Units = units if units is not None else ExampleUnits(split, pad_id)
+        lengths = self.units.lengths
         self._rows = pack_rows(lengths, pack_to, seed=plan.seed, shuffle=plan.shuffle) if pack_to else None
         # What the plan orders: examples, or packed rows (by how many tokens they hold).
         self._lengths = row_lengths(lengths, self._rows) if self._rows is not None else lengths
@@ -84,8 +134,8 @@ class MicroBatchStream:
             self._batches = self.plan.epoch_batches(self._lengths, epoch)
             self._epoch = epoch
         if self._rows is None:
-            return collate(self.split, self._batches[index], self.pad_id)
-        return collate_packed(self.split, [self._rows[r] for r in self._batches[index]], self.pad_id)
+            return self.units.collate(self._batches[index])
+        return self.units.collate_packed([self._rows[r] for r in self._batches[index]])
 
     def epoch_of(self, cursor: int) -> float:
         return cursor / self.batches_per_epoch
@@ -105,8 +155,9 @@ def collate(split: TokenizedSplit, indices: np.ndarray, pad_id: int) -> dict[str
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def eval_batches(split: TokenizedSplit, batch_size: int, pad_id: int) -> LazyBatches:
-    """Every validation example once, length-sorted so batches carry little padding."""
-    order = np.argsort(-split.lengths, kind="stable")
+def eval_batches(split: TokenizedSplit, batch_size: int, pad_id: int, units: Units | None = None) -> LazyBatches:
+    """Every validation example (or unit) once, length-sorted so batches carry little padding."""
+    units = units if units is not None else ExampleUnits(split, pad_id)
+    order = np.argsort(-units.lengths, kind="stable")
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return LazyBatches(groups, lambda indices: collate(split, indices, pad_id))
+    return LazyBatches(groups, units.collate)

@@ -148,18 +148,24 @@ def read_split(path: Path, *, truncated: int, dropped: int, supervised: int) -> 
 
     reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
     columns: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"input_ids": [], "labels": []}
+    roles: list[np.ndarray] | None = [] if reader.schema.get_field_index("roles") >= 0 else None
     for b in range(reader.num_record_batches):
         batch = reader.get_batch(b)
         for name, parts in columns.items():
             array = batch.column(name)
             parts.append((array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=True)))
+        if roles is not None:
+            roles.append(batch.column("roles").to_numpy())
     ids, labels = RaggedColumn(columns["input_ids"]), RaggedColumn(columns["labels"])
     lengths = ids.lengths()
     if not np.array_equal(lengths, labels.lengths()):
         raise ValueError(f"{path}: input_ids and labels rows differ in length")
-    return TokenizedSplit(
+    split = TokenizedSplit(
         ids, labels, truncated=truncated, dropped=dropped, known_lengths=lengths, known_supervised=supervised
     )
+    if roles is not None:
+        split.roles = np.concatenate(roles).astype(np.int8) if roles else np.zeros(0, dtype=np.int8)
+    return split
 
 
 @dataclass
@@ -229,6 +235,7 @@ class TokenizedChunk:
     lengths: np.ndarray  # int64, one per row
     truncated: int
     dropped: int
+    roles: np.ndarray | None = None  # int8, one per row: preference data only
 
     @classmethod
     def from_split(cls, split: TokenizedSplit) -> TokenizedChunk:
@@ -241,6 +248,7 @@ class TokenizedChunk:
             lengths=split.lengths,
             truncated=split.truncated,
             dropped=split.dropped,
+            roles=split.roles,
         )
 
 
@@ -252,10 +260,17 @@ class SplitWriter:
 
         self._pa = pa
         self.path = path
-        self._schema = pa.schema([("input_ids", pa.large_list(pa.int32())), ("labels", pa.large_list(pa.int32()))])
-        self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_file(self._sink, self._schema)
+        self._schema: Any = None  # set by the first rows written: with a roles column for preference data
+        self._sink: Any = None
+        self._writer: Any = None
         self.rows = self.truncated = self.dropped = self.supervised = 0
+
+    def _open(self, roles: bool) -> None:
+        pa = self._pa
+        fields = [("input_ids", pa.large_list(pa.int32())), ("labels", pa.large_list(pa.int32()))]
+        self._schema = pa.schema(fields + ([("roles", pa.int8())] if roles else []))
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, self._schema)
 
     def write(self, chunk: TokenizedChunk) -> None:
         """Append one chunk (an empty one only updates the counts)."""
@@ -264,17 +279,24 @@ class SplitWriter:
         self.dropped += chunk.dropped
         if not len(chunk.lengths):
             return
+        if self._writer is None:
+            self._open(chunk.roles is not None)
         offsets = pa.array(np.concatenate([[0], np.cumsum(chunk.lengths)]).astype(np.int64))
         columns = [
             pa.LargeListArray.from_arrays(offsets, pa.array(chunk.ids, type=pa.int32())),
             pa.LargeListArray.from_arrays(offsets, pa.array(chunk.labels, type=pa.int32())),
         ]
+        if self._schema.get_field_index("roles") >= 0:
+            roles = chunk.roles if chunk.roles is not None else np.zeros(len(chunk.lengths), dtype=np.int8)
+            columns.append(pa.array(roles.astype(np.int8), type=pa.int8()))
         self._writer.write_batch(pa.record_batch(columns, schema=self._schema))
         self.rows += len(chunk.lengths)
         self.supervised += _supervised(chunk)
 
     def close(self) -> dict[str, int]:
         """Finish the file; returns what ``meta.json`` records about the split."""
+        if self._writer is None:  # no rows at all: an empty file of the plain layout
+            self._open(roles=False)
         self._writer.close()
         self._sink.close()
         return {

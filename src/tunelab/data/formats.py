@@ -35,7 +35,12 @@ SHAREGPT_ROLES = {
 
 @dataclass(frozen=True)
 class Sample:
-    """A validated example: ``kind`` is text, completion or chat (``tools`` only for chats that declare them)."""
+    """A validated example: ``kind`` is text, completion, chat or pair (``tools`` only for chats that declare them).
+
+    A ``pair`` (preference data) holds its chosen and rejected sequences in ``pair``, each a completion or a
+    chat; a KTO example is a completion or chat with ``label`` set.  In a chat from preference or KTO data,
+    the first ``prompt_turns`` messages are the prompt and carry no loss, whatever role they have.
+    """
 
     kind: str
     text: str = ""
@@ -43,11 +48,18 @@ class Sample:
     completion: str = ""
     messages: tuple[dict[str, Any], ...] = ()
     tools: tuple[dict[str, Any], ...] = ()
+    pair: tuple[Sample, Sample] | None = None
+    label: bool | None = None
+    prompt_turns: int = 0
 
 
 def detect_format(record: Record) -> str:
     """Guess the format from the keys of the first record."""
     keys = set(record.data)
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    if {"completion", "label"} <= keys:
+        return "kto"
     if "messages" in keys:
         return "chat"
     if "conversations" in keys:
@@ -62,8 +74,9 @@ def detect_format(record: Record) -> str:
         f"can't tell the format from the keys {sorted(keys)}",
         path=record.path,
         line=record.line,
-        hint='use {"text"}, {"prompt","completion"}, {"instruction","input","output"}, {"messages":[…]} or '
-        '{"conversations":[{"from","value"}…]}, map your fields with data.columns, or set data.format',
+        hint='use {"text"}, {"prompt","completion"}, {"instruction","input","output"}, {"messages":[…]}, '
+        '{"conversations":[{"from","value"}…]}, {"prompt","chosen","rejected"} or {"prompt","completion","label"}, '
+        "map your fields with data.columns, or set data.format",
     )
 
 
@@ -151,7 +164,7 @@ def _sharegpt_calls(value: Any, where: str, r: Record) -> list[dict[str, Any]]:
     return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]
 
 
-def _clean_messages(messages: list[Any], r: Record, field: str) -> tuple[dict[str, Any], ...]:
+def _clean_messages(messages: list[Any], r: Record, field: str, *, learn: bool = True) -> tuple[dict[str, Any], ...]:
     clean: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         where = f"{field}[{index}]"
@@ -168,8 +181,9 @@ def _clean_messages(messages: list[Any], r: Record, field: str) -> tuple[dict[st
         if calls:
             entry["tool_calls"] = _tool_calls(calls, where, r)
         clean.append(entry)
-    if not any(m["role"] == "assistant" for m in clean):
-        raise DataError("conversation has no assistant message, so there is nothing to learn", path=r.path, line=r.line)
+    if learn and not any(m["role"] == "assistant" for m in clean):
+        what = "conversation" if field in ("messages", "conversations") else f'"{field}"'
+        raise DataError(f"{what} has no assistant message, so there is nothing to learn", path=r.path, line=r.line)
     return tuple(clean)
 
 
@@ -226,10 +240,81 @@ def _string(r: Record, key: str, *, allow_empty: bool = False) -> str:
     return value
 
 
+def _preference(r: Record) -> Sample:
+    """``{"prompt", "chosen", "rejected"}``: strings (the completion convention) or message lists (chat)."""
+    values = [r.data.get(key) for key in ("prompt", "chosen", "rejected")]
+    if not any(isinstance(v, list) for v in values):
+        prompt = _string(r, "prompt", allow_empty=True) if "prompt" in r.data else ""
+        chosen, rejected = _string(r, "chosen"), _string(r, "rejected")
+        _differ(chosen.strip() == rejected.strip(), r)
+        pair = (
+            Sample("completion", prompt=prompt, completion=chosen),
+            Sample("completion", prompt=prompt, completion=rejected),
+        )
+        return Sample("pair", pair=pair)
+    if values[0] is None:  # no prompt: the turns chosen and rejected share are the prompt
+        full = [_turns(r, key, "assistant", learn=False) for key in ("chosen", "rejected")]
+        shared = next((i for i, (a, b) in enumerate(zip(*full, strict=False)) if a != b), min(map(len, full)))
+        prompt_turns, responses = full[0][:shared], [side[shared:] for side in full]
+    else:
+        prompt_turns = _turns(r, "prompt", "user", learn=False)
+        responses = [_turns(r, key, "assistant", learn=False) for key in ("chosen", "rejected")]
+    _differ(responses[0] == responses[1], r)
+    for key, turns in zip(("chosen", "rejected"), responses, strict=True):
+        if not any(m["role"] == "assistant" for m in turns):
+            raise DataError(f'"{key}" has no assistant message after the prompt', path=r.path, line=r.line)
+    tools, n = _tools(r), len(prompt_turns)
+    chosen_chat, rejected_chat = (
+        Sample("chat", messages=prompt_turns + t, tools=tools, prompt_turns=n) for t in responses
+    )
+    return Sample("pair", pair=(chosen_chat, rejected_chat))
+
+
+def _differ(same: bool, r: Record) -> None:
+    if same:
+        raise DataError(
+            '"chosen" and "rejected" are the same response, so there is nothing to prefer',
+            path=r.path,
+            line=r.line,
+            hint="drop the record or give a rejected response that differs",
+        )
+
+
+def _kto(r: Record) -> Sample:
+    """``{"prompt", "completion", "label": true|false}``: strings or message lists, labelled desirable or not."""
+    label = r.data.get("label")
+    if not isinstance(label, bool):
+        raise DataError(
+            f'field "label" must be true or false (a JSON boolean), got {label!r}',
+            path=r.path,
+            line=r.line,
+            hint="true marks a desirable completion, false an undesirable one",
+        )
+    prompt, completion = r.data.get("prompt"), r.data.get("completion")
+    if not isinstance(prompt, list) and not isinstance(completion, list):
+        text = _string(r, "prompt", allow_empty=True) if "prompt" in r.data else ""
+        return Sample("completion", prompt=text, completion=_string(r, "completion"), label=label)
+    turns = _turns(r, "prompt", "user", learn=False) if prompt is not None else ()
+    answer = _turns(r, "completion", "assistant")
+    return Sample("chat", messages=turns + answer, tools=_tools(r), prompt_turns=len(turns), label=label)
+
+
+def _turns(r: Record, key: str, role: str, *, learn: bool = True) -> tuple[dict[str, Any], ...]:
+    """A field that is a message list, or a string taken as one ``role`` message."""
+    value = r.data.get(key)
+    if isinstance(value, list):
+        if not value:
+            raise DataError(f'"{key}" is an empty list of messages', path=r.path, line=r.line)
+        return _clean_messages(value, r, key, learn=learn)
+    return ({"role": role, "content": _string(r, key, allow_empty=role == "user")},)
+
+
 _CONVERTERS = {
     "text": _text,
     "completion": _completion,
     "instruction": _instruction,
     "chat": _chat,
     "sharegpt": _sharegpt,
+    "preference": _preference,
+    "kto": _kto,
 }

@@ -21,6 +21,7 @@ positions stay per example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -97,13 +98,20 @@ def collate_packed(split: TokenizedSplit, rows: Sequence[np.ndarray], pad_id: in
     }
 
 
-def packed_eval_batches(split: TokenizedSplit, batch_size: int, capacity: int, pad_id: int) -> LazyBatches:
-    """Every validation example once, packed (file order, no shuffling), fullest rows first."""
-    lengths = split.lengths
+def packed_eval_batches(
+    split: TokenizedSplit, batch_size: int, capacity: int, pad_id: int, units: Any = None
+) -> LazyBatches:
+    """Every validation example once, packed (file order, no shuffling), fullest rows first.
+
+    ``units`` (a :class:`tunelab.data.batching.Units`; default: each example) says what is packed whole.
+    """
+    lengths = split.lengths if units is None else units.lengths
     rows = pack_rows(lengths, capacity, seed=0, shuffle=False)
     order = np.argsort(-row_lengths(lengths, rows), kind="stable")
     ordered = [rows[i] for i in order]
     groups = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    if units is not None:
+        return LazyBatches(groups, units.collate_packed)
     return LazyBatches(groups, lambda rows_of_batch: collate_packed(split, rows_of_batch, pad_id))
 
 

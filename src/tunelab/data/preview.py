@@ -35,6 +35,7 @@ class PreviewExample:
     full_length: int
     truncated: bool
     dropped: bool
+    role: str = ""  # preference data: chosen or rejected (a pair shows both); kto: desirable or undesirable
     total: int = field(init=False)
     trained: int = field(init=False)
 
@@ -89,7 +90,8 @@ def preview_dataset(
     tokenizer = load_tokenizer(resolve_model_path(model))
     template, template_name = template_for(tokenizer)
     note = ""
-    if any(s.kind == "chat" and needs_builtin(template, s.messages, s.tools) for s in samples):
+    sequences = [part for s in samples for part in (s.pair or (s,))]
+    if any(s.kind == "chat" and needs_builtin(template, s.messages, s.tools) for s in sequences):
         template, template_name = CHATML, BUILTIN_NAME  # what training does for such a dataset
         note = "the model's chat template can't render tool calls: the dataset is trained with the built-in ChatML"
     examples = preview_examples(
@@ -122,21 +124,32 @@ def preview_examples(
     """
     out = []
     for sample, record in zip(samples, records, strict=True):
-        ids, labels = _uncut(sample, record, tokenizer, template, mask_prompt, train_on)
-        cut_ids, cut_labels = ids[:max_seq_len], labels[:max_seq_len]
-        trained = [index > 0 and label != IGNORE for index, label in enumerate(cut_labels)]
-        texts = token_texts(tokenizer, cut_ids)
-        out.append(
-            PreviewExample(
-                path=record.path,
-                line=record.line,
-                tokens=list(zip(texts, cut_ids, trained, strict=True)),
-                full_length=len(ids),
-                truncated=len(ids) > max_seq_len,
-                dropped=not any(trained),
+        for part, role in _parts(sample):
+            ids, labels = _uncut(part, record, tokenizer, template, mask_prompt, train_on)
+            cut_ids, cut_labels = ids[:max_seq_len], labels[:max_seq_len]
+            trained = [index > 0 and label != IGNORE for index, label in enumerate(cut_labels)]
+            texts = token_texts(tokenizer, cut_ids)
+            out.append(
+                PreviewExample(
+                    path=record.path,
+                    line=record.line,
+                    tokens=list(zip(texts, cut_ids, trained, strict=True)),
+                    full_length=len(ids),
+                    truncated=len(ids) > max_seq_len,
+                    dropped=not any(trained),
+                    role=role,
+                )
             )
-        )
     return out
+
+
+def _parts(sample: Sample) -> list[tuple[Sample, str]]:
+    """The sequences a sample trains: a preference pair's chosen and rejected, else the sample itself."""
+    if sample.pair is not None:
+        return [(sample.pair[0], "chosen"), (sample.pair[1], "rejected")]
+    if sample.label is not None:
+        return [(sample, "desirable" if sample.label else "undesirable")]
+    return [(sample, "")]
 
 
 def _uncut(

@@ -97,18 +97,20 @@ def chat_segments(
     where: tuple[str, int],
     train_on: str = "all_assistant",
     tools: Sequence[dict[str, Any]] = (),
+    skip: int = 0,
 ) -> list[tuple[str, bool]]:
     """Split a rendered conversation into ``(text, trained)`` pieces.
 
     Each assistant turn (only the final one with ``train_on="last_assistant"``),
     including the end-of-turn marker the template puts after it, is a trained
     piece; everything else (system, user, tool turns and the assistant header)
-    is not.  ``train_on="everything"`` trains the whole rendered text.
+    is not.  ``train_on="everything"`` trains the whole rendered text.  The
+    first ``skip`` messages (a preference pair's shared prompt) are never trained.
     """
     full = render(tokenizer, template, messages, generation_prompt=False, tools=tools)
     if train_on == "everything":
         return [(full, True)] if full else []
-    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= skip]
     trained = assistants[-1:] if train_on == "last_assistant" else assistants
     pieces: list[tuple[str, bool]] = []
     cursor = 0

@@ -18,7 +18,7 @@ import numpy as np
 from tunelab.data.formats import Sample
 from tunelab.data.templates import TemplateLacksTools, chat_segments, needs_builtin, render
 from tunelab.errors import ConfigError, ModelError
-from tunelab.vocab import IGNORE, TRAIN_ON
+from tunelab.vocab import IGNORE, ROLE_CHOSEN, ROLE_DESIRABLE, ROLE_REJECTED, ROLE_UNDESIRABLE, TRAIN_ON
 
 
 @dataclass
@@ -37,6 +37,8 @@ class TokenizedSplit:
     dropped: int = 0
     known_lengths: np.ndarray | None = field(default=None, repr=False)
     known_supervised: int | None = field(default=None, repr=False)
+    roles: np.ndarray | None = field(default=None, repr=False)  # preference data: each row's role (vocab.ROLE_*)
+    ref_logps: Sequence[np.ndarray] | None = field(default=None, repr=False)  # precomputed reference log-probs
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -93,35 +95,67 @@ def tokenize_samples(
         raise ModelError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
     prefix = special_prefix(tokenizer)
     whole = bool(getattr(tokenizer, "is_fast", False))
-    plans = [
-        _pieces(sample, tokenizer, template, sources[i] if sources else ("<data>", i + 1), mask_prompt, train_on)
-        for i, sample in enumerate(samples)
-    ]
-    encoded = _encode(samples, plans, tokenizer, whole)
+    flat, owners, roles = _sequences(samples)
+    where = [sources[o] if sources else ("<data>", o + 1) for o in owners]
+    plans = [_pieces(s, tokenizer, template, where[i], mask_prompt, train_on) for i, s in enumerate(flat)]
+    encoded = _encode(flat, plans, tokenizer, whole)
+    built = [_assemble(s, p, e, prefix, eos, mask_prompt) for s, p, e in zip(flat, plans, encoded, strict=True)]
     rows: list[np.ndarray] = []
     row_labels: list[np.ndarray] = []
     out = TokenizedSplit(rows, row_labels)
-    for sample, plan, pieces in zip(samples, plans, encoded, strict=True):
-        ids: list[int] = list(prefix) if sample.kind != "chat" else []
-        labels: list[int] = [IGNORE] * len(ids)
-        for (_text, trained), (piece_ids, piece_labels) in zip(plan, pieces, strict=False):
-            ids.extend(piece_ids)
-            if piece_labels is not None:
-                labels.extend(piece_labels if mask_prompt else piece_ids)
-            else:
-                labels.extend(piece_ids if (trained or not mask_prompt) else [IGNORE] * len(piece_ids))
-        if sample.kind != "chat":
-            ids.append(eos)
-            labels.append(eos)
-        if len(ids) > max_seq_len:
-            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            out.truncated += 1
-        if all(label == IGNORE for label in labels[1:]):
+    kept_roles: list[int] = []
+    start = 0
+    while start < len(flat):  # one unit at a time: an example, or a preference pair (kept or dropped whole)
+        end = start + 1
+        while end < len(flat) and owners[end] == owners[start]:
+            end += 1
+        unit = [(ids[:max_seq_len], labels[:max_seq_len]) for ids, labels in built[start:end]]
+        out.truncated += sum(len(ids) > max_seq_len for ids, _ in built[start:end])
+        if any(all(label == IGNORE for label in labels[1:]) for _, labels in unit):
             out.dropped += 1
-            continue
-        rows.append(np.asarray(ids, dtype=np.int32))
-        row_labels.append(np.asarray(labels, dtype=np.int32))
+        else:
+            rows.extend(np.asarray(ids, dtype=np.int32) for ids, _ in unit)
+            row_labels.extend(np.asarray(labels, dtype=np.int32) for _, labels in unit)
+            kept_roles.extend(roles[start:end])
+        start = end
+    if any(roles):
+        out.roles = np.asarray(kept_roles, dtype=np.int8)
     return out
+
+
+def _sequences(samples: Sequence[Sample]) -> tuple[list[Sample], list[int], list[int]]:
+    """Each sample's token sequences (a pair has two), the sample each comes from, and its role (0: none)."""
+    flat: list[Sample] = []
+    owners: list[int] = []
+    roles: list[int] = []
+    for index, sample in enumerate(samples):
+        if sample.pair is not None:
+            flat.extend(sample.pair)
+            owners.extend((index, index))
+            roles.extend((ROLE_CHOSEN, ROLE_REJECTED))
+            continue
+        flat.append(sample)
+        owners.append(index)
+        roles.append(0 if sample.label is None else ROLE_DESIRABLE if sample.label else ROLE_UNDESIRABLE)
+    return flat, owners, roles
+
+
+def _assemble(
+    sample: Sample, plan: list[tuple[str, bool]], pieces: Encoded, prefix: list[int], eos: int, mask_prompt: bool
+) -> tuple[list[int], list[int]]:
+    """One sequence's ids and labels from its encoded pieces (uncut)."""
+    ids: list[int] = list(prefix) if sample.kind != "chat" else []
+    labels: list[int] = [IGNORE] * len(ids)
+    for (_text, trained), (piece_ids, piece_labels) in zip(plan, pieces, strict=False):
+        ids.extend(piece_ids)
+        if piece_labels is not None:
+            labels.extend(piece_labels if mask_prompt else piece_ids)
+        else:
+            labels.extend(piece_ids if (trained or not mask_prompt) else [IGNORE] * len(piece_ids))
+    if sample.kind != "chat":
+        ids.append(eos)
+        labels.append(eos)
+    return ids, labels
 
 
 Encoded = list[tuple[list[int], list[int] | None]]
@@ -187,7 +221,15 @@ def _pieces(
         )
     if not mask_prompt:  # every token is trained: no need to locate the assistant turns
         return [(render(tokenizer, template, sample.messages, generation_prompt=False, tools=sample.tools), True)]
-    return chat_segments(tokenizer, template, sample.messages, where=where, train_on=train_on, tools=sample.tools)
+    return chat_segments(
+        tokenizer,
+        template,
+        sample.messages,
+        where=where,
+        train_on=train_on,
+        tools=sample.tools,
+        skip=sample.prompt_turns,
+    )
 
 
 def length_summary(lengths: np.ndarray) -> dict[str, Any]:

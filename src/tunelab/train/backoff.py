@@ -45,11 +45,13 @@ class Backoff:
 def split_rows(batch: Batch, parts: int) -> list[Batch]:
     """``batch`` as up to ``parts`` consecutive row groups, each trimmed of the padding columns it doesn't need."""
     rows = batch["input_ids"].shape[0]
-    if parts <= 1 or rows == 1:
+    # Unpacked preference batches hold each pair (or KTO example and its KL row) as two rows: kept together.
+    unit = 2 if "roles" in batch and "segment_ids" not in batch else 1
+    if parts <= 1 or rows <= unit:
         return [batch]
     pieces = []
-    for idx in np.array_split(np.arange(rows), min(parts, rows)):
-        piece = {k: v[idx[0] : idx[-1] + 1] for k, v in batch.items()}
+    for idx in np.array_split(np.arange(rows // unit), min(parts, rows // unit)):
+        piece = {k: v[idx[0] * unit : (idx[-1] + 1) * unit] for k, v in batch.items()}
         mask = piece["attention_mask"]
         width = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1 if mask.any() else mask.shape[1]
         pieces.append({k: v[:, :width] for k, v in piece.items()})

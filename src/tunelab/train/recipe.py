@@ -15,22 +15,23 @@ from pathlib import Path
 
 from tunelab.backends.base import Backend, Batch, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.select import Choice, choose_backend, is_mlx_quantized, make_backend, model_type_of
-from tunelab.config.schema import RunConfig
+from tunelab.config.schema import RunConfig, objective_data_problem
 from tunelab.data.batching import BatchPlan, MicroBatchStream, eval_batches
 from tunelab.data.packing import packed_eval_batches
+from tunelab.data.preference import units_for
 from tunelab.data.prepare import PreparedData, prepare_data, scan_data
 from tunelab.data.sources import SUFFIXES
 from tunelab.data.templates import BUILTIN_NAME, CHATML
 from tunelab.distributed.group import SOLO, Group, launched_by_mlx, main_first
 from tunelab.distributed.sharding import DataParallel, check_parallel
-from tunelab.errors import StateError
+from tunelab.errors import ConfigError, StateError
 from tunelab.hub import load_tokenizer, resolve_model_path
 from tunelab.memory.plan import PLAN_FILE, MemoryPlan, plan_run
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import Resumed, TrainerState, resume_checkpoint
 from tunelab.train.loop import LoopOptions, LoopResult, run_loop
 from tunelab.train.schedules import make_schedule, warmup_steps
-from tunelab.vocab import WHOLE_MODEL_METHODS
+from tunelab.vocab import PREFERENCE_OBJECTIVES, WHOLE_MODEL_METHODS
 
 _RUN_FILES = ("metrics.jsonl", PLAN_FILE)  # what a run that stopped early leaves in its own folder
 
@@ -116,6 +117,7 @@ def setup(
     With several processes rank 0 tokenizes first, so the others read its cache instead of racing it.
     """
     source = scan_data(cfg.data)
+    check_objective(cfg.objective.name, source.format, group.world)
     folder = resolve_model_path(cfg.model.path, cfg.model.revision)
     quantized = is_mlx_quantized(folder)
     choice = choose_backend(cfg.backend, cfg.method.name, model_type=model_type_of(folder), mlx_quantized=quantized)
@@ -139,7 +141,9 @@ def setup(
     state.global_batch = state.global_batch or cfg.train.micro_batch_size * group.world
     stream, valid = _batches(cfg, data, tokenizer.pad_token_id, state.global_batch)
     steps = total_steps(cfg, stream.batches_per_epoch)
-    parallel = DataParallel(group, cfg.train.micro_batch_size, even=cfg.train.parallel == "fsdp")
+    # A preference unit (a pair, or a KTO example and its KL row) is two rows of a micro-batch.
+    rows_per_unit = 2 if cfg.objective.name in PREFERENCE_OBJECTIVES else 1
+    parallel = DataParallel(group, cfg.train.micro_batch_size * rows_per_unit, even=cfg.train.parallel == "fsdp")
     return Prepared(
         cfg, choice, backend, info, data, stream, valid, steps, state, resumed.path, memory, parallel, resumed.skipped
     )
@@ -151,13 +155,27 @@ def _batches(
     """The training stream (``rows`` per global micro-batch) and the validation batches, packed when asked."""
     plan = BatchPlan(rows, cfg.train.seed, cfg.data.shuffle, cfg.data.group_by_length)
     pack_to = cfg.data.max_seq_len if cfg.data.packing else None
-    stream = MicroBatchStream(data.train, plan, pad_id, pack_to=pack_to)
+    units = units_for(data.format, data.train, pad_id, cfg.data.max_seq_len)  # preference: pairs stay whole
+    stream = MicroBatchStream(data.train, plan, pad_id, pack_to=pack_to, units=units)
     eval_bs = cfg.train.eval_batch_size or cfg.train.micro_batch_size
     if not data.valid:
         return stream, None
+    valid_units = units_for(data.format, data.valid, pad_id, cfg.data.max_seq_len)
     if pack_to is not None:
-        return stream, packed_eval_batches(data.valid, eval_bs, pack_to, pad_id)
-    return stream, eval_batches(data.valid, eval_bs, pad_id)
+        return stream, packed_eval_batches(data.valid, eval_bs, pack_to, pad_id, valid_units)
+    return stream, eval_batches(data.valid, eval_bs, pad_id, valid_units)
+
+
+def check_objective(objective: str, fmt: str, world: int) -> None:
+    """The detected data format must suit the objective (checked before the tokenizer or model load)."""
+    problem = objective_data_problem(objective, fmt)
+    if problem is not None:
+        raise ConfigError(problem, hint="the format was detected from the first record of data.train")
+    if objective in PREFERENCE_OBJECTIVES and world > 1:
+        raise ConfigError(
+            f"objective {objective} trains in one process for now (a pair must not be split between processes)",
+            hint="run it without --nproc",
+        )
 
 
 def train(prep: Prepared, output_dir: Path, callbacks: BaseCallback, should_stop: Callable[[], bool]) -> LoopResult:
