@@ -88,7 +88,8 @@ class TooLargeError(TunelabError):
 
 
 class StorageError(TunelabError):
-    """A disk is full (or a file too large for it): what was being written, where, and how much it needs."""
+    """Storage that can't take what tunelab writes: a full disk (what, where, how much it needs), a home folder
+    that can't be created, or a registry database that can't be reached."""
 
     exit_code = 8
     http_status = 507

@@ -75,3 +75,16 @@ def test_a_config_json_declaring_layers_the_weights_lack_is_refused(cli, tiny_mo
     out = cli("train", str(cfg))
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "does not hold" in out.stderr and "start random" in out.stderr
+
+
+def test_an_unreachable_database_or_home_is_a_message_not_a_traceback(cli, tmp_path: Path) -> None:
+    # Found by bench/adversarial.py: both printed SQLAlchemy's or pathlib's traceback.
+    down = cli("runs", "list", env={"TUNELAB_DB_URL": "postgresql+psycopg://me:secret@127.0.0.1:1/db"})
+    assert down.returncode == 8 and "Traceback" not in down.stderr, down.stderr
+    assert "could not open the registry database" in down.stderr and "TUNELAB_DB_URL" in down.stderr
+    assert "secret" not in down.stderr  # the URL is named without its password
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    home = cli("runs", "list", env={"TUNELAB_HOME": str(blocker / "home")})
+    assert home.returncode == 8 and "Traceback" not in home.stderr, home.stderr
+    assert f"could not create {blocker / 'home'}" in home.stderr and "TUNELAB_HOME" in home.stderr

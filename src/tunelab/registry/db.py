@@ -24,9 +24,10 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from tunelab.errors import StateError
+from tunelab.errors import StateError, StorageError
 from tunelab.settings import get_settings
 
 _MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -85,7 +86,13 @@ def make_engine(url: str) -> Engine:
     if backend == "sqlite":
         path = _sqlite_file(url)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(
+                    f"could not create {path.parent} for the registry database: {exc.strerror or exc}",
+                    hint="set TUNELAB_HOME to a folder you can write (default ~/.tunelab), or TUNELAB_DB_URL",
+                ) from None
         engine = create_engine(url)
         event.listen(engine, "connect", _on_sqlite_connect)
         return engine
@@ -175,6 +182,9 @@ def open_registry(url: str | None = None) -> Engine:
             engine = make_engine(url)
             try:
                 migrate(engine)
+            except OperationalError as exc:
+                engine.dispose()
+                raise _unreachable(engine, exc) from None
             except BaseException:
                 engine.dispose()
                 raise
@@ -183,6 +193,17 @@ def open_registry(url: str | None = None) -> Engine:
                 os.register_at_fork(after_in_child=_dispose_after_fork)
                 _fork_hook_registered = True
     return engine
+
+
+def _unreachable(engine: Engine, exc: OperationalError) -> StorageError:
+    """The database can't be opened (server down, wrong host or credentials, unwritable file): say which, and
+    where it comes from, without the driver's traceback or the URL's password."""
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc).splitlines()[0]
+    where = engine.url.render_as_string(hide_password=True)
+    return StorageError(
+        f"could not open the registry database {where}: {reason}",
+        hint="check TUNELAB_DB_URL (unset it to use SQLite under TUNELAB_HOME) and that the database server is running",
+    )
 
 
 def close_registries() -> None:
