@@ -23,6 +23,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.jobs.events import EventCallback
+from tunelab.jobs.processes import process_exists
 from tunelab.settings import quiet_libraries
 from tunelab.train.callbacks import BaseCallback
 
@@ -70,17 +71,8 @@ def _exit_with_launcher(worker_pid: int) -> None:
     """Exit when the launcher (our parent) or the worker is gone: its job may be another worker's by now."""
     launcher = os.getppid()
 
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
     def watch() -> None:
-        while os.getppid() == launcher and alive(worker_pid):
+        while os.getppid() == launcher and process_exists(worker_pid):
             time.sleep(0.5)
         os._exit(EXIT_ORPHANED)
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tunelab.services.run_health import process_exists
+from tunelab.jobs.processes import process_exists
 from tunelab.services.views import CacheCleared, CacheEntry, DatasetReport, UploadedDataset
 from tunelab.settings import get_settings
 from tunelab.vocab import UPLOAD_SUFFIXES

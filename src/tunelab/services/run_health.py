@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import StateError
+from tunelab.jobs.processes import process_exists
 from tunelab.registry import liveness_repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.services.views import RunView
@@ -45,22 +46,6 @@ def fail_orphaned_runs() -> list[str]:
             if liveness_repo.fail_orphan(s, run_id=run.id, owner_pid=pid, error=error):
                 marked.append(run.id)
     return marked
-
-
-def process_exists(pid: int) -> bool:
-    """Whether ``pid`` is a live process here (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it exists
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        state = stat.read_text(encoding="ascii", errors="replace").rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):  # no /proc (macOS): the signal check is all there is
-        return True
-    return state not in ("Z", "X")
 
 
 def refuse_if_training(run_id: str, pid: int | None, host: str | None) -> None:
