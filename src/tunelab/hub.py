@@ -15,7 +15,14 @@ from tunelab.errors import ModelError
 
 
 def resolve_model_path(path: str, revision: str | None = None) -> Path:
-    """Return a local folder holding the checkpoint named by ``path``."""
+    """Return a local folder holding the checkpoint named by ``path``.
+
+    A ``.gguf`` file, or a model in the local Ollama store, is converted once into
+    tunelab's cache (:func:`gguf_checkpoint`) and that folder is returned.
+    """
+    gguf_file = gguf_file_for(path)
+    if gguf_file is not None:
+        return gguf_checkpoint(gguf_file)
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -160,3 +167,153 @@ def architecture_of(folder: Path) -> str:
         return "unknown"
     archs = config.get("architectures") or []
     return str(archs[0] if archs else config.get("model_type", "unknown"))
+
+
+# --------------------------------------------------------------------------- GGUF files as bases
+#
+# People's base model is often a GGUF they already have (llama.cpp, LM Studio, Ollama's store).
+# tunelab trains transformers checkpoints, so a GGUF is read by transformers' GGUF loader
+# (dequantized to float), written as a checkpoint folder once, and that folder is what training,
+# generation and export load.  The cache key is the file's path, size and modification time.
+
+GGUF_MAGIC = b"GGUF"
+_GGUF_FLOAT = {"ALL_F32": "float32", "MOSTLY_F16": "float16", "MOSTLY_BF16": "bfloat16"}
+
+
+def gguf_file_for(path: str) -> Path | None:
+    """The GGUF file that ``path`` names (a .gguf file, or an Ollama model name), or None for anything else."""
+    local = Path(path).expanduser()
+    if path.endswith(".gguf"):
+        if not local.is_file():
+            raise ModelError(
+                f"model.path: {path} does not exist",
+                hint="give the path of a .gguf file, a checkpoint folder or a hub id",
+            )
+        return local
+    if local.exists() or (path.count("/") == 1 and ":" not in path):
+        return None  # a folder, or a hub id (owner/name) that Ollama names would shadow
+    return ollama_blob(path)
+
+
+def is_gguf_reference(path: str) -> bool:
+    """Whether ``model.path`` names a GGUF file or an Ollama model (what an adapter-only Modelfile can FROM)."""
+    try:
+        return gguf_file_for(path) is not None
+    except ModelError:
+        return False
+
+
+def ollama_models_dir() -> Path:
+    """Ollama's store: ``$OLLAMA_MODELS``, or ``~/.ollama/models`` (read, never written)."""
+    import os
+
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models").expanduser()
+
+
+def ollama_blob(name: str) -> Path | None:
+    """The model layer (a GGUF blob) of ``name[:tag]`` in the local Ollama store, or None if it isn't there."""
+    if not name or name.startswith((".", "/", "~")) or any(c.isspace() for c in name):
+        return None
+    model, _, tag = name.partition(":")
+    parts = model.split("/")
+    if len(parts) == 1:
+        parts = ["library", *parts]  # "smollm2" is registry.ollama.ai/library/smollm2
+    store = ollama_models_dir()
+    manifest = store / "manifests" / "registry.ollama.ai" / Path(*parts) / (tag or "latest")
+    if not manifest.is_file():
+        return None
+    try:
+        layers = json.loads(manifest.read_text(encoding="utf-8")).get("layers", [])
+    except (OSError, ValueError):
+        raise ModelError(f"Ollama's manifest for {name} ({manifest}) is not valid JSON") from None
+    digests = [x.get("digest", "") for x in layers if x.get("mediaType") == "application/vnd.ollama.image.model"]
+    blob = store / "blobs" / digests[0].replace(":", "-") if digests else None
+    if blob is None or not blob.is_file():
+        raise ModelError(
+            f"Ollama's store lists {name} but its model file is missing", hint=f"ollama pull {name}, then try again"
+        )
+    return blob
+
+
+def gguf_cache_dir() -> Path:
+    """Where converted GGUF bases live: ``$TUNELAB_HOME/cache/gguf`` (hub can't import settings: same layer)."""
+    import os
+
+    return Path(os.environ.get("TUNELAB_HOME") or Path.home() / ".tunelab").expanduser() / "cache" / "gguf"
+
+
+def gguf_checkpoint(src: Path) -> Path:
+    """The checkpoint folder converted from the GGUF file ``src``, converting it the first time."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    stat = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = gguf_cache_dir() / f"{src.stem[:40]}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        gguf_to_hf(src, tmp)
+        tmp.chmod(0o755)
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():  # another process won the race: use its copy
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def gguf_float_dtype(src: Path) -> str:
+    """The float dtype a GGUF's weights are in (float32 for a quantized file: it is dequantized)."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    field = reader.fields.get("general.file_type")
+    file_type = gguf.LlamaFileType(int(field.contents())).name if field is not None else "ALL_F32"
+    return _GGUF_FLOAT.get(file_type, "float32")
+
+
+def gguf_to_hf(src: Path, out: Path, *, dtype: str | None = None) -> dict[str, Any]:
+    """Write the GGUF file ``src`` as a transformers checkpoint (weights, config, tokenizer, template) in ``out``.
+
+    Read by transformers' GGUF loader, which undoes llama.cpp's q/k row order and dequantizes;
+    returns ``{"model_type", "params", "dtype"}``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with src.open("rb") as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            raise ModelError(f"{src} is not a GGUF file", hint="give a .gguf model file (llama.cpp's format)")
+    dtype = dtype or gguf_float_dtype(src)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=getattr(torch, dtype))
+    except ValueError as exc:
+        if "not supported" not in str(exc):
+            raise ModelError(f"could not read {src} as a GGUF model ({exc})") from None
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+        readable = ", ".join(k for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer"))
+        raise ModelError(
+            f"{src.name}: {exc} (transformers' GGUF loader reads {readable})",
+            hint="use the model's transformers checkpoint (a hub id or folder) as model.path instead",
+        ) from None
+    except Exception as exc:
+        raise ModelError(f"could not read {src} as a GGUF model ({type(exc).__name__}: {exc})") from None
+    # The weights are already dequantized; transformers still marks the model "quantized with gguf",
+    # which would refuse to save it and make every later load look for the GGUF file.
+    plain: Any = model
+    plain.hf_quantizer, plain.is_quantized, plain.quantization_method = None, False, None
+    if hasattr(plain.config, "quantization_config"):
+        del plain.config.quantization_config
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    save_tokenizer(tokenizer, out)
+    params = sum(p.numel() for p in model.parameters())
+    return {"model_type": str(model.config.model_type), "params": int(params), "dtype": dtype}

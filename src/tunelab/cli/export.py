@@ -13,7 +13,7 @@ from tunelab.cli.console import console, err_console
 
 def export(
     run: str = typer.Argument(..., help="Run id (or a unique prefix of one)."),
-    to: str = typer.Option(..., "--to", help="hf | mlx | gguf | ollama | onnx | coreml"),
+    to: str = typer.Option(..., "--to", help="hf | mlx | gguf | ollama | onnx | coreml | gguf-adapter | mlx-adapter"),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (a .gguf file for --to gguf)."),
     quantize: str | None = typer.Option(
         None,
@@ -23,6 +23,12 @@ def export(
         "q5_k_s | q5_k_m | q6_k (llama.cpp's quantizer; default f16, bf16 for a bf16 base); "
         "mlx: 4 | 8; coreml: float32 | float16.",
     ),
+    adapter_only: bool = typer.Option(
+        False, "--adapter-only", help="ollama: write the LoRA adapter GGUF and a Modelfile with FROM <base> + ADAPTER."
+    ),
+    base: str | None = typer.Option(
+        None, "--base", help="With --adapter-only: the Modelfile's FROM (an Ollama model name or a .gguf path)."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip loading the export in its runtime to check it."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -31,7 +37,9 @@ def export(
     from tunelab import services
 
     err_console.print(Text(f"exporting run {run} to {to}…"))
-    result = services.export_run(run, to=to, out=out, quantize=quantize, verify=not no_verify, force=force)
+    result = services.export_run(
+        run, to=to, out=out, quantize=quantize, verify=not no_verify, force=force, adapter_only=adapter_only, base=base
+    )
     if as_json:
         fields = {"target": result.target, "path": str(result.path), "precision": result.precision}
         typer.echo(json.dumps({**fields, "sha256": result.sha256, "report": result.report, "notes": result.notes}))

@@ -73,6 +73,12 @@ def convert_checkpoint(
     force: bool = False,
 ) -> ConvertResult:
     """Convert ``src`` (folder or hub id) to ``to`` ("mlx" or "hf") in ``out``; see the module docstring."""
+    from tunelab.convert.gguf_in import convert_gguf, is_gguf_source
+
+    if is_gguf_source(src):  # a llama.cpp / Ollama / LM Studio model file
+        if bits is not None:
+            raise ConfigError("--quantize does not apply to a GGUF source", hint="drop --quantize")
+        return convert_gguf(src, Path(out).expanduser(), to=to, dtype=dtype, force=force)
     start = time.perf_counter()
     _check_options(to=to, bits=bits, group_size=group_size, dtype=dtype)
     out = Path(out).expanduser()

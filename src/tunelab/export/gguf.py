@@ -102,7 +102,7 @@ def write_gguf(folder: Path, out: Path, *, quant: str, tokenizer: Any = None, te
     if quant not in QUANT_TYPES:
         raise ConfigError(f"GGUF quantization must be one of {', '.join(QUANT_TYPES)} (got {quant!r})")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    family = _family(config)
+    family = family_of(config)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
     stops = stop_tokens(tokenizer, template)
     vocab = read_vocab(folder, tokenizer, vocab_size=int(config["vocab_size"]), template=template, stops=stops)
@@ -124,7 +124,7 @@ def write_gguf(folder: Path, out: Path, *, quant: str, tokenizer: Any = None, te
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for entry, _target, qtype in plan:
-        data = _transform(entry.read(), entry.name, config, family)
+        data = transform(entry.read(), entry.name, config, family)
         writer.write_tensor_data(_encode(data, qtype))
         del data
     writer.close()
@@ -148,7 +148,8 @@ def _plan(
     return plan
 
 
-def _family(config: dict[str, Any]) -> Family:
+def family_of(config: dict[str, Any]) -> Family:
+    """The llama.cpp family of a checkpoint's config.json; a clear error for one llama.cpp can't run."""
     model_type = str(config.get("model_type"))
     if model_type not in FAMILIES:
         raise ModelError(
@@ -301,7 +302,8 @@ def _to_f32(data: np.ndarray) -> np.ndarray:
     return data.astype(np.float32, copy=False)
 
 
-def _transform(data: np.ndarray, name: str, config: dict[str, Any], family: Family) -> np.ndarray:
+def transform(data: np.ndarray, name: str, config: dict[str, Any], family: Family) -> np.ndarray:
+    """One HF tensor as llama.cpp wants it (q/k rows permuted, Gemma norms plus one); also for LoRA B rows."""
     if family.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = int(config["num_attention_heads"])
         if name.endswith("k_proj.weight"):

@@ -47,7 +47,8 @@ def _plain_cpu_buffers() -> Iterator[None]:
 class GGUFRuntime:
     """The GGUF file as llama.cpp (through llama-cpp-python) loads and runs it."""
 
-    def __init__(self, path: Path, *, n_ctx: int = 512) -> None:
+    def __init__(self, path: Path, *, n_ctx: int = 512, lora: Path | None = None) -> None:
+        """Load ``path``; with ``lora``, a LoRA adapter GGUF applied to it at scale 1 (as Ollama's ADAPTER)."""
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -55,7 +56,14 @@ class GGUFRuntime:
                 "verifying a GGUF export needs llama-cpp-python", hint='pip install "tunelab[export]", or --no-verify'
             ) from None
         with _plain_cpu_buffers():
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
+            self.llm = Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                logits_all=True,
+                verbose=False,
+                n_threads=2,
+                lora_path=str(lora) if lora is not None else None,
+            )
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))

@@ -101,10 +101,16 @@ def _with_bos(fmt: ChatFormat, tokenizer: Any, messages: Sequence[dict[str, str]
     return (tokenizer.bos_token or "") + text if fmt.bos_from_runtime else text
 
 
-def modelfile(fmt: ChatFormat, gguf_name: str) -> str:
-    """Modelfile text: FROM, TEMPLATE and one PARAMETER stop line per stop string."""
+def modelfile(fmt: ChatFormat, gguf_name: str, *, adapter: str | None = None) -> str:
+    """Modelfile text: FROM (and ADAPTER), TEMPLATE and one PARAMETER stop line per stop string.
+
+    ``gguf_name`` is a file beside the Modelfile, or (with an ``adapter``) any base Ollama can
+    name: a model in its store ("smollm2:135m") or a path.
+    """
     stops = "".join(f'PARAMETER stop "{s}"\n' for s in fmt.stops)
-    return f'FROM ./{gguf_name}\nTEMPLATE """{fmt.template}"""\n{stops}'
+    base = f"./{gguf_name}" if "/" not in gguf_name and gguf_name.endswith(".gguf") else gguf_name
+    adapter_line = f"ADAPTER ./{adapter}\n" if adapter else ""
+    return f'FROM {base}\n{adapter_line}TEMPLATE """{fmt.template}"""\n{stops}'
 
 
 def render_modelfile(path: Path, messages: Sequence[dict[str, str]], tokenizer: Any) -> str:

@@ -21,7 +21,9 @@ from tunelab.errors import ConfigError
 from tunelab.export.merge import Merged, merge_model
 from tunelab.export.verify import Reference, Report, Runtime, raise_if_failed, sha256_of, verify
 
-TARGETS: tuple[str, ...] = ("hf", "mlx", "gguf", "ollama", "onnx", "coreml")
+# Adapter targets write the run's adapter alone (for a base the user already has), not the merged model.
+ADAPTER_TARGETS: tuple[str, ...] = ("gguf-adapter", "ollama-adapter", "mlx-adapter")
+TARGETS: tuple[str, ...] = ("hf", "mlx", "gguf", "ollama", "onnx", "coreml", *ADAPTER_TARGETS)
 # llama.cpp's K-quants, written by its own quantizer (tunelab.export.gguf_kquant.KQUANTS has the same keys).
 K_QUANTS: tuple[str, ...] = ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 QUANTIZE: dict[str, tuple[str, ...]] = {
@@ -31,17 +33,25 @@ QUANTIZE: dict[str, tuple[str, ...]] = {
     "ollama": ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS),
     "onnx": (),
     "coreml": ("float32", "float16"),
+    "gguf-adapter": ("f32", "f16"),
+    "ollama-adapter": ("f32", "f16"),
+    "mlx-adapter": (),
 }
 
 
 @dataclass(frozen=True)
 class ExportSource:
-    """What a run produced: the base, its adapter (None for full runs) and the training template."""
+    """What a run produced: the base, its adapter (None for full runs) and the training template.
+
+    ``from_ref`` is how Ollama names the base for an adapter-only Modelfile's ``FROM`` (a model name
+    or a .gguf path); None writes the base beside the adapter.
+    """
 
     base: Path
     adapter: Path | None
     tokenizer_dir: Path
     template: str | None
+    from_ref: str | None = None
 
 
 @dataclass
@@ -53,6 +63,7 @@ class Written:
     runtime: Callable[[], Runtime]
     render: Callable[[Sequence[dict[str, str]]], str] | None = None
     notes: list[str] = field(default_factory=list)
+    cleanup: Callable[[], None] | None = None  # removes what only verification needed (e.g. a staged base GGUF)
 
 
 @dataclass(frozen=True)
@@ -96,13 +107,19 @@ def export_model(
         raise ConfigError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if target in ADAPTER_TARGETS:  # refuse an adapter the runtime can't apply before the slow merge
+        importlib.import_module(f"tunelab.export.{target.replace('-', '_')}").require_adapter(source)
     merged = merge_model(source.base, source.adapter, tokenizer_dir=source.tokenizer_dir, template=source.template)
-    written = _write(target, merged, out, quantize)
+    written = _write(target, merged, out, quantize, source)
     report: Report | None = None
-    if check:
-        ref = Reference(merged.model, merged.tokenizer, merged.template)
-        report = verify(target, written.precision, written.runtime(), ref, render=written.render)
-        raise_if_failed(report, written.path)
+    try:
+        if check:
+            ref = Reference(merged.model, merged.tokenizer, merged.template)
+            report = verify(target, written.precision, written.runtime(), ref, render=written.render)
+            raise_if_failed(report, written.path)
+    finally:
+        if written.cleanup is not None:
+            written.cleanup()
     return ExportResult(
         target=target,
         path=written.path,
@@ -114,9 +131,13 @@ def export_model(
     )
 
 
-def _write(target: str, merged: Merged, out: Path, quantize: str | None) -> Written:
+def _write(target: str, merged: Merged, out: Path, quantize: str | None, source: ExportSource) -> Written:
     from tunelab.export import hf
 
+    if target in ADAPTER_TARGETS:  # each has write_adapter(source, merged, out, quantize) -> Written
+        module = importlib.import_module(f"tunelab.export.{target.replace('-', '_')}")
+        adapter_written: Written = module.write_adapter(source, merged, out, quantize)
+        return adapter_written
     if target == "hf":
         hf.write_hf(merged, out)
         return Written(out, merged.save_dtype, lambda: hf.HFRuntime(out))

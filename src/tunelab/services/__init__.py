@@ -16,6 +16,7 @@ from tunelab.services.datasets import (
     validate_dataset,
 )
 from tunelab.services.estimates import estimate_memory
+from tunelab.services.evals import EvalReport, eval_run
 from tunelab.services.exports import export_run
 from tunelab.services.jobs import (
     cancel_job,
@@ -37,6 +38,8 @@ from tunelab.services.keys import create_key, list_keys, list_secrets, revoke_ke
 from tunelab.services.models import (
     convert_checkpoint,
     generator_for_run,
+    import_gguf,
+    is_gguf_model,
     lineage,
     load_generator,
     new_usage,
@@ -74,6 +77,7 @@ __all__ = [
     "CacheEntry",
     "ChatSession",
     "DatasetReport",
+    "EvalReport",
     "JobView",
     "KeyView",
     "MetricPoint",
@@ -94,8 +98,11 @@ __all__ = [
     "create_key",
     "doctor",
     "estimate_memory",
+    "eval_run",
     "export_run",
     "generator_for_run",
+    "import_gguf",
+    "is_gguf_model",
     "is_main_process",
     "job_events",
     "job_service",

@@ -19,15 +19,23 @@ def export_run(
     quantize: str | None = None,
     verify: bool = True,
     force: bool = False,
+    adapter_only: bool = False,
+    base: str | None = None,
 ) -> Any:
-    """Export a finished run (``to``: hf, mlx, gguf, ollama, onnx, coreml), verify it and record it.
+    """Export a finished run (``to``: hf, mlx, gguf, ollama, onnx, coreml, gguf-adapter, mlx-adapter), verify it
+    and record it.
 
+    ``adapter_only`` (with ``to="ollama"``) writes the LoRA adapter GGUF and a Modelfile whose ``FROM``
+    is ``base`` (an Ollama model name or a .gguf path; default: the run's model.path when it was a
+    .gguf file or an Ollama model, else the base is written beside the adapter).
     Returns a :class:`tunelab.export.pipeline.ExportResult`; the artifact is
-    recorded as ``export:<to>`` with the verification report and its sha256.
+    recorded as ``export:<to>`` (``export:ollama-adapter`` for adapter-only) with the
+    verification report and its sha256.
     """
     from tunelab.export.pipeline import ExportSource, check_options, export_model
-    from tunelab.hub import load_tokenizer, resolve_model_path
+    from tunelab.hub import is_gguf_reference, load_tokenizer, resolve_model_path
 
+    to = _target(to, adapter_only=adapter_only, base=base)
     check_options(to, quantize)
     with session_scope(open_registry()) as s:
         run_id = repo.resolve_run_id(s, run_text)
@@ -41,15 +49,30 @@ def export_run(
         )
     adapter = Path(artifacts["adapter"]) if artifacts.get("adapter") else None
     if adapter is not None:
-        base = resolve_model_path(run["config"]["model"]["path"], run["config"]["model"].get("revision"))
-        tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base
+        base_dir = resolve_model_path(run["config"]["model"]["path"], run["config"]["model"].get("revision"))
+        tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base_dir
     else:
-        base = tokenizer_dir = Path(artifacts["model"])
+        base_dir = tokenizer_dir = Path(artifacts["model"])
     template = getattr(load_tokenizer(tokenizer_dir), "chat_template", None) or None
-    result = export_model(
-        ExportSource(base, adapter, tokenizer_dir, template), to, out, quantize=quantize, check=verify, force=force
-    )
+    model_path = str(run["config"]["model"]["path"])
+    from_ref = base or (model_path if is_gguf_reference(model_path) else None)
+    source = ExportSource(base_dir, adapter, tokenizer_dir, template, from_ref=from_ref)
+    result = export_model(source, to, out, quantize=quantize, check=verify, force=force)
     meta = {"sha256": result.sha256, "precision": result.precision, "report": result.report, "notes": result.notes}
     with session_scope(open_registry()) as s:
         repo.add_artifact(s, run_id=run_id, kind=f"export:{to}", path=str(result.path), meta=meta)
     return result
+
+
+def _target(to: str, *, adapter_only: bool, base: str | None) -> str:
+    """``--to ollama --adapter-only`` is the ``ollama-adapter`` target; the options only make sense so."""
+    from tunelab.errors import ConfigError
+
+    if adapter_only and to != "ollama":
+        raise ConfigError(
+            f"--adapter-only applies to --to ollama (got --to {to})",
+            hint="for the adapter alone use --to gguf-adapter or --to mlx-adapter",
+        )
+    if base is not None and not adapter_only:
+        raise ConfigError("--base names the FROM of an adapter-only Modelfile", hint="add --adapter-only")
+    return "ollama-adapter" if adapter_only else to

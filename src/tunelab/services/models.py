@@ -114,3 +114,59 @@ def convert_checkpoint(
     from tunelab.convert import convert_checkpoint as convert
 
     return convert(src, out, to=to, bits=bits, group_size=group_size, dtype=dtype, force=force)
+
+
+def is_gguf_model(src: str) -> bool:
+    """Whether ``src`` names a GGUF model: a .gguf file, or a model in the local Ollama store."""
+    from tunelab.convert.gguf_in import is_gguf_source
+    from tunelab.hub import is_gguf_reference
+
+    return is_gguf_source(src) or is_gguf_reference(src)
+
+
+def import_gguf(
+    src: str, out: Path | None = None, *, dtype: str | None = None, verify: bool = True, force: bool = False
+) -> dict[str, Any]:
+    """A GGUF model (a .gguf file, or ``name[:tag]`` from the local Ollama store) as a checkpoint tunelab trains.
+
+    With ``out``, the checkpoint is written there (as ``tunelab convert FILE.gguf --to hf``); without it,
+    into tunelab's cache, where ``model.path: FILE.gguf`` finds it again (converted once).  Dequantized to
+    ``dtype`` (default: the file's float type, float32 for a quantized file); tokenizer and chat template are
+    carried over.  With ``verify``, the checkpoint is compared with llama.cpp running the GGUF (tokenization,
+    logits within the file type's tolerance, template), and a failure raises.
+
+    Returns ``{"gguf", "folder", "model_type", "params", "dtype", "notes", "report"}`` (``report`` is None
+    unless verified).  Usable as ``model=`` for :func:`load_generator` and ``model.path`` in a config.
+    """
+    from tunelab.convert.gguf_in import convert_gguf
+    from tunelab.errors import ModelError
+    from tunelab.hub import gguf_checkpoint, gguf_file_for
+
+    gguf_file = gguf_file_for(src) or Path(src).expanduser()
+    if not gguf_file.is_file():
+        raise ModelError(f"{src} is neither a .gguf file nor a model in the Ollama store", hint="check the name")
+    if out is not None:
+        result = convert_gguf(str(gguf_file), Path(out).expanduser(), to="hf", dtype=dtype, force=force)
+        folder, info = result.out, {"model_type": result.model_type, "params": result.params, "dtype": result.dtype}
+        notes = list(result.notes)
+    else:
+        folder = gguf_checkpoint(gguf_file)
+        info, notes = _checkpoint_info(folder), []
+    report = _verify_gguf(gguf_file, folder) if verify else None
+    return {"gguf": gguf_file, "folder": folder, **info, "notes": notes, "report": report}
+
+
+def _checkpoint_info(folder: Path) -> dict[str, Any]:
+    import json
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return {"model_type": config.get("model_type"), "params": None, "dtype": config.get("dtype")}
+
+
+def _verify_gguf(gguf_file: Path, folder: Path) -> dict[str, Any]:
+    from tunelab.export.gguf_import import verify_conversion
+    from tunelab.export.verify import raise_if_failed
+
+    report = verify_conversion(gguf_file, folder)
+    raise_if_failed(report, folder)
+    return report.to_dict()
