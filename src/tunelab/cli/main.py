@@ -14,6 +14,7 @@ from rich.text import Text
 
 from tunelab.cli import auth as auth_cmd
 from tunelab.cli import chat as chat_cmd
+from tunelab.cli import config as config_cmd
 from tunelab.cli import convert as convert_cmd
 from tunelab.cli import data as data_cmd
 from tunelab.cli import doctor as doctor_cmd
@@ -47,6 +48,7 @@ app.command("estimate")(estimate_cmd.estimate)
 app.command("export")(export_cmd.export)
 app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(data_cmd.app, name="data")
+app.add_typer(config_cmd.app, name="config")
 app.command("serve")(serve_cmd.serve)
 app.command("worker")(serve_cmd.worker)
 app.add_typer(jobs_cmd.app, name="jobs")

@@ -36,8 +36,17 @@ def init(
     check_starter_paths(model=model, data=data)
     text = render_starter(model=model, data=data, method=method or "lora", steps=steps)
     load_config(_parse(text))  # the starter must itself be valid
+    text = _schema_line() + text
     out.write_text(text, encoding="utf-8")
     console.print(f"wrote {out}; start training with: tunelab train {out}")
+
+
+def _schema_line() -> str:
+    """Point editors at the config's JSON Schema (rewritten by each init, so it matches this tunelab)."""
+    from tunelab.config.editor import SCHEMA_FILE, schema_comment, write_schema
+    from tunelab.settings import get_settings
+
+    return schema_comment(write_schema(get_settings().home / SCHEMA_FILE))
 
 
 def _ask(model: str | None, data: str | None, method: str | None, steps: int | None) -> tuple[Any, Any, Any, Any]:

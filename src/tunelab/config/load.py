@@ -15,8 +15,9 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tunelab.config.compose import compose_file, origin_of, resolve
 from tunelab.config.schema import RunConfig
-from tunelab.config.yaml_loader import DuplicateKeyError, ExpansionError, load_yaml
+from tunelab.config.yaml_loader import ExpansionError, load_yaml
 from tunelab.errors import ConfigError
 
 
@@ -25,28 +26,59 @@ def load_config(
     overrides: Sequence[str] = (),
 ) -> RunConfig:
     """Load a config from a YAML path (or an already-parsed mapping), apply overrides, validate."""
-    raw: dict[str, Any]
+    raw, origins = compose_config(source, overrides)
+    return validate_config(raw, origins=origins)
+
+
+def compose_config(
+    source: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The plain mapping a config stands for, before validation, and where each key was written.
+
+    A file's ``defaults:`` presets are merged (see :mod:`tunelab.config.compose`), then the overrides
+    applied, then ``${…}`` interpolations resolved (so they see the overrides).  A mapping is taken
+    as it is: composition is a property of files.
+    """
     if source is None:
-        raw = {}
-    elif isinstance(source, Mapping):
-        raw = _deep_copy(source)
-    else:
-        raw = _read_yaml(Path(source))
+        return _with_overrides({}, overrides), {}
+    if isinstance(source, Mapping):
+        return _with_overrides(_deep_copy(source), overrides), {}
+    composed = compose_file(Path(source))
+    raw = _with_overrides(composed.raw, overrides)
+    origins = dict(composed.origins)
+    for key, _ in parse_overrides(overrides):  # an overridden key was last written on the command line
+        for known in [k for k in origins if k == key or k.startswith(key + ".")]:
+            del origins[known]
+        origins[key] = "command line"
+    return resolve(raw, origins), origins
+
+
+def _with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
-    return validate_config(raw)
+    return raw
 
 
-def validate_config(raw: Mapping[str, Any]) -> RunConfig:
-    """Validate a plain mapping; raise :class:`ConfigError` listing every problem."""
+def validate_config(raw: Mapping[str, Any], *, origins: Mapping[str, str] | None = None) -> RunConfig:
+    """Validate a plain mapping; raise :class:`ConfigError` listing every problem.
+
+    ``origins`` (dotted key -> ``file:line``) adds where each bad key was written.
+    """
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         problems = _dedupe([_describe(err) for err in exc.errors()])
+        if origins:
+            problems = [_located(p, origins) for p in problems]
         raise ConfigError(
             "invalid config:\n" + "\n".join(f"  - {p}" for p in problems),
             hint="fix the YAML or pass an override such as train.lr=1e-4",
         ) from None
+
+
+def _located(problem: str, origins: Mapping[str, str]) -> str:
+    where = origin_of(problem.split(":", 1)[0], origins)
+    return f"{problem} ({where})" if where else problem
 
 
 def _dedupe(problems: list[str]) -> list[str]:
@@ -91,28 +123,6 @@ def all_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
         if sub is not None:
             keys.extend(all_keys(sub, dotted + "."))
     return keys
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        raise ConfigError(f"config {path} is a folder; give the YAML file inside it")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist", hint="`tunelab init` writes one to start from")
-    try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        kind = "" if isinstance(exc, DuplicateKeyError | ExpansionError) else "YAML syntax error: "
-        raise ConfigError(f"{where}: {kind}{problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, …)")
-    return data
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -102,18 +102,43 @@ ConfigLoader.add_constructor("tag:yaml.org,2002:float", ConfigLoader.construct_y
 
 def load_yaml(text: str) -> Any:
     """Parse YAML text with :class:`ConfigLoader`; :class:`ExpansionError` for an alias bomb."""
+    return load_yaml_lines(text)[0]
+
+
+def load_yaml_lines(text: str) -> tuple[Any, dict[str, int]]:
+    """Parse like :func:`load_yaml`, and also say on which line (1-based) each dotted key was written.
+
+    A composed config merges several files; the lines let a validation error name the file and
+    line a bad value came from, presets included.
+    """
     loader = ConfigLoader(text)  # safe: ConfigLoader derives from SafeLoader
     try:
         node = loader.get_single_node()
         if node is None:
-            return None
+            return None, {}
         if loader._aliases:
             _check_expansion(node)
-        return loader.construct_document(node)
+        lines: dict[str, int] = {}
+        _key_lines(node, "", lines)
+        return loader.construct_document(node), lines
     except RecursionError:
         raise ExpansionError("the document nests too deeply (hundreds of levels)") from None
     finally:
         loader.dispose()
+
+
+def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+    """Record ``dotted key -> line`` for every mapping key under ``node`` (aliases are walked once)."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        dotted = f"{prefix}{key_node.value}"
+        if dotted in out:
+            continue
+        out[dotted] = key_node.start_mark.line + 1
+        _key_lines(value_node, dotted + ".", out)
 
 
 def _check_expansion(root: yaml.Node) -> None:
