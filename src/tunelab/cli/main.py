@@ -19,6 +19,7 @@ from tunelab.cli import convert as convert_cmd
 from tunelab.cli import data as data_cmd
 from tunelab.cli import doctor as doctor_cmd
 from tunelab.cli import estimate as estimate_cmd
+from tunelab.cli import eval as eval_cmd
 from tunelab.cli import export as export_cmd
 from tunelab.cli import jobs as jobs_cmd
 from tunelab.cli import runs as runs_cmd
@@ -46,6 +47,7 @@ app.command("doctor")(doctor_cmd.doctor)
 app.command("convert")(convert_cmd.convert)
 app.command("estimate")(estimate_cmd.estimate)
 app.command("export")(export_cmd.export)
+app.command("eval")(eval_cmd.eval_run)
 app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(config_cmd.app, name="config")

@@ -1,0 +1,61 @@
+"""Ask a loaded model every held-out question and score its answers.
+
+Generation is greedy by default and goes through the same :class:`~tunelab.inference.Generator`
+as `tunelab generate` and `tunelab chat`, with the same prompt format and stop tokens, so an
+answer in the per-example file is exactly what those commands print for that prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.evaluate.examples import EvalExample
+from tunelab.evaluate.metrics import Metric
+from tunelab.inference import Generator, Usage
+
+
+_GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": 0}  # `tunelab generate`'s defaults
+
+
+@dataclass
+class EvalOutcome:
+    """Scores by metric name, and one row per example (its answer and per-example scores)."""
+
+    scores: dict[str, float]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def answer(generator: Generator, example: EvalExample, *, max_new_tokens: int) -> str:
+    """The model's greedy answer to one example, as `tunelab generate` would print it."""
+    if example.messages:
+        usage = Usage()
+        pieces = generator.stream_chat(list(example.messages), usage, max_tokens=max_new_tokens, **_GREEDY)
+        return "".join(pieces)
+    return generator.complete(example.prompt, max_new_tokens=max_new_tokens, **_GREEDY)
+
+
+def evaluate(
+    generator: Generator,
+    examples: Sequence[EvalExample],
+    metrics: Sequence[Metric],
+    *,
+    max_new_tokens: int = 128,
+    on_progress: Callable[[int, int], None] = lambda _done, _total: None,
+) -> EvalOutcome:
+    """Generate an answer for each example, then score them all with each metric."""
+    predictions = []
+    for done, example in enumerate(examples, start=1):
+        predictions.append(answer(generator, example, max_new_tokens=max_new_tokens))
+        on_progress(done, len(examples))
+    references = [e.reference for e in examples]
+    fields = [e.fields or {} for e in examples]
+    scored = {m.name: m.score(predictions, references, fields) for m in metrics}
+    rows = []
+    for i, (example, prediction) in enumerate(zip(examples, predictions, strict=True)):
+        row: dict[str, Any] = {"where": example.where, "reference": example.reference, "prediction": prediction}
+        row["prompt"] = list(example.messages) if example.messages else example.prompt
+        row["scores"] = {name: s.per_example[i] for name, s in scored.items() if s.per_example is not None}
+        rows.append(row)
+    return EvalOutcome({name: s.value for name, s in scored.items()}, rows)

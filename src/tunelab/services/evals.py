@@ -1,0 +1,127 @@
+"""Use case: score a run (and the base it started from) on held-out examples — `tunelab eval`.
+
+Everything a user can get wrong (the data file, a metric name, an unimportable metric) is checked
+before a model loads.  The run's answers and the base's go to one per-example file in the run's
+folder, written whole or not at all; the scores are stored on the run as ``eval/<metric>`` and
+``eval/base/<metric>`` metrics (so `runs show --json` lists them) and the file as an ``eval``
+artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import ConfigError
+from tunelab.evaluate.examples import load_examples
+from tunelab.evaluate.metrics import DEFAULT, resolve
+from tunelab.evaluate.runner import EvalOutcome, evaluate
+from tunelab.registry import repo
+from tunelab.registry.db import open_registry, session_scope
+from tunelab.services.models import generator_for_run
+from tunelab.services.runs import show_run
+
+DEFAULT_METRICS = DEFAULT
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """What `tunelab eval` shows: scores for the run and (unless skipped) its base, on the same examples."""
+
+    run_id: str
+    data: str
+    examples: int
+    metrics: list[str]
+    scores: dict[str, float]
+    base_scores: dict[str, float] | None
+    examples_file: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "data": self.data,
+            "examples": self.examples,
+            "metrics": self.metrics,
+            "scores": self.scores,
+            "base_scores": self.base_scores,
+            "examples_file": self.examples_file,
+        }
+
+
+def eval_run(
+    run_text: str,
+    *,
+    data: str | None = None,
+    metrics: Sequence[str] = DEFAULT,
+    base: bool = True,
+    limit: int | None = None,
+    max_new_tokens: int = 128,
+    backend: str | None = None,
+    on_stage: Callable[[str], None] = lambda _text: None,
+) -> EvalReport:
+    """Generate greedy answers for the held-out examples with the run's model (and its base), and score them."""
+    chosen = resolve(metrics)
+    run = show_run(run_text)
+    source = data or run.config.get("data", {}).get("valid")
+    if not source:
+        raise ConfigError(
+            f"run {run.id} has no validation data (data.valid) to evaluate on",
+            hint="pass the held-out examples with --data FILE",
+        )
+    examples = load_examples(source, fmt=str(run.config.get("data", {}).get("format", "auto")), limit=limit)
+    on_stage(f"{len(examples)} examples from {source}; metrics {', '.join(m.name for m in chosen)}")
+    tuned = generator_for_run(run.id, backend=backend)
+    on_stage(f"answering with run {run.id}")
+    outcome = evaluate(tuned, examples, chosen, max_new_tokens=max_new_tokens)
+    base_outcome: EvalOutcome | None = None
+    if base:
+        untuned = generator_for_run(run.id, backend=backend, base=True)
+        untuned.chat = tuned.chat  # the same prompts, in the format the run was trained on
+        on_stage(f"answering with the base model {run.base_model}")
+        base_outcome = evaluate(untuned, examples, chosen, max_new_tokens=max_new_tokens)
+    path = _write_examples(Path(run.output_dir), outcome, base_outcome)
+    _record(run.id, run.step or 0, outcome, base_outcome, path, source)
+    return EvalReport(
+        run.id,
+        str(source),
+        len(examples),
+        [m.name for m in chosen],
+        outcome.scores,
+        base_outcome.scores if base_outcome else None,
+        str(path),
+    )
+
+
+def _write_examples(output_dir: Path, outcome: EvalOutcome, base: EvalOutcome | None) -> Path:
+    """One JSON line per example (its prompt, reference, the run's answer and the base's), written atomically."""
+    folder = output_dir / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = folder / f"examples-{stamp}.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for i, row in enumerate(outcome.rows):
+            line = dict(row)
+            if base is not None:
+                line["base_prediction"] = base.rows[i]["prediction"]
+                line["base_scores"] = base.rows[i]["scores"]
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _record(run_id: str, step: int, outcome: EvalOutcome, base: EvalOutcome | None, path: Path, source: str) -> None:
+    values = {f"eval/{name}": value for name, value in outcome.scores.items()}
+    if base is not None:
+        values.update({f"eval/base/{name}": value for name, value in base.scores.items()})
+    meta = {"data": str(source), "scores": outcome.scores, "base_scores": base.scores if base else None}
+    with session_scope(open_registry()) as s:
+        repo.add_metrics(s, run_id=run_id, step=step, values=values)
+        repo.add_artifact(s, run_id=run_id, kind="eval", path=str(path), meta=meta)

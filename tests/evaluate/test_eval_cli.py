@@ -1,0 +1,104 @@
+"""`tunelab eval`: the run's greedy answers (exactly what `tunelab generate` prints) scored beside its base's."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from subprocess import CompletedProcess
+
+import pytest
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+Cli = Callable[..., CompletedProcess]
+COLOURS = ("red", "yellow", "green", "purple", "orange", "white", "black", "blue")
+ANSWER = "a fruit"  # a format the base has never seen: it fails, and 30 steps of fine-tuning learn it
+
+
+def _rows() -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": f"what is {c}?"}, {"role": "assistant", "content": ANSWER}]}
+        for c in COLOURS
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A tiny model fully fine-tuned to answer every colour question the same way; its home and run id."""
+    from tunelab.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("eval")
+    rows = _rows()
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 8), encoding="utf-8")
+    (root / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    texts = [m["content"] for r in rows for m in r["messages"]] * 20
+    model = make_tiny_checkpoint(root / "model", texts, arch="llama", vocab_size=300, hidden_size=64, num_layers=2,
+                                 num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0)  # fmt: skip
+    config = {
+        "model": {"path": str(model)},
+        "data": {"train": str(root / "train.jsonl"), "valid": str(root / "valid.jsonl"), "max_seq_len": 64},
+        "method": {"name": "full"},
+        "train": {"steps": 30, "batch_size": 8, "lr": 5e-3, "warmup": 2, "seed": 0, "eval_every": 30},
+        "output_dir": str(root / "out"),
+        "tensorboard": False,
+    }
+    (root / "cfg.yaml").write_text(json.dumps(config), encoding="utf-8")
+    home = root / "home"
+    done = run_cli("train", root / "cfg.yaml", home=home)
+    assert done.returncode == 0, done.stderr[-2000:]
+    listed = run_cli("runs", "list", "--json", home=home)
+    return home, json.loads(listed.stdout)[0]["id"]
+
+
+def test_the_run_beats_its_base_and_answers_as_generate_does(trained: tuple[Path, str]) -> None:
+    home, run_id = trained
+    done = run_cli("eval", run_id, "--max-new-tokens", "8", "--json", home=home)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["examples"] == len(COLOURS) and report["metrics"] == ["exact_match", "contains", "bleu", "rouge_l"]
+    assert report["base_scores"]["exact_match"] == 0.0 and report["scores"]["exact_match"] >= 0.9, report
+
+    rows = [json.loads(line) for line in Path(report["examples_file"]).read_text(encoding="utf-8").splitlines()]
+    assert [r["where"].rsplit(":", 1)[1] for r in rows] == [str(i) for i in range(1, len(COLOURS) + 1)]
+    assert sum(r["scores"]["exact_match"] for r in rows) / len(rows) == report["scores"]["exact_match"]
+    for row in rows[:2]:  # the same greedy text `tunelab generate` prints for that prompt
+        prompt = row["prompt"][-1]["content"]
+        generated = run_cli("generate", prompt, "--run", run_id, "--max-new-tokens", "8", home=home)
+        assert generated.returncode == 0, generated.stderr
+        assert generated.stdout.rstrip("\n") == row["prediction"]
+
+    shown = json.loads(run_cli("runs", "show", run_id, "--json", home=home).stdout)
+    assert shown["metrics"]["eval/exact_match"] == report["scores"]["exact_match"]
+    assert shown["metrics"]["eval/base/exact_match"] == 0.0
+    assert shown["artifacts"]["eval"] == report["examples_file"]
+
+
+def test_mistakes_are_named_and_leave_no_results(trained: tuple[Path, str], tmp_path: Path) -> None:
+    home, run_id = trained
+    (tmp_path / "mine.py").write_text(
+        "def boom(prediction, reference, record):\n    raise ValueError('no such column: answer')\n\n"
+        "def words(prediction, reference, record):\n    return 'many'\n",
+        encoding="utf-8",
+    )
+    text_data = tmp_path / "plain.jsonl"
+    text_data.write_text(json.dumps({"text": "just text"}) + "\n", encoding="utf-8")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    shown = json.loads(run_cli("runs", "show", run_id, "--json", home=home).stdout)
+    before = sorted((Path(shown["output_dir"]) / "eval").glob("*"))
+    cases = [
+        (["--metrics", "exact_match,accuracy"], 2, "no metric named 'accuracy'"),
+        (["--metrics", "nowhere:score"], 2, "could not import 'nowhere'"),
+        (["--metrics", "mine:missing"], 2, "mine has no function 'missing'"),
+        (["--data", str(tmp_path / "gone.jsonl")], 3, "gone.jsonl does not exist"),
+        (["--data", str(text_data)], 3, "text examples have no reference answer"),
+        (["--metrics", "mine:boom", "--no-base"], 3, "metric mine:boom raised ValueError: no such column: answer"),
+        (["--metrics", "mine:words", "--no-base"], 3, "metric mine:words returned 'many' for example 1, not a number"),
+    ]
+    for args, code, says in cases:
+        done = run_cli("eval", run_id, "--max-new-tokens", "4", *args, home=home, env={**env, "COLUMNS": "200"})
+        assert done.returncode == code and says in done.stderr, (args, done.stderr[-1500:])
+        assert "Traceback" not in done.stderr, done.stderr
+    assert sorted((Path(shown["output_dir"]) / "eval").glob("*")) == before, "a failed eval writes nothing"
