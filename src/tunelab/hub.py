@@ -73,14 +73,24 @@ def require_hub(context: str) -> None:
             hint="download it once with HF_HUB_OFFLINE unset, or point at a local folder",
         )
     endpoint = constants.ENDPOINT
-    if endpoint not in _reachable:
-        _reachable[endpoint] = _probe(endpoint)
-    if not _reachable[endpoint]:
+    if not hub_reachable():
         raise ModelError(
             f"{context}, and {endpoint} can't be reached from this machine (no network?)",
             hint="connect and try again, point at a local checkpoint folder, or set HF_HUB_OFFLINE=1 to use "
             "only what is cached without trying the network",
         )
+
+
+def hub_reachable() -> bool:
+    """Whether the hub can be used now: not in offline mode, and its endpoint answers (probed once a process)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = constants.ENDPOINT
+    if endpoint not in _reachable:
+        _reachable[endpoint] = _probe(endpoint)
+    return _reachable[endpoint]
 
 
 def _probe(endpoint: str) -> bool:

@@ -53,3 +53,12 @@ def test_a_hub_id_fails_fast_without_network(cli: Cli, tmp_path: Path, command: 
 def test_offline_mode_says_nothing_is_downloaded(cli: Cli) -> None:
     result = cli("generate", "--model", MISSING, "hi", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 4 and "HF_HUB_OFFLINE is set" in result.stderr, result.stderr
+
+
+@needs_no_network
+def test_a_hub_dataset_name_fails_fast_without_network(cli: Cli) -> None:
+    start = time.monotonic()
+    result = cli("data", "validate", "someone/no-such-dataset", env={"HF_HUB_OFFLINE": "0"})
+    assert time.monotonic() - start < 15  # datasets' own retries took ~25 s (found by tunelab eval --data)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert "can't be reached from here" in result.stderr and "local cache" in result.stderr

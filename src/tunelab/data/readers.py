@@ -190,18 +190,27 @@ def read_hub(name: str, split: str, subset: str | None) -> Iterator[Record]:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a core dependency
         raise DataError(f"{name}: not a local file and the `datasets` package is missing") from None
+    from tunelab.hub import hub_reachable
+
     local = Path(name).expanduser().is_dir()
+    # Without the hub, datasets retries a name lookup for ~25 s before it tries its cache: go to the cache at once.
+    cache_only = not local and not hub_reachable()
+    was = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = was or cache_only
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:  # datasets raises many types (network, missing split, bad config)
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
         what = "dataset folder" if local else "hub dataset"
+        offline = " (the hub can't be reached from here, so only the local cache was looked in)" if cache_only else ""
         raise DataError(
-            f"{name}: could not be loaded as a {what} (split {split!r}, subset {subset!r}): {reason}",
+            f"{name}: could not be loaded as a {what} (split {split!r}, subset {subset!r}){offline}: {reason}",
             hint="check data.split and data.subset"
             + ("" if local else ", the dataset name, and that this machine is online"),
         ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was
     for index, row in enumerate(ds):
         yield Record(dict(row), name, index + 1)
 
