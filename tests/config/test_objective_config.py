@@ -18,8 +18,14 @@ def _error(*overrides: str) -> str:
 
 @pytest.mark.parametrize(
     ("name", "beta", "gamma", "alpha"),
-    [("sft", None, None, None), ("dpo", 0.1, None, None), ("ipo", 0.1, None, None), ("kto", 0.1, None, None)]
-    + [("simpo", 2.0, 0.5, None), ("orpo", None, None, 0.1)],
+    [
+        ("sft", None, None, None),
+        ("dpo", 0.1, None, None),
+        ("ipo", 0.1, None, None),
+        ("kto", 0.1, None, None),
+        ("simpo", 2.0, 0.5, None),
+        ("orpo", None, None, 0.1),
+    ],
 )
 def test_each_objective_gets_the_defaults_of_the_knobs_it_reads(
     name: str, beta: float | None, gamma: float | None, alpha: float | None

@@ -8,7 +8,7 @@ small factory functions build from the config: a backend never sees a config.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,9 +67,17 @@ class OptimSpec:
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """What the loss optimizes (``objective:``); each backend maps the name to one loss function."""
+    """What the loss optimizes (``objective:``); each backend maps the name to one loss function.
+
+    Preference objectives read ``beta`` (dpo, ipo, kto, simpo), ``gamma`` (simpo) and ``alpha`` (orpo);
+    with ``precompute_ref`` the batches carry the reference model's log-probs (``ref_logps``).
+    """
 
     name: str = "sft"
+    beta: float = 0.1
+    gamma: float = 0.5
+    alpha: float = 0.1
+    precompute_ref: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,10 +94,15 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class LossSum:
-    """Summed token cross-entropy and how many supervised tokens it covers."""
+    """The summed loss and how many terms it covers: supervised tokens (SFT), or pairs / KTO examples.
+
+    ``stats`` are an objective's diagnostics as ``(sum, count)``, e.g. ``rewards/chosen``: the trainer
+    adds them up over micro-batches and reports sum / count.
+    """
 
     loss_sum: float
     tokens: int
+    stats: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class Backend(Protocol):
@@ -122,6 +135,14 @@ class Backend(Protocol):
 
     def eval_loss(self, batch: Batch) -> LossSum:
         """Summed loss over the supervised tokens of a batch, without gradients."""
+        ...
+
+    def reference_logprobs(self, batch: Batch) -> np.ndarray:
+        """Each token's log-prob under the reference model (the base, adapters off), given those before it.
+
+        Shaped like ``input_ids`` (float32, 0 where a position carries no label); for
+        ``objective.precompute_ref``, called before training and before any checkpoint loads.
+        """
         ...
 
     def save_adapter(self, path: Path) -> None:

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from tunelab.backends.base import Backend, Batch
+from tunelab.backends.preference import add_stats
 from tunelab.distributed.sharding import DataParallel
 from tunelab.errors import StateError
 
+Stats = dict[str, tuple[float, float]]
 _HINTS = (
     "train.gradient_checkpointing: true",
     "train.offload_checkpoints: true (CUDA)",
@@ -58,14 +60,21 @@ def split_rows(batch: Batch, parts: int) -> list[Batch]:
     return pieces
 
 
-def accumulate(backend: Backend, micro: Sequence[Batch], parallel: DataParallel, parts: int, supervised: int) -> float:
-    """Forward and backward of one step's micro-batches (this rank's rows, in ``parts`` pieces each)."""
-    loss_sum = 0.0
+def accumulate(
+    backend: Backend, micro: Sequence[Batch], parallel: DataParallel, parts: int, supervised: int
+) -> tuple[float, Stats]:
+    """Forward and backward of one step's micro-batches (this rank's rows, in ``parts`` pieces each).
+
+    Returns the summed loss and the objective's summed diagnostics (``(sum, count)`` by name).
+    """
+    loss_sum, stats = 0.0, Stats()
     for batch in micro:
         for local in parallel.local(batch):
             for piece in split_rows(local, parts):
-                loss_sum += backend.forward_backward(piece, 1.0 / max(supervised, 1)).loss_sum
-    return loss_sum
+                part = backend.forward_backward(piece, 1.0 / max(supervised, 1))
+                loss_sum += part.loss_sum
+                add_stats(stats, part.stats)
+    return loss_sum, stats
 
 
 def accumulate_with_backoff(
@@ -77,11 +86,11 @@ def accumulate_with_backoff(
     *,
     step: int,
     on_backoff: Callable[[Backoff], None],
-) -> tuple[float, int]:
-    """:func:`accumulate`, halving the pieces on out-of-memory until one row per piece; returns (loss, parts)."""
+) -> tuple[float, Stats, int]:
+    """:func:`accumulate`, halving the pieces on out-of-memory until one row per piece; returns (loss, stats, parts)."""
     while True:
         try:
-            return accumulate(backend, micro, parallel, parts, supervised), parts
+            return *accumulate(backend, micro, parallel, parts, supervised), parts
         except Exception as exc:
             if not backend.is_out_of_memory(exc):
                 raise

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tunelab.backends.base import Backend, Batch
+from tunelab.backends.preference import add_stats, loss_units, reduce_stats
 from tunelab.data.batching import MicroBatchStream
 from tunelab.data.prefetch import Prefetcher
 from tunelab.distributed.sharding import DataParallel
@@ -26,7 +27,6 @@ from tunelab.train.backoff import OutOfMemoryError, accumulate_with_backoff
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, save_checkpoint
 from tunelab.train.schedules import Schedule
-from tunelab.vocab import IGNORE
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,31 @@ class LoopResult:
 def evaluate(backend: Backend, batches: Sequence[Batch], parallel: DataParallel = DataParallel()) -> float:
     """Token-weighted mean cross-entropy over every supervised token of the validation set.
 
+    (For a preference objective: the mean loss over the validation pairs or KTO examples.)
     With several processes each evaluates its share of the batches and the sums are added up.
     """
-    total, tokens = 0.0, 0.0
+    return evaluate_with_stats(backend, batches, parallel)[0]
+
+
+def evaluate_with_stats(
+    backend: Backend, batches: Sequence[Batch], parallel: DataParallel = DataParallel()
+) -> tuple[float, dict[str, float]]:
+    """:func:`evaluate`, and the means of the objective's diagnostics (e.g. ``rewards/accuracy``)."""
+    total, tokens, stats = 0.0, 0.0, dict[str, tuple[float, float]]()
     for batch in parallel.share(batches):
         part = backend.eval_loss(batch)
         total += part.loss_sum
         tokens += part.tokens
+        add_stats(stats, part.stats)
     total, tokens = parallel.group.all_sum([total, tokens])
-    return total / max(tokens, 1)
+    return total / max(tokens, 1), reduce_stats(_all_sum(parallel, stats))
+
+
+def _all_sum(parallel: DataParallel, stats: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    if parallel.group.world == 1 or not stats:
+        return stats
+    flat = parallel.group.all_sum([x for pair in stats.values() for x in pair])
+    return {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(stats)}
 
 
 def run_loop(
@@ -106,7 +122,7 @@ def _steps(
     while state.step < opts.total_steps:
         micro = batches.take(state.cursor)  # global micro-batches, collated while the previous step ran
         started = time.perf_counter()
-        loss, lr, grad_norm = _train_step(backend, micro, schedule, opts, state, callbacks, parallel)
+        loss, lr, grad_norm, stats = _train_step(backend, micro, schedule, opts, state, callbacks, parallel)
         ended = time.perf_counter()
         wall, last_end = ended - last_end, ended
         tokens = int(sum(int(b["attention_mask"].sum()) for b in micro))
@@ -120,6 +136,7 @@ def _steps(
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "epoch": batches.stream.epoch_of(state.cursor),
+                **stats,  # the objective's diagnostics (preference: rewards/chosen, rewards/accuracy, …)
             }
             callbacks.on_metrics(state.step, {**metrics, **_pace(backend, micro, tokens, wall, ended - started)})
         finished = state.step == opts.total_steps
@@ -161,15 +178,15 @@ def _train_step(
     state: TrainerState,
     callbacks: BaseCallback,
     parallel: DataParallel,
-) -> tuple[float, float, float]:
-    """One optimizer step over ``micro``; returns its loss, learning rate and gradient norm.
+) -> tuple[float, float, float, dict[str, float]]:
+    """One optimizer step over ``micro``; returns its loss, learning rate, gradient norm and diagnostics.
 
     A non-finite loss stops the run before the optimizer applies it, and a
     non-finite gradient norm before the weights it produced can be checkpointed.
     """
-    supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    supervised = sum(loss_units(b) for b in micro)  # tokens, or pairs / KTO examples for preference objectives
     try:
-        loss_sum, state.micro_parts = accumulate_with_backoff(
+        loss_sum, stats, state.micro_parts = accumulate_with_backoff(
             backend, micro, parallel, state.micro_parts, supervised, step=state.step, on_backoff=callbacks.on_backoff
         )
     except OutOfMemoryError:
@@ -182,7 +199,7 @@ def _train_step(
     lr = schedule(state.step)
     grad_norm = backend.optimizer_step(lr)
     check_finite("gradient norm", grad_norm, state.step + 1)
-    return loss, lr, grad_norm
+    return loss, lr, grad_norm, reduce_stats(_all_sum(parallel, stats))
 
 
 def check_finite(what: str, value: float, step: int) -> None:
@@ -209,8 +226,13 @@ def _save_last_step(
 def _validate(
     backend: Backend, valid: Sequence[Batch], state: TrainerState, callbacks: BaseCallback, parallel: DataParallel
 ) -> None:
-    val_loss = evaluate(backend, valid, parallel)
+    val_loss, stats = evaluate_with_stats(backend, valid, parallel)
     state.last_val_loss = val_loss
     if state.best_val_loss is None or val_loss < state.best_val_loss:
         state.best_val_loss = val_loss
-    callbacks.on_metrics(state.step, {"val_loss": val_loss, "val_ppl": float(np.exp(min(val_loss, 50.0)))})
+    if not stats:  # a token cross-entropy: its perplexity
+        callbacks.on_metrics(state.step, {"val_loss": val_loss, "val_ppl": float(np.exp(min(val_loss, 50.0)))})
+        return
+    # A preference objective's loss is per pair (no perplexity); rewards/accuracy -> val_reward_accuracy.
+    named = {"val_" + name.replace("rewards/", "reward_"): value for name, value in stats.items()}
+    callbacks.on_metrics(state.step, {"val_loss": val_loss, **named})

@@ -30,6 +30,7 @@ from tunelab.memory.plan import PLAN_FILE, MemoryPlan, plan_run
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import Resumed, TrainerState, resume_checkpoint
 from tunelab.train.loop import LoopOptions, LoopResult, run_loop
+from tunelab.train.reference import precompute_reference
 from tunelab.train.schedules import make_schedule, warmup_steps
 from tunelab.vocab import PREFERENCE_OBJECTIVES, WHOLE_MODEL_METHODS
 
@@ -89,7 +90,14 @@ def method_spec(cfg: RunConfig) -> MethodSpec:
 
 
 def objective_spec(cfg: RunConfig) -> ObjectiveSpec:
-    return ObjectiveSpec(name=cfg.objective.name)
+    o, unset = cfg.objective, ObjectiveSpec()  # a knob the objective doesn't read is None in the config
+    return ObjectiveSpec(
+        name=o.name,
+        beta=o.beta if o.beta is not None else unset.beta,
+        gamma=o.gamma if o.gamma is not None else unset.gamma,
+        alpha=o.alpha if o.alpha is not None else unset.alpha,
+        precompute_ref=o.precompute_ref,
+    )
 
 
 def optim_spec(cfg: RunConfig) -> OptimSpec:
@@ -132,6 +140,11 @@ def setup(
     backend = make_backend(choice)
     spec = model_spec(cfg, memory, group.world)
     info = backend.load(spec, method_spec(cfg), optim_spec(cfg), tokenizer, objective_spec(cfg))
+    if cfg.objective.precompute_ref:  # before any checkpoint loads: the model is still the reference
+        rows = 2 * (cfg.train.eval_batch_size or cfg.train.micro_batch_size)
+        for split in (data.train, data.valid):
+            if split is not None:
+                precompute_reference(backend, split, rows, tokenizer.pad_token_id)
     resumed = Resumed()
     if resume:  # the newest checkpoint that verifies and loads; rank 0 alone tidies the folder
         resumed = resume_checkpoint(output_dir / "checkpoints", backend.load_checkpoint, tidy=group.rank == 0)

@@ -7,6 +7,7 @@ an MLX run mirrors a torch run of the same config step for step.
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import shutil
@@ -38,6 +39,12 @@ from tunelab.backends.mlx.forward import checkpoint_class, split_head  # noqa: E
 from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  # noqa: E402
 from tunelab.backends.mlx.objectives import MlxLoss, loss_for, token_cross_entropy  # noqa: E402
 from tunelab.backends.mlx.packing import enable_packing, packed_caches  # noqa: E402
+from tunelab.backends.mlx.preference import (  # noqa: E402
+    adapters_off,
+    preference_targets,
+    reference_rows,
+    sequence_logps,
+)
 from tunelab.backends.mlx.quant import in_features, prepare_base, set_memory_limits  # noqa: E402
 
 _PAD_MULTIPLE = 32
@@ -66,6 +73,8 @@ class MlxBackend:
         self._pad_multiple = 1
         self._pad_id = 0
         self._mask_rank = 0  # > 0 once packed batches are enabled (the rank of their attention mask)
+        self._ref_model: Any = None  # full/freeze preference runs: a frozen copy of the base (and its head)
+        self._ref_head: Any = None
 
     # -- setup -------------------------------------------------------------------------------
     def load(
@@ -126,6 +135,10 @@ class MlxBackend:
         else:
             self._head = split_head(self.model)
             self._loss_and_grad = loss_and_grad
+        reference = getattr(self._objective, "needs_reference", False) and not objective.precompute_ref
+        if reference and method.name not in LORA_METHODS:  # the weights themselves train: keep the base
+            self._ref_model = copy.deepcopy(self.model)
+            self._ref_head = split_head(self._ref_model) if self._head is not None else None
         return self._info(trainable=sum(v.size for v in _flat(self.model.trainable_parameters()).values()))
 
     def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
@@ -194,11 +207,11 @@ class MlxBackend:
         self.model.train()
         mx.random.seed((self.method.seed * 1_000_003 + self._micro) % 2**32)
         self._micro += 1
-        (loss, tokens), grads = self._loss_and_grad(self.model, *self._inputs(batch))
+        (loss, tokens, *stats), grads = self._loss_and_grad(self.model, *self._with_reference(self._inputs(batch)))
         grads = tree_map(lambda g: g * loss_scale, grads)
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
-        mx.eval(loss, tokens, self._grads)
-        return LossSum(float(loss), int(tokens))
+        mx.eval(loss, tokens, self._grads, stats)
+        return LossSum(float(loss), int(tokens), _numbers(stats))
 
     def optimizer_step(self, lr: float) -> float:
         if self._distributed:  # several processes (mlx.launch): each holds its share's gradient
@@ -215,9 +228,32 @@ class MlxBackend:
 
     def eval_loss(self, batch: Batch) -> LossSum:
         self.model.eval()
-        loss, tokens = self._loss(self.model, *self._inputs(batch))
-        mx.eval(loss, tokens)
-        return LossSum(float(loss), int(tokens))
+        loss, tokens, *stats = self._loss(self.model, *self._with_reference(self._inputs(batch)))
+        mx.eval(loss, tokens, stats)
+        return LossSum(float(loss), int(tokens), _numbers(stats))
+
+    def reference_logprobs(self, batch: Batch) -> np.ndarray:
+        self.model.eval()
+        return reference_rows(self._reference_logits, batch, picked=self._head is not None)
+
+    def _with_reference(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A preference batch's targets with each sequence's reference log-prob (unless precomputed)."""
+        targets = inputs[1]
+        if (
+            isinstance(targets, dict)
+            and getattr(self._objective, "needs_reference", False)
+            and "ref_seq" not in targets
+        ):
+            logits = self._reference_logits(inputs[0], inputs[2], *inputs[3:])
+            targets["ref_seq"] = mx.stop_gradient(sequence_logps(logits, targets))
+        return inputs
+
+    def _reference_logits(self, ids: mx.array, picked: mx.array | None, *packed: mx.array) -> mx.array:
+        """The reference model's logits: the frozen copy, or this model with its adapters switched off."""
+        if self._ref_model is not None:
+            return self._logits(self._ref_model, self._ref_head, ids, picked, *packed)
+        with adapters_off(self.model, self._adapters):
+            return self._logits(self.model, self._head, ids, picked, *packed)
 
     # -- persistence -------------------------------------------------------------------------
     def save_adapter(self, path: Path) -> None:
@@ -309,6 +345,9 @@ class MlxBackend:
         ids = mx.array(ids_np.astype(np.int32))
         targets = labels_np[:, 1:]
         packed = self._packed_inputs(batch, ids_np.shape[1])
+        if "roles" in batch:  # preference: scored positions, their sequences and roles (a dict of targets)
+            pref, scored = preference_targets(batch, ids_np.shape[1], picked=self._head is not None)
+            return ids, pref, scored, *packed
         if self._head is None:
             return ids, mx.array(targets.astype(np.int32)), None, *packed
         # Flat positions of the supervised tokens, found in numpy: only they go through the head.
@@ -326,10 +365,12 @@ class MlxBackend:
         segments = np.pad(batch["segment_ids"], extra).astype(np.int32)
         return mx.array(positions), mx.array(segments)
 
-    def _loss(
-        self, model: Any, ids: mx.array, targets: mx.array, picked: mx.array | None, *packed: mx.array
-    ) -> tuple[mx.array, mx.array]:
-        """The objective's summed loss over supervised positions, and how many there are.
+    def _loss(self, model: Any, ids: mx.array, targets: Any, picked: mx.array | None, *packed: mx.array) -> Any:
+        """The objective's summed loss over supervised positions, and how many there are (and diagnostics)."""
+        return self._objective(self._logits(model, self._head, ids, picked, *packed), targets)
+
+    def _logits(self, model: Any, head: Any, ids: mx.array, picked: mx.array | None, *packed: mx.array) -> mx.array:
+        """float32 logits at every position but the last, or at the ``picked`` (flat) positions alone.
 
         With ``picked`` the decoder's hidden states at supervised positions alone are
         projected to the vocabulary (same sum, far less head compute under prompt masking).
@@ -339,8 +380,13 @@ class MlxBackend:
         if picked is not None:
             hidden = model.model(ids, cache=cache)[:, :-1]
             hidden = hidden.reshape(-1, hidden.shape[-1])[picked]
-            return self._objective(self._head(hidden).astype(mx.float32), targets)
-        return self._objective(model(ids, cache=cache)[:, :-1].astype(mx.float32), targets)
+            return head(hidden).astype(mx.float32)
+        return model(ids, cache=cache)[:, :-1].astype(mx.float32)
+
+
+def _numbers(stats: list[Any]) -> dict[str, tuple[float, float]]:
+    """A preference objective's diagnostics (the loss's third output, if any) as Python numbers."""
+    return {name: (float(total), float(count)) for name, (total, count) in stats[0].items()} if stats else {}
 
 
 def _flat(tree: Any) -> dict[str, Any]:

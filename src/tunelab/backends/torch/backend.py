@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
+from tunelab.backends.preference import host_arrays
 from tunelab.backends.torch import fsdp, oom, state_io
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
@@ -22,6 +23,7 @@ from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import apply_method
 from tunelab.backends.torch.objectives import loss_for
+from tunelab.backends.torch.preference import PreferenceLoss, floats, keep_reference
 from tunelab.backends.torch.quant import bnb_config
 from tunelab.backends.torch.sync import active, broadcast_params, sum_gradients
 from tunelab.errors import ConfigError, StateError
@@ -126,6 +128,7 @@ class TorchBackend:
         self.fast = resolve(
             self.device, compile=model.compile, fused_loss=model.fused_loss, activation_budget=model.activation_budget
         )
+        keep_reference(self._loss, base, method.name, lambda m: self.fast.fused_loss and supports_hidden_path(m))
         if self.fast.compile_layers:
             compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
         if own_checkpoints:
@@ -202,11 +205,11 @@ class TorchBackend:
             # Tensors saved for backward (with checkpointing: each layer's input) wait in pinned
             # CPU memory and come back, asynchronously, when backward needs them.
             with torch.autograd.graph.save_on_cpu(pin_memory=True):
-                loss, tokens = self._summed_loss(batch)
+                loss, tokens, *stats = self._summed_loss(batch)
         else:
-            loss, tokens = self._summed_loss(batch)
+            loss, tokens, *stats = self._summed_loss(batch)
         (loss * loss_scale).backward()
-        return LossSum(float(loss.detach()), tokens)
+        return LossSum(float(loss.detach()), tokens, floats(stats[0]) if stats else {})
 
     def optimizer_step(self, lr: float) -> float:
         assert self._optimizer is not None
@@ -224,18 +227,37 @@ class TorchBackend:
     def eval_loss(self, batch: Batch) -> LossSum:
         self.model.eval()
         self._training = False
-        loss, tokens = self._summed_loss(batch)
-        return LossSum(float(loss), tokens)
+        loss, tokens, *stats = self._summed_loss(batch)
+        return LossSum(float(loss), tokens, floats(stats[0]) if stats else {})
 
-    def _summed_loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch) -> np.ndarray:
+        if not isinstance(self._loss, PreferenceLoss):
+            raise StateError("reference log-probs are for the preference objectives")
+        self.model.eval()
+        self._training = False
+        positions = supervised_positions(batch["labels"])
+        at, inputs = torch.from_numpy(positions).to(self.device), self._to_device(batch)
+        with torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=bool(self._autocast)):
+            tokens = self._loss.reference_tokens(
+                self._causal_lm, self.model, inputs, self._fast_loss, self._attention, at
+            )
+        rows, width = batch["input_ids"].shape
+        shifted = np.zeros(rows * (width - 1), dtype=np.float32)
+        shifted[positions] = tokens.float().cpu().numpy()
+        return np.concatenate([np.zeros((rows, 1), np.float32), shifted.reshape(rows, width - 1)], axis=1)
+
+    def _summed_loss(self, batch: Batch) -> tuple[Any, ...]:
         if self.fast.compile_layers:
             batch = pad_to_multiple(batch)
         if "position_ids" not in batch and batch["attention_mask"].all():
             # No padding (a row of whole examples): without a mask transformers builds none and
             # attention takes its causal kernel, with no host-device round trip to find that out.
             batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-        positions = torch.from_numpy(supervised_positions(batch["labels"])).to(self.device)
-        inputs = self._to_device(batch)
+        # Preference batches: which tokens belong to which sequence, found on the host (no device sync).
+        extra = host_arrays(batch) if "roles" in batch else {"positions": supervised_positions(batch["labels"])}
+        positions = torch.from_numpy(extra.pop("positions")).to(self.device)
+        inputs = self._to_device({**batch, **extra})
         # Adapters are kept in fp32 (exact optimizer updates) over a bf16/fp16 base; under
         # autocast their matmuls run in the base's dtype on the tensor cores, as the
         # weight is cast, not the activation (an fp32 copy of every adapter input would
