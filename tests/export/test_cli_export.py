@@ -33,3 +33,10 @@ def test_cli_export_refuses_bad_options_before_loading(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "q8_0" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_cli("export", "nope", "--to", "hf", "--out", tmp_path / "x")
     assert missing.returncode == 6 and "Traceback" not in missing.stderr
+    for args, says in [
+        (("--to", "gguf", "--adapter-only"), "--adapter-only applies to --to ollama"),
+        (("--to", "ollama", "--base", "llama3.2"), "add --adapter-only"),
+        (("--to", "gguf-adapter", "--quantize", "q4_k_m"), "f32, f16"),
+    ]:
+        bad = run_cli("export", "nope", *args, "--out", tmp_path / "y")
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
