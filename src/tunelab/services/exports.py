@@ -33,7 +33,7 @@ def export_run(
     verification report and its sha256.
     """
     from tunelab.export.pipeline import ExportSource, check_options, export_model
-    from tunelab.hub import is_gguf_reference, load_tokenizer, resolve_model_path
+    from tunelab.hub import load_tokenizer, resolve_model_path
 
     to = _target(to, adapter_only=adapter_only, base=base)
     check_options(to, quantize)
@@ -54,8 +54,7 @@ def export_run(
     else:
         base_dir = tokenizer_dir = Path(artifacts["model"])
     template = getattr(load_tokenizer(tokenizer_dir), "chat_template", None) or None
-    model_path = str(run["config"]["model"]["path"])
-    from_ref = base or (model_path if is_gguf_reference(model_path) else None)
+    from_ref = _from_ref(base, str(run["config"]["model"]["path"]))
     source = ExportSource(base_dir, adapter, tokenizer_dir, template, from_ref=from_ref)
     result = export_model(source, to, out, quantize=quantize, check=verify, force=force)
     meta = {"sha256": result.sha256, "precision": result.precision, "report": result.report, "notes": result.notes}
@@ -76,3 +75,16 @@ def _target(to: str, *, adapter_only: bool, base: str | None) -> str:
     if base is not None and not adapter_only:
         raise ConfigError("--base names the FROM of an adapter-only Modelfile", hint="add --adapter-only")
     return "ollama-adapter" if adapter_only else to
+
+
+def _from_ref(base: str | None, model_path: str) -> str | None:
+    """An adapter-only Modelfile's FROM: ``--base``, else the run's GGUF / Ollama base; files made absolute.
+
+    A relative path in a Modelfile is read from the Modelfile's folder, not from where the user typed it.
+    """
+    from tunelab.hub import is_gguf_reference
+
+    ref = base or (model_path if is_gguf_reference(model_path) else None)
+    if ref is not None and ref.endswith(".gguf") and Path(ref).expanduser().is_file():
+        return str(Path(ref).expanduser().resolve())
+    return ref
