@@ -24,6 +24,7 @@ from tunelab.cli import export as export_cmd
 from tunelab.cli import jobs as jobs_cmd
 from tunelab.cli import runs as runs_cmd
 from tunelab.cli import serve as serve_cmd
+from tunelab.cli import sweep as sweep_cmd
 from tunelab.cli import train as train_cmd
 from tunelab.cli import ui as ui_cmd
 from tunelab.cli import use as use_cmd
@@ -54,6 +55,7 @@ app.add_typer(config_cmd.app, name="config")
 app.command("serve")(serve_cmd.serve)
 app.command("worker")(serve_cmd.worker)
 app.add_typer(jobs_cmd.app, name="jobs")
+app.command("sweep")(sweep_cmd.sweep)
 app.add_typer(auth_cmd.app, name="auth")
 app.command("ui")(ui_cmd.ui)
 

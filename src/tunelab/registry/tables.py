@@ -117,7 +117,7 @@ class RunRow(Base):
     """One fine-tuning run; ``status`` is one of :data:`tunelab.vocab.RUN_STATUSES`."""
 
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_status", "status"),)
+    __table_args__ = (Index("ix_runs_status", "status"), Index("ix_runs_sweep_id", "sweep_id"))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str | None] = mapped_column(String, nullable=True)
@@ -152,6 +152,10 @@ class RunRow(Base):
     # The process training the run (set when it starts): a `running` run whose process is gone is marked failed.
     owner_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     owner_host: Mapped[str | None] = mapped_column(String, nullable=True)
+    # A sweep's trial: its runs are grouped (migration 0008).
+    sweep_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("sweeps.id", name="fk_runs_sweep_id_sweeps", ondelete="SET NULL"), nullable=True
+    )
 
 
 class MetricRow(Base):
@@ -197,7 +201,7 @@ class JobRow(Base):
     """A queued unit of work; ``worker_id`` + ``heartbeat_at`` say who holds it and that it is alive."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_priority", "status", "priority"),)
+    __table_args__ = (Index("ix_jobs_status_priority", "status", "priority"), Index("ix_jobs_sweep_id", "sweep_id"))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String, nullable=False)
@@ -215,6 +219,11 @@ class JobRow(Base):
     nproc: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default=text("1"))
     # Submitted over the API: the folders its paths must stay in, checked again when a worker reads them.
     allowed_roots: Mapped[list[str] | None] = mapped_column(_json(), nullable=True)
+    # A sweep's trial (migration 0008); an Optuna trial's number is set when a worker takes the job.
+    sweep_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("sweeps.id", name="fk_jobs_sweep_id_sweeps", ondelete="CASCADE"), nullable=True
+    )
+    trial: Mapped[int | None] = mapped_column(Integer, nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     cancel_requested: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default=text("0"))
@@ -265,3 +274,21 @@ class SecretRow(Base):
     name: Mapped[str] = mapped_column(String, primary_key=True)
     ciphertext: Mapped[str] = mapped_column(Text, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class SweepRow(Base):
+    """A search over config values; each trial is a job (and run) of the queue with ``sweep_id`` set."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String, nullable=True)
+    search: Mapped[str] = mapped_column(String, nullable=False)  # grid | optuna
+    metric: Mapped[str] = mapped_column(String, nullable=False)
+    direction: Mapped[str] = mapped_column(String, nullable=False)  # minimize | maximize
+    # {dotted key: {"kind": "choice", "values": [...]} | {"kind": "interval", "low", "high", "log", "int"}}
+    space: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)  # the base config, validated
+    trials: Mapped[int] = mapped_column(Integer, nullable=False)
+    study: Mapped[str | None] = mapped_column(String, nullable=True)  # the Optuna study's name
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)

@@ -91,6 +91,7 @@ def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable
         job = jobs_repo.get_job(s, job_id)
         kind, run_id, config, roots = job.kind, job.run_id, dict(job.config), job.allowed_roots
         trained = run_id is not None and repo.get_run(s, run_id).status == "completed"
+        swept = job.sweep_id is not None
     if roots is not None:  # submitted over the API: its files must still be where they were accepted
         from tunelab.security.paths import recheck_config_paths
 
@@ -105,6 +106,10 @@ def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable
         return "completed"
     if trained:
         return "completed"  # its worker died after training but before recording the job's end
+    if swept:  # a sweep's trial: Optuna picks its values now, prunes it, and is told how it ended
+        from tunelab.services.sweep_trials import run_trial
+
+        return run_trial(job_id, run_id, callbacks=callbacks, should_stop=should_stop, write=_write_config_once)
     _write_config_once(run_id, config)
     outcome = resume_run(run_id, callbacks=callbacks, should_stop=should_stop)
     return "completed" if outcome.status == "completed" else "stopped"
