@@ -140,24 +140,38 @@ def _check_known(connection: Connection, current: frozenset[str]) -> None:
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision; a cheap no-op when already there."""
     heads = _head_revisions()
+    sqlite = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
         if _current_revisions(conn) == heads:
             conn.rollback()
             return
-        if engine.dialect.name == "sqlite":
+        if sqlite:
+            conn.rollback()
+            # A batch migration recreates a table (copy, drop the old one, rename); with foreign keys
+            # on, dropping the old table cascades to every row pointing at it: a run's metrics,
+            # artifacts, jobs and events would vanish in an upgrade.  SQLite ignores this pragma inside
+            # a transaction, so it is switched off before BEGIN, checked before commit, restored after.
+            conn.exec_driver_sql("PRAGMA foreign_keys = OFF")
             # Take the write lock before re-checking, so two processes opening a
             # fresh DB at once queue up instead of both creating the tables.
             # (pysqlite does not wrap DDL in a transaction on its own.)
-            conn.rollback()
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-        current = _current_revisions(conn)
-        if current == heads:
-            conn.rollback()
-            return
-        _check_known(conn, current)
-        # The migration joins this connection's transaction; we commit it.
-        command.upgrade(_alembic_config(conn), "head")
-        conn.commit()
+        try:
+            current = _current_revisions(conn)
+            if current == heads:
+                conn.rollback()
+                return
+            _check_known(conn, current)
+            # The migration joins this connection's transaction; we commit it.
+            command.upgrade(_alembic_config(conn), "head")
+            if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                conn.rollback()
+                raise StateError("upgrading the registry database would break its references; nothing was changed")
+            conn.commit()
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys = ON")
+                conn.commit()
 
 
 def _dispose_after_fork() -> None:
