@@ -18,6 +18,7 @@ RECORDS = {
     "completion": {"prompt": "List: milk, eggs\n", "completion": "- milk\n- eggs"},
     "instruction": {"instruction": "Make a list", "input": "milk, eggs", "output": "- milk\n- eggs"},
     "chat": {"messages": [{"role": "user", "content": "List: milk"}, {"role": "assistant", "content": "- milk"}]},
+    "preference": {"prompt": "List: milk, eggs\n", "chosen": "- milk\n- eggs", "rejected": "eggs milk"},
 }
 
 
@@ -40,3 +41,13 @@ def test_example_config_trains(example: Path, e2e_model: Path, tmp_path: Path) -
 
 def test_examples_exist() -> None:
     assert {p.stem for p in EXAMPLES} >= {"lora-chat", "dora-instruction", "full-completion", "freeze-text"}
+    assert "dpo-preferences" in {p.stem for p in EXAMPLES}
+
+
+def test_the_shipped_preference_data_is_valid() -> None:
+    from tunelab.data.validate import validate_dataset
+
+    report = validate_dataset(str(Path(__file__).parents[2] / "examples" / "data" / "preferences"))
+    assert report["format"] == "preference"
+    assert report["splits"]["train"]["records"] >= 32 and report["splits"]["valid"]["records"] >= 8
+    assert report["splits"]["train"]["duplicates"]["count"] == 0
