@@ -15,7 +15,6 @@ from tunelab.evaluate.examples import EvalExample
 from tunelab.evaluate.metrics import Metric
 from tunelab.inference import Generator, Usage
 
-
 _GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": 0}  # `tunelab generate`'s defaults
 
 

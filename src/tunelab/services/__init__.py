@@ -16,7 +16,7 @@ from tunelab.services.datasets import (
     validate_dataset,
 )
 from tunelab.services.estimates import estimate_memory
-from tunelab.services.evals import EvalReport, eval_run
+from tunelab.services.evals import EvalReport, eval_run, harness_run
 from tunelab.services.exports import export_run
 from tunelab.services.jobs import (
     cancel_job,
@@ -58,7 +58,7 @@ from tunelab.services.runs import (
     show_run,
     start_run,
 )
-from tunelab.services.system import doctor
+from tunelab.services.system import ExtraStatus, doctor, extras
 from tunelab.services.views import (
     CacheEntry,
     DatasetReport,
@@ -78,6 +78,7 @@ __all__ = [
     "ChatSession",
     "DatasetReport",
     "EvalReport",
+    "ExtraStatus",
     "JobView",
     "KeyView",
     "MetricPoint",
@@ -98,9 +99,11 @@ __all__ = [
     "create_key",
     "doctor",
     "estimate_memory",
+    "extras",
     "eval_run",
     "export_run",
     "generator_for_run",
+    "harness_run",
     "import_gguf",
     "is_gguf_model",
     "is_main_process",

@@ -125,3 +125,33 @@ def _record(run_id: str, step: int, outcome: EvalOutcome, base: EvalOutcome | No
     with session_scope(open_registry()) as s:
         repo.add_metrics(s, run_id=run_id, step=step, values=values)
         repo.add_artifact(s, run_id=run_id, kind="eval", path=str(path), meta=meta)
+
+
+def harness_run(
+    run_text: str,
+    tasks: Sequence[str],
+    *,
+    task_dirs: Sequence[Path] = (),
+    limit: int | None = None,
+    on_stage: Callable[[str], None] = lambda _text: None,
+) -> dict[str, dict[str, float]]:
+    """lm-evaluation-harness ``tasks`` (local YAML: tunelab's own and ``task_dirs``) on the run's merged model.
+
+    An adapter run is merged into its base once, as a real HF export in the run's folder (recorded
+    like any export), and reused after; the scores are stored on the run as ``harness/<task>/<metric>``.
+    """
+    from tunelab.evaluate.harness import check_tasks, run_harness
+    from tunelab.services.exports import export_run
+
+    check_tasks(tasks, task_dirs)  # before merging or loading anything
+    run = show_run(run_text)
+    model_dir = Path(run.artifacts["model"]) if run.artifacts.get("model") else Path(run.output_dir) / "eval" / "merged"
+    if not (model_dir / "config.json").is_file():
+        on_stage(f"merging run {run.id}'s adapter into its base for the harness (once) -> {model_dir}")
+        export_run(run.id, to="hf", out=model_dir, verify=False, force=True)
+    on_stage(f"running lm-evaluation-harness: {', '.join(tasks)}")
+    results = run_harness(model_dir, tasks, task_dirs=task_dirs, limit=limit)
+    values = {f"harness/{task}/{name}": value for task, scores in results.items() for name, value in scores.items()}
+    with session_scope(open_registry()) as s:
+        repo.add_metrics(s, run_id=run.id, step=run.step or 0, values=values)
+    return results

@@ -1,0 +1,47 @@
+"""A tiny model fine-tuned on a format its base has never seen: the run `tunelab eval` scores in these tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tests.conftest import run_cli
+
+COLOURS = ("red", "yellow", "green", "purple", "orange", "white", "black", "blue")
+ANSWER = "a fruit"  # a format the base has never seen: it fails, and 30 steps of fine-tuning learn it
+
+
+def _rows() -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": f"what is {c}?"}, {"role": "assistant", "content": ANSWER}]}
+        for c in COLOURS
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A tiny model fully fine-tuned to answer every colour question the same way; its home and run id."""
+    from tunelab.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("eval")
+    rows = _rows()
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 8), encoding="utf-8")
+    (root / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    texts = [m["content"] for r in rows for m in r["messages"]] * 20
+    model = make_tiny_checkpoint(root / "model", texts, arch="llama", vocab_size=300, hidden_size=64, num_layers=2,
+                                 num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0)  # fmt: skip
+    config = {
+        "model": {"path": str(model)},
+        "data": {"train": str(root / "train.jsonl"), "valid": str(root / "valid.jsonl"), "max_seq_len": 64},
+        "method": {"name": "full"},
+        "train": {"steps": 30, "batch_size": 8, "lr": 5e-3, "warmup": 2, "seed": 0, "eval_every": 30},
+        "output_dir": str(root / "out"),
+        "tensorboard": False,
+    }
+    (root / "cfg.yaml").write_text(json.dumps(config), encoding="utf-8")
+    home = root / "home"
+    done = run_cli("train", root / "cfg.yaml", home=home)
+    assert done.returncode == 0, done.stderr[-2000:]
+    listed = run_cli("runs", "list", "--json", home=home)
+    return home, json.loads(listed.stdout)[0]["id"]
