@@ -238,3 +238,40 @@ def test_full_finetuning_against_a_frozen_copy_or_precomputed_reference_agrees(t
         precomputed.last("val_loss"),
     )
     assert frozen.last("val_reward_accuracy") >= 0.9
+
+
+def test_dpo_killed_then_resumed_ends_at_the_uninterrupted_adapter(
+    model: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    import signal
+
+    from tests.integration.runs import adapter_diff, only_run_id, start_cli, wait_for
+
+    def write(root: Path) -> Path:
+        config = {
+            "model": {"path": str(model), "dtype": "float32"},
+            "data": {"train": str(data["preference"]), "max_seq_len": 128},
+            "method": {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.1},
+            "objective": {"name": "dpo"},
+            "train": {"steps": 24, "batch_size": 4, "lr": 1e-2, "save_every": 4, "seed": 1},
+            "backend": "torch",
+            "output_dir": str(root / "out"),
+            "tensorboard": False,
+        }
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "cfg.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+        return root / "cfg.yaml"
+
+    ref = start_cli("train", write(tmp_path / "ref"), home=tmp_path / "ref" / "home")
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err
+    home = tmp_path / "crash" / "home"
+    proc = start_cli("train", write(tmp_path / "crash"), home=home)
+    wait_for(tmp_path / "crash" / "out" / "checkpoints" / "step-8", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "crash" / "out" / "adapter").exists(), "the run finished before it could be killed"
+    resumed = start_cli("train", "--resume", only_run_id(home), home=home)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert adapter_diff(tmp_path / "ref" / "out" / "adapter", tmp_path / "crash" / "out" / "adapter") <= 1e-5
