@@ -58,13 +58,18 @@ class PruneCallback(BaseCallback):
     def __init__(self, trial: Any, metric: str) -> None:
         self.trial, self.metric = trial, metric
         self.pruned_at: int | None = None
+        self.total_steps = 0
+
+    def on_start(self, *, step: int, total_steps: int) -> None:
+        self.total_steps = total_steps
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         value = metrics.get(self.metric)
         if value is None or self.pruned_at is not None:
             return
         self.trial.report(float(value), step)
-        if self.trial.should_prune():
+        # At the last step the trial has finished anyway: it completes, with its value, rather than being pruned.
+        if step < self.total_steps and self.trial.should_prune():
             self.pruned_at = step
 
 

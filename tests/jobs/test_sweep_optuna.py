@@ -1,0 +1,49 @@
+"""An Optuna sweep through two real workers: TPE picks each trial's values as a worker takes it, the
+median pruner stops poor trials at a validation, and the study is an ordinary Optuna study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from tests.jobs.test_sweeps import _config, _tl, _two_workers
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_of_12_trials_prunes_and_its_study_loads(
+    tmp_path: Path, e2e_model: Path, chat_data: Path, workers: list
+) -> None:
+    config = _config(tmp_path, e2e_model, chat_data, steps=4, eval_every=1, warmup=0)
+    started = _tl(
+        "sweep", str(config), "train.lr=tag(log,interval(1e-6,0.3))", "method.rank=2,4",
+        "--search", "optuna", "--trials", "12", "--metric", "val_loss", "--json",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    queued = json.loads(started.stdout)
+    assert len(queued["results"]) == 12 and all(r["params"] == {} for r in queued["results"])  # picked at start
+    _two_workers(tmp_path, workers)
+
+    sweep = json.loads(_tl("sweep", "show", queued["id"], "--json").stdout)
+    results = sweep["results"]
+    states = [r["status"] for r in results]
+    assert set(states) <= {"completed", "pruned"} and states.count("pruned") >= 1, states
+    assert sorted(r["trial"] for r in results) == list(range(12))
+    for r in results:
+        assert r["config"]["train"]["lr"] == pytest.approx(r["params"]["train.lr"])
+        assert 1e-6 <= r["params"]["train.lr"] <= 0.3 and r["params"]["method.rank"] in (2, 4)
+    pruned = [r for r in results if r["status"] == "pruned"]
+    assert all(len([k for k in r["metrics"] if k == "val_loss"]) == 1 for r in pruned)
+
+    study = optuna.load_study(study_name=sweep["study"], storage=sweep["storage"])
+    by_number = {t.number: t for t in study.trials}
+    assert len(by_number) == 12
+    for r in results:
+        trial = by_number[r["trial"]]
+        assert trial.params["train.lr"] == pytest.approx(r["params"]["train.lr"])
+        if r["status"] == "pruned":
+            assert trial.state == optuna.trial.TrialState.PRUNED and trial.last_step < 4
+        else:
+            assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(r["value"])
+    assert study.best_trial.number == sweep["best"]["trial"]
