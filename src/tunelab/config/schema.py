@@ -289,6 +289,11 @@ class RunConfig(_Section):
     output_dir: str | None = Field(None, description="default: $TUNELAB_HOME/runs/<run id>")
     name: str | None = Field(None, max_length=200)
     tensorboard: bool = True
+    tracking: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where metrics go besides metrics.jsonl: tensorboard (event files in the run folder), wandb "
+        "(WANDB_MODE=offline works without network), mlflow (MLFLOW_TRACKING_URI: a folder or a server)",
+    )
 
     @model_validator(mode="after")
     def _objective_data(self) -> RunConfig:
