@@ -42,3 +42,38 @@ def test_chunked_loss_and_gradients_match_the_plain_loss(softcap: float | None, 
 def test_a_chunk_of_a_large_vocabulary_stays_small() -> None:
     assert chunk_rows(128_256) == 261  # ~128 MiB of fp32 logits per chunk
     assert chunk_rows(400) >= 80_000  # tiny vocabularies: one chunk
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_logprobs_and_their_gradients_match_the_plain_log_softmax(
+    softcap: float | None, train_head: bool, bias: bool
+) -> None:
+    from tunelab.backends.torch.linear_ce import linear_logprobs
+
+    torch.manual_seed(1)
+    n, h, v = 301, 24, 97
+    x = torch.randn(n, h, requires_grad=True)
+    head = torch.nn.Linear(h, v, bias=bias)
+    head.requires_grad_(train_head)
+    y = torch.randint(0, v, (n,))
+    weights = torch.randn(n)  # a per-position upstream gradient, as a preference loss gives
+
+    def grads() -> list[torch.Tensor]:
+        out = [x.grad.clone()] + [p.grad.clone() for p in head.parameters() if p.requires_grad]
+        x.grad = None
+        head.zero_grad()
+        return out
+
+    ours = linear_logprobs(x, head, y, softcap=softcap, rows=64)
+    (ours * weights).sum().backward()
+    mine = grads()
+    logits = head(x).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    ref = torch.log_softmax(logits, dim=-1).gather(1, y[:, None]).squeeze(1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(mine, grads(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

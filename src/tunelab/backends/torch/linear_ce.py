@@ -132,3 +132,82 @@ def linear_cross_entropy(
 def is_plain_linear(module: Any) -> bool:
     """Only an unwrapped ``nn.Linear`` head can be fused (not a LoRA-wrapped or quantized one)."""
     return type(module) is torch.nn.Linear
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Per-position log-probs of ``head(hidden)`` at ``labels``, chunked; backward recomputes each chunk.
+
+    Unlike the summed cross-entropy, the gradient of a per-position output depends on the upstream
+    gradient, which forward doesn't know, so backward projects each chunk again (one more head
+    matmul) instead of keeping ``positions × vocab`` logits alive until then.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        softcap: float,
+        rows: int,
+    ) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            z = _capped(torch.nn.functional.linear(hidden[start : start + rows], weight, bias).float(), softcap)
+            y = labels[start : start + rows]
+            out[start : start + rows] = z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.softcap, ctx.rows = softcap, rows
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        hidden, weight, bias, labels = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+        for start in range(0, hidden.shape[0], ctx.rows):
+            h, y = hidden[start : start + ctx.rows], labels[start : start + ctx.rows]
+            raw = torch.nn.functional.linear(h, weight, bias).float()
+            z = _capped(raw, ctx.softcap)
+            grad = -torch.softmax(z, dim=-1)
+            grad.scatter_add_(1, y[:, None], torch.ones_like(y[:, None], dtype=grad.dtype))
+            grad = grad * grad_out[start : start + ctx.rows, None].float()
+            if ctx.softcap:
+                grad = grad * (1.0 - torch.tanh(raw / ctx.softcap) ** 2)
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+            grad = grad.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[start : start + ctx.rows] = grad @ weight
+            if grad_w is not None:
+                grad_w.addmm_(grad.t().float(), h.float())
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _capped(z: torch.Tensor, softcap: float) -> torch.Tensor:
+    return torch.tanh(z / softcap) * softcap if softcap else z
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    labels: torch.Tensor,
+    *,
+    softcap: float | None = None,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """float32 ``log softmax(head(hidden))[i, labels[i]]`` per position, chunked (``hidden``: positions × hidden)."""
+    rows = rows or chunk_rows(head.weight.shape[0])
+    out: torch.Tensor = _LinearLogprobs.apply(hidden, head.weight, head.bias, labels, float(softcap or 0.0), rows)
+    return out

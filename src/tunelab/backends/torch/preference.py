@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from tunelab.backends.base import ObjectiveSpec
 from tunelab.backends.torch.attention import model_inputs
+from tunelab.backends.torch.linear_ce import CHUNK_ELEMENTS, is_plain_linear, linear_logprobs
 from tunelab.vocab import REFERENCE_OBJECTIVES, WHOLE_MODEL_METHODS
 
 Stats = dict[str, tuple[torch.Tensor, float]]
@@ -118,14 +119,18 @@ def token_logps(
     labels = batch["labels"][:, 1:]
     targets = labels.reshape(-1).index_select(0, positions)
     inputs = model_inputs(batch, attention)
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if fast:
         hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1]
-        logits = causal_lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        head = causal_lm.get_output_embeddings()
+        if is_plain_linear(head) and hidden.shape[0] * head.weight.shape[0] > CHUNK_ELEMENTS:
+            return linear_logprobs(hidden, head, targets, softcap=cap)  # the whole logits never exist at once
+        logits = head(hidden)
     else:
         logits = forward(**inputs, use_cache=False).logits[:, -labels.shape[1] - 1 : -1]
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
     logits = logits.float()
-    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return -F.cross_entropy(logits, targets, reduction="none")
