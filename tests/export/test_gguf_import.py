@@ -59,6 +59,8 @@ def test_convert_gguf_to_hf_carries_weights_tokenizer_and_template(
 
     done = run_cli("convert", gguf_file, "--to", "hf", "--out", tmp_path / "hf")
     assert done.returncode == 2 and "already exists" in done.stderr and "Traceback" not in done.stderr
+    to_mlx = run_cli("convert", gguf_file, "--to", "mlx", "--out", tmp_path / "mlx")
+    assert to_mlx.returncode == 2 and "converts --to hf" in to_mlx.stderr and "Traceback" not in to_mlx.stderr
 
 
 def test_gguf_base_fine_tunes_end_to_end(
