@@ -55,6 +55,7 @@ def test_doctor_prints_the_capability_table(cli: Cli) -> None:
     assert "Capabilities" in result.stdout
     assert "lora, dora, qlora, full, freeze, prefix, ia3" in result.stdout
     assert "backend: auto →" in result.stdout
+    assert "Extras" in result.stdout and "  gguf" in result.stdout  # each extra: installed, or the command to add it
 
 
 @needs_linux_mlx

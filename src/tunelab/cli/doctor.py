@@ -1,4 +1,5 @@
-"""`tunelab doctor`: what this machine has, which backend `auto` picks and why, and what each backend can do."""
+"""`tunelab doctor`: what this machine has, which backend `auto` picks and why, what each backend can do, and
+which extras are installed (with the command that adds each missing one)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ _OPTIONS = (
 
 
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print the same facts as JSON.")) -> None:
-    """Check this machine: hardware, installed backends, the backend `auto` picks, and what each can do."""
+    """Check this machine: hardware, installed backends, the backend `auto` picks, what each can do, and extras."""
     from tunelab import services
 
     report = services.doctor().to_dict()
+    report["extras"] = [extra.to_dict() for extra in services.extras()]
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -53,6 +55,20 @@ def _render(report: dict[str, Any]) -> None:
         console.print(Text.assemble(("MLX BLAS: ", "bold"), f"{blas['name']}{where}{speed} — {blas['why']}"))
         if blas["warning"]:
             console.print(Text.assemble(("warning: ", "bold yellow"), blas["warning"]))
+    _render_extras(report["extras"])
+
+
+def _render_extras(extras: list[dict[str, Any]]) -> None:
+    """One line per extra: installed, or what is missing and the one command that adds it."""
+    console.print("[bold]Extras[/]")
+    width = max((len(extra["name"]) for extra in extras), default=0)
+    for extra in extras:
+        name = extra["name"].ljust(width)
+        if extra["present"]:
+            console.print(Text.assemble(f"  {name}  ", ("installed", "green")))
+        else:
+            missing = ", ".join(extra["missing"])
+            console.print(Text.assemble(f"  {name}  ", ("missing", "yellow"), f" {missing}: {extra['command']}"))
 
 
 def _capability_table(rows: list[dict[str, Any]]) -> Table:
