@@ -30,4 +30,5 @@ python -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[all,d
 python -m ruff check src tests bench scripts
 python -m ruff format --check src tests bench scripts
 python -m mypy
+NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict -q --site-dir "$(mktemp -d)"  # the docs site; references generated
 python -m pytest -q -p no:cacheprovider "$@"

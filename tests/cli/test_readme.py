@@ -1,5 +1,6 @@
-"""The README shows only what exists: every `tunelab ...` command it shows names a real subcommand and real
-flags (read from that command's --help, through the real CLI), and the cheap ones run (issue 22 item 13).
+"""The README and the docs pages show only what exists: every `tunelab ...` command they show names a real
+subcommand and real flags (read from that command's --help, through the real CLI), and the cheap ones run
+(issue 22 item 13; the docs site, issue 21).
 Help screens show flags without a `<bool>` placeholder (item 21).
 """
 
@@ -16,7 +17,8 @@ import pytest
 from tests.conftest import run_cli
 
 Cli = Callable[..., CompletedProcess]
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # Commands that need nothing but a registry, so the test runs them as the README shows them.
 CHEAP = {("runs", "list"), ("jobs", "list"), ("data", "cache"), ("doctor",)}
 
@@ -25,7 +27,8 @@ def readme_commands() -> list[str]:
     """The text after ``tunelab`` of every command shown in a shell code block or an inline code span."""
     shown: list[str] = []
     fence: str | None = None  # the open code block's language, None outside one
-    for line in README.read_text(encoding="utf-8").splitlines():
+    lines = [line for page in PAGES for line in page.read_text(encoding="utf-8").splitlines()]
+    for line in lines:
         if line.startswith("```"):
             fence = line[3:].strip() if fence is None else None
         elif fence in ("bash", "sh", ""):
@@ -74,7 +77,7 @@ def test_every_command_the_readme_shows_exists_with_its_flags(shown: str) -> Non
 
 @pytest.mark.parametrize("path", sorted(CHEAP))
 def test_the_cheap_readme_commands_run(path: tuple[str, ...]) -> None:
-    assert any(c.split()[: len(path)] == list(path) for c in readme_commands()), f"the README no longer shows {path}"
+    assert any(c.split()[: len(path)] == list(path) for c in readme_commands()), f"neither README nor docs show {path}"
     result = run_cli(*path, env={"COLUMNS": "120"})
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
 
