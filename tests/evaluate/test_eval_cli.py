@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -62,3 +63,15 @@ def test_mistakes_are_named_and_leave_no_results(trained: tuple[Path, str], tmp_
         assert done.returncode == code and says in done.stderr, (args, done.stderr[-1500:])
         assert "Traceback" not in done.stderr, done.stderr
     assert sorted((Path(shown["output_dir"]) / "eval").glob("*")) == before, "a failed eval writes nothing"
+
+
+def test_perplexity_is_exp_of_the_trainers_validation_loss(trained: tuple[Path, str]) -> None:
+    home, run_id = trained
+    done = run_cli("eval", run_id, "--metrics", "perplexity,token_loss", "--json", home=home)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = json.loads(done.stdout)["scores"]
+    val_loss = json.loads(run_cli("runs", "show", run_id, "--json", home=home).stdout)["metrics"]["val_loss"]
+    # Reloaded by transformers in float32, one example at a time: an independent path to the trainer's number.
+    assert scores["token_loss"] == pytest.approx(val_loss, rel=1e-4, abs=1e-6)
+    assert scores["perplexity"] == pytest.approx(math.exp(val_loss), rel=1e-4)
+    assert json.loads(done.stdout)["base_scores"]["perplexity"] > 10 * scores["perplexity"]

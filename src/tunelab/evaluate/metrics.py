@@ -120,6 +120,8 @@ BUILT_IN: dict[str, Metric] = {
     )
 }
 DEFAULT = ("exact_match", "contains", "bleu", "rouge_l")
+TOKEN_METRICS = ("perplexity", "token_loss")
+"""Measured on the examples' tokens rather than on generations: see :mod:`tunelab.evaluate.perplexity`."""
 _NEEDS = {"bleu": "sacrebleu", "rouge_l": "rouge_score"}
 
 
@@ -136,7 +138,7 @@ def resolve(names: Sequence[str]) -> list[Metric]:
         if metric is None:
             raise ConfigError(
                 f"--metrics: no metric named {name!r}",
-                hint=f"use one of {', '.join(BUILT_IN)}, or your own as module:function",
+                hint=f"use one of {', '.join([*BUILT_IN, *TOKEN_METRICS])}, or your own as module:function",
             )
         _require(name)
         out.append(metric)

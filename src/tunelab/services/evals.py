@@ -17,14 +17,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.tokenize import TokenizedSplit
 from tunelab.errors import ConfigError
 from tunelab.evaluate.examples import load_examples
-from tunelab.evaluate.metrics import DEFAULT, resolve
+from tunelab.evaluate.metrics import DEFAULT, TOKEN_METRICS, resolve
 from tunelab.evaluate.runner import EvalOutcome, evaluate
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.services.models import generator_for_run
 from tunelab.services.runs import show_run
+from tunelab.services.views import RunView
 
 DEFAULT_METRICS = DEFAULT
 
@@ -64,37 +66,88 @@ def eval_run(
     backend: str | None = None,
     on_stage: Callable[[str], None] = lambda _text: None,
 ) -> EvalReport:
-    """Generate greedy answers for the held-out examples with the run's model (and its base), and score them."""
-    chosen = resolve(metrics)
+    """Generate greedy answers for the held-out examples with the run's model (and its base), and score them.
+
+    ``perplexity`` and ``token_loss`` are measured on the same examples tokenized as training does them.
+    """
+    names = list(dict.fromkeys(n.strip() for n in metrics if n.strip()))
+    token_metrics = [n for n in names if n in TOKEN_METRICS]
+    chosen = resolve([n for n in names if n not in TOKEN_METRICS]) if len(names) > len(token_metrics) else []
     run = show_run(run_text)
-    source = data or run.config.get("data", {}).get("valid")
-    if not source:
-        raise ConfigError(
-            f"run {run.id} has no validation data (data.valid) to evaluate on",
-            hint="pass the held-out examples with --data FILE",
-        )
-    examples = load_examples(source, fmt=str(run.config.get("data", {}).get("format", "auto")), limit=limit)
-    on_stage(f"{len(examples)} examples from {source}; metrics {', '.join(m.name for m in chosen)}")
-    tuned = generator_for_run(run.id, backend=backend)
-    on_stage(f"answering with run {run.id}")
-    outcome = evaluate(tuned, examples, chosen, max_new_tokens=max_new_tokens)
-    base_outcome: EvalOutcome | None = None
-    if base:
-        untuned = generator_for_run(run.id, backend=backend, base=True)
-        untuned.chat = tuned.chat  # the same prompts, in the format the run was trained on
-        on_stage(f"answering with the base model {run.base_model}")
-        base_outcome = evaluate(untuned, examples, chosen, max_new_tokens=max_new_tokens)
+    source = data or _held_out(run)
+    # Plain-text data has no answers to generate but still has a perplexity: examples only when generating.
+    examples = load_examples(source, fmt=str(run.config["data"].get("format", "auto")), limit=limit) if chosen else []
+    on_stage(f"held-out examples from {source}; metrics {', '.join(names)}")
+    count = len(examples)
+    outcome, base_outcome = EvalOutcome({}), (EvalOutcome({}) if base else None)
+    if chosen:
+        tuned = generator_for_run(run.id, backend=backend)
+        on_stage(f"answering with run {run.id}")
+        outcome = evaluate(tuned, examples, chosen, max_new_tokens=max_new_tokens)
+        if base_outcome is not None:
+            untuned = generator_for_run(run.id, backend=backend, base=True)
+            untuned.chat = tuned.chat  # the same prompts, in the format the run was trained on
+            on_stage(f"answering with the base model {run.base_model}")
+            base_outcome = evaluate(untuned, examples, chosen, max_new_tokens=max_new_tokens)
+    if token_metrics:
+        on_stage("measuring token loss on the examples as training tokenizes them")
+        count = _add_token_metrics(run, data, limit, token_metrics, outcome, base_outcome)
     path = _write_examples(Path(run.output_dir), outcome, base_outcome)
     _record(run.id, run.step or 0, outcome, base_outcome, path, source)
     return EvalReport(
         run.id,
         str(source),
-        len(examples),
-        [m.name for m in chosen],
+        count,
+        [m.name for m in chosen] + token_metrics,
         outcome.scores,
         base_outcome.scores if base_outcome else None,
         str(path),
     )
+
+
+def _held_out(run: RunView) -> str:
+    """The run's validation file (data.valid, or the valid file of its data folder)."""
+    from tunelab.data.sources import resolve_files
+
+    data = run.config["data"]
+    _train, valid = resolve_files(str(data["train"]), data.get("valid"))
+    if valid is None:
+        raise ConfigError(
+            f"run {run.id} has no validation file to evaluate on",
+            hint="pass the held-out examples with --data FILE",
+        )
+    return str(valid)
+
+
+def _add_token_metrics(
+    run: RunView, data: str | None, limit: int | None, names: list[str], tuned: EvalOutcome, base: EvalOutcome | None
+) -> int:
+    """Perplexity and token loss of the run (and its base) on the held-out examples, tokenized as in training."""
+    from tunelab.config.load import load_config
+    from tunelab.data.prepare import prepare_data
+    from tunelab.evaluate.perplexity import token_loss
+    from tunelab.hub import load_tokenizer, resolve_model_path
+
+    cfg = load_config(run.config)
+    adapter = Path(run.artifacts["adapter"]) if run.artifacts.get("adapter") else None
+    tuned_dir = Path(run.artifacts["model"]) if run.artifacts.get("model") else resolve_model_path(run.base_model)
+    tokenizer = load_tokenizer(adapter or tuned_dir)  # saved with the result: the template it was trained with
+    if data is None:
+        split = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed).valid
+    else:
+        own = cfg.data.model_copy(update={"train": data, "valid": None, "valid_split": 0.0, "cache": False})
+        split = prepare_data(own, tokenizer, seed=cfg.train.seed).train
+    if split is None:
+        raise ConfigError(f"run {run.id} has no validation data to measure perplexity on", hint="pass --data FILE")
+    if limit is not None:
+        split = TokenizedSplit(list(split.input_ids)[:limit], list(split.labels)[:limit])
+    models = [(tuned, tuned_dir, adapter), (base, resolve_model_path(run.base_model), None)]
+    for outcome, folder, adapter_dir in models:
+        if outcome is not None:
+            measured = token_loss(folder, adapter_dir, split)
+            values = {"perplexity": measured.perplexity, "token_loss": measured.loss}
+            outcome.scores.update({n: values[n] for n in names})
+    return len(split.input_ids)
 
 
 def _write_examples(output_dir: Path, outcome: EvalOutcome, base: EvalOutcome | None) -> Path:
