@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tunelab.data.tokenize import TokenizedSplit
 from tunelab.errors import ConfigError
 from tunelab.vocab import IGNORE
@@ -45,11 +47,12 @@ def token_loss(model_dir: Path, adapter_dir: Path | None, split: TokenizedSplit)
     total, count = 0.0, 0
     with torch.no_grad():
         for ids, labels in zip(split.input_ids, split.labels, strict=True):
-            target = torch.as_tensor(labels[1:], dtype=torch.long)
+            # Copies: rows from the tokenization cache are read-only views of a memory-mapped file.
+            target = torch.tensor(np.asarray(labels[1:]), dtype=torch.long)
             keep = target != IGNORE
             if not bool(keep.any()):
                 continue
-            logits = model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None]).logits[0, :-1].float()
+            logits = model(input_ids=torch.tensor(np.asarray(ids), dtype=torch.long)[None]).logits[0, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
             total += float(loss.double())
             count += int(keep.sum())
