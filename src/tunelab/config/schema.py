@@ -290,7 +290,7 @@ class RunConfig(_Section):
     name: str | None = Field(None, max_length=200)
     tensorboard: bool = True
     tracking: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"],
+        ["tensorboard"],
         description="where metrics go besides metrics.jsonl: tensorboard (event files in the run folder), wandb "
         "(WANDB_MODE=offline works without network), mlflow (MLFLOW_TRACKING_URI: a folder or a server)",
     )

@@ -24,6 +24,7 @@ from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.services import run_health
 from tunelab.services.run_records import RegistryCallback
+from tunelab.services.tracking import run_trackers
 from tunelab.services.views import RunView
 from tunelab.settings import get_settings
 from tunelab.train import recipe
@@ -204,9 +205,10 @@ def _hooks(
     hooks = CallbackList(
         [
             MetricsFile(output_dir / "metrics.jsonl"),
-            *([TensorBoardCallback(output_dir / "tensorboard")] if cfg.tensorboard else []),
+            *([TensorBoardCallback(output_dir / "tensorboard")] if _tensorboard(cfg) else []),
             RegistryCallback(run_id),
             *events,
+            *run_trackers(run_id, cfg, output_dir),
             *callbacks,
         ]
     )
@@ -218,6 +220,10 @@ def _hooks(
     if prep.resumed_from is not None:
         hooks.on_message(f"resuming from {prep.resumed_from.name}")
     return hooks
+
+
+def _tensorboard(cfg: RunConfig) -> bool:
+    return cfg.tensorboard and "tensorboard" in cfg.tracking
 
 
 def _record_result(
@@ -237,7 +243,7 @@ def _record_result(
         if final is not None:
             repo.add_artifact(s, run_id=run_id, kind=final.name, path=str(final))
         repo.add_artifact(s, run_id=run_id, kind="metrics", path=str(output_dir / "metrics.jsonl"))
-        if cfg.tensorboard:
+        if _tensorboard(cfg):
             repo.add_artifact(s, run_id=run_id, kind="tensorboard", path=str(output_dir / "tensorboard"))
         peak = prep.backend.peak_memory_bytes()
         repo.update_run(s, run_id, peak_memory_bytes=peak, step=result.state.step)
