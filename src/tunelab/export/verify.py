@@ -49,9 +49,9 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "8bit": (0.1, 0.8),
     "q4_0": (0.3, 0.6),
     "4bit": (0.3, 0.6),
-    # llama.cpp's K-quant mixes; measured on a LoRA-trained hidden-256 Llama (tests/export/test_kquant.py):
-    # q6_k 4%/98%, q5_k_m 13%/96%, q4_k_m 27%/81%, q3_k_m 28%/81%, q2_k 73%/54% (a near-random tiny model's
-    # logits are small, so these are looser than for a real one, whose drift is judged by perplexity).
+    # llama.cpp's K-quant mixes (relative logit diff / greedy agreement). A fully fine-tuned hidden-256 Llama
+    # (tests/export/test_kquant.py) gives q6_k 2.1%/98%, q5_k_m 4.1%/97%, q4_k_m 4.8%/99%, q3_k_m 15%/93%,
+    # q2_k 34%/89%; a barely trained LoRA one (near-flat logits) q4_k_m 27%/81%, q2_k 73%/54%, which these allow.
     "q6_k": (0.1, 0.9),
     "q5_k_m": (0.25, 0.85),
     "q5_k_s": (0.25, 0.85),
