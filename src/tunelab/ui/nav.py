@@ -11,6 +11,7 @@ LAYOUT = {
     "runs": ("Fine-tunes", "Runs"),
     "run": ("Fine-tunes", "Run"),
     "compare": ("Fine-tunes", "Compare"),
+    "sweeps": ("Fine-tunes", "Sweeps"),
     "new": ("Fine-tunes", "New fine-tune"),
     "datasets": ("Data and models", "Datasets"),
     "models": ("Data and models", "Models"),
@@ -21,12 +22,13 @@ LAYOUT = {
 
 def renderer(url_path: str) -> Callable[[], None]:
     """The function that draws the page at ``/url_path``."""
-    from tunelab.ui.pages import datasets, models, new_run, playground, run_detail, runs, system
+    from tunelab.ui.pages import datasets, models, new_run, playground, run_detail, runs, sweeps, system
 
     return {
         "runs": runs.render,
         "run": run_detail.render,
         "compare": run_detail.render_compare,
+        "sweeps": sweeps.render,
         "new": new_run.render,
         "datasets": datasets.render,
         "models": models.render,
