@@ -36,11 +36,27 @@ def eval_run(
     harness_path: list[Path] | None = typer.Option(
         None, "--harness-path", help="A folder of your own lm_eval task YAML (repeat for more)."
     ),
+    exports: bool = typer.Option(
+        False,
+        "--exports",
+        help="Instead: the same examples on each export of the run (hf, gguf, onnx, mlx), side by side.",
+    ),
+    max_drop: float | None = typer.Option(
+        None,
+        "--max-drop",
+        min=0.0,
+        help="With --exports: fail (exit 8) when an export's metric or greedy agreement "
+        "falls more than this below the run's.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Answer held-out prompts greedily with a run's model and its base; score both with the same metrics."""
     from tunelab import services
 
+    if exports:
+        chosen = metrics if metrics != _DEFAULT else "exact_match"
+        _exports(run, data, chosen, limit, max_new_tokens, max_drop, as_json)
+        return
     if harness is not None:
         _harness(run, harness, harness_path or [], limit, as_json)
         return
@@ -90,3 +106,29 @@ def _harness(run: str, tasks: str, paths: list[Path], limit: int | None, as_json
         for name, value in scores.items():
             table.add_row(task, name, f"{value:.4g}")
     console.print(table)
+
+
+def _exports(
+    run: str, data: str | None, metrics: str, limit: int | None, max_new: int, max_drop: float | None, as_json: bool
+) -> None:
+    from tunelab import services
+
+    result = services.export_table(
+        run, data=data, metrics=[m for m in metrics.split(",") if m.strip()], limit=limit, max_new_tokens=max_new,
+        max_drop=max_drop, on_stage=lambda text: err_console.print(Text(text)),
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({"run_id": result.run_id, "examples": result.examples, "rows": result.rows,
+                               "failures": result.failures}, indent=2))  # fmt: skip
+    else:
+        table = Table(title=f"run {result.run_id} and its exports on {result.examples} examples")
+        for column in ("model", *result.metrics, "greedy agreement", "perplexity ratio"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for row in result.rows:
+            scores = [f"{row['scores'][m]:.4g}" for m in result.metrics]
+            table.add_row(row["target"], *scores, f"{row['agreement']:.0%}", f"{row['perplexity_ratio']:.4f}")
+        console.print(table)
+    if result.failures:
+        for failure in result.failures:
+            err_console.print(Text(f"error: {failure}"))
+        raise typer.Exit(8)  # as a failed export verification

@@ -16,7 +16,7 @@ from tunelab.services.datasets import (
     validate_dataset,
 )
 from tunelab.services.estimates import estimate_memory
-from tunelab.services.evals import EvalReport, eval_run, harness_run
+from tunelab.services.evals import EvalReport, ExportTable, eval_run, export_table, harness_run
 from tunelab.services.exports import export_run
 from tunelab.services.jobs import (
     cancel_job,
@@ -78,6 +78,7 @@ __all__ = [
     "ChatSession",
     "DatasetReport",
     "EvalReport",
+    "ExportTable",
     "ExtraStatus",
     "JobView",
     "KeyView",
@@ -99,9 +100,10 @@ __all__ = [
     "create_key",
     "doctor",
     "estimate_memory",
-    "extras",
     "eval_run",
     "export_run",
+    "export_table",
+    "extras",
     "generator_for_run",
     "harness_run",
     "import_gguf",

@@ -208,3 +208,105 @@ def harness_run(
     with session_scope(open_registry()) as s:
         repo.add_metrics(s, run_id=run.id, step=run.step or 0, values=values)
     return results
+
+
+@dataclass(frozen=True)
+class ExportTable:
+    """The run's result and each of its exports on the same held-out examples; ``failures``: drops past the limit."""
+
+    run_id: str
+    examples: int
+    metrics: list[str]
+    rows: list[dict[str, Any]]
+    failures: list[str]
+
+
+def export_table(
+    run_text: str,
+    *,
+    data: str | None = None,
+    metrics: Sequence[str] = ("exact_match",),
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    max_drop: float | None = None,
+    on_stage: Callable[[str], None] = lambda _text: None,
+) -> ExportTable:
+    """Score the run (its adapter on its base, the reference) and every export recorded on it, side by side.
+
+    With ``max_drop``, an export whose metric falls more than that below the reference's, or whose greedy
+    answers differ from the reference's on more than that share of examples, is listed in ``failures``.
+    """
+    from tunelab.evaluate import exports as table
+
+    chosen = resolve(metrics)
+    run = show_run(run_text)
+    source = data or _held_out(run)
+    examples = load_examples(source, fmt=str(run.config["data"].get("format", "auto")), limit=limit)
+    found = [a for a in run.artifact_list if a.kind.removeprefix("export:") in table.SCORABLE]
+    found = [a for a in found if Path(a.path).exists()]
+    if not found:
+        raise ConfigError(
+            f"run {run.id} has no export to compare here ({', '.join(table.SCORABLE)})",
+            hint=f"write one first, e.g. tunelab export {run.id} --to gguf --out model.gguf",
+        )
+    reference, tokenizer, chat = _reference(run)
+    from tunelab.data.templates import template_for
+    from tunelab.data.tokenize import special_prefix
+    from tunelab.inference import stop_ids
+
+    template = template_for(tokenizer)[0] if chat else None
+    prompts = table.prompted(examples, tokenizer, template, special_prefix(tokenizer))
+
+    def answers(runtime: Any, target: str, path: str, ref: Any = None, ref_tokens: Any = None) -> Any:
+        return table.score(runtime, target, path, prompts, examples, chosen,
+                           lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
+                           stops=stop_ids(tokenizer), max_new_tokens=max_new_tokens,
+                           reference=ref, reference_tokens=ref_tokens)  # fmt: skip
+
+    on_stage(f"answering {len(examples)} examples with run {run.id} (the reference)")
+    ref_row, ref_tokens = answers(reference, "reference", str(run.output_dir))
+    rows = [ref_row]
+    for artifact in found:
+        target = artifact.kind.removeprefix("export:")
+        label = f"{target} {(artifact.meta or {}).get('precision', '')}".strip()  # gguf f32, gguf q4_0, …
+        on_stage(f"answering with the {label} export {artifact.path}")
+        row, _ = answers(table.runtime_for(target, Path(artifact.path)), label, artifact.path, ref_row, ref_tokens)
+        rows.append(row)
+    failures = _drops(rows, [m.name for m in chosen], max_drop) if max_drop is not None else []
+    dicts = [{k: v for k, v in vars(r).items() if k != "answers"} for r in rows]
+    return ExportTable(run.id, len(examples), [m.name for m in chosen], dicts, failures)
+
+
+def _reference(run: RunView) -> tuple[Any, Any, bool]:
+    """The run's own result in float32 (the base with its adapter, unmerged), its tokenizer, and chat or not."""
+    import torch
+
+    from tunelab.backends.torch.loading import load_causal_lm
+    from tunelab.export.verify import Reference
+    from tunelab.hub import load_tokenizer, resolve_model_path
+    from tunelab.vocab import CHAT_FORMATS
+
+    adapter = Path(run.artifacts["adapter"]) if run.artifacts.get("adapter") else None
+    folder = Path(run.artifacts["model"]) if run.artifacts.get("model") else resolve_model_path(run.base_model)
+    tokenizer = load_tokenizer(adapter if adapter is not None else folder)
+    model: Any = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu"), attn="auto", trust=False)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    chat = run.trained_format in CHAT_FORMATS
+    return Reference(model.eval(), tokenizer, getattr(tokenizer, "chat_template", None)), tokenizer, chat
+
+
+def _drops(rows: Sequence[Any], names: Sequence[str], max_drop: float) -> list[str]:
+    reference, failures = rows[0], []
+    for row in rows[1:]:
+        for name in names:
+            drop = reference.scores[name] - row.scores[name]
+            if drop > max_drop:
+                failures.append(
+                    f"{row.target} ({row.path}): {name} {row.scores[name]:.4g} vs {reference.scores[name]:.4g}"
+                )
+        if 1.0 - row.agreement > max_drop:
+            failures.append(f"{row.target} ({row.path}): greedy answers agree on only {row.agreement:.0%}")
+    return failures

@@ -1,0 +1,42 @@
+"""`tunelab eval RUN --exports`: the run's held-out answers beside each export's, each in its own runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_exports_answer_as_the_run_does_and_a_broken_one_fails_with_exit_8(
+    trained: tuple[Path, str], tmp_path: Path
+) -> None:
+    home, run_id = trained
+    for target, quantize, out in (("hf", None, "hf"), ("gguf", "f32", "m32.gguf"), ("gguf", "q4_0", "m4.gguf")):
+        precision = ["--quantize", quantize] if quantize else []
+        written = run_cli("export", run_id, "--to", target, "--out", tmp_path / out, *precision, home=home)
+        assert written.returncode == 0, written.stderr[-2000:]
+
+    done = run_cli("eval", run_id, "--exports", "--max-new-tokens", "8", "--max-drop", "0.5", "--json", home=home)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {row["target"]: row for row in json.loads(done.stdout)["rows"]}
+    assert set(rows) == {"reference", "hf float32", "gguf float32", "gguf q4_0"}, set(rows)
+    assert rows["reference"]["scores"]["exact_match"] >= 0.9
+    for lossless in ("hf float32", "gguf float32"):
+        assert rows[lossless]["agreement"] == 1.0, rows[lossless]
+        assert rows[lossless]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3), rows[lossless]
+    assert rows["gguf q4_0"]["perplexity_ratio"] != 1.0  # a real 4-bit file: its drop is measured, not assumed
+
+    weights = tmp_path / "hf" / "model.safetensors"  # a tensor corrupted after the export was verified
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("lm_head.weight") or k.endswith("embed_tokens.weight"))
+    tensors[name] = np.random.default_rng(0).standard_normal(tensors[name].shape).astype(tensors[name].dtype)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    broken = run_cli("eval", run_id, "--exports", "--max-new-tokens", "8", "--max-drop", "0.05", home=home)
+    assert broken.returncode == 8, broken.stderr[-2000:]
+    assert f"hf float32 ({tmp_path / 'hf'})" in broken.stderr and "Traceback" not in broken.stderr
