@@ -40,6 +40,10 @@ def test_an_optuna_study_in_the_registry_database(registry_url: str, tmp_path: P
     assert shown.trial == 0 and shown.params == {"train.lr": lr, "method.targets": targets}
     (asked,) = optuna.load_study(study_name=sweep.study, storage=sweep.storage).trials
     assert asked.state == optuna.trial.TrialState.RUNNING and asked.params["train.lr"] == lr
+    # its worker died: the next one to take the job continues the same trial instead of asking anew
+    again = begin_trial(first.job_id)
+    assert again.config == trial.config
+    assert len(optuna.load_study(study_name=sweep.study, storage=sweep.storage).trials) == 1
 
     cancelled = sweeps.cancel_sweep(sweep.id)
     assert {r.status for r in cancelled.results} == {"cancelled"} and cancelled.status == "cancelled"
