@@ -310,3 +310,26 @@ def _drops(rows: Sequence[Any], names: Sequence[str], max_drop: float) -> list[s
         if 1.0 - row.agreement > max_drop:
             failures.append(f"{row.target} ({row.path}): greedy answers agree on only {row.agreement:.0%}")
     return failures
+
+
+def eval_results(run_text: str, *, rows: int = 200) -> dict[str, Any] | None:
+    """The run's newest `tunelab eval`: its scores (and the base's) and its first ``rows`` examples; None if never."""
+    run = show_run(run_text)
+    evals = [a for a in run.artifact_list if a.kind == "eval"]
+    if not evals:
+        return None
+    newest = max(evals, key=lambda a: a.created_at or "")
+    meta = newest.meta or {}
+    examples: list[dict[str, Any]] = []
+    path = Path(newest.path)
+    if path.is_file():
+        with path.open(encoding="utf-8") as fh:
+            examples = [json.loads(line) for _, line in zip(range(rows), fh, strict=False)]
+    return {
+        "path": newest.path,
+        "data": meta.get("data"),
+        "scores": meta.get("scores") or {},
+        "base_scores": meta.get("base_scores"),
+        "examples": examples,
+        "missing": not path.is_file(),
+    }

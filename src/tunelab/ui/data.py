@@ -82,6 +82,11 @@ def run_detail(run_id: str) -> dict[str, Any]:
     return run
 
 
+def eval_results(run_id: str) -> dict[str, Any] | None:
+    """The run's newest evaluation (scores, base scores, examples), or None when it was never evaluated."""
+    return services.eval_results(run_id)
+
+
 def metric_series(run_id: str) -> dict[str, list[tuple[int, float]]]:
     """Each metric's ``(step, value)`` points in step order."""
     series: dict[str, list[tuple[int, float]]] = {}

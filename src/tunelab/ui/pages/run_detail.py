@@ -26,12 +26,14 @@ def render() -> None:
         return
     active = run["live_status"] in ACTIVE_STATUSES
     _live(run["id"], refresh=REFRESH_S if active else None)
-    config_tab, logs_tab, files_tab = st.tabs(["Config", "Logs", "Checkpoints and artifacts"])
+    config_tab, logs_tab, files_tab, eval_tab = st.tabs(["Config", "Logs", "Checkpoints and artifacts", "Evaluation"])
     config_tab.code(data.config_yaml(run["config"]), language="yaml")
     with logs_tab:
         _logs(run)
     with files_tab:
         _files(run)
+    with eval_tab:
+        _evaluation(run["id"])
 
 
 def _pick_run() -> str | None:
@@ -107,6 +109,32 @@ def _files(run: dict[str, Any]) -> None:
         st.caption("No checkpoints or artifacts yet.")
         return
     st.dataframe(artifacts, hide_index=True, width="stretch")
+
+
+def _evaluation(run_id: str) -> None:
+    """The newest `tunelab eval` of the run: base vs fine-tuned per metric, then every example's answers."""
+    found = data.eval_results(run_id)
+    if found is None:
+        st.caption(f"Not evaluated yet: `tunelab eval {run_id}` scores it and its base on held-out examples.")
+        return
+    st.write(f"Held-out examples: `{found['data']}`")
+    base = found["base_scores"] or {}
+    table = [{"metric": name, "base": base.get(name), "fine-tuned": value} for name, value in found["scores"].items()]
+    st.dataframe(table, hide_index=True, width="stretch", key="eval_scores")
+    if found["missing"]:
+        st.warning(f"The answers file {found['path']} is gone from disk.")
+        return
+    rows = [
+        {"where": e["where"], "prompt": _prompt_text(e["prompt"]), "reference": e["reference"],
+         "fine-tuned": e["prediction"], "base": e.get("base_prediction")}
+        for e in found["examples"]
+    ]  # fmt: skip
+    st.dataframe(rows, hide_index=True, width="stretch", key="eval_examples")
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A chat prompt's last message (the question), or a completion prompt as is."""
+    return str(prompt[-1]["content"]) if isinstance(prompt, list) and prompt else str(prompt)
 
 
 def render_compare() -> None:
