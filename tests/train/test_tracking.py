@@ -122,6 +122,7 @@ def test_wandb_offline_and_a_real_mlflow_server_get_every_metric(
     assert {"adapter_config.json", "adapter_model.safetensors"} <= adapter
 
 
+@pytest.mark.slow
 def test_trackers_that_cannot_work_warn_once_and_training_goes_on(
     tmp_path: Path, e2e_model: Path, chat_data: Path
 ) -> None:
