@@ -75,3 +75,17 @@ def test_perplexity_is_exp_of_the_trainers_validation_loss(trained: tuple[Path, 
     assert scores["token_loss"] == pytest.approx(val_loss, rel=1e-4, abs=1e-6)
     assert scores["perplexity"] == pytest.approx(math.exp(val_loss), rel=1e-4)
     assert json.loads(done.stdout)["base_scores"]["perplexity"] > 10 * scores["perplexity"]
+
+
+def test_any_model_folder_can_be_scored_without_a_run(trained: tuple[Path, str]) -> None:
+    home, run_id = trained
+    shown = json.loads(run_cli("runs", "show", run_id, "--json", home=home).stdout)
+    valid = home.parent / "valid.jsonl"
+    done = run_cli("eval", "--model", shown["artifacts"]["model"], "--data", valid, "--metrics", "exact_match",
+                   "--max-new-tokens", "8", "--json", home=home)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["scores"]["exact_match"] >= 0.9 and report["base_scores"] is None
+    assert Path(report["examples_file"]).parent == home / "evals"
+    bare = run_cli("eval", home=home)
+    assert bare.returncode == 2 and "--model PATH" in bare.stderr and "Traceback" not in bare.stderr

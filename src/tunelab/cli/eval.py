@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from tunelab.cli.console import console, err_console
+from tunelab.errors import ConfigError
 
 _DEFAULT = "exact_match,contains,bleu,rouge_l"
 
 
 def eval_run(
-    run: str = typer.Argument(..., help="Run id (or a unique prefix of one)."),
+    run: str | None = typer.Argument(None, help="Run id (or a unique prefix of one)."),
+    model: str | None = typer.Option(
+        None, "--model", help="Instead of a run: a model folder or hub id (needs --data)."
+    ),
+    adapter: str | None = typer.Option(None, "--adapter", help="With --model: a PEFT adapter folder to apply."),
     data: str | None = typer.Option(None, "--data", help="Held-out examples (default: the run's data.valid)."),
     metrics: str = typer.Option(
         _DEFAULT,
@@ -53,6 +59,9 @@ def eval_run(
     """Answer held-out prompts greedily with a run's model and its base; score both with the same metrics."""
     from tunelab import services
 
+    if model is not None or run is None:
+        _model(run, model, adapter, data, metrics, limit, max_new_tokens, backend, as_json)
+        return
     if exports:
         chosen = metrics if metrics != _DEFAULT else "exact_match"
         _exports(run, data, chosen, limit, max_new_tokens, max_drop, as_json)
@@ -71,10 +80,29 @@ def eval_run(
         backend=backend,
         on_stage=lambda text: err_console.print(Text(text)),
     )
+    _show(report, f"run {report.run_id}", as_json)
+
+
+def _model(
+    run: str | None, model: str | None, adapter: str | None, data: str | None, metrics: str, limit: int | None,
+    max_new: int, backend: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    from tunelab import services
+
+    if run is not None or model is None or data is None:
+        raise ConfigError("give a run id (tunelab eval RUN_ID), or --model PATH [--adapter PATH] with --data FILE")
+    report = services.eval_model(
+        model, data=data, adapter=adapter, metrics=[m for m in metrics.split(",") if m.strip()], limit=limit,
+        max_new_tokens=max_new, backend=backend, on_stage=lambda text: err_console.print(Text(text)),
+    )  # fmt: skip
+    _show(report, report.run_id, as_json)
+
+
+def _show(report: Any, title: str, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
-    table = Table(title=f"run {report.run_id} on {report.examples} examples")
+    table = Table(title=f"{title} on {report.examples} examples")
     table.add_column("metric")
     if report.base_scores is not None:
         table.add_column("base", justify="right")

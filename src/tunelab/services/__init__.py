@@ -16,7 +16,15 @@ from tunelab.services.datasets import (
     validate_dataset,
 )
 from tunelab.services.estimates import estimate_memory
-from tunelab.services.evals import EvalReport, ExportTable, eval_results, eval_run, export_table, harness_run
+from tunelab.services.evals import (
+    EvalReport,
+    ExportTable,
+    eval_model,
+    eval_results,
+    eval_run,
+    export_table,
+    harness_run,
+)
 from tunelab.services.exports import export_run
 from tunelab.services.jobs import (
     cancel_job,
@@ -100,6 +108,7 @@ __all__ = [
     "create_key",
     "doctor",
     "estimate_memory",
+    "eval_model",
     "eval_results",
     "eval_run",
     "export_run",

@@ -92,7 +92,7 @@ def eval_run(
     if token_metrics:
         on_stage("measuring token loss on the examples as training tokenizes them")
         count = _add_token_metrics(run, data, limit, token_metrics, outcome, base_outcome)
-    path = _write_examples(Path(run.output_dir), outcome, base_outcome)
+    path = _write_examples(Path(run.output_dir) / "eval", outcome, base_outcome)
     _record(run.id, run.step or 0, outcome, base_outcome, path, source)
     return EvalReport(
         run.id,
@@ -103,6 +103,38 @@ def eval_run(
         base_outcome.scores if base_outcome else None,
         str(path),
     )
+
+
+def eval_model(
+    model: str,
+    *,
+    data: str,
+    adapter: str | None = None,
+    metrics: Sequence[str] = DEFAULT,
+    limit: int | None = None,
+    max_new_tokens: int = 128,
+    backend: str | None = None,
+    on_stage: Callable[[str], None] = lambda _text: None,
+) -> EvalReport:
+    """Score any model folder or hub id (optionally with a PEFT ``adapter``) on ``data``: no run needed.
+
+    The answers go to a file under ``$TUNELAB_HOME/evals``; nothing is recorded in the registry.
+    """
+    from tunelab.inference import load_generator
+    from tunelab.settings import get_settings
+
+    names = [n.strip() for n in metrics if n.strip()]
+    if any(n in TOKEN_METRICS for n in names):
+        raise ConfigError("perplexity and token_loss need a run (its data settings say how to tokenize)",
+                          hint="evaluate a run (tunelab eval RUN_ID), or leave them out")  # fmt: skip
+    chosen = resolve(names)
+    examples = load_examples(data, limit=limit)
+    label = model + (f" + {adapter}" if adapter else "")
+    on_stage(f"{len(examples)} examples from {data}; answering with {label}")
+    generator = load_generator(model=model, adapter=adapter, backend=backend or "auto")
+    outcome = evaluate(generator, examples, chosen, max_new_tokens=max_new_tokens)
+    path = _write_examples(get_settings().home / "evals", outcome, None)
+    return EvalReport(label, str(data), len(examples), [m.name for m in chosen], outcome.scores, None, str(path))
 
 
 def _held_out(run: RunView) -> str:
@@ -150,9 +182,8 @@ def _add_token_metrics(
     return len(split.input_ids)
 
 
-def _write_examples(output_dir: Path, outcome: EvalOutcome, base: EvalOutcome | None) -> Path:
+def _write_examples(folder: Path, outcome: EvalOutcome, base: EvalOutcome | None) -> Path:
     """One JSON line per example (its prompt, reference, the run's answer and the base's), written atomically."""
-    folder = output_dir / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     path = folder / f"examples-{stamp}.jsonl"
