@@ -12,6 +12,7 @@ from typing import Any
 import typer
 from rich.text import Text
 
+from tunelab.cli import app as app_cmd
 from tunelab.cli import auth as auth_cmd
 from tunelab.cli import chat as chat_cmd
 from tunelab.cli import config as config_cmd
@@ -58,6 +59,7 @@ app.add_typer(jobs_cmd.app, name="jobs")
 app.command("sweep")(sweep_cmd.sweep)
 app.add_typer(auth_cmd.app, name="auth")
 app.command("ui")(ui_cmd.ui)
+app.command("app")(app_cmd.app)
 
 
 def _print_version(value: bool) -> None:
