@@ -43,3 +43,33 @@ def test_mlx_adapter_loads_in_mlx_lm_and_generates_as_tunelab_does(
     for _ in range(12):
         seq.append(int(mx.argmax(model(mx.array([seq]))[0, -1]).item()))
     assert seq[len(prompt) :] == want
+
+
+@pytest.mark.slow  # trains its own DoRA run (~15 s)
+def test_dora_adapter_goes_to_mlx_lm_with_its_magnitudes_and_is_refused_for_llama_cpp(
+    chat_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mlx-lm applies DoRA (``m / ||W + s B A||`` per row) as PEFT does; llama.cpp can only add B A."""
+    pytest.importorskip("mlx_lm")
+    from safetensors.numpy import load_file
+    from tests.export.conftest import source_of
+    from tests.integration.conftest import base_config, tiny_model_from
+
+    from tunelab import services
+    from tunelab.config.load import load_config
+    from tunelab.errors import ModelError
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    base = tiny_model_from(chat_data, tmp_path / "base", arch="qwen2", hidden_size=64, num_heads=4)
+    raw = base_config(base, chat_data, tmp_path / "run", steps=3)
+    raw["method"] = {**raw["method"], "name": "dora", "targets": "all-linear"}
+    assert services.start_run(load_config(raw)).status == "completed"
+    source = source_of(tmp_path / "run", base)
+
+    result = export_model(source, "mlx-adapter", tmp_path / "mlx")
+    assert result.report is not None and result.report["passed"], result.report
+    assert result.report["relative_logit_diff"] < 1e-3 and result.report["greedy_agreement"] == 1.0
+    assert json.loads((result.path / "adapter_config.json").read_text())["fine_tune_type"] == "dora"
+    assert "model.layers.0.self_attn.q_proj.m" in load_file(str(result.path / "adapters.safetensors"))
+    with pytest.raises(ModelError, match="DoRA rescales every weight column"):
+        export_model(source, "gguf-adapter", tmp_path / "adapter.gguf")

@@ -41,6 +41,7 @@ REFUSED: dict[str, str] = {
     "LOKR": "LoKr's Kronecker product is not the A/B sum llama.cpp applies",
 }
 _PREFIX = "base_model.model."
+_MAGNITUDE = ".lora_magnitude_vector"
 
 
 def write_adapter(source: ExportSource, merged: Merged, out: Path, quantize: str | None) -> Written:
@@ -68,8 +69,11 @@ def write_adapter(source: ExportSource, merged: Merged, out: Path, quantize: str
     )
 
 
-def require_adapter(source: ExportSource) -> Path:
-    """The run's adapter folder, when llama.cpp can apply it; a StateError/ModelError saying why not."""
+def require_adapter(source: ExportSource, *, allow_dora: bool = False) -> Path:
+    """The run's adapter folder, when llama.cpp can apply it; a StateError/ModelError saying why not.
+
+    ``allow_dora`` is for runtimes that apply DoRA's magnitudes themselves (mlx-lm).
+    """
     if source.adapter is None:
         raise StateError(
             "this run trained the whole model, so it has no adapter to export",
@@ -78,7 +82,7 @@ def require_adapter(source: ExportSource) -> Path:
     config = adapter_config(source.adapter)
     kind = str(config.get("peft_type", "LORA"))
     why = REFUSED.get(kind) or (None if kind == "LORA" else f"{kind} adapters are not LoRA")
-    if config.get("use_dora"):
+    if config.get("use_dora") and not allow_dora:
         why = "DoRA rescales every weight column by a learned magnitude after adding the LoRA product; llama.cpp "
         why += "adapters can only add the product"
     if why is None and config.get("bias", "none") != "none":
@@ -109,6 +113,8 @@ def lora_pairs(adapter: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         name = key.removeprefix(_PREFIX)
+        if name.endswith(_MAGNITUDE):
+            continue  # DoRA's magnitudes: see magnitudes()
         for part in ("lora_A", "lora_B"):
             marker = f".{part}."
             if marker in name:
@@ -121,6 +127,19 @@ def lora_pairs(adapter: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 hint="export the merged model instead: --to gguf",
             )
     return {name: (p["lora_A"], p["lora_B"]) for name, p in pairs.items()}
+
+
+def magnitudes(adapter: Path) -> dict[str, np.ndarray]:
+    """HF weight name -> DoRA magnitude (one per output row), for a DoRA adapter; empty for plain LoRA."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    out = {}
+    for key, value in tensors.items():
+        name = key.removeprefix(_PREFIX)
+        if name.endswith(_MAGNITUDE):
+            out[name.removesuffix(_MAGNITUDE) + ".weight"] = value.float().numpy()
+    return out
 
 
 def write_lora_gguf(adapter: Path, base: Path, out: Path, *, dtype: str = "f16") -> list[str]:

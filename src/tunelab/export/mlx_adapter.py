@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.errors import ModelError
-from tunelab.export.gguf_adapter import adapter_config, lora_pairs
+from tunelab.export.gguf_adapter import adapter_config, lora_pairs, magnitudes
 from tunelab.export.gguf_adapter import require_adapter as _require_lora
 from tunelab.export.merge import Merged
 from tunelab.export.pipeline import ExportSource, Written
@@ -32,8 +32,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
 
 def require_adapter(source: ExportSource) -> Path:
-    """A plain LoRA adapter (as for llama.cpp: DoRA's PEFT magnitudes are not converted to mlx-lm's)."""
-    return _require_lora(source)
+    """A LoRA or DoRA adapter (mlx-lm applies DoRA's magnitudes as PEFT does: ``m / ||W + s B A||`` per row)."""
+    return _require_lora(source, allow_dora=True)
 
 
 def write_adapter(source: ExportSource, merged: Merged, out: Path, quantize: str | None) -> Written:
@@ -58,6 +58,8 @@ def write_adapter(source: ExportSource, merged: Merged, out: Path, quantize: str
         module = hf_name.removesuffix(".weight")
         tensors[f"{module}.lora_a"] = np.ascontiguousarray(a.T)
         tensors[f"{module}.lora_b"] = np.ascontiguousarray(b.T)
+    for hf_name, magnitude in magnitudes(adapter).items():
+        tensors[f"{hf_name.removesuffix('.weight')}.m"] = magnitude
     if len(ranks) != 1:
         raise ModelError(
             f"the adapter's modules have different ranks ({sorted(ranks)}); mlx-lm's adapter config has one",
@@ -69,12 +71,13 @@ def write_adapter(source: ExportSource, merged: Merged, out: Path, quantize: str
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapters.safetensors"))
     mlx_config = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": "dora" if config.get("use_dora") else "lora",
         "num_layers": int(base_config["num_hidden_layers"]),
         "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": sorted(keys)},
     }
     (out / "adapter_config.json").write_text(json.dumps(mlx_config, indent=2) + "\n", encoding="utf-8")
-    notes = [f"mlx-lm LoRA adapter: rank {rank}, scale {scale:g}, {len(keys)} module kinds per block"]
+    kind = "DoRA" if config.get("use_dora") else "LoRA"
+    notes = [f"mlx-lm {kind} adapter: rank {rank}, scale {scale:g}, {len(keys)} module kinds per block"]
     return Written(out, "float32", lambda: MLXAdapterRuntime(source.base, out), notes=notes)
 
 
