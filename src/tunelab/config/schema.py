@@ -178,6 +178,17 @@ class TrainCfg(_Section):
     save_every: int = Field(0, ge=0, le=MAX_INT, description="steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1, le=MAX_INT, description="newest checkpoints kept on disk")
     log_every: int = Field(1, ge=1, le=MAX_INT)
+    sample_every: int = Field(
+        0, ge=0, le=MAX_INT, description="steps between greedy answers to sample_prompts, logged beside the metrics "
+        "(metrics.jsonl, the run's events, the dashboard); 0 = off"
+    )  # fmt: skip
+    sample_prompts: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="what sample_every asks (user messages for chat data, prompts otherwise); "
+        "default: the first 3 prompts of the validation data",
+    )
+    sample_max_new_tokens: int = Field(48, ge=1, le=4096, description="longest sample answer")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~30% slower"
     )

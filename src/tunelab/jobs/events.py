@@ -38,6 +38,10 @@ class EventCallback(BaseCallback):
         if self._due():
             self.flush()
 
+    def on_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        self._pending.append(("samples", {"step": step, "samples": samples}))
+        self.flush()
+
     def on_checkpoint(self, step: int, path: Path) -> None:
         self._log(f"checkpoint saved at step {step}")
 

@@ -21,7 +21,7 @@ from tunelab.registry.repo import MIN_PREFIX_LEN, _iso, _json_safe
 from tunelab.registry.tables import EventRow, JobRow, utcnow
 from tunelab.vocab import ACTIVE_STATUSES, FINAL_STATUSES
 
-EVENT_TYPES = frozenset({"metric", "log", "status"})
+EVENT_TYPES = frozenset({"metric", "log", "status", "samples"})  # samples: train.sample_every's answers
 
 
 def new_job_id() -> str:

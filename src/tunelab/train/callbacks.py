@@ -31,6 +31,7 @@ class Callback(Protocol):
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def on_message(self, text: str) -> None: ...
+    def on_samples(self, step: int, samples: list[dict[str, str]]) -> None: ...
     def on_backoff(self, backoff: Backoff) -> None: ...
     def flush(self) -> None: ...
     def on_end(self, *, step: int, status: str) -> None: ...
@@ -80,6 +81,9 @@ class BaseCallback:
     def on_message(self, text: str) -> None:
         pass
 
+    def on_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        """Answers to the run's sample prompts at ``step`` (``prompt``, ``answer``); by default ignored."""
+
     def on_backoff(self, backoff: Backoff) -> None:
         """An out-of-memory step is retried on smaller pieces; by default, say so as a message."""
         self.on_message(
@@ -120,6 +124,11 @@ class CallbackList(BaseCallback):
         for cb in self.callbacks:
             cb.on_backoff(backoff)
 
+    def on_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        for cb in self.callbacks:
+            if hasattr(cb, "on_samples"):  # a plain object with some of the hooks is a callback too
+                cb.on_samples(step, samples)
+
     def flush(self) -> None:
         for cb in self.callbacks:
             if hasattr(cb, "flush"):  # a plain object with some of the hooks is a callback too
@@ -158,6 +167,10 @@ class MetricsFile(BaseCallback):
         self._pending.append(json.dumps({"step": step, **metrics}) + "\n")
         if self._due():
             self.flush()
+
+    def on_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        """A row of its own: ``{"step": N, "samples": [{"prompt", "answer"}, …]}``."""
+        self._pending.append(json.dumps({"step": step, "samples": samples}, ensure_ascii=False) + "\n")
 
     def flush(self) -> None:
         if not self._pending:

@@ -40,6 +40,8 @@ class LoopOptions:
     log_every: int
     keep_checkpoints: int
     checkpoint_dir: Path
+    sample_every: int = 0
+    sampler: Callable[[Backend], list[dict[str, str]]] | None = None  # answers fixed prompts (train.sample_every)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,9 @@ def _steps(
         finished = state.step == opts.total_steps
         if valid and (finished or (opts.eval_every and state.step % opts.eval_every == 0)):
             _validate(backend, valid, state, callbacks, parallel)
+        if opts.sampler is not None and opts.sample_every and (finished or state.step % opts.sample_every == 0):
+            # One process generates (a rank alone can't under FSDP: the recipe turns sampling off there).
+            callbacks.on_samples(state.step, opts.sampler(backend))
         stop = should_stop()
         saving = (opts.save_every and state.step % opts.save_every == 0) or stop
         # The weights are the same on every rank, except under FSDP, where every rank saves its shards.

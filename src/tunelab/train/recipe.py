@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tunelab.backends.base import Backend, Batch, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.select import Choice, choose_backend, is_mlx_quantized, make_backend, model_type_of
@@ -205,6 +206,8 @@ def train(prep: Prepared, output_dir: Path, callbacks: BaseCallback, should_stop
         log_every=cfg.train.log_every,
         keep_checkpoints=cfg.train.keep_checkpoints,
         checkpoint_dir=output_dir / "checkpoints",
+        sample_every=cfg.train.sample_every,
+        sampler=_sampler(prep, callbacks) if cfg.train.sample_every else None,
     )
     if prep.stream.packed:
         callbacks.on_message(
@@ -220,6 +223,41 @@ def train(prep: Prepared, output_dir: Path, callbacks: BaseCallback, should_stop
         # FSDP: this rank's shards join the gather of the adapter; rank 0 alone writes it.
         prep.backend.save_adapter(result_dir(output_dir, cfg.method.name))
     return result
+
+
+def _sampler(prep: Prepared, callbacks: BaseCallback) -> Any:
+    """``train.sample_every``'s prompts (given, or the validation data's first three) ready to answer."""
+    from tunelab.data.templates import template_for
+    from tunelab.train.samples import build_sampler
+    from tunelab.vocab import CHAT_FORMATS
+
+    cfg = prep.cfg
+    if prep.parallel.group.world > 1:
+        callbacks.on_message("train.sample_every: no samples with several processes (one rank can't generate alone)")
+        return None
+    prompts = list(cfg.train.sample_prompts) or _first_prompts(prep.data.valid_path or prep.data.train_path)
+    if not prompts:
+        callbacks.on_message("train.sample_every: no prompts (set train.sample_prompts for plain-text data)")
+        return None
+    tokenizer = prep.backend.tokenizer  # type: ignore[attr-defined]  # both backends keep the one they trained with
+    chat = prep.data.format in CHAT_FORMATS
+    template = template_for(tokenizer)[0] if chat else None
+    return build_sampler(
+        prompts, tokenizer=tokenizer, chat=chat, template=template, max_new_tokens=cfg.train.sample_max_new_tokens
+    )
+
+
+def _first_prompts(path: str, count: int = 3) -> list[str]:
+    """The questions of the first ``count`` examples (a chat's last user turn, a completion's prompt)."""
+    from tunelab.errors import DataError
+    from tunelab.evaluate.examples import load_examples
+
+    try:
+        examples = load_examples(path, limit=count)
+    except DataError:  # plain text, preference pairs: nothing to ask
+        return []
+    users = [[m for m in e.messages if m.get("role") == "user"] for e in examples]
+    return [str(u[-1]["content"]) if u else e.prompt for u, e in zip(users, examples, strict=True)]
 
 
 def result_dir(output_dir: Path, method: str) -> Path:

@@ -38,6 +38,29 @@ class TensorBoardCallback(BaseCallback):
         if self._due():
             self.flush()
 
+    def on_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        """The sample answers as one Markdown table in TensorBoard's Text tab, at their step."""
+        if self._writer is None:
+            return
+        import numpy as np
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.plugins.text import metadata
+        from tensorboard.util import tensor_util
+
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        table = "| prompt | answer |\n|---|---|\n" + "".join(
+            f"| {cell(s['prompt'])} | {cell(s['answer'])} |\n" for s in samples
+        )
+        value = summary_pb2.Summary.Value(
+            tag="samples",
+            metadata=metadata.create_summary_metadata(display_name=None, description=None),
+            tensor=tensor_util.make_tensor_proto(np.array(table, dtype=object)),
+        )
+        event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=[value]))
+        self._writer.add_event(event)
+
     def flush(self) -> None:
         if self._writer is None or not self._pending:
             return

@@ -33,6 +33,7 @@ def render() -> None:
     with files_tab:
         _files(run)
     with eval_tab:
+        _samples(run)
         _evaluation(run["id"])
 
 
@@ -86,7 +87,7 @@ def _job_of(run: dict[str, Any]) -> str | None:
 
 
 def _logs(run: dict[str, Any]) -> None:
-    events = [e for e in run["events"] if e["type"] != "metric"]
+    events = [e for e in run["events"] if e["type"] not in ("metric", "samples")]
     if not events:
         st.caption("No job events: this run was started with `tunelab train`, not as a job.")
         return
@@ -109,6 +110,19 @@ def _files(run: dict[str, Any]) -> None:
         st.caption("No checkpoints or artifacts yet.")
         return
     st.dataframe(artifacts, hide_index=True, width="stretch")
+
+
+def _samples(run: dict[str, Any]) -> None:
+    """The answers to ``train.sample_every``'s prompts, step by step (from the run's events)."""
+    rows = [
+        {"step": e["step"], "prompt": sample["prompt"], "answer": sample["answer"]}
+        for e in run["events"]
+        if e["type"] == "samples"
+        for sample in e.get("samples", [])
+    ]
+    if rows:
+        st.subheader("Samples while training")
+        st.dataframe(rows, hide_index=True, width="stretch", key="train_samples")
 
 
 def _evaluation(run_id: str) -> None:
