@@ -68,7 +68,7 @@ def test_an_old_registry_keeps_its_metrics_artifacts_jobs_and_events_after_the_u
         counts = {
             t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar()
             for t in ("metrics", "artifacts", "jobs", "events")
-        }  # noqa: E501
+        }
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1, "foreign keys are back on after the upgrade"
     assert counts == {"metrics": 1, "artifacts": 1, "jobs": 1, "events": 1}, counts
     with session_scope(upgraded) as s:
