@@ -6,6 +6,7 @@ will, and compares its logits with the merged model's.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,23 @@ def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Writ
 
 
 class MLXRuntime:
-    """The folder as ``mlx_lm.load`` gives it."""
+    """The folder as ``mlx_lm.load`` gives it; with ``adapter``, the base with an mlx-lm adapter applied
+    (``mlx_lm.load(base, adapter_path=...)``, as the ``mlx-adapter`` export is checked)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, adapter: Path | None = None) -> None:
         from tunelab.backends.mlx.blas import ensure_fast_blas
 
         ensure_fast_blas()
         from mlx_lm import load
 
-        loaded: Any = load(str(folder))
+        if adapter is None:
+            loaded: Any = load(str(folder))
+        else:
+            from tunelab.backends.mlx.hf_config import rope_fixes
+
+            # A config.json written by transformers 5 keeps rope_theta where mlx-lm doesn't look (see rope_fixes).
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            loaded = load(str(folder), adapter_path=str(adapter), model_config=rope_fixes(config))
         self.model, self.tokenizer = loaded[0], loaded[1]
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,6 +25,7 @@ from tunelab.errors import ModelError
 from tunelab.export.gguf_adapter import adapter_config, lora_pairs, magnitudes
 from tunelab.export.gguf_adapter import require_adapter as _require_lora
 from tunelab.export.merge import Merged
+from tunelab.export.mlx import MLXRuntime
 from tunelab.export.pipeline import ExportSource, Written
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
@@ -78,32 +78,4 @@ def write_adapter(source: ExportSource, merged: Merged, out: Path, quantize: str
     (out / "adapter_config.json").write_text(json.dumps(mlx_config, indent=2) + "\n", encoding="utf-8")
     kind = "DoRA" if config.get("use_dora") else "LoRA"
     notes = [f"mlx-lm {kind} adapter: rank {rank}, scale {scale:g}, {len(keys)} module kinds per block"]
-    return Written(out, "float32", lambda: MLXAdapterRuntime(source.base, out), notes=notes)
-
-
-class MLXAdapterRuntime:
-    """The base with the adapter as ``mlx_lm.load(base, adapter_path=...)`` gives it."""
-
-    def __init__(self, base: Path, adapter: Path) -> None:
-        from tunelab.backends.mlx.blas import ensure_fast_blas
-        from tunelab.backends.mlx.hf_config import rope_fixes
-
-        ensure_fast_blas()
-        from mlx_lm import load
-
-        # A config.json written by transformers 5 keeps rope_theta where mlx-lm doesn't look (see rope_fixes).
-        config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-        loaded: Any = load(str(base), adapter_path=str(adapter), model_config=rope_fixes(config))
-        self.model, self.tokenizer = loaded[0], loaded[1]
-
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        return list(self.tokenizer._tokenizer(text, add_special_tokens=add_special)["input_ids"])
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        import mlx.core as mx
-
-        out = self.model(mx.array([ids]))[0].astype(mx.float32)
-        return np.array(out)
-
-    def chat_template(self) -> str | None:
-        return getattr(self.tokenizer, "chat_template", None)
+    return Written(out, "float32", lambda: MLXRuntime(source.base, adapter=out), notes=notes)
