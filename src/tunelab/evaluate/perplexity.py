@@ -30,12 +30,12 @@ class TokenLoss:
         return math.exp(min(self.loss, 50.0))
 
 
-def token_loss(model_dir: Path, adapter_dir: Path | None, split: TokenizedSplit) -> TokenLoss:
-    """Summed cross-entropy over every supervised token of ``split``, divided by their count."""
+def load_scoring_model(model_dir: Path, adapter_dir: Path | None) -> Any:
+    """The model in float32 on the CPU, with its PEFT adapter applied unmerged: the reference scores are taken on."""
     try:
         import torch
     except ImportError:
-        raise ConfigError("the perplexity metric needs PyTorch", hint="pip install 'tunelab[torch]'") from None
+        raise ConfigError("scoring a model this way needs PyTorch", hint="pip install 'tunelab[torch]'") from None
     from tunelab.backends.torch.loading import load_causal_lm
 
     model: Any = load_causal_lm(model_dir, dtype=torch.float32, device=torch.device("cpu"), attn="auto", trust=False)
@@ -43,7 +43,14 @@ def token_loss(model_dir: Path, adapter_dir: Path | None, split: TokenizedSplit)
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
+    return model.eval()
+
+
+def token_loss(model_dir: Path, adapter_dir: Path | None, split: TokenizedSplit) -> TokenLoss:
+    """Summed cross-entropy over every supervised token of ``split``, divided by their count."""
+    import torch
+
+    model = load_scoring_model(model_dir, adapter_dir)
     total, count = 0.0, 0
     with torch.no_grad():
         for ids, labels in zip(split.input_ids, split.labels, strict=True):

@@ -310,9 +310,7 @@ def export_table(
 
 def _reference(run: RunView) -> tuple[Any, Any, bool]:
     """The run's own result in float32 (the base with its adapter, unmerged), its tokenizer, and chat or not."""
-    import torch
-
-    from tunelab.backends.torch.loading import load_causal_lm
+    from tunelab.evaluate.perplexity import load_scoring_model
     from tunelab.export.verify import Reference
     from tunelab.hub import load_tokenizer, resolve_model_path
     from tunelab.vocab import CHAT_FORMATS
@@ -320,13 +318,9 @@ def _reference(run: RunView) -> tuple[Any, Any, bool]:
     adapter = Path(run.artifacts["adapter"]) if run.artifacts.get("adapter") else None
     folder = Path(run.artifacts["model"]) if run.artifacts.get("model") else resolve_model_path(run.base_model)
     tokenizer = load_tokenizer(adapter if adapter is not None else folder)
-    model: Any = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu"), attn="auto", trust=False)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
+    model = load_scoring_model(folder, adapter)
     chat = run.trained_format in CHAT_FORMATS
-    return Reference(model.eval(), tokenizer, getattr(tokenizer, "chat_template", None)), tokenizer, chat
+    return Reference(model, tokenizer, getattr(tokenizer, "chat_template", None)), tokenizer, chat
 
 
 def _drops(rows: Sequence[Any], names: Sequence[str], max_drop: float) -> list[str]:
