@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,28 +81,29 @@ class Generator:
             shown = text
 
     def conversation_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        if not self.chat:  # a plain-text model: the conversation's last message is the prompt
-            return self.prompt_ids(messages[-1]["content"])
-        template, _ = template_for(self.tokenizer)
-        text = self.tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return prompt_token_ids(self.tokenizer, messages, chat=self.chat)
 
     def complete(self, prompt: str, **kwargs: Any) -> str:
         return "".join(self.stream(prompt, **kwargs))
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        if self.chat:
-            template, _ = template_for(self.tokenizer)
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}],
-                chat_template=template,
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return special_prefix(self.tokenizer) + list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return prompt_token_ids(self.tokenizer, [{"role": "user", "content": prompt}], chat=self.chat)
+
+
+def prompt_token_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], *, chat: bool) -> list[int]:
+    """The ids a model is asked: the conversation through the chat template, ending on an open assistant turn,
+    or for a plain-text model the last message's text after the tokenizer's special prefix (BOS).
+
+    The one place prompts become ids, so `generate`, `chat`, `eval` and training samples ask alike.
+    """
+    if not chat:
+        text = messages[-1]["content"]
+        return special_prefix(tokenizer) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    template, _ = template_for(tokenizer)
+    text = tokenizer.apply_chat_template(
+        list(messages), chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def stop_ids(tokenizer: Any) -> list[int]:

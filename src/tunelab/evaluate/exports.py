@@ -67,19 +67,14 @@ class Prompted:
     answer: list[int]
 
 
-def prompted(
-    examples: Sequence[EvalExample], tokenizer: Any, template: str | None, prefix: list[int]
-) -> list[Prompted]:
-    """Token ids as `tunelab generate` builds them: the chat template for chats, ``prefix`` + text otherwise."""
+def prompted(examples: Sequence[EvalExample], tokenizer: Any, *, chat: bool) -> list[Prompted]:
+    """Token ids as `tunelab generate` builds them for the run's format, and each reference answer's tokens."""
+    from tunelab.inference import prompt_token_ids
+
     out = []
     for example in examples:
-        if example.messages:
-            text = tokenizer.apply_chat_template(
-                list(example.messages), chat_template=template, tokenize=False, add_generation_prompt=True
-            )
-            prompt = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            prompt = prefix + list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+        messages = list(example.messages) or [{"role": "user", "content": example.prompt}]
+        prompt = prompt_token_ids(tokenizer, messages, chat=chat)
         out.append(Prompted(prompt, list(tokenizer(example.reference, add_special_tokens=False)["input_ids"])))
     return out
 

@@ -281,12 +281,9 @@ def export_table(
             hint=f"write one first, e.g. tunelab export {run.id} --to gguf --out model.gguf",
         )
     reference, tokenizer, chat = _reference(run)
-    from tunelab.data.templates import template_for
-    from tunelab.data.tokenize import special_prefix
     from tunelab.inference import stop_ids
 
-    template = template_for(tokenizer)[0] if chat else None
-    prompts = table.prompted(examples, tokenizer, template, special_prefix(tokenizer))
+    prompts = table.prompted(examples, tokenizer, chat=chat)
 
     def answers(runtime: Any, target: str, path: str, ref: Any = None, ref_tokens: Any = None) -> Any:
         return table.score(runtime, target, path, prompts, examples, chosen,

@@ -227,7 +227,6 @@ def train(prep: Prepared, output_dir: Path, callbacks: BaseCallback, should_stop
 
 def _sampler(prep: Prepared, callbacks: BaseCallback) -> Any:
     """``train.sample_every``'s prompts (given, or the validation data's first three) ready to answer."""
-    from tunelab.data.templates import template_for
     from tunelab.train.samples import build_sampler
     from tunelab.vocab import CHAT_FORMATS
 
@@ -241,10 +240,7 @@ def _sampler(prep: Prepared, callbacks: BaseCallback) -> Any:
         return None
     tokenizer = prep.backend.tokenizer  # type: ignore[attr-defined]  # both backends keep the one they trained with
     chat = prep.data.format in CHAT_FORMATS
-    template = template_for(tokenizer)[0] if chat else None
-    return build_sampler(
-        prompts, tokenizer=tokenizer, chat=chat, template=template, max_new_tokens=cfg.train.sample_max_new_tokens
-    )
+    return build_sampler(prompts, tokenizer=tokenizer, chat=chat, max_new_tokens=cfg.train.sample_max_new_tokens)
 
 
 def _first_prompts(path: str, count: int = 3) -> list[str]:

@@ -43,20 +43,9 @@ class Sampler:
         return out
 
 
-def build_sampler(
-    prompts: Sequence[str], *, tokenizer: Any, chat: bool, template: str | None, max_new_tokens: int
-) -> Sampler:
-    """Token ids for ``prompts``: a user turn through the chat ``template``, or the plain text after BOS."""
-    from tunelab.data.tokenize import special_prefix
-    from tunelab.inference import stop_ids
+def build_sampler(prompts: Sequence[str], *, tokenizer: Any, chat: bool, max_new_tokens: int) -> Sampler:
+    """Token ids for ``prompts``, each a user turn, as `tunelab generate` builds them for this run's format."""
+    from tunelab.inference import prompt_token_ids, stop_ids
 
-    ids = []
-    for text in prompts:
-        if chat:
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], chat_template=template, tokenize=False, add_generation_prompt=True
-            )
-            ids.append(tuple(tokenizer(rendered, add_special_tokens=False)["input_ids"]))
-        else:
-            ids.append(tuple(special_prefix(tokenizer) + list(tokenizer(text, add_special_tokens=False)["input_ids"])))
-    return Sampler(tuple(prompts), tuple(ids), tuple(stop_ids(tokenizer)), max_new_tokens, tokenizer)
+    ids = tuple(tuple(prompt_token_ids(tokenizer, [{"role": "user", "content": t}], chat=chat)) for t in prompts)
+    return Sampler(tuple(prompts), ids, tuple(stop_ids(tokenizer)), max_new_tokens, tokenizer)
