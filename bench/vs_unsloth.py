@@ -322,9 +322,9 @@ def main() -> None:
                 at = Row(row.name, row.shape, row.method, 1, seq, True)
                 if stack == "tunelab":
                     data = write_data(args.workdir / f"text-{seq}.jsonl", 4 + 8, seq)
-                    result = run_tunelab(at, model, data, 3, 1, args.workdir, args.cap_gib, args.unsloth_site)
-                else:
-                    result = run_unsloth(at, model, 3, args.unsloth_site, args.cap_gib)
+                    result = run_tunelab(at, model, data, 2, 1, args.workdir, args.cap_gib, args.unsloth_site)
+                else:  # two steps: the second runs with AdamW's state allocated, where the peak is
+                    result = run_unsloth(at, model, 2, args.unsloth_site, args.cap_gib)
                 _emit({**result, "cap_gib": args.cap_gib}, sink)
                 return "tok_s" in result
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
-from tunelab.backends.torch.backend import TorchBackend, offload_checkpoints
+from tunelab.backends.torch.backend import TorchBackend
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.loading import decoder_layers
+from tunelab.backends.torch.offload import offload_checkpoints
 from tunelab.errors import ConfigError
 
 

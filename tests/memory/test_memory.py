@@ -195,3 +195,33 @@ def test_a_measured_peak_far_from_the_estimate_is_said_and_a_close_one_is_not(ti
     below = plan.measured(int(total * 0.5))
     assert below is not None and "50% below" in below
     assert plan.measured(None) is None
+
+
+def test_on_a_gpu_the_peak_is_compared_with_the_tensor_estimate(tiny_model_dir: Path) -> None:
+    """torch.cuda.max_memory_allocated sees tensors only: the runtime and allocator lines are not in it."""
+    plan = estimate_config(load_config(_config(tiny_model_dir, batch_size=4)), device="cuda")
+    assert plan.estimate is not None
+    tensors = plan.estimate.tensor_bytes
+    assert plan.estimate.peak_bytes == tensors < plan.estimate.total
+    assert plan.measured(int(tensors * 1.1)) is None
+    assert "above the estimate" in str(plan.measured(int(tensors * 1.3)))
+
+
+def test_host_embeddings_take_the_table_off_the_gpu_where_the_backend_can(tmp_path: Path) -> None:
+    """auto follows offloaded checkpoints; a tied table (read whole by the head) stays."""
+    untied, tied = tmp_path / "untied", tmp_path / "tied"
+    for folder, tie in ((untied, False), (tied, True)):
+        folder.mkdir()
+        config = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1024,
+                  "num_hidden_layers": 2, "num_attention_heads": 8, "tie_word_embeddings": tie}  # fmt: skip
+        (folder / "config.json").write_text(json.dumps(config))
+    weights = {}
+    for folder in (untied, tied):
+        for gc in (False, True):
+            cfg = load_config(_config(folder, batch_size=1, gradient_checkpointing=gc))
+            plan = estimate_config(cfg, device="cuda")
+            assert plan.estimate is not None
+            weights[folder.name, gc] = plan.estimate.get("weights")
+    table = 32000 * 512 * 2  # bf16 on CUDA
+    assert weights["untied", False] - weights["untied", True] == table
+    assert weights["tied", False] == weights["tied", True]

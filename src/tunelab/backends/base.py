@@ -34,6 +34,8 @@ class ModelSpec:
     packing: bool = False  # batches carry position_ids/segment_ids: attention must stay per example
     offload_activations: bool = False  # CUDA: saved activations live in pinned CPU memory
     offload_checkpoints: bool | str = "auto"  # CUDA + checkpointing: layer inputs in pinned CPU memory
+    offload_embeddings: bool | str = "auto"  # CUDA, adapters: the frozen input-embedding table in CPU memory
+    tiled_mlp: bool | str = False  # torch: each layer's MLP over tiles of positions ("auto": chosen, not asked)
     memory_limit_bytes: int | None = None  # MLX on Metal: wired/cache limits derived from the estimate
     parallel: str = "auto"  # train.parallel; torch with fsdp: sharded model and DCP checkpoints
     processes: int = 1  # data-parallel processes of this run (each holds its share's gradient)

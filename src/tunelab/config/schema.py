@@ -31,6 +31,11 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 MAX_INT = 2**31 - 1
 
 
+# Micro-batch tokens from which train.tiled_mlp: auto tiles the MLPs (an 8B Llama's MLP intermediates then pass 1 GiB).
+TILED_MLP_FROM = 16_384
+MLP_TILE_TOKENS = 4096  # positions per tile (backends/torch/tiled_mlp.py; the estimator models the same)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -215,6 +220,18 @@ class TrainCfg(_Section):
         "copied out and back while other layers compute, so GPU memory barely grows with sequence length; "
         "auto = on wherever it applies (CUDA, gradient_checkpointing, not fsdp or prefix)",
     )
+    offload_embeddings: bool | Literal["auto"] = Field(
+        "auto",
+        description="CUDA, adapter methods: the frozen input-embedding table stays in pinned CPU memory and only "
+        "the batch's rows are copied in (1 GiB less GPU memory for an 8B Llama); not for tied or scaled "
+        "embeddings; auto = on wherever checkpoints are offloaded",
+    )
+    tiled_mlp: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch: each layer's MLP runs over tiles of 4,096 positions and saves only its input, so long "
+        "rows need a fraction of the memory (costs a little time outside offloaded checkpoints); auto = on with "
+        f"gradient_checkpointing when a micro-batch holds {TILED_MLP_FROM:,} tokens or more",
+    )
     parallel: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
         description="several processes (torchrun, --nproc): ddp = each holds the model and trains on its share "
@@ -319,6 +336,19 @@ class RunConfig(_Section):
                 "remove data.mask_prompt: false and data.train_on: everything"
             )
         return self
+
+    @property
+    def tiles_mlp(self) -> bool:
+        """Whether the run tiles its MLPs (``train.tiled_mlp``; auto: long micro-batches with checkpointing)."""
+        t = self.train
+        if t.tiled_mlp != "auto":
+            return t.tiled_mlp
+        batch = t.batch_size if isinstance(t.batch_size, int) else 1
+        return (
+            t.gradient_checkpointing
+            and self.method.name != "prefix"
+            and batch * self.data.max_seq_len >= TILED_MLP_FROM
+        )
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (what the registry stores and the API returns)."""

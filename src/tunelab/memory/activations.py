@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tunelab.config.schema import MLP_TILE_TOKENS
 from tunelab.memory.shapes import ModelShape
 from tunelab.memory.workload import CHUNK_ELEMENTS, DTYPE_BYTES, Workload, targeted
 from tunelab.vocab import LORA_METHODS, WHOLE_MODEL_METHODS
@@ -20,8 +21,8 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> float:
         attention += a * shape.heads * work.seq_len  # MLX keeps the attention weights for backward
     elif shape.eager_attention:
         attention += (4 if a == 4 else 6) * shape.heads * work.seq_len  # fp32 softmax (and its 16-bit cast)
-    mlp = a * 3 * i
-    inputs = {"attn": h, "o": shape.q_dim, "mlp": h, "down": i}
+    mlp = a * h if work.tiled_mlp else a * 3 * i  # tiled: only the MLP's input is saved
+    inputs = {"attn": h, "o": shape.q_dim, "mlp": h, "down": 0 if work.tiled_mlp else i}
     saved_inputs = 0.0
     if work.method == "full" or work.method == "freeze":
         share = 1.0 if work.method == "full" else min(work.trained_layers, shape.layers) / shape.layers
@@ -46,8 +47,9 @@ def compiled_layer_bytes(shape: ModelShape, work: Workload) -> float:
     """
     a = DTYPE_BYTES[work.dtype]
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
-    kept: float = a * (2 * h + 2 * q + 2 * kv + 2 * i) + 4 * shape.heads
-    cheap = a * (shape.norms_per_layer * h + q + i)
+    mlp = h if work.tiled_mlp else 2 * i  # tiled: the MLP's input instead of gate and up
+    kept: float = a * (2 * h + 2 * q + 2 * kv + mlp) + 4 * shape.heads
+    cheap = a * (shape.norms_per_layer * h + q + (0 if work.tiled_mlp else i))
     if work.method in WHOLE_MODEL_METHODS or work.activation_budget >= 1.0:
         kept += cheap  # trained weights need their inputs (and budget 1 keeps everything)
     elif work.activation_budget < 0.8:
@@ -133,7 +135,13 @@ def _chunked_loss_bytes(shape: ModelShape, work: Workload, picked: int) -> int:
 def workspace_bytes(shape: ModelShape, work: Workload) -> int:
     """Transient tensors of one decoder layer's backward (gradients of the MLP's widest tensors)."""
     t = work.tokens
-    temps = 8 * shape.intermediate * t
+    if work.tiled_mlp and t > MLP_TILE_TOKENS:  # one tile's MLP run again with its gradients, and dx being filled
+        tile = MLP_TILE_TOKENS
+        temps = (8 + 3 * DTYPE_BYTES[work.dtype]) * shape.intermediate * tile + DTYPE_BYTES[
+            work.dtype
+        ] * shape.hidden * t
+    else:
+        temps = 8 * shape.intermediate * t
     if work.bits and work.backend == "torch":
         widest = max(lin.in_features * lin.out_features for lin in shape.block_linears())
         temps += 2 * widest * DTYPE_BYTES[work.dtype]  # a dequantized weight, forward and backward

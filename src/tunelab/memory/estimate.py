@@ -72,6 +72,18 @@ class Estimate:
         """The part a framework's own counter sees (``torch.cuda.max_memory_allocated``)."""
         return sum(line.bytes for line in self.lines if line.key not in ("runtime", "allocator"))
 
+    @property
+    def peak_bytes(self) -> int:
+        """The estimate of what the run's own peak counter reports (``peak_memory_bytes``).
+
+        On a GPU that counter is the framework's tensor high-water mark
+        (``torch.cuda.max_memory_allocated``, MLX's peak memory); on a CPU it is
+        the process's resident peak, which the runtime line and the allocator's
+        kept buffers are part of.
+        """
+        on_gpu = self.workload.device == "cuda" or (self.workload.backend == "mlx" and self.workload.device != "cpu")
+        return self.tensor_bytes if on_gpu else self.total
+
     def get(self, key: str) -> int:
         return sum(line.bytes for line in self.lines if line.key == key)
 
@@ -177,8 +189,9 @@ def weight_bytes(shape: ModelShape, work: Workload) -> int:
     """The base model's weights: compute dtype, or quantized blocks plus their scales."""
     a = DTYPE_BYTES[work.dtype]
     bits = work.bits or shape.quant_bits
+    on_host = shape.embed_params * a if work.host_embeddings else 0  # train.offload_embeddings: not on the GPU
     if not bits:
-        return shape.num_params * a
+        return shape.num_params * a - on_host
     linear = shape.layers * sum(lin.in_features * lin.out_features for lin in shape.block_linears())
     rest = shape.num_params - linear
     if work.backend == "mlx":
@@ -188,10 +201,10 @@ def weight_bytes(shape: ModelShape, work: Workload) -> int:
         return int((linear + embeds) * per_weight) + (rest - embeds) * a
     if bits == 4:
         scale = (1 + 4 / 256) / NF4_BLOCK if work.double_quant else 4 / NF4_BLOCK
-        return int(linear * (0.5 + scale)) + rest * a
+        return int(linear * (0.5 + scale)) + rest * a - on_host
     # LLM.int8: one byte per weight and an fp32 scale per output row.
     rows = shape.layers * sum(lin.out_features for lin in shape.block_linears())
-    return linear + 4 * rows + rest * a
+    return linear + 4 * rows + rest * a - on_host
 
 
 def trainable_params(shape: ModelShape, work: Workload) -> tuple[int, int]:
@@ -224,6 +237,10 @@ def _check(shape: ModelShape, work: Workload) -> None:
 
 
 def _weights_note(shape: ModelShape, work: Workload) -> str:
+    return _weights_kind(shape, work) + ("; input embeddings in CPU memory" if work.host_embeddings else "")
+
+
+def _weights_kind(shape: ModelShape, work: Workload) -> str:
     bits = work.bits or shape.quant_bits
     if not bits:
         return f"{_count(shape.num_params)} parameters in {work.dtype}"

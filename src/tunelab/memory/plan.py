@@ -22,7 +22,7 @@ from tunelab.errors import ConfigError, ModelError, TunelabError
 from tunelab.memory.autobatch import SAFETY, choose_batch
 from tunelab.memory.budget import Budget, device_budget
 from tunelab.memory.estimate import Estimate, estimate
-from tunelab.memory.shapes import ModelShape, read_shape
+from tunelab.memory.shapes import SCALED_EMBEDDINGS, ModelShape, read_shape
 from tunelab.memory.workload import DTYPE_BYTES, GiB, Workload
 from tunelab.vocab import IGNORE
 
@@ -65,14 +65,15 @@ class MemoryPlan:
         ``batch_size: auto`` and the "fits" verdict rest on the estimate, so a large miss is worth
         saying where the user sees it (and reporting: the estimator should model that run).
         """
-        if self.estimate is None or not peak or not self.estimate.total:
+        if self.estimate is None or not peak or not self.estimate.peak_bytes:
             return None
-        off = peak / self.estimate.total - 1
+        expected = self.estimate.peak_bytes  # like for like: tensors on a GPU, the whole process on a CPU
+        off = peak / expected - 1
         if abs(off) <= tolerance:
             return None
         return (
             f"memory: the measured peak {_gib(peak)} is {abs(off):.0%} {'above' if off > 0 else 'below'} the "
-            f"estimate {_gib(self.estimate.total)}; batch_size: auto and the fits check rely on the estimate"
+            f"estimate {_gib(expected)}; batch_size: auto and the fits check rely on the estimate"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,7 +172,15 @@ def workload(cfg: RunConfig, shape: ModelShape, *, backend: str, device: str, **
         and t.parallel != "fsdp"
         and m.name != "prefix",
     )
+    host = t.offload_embeddings is True or (t.offload_embeddings == "auto" and base.offload_checkpoints)
+    host = host and backend == "torch" and device == "cuda" and _host_table_fits(shape, m.name)
+    base = replace(base, host_embeddings=host, tiled_mlp=backend == "torch" and cfg.tiles_mlp)
     return replace(base, **fields)
+
+
+def _host_table_fits(shape: ModelShape, method: str) -> bool:
+    """Whether the backend can keep this model's input embeddings in CPU memory (as backends/torch/offload.py)."""
+    return method not in ("full", "prefix") and not shape.tied_embeddings and shape.model_type not in SCALED_EMBEDDINGS
 
 
 def estimate_config(

@@ -16,6 +16,8 @@ from typing import Any
 
 from tunelab.errors import ModelError
 
+# model_types whose input embedding scales its rows (a subclass of nn.Embedding): their table stays on the GPU.
+SCALED_EMBEDDINGS = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text"})
 # model_types whose config class ties the output head to the embeddings by default.
 _TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text", "gemma3")
 # Norms applied to the residual stream in each decoder block.

@@ -57,6 +57,8 @@ class Workload:
     activation_budget: float = 0.8  # compiled layers: share of activations the partitioner keeps
     offload_activations: bool = False  # torch/CUDA: saved activations wait in pinned CPU memory
     offload_checkpoints: bool = False  # torch/CUDA with checkpointing: layer inputs wait in pinned CPU memory
+    host_embeddings: bool = False  # torch/CUDA, adapters: the input-embedding table stays in CPU memory
+    tiled_mlp: bool = False  # torch: MLPs over tiles of MLP_TILE_TOKENS positions, only their input saved
 
     @property
     def tokens(self) -> int:

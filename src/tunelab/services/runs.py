@@ -188,7 +188,7 @@ def _record_loaded(run_id: str, prep: recipe.Prepared) -> None:
             backend_reason=prep.choice.reason,
             device=prep.info.device,
             total_steps=prep.total_steps,
-            estimated_memory_bytes=prep.memory.estimate.total if prep.memory and prep.memory.estimate else None,
+            estimated_memory_bytes=prep.memory.estimate.peak_bytes if prep.memory and prep.memory.estimate else None,
             config=prep.cfg.to_dict(),  # what it trains with (batch settled); output_dir/config.yaml is as written
         )
 

@@ -86,6 +86,11 @@ class MlxBackend:
         objective: ObjectiveSpec = ObjectiveSpec(),
     ) -> ModelInfo:
         self._objective = loss_for(objective)  # first: an objective this backend lacks fails before any loading
+        if model.tiled_mlp is True:
+            raise ConfigError(
+                "train.tiled_mlp: true is for the torch backend; MLX checkpoints whole blocks instead",
+                hint="set train.tiled_mlp: auto (or false), or backend: torch",
+            )
         self._load_base(model, tokenizer)
         self.method = method
         self._distributed = model.processes > 1

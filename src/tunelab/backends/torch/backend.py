@@ -19,13 +19,16 @@ from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
 from tunelab.backends.torch.generate import stream_tokens
+from tunelab.backends.torch.host_embedding import HostEmbedding, move_embeddings_to_host
 from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_device, pick_dtype
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import apply_method
 from tunelab.backends.torch.objectives import loss_for
+from tunelab.backends.torch.offload import offload_checkpoints, offload_embeddings
 from tunelab.backends.torch.preference import PreferenceLoss, floats, keep_reference
 from tunelab.backends.torch.quant import bnb_config
 from tunelab.backends.torch.sync import active, broadcast_params, sum_gradients
+from tunelab.backends.torch.tiled_mlp import tile_mlps
 from tunelab.errors import ConfigError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
 from tunelab.vocab import ADAPTER_METHODS, IGNORE
@@ -47,6 +50,7 @@ class TorchBackend:
         self._fast_loss = False
         self._attention = "sdpa"
         self._offload = False
+        self._host_embed: HostEmbedding | None = None  # train.offload_embeddings: the table in CPU memory
         self.fast = FastPath()
         self._autocast: torch.dtype | None = None  # CUDA: the base's half dtype, for fp32 adapters
         self._dcp = False  # train.parallel: fsdp: checkpoints in DCP's sharded format
@@ -118,6 +122,9 @@ class TorchBackend:
         self.method = method.name
         own_checkpoints = model.gradient_checkpointing and model.parallel != "fsdp" and method.name != "prefix"
         offload = offload_checkpoints(model, method, self.device)
+        self._host_embed = (
+            move_embeddings_to_host(base, self.device) if offload_embeddings(model, method, base, offload) else None
+        )
         if model.gradient_checkpointing and not own_checkpoints:
             # FSDP's hooks must stay outside the checkpoint, and prefix tuning's virtual tokens ride in the
             # KV cache a replayed layer would append to twice: transformers' own switch handles both.
@@ -129,6 +136,8 @@ class TorchBackend:
             self.device, compile=model.compile, fused_loss=model.fused_loss, activation_budget=model.activation_budget
         )
         keep_reference(self._loss, base, method.name, lambda m: self.fast.fused_loss and supports_hidden_path(m))
+        if model.tiled_mlp:
+            tile_mlps(self._causal_lm)  # before compiling: the tiled call stays outside the compiled graph
         if self.fast.compile_layers:
             compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
         if own_checkpoints:
@@ -258,6 +267,8 @@ class TorchBackend:
         extra = host_arrays(batch) if "roles" in batch else {"positions": supervised_positions(batch["labels"])}
         positions = torch.from_numpy(extra.pop("positions")).to(self.device)
         inputs = self._to_device({**batch, **extra})
+        if self._host_embed is not None:  # the rows gathered from the host copy: the forward waits for nothing
+            self._host_embed.prime(batch["input_ids"], inputs["input_ids"])
         # Adapters are kept in fp32 (exact optimizer updates) over a bf16/fp16 base; under
         # autocast their matmuls run in the base's dtype on the tensor cores, as the
         # weight is cast, not the activation (an fp32 copy of every adapter input would
@@ -356,23 +367,6 @@ class TorchBackend:
             return int(torch.cuda.max_memory_allocated(self.device))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def offload_checkpoints(model: ModelSpec, method: MethodSpec, device: torch.device) -> bool:
-    """Whether checkpointed layer inputs go to CPU memory: ``auto`` wherever that applies; ``true`` or a refusal."""
-    applies = model.gradient_checkpointing and device.type == "cuda"
-    applies = applies and model.parallel != "fsdp" and method.name != "prefix"
-    if model.offload_checkpoints == "auto" or not model.offload_checkpoints:
-        return bool(model.offload_checkpoints) and applies
-    if applies:
-        return True
-    if not model.gradient_checkpointing:
-        why, fix = "it offloads what gradient checkpointing keeps", "set train.gradient_checkpointing: true"
-    elif device.type != "cuda":
-        why, fix = f"it moves data off a CUDA GPU and this run is on {device}", "leave it at auto"
-    else:
-        why, fix = "it can't work with train.parallel: fsdp or method: prefix", "leave it at auto"
-    raise ConfigError(f"train.offload_checkpoints: true: {why}", hint=f"{fix}, or set it to false")
 
 
 def pad_to_multiple(batch: Batch) -> Batch:

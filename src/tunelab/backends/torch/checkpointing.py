@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tunelab.backends.torch.tiled_mlp import replaying
+
 
 def checkpoint_layers(layers: Iterable[torch.nn.Module], *, offload: bool) -> None:
     """Checkpoint every layer's call (compiled or not); with ``offload``, keep the inputs in CPU memory.
@@ -151,7 +153,7 @@ class _OffloadedLayer(torch.autograd.Function):
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # dropout draws what it drew in the forward
             _set_rng_state(ctx.rng, ctx.device)
-            with torch.enable_grad(), torch.autocast(ctx.device.type, **ctx.autocast):
+            with torch.enable_grad(), torch.autocast(ctx.device.type, **ctx.autocast), replaying():
                 out = ctx.inner(hidden, *ctx.rest, **ctx.kwargs)
         first = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(first, grad)

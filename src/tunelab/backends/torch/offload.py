@@ -1,0 +1,56 @@
+"""Which of the CUDA memory options a run takes: offloaded checkpoints and host-held embeddings.
+
+Each option is ``auto`` (on wherever it applies), ``true`` (on, or a refusal that
+says why it can't be) or ``false``; a setting that can't take effect is never
+ignored silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tunelab.backends.base import MethodSpec, ModelSpec
+from tunelab.backends.torch.host_embedding import host_embedding_applies
+from tunelab.errors import ConfigError
+
+
+def offload_checkpoints(model: ModelSpec, method: MethodSpec, device: torch.device) -> bool:
+    """Whether checkpointed layer inputs go to CPU memory: ``auto`` wherever that applies; ``true`` or a refusal."""
+    applies = model.gradient_checkpointing and device.type == "cuda"
+    applies = applies and model.parallel != "fsdp" and method.name != "prefix"
+    if model.offload_checkpoints == "auto" or not model.offload_checkpoints:
+        return bool(model.offload_checkpoints) and applies
+    if applies:
+        return True
+    if not model.gradient_checkpointing:
+        why, fix = "it offloads what gradient checkpointing keeps", "set train.gradient_checkpointing: true"
+    elif device.type != "cuda":
+        why, fix = f"it moves data off a CUDA GPU and this run is on {device}", "leave it at auto"
+    else:
+        why, fix = "it can't work with train.parallel: fsdp or method: prefix", "leave it at auto"
+    raise ConfigError(f"train.offload_checkpoints: true: {why}", hint=f"{fix}, or set it to false")
+
+
+def offload_embeddings(model: ModelSpec, method: MethodSpec, base: Any, checkpoints_offloaded: bool) -> bool:
+    """Whether the input-embedding table stays in CPU memory: ``auto`` with offloaded checkpoints, or ``true``.
+
+    ``auto`` follows the checkpoints' offload because the gather costs a few
+    milliseconds of host time per step: worth it where memory is what the user
+    asked to save, not otherwise.
+    """
+    setting = model.offload_embeddings
+    if not setting:
+        return False
+    device = next(base.parameters()).device
+    why = host_embedding_applies(base, trainable_embeddings=method.name in ("full", "prefix"))
+    if device.type != "cuda":
+        why = why or f"it moves the table off a CUDA GPU and this run is on {device}"
+    elif model.parallel == "fsdp" and model.processes > 1:
+        why = why or "FSDP shards the table over the processes instead"
+    if setting == "auto":
+        return checkpoints_offloaded and why is None
+    if why is None:
+        return True
+    raise ConfigError(f"train.offload_embeddings: true: {why}", hint="set it to auto or false")
