@@ -44,8 +44,18 @@ FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 """Run and job states that never change again (a run or job in one of them is over)."""
 ACTIVE_STATUSES: tuple[str, ...] = tuple(s for s in RUN_STATUSES if s not in FINAL_STATUSES)
 """States of a run or job that is waiting or training (the dashboard keeps polling these)."""
-JobKind = Literal["train", "validate"]
+JobKind = Literal["train", "validate", "eval"]
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)
+RUN_OWNING_KINDS: tuple[str, ...] = ("train",)
+"""Job kinds whose run is the one they produce: its status follows theirs (an eval job only reads its run)."""
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+MetricName = Literal[
+    "exact_match", "exact_match_raw", "contains", "regex_match", "json_valid", "numeric", "bleu", "rouge_l",
+    "perplexity", "token_loss",
+]  # fmt: skip
+EVAL_METRICS: tuple[str, ...] = get_args(MetricName)
+"""`tunelab eval`'s built-in metrics by name (besides a user's own ``module:function``, which the API refuses)."""
 
 # --- data ----------------------------------------------------------------------------------------------------------
 DataFormat = Literal["auto", "text", "completion", "instruction", "chat", "sharegpt", "preference", "kto"]

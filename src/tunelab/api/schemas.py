@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.services.views import JobView, MetricPoint, RunView, ServedModel, UploadedDataset
+from tunelab.vocab import EVAL_METRICS, MetricName
 
 
 class JobCreate(BaseModel):
@@ -17,9 +18,37 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     config: dict[str, Any]
-    kind: Literal["train", "validate"] = "train"
+    kind: Literal["train", "validate"] = "train"  # an eval is queued with POST /v1/runs/{run_id}/evals
     priority: int = Field(0, ge=-1000, le=1000)
     nproc: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1  # processes; batch_size is per process
+
+
+class EvalCreate(BaseModel):
+    """An eval of a finished run, queued as a job: the same choices as `tunelab eval RUN_ID`."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str | None = Field(None, description="held-out file under the allowed folders (default: the run's)")
+    metrics: list[MetricName] = Field(
+        default=["exact_match", "contains", "bleu", "rouge_l"], min_length=1, max_length=len(EVAL_METRICS)
+    )
+    base: bool = True
+    limit: int | None = Field(None, ge=1, le=100_000)
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+    priority: int = Field(0, ge=-1000, le=1000)
+
+
+class EvalPage(BaseModel):
+    """A run's newest eval: its scores, the base's, and one page of its per-example answers."""
+
+    run_id: str
+    path: str
+    data: str | None
+    scores: dict[str, float]
+    base_scores: dict[str, float] | None
+    offset: int
+    total: int
+    examples: list[dict[str, Any]]
+    missing: bool
 
 
 class JobPublic(JobView):
@@ -42,7 +71,7 @@ class ModelPublic(ServedModel):
 
 
 __all__ = ["ChatMessage", "ChatRequest", "DatasetPublic", "JobCreate", "JobPublic", "MetricPoint", "ModelList"]
-__all__ += ["ModelPublic", "RunPublic"]
+__all__ += ["EvalCreate", "EvalPage", "ModelPublic", "RunPublic"]
 
 
 class ModelList(BaseModel):

@@ -54,6 +54,12 @@ def eval_run(
         help="With --exports: fail (exit 8) when an export's metric or greedy agreement "
         "falls more than this below the run's.",
     ),
+    queue: bool = typer.Option(
+        False, "--queue", help="Queue the eval as a job for `tunelab worker` instead of running it here."
+    ),
+    server: str | None = typer.Option(
+        None, "--server", envvar="TUNELAB_SERVER", help="With --queue: a `tunelab serve` URL to queue it on."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Answer held-out prompts greedily with a run's model and its base; score both with the same metrics."""
@@ -61,6 +67,9 @@ def eval_run(
 
     if model is not None or run is None:
         _model(run, model, adapter, data, metrics, limit, max_new_tokens, backend, as_json)
+        return
+    if queue:
+        _queue(run, server, data, metrics, base, limit, max_new_tokens, as_json)
         return
     if exports:
         chosen = metrics if metrics != _DEFAULT else "exact_match"
@@ -81,6 +90,24 @@ def eval_run(
         on_stage=lambda text: err_console.print(Text(text)),
     )
     _show(report, f"run {report.run_id}", as_json)
+
+
+def _queue(
+    run: str, server: str | None, data: str | None, metrics: str, base: bool, limit: int | None, max_new: int,
+    as_json: bool,
+) -> None:  # fmt: skip
+    from tunelab import services
+
+    names = [m for m in metrics.split(",") if m.strip()]
+    request: dict[str, Any] = {"data": data, "metrics": names, "base": base, "limit": limit, "max_new_tokens": max_new}
+    if server:
+        job = services.job_service(server).submit_eval(run, **request)
+    else:
+        job = services.submit_eval(run, **request)
+    if as_json:
+        typer.echo(json.dumps(job.to_dict(), indent=2))
+        return
+    console.print(f"queued the eval of run {job['run_id']}; start a worker with `tunelab worker`; job {job['id']}")
 
 
 def _model(

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from tunelab.registry import jobs_repo, repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.registry.tables import utcnow
-from tunelab.vocab import ACTIVE_STATUSES
+from tunelab.vocab import ACTIVE_STATUSES, RUN_OWNING_KINDS
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,11 @@ def claim(
             give_up = _abandoned_reason(row.attempts, row.max_attempts, bool(row.cancel_requested))
             if give_up is None:
                 status = {"status": "running", "attempt": job.attempts, "worker": worker_id}
-                jobs_repo.add_event(s, type="status", data=status, job_id=job.id, run_id=job.run_id)
+                jobs_repo.add_event(s, type="status", data=status, job_id=job.id, run_id=_owned(job.kind, job.run_id))
                 return job
             final, reason = give_up
             jobs_repo.release_job(s, job_id=job.id, worker_id=worker_id, status=final, error=reason)
-            _mark(s, job.id, job.run_id, final, reason)
+            _mark(s, job.id, _owned(job.kind, job.run_id), final, reason)
 
 
 def _abandoned_reason(attempts: int, max_attempts: int, cancel: bool) -> tuple[str, str] | None:
@@ -83,8 +83,13 @@ def finish(job_id: str, worker_id: str, status: str, *, error: str | None = None
         row = jobs_repo.get_job(s, job_id)
         if not jobs_repo.release_job(s, job_id=job_id, worker_id=worker_id, status=status, error=error):
             return False
-        _mark(s, job_id, row.run_id, status, error or row.error)
+        _mark(s, job_id, _owned(row.kind, row.run_id), status, error or row.error)
         return True
+
+
+def _owned(kind: str, run_id: str | None) -> str | None:
+    """The run whose status and event stream follow this job: a training job's run; none for an eval job's."""
+    return run_id if kind in RUN_OWNING_KINDS else None
 
 
 def _mark(s: Any, job_id: str, run_id: str | None, status: str, error: str | None) -> None:
@@ -108,7 +113,8 @@ def cancel(job_id: str, *, engine: Engine | None = None) -> dict[str, Any]:
         job_id = jobs_repo.resolve_job_id(s, job_id)
         row = jobs_repo.request_cancel(s, job_id)
         if row.status == "cancelled":
-            _mark(s, job_id, row.run_id, "cancelled", None)
+            _mark(s, job_id, _owned(row.kind, row.run_id), "cancelled", None)
         else:
-            jobs_repo.add_event(s, type="log", data={"text": "cancel requested"}, job_id=job_id, run_id=row.run_id)
+            text = {"text": "cancel requested"}
+            jobs_repo.add_event(s, type="log", data=text, job_id=job_id, run_id=_owned(row.kind, row.run_id))
         return jobs_repo.job_public(row)

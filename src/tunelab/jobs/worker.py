@@ -26,6 +26,7 @@ from tunelab.jobs import queue
 from tunelab.jobs.child import EXIT_STOPPED, Work
 from tunelab.jobs.ranks import LaunchedJob, job_nproc
 from tunelab.registry.db import session_scope
+from tunelab.vocab import RUN_OWNING_KINDS
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,9 @@ class Worker:
             ranks = LaunchedJob(nproc, job.id, job.run_id, backend=backend)
             return ranks, _Stop(ranks.request_stop, ranks.stop_requested)
         event = self._ctx.Event()
+        run_id = job.run_id if job.kind in RUN_OWNING_KINDS else None  # an eval job's events are its own
         proc = self._ctx.Process(
-            target=child.main, args=(self.work, job.id, job.run_id, event), name=f"tunelab-job-{job.id}"
+            target=child.main, args=(self.work, job.id, run_id, event), name=f"tunelab-job-{job.id}"
         )
         proc.start()
         return proc, _Stop(event.set, event.is_set)

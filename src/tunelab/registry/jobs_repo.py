@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from tunelab.errors import NotFoundError, StateError
 from tunelab.registry.repo import MIN_PREFIX_LEN, _iso, _json_safe
 from tunelab.registry.tables import EventRow, JobRow, utcnow
-from tunelab.vocab import ACTIVE_STATUSES, FINAL_STATUSES
+from tunelab.vocab import ACTIVE_STATUSES, FINAL_STATUSES, RUN_OWNING_KINDS
 
 EVENT_TYPES = frozenset({"metric", "log", "status", "samples"})  # samples: train.sample_every's answers
 
@@ -239,6 +239,11 @@ def job_public(row: JobRow) -> dict[str, Any]:
 
 
 def job_for_run(session: Session, run_id: str) -> JobRow | None:
-    """The newest job that trains this run, if it was queued as one."""
-    stmt = select(JobRow).where(JobRow.run_id == run_id).order_by(JobRow.created_at.desc()).limit(1)
+    """The newest job that trains this run, if it was queued as one (an eval job of the run is not)."""
+    stmt = (
+        select(JobRow)
+        .where(JobRow.run_id == run_id, JobRow.kind.in_(RUN_OWNING_KINDS))
+        .order_by(JobRow.created_at.desc())
+        .limit(1)
+    )
     return session.scalars(stmt).first()

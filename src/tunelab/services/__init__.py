@@ -16,6 +16,7 @@ from tunelab.services.datasets import (
     validate_dataset,
 )
 from tunelab.services.estimates import estimate_memory
+from tunelab.services.eval_jobs import eval_page, submit_eval
 from tunelab.services.evals import (
     EvalReport,
     ExportTable,
@@ -109,6 +110,7 @@ __all__ = [
     "doctor",
     "estimate_memory",
     "eval_model",
+    "eval_page",
     "eval_results",
     "eval_run",
     "export_run",
@@ -149,6 +151,7 @@ __all__ = [
     "show_run",
     "start_run",
     "stream_chat",
+    "submit_eval",
     "submit_job",
     "upload_dataset",
     "uploaded_datasets",

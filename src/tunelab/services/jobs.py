@@ -92,6 +92,13 @@ def run_job(job_id: str, *, callbacks: Sequence[Any] = (), should_stop: Callable
         kind, run_id, config, roots = job.kind, job.run_id, dict(job.config), job.allowed_roots
         trained = run_id is not None and repo.get_run(s, run_id).status == "completed"
         swept = job.sweep_id is not None
+    if kind == "eval":  # its config is an eval request, not a run config
+        from tunelab.services.eval_jobs import run_eval_job
+
+        def log(text: str) -> None:
+            record_job_event(job_id, None, "log", {"text": text})
+
+        return run_eval_job(job_id, config, roots, log=log, should_stop=should_stop)
     if roots is not None:  # submitted over the API: its files must still be where they were accepted
         from tunelab.security.paths import recheck_config_paths
 

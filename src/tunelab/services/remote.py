@@ -44,6 +44,11 @@ class ApiClient:
         body = {"config": cfg.to_dict(), "kind": kind, "priority": priority, "nproc": nproc or "auto"}
         return JobView(**self._call("POST", "/v1/jobs", json=body))
 
+    def submit_eval(self, run_text: str, *, priority: int = 0, **request: Any) -> JobView:
+        """Queue an eval of a run on the server (``request``: data, metrics, base, limit, max_new_tokens)."""
+        body = {**{k: v for k, v in request.items() if v is not None}, "priority": priority}
+        return JobView(**self._call("POST", f"/v1/runs/{run_text}/evals", json=body))
+
     def list_jobs(self, *, status: str | None = None, limit: int = 200) -> list[JobView]:
         params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
         return [JobView(**job) for job in self._call("GET", "/v1/jobs", params=params)]

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect, status
 from starlette.concurrency import run_in_threadpool
 
 from tunelab import services
-from tunelab.api.deps import require_key_ws
+from tunelab.api.deps import SettingsDep, require_key_ws
 from tunelab.api.responses import errors
-from tunelab.api.schemas import MetricPoint, RunPublic
+from tunelab.api.schemas import EvalCreate, EvalPage, JobPublic, MetricPoint, RunPublic
 from tunelab.errors import NotFoundError
 from tunelab.vocab import FINAL_STATUSES, RUN_STATUSES
 
@@ -38,6 +38,24 @@ def show_run(run_id: str) -> dict[str, Any]:
 def run_metrics(run_id: str) -> list[dict[str, Any]]:
     """Every logged point as ``{step, name, value}``, in step order."""
     return [point.to_dict() for point in services.run_metrics(run_id)]
+
+
+@router.post("/{run_id}/evals", status_code=status.HTTP_201_CREATED, response_model=JobPublic,
+             responses=errors(404, 409))  # fmt: skip
+def start_eval(run_id: str, body: EvalCreate, settings: SettingsDep) -> dict[str, Any]:
+    """Queue `tunelab eval` of a finished run as a job (a worker runs it); a bad metric or data file is a 422."""
+    return services.submit_eval(
+        run_id, data=body.data, metrics=body.metrics, base=body.base, limit=body.limit,
+        max_new_tokens=body.max_new_tokens, priority=body.priority, allowed_roots=settings.allowed_roots,
+    ).to_dict()  # fmt: skip
+
+
+@router.get("/{run_id}/evals", response_model=EvalPage, responses=errors(404))
+def eval_results(
+    run_id: str, offset: Annotated[int, Query(ge=0, le=2**31)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+) -> dict[str, Any]:
+    """The run's newest eval: scores, the base's, and examples ``offset`` .. ``offset + limit`` of ``total``."""
+    return services.eval_page(run_id, offset=offset, limit=limit)
 
 
 @ws_router.websocket("/{run_id}/events")
