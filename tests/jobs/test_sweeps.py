@@ -85,11 +85,11 @@ def test_cancelling_a_sweep_cancels_its_queued_trials(tmp_path: Path, e2e_model:
 
 
 @pytest.mark.slow
-def test_a_six_trial_grid_runs_through_two_workers(
+def test_a_four_trial_grid_runs_through_two_workers(
     tmp_path: Path, e2e_model: Path, chat_data: Path, workers: list
 ) -> None:
     config = _config(tmp_path, e2e_model, chat_data)
-    started = _tl("sweep", str(config), "train.lr=1e-4,3e-3,3e-2", "method.rank=2,4", "--name", "grid", "--json")
+    started = _tl("sweep", str(config), "train.lr=1e-4,3e-2", "method.rank=2,4", "--name", "grid", "--json")
     assert started.returncode == 0, started.stderr
     sweep_id = json.loads(started.stdout)["id"]
     _two_workers(tmp_path, workers)
@@ -98,9 +98,9 @@ def test_a_six_trial_grid_runs_through_two_workers(
     assert shown.returncode == 0, shown.stderr
     sweep = json.loads(shown.stdout)
     results = sweep["results"]
-    assert sweep["status"] == "completed" and len(results) == 6
+    assert sweep["status"] == "completed" and len(results) == 4
     assert {(r["params"]["train.lr"], r["params"]["method.rank"]) for r in results} == {
-        (lr, rank) for lr in (1e-4, 3e-3, 3e-2) for rank in (2, 4)
+        (lr, rank) for lr in (1e-4, 3e-2) for rank in (2, 4)
     }
     for r in results:
         assert r["status"] == "completed", r
@@ -108,7 +108,7 @@ def test_a_six_trial_grid_runs_through_two_workers(
         assert r["config"]["method"]["rank"] == r["params"]["method.rank"]
         assert r["value"] == r["metrics"]["val_loss"] is not None
     values = [r["value"] for r in results]
-    assert values == sorted(values) and [r["rank"] for r in results] == [1, 2, 3, 4, 5, 6]
+    assert values == sorted(values) and [r["rank"] for r in results] == [1, 2, 3, 4]
     assert sweep["best"]["run_id"] == min(results, key=lambda r: r["value"])["run_id"]
 
     runs = {r["id"]: r for r in json.loads(_tl("runs", "list", "--json").stdout)}
