@@ -44,10 +44,28 @@ def evaluate(
     on_progress: Callable[[int, int], None] = lambda _done, _total: None,
 ) -> EvalOutcome:
     """Generate an answer for each example, then score them all with each metric."""
+    return score(
+        examples, answers(generator, examples, max_new_tokens=max_new_tokens, on_progress=on_progress), metrics
+    )
+
+
+def answers(
+    generator: Generator,
+    examples: Sequence[EvalExample],
+    *,
+    max_new_tokens: int = 128,
+    on_progress: Callable[[int, int], None] = lambda _done, _total: None,
+) -> list[str]:
+    """The model's greedy answer to each example, in order."""
     predictions = []
     for done, example in enumerate(examples, start=1):
         predictions.append(answer(generator, example, max_new_tokens=max_new_tokens))
         on_progress(done, len(examples))
+    return predictions
+
+
+def score(examples: Sequence[EvalExample], predictions: Sequence[str], metrics: Sequence[Metric]) -> EvalOutcome:
+    """Each metric over the answers, and one row per example with its per-example scores."""
     references = [e.reference for e in examples]
     fields = [e.fields or {} for e in examples]
     scored = {m.name: m.score(predictions, references, fields) for m in metrics}

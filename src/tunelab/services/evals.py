@@ -21,7 +21,7 @@ from tunelab.data.tokenize import TokenizedSplit
 from tunelab.errors import ConfigError
 from tunelab.evaluate.examples import load_examples
 from tunelab.evaluate.metrics import DEFAULT, TOKEN_METRICS, resolve
-from tunelab.evaluate.runner import EvalOutcome, evaluate
+from tunelab.evaluate.runner import EvalOutcome, answers, evaluate, score
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.services.models import generator_for_run
@@ -42,6 +42,7 @@ class EvalReport:
     scores: dict[str, float]
     base_scores: dict[str, float] | None
     examples_file: str
+    base_cached: bool = False  # the base's answers came from the cache (another eval on the same base and data)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +53,7 @@ class EvalReport:
             "scores": self.scores,
             "base_scores": self.base_scores,
             "examples_file": self.examples_file,
+            "base_cached": self.base_cached,
         }
 
 
@@ -79,16 +81,14 @@ def eval_run(
     examples = load_examples(source, fmt=str(run.config["data"].get("format", "auto")), limit=limit) if chosen else []
     on_stage(f"held-out examples from {source}; metrics {', '.join(names)}")
     count = len(examples)
-    outcome, base_outcome = EvalOutcome({}), (EvalOutcome({}) if base else None)
+    outcome, base_outcome, cached = EvalOutcome({}), (EvalOutcome({}) if base else None), False
     if chosen:
         tuned = generator_for_run(run.id, backend=backend)
         on_stage(f"answering with run {run.id}")
         outcome = evaluate(tuned, examples, chosen, max_new_tokens=max_new_tokens)
         if base_outcome is not None:
-            untuned = generator_for_run(run.id, backend=backend, base=True)
-            untuned.chat = tuned.chat  # the same prompts, in the format the run was trained on
-            on_stage(f"answering with the base model {run.base_model}")
-            base_outcome = evaluate(untuned, examples, chosen, max_new_tokens=max_new_tokens)
+            ask = _BaseAsk(run, bool(tuned.chat), backend, max_new_tokens)
+            base_outcome, cached = _base_outcome(ask, examples, chosen, on_stage)
     if token_metrics:
         on_stage("measuring token loss on the examples as training tokenizes them")
         count = _add_token_metrics(run, data, limit, token_metrics, outcome, base_outcome)
@@ -102,7 +102,40 @@ def eval_run(
         outcome.scores,
         base_outcome.scores if base_outcome else None,
         str(path),
+        cached,
     )
+
+
+@dataclass(frozen=True)
+class _BaseAsk:
+    run: RunView
+    chat: bool  # the base is asked in the format the run was trained on
+    backend: str | None
+    max_new_tokens: int
+
+
+def _base_outcome(
+    ask: _BaseAsk, examples: Sequence[Any], chosen: Sequence[Any], on_stage: Callable[[str], None]
+) -> tuple[EvalOutcome, bool]:
+    """The base's answers scored; generated once per base, examples and settings, then read from the cache."""
+    from tunelab.evaluate import base_cache
+    from tunelab.hub import resolve_model_path
+    from tunelab.settings import get_settings
+
+    folder = get_settings().home / "cache" / "eval-base"
+    digest = base_cache.key(resolve_model_path(ask.run.base_model), examples, max_new_tokens=ask.max_new_tokens,
+                            chat=ask.chat, backend=ask.backend or "auto")  # fmt: skip
+    predictions = base_cache.load(folder, digest, len(examples))
+    if predictions is not None:
+        on_stage(f"the base model's answers from the cache: {base_cache.path_for(folder, digest)}")
+        return score(examples, predictions, chosen), True
+    untuned = generator_for_run(ask.run.id, backend=ask.backend, base=True)
+    untuned.chat = ask.chat
+    on_stage(f"answering with the base model {ask.run.base_model}")
+    predictions = answers(untuned, examples, max_new_tokens=ask.max_new_tokens)
+    outcome = score(examples, predictions, chosen)  # before caching: a metric that raises leaves nothing behind
+    base_cache.save(folder, digest, predictions, model=ask.run.base_model)
+    return outcome, False
 
 
 def eval_model(
