@@ -50,10 +50,11 @@ RUN_OWNING_KINDS: tuple[str, ...] = ("train",)
 """Job kinds whose run is the one they produce: its status follows theirs (an eval job only reads its run)."""
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
-MetricName = Literal[
-    "exact_match", "exact_match_raw", "contains", "regex_match", "json_valid", "numeric", "bleu", "rouge_l",
-    "perplexity", "token_loss",
-]  # fmt: skip
+AnswerMetric = Literal[
+    "exact_match", "exact_match_raw", "contains", "regex_match", "json_valid", "numeric", "bleu", "rouge_l"
+]
+"""Built-in metrics scored on generated answers (what train.eval_metrics takes)."""
+MetricName = Literal[AnswerMetric, "perplexity", "token_loss"]
 EVAL_METRICS: tuple[str, ...] = get_args(MetricName)
 """`tunelab eval`'s built-in metrics by name (besides a user's own ``module:function``, which the API refuses)."""
 

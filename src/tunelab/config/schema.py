@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tunelab.vocab import (
     OBJECTIVE_FORMATS,
     PREFERENCE_OBJECTIVES,
+    AnswerMetric,
     DataFormat,
     MethodName,
     ObjectiveName,
@@ -194,6 +195,13 @@ class TrainCfg(_Section):
         "default: the first 3 prompts of the validation data",
     )
     sample_max_new_tokens: int = Field(48, ge=1, le=4096, description="longest sample answer")
+    eval_metrics: list[AnswerMetric] = Field(
+        default_factory=list,
+        description="metrics (as tunelab eval --metrics names them) of greedy answers to the first "
+        "eval_metrics_samples validation examples, at each validation, logged as eval/<metric>; answers up to "
+        "sample_max_new_tokens long",
+    )
+    eval_metrics_samples: int = Field(32, ge=1, le=100_000, description="validation examples eval_metrics scores")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~30% slower"
     )
