@@ -42,6 +42,7 @@ class LoopOptions:
     checkpoint_dir: Path
     sample_every: int = 0
     sampler: Callable[[Backend], list[dict[str, str]]] | None = None  # answers fixed prompts (train.sample_every)
+    scorer: Callable[[Backend], dict[str, float]] | None = None  # train.eval_metrics, at each validation
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,8 @@ def _steps(
         finished = state.step == opts.total_steps
         if valid and (finished or (opts.eval_every and state.step % opts.eval_every == 0)):
             _validate(backend, valid, state, callbacks, parallel)
+            if opts.scorer is not None:  # on a fixed sample of the validation data, beside val_loss
+                callbacks.on_metrics(state.step, opts.scorer(backend))
         if opts.sampler is not None and opts.sample_every and (finished or state.step % opts.sample_every == 0):
             # One process generates (a rank alone can't under FSDP: the recipe turns sampling off there).
             callbacks.on_samples(state.step, opts.sampler(backend))

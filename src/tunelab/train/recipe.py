@@ -210,6 +210,7 @@ def train(prep: Prepared, output_dir: Path, callbacks: BaseCallback, should_stop
         checkpoint_dir=output_dir / "checkpoints",
         sample_every=cfg.train.sample_every,
         sampler=_sampler(prep, callbacks) if cfg.train.sample_every else None,
+        scorer=_scorer(prep, callbacks) if cfg.train.eval_metrics else None,
     )
     if prep.stream.packed:
         callbacks.on_message(
@@ -243,6 +244,32 @@ def _sampler(prep: Prepared, callbacks: BaseCallback) -> Any:
     tokenizer = prep.backend.tokenizer  # type: ignore[attr-defined]  # both backends keep the one they trained with
     chat = prep.data.format in CHAT_FORMATS
     return build_sampler(prompts, tokenizer=tokenizer, chat=chat, max_new_tokens=cfg.train.sample_max_new_tokens)
+
+
+def _scorer(prep: Prepared, callbacks: BaseCallback) -> Any:
+    """``train.eval_metrics`` on the first ``eval_metrics_samples`` examples of the validation file."""
+    from tunelab.errors import DataError
+    from tunelab.evaluate.examples import load_examples
+    from tunelab.evaluate.metrics import resolve
+    from tunelab.train.samples import build_scorer
+    from tunelab.vocab import CHAT_FORMATS
+
+    cfg = prep.cfg
+    if prep.parallel.group.world > 1:
+        callbacks.on_message("train.eval_metrics: not with several processes (one rank can't generate alone)")
+        return None
+    if prep.valid is None or prep.data.valid_path is None:
+        callbacks.on_message("train.eval_metrics: needs a validation file (data.valid, or a valid file in the folder)")
+        return None
+    try:
+        examples = load_examples(prep.data.valid_path, fmt=prep.data.format, limit=cfg.train.eval_metrics_samples)
+    except DataError as exc:  # plain text, preference pairs: no answers to score
+        callbacks.on_message(f"train.eval_metrics: off ({exc.message})")
+        return None
+    tokenizer = prep.backend.tokenizer  # type: ignore[attr-defined]  # both backends keep the one they trained with
+    chat, metrics = prep.data.format in CHAT_FORMATS, resolve(cfg.train.eval_metrics)
+    longest = cfg.train.sample_max_new_tokens
+    return build_scorer(examples, metrics, tokenizer=tokenizer, chat=chat, max_new_tokens=longest)
 
 
 def _first_prompts(path: str, count: int = 3) -> list[str]:
