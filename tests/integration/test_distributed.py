@@ -26,6 +26,7 @@ from tests.integration.runs import (
 STEPS = 40
 BATCH = 4  # per process; the single-process reference uses 2 × BATCH
 TOL = 1e-4
+MLX_STEPS = 12
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,18 @@ def reference(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_da
     """One process, micro-batch 2 × BATCH: the output folder of the run every layout must match."""
     root = tmp_path_factory.mktemp("reference")
     finish(ranks_cli("train", str(cpu_config(root, e2e_model, chat_data, 2 * BATCH, steps=STEPS)), home=root / "home"))
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def mlx_reference(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_data: Path) -> Path:
+    """One MLX process, micro-batch 2 × BATCH, MLX_STEPS steps: the output folder both ring layouts must match
+    (trained once for the module; each ring test used to train the same run for itself)."""
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    root = tmp_path_factory.mktemp("mlx-reference")
+    cfg = cpu_config(root, e2e_model, chat_data, 2 * BATCH, backend="mlx", steps=MLX_STEPS)
+    finish(ranks_cli("train", str(cfg), home=root / "home"))
     return root / "out"
 
 
@@ -75,41 +88,23 @@ def test_checkpoint_of_two_processes_resumes_on_one(
 
 @pytest.mark.slow
 def test_mlx_ring_two_processes_match_one_with_twice_the_batch(
-    e2e_model: Path, chat_data: Path, tmp_path: Path
+    mlx_reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("mlx.core")
-    pytest.importorskip("mlx_lm")
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    steps = 12
-    finish(
-        ranks_cli(
-            "train",
-            str(cpu_config(one, e2e_model, chat_data, 2 * BATCH, backend="mlx", steps=steps)),
-            home=one / "home",
-        )
-    )
+    two, steps = tmp_path / "two", MLX_STEPS
+    two.mkdir()
     cfg = cpu_config(two, e2e_model, chat_data, BATCH, backend="mlx", steps=steps)
     finish(ranks_cli("train", str(cfg), "--nproc", "2", home=two / "home"))  # mlx.launch, ring backend
-    assert_close(curve(two / "out", "train_loss"), curve(one / "out", "train_loss"), range(1, steps + 1), TOL)
-    assert_close(curve(two / "out", "val_loss"), curve(one / "out", "val_loss"), range(steps, steps + 1), TOL)
+    assert_close(curve(two / "out", "train_loss"), curve(mlx_reference, "train_loss"), range(1, steps + 1), TOL)
+    assert_close(curve(two / "out", "val_loss"), curve(mlx_reference, "val_loss"), range(steps, steps + 1), TOL)
     assert [r["backend"] for r in listed_runs(two / "home")] == ["mlx"]
 
 
 @pytest.mark.slow
-def test_mlx_checkpoint_of_two_ring_processes_resumes_on_one(e2e_model: Path, chat_data: Path, tmp_path: Path) -> None:
-    pytest.importorskip("mlx.core")
-    pytest.importorskip("mlx_lm")
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    steps = 12
-    finish(
-        ranks_cli(
-            "train",
-            str(cpu_config(one, e2e_model, chat_data, 2 * BATCH, backend="mlx", steps=steps)),
-            home=one / "home",
-        )
-    )
+def test_mlx_checkpoint_of_two_ring_processes_resumes_on_one(
+    mlx_reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
+) -> None:
+    two, steps = tmp_path / "two", MLX_STEPS
+    two.mkdir()
     home, out = two / "home", two / "out"
     proc = ranks_cli(
         "train",
@@ -124,8 +119,8 @@ def test_mlx_checkpoint_of_two_ring_processes_resumes_on_one(e2e_model: Path, ch
     saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     assert saved and saved[-1] < steps
     finish(ranks_cli("train", "--resume", runs[0]["id"], home=home))  # one process, no ring
-    assert_close(curve(out, "train_loss"), curve(one / "out", "train_loss"), range(1, steps + 1), TOL)
-    assert_close(curve(out, "val_loss"), curve(one / "out", "val_loss"), range(steps, steps + 1), TOL)
+    assert_close(curve(out, "train_loss"), curve(mlx_reference, "train_loss"), range(1, steps + 1), TOL)
+    assert_close(curve(out, "val_loss"), curve(mlx_reference, "val_loss"), range(steps, steps + 1), TOL)
     assert listed_runs(home)[0]["status"] == "completed"
 
 
