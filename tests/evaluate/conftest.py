@@ -19,9 +19,13 @@ def _rows() -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A tiny model fully fine-tuned to answer every colour question the same way; its home and run id."""
+    """A tiny model fully fine-tuned to answer every colour question the same way; its home and run id.
+
+    Trained once for all of tests/evaluate (each module used to train its own, the same one). Tests add to its
+    home (exports of the run, a second run, eval results) but none changes what another reads: treat the run's
+    own files as read-only."""
     from tunelab.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("eval")
