@@ -52,7 +52,7 @@ def test_a_host_table_gives_the_same_loss_and_gradients(tiny_model_dir: Path, ti
         gathers = []
         if host:
             inner = backend._host_embed._gather  # type: ignore[union-attr]
-            backend._host_embed._gather = lambda ids: gathers.append(ids) or inner(ids)  # type: ignore[union-attr]
+            backend._host_embed._gather = lambda ids, seen=gathers, f=inner: seen.append(ids) or f(ids)  # type: ignore[union-attr]
         results.append(_step(backend))
         if host:
             assert len(gathers) == 1  # primed from the host batch; the forward gathered nothing again

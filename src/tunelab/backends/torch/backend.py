@@ -167,6 +167,9 @@ class TorchBackend:
             eps=optim.eps,
             weight_decay=optim.weight_decay,
             fused=self.device.type == "cuda" or None,  # one kernel for all adapter tensors
+            # On a CPU, torch's default is one op chain per tensor and its fused kernel is slower still
+            # (28 LoRA tensors of a small model: 0.9 ms per step, foreach 0.65, fused 4.5).
+            foreach=True if self.device.type == "cpu" else None,
         )
         return ModelInfo(
             architecture=str(getattr(base.config, "model_type", "")),
