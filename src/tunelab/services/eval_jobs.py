@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import ConfigError, StateError
-from tunelab.evaluate.examples import load_examples
-from tunelab.evaluate.metrics import DEFAULT, TOKEN_METRICS, resolve
+from tunelab.evaluate.metrics import DEFAULT, resolve
 from tunelab.registry.db import open_registry, session_scope
-from tunelab.services.evals import _held_out, eval_run
+from tunelab.services.evals import eval_run, run_examples, split_metrics
 from tunelab.services.runs import show_run
 from tunelab.services.views import JobView
 
@@ -42,8 +41,7 @@ def eval_request(
     Over the API (``allowed_roots`` given) the data must lie inside those folders, and only built-in metrics
     are accepted: a ``module:function`` would import and call server-side code named by the client.
     """
-    names = list(dict.fromkeys(n.strip() for n in metrics if n.strip()))
-    generative = [n for n in names if n not in TOKEN_METRICS]
+    names, generative = split_metrics(metrics)
     if allowed_roots is not None and any(":" in n for n in generative):
         raise ConfigError("metrics: your own module:function metrics run only from the CLI, not over the API",
                           hint="use the built-in metrics here, or run tunelab eval RUN_ID on the server")  # fmt: skip
@@ -59,8 +57,7 @@ def eval_request(
         data = anchor(data, allowed_roots, "data")
         check_path(data, "data", allowed_roots)
     if generative:
-        fmt = str(run.config["data"].get("format", "auto"))
-        load_examples(data or _held_out(run), fmt=fmt, limit=1)  # a missing file or a wrong format, now
+        run_examples(run, data, limit=1)  # a missing file or a wrong format, now
     return {"run": run.id, "data": data, "metrics": names, "base": base, "limit": limit,
             "max_new_tokens": max_new_tokens}  # fmt: skip
 

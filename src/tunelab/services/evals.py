@@ -72,13 +72,12 @@ def eval_run(
 
     ``perplexity`` and ``token_loss`` are measured on the same examples tokenized as training does them.
     """
-    names = list(dict.fromkeys(n.strip() for n in metrics if n.strip()))
+    names, answered = split_metrics(metrics)
     token_metrics = [n for n in names if n in TOKEN_METRICS]
-    chosen = resolve([n for n in names if n not in TOKEN_METRICS]) if len(names) > len(token_metrics) else []
+    chosen = resolve(answered) if answered else []
     run = show_run(run_text)
-    source = data or _held_out(run)
     # Plain-text data has no answers to generate but still has a perplexity: examples only when generating.
-    examples = load_examples(source, fmt=str(run.config["data"].get("format", "auto")), limit=limit) if chosen else []
+    source, examples = run_examples(run, data, limit) if chosen else (data or _held_out(run), [])
     on_stage(f"held-out examples from {source}; metrics {', '.join(names)}")
     count = len(examples)
     outcome, base_outcome, cached = EvalOutcome({}), (EvalOutcome({}) if base else None), False
@@ -168,6 +167,18 @@ def eval_model(
     outcome = evaluate(generator, examples, chosen, max_new_tokens=max_new_tokens)
     path = _write_examples(get_settings().home / "evals", outcome, None)
     return EvalReport(label, str(data), len(examples), [m.name for m in chosen], outcome.scores, None, str(path))
+
+
+def split_metrics(metrics: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the metric names asked for, once each and in order; those of them scored on generated answers)."""
+    names = list(dict.fromkeys(n.strip() for n in metrics if n.strip()))
+    return names, [n for n in names if n not in TOKEN_METRICS]
+
+
+def run_examples(run: RunView, data: str | None, limit: int | None) -> tuple[str, list[Any]]:
+    """(where the examples come from, the examples): ``data`` or the run's validation file, in its data format."""
+    source = data or _held_out(run)
+    return source, load_examples(source, fmt=str(run.config["data"].get("format", "auto")), limit=limit)
 
 
 def _held_out(run: RunView) -> str:
@@ -304,8 +315,7 @@ def export_table(
 
     chosen = resolve(metrics)
     run = show_run(run_text)
-    source = data or _held_out(run)
-    examples = load_examples(source, fmt=str(run.config["data"].get("format", "auto")), limit=limit)
+    _source, examples = run_examples(run, data, limit)
     found = [a for a in run.artifact_list if a.kind.removeprefix("export:") in table.SCORABLE]
     found = [a for a in found if Path(a.path).exists()]
     if not found:
