@@ -13,7 +13,7 @@ The price is one more MLP forward per layer.  Inside an offloaded checkpoint
 made only to be differentiated, the MLP's output value is never read when the
 layer ends in ``residual + mlp(x)`` (Llama, Mistral, Qwen, Phi-3): there the
 tiled MLP skips computing it (:func:`replaying`), so tiling costs no extra
-work.  Architectures that normalise the MLP's output (Gemma 2 and 3) compute it.
+work.  Architectures that normalise the MLP's output (Gemma 2 and 3, OLMo 2) compute it.
 
 Dropout inside the MLP's adapters replays the masks of the forward (the RNG
 state is restored), and the tiles' recompute runs under the forward's autocast.
@@ -34,7 +34,7 @@ from tunelab.config.schema import MLP_TILE_TOKENS
 
 TILE_TOKENS = MLP_TILE_TOKENS  # positions per tile: an 8B Llama's MLP intermediates for one tile are ~336 MiB
 # Layers that end in `residual + mlp(x)`, so a replay made only for its gradient never reads the MLP's output.
-RESIDUAL_MLP_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "smollm3"})
+RESIDUAL_MLP_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3"})
 
 _state = threading.local()
 
