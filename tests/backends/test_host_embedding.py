@@ -75,13 +75,13 @@ def test_an_unprimed_forward_looks_rows_up_itself(tiny_model_dir: Path, tiny_tok
 
 def test_the_switch_says_why_it_cannot_apply(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
     backend = _backend(tiny_model_dir, tiny_tokenizer)
-    base = backend._causal_lm
+    base, cpu = backend._causal_lm, torch.device("cpu")
     spec = ModelSpec("m", gradient_checkpointing=True, offload_embeddings=True)
-    assert not offload_embeddings(ModelSpec("m"), MethodSpec(), base, checkpoints_offloaded=True)  # auto, CPU: off
-    assert not offload_embeddings(ModelSpec("m", offload_embeddings="auto"), MethodSpec(), base, False)
-    assert not offload_embeddings(ModelSpec("m", offload_embeddings=False), MethodSpec(), base, True)
+    assert not offload_embeddings(ModelSpec("m"), MethodSpec(), base, cpu, checkpoints_offloaded=True)  # auto, CPU: off
+    assert not offload_embeddings(ModelSpec("m", offload_embeddings="auto"), MethodSpec(), base, cpu, False)
+    assert not offload_embeddings(ModelSpec("m", offload_embeddings=False), MethodSpec(), base, cpu, True)
     with pytest.raises(ConfigError, match="CUDA"):
-        offload_embeddings(spec, MethodSpec(), base, checkpoints_offloaded=True)
+        offload_embeddings(spec, MethodSpec(), base, cpu, checkpoints_offloaded=True)
     assert "trains the input embeddings" in str(host_embedding_applies(base, trainable_embeddings=True))
     assert host_embedding_applies(base, trainable_embeddings=False) is None
     base.get_output_embeddings().weight = base.get_input_embeddings().weight  # tied, as Llama 3.2 1B is

@@ -122,9 +122,8 @@ class TorchBackend:
         self.method = method.name
         own_checkpoints = model.gradient_checkpointing and model.parallel != "fsdp" and method.name != "prefix"
         offload = offload_checkpoints(model, method, self.device)
-        self._host_embed = (
-            move_embeddings_to_host(base, self.device) if offload_embeddings(model, method, base, offload) else None
-        )
+        host = offload_embeddings(model, method, base, self.device, offload)
+        self._host_embed = move_embeddings_to_host(base, self.device) if host else None
         if model.gradient_checkpointing and not own_checkpoints:
             # FSDP's hooks must stay outside the checkpoint, and prefix tuning's virtual tokens ride in the
             # KV cache a replayed layer would append to twice: transformers' own switch handles both.

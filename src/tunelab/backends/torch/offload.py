@@ -33,7 +33,9 @@ def offload_checkpoints(model: ModelSpec, method: MethodSpec, device: torch.devi
     raise ConfigError(f"train.offload_checkpoints: true: {why}", hint=f"{fix}, or set it to false")
 
 
-def offload_embeddings(model: ModelSpec, method: MethodSpec, base: Any, checkpoints_offloaded: bool) -> bool:
+def offload_embeddings(
+    model: ModelSpec, method: MethodSpec, base: Any, device: torch.device, checkpoints_offloaded: bool
+) -> bool:
     """Whether the input-embedding table stays in CPU memory: ``auto`` with offloaded checkpoints, or ``true``.
 
     ``auto`` follows the checkpoints' offload because the gather costs a few
@@ -43,7 +45,6 @@ def offload_embeddings(model: ModelSpec, method: MethodSpec, base: Any, checkpoi
     setting = model.offload_embeddings
     if not setting:
         return False
-    device = next(base.parameters()).device
     why = host_embedding_applies(base, trainable_embeddings=method.name in ("full", "prefix"))
     if device.type != "cuda":
         why = why or f"it moves the table off a CUDA GPU and this run is on {device}"
