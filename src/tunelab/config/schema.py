@@ -234,6 +234,15 @@ class TrainCfg(_Section):
         "the batch's rows are copied in (1 GiB less GPU memory for an 8B Llama); not for tied or scaled "
         "embeddings; auto = on wherever checkpoints are offloaded",
     )
+    offload_mlp: bool | Literal["auto"] = Field(
+        "auto",
+        description="with offloaded checkpoints: each layer's MLP activations (gate and up projections) wait in "
+        "pinned CPU memory too, so backward re-runs only the attention half of each layer, no MLP matrix "
+        "product (an 8B Llama's step does about a quarter less matrix work); costs 4 x tokens x "
+        "intermediate_size bytes of CPU memory per layer; auto = on wherever it applies (LoRA and 4-bit "
+        "QLoRA on Llama, Mistral, Qwen, Granite-style MLPs, not tiled) while that fits in half the free "
+        "CPU memory",
+    )
     tiled_mlp: bool | Literal["auto"] = Field(
         "auto",
         description="torch: each layer's MLP runs over tiles of 4,096 positions and saves only its input, so long "

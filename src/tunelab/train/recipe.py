@@ -75,6 +75,7 @@ def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None, processes: int 
         offload_activations=cfg.train.offload_activations,
         offload_checkpoints=cfg.train.offload_checkpoints,
         offload_embeddings=cfg.train.offload_embeddings,
+        offload_mlp=cfg.train.offload_mlp,
         tiled_mlp=True if cfg.train.tiled_mlp is True else "auto" if cfg.tiles_mlp else False,
         memory_limit_bytes=estimate.total if estimate is not None else None,
         parallel=cfg.train.parallel,

@@ -20,11 +20,12 @@ from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
 from tunelab.backends.torch.generate import stream_tokens
 from tunelab.backends.torch.host_embedding import HostEmbedding, move_embeddings_to_host
+from tunelab.backends.torch.kept_mlp import host_budget, keep_mlps
 from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_device, pick_dtype
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import apply_method
 from tunelab.backends.torch.objectives import loss_for
-from tunelab.backends.torch.offload import offload_checkpoints, offload_embeddings
+from tunelab.backends.torch.offload import offload_checkpoints, offload_embeddings, offload_mlp
 from tunelab.backends.torch.preference import PreferenceLoss, floats, keep_reference
 from tunelab.backends.torch.quant import bnb_config
 from tunelab.backends.torch.sync import active, broadcast_params, sum_gradients
@@ -137,6 +138,8 @@ class TorchBackend:
         keep_reference(self._loss, base, method.name, lambda m: self.fast.fused_loss and supports_hidden_path(m))
         if model.tiled_mlp:
             tile_mlps(self._causal_lm)  # before compiling: the tiled call stays outside the compiled graph
+        elif offload_mlp(model, method, base, offload):
+            keep_mlps(self._causal_lm, host_budget())  # before compiling, likewise
         if self.fast.compile_layers:
             compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
         if own_checkpoints:

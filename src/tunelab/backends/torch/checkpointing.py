@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tunelab.backends.torch.tiled_mlp import replaying
+from tunelab.backends.torch.host_stash import HostStash
+from tunelab.backends.torch.replay import recording, replaying
 
 
 def checkpoint_layers(layers: Iterable[torch.nn.Module], *, offload: bool) -> None:
@@ -37,14 +37,14 @@ def checkpoint_layers(layers: Iterable[torch.nn.Module], *, offload: bool) -> No
     call in ``_compiled_call_impl``, the slot ``Module.__call__`` runs; the wrapper
     takes that slot over so the checkpoint sits outside the compiled graph).
     """
-    stash = _Stash() if offload else None
+    stash = HostStash() if offload else None
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = False  # type: ignore[assignment]  # transformers' own: off, ours instead
         inner = layer._compiled_call_impl or layer._call_impl
         layer._compiled_call_impl = functools.partial(_checkpointed, inner, stash, index)
 
 
-def _checkpointed(inner: Any, stash: _Stash | None, index: int, *args: Any, **kwargs: Any) -> Any:
+def _checkpointed(inner: Any, stash: HostStash | None, index: int, *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
         return inner(*args, **kwargs)  # evaluation and generation: nothing to save
     if stash is None:
@@ -52,75 +52,6 @@ def _checkpointed(inner: Any, stash: _Stash | None, index: int, *args: Any, **kw
     extra: dict[str, Any] = {}
     hidden = _OffloadedLayer.apply(args[0], inner, args[1:], kwargs, stash, index, extra)
     return (hidden, *extra["rest"]) if extra.get("rest") is not None else hidden
-
-
-@dataclass
-class _Saved:
-    """One layer input in pinned CPU memory, and the event that says the copy is done."""
-
-    cpu: torch.Tensor
-    done: torch.cuda.Event | None
-    prefetched: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
-
-
-@dataclass
-class _Stash:
-    """The inputs of one forward's layers, in order, and the side stream their copies run on."""
-
-    saved: list[_Saved | None] = field(default_factory=list)
-    stream: torch.cuda.Stream | None = None
-
-    def offload(self, index: int, tensor: torch.Tensor) -> list[_Saved | None]:
-        if index == 0:
-            self.saved = []  # a new forward (micro-batch) begins
-        while len(self.saved) <= index:
-            self.saved.append(None)
-        if tensor.device.type != "cuda":  # CPU runs: already in CPU memory; keep the tensor itself
-            self.saved[index] = _Saved(tensor.detach(), None)
-            return self.saved
-        stream = self._side(tensor.device)
-        cpu = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the input is computed
-        with torch.cuda.stream(stream):
-            cpu.copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(stream)
-        tensor.record_stream(stream)  # its memory is not reused before the copy has read it
-        self.saved[index] = _Saved(cpu, done)
-        return self.saved
-
-    def fetch(self, saved: list[_Saved | None], index: int, device: torch.device) -> torch.Tensor:
-        """Layer ``index``'s input back on ``device``; starts copying layer ``index - 1``'s meanwhile."""
-        entry = saved[index]
-        assert entry is not None
-        saved[index] = None
-        if device.type != "cuda":
-            return entry.cpu
-        current = torch.cuda.current_stream(device)
-        if entry.prefetched is not None:
-            tensor, ready = entry.prefetched
-            if ready is not None:
-                current.wait_event(ready)
-        else:
-            if entry.done is not None:
-                current.wait_event(entry.done)
-            tensor = entry.cpu.to(device, non_blocking=True)
-        if index > 0 and (previous := saved[index - 1]) is not None and previous.prefetched is None:
-            stream = self._side(device)
-            with torch.cuda.stream(stream):
-                if previous.done is not None:
-                    stream.wait_event(previous.done)
-                early = previous.cpu.to(device, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(stream)
-            early.record_stream(current)  # used on the compute stream: freed only after it is done there
-            previous.prefetched = (early, ready)
-        return tensor
-
-    def _side(self, device: torch.device) -> torch.cuda.Stream:
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(device)
-        return self.stream
 
 
 class _OffloadedLayer(torch.autograd.Function):
@@ -133,7 +64,7 @@ class _OffloadedLayer(torch.autograd.Function):
         inner: Any,
         rest: tuple[Any, ...],
         kwargs: dict[str, Any],
-        stash: _Stash,
+        stash: HostStash,
         index: int,
         extra: dict[str, Any],
     ) -> torch.Tensor:
@@ -141,19 +72,20 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.device, ctx.needs_input_grad_ = hidden.device, hidden.requires_grad
         ctx.autocast = _autocast_state(hidden.device.type)
         ctx.rng = _rng_state(hidden.device)
-        with torch.no_grad():
+        with torch.no_grad(), recording() as parked:
             out = inner(hidden, *rest, **kwargs)
         first, extra["rest"] = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
-        ctx.saved = stash.offload(index, hidden)
+        ctx.saved = stash.offload(index, hidden, *parked)  # what the layer parked travels with its input
         return first
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        hidden = ctx.stash.fetch(ctx.saved, ctx.index, ctx.device).detach().requires_grad_(ctx.needs_input_grad_)
+        hidden, *parked = ctx.stash.fetch(ctx.saved, ctx.index, ctx.device)
+        hidden = hidden.detach().requires_grad_(ctx.needs_input_grad_)
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # dropout draws what it drew in the forward
             _set_rng_state(ctx.rng, ctx.device)
-            with torch.enable_grad(), torch.autocast(ctx.device.type, **ctx.autocast), replaying():
+            with torch.enable_grad(), torch.autocast(ctx.device.type, **ctx.autocast), replaying(tuple(parked)):
                 out = ctx.inner(hidden, *ctx.rest, **ctx.kwargs)
         first = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(first, grad)

@@ -1,4 +1,4 @@
-"""Which of the CUDA memory options a run takes: offloaded checkpoints and host-held embeddings.
+"""Which of the CUDA memory options a run takes: offloaded checkpoints, kept MLPs and host-held embeddings.
 
 Each option is ``auto`` (on wherever it applies), ``true`` (on, or a refusal that
 says why it can't be) or ``false``; a setting that can't take effect is never
@@ -13,6 +13,7 @@ import torch
 
 from tunelab.backends.base import MethodSpec, ModelSpec
 from tunelab.backends.torch.host_embedding import host_embedding_applies
+from tunelab.backends.torch.kept_mlp import kept_mlp_applies
 from tunelab.errors import ConfigError
 
 
@@ -55,3 +56,18 @@ def offload_embeddings(
     if why is None:
         return True
     raise ConfigError(f"train.offload_embeddings: true: {why}", hint="set it to auto or false")
+
+
+def offload_mlp(model: ModelSpec, method: MethodSpec, base: Any, checkpoints_offloaded: bool) -> bool:
+    """Whether each layer's MLP parks its activations in CPU memory: ``auto`` wherever that applies, or ``true``."""
+    setting = model.offload_mlp
+    if not setting:
+        return False
+    why = None if checkpoints_offloaded else "it rides on offloaded checkpoints, which this run doesn't use"
+    if model.tiled_mlp:
+        why = why or "a tiled MLP keeps only its input, and this run tiles its MLPs"
+    why = why or kept_mlp_applies(base, method.name, method.bits)
+    if setting == "auto" or why is None:
+        return why is None
+    fix = "set train.tiled_mlp: false" if model.tiled_mlp and checkpoints_offloaded else "set it to auto or false"
+    raise ConfigError(f"train.offload_mlp: true: {why}", hint=fix)

@@ -12,7 +12,7 @@ The price is one more MLP forward per layer.  Inside an offloaded checkpoint
 (:mod:`checkpointing`) the layer already runs twice, and on the second run,
 made only to be differentiated, the MLP's output value is never read when the
 layer ends in ``residual + mlp(x)`` (Llama, Mistral, Qwen, Phi-3): there the
-tiled MLP skips computing it (:func:`replaying`), so tiling costs no extra
+tiled MLP skips computing it (:mod:`replay`), so tiling costs no extra
 work.  Architectures that normalise the MLP's output (Gemma 2 and 3, OLMo 2) compute it.
 
 Dropout inside the MLP's adapters replays the masks of the forward (the RNG
@@ -21,33 +21,18 @@ state is restored), and the tiles' recompute runs under the forward's autocast.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from tunelab.backends.torch.loading import decoder_layers
+from tunelab.backends.torch.replay import is_replay
 from tunelab.config.schema import MLP_TILE_TOKENS
 
 TILE_TOKENS = MLP_TILE_TOKENS  # positions per tile: an 8B Llama's MLP intermediates for one tile are ~336 MiB
 # Layers that end in `residual + mlp(x)`, so a replay made only for its gradient never reads the MLP's output.
 RESIDUAL_MLP_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3"})
-
-_state = threading.local()
-
-
-@contextlib.contextmanager
-def replaying() -> Iterator[None]:
-    """Marks a checkpoint's replay: the layer's output is differentiated, its value never read."""
-    previous = getattr(_state, "replay", False)
-    _state.replay = True
-    try:
-        yield
-    finally:
-        _state.replay = previous
 
 
 def tile_mlps(model: Any, tile_tokens: int = TILE_TOKENS) -> int:
@@ -73,7 +58,7 @@ def _tiled_forward(inner: Any, tile: int, skip_value: bool, x: torch.Tensor) -> 
         return inner(x)
     if not torch.is_grad_enabled():  # tiles here too: dropout then draws its masks as backward will
         return _tiles(inner, x, tile)
-    return _TiledMLP.apply(x, inner, tile, skip_value and getattr(_state, "replay", False))
+    return _TiledMLP.apply(x, inner, tile, skip_value and is_replay())
 
 
 def _tiles(inner: Any, x: torch.Tensor, tile: int) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""Tensors of one forward parked in pinned CPU memory, per decoder layer, and brought back ahead of backward.
+
+Offloaded checkpoints park each layer's input here and the kept MLP
+(:mod:`kept_mlp`) each layer's gate and up projections.  A copy out runs on a
+side stream as soon as the tensor is computed, so the next layers' compute
+hides it; backward walks the layers in reverse, and fetching layer ``i``'s
+tensors starts copying layer ``i - 1``'s back, so that copy too overlaps the
+compute in between.  On a CPU run the tensors are already in CPU memory and
+are kept as they are (the tests run the same code there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class _Saved:
+    """One layer's tensors in pinned CPU memory, and the event that says their copy is done."""
+
+    cpu: tuple[torch.Tensor, ...]
+    done: torch.cuda.Event | None
+    prefetched: tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None] | None = None
+
+
+@dataclass
+class HostStash:
+    """The parked tensors of one forward's layers, in layer order, and the side stream their copies run on."""
+
+    saved: list[_Saved | None] = field(default_factory=list)
+    stream: torch.cuda.Stream | None = None
+
+    def offload(self, index: int, *tensors: torch.Tensor) -> list[_Saved | None]:
+        """Start copying layer ``index``'s tensors out; returns the list that :meth:`fetch` reads them from.
+
+        Layer 0 begins a new forward (micro-batch): the list is a fresh one, so a
+        backward still reading the previous list is never disturbed.
+        """
+        if index == 0:
+            self.saved = []
+        while len(self.saved) <= index:
+            self.saved.append(None)
+        device = tensors[0].device
+        if device.type != "cuda":
+            self.saved[index] = _Saved(tuple(t.detach() for t in tensors), None)
+            return self.saved
+        stream = self._side(device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # the tensors are computed
+        with torch.cuda.stream(stream):
+            cpu = tuple(
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors
+            )
+            done = torch.cuda.Event()
+            done.record(stream)
+        for t in tensors:
+            t.record_stream(stream)  # its memory is not reused before the copy has read it
+        self.saved[index] = _Saved(cpu, done)
+        return self.saved
+
+    def fetch(self, saved: list[_Saved | None], index: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Layer ``index``'s tensors back on ``device``; starts copying layer ``index - 1``'s meanwhile."""
+        entry = saved[index]
+        assert entry is not None
+        saved[index] = None
+        if device.type != "cuda":
+            return entry.cpu
+        current = torch.cuda.current_stream(device)
+        if entry.prefetched is not None:
+            tensors, ready = entry.prefetched
+            if ready is not None:
+                current.wait_event(ready)
+        else:
+            if entry.done is not None:
+                current.wait_event(entry.done)
+            tensors = tuple(t.to(device, non_blocking=True) for t in entry.cpu)
+        if index > 0 and (previous := saved[index - 1]) is not None and previous.prefetched is None:
+            stream = self._side(device)
+            with torch.cuda.stream(stream):
+                if previous.done is not None:
+                    stream.wait_event(previous.done)
+                early = tuple(t.to(device, non_blocking=True) for t in previous.cpu)
+                ready = torch.cuda.Event()
+                ready.record(stream)
+            for t in early:
+                t.record_stream(current)  # used on the compute stream: freed only after it is done there
+            previous.prefetched = (early, ready)
+        return tensors
+
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
+
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)

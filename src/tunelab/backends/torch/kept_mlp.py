@@ -1,0 +1,169 @@
+"""Each layer's MLP activations parked in CPU memory, so a checkpoint's replay runs no MLP matrix product.
+
+An offloaded checkpoint (:mod:`checkpointing`) runs every decoder layer a
+second time in backward, to differentiate it.  In an 8B Llama the MLP holds
+four fifths of a layer's matrix work, and backward needs only two of its
+tensors to differentiate it without running it: the gate and up projections
+(SiLU(gate)·up follows from them elementwise).  So on the first run the MLP
+parks gate and up, they travel to pinned CPU memory and back with the layer's
+input (overlapped with compute, like it), and on the replay the MLP computes
+nothing: its backward takes the frozen base weights' input gradient straight
+from the weights (``dy @ W``; what a base layer's own backward does) and runs
+only the adapters' small branches with autograd.  The step then does about
+five units of matrix work instead of six.
+
+The price is CPU memory (4 × tokens × intermediate_size bytes per layer in
+bf16: 7.5 GB for an 8B Llama at 4,096 tokens) and the copies' bandwidth.  A
+micro-batch whose parked tensors would pass the budget set at start runs the
+MLP again on the replay instead, as it would without this.
+
+It applies to adapters without a weight-decomposed variant (LoRA, QLoRA at
+4 bits) on MLPs of the form ``down(act(gate(x)) · up(x))`` in layers that end
+in ``residual + mlp(x)``, whose output value a replay never reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.backends.torch.loading import decoder_layers
+from tunelab.backends.torch.replay import is_replay, park, parked
+from tunelab.backends.torch.tiled_mlp import RESIDUAL_MLP_MODELS
+
+# Residual-MLP layers with separate gate/up/down projections (Phi-3 fuses gate and up into one).
+KEPT_MLP_MODELS = RESIDUAL_MLP_MODELS - {"phi3"}
+HOST_SHARE = 0.5  # of the CPU memory available at start, the most the parked activations may take
+
+
+def kept_mlp_applies(model: Any, method: str, bits: int | None) -> str | None:
+    """Why the MLPs of ``model`` can't be kept under ``method`` (None: they can)."""
+    if method not in ("lora", "qlora"):
+        return f"it needs a frozen base and plain adapters, and method: {method} trains other weights"
+    if method == "qlora" and bits == 8:
+        return "it reads 4-bit bases' weights back for the gradient, and this base is 8-bit"
+    kind = str(getattr(model.config, "model_type", ""))
+    if kind not in KEPT_MLP_MODELS:
+        return (
+            f"it needs an MLP of the form down(act(gate(x))·up(x)) after a residual, and {kind or 'this'} models differ"
+        )
+    for layer in decoder_layers(model):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return "a decoder layer lacks the gate/up/down projections it differentiates"
+        for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if getattr(proj, "lora_variant", None):
+                return "weight-decomposed adapters (DoRA) need their own backward; it supports plain LoRA"
+    return None
+
+
+def host_budget() -> int:
+    """The most CPU memory the parked activations may take: a share of what is available at start."""
+    try:  # Linux counts reclaimable page cache as available; sysconf's free pages would not
+        found = re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        available = int(found.group(1)) * 1024 if found else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # no /proc, no sysconf name: nothing is parked rather than too much
+        available = 0
+    return int(available * HOST_SHARE)
+
+
+def keep_mlps(model: Any, budget_bytes: int) -> int:
+    """Make each decoder layer's MLP park its activations on a checkpoint's first run; returns how many.
+
+    Must run before the layers are compiled: the kept MLP stays outside the
+    compiled graph (its replay returns no value and differentiates by hand).
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        mlp: Any = layer.mlp
+        mlp.forward = functools.partial(_kept_forward, mlp, mlp.forward, len(layers), budget_bytes)
+    return len(layers)
+
+
+@torch.compiler.disable
+def _kept_forward(mlp: Any, inner: Any, layers: int, budget: int, x: torch.Tensor) -> torch.Tensor:
+    if is_replay():
+        kept = parked()
+        return _KeptMLP.apply(x, mlp, *kept) if len(kept) == 2 else inner(x)
+    if torch.is_grad_enabled():  # no checkpoint around it: autograd saves what it needs, as usual
+        return inner(x)
+    gate = mlp.gate_proj(x)  # the same modules in the same order as the MLP's own forward (dropout masks too)
+    up = mlp.up_proj(x)
+    if layers * 2 * gate.nbytes <= budget:
+        park(gate, up)  # outside a checkpoint's first run (evaluation, generation) nothing is parked
+    return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+class _KeptMLP(torch.autograd.Function):
+    """The replay's MLP: no value (nothing reads it), and a backward from the parked gate and up."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mlp: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.mlp = mlp
+        ctx.autocast = {"enabled": torch.is_autocast_enabled(x.device.type),
+                        "dtype": torch.get_autocast_dtype(x.device.type)}  # fmt: skip
+        # The replay has drawn the attention's dropout masks again: the generator stands where the
+        # first run's MLP found it, so its adapters' masks are drawn again below in the same order.
+        ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.save_for_backward(x, gate, up)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, gate, up = ctx.saved_tensors
+        mlp = ctx.mlp
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.rng[0])
+            if ctx.rng[1] is not None:
+                torch.cuda.set_rng_state(ctx.rng[1], x.device)
+            with torch.enable_grad(), torch.autocast(x.device.type, **ctx.autocast):
+                xl = x.detach().requires_grad_(True)
+                gl, ul = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
+                branch_gate, branch_up = _adapter_branch(mlp.gate_proj, xl), _adapter_branch(mlp.up_proj, xl)
+                hidden = mlp.act_fn(gl) * ul
+                branch_down = _adapter_branch(mlp.down_proj, hidden)
+        # down: d hidden = dy·W_down (the frozen base) + what its adapter adds, in one pass back to gate and up
+        outs, grads = [hidden], [_input_grad(mlp.down_proj, grad)]
+        if branch_down is not None:
+            outs.append(branch_down)
+            grads.append(grad)
+        torch.autograd.backward(outs, grads)
+        d_gate, d_up = gl.grad, ul.grad
+        dx = _input_grad(mlp.gate_proj, d_gate) + _input_grad(mlp.up_proj, d_up)
+        branches = [(b, d) for b, d in ((branch_gate, d_gate), (branch_up, d_up)) if b is not None]
+        if branches:
+            torch.autograd.backward([b for b, _ in branches], [d for _, d in branches])
+            dx = dx + xl.grad
+        return dx.to(x.dtype), None, None, None
+
+
+def _adapter_branch(module: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The sum of a LoRA layer's active adapters' outputs on ``x`` (None for a plain or disabled layer)."""
+    if not hasattr(module, "lora_A") or module.disable_adapters or module.merged:
+        return None
+    total = None
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        a, b = module.lora_A[name], module.lora_B[name]
+        out = b(a(module.lora_dropout[name](module._cast_input_dtype(x, a.weight.dtype)))) * module.scaling[name]
+        total = out if total is None else total + out
+    return total
+
+
+def _input_grad(module: Any, grad: torch.Tensor) -> torch.Tensor:
+    """``grad @ W`` for the frozen base weight ``W`` of a (LoRA-wrapped) linear layer, 4-bit bases dequantized."""
+    base = getattr(module, "base_layer", module)
+    weight = base.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        import bitsandbytes.functional as bnbf  # only QLoRA bases carry a quant_state
+
+        weight = bnbf.dequantize_4bit(weight.data, state)
+    return torch.matmul(grad, weight.to(grad.dtype))
