@@ -26,6 +26,7 @@ prints as it finishes and is appended to ``$OUT/vs_unsloth.jsonl`` (or ``bench/r
 ``--longest`` also searches, for 8B QLoRA with checkpointing at batch 1, the longest row each stack
 trains in ``--cap-gib`` of GPU memory (``torch.cuda.set_per_process_memory_fraction`` in each process).
 ``--tiny`` runs the tunelab side on a small CPU model to check the plumbing (no Unsloth).
+``VS_TRAIN='{"offload_mlp": false}'`` merges settings into tunelab's ``train:`` section, for an A/B.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def tunelab_config(row: Row, model: Path, data: Path, steps: int, out: Path) -> 
         "tensorboard": False,
         "output_dir": str(out / "run"),
     }  # fmt: skip
+    cfg["train"].update(json.loads(os.environ.get("VS_TRAIN", "{}")))  # e.g. {"offload_mlp": false}: an A/B
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -161,6 +163,8 @@ def run_tunelab(
     wall = time.time() - started
     (out / "train.log").write_text(proc.stdout + proc.stderr)
     result: dict[str, Any] = {"stack": "tunelab", "row": row.name, "seq": row.seq, "wall_s": round(wall, 1)}
+    if os.environ.get("VS_TRAIN"):
+        result["train"] = json.loads(os.environ["VS_TRAIN"])
     if proc.returncode != 0:
         return {**result, "error": _tail(proc.stdout + proc.stderr)}
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line]
