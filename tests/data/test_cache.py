@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tunelab.config.schema import DataCfg
-from tunelab.data import cache, prepare
+from tunelab.data import arrow_split, cache, prepare
 from tunelab.data.formats import to_samples
 from tunelab.data.prepare import PreparedData, prepare_data
 from tunelab.data.sources import read_records
@@ -109,7 +109,7 @@ def test_cached_split_equals_tokenizing_in_memory(chats: Path, tiny_tokenizer: A
     np.testing.assert_array_equal(cached.lengths, expected.lengths)
     assert cached.supervised_tokens == TokenizedSplit(list(expected.input_ids), list(expected.labels)).supervised_tokens
     assert (cached.truncated, cached.dropped) == (expected.truncated, expected.dropped)
-    assert isinstance(cached.input_ids, cache.RaggedColumn)  # memory-mapped rows, not a list in memory
+    assert isinstance(cached.input_ids, arrow_split.RaggedColumn)  # memory-mapped rows, not a list in memory
     assert cached.input_ids[-1].dtype == np.int32 and cached.input_ids[-1].ndim == 1
 
 

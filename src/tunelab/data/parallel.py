@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.data.cache import TokenizedChunk
+from tunelab.data.arrow_split import TokenizedChunk
 from tunelab.data.formats import to_samples
 from tunelab.data.sources import Record
 from tunelab.data.tokenize import tokenize_samples
