@@ -24,7 +24,9 @@ def _batch() -> dict[str, np.ndarray]:
     return {"input_ids": ids, "labels": ids.copy(), "attention_mask": np.ones_like(ids)}
 
 
-def _run(folder: Path, tokenizer: Any, *, budget: int | None, offload: bool | None, dropout: float) -> tuple:
+def _run(
+    folder: Path, tokenizer: Any, *, budget: int | None, offload: bool | None, dropout: float, count: int | None = None
+) -> tuple:
     """``budget``: keep the MLPs with that many bytes of CPU memory (None: don't); ``offload`` as in checkpointing."""
     torch.manual_seed(1)
     backend = TorchBackend()
@@ -32,7 +34,7 @@ def _run(folder: Path, tokenizer: Any, *, budget: int | None, offload: bool | No
                  OptimSpec(), tokenizer)  # fmt: skip
     base = backend._causal_lm
     if budget is not None:
-        assert keep_mlps(base, budget) == len(decoder_layers(base))
+        assert keep_mlps(base, budget, count) == (count or len(decoder_layers(base)))
     if offload is not None:
         checkpoint_layers(decoder_layers(base), offload=offload)
         base.enable_input_require_grads()
@@ -67,6 +69,13 @@ def test_kept_mlp_matches_an_uncheckpointed_step(tiny_model_dir: Path, tiny_toke
         torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-7)
 
 
+def test_only_the_first_layers_park_when_told_so(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    _, grads, _ = _run(tiny_model_dir, tiny_tokenizer, budget=None, offload=True, dropout=0.0)
+    _, kept_grads, _ = _run(tiny_model_dir, tiny_tokenizer, budget=2**30, offload=True, dropout=0.0, count=1)
+    for name, grad in grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
 def test_a_micro_batch_over_the_cpu_budget_runs_the_mlp_again(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
     _, grads, _ = _run(tiny_model_dir, tiny_tokenizer, budget=None, offload=True, dropout=0.0)
     _, kept_grads, calls = _run(tiny_model_dir, tiny_tokenizer, budget=1, offload=True, dropout=0.0)
@@ -82,13 +91,28 @@ def test_offload_mlp_true_where_it_cant_apply_says_why(tiny_model_dir: Path) -> 
     assert kept_mlp_applies(base, "lora", None) is None
     assert "method: dora" in (kept_mlp_applies(base, "dora", None) or "")
     assert "8-bit" in (kept_mlp_applies(base, "qlora", 8) or "")
-    on = ModelSpec("m", offload_mlp=True)
-    assert offload_mlp(on, MethodSpec("lora"), base, checkpoints_offloaded=True)
-    assert not offload_mlp(ModelSpec("m"), MethodSpec("full"), base, checkpoints_offloaded=True)  # auto: quietly off
+    on, cpu, layers = ModelSpec("m", offload_mlp=True), torch.device("cpu"), len(decoder_layers(base))
+    assert offload_mlp(on, MethodSpec("lora"), base, cpu, checkpoints_offloaded=True) == layers
+    assert offload_mlp(ModelSpec("m", offload_mlp=1), MethodSpec("lora"), base, cpu, True) == 1
+    assert offload_mlp(ModelSpec("m"), MethodSpec("full"), base, cpu, True) == 0  # auto: quietly off
     with pytest.raises(ConfigError, match="offloaded checkpoints"):
-        offload_mlp(on, MethodSpec("lora"), base, checkpoints_offloaded=False)
+        offload_mlp(on, MethodSpec("lora"), base, cpu, checkpoints_offloaded=False)
     with pytest.raises(ConfigError, match="tiles its MLPs") as tiled:
-        offload_mlp(ModelSpec("m", offload_mlp=True, tiled_mlp=True), MethodSpec("lora"), base, True)
+        offload_mlp(ModelSpec("m", offload_mlp=True, tiled_mlp=True), MethodSpec("lora"), base, cpu, True)
     assert "tiled_mlp: false" in str(tiled.value.hint)
     with pytest.raises(ConfigError, match="full"):
-        offload_mlp(on, MethodSpec("full"), base, checkpoints_offloaded=True)
+        offload_mlp(on, MethodSpec("full"), base, cpu, checkpoints_offloaded=True)
+
+
+def test_parked_layers_follow_the_machines_compute_to_copy_ratio(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.backends.torch.host_link import HostLink
+    from tunelab.backends.torch.kept_mlp import parked_layers
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layers = len(decoder_layers(base))
+    assert parked_layers(base, HostLink(flops=1e12, bytes_per_s=1e12)) == layers  # copies far faster than compute
+    assert parked_layers(base, HostLink(flops=1e15, bytes_per_s=1e9)) == 0  # a slow link: nothing parks
+    some = parked_layers(base, HostLink(flops=7e14, bytes_per_s=5e10))
+    assert 0 <= some <= layers

@@ -234,14 +234,15 @@ class TrainCfg(_Section):
         "the batch's rows are copied in (1 GiB less GPU memory for an 8B Llama); not for tied or scaled "
         "embeddings; auto = on wherever checkpoints are offloaded",
     )
-    offload_mlp: bool | Literal["auto"] = Field(
+    offload_mlp: bool | int | Literal["auto"] = Field(
         "auto",
-        description="with offloaded checkpoints: each layer's MLP activations (gate and up projections) wait in "
-        "pinned CPU memory too, so backward re-runs only the attention half of each layer, no MLP matrix "
-        "product (an 8B Llama's step does about a quarter less matrix work); costs 4 x tokens x "
-        "intermediate_size bytes of CPU memory per layer; auto = on wherever it applies (LoRA and 4-bit "
-        "QLoRA on Llama, Mistral, Qwen, Granite-style MLPs, not tiled) while that fits in half the free "
-        "CPU memory",
+        description="with offloaded checkpoints: the MLP activations (gate and up projections) of the first "
+        "layers wait in pinned CPU memory too, so backward re-runs no MLP matrix product there (up to a "
+        "quarter less matrix work per step for an 8B Llama); costs 4 x tokens x intermediate_size bytes of "
+        "CPU memory per layer; true = every layer, a number = that many layers, auto = as many as the GPU's "
+        "link to CPU memory copies while the forward computes (measured at start), wherever it applies "
+        "(LoRA and 4-bit QLoRA on Llama, Mistral, Qwen, Granite-style MLPs, not tiled) and fits in half the "
+        "free CPU memory",
     )
     tiled_mlp: bool | Literal["auto"] = Field(
         "auto",
@@ -255,6 +256,13 @@ class TrainCfg(_Section):
         "of every batch (batch_size is per process); fsdp = shard the base and adapters over the processes "
         "(torch FSDP2); auto = ddp",
     )
+
+    @field_validator("offload_mlp")
+    @classmethod
+    def _offload_mlp(cls, v: bool | int | str) -> bool | int | str:
+        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            raise ValueError("must be true, false, auto or a number of layers (0 or more)")
+        return v
 
     @field_validator("batch_size", mode="before")
     @classmethod

@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import fsdp, oom, state_io
+from tunelab.backends.torch import checkpoint_io, fsdp, oom
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
@@ -138,8 +137,8 @@ class TorchBackend:
         keep_reference(self._loss, base, method.name, lambda m: self.fast.fused_loss and supports_hidden_path(m))
         if model.tiled_mlp:
             tile_mlps(self._causal_lm)  # before compiling: the tiled call stays outside the compiled graph
-        elif offload_mlp(model, method, base, offload):
-            keep_mlps(self._causal_lm, host_budget())  # before compiling, likewise
+        elif parked := offload_mlp(model, method, base, self.device, offload):
+            keep_mlps(self._causal_lm, host_budget(), parked)  # before compiling, likewise
         if self.fast.compile_layers:
             compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
         if own_checkpoints:
@@ -299,42 +298,11 @@ class TorchBackend:
 
     def save_checkpoint(self, path: Path) -> None:
         assert self._optimizer is not None
-        path.mkdir(parents=True, exist_ok=True)
-        if self._dcp:
-            fsdp.save(path, self.model, self._optimizer)
-            if fsdp.rank() != 0:
-                return
-        else:
-            names = self._trainable_names()
-            tensors = {name: p.detach().to("cpu").contiguous() for name, p in names.items()}
-            save_file(tensors, str(path / "trainable.safetensors"))
-            state_io.save_optimizer(self._optimizer, path)
-        state_io.save_rng(path)  # no pickles: a planted file must not run code on --resume
+        checkpoint_io.save_checkpoint(path, self.model, self._optimizer, sharded=self._dcp)
 
     def load_checkpoint(self, path: Path) -> None:
         assert self._optimizer is not None
-        if fsdp.is_sharded_checkpoint(path) or self.collective_saves:
-            fsdp.load(path, self.model, self._optimizer)  # resharded onto this run's processes
-        else:
-            self._load_whole(path)
-        state_io.load_rng(path)
-
-    def _load_whole(self, path: Path) -> None:
-        assert self._optimizer is not None
-        saved = load_file(str(path / "trainable.safetensors"))
-        names = self._trainable_names()
-        if set(saved) != set(names):
-            raise StateError(
-                f"checkpoint {path} does not match this model/method (different trainable weights)",
-                hint="resume with the config the run was started with",
-            )
-        with torch.no_grad():
-            for name, param in names.items():
-                param.copy_(saved[name].to(param.device, param.dtype))
-        state_io.load_optimizer(self._optimizer, path, self.device)
-
-    def _trainable_names(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint_io.load_checkpoint(path, self.model, self._optimizer, self.device, collective=self.collective_saves)
 
     # -- inference ---------------------------------------------------------------------------
     def generate(

@@ -30,7 +30,9 @@ class HostStash:
     """The parked tensors of one forward's layers, in layer order, and the side stream their copies run on."""
 
     saved: list[_Saved | None] = field(default_factory=list)
-    stream: torch.cuda.Stream | None = None
+    # Copies out and copies back on streams of their own: the link carries both directions at once, and
+    # a prefetch never queues behind a forward's copies out that it doesn't need.
+    streams: dict[str, torch.cuda.Stream] = field(default_factory=dict)
 
     def offload(self, index: int, *tensors: torch.Tensor) -> list[_Saved | None]:
         """Start copying layer ``index``'s tensors out; returns the list that :meth:`fetch` reads them from.
@@ -46,7 +48,7 @@ class HostStash:
         if device.type != "cuda":
             self.saved[index] = _Saved(tuple(t.detach() for t in tensors), None)
             return self.saved
-        stream = self._side(device)
+        stream = self._side("out", device)
         stream.wait_stream(torch.cuda.current_stream(device))  # the tensors are computed
         with torch.cuda.stream(stream):
             cpu = tuple(
@@ -76,7 +78,7 @@ class HostStash:
                 current.wait_event(entry.done)
             tensors = tuple(t.to(device, non_blocking=True) for t in entry.cpu)
         if index > 0 and (previous := saved[index - 1]) is not None and previous.prefetched is None:
-            stream = self._side(device)
+            stream = self._side("in", device)
             with torch.cuda.stream(stream):
                 if previous.done is not None:
                     stream.wait_event(previous.done)
@@ -88,10 +90,10 @@ class HostStash:
             previous.prefetched = (early, ready)
         return tensors
 
-    def _side(self, device: torch.device) -> torch.cuda.Stream:
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(device)
-        return self.stream
+    def _side(self, direction: str, device: torch.device) -> torch.cuda.Stream:
+        if direction not in self.streams:
+            self.streams[direction] = torch.cuda.Stream(device)
+        return self.streams[direction]
 
 
 def _pinned(tensor: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from tunelab.backends.torch.host_link import HostLink
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.replay import is_replay, park, parked
 from tunelab.backends.torch.tiled_mlp import RESIDUAL_MLP_MODELS
@@ -72,17 +73,36 @@ def host_budget() -> int:
     return int(available * HOST_SHARE)
 
 
-def keep_mlps(model: Any, budget_bytes: int) -> int:
-    """Make each decoder layer's MLP park its activations on a checkpoint's first run; returns how many.
+def parked_layers(model: Any, link: HostLink) -> int:
+    """How many layers, from the first, should park their MLP: as many as the link copies out in a forward.
+
+    Both a layer's forward and its copy grow with the tokens, so their ratio is
+    the machine's and the model's alone.  The first layers park: their copies
+    finish while the later layers compute, and backward reads them last.
+    """
+    c = model.config
+    layers, width, inner = len(decoder_layers(model)), c.hidden_size, c.intermediate_size
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or width // heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    matmul_flops = 2 * (2 * width * heads * head_dim + 2 * width * kv * head_dim + 3 * width * inner)  # per token
+    copied_bytes = 2 * (2 * inner + width)  # gate and up in bf16, and the layer's input that travels too
+    share = (matmul_flops / link.flops) / (copied_bytes / link.bytes_per_s)
+    return max(0, min(layers, int(layers * share)))
+
+
+def keep_mlps(model: Any, budget_bytes: int, count: int | None = None) -> int:
+    """Make the first ``count`` decoder layers' MLPs (all: None) park their activations; returns how many.
 
     Must run before the layers are compiled: the kept MLP stays outside the
     compiled graph (its replay returns no value and differentiates by hand).
     """
     layers = decoder_layers(model)
-    for layer in layers:
+    count = len(layers) if count is None else min(count, len(layers))
+    for layer in list(layers)[:count]:
         mlp: Any = layer.mlp
-        mlp.forward = functools.partial(_kept_forward, mlp, mlp.forward, len(layers), budget_bytes)
-    return len(layers)
+        mlp.forward = functools.partial(_kept_forward, mlp, mlp.forward, count, budget_bytes)
+    return count
 
 
 @torch.compiler.disable

@@ -7,14 +7,19 @@ ignored silently.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from tunelab.backends.base import MethodSpec, ModelSpec
 from tunelab.backends.torch.host_embedding import host_embedding_applies
-from tunelab.backends.torch.kept_mlp import kept_mlp_applies
+from tunelab.backends.torch.host_link import measure
+from tunelab.backends.torch.kept_mlp import kept_mlp_applies, parked_layers
+from tunelab.backends.torch.loading import decoder_layers
 from tunelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def offload_checkpoints(model: ModelSpec, method: MethodSpec, device: torch.device) -> bool:
@@ -58,16 +63,37 @@ def offload_embeddings(
     raise ConfigError(f"train.offload_embeddings: true: {why}", hint="set it to auto or false")
 
 
-def offload_mlp(model: ModelSpec, method: MethodSpec, base: Any, checkpoints_offloaded: bool) -> bool:
-    """Whether each layer's MLP parks its activations in CPU memory: ``auto`` wherever that applies, or ``true``."""
+def offload_mlp(
+    model: ModelSpec, method: MethodSpec, base: Any, device: torch.device, checkpoints_offloaded: bool
+) -> int:
+    """How many layers (from the first) park their MLP's activations in CPU memory; 0: none.
+
+    ``auto``: as many as the GPU's link to CPU memory copies out while the
+    forward computes (measured at start); ``true``: every layer; a number: that
+    many.  Where it can't apply, ``auto`` is quietly 0 and the others a refusal.
+    """
     setting = model.offload_mlp
-    if not setting:
-        return False
+    if setting is False or setting == 0:
+        return 0
     why = None if checkpoints_offloaded else "it rides on offloaded checkpoints, which this run doesn't use"
     if model.tiled_mlp:
         why = why or "a tiled MLP keeps only its input, and this run tiles its MLPs"
     why = why or kept_mlp_applies(base, method.name, method.bits)
-    if setting == "auto" or why is None:
-        return why is None
-    fix = "set train.tiled_mlp: false" if model.tiled_mlp and checkpoints_offloaded else "set it to auto or false"
-    raise ConfigError(f"train.offload_mlp: true: {why}", hint=fix)
+    if why is not None:
+        if setting == "auto":
+            return 0
+        fix = "set train.tiled_mlp: false" if model.tiled_mlp and checkpoints_offloaded else "set it to auto or false"
+        raise ConfigError(f"train.offload_mlp: {str(setting).lower()}: {why}", hint=fix)
+    layers = len(decoder_layers(base))
+    if setting != "auto":
+        return layers if setting is True else min(int(setting), layers)
+    if device.type != "cuda":
+        return layers
+    link = measure(device)
+    count = parked_layers(base, link)
+    log.info(
+        "offload_mlp: auto: %d of %d layers park their MLP activations in CPU memory "
+        "(this GPU: %.0f TFLOP/s, %.0f GB/s to CPU memory)",
+        *(count, layers, link.flops / 1e12, link.bytes_per_s / 1e9),
+    )
+    return count
