@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import resource
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,9 +21,9 @@ from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSp
 from tunelab.backends.lora_init import lora_a_init
 from tunelab.backends.mlx.blas import ensure_fast_blas
 from tunelab.backends.mlx.hf_config import rope_fixes
-from tunelab.backends.peft_format import AdapterSpec, read_adapter, write_adapter
+from tunelab.backends.peft_format import read_adapter
 from tunelab.errors import ConfigError, ModelError, StateError
-from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
+from tunelab.hub import architecture_of, resolve_model_path
 from tunelab.vocab import IGNORE, LORA_METHODS
 
 ensure_fast_blas()  # must precede the first `import mlx.core` on Linux (see blas.py)
@@ -32,10 +31,12 @@ ensure_fast_blas()  # must precede the first `import mlx.core` on Linux (see bla
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
-from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
+from mlx.utils import tree_map  # noqa: E402
 
-from tunelab.backends.mlx import oom  # noqa: E402
+from tunelab.backends.mlx import checkpoint_io, oom  # noqa: E402
+from tunelab.backends.mlx.checkpoint_io import flat  # noqa: E402
 from tunelab.backends.mlx.forward import checkpoint_class, split_head  # noqa: E402
+from tunelab.backends.mlx.generate import stream_tokens  # noqa: E402
 from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  # noqa: E402
 from tunelab.backends.mlx.objectives import MlxLoss, loss_for, token_cross_entropy  # noqa: E402
 from tunelab.backends.mlx.packing import enable_packing, packed_caches  # noqa: E402
@@ -144,7 +145,7 @@ class MlxBackend:
         if reference and method.name not in LORA_METHODS:  # the weights themselves train: keep the base
             self._ref_model = copy.deepcopy(self.model)
             self._ref_head = split_head(self._ref_model) if self._head is not None else None
-        return self._info(trainable=sum(v.size for v in _flat(self.model.trainable_parameters()).values()))
+        return self._info(trainable=sum(v.size for v in flat(self.model.trainable_parameters()).values()))
 
     def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
         self._load_base(model, tokenizer)
@@ -198,9 +199,9 @@ class MlxBackend:
         return layer
 
     def _info(self, *, trainable: int) -> ModelInfo:
-        params = sum(v.size for v in _flat(self.model.parameters()).values())
+        params = sum(v.size for v in flat(self.model.parameters()).values())
         device = "gpu" if mx.default_device() == mx.gpu else "cpu"
-        floats = (v.dtype for v in _flat(self.model.parameters()).values() if mx.issubdtype(v.dtype, mx.floating))
+        floats = (v.dtype for v in flat(self.model.parameters()).values() if mx.issubdtype(v.dtype, mx.floating))
         dtype = str(next(floats, "?")).removeprefix("mlx.core.")  # not embed_tokens: it may be quantized
         bits = {m.bits for _, m in self.model.named_modules() if isinstance(m, nn.QuantizedLinear)}
         if bits:
@@ -262,47 +263,13 @@ class MlxBackend:
 
     # -- persistence -------------------------------------------------------------------------
     def save_adapter(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        if self.method.name in LORA_METHODS:
-            spec = AdapterSpec(
-                rank=self.method.rank,
-                alpha=self.method.alpha,
-                dropout=self.method.dropout,
-                use_dora=self.method.name == "dora",
-                target_modules=tuple(self._adapters),
-                base_model=str(self.folder),
-            )
-            write_adapter(path, spec, {p: layer.peft_tensors() for p, layer in self._adapters.items()})
-        else:
-            self._save_full_model(path)
-        save_tokenizer(self.tokenizer, path)  # keeps the SentencePiece legacy flag
-
-    def _save_full_model(self, path: Path) -> None:
-        weights = _flat(self.model.parameters())
-        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-        config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
-        (path / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        if (self.folder / "generation_config.json").is_file():
-            shutil.copyfile(self.folder / "generation_config.json", path / "generation_config.json")
+        checkpoint_io.save_result(path, self.model, self.method, self._adapters, self.folder, self.tokenizer)
 
     def save_checkpoint(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(path / "trainable.safetensors"), _flat(self.model.trainable_parameters()))
-        mx.save_safetensors(str(path / "optimizer.safetensors"), _flat(self._optimizer.state))
-        (path / "mlx_state.json").write_text(json.dumps({"micro_batches": self._micro}), encoding="utf-8")
+        checkpoint_io.save_checkpoint(path, self.model, self._optimizer, self._micro)
 
     def load_checkpoint(self, path: Path) -> None:
-        saved = _load(path / "trainable.safetensors")
-        expected = set(_flat(self.model.trainable_parameters()))
-        if set(saved) != expected:
-            raise StateError(
-                f"checkpoint {path} does not match this model/method (different trainable weights)",
-                hint="resume with the config the run was started with",
-            )
-        self.model.load_weights(list(saved.items()), strict=False)
-        self._optimizer.state = tree_unflatten(list(_load(path / "optimizer.safetensors").items()))
-        self._micro = json.loads((path / "mlx_state.json").read_text(encoding="utf-8"))["micro_batches"]
-        mx.eval(self.model.parameters(), self._optimizer.state)
+        self._micro = checkpoint_io.load_checkpoint(path, self.model, self._optimizer)
 
     # -- inference ---------------------------------------------------------------------------
     def generate(
@@ -315,21 +282,15 @@ class MlxBackend:
         stop_ids: Sequence[int],
         seed: int,
     ) -> Iterator[int]:
-        from mlx_lm.models.cache import make_prompt_cache
-        from mlx_lm.sample_utils import make_sampler
-
-        self.model.eval()
-        mx.random.seed(seed)
-        cache = make_prompt_cache(self.model)
-        sampler = make_sampler(temp=temperature, top_p=top_p)
-        logits = self.model(mx.array(list(prompt_ids))[None], cache=cache)[:, -1, :]
-        for _ in range(max_new_tokens):
-            token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-            value = int(token.item())  # type: ignore[arg-type]
-            yield value
-            if value in stop_ids:
-                return
-            logits = self.model(token.reshape(1, 1), cache=cache)[:, -1, :]
+        return stream_tokens(
+            self.model,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_ids=stop_ids,
+            seed=seed,
+        )
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return oom.is_out_of_memory(exc)
@@ -392,17 +353,6 @@ class MlxBackend:
 def _numbers(stats: list[Any]) -> dict[str, tuple[float, float]]:
     """A preference objective's diagnostics (the loss's third output, if any) as Python numbers."""
     return {name: (float(total), float(count)) for name, (total, count) in stats[0].items()} if stats else {}
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    """A parameter/state tree as ``{"a.b.0.c": array}`` (the safetensors layout)."""
-    return {str(k): v for k, v in tree_flatten(tree)}  # type: ignore[str-unpack]
-
-
-def _load(path: Path) -> dict[str, Any]:
-    loaded = mx.load(str(path))
-    assert isinstance(loaded, dict)
-    return loaded
 
 
 def _pad_to(ids: np.ndarray, labels: np.ndarray, multiple: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
