@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab.jobs.processes import process_exists
 from tunelab.services.views import CacheCleared, CacheEntry, DatasetReport, UploadedDataset
 from tunelab.settings import get_settings
 from tunelab.vocab import UPLOAD_SUFFIXES
+
+if TYPE_CHECKING:
+    from tunelab.data.preview import Preview
 
 
 def validate_dataset(
@@ -47,7 +50,7 @@ def validate_dataset(
     return DatasetReport(**report)
 
 
-def preview_dataset(path: str, *, model: str, n: int = 3, **options: Any) -> Any:
+def preview_dataset(path: str, *, model: str, n: int = 3, **options: Any) -> Preview:
     """The first ``n`` examples exactly as the trainer sees them, each token marked trained or not.
 
     Returns a ``Preview`` (``format``, ``chat_template``, ``note``, ``examples`` with their

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tunelab.config.schema import RunConfig
+
+if TYPE_CHECKING:
+    from tunelab.memory.plan import MemoryPlan
 
 
 def estimate_memory(
     cfg: RunConfig, *, device: str | None = None, budget_bytes: int | None = None, bits: int | None = None
-) -> Any:
+) -> MemoryPlan:
     """The memory plan of ``cfg`` before anything loads (the model's config.json is read, no weights).
 
     Returns a ``MemoryPlan``: ``estimate`` (``total``, ``lines``, ``workload``, ``peak_at``,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import NotFoundError
 from tunelab.services import run_health
@@ -13,12 +13,15 @@ from tunelab.services.runs import list_runs, show_run
 from tunelab.services.views import RunView, ServedModel
 from tunelab.vocab import CHAT_FORMATS
 
+if TYPE_CHECKING:
+    from tunelab.inference import Generator, Usage
+
 RUN_PREFIX = "run:"
 
 
 def load_generator(
     *, model: str, adapter: str | None = None, chat: bool | None = None, backend: str = "auto", device: str = "auto"
-) -> Any:
+) -> Generator:
     """``model`` (a folder or hub id), plus a PEFT ``adapter``, loaded to answer prompts.
 
     The result has ``stream(prompt, ...)``, ``complete(prompt, ...)``, ``stream_chat(messages, usage, ...)``
@@ -29,7 +32,9 @@ def load_generator(
     return load(model=model, adapter=adapter, chat=chat, device=device, backend=backend)
 
 
-def generator_for_run(run_text: str, *, backend: str | None = None, base: bool = False, device: str = "auto") -> Any:
+def generator_for_run(
+    run_text: str, *, backend: str | None = None, base: bool = False, device: str = "auto"
+) -> Generator:
     """What a finished run produced (or, with ``base``, the model it started from), in its trained prompt format."""
     run = show_run(run_text)
     chat = run.trained_format in CHAT_FORMATS
@@ -48,14 +53,14 @@ def generator_for_run(run_text: str, *, backend: str | None = None, base: bool =
     )
 
 
-def new_usage() -> Any:
+def new_usage() -> Usage:
     """A fresh counter of prompt/completion tokens and the finish reason, filled while a chat streams."""
     from tunelab.inference import Usage
 
     return Usage()
 
 
-def stream_chat(generator: Any, messages: list[dict[str, str]], usage: Any, **sampling: Any) -> Iterator[str]:
+def stream_chat(generator: Generator, messages: list[dict[str, str]], usage: Usage, **sampling: Any) -> Iterator[str]:
     """Pieces of the answer to ``messages`` (``max_tokens``, ``temperature``, ``top_p``, ``seed``)."""
     return generator.stream_chat(messages, usage, **sampling)
 
