@@ -97,6 +97,29 @@ class MlxBackend:
         self._distributed = model.processes > 1
         prepare_base(self.model, method.name, method.bits or 4, method.group_size)
         set_memory_limits(model.memory_limit_bytes)
+        self._apply_method(method)
+        self._max_grad_norm = optim_spec.max_grad_norm
+        self._optimizer = optim.AdamW(
+            learning_rate=0.0,
+            betas=list(optim_spec.betas),
+            eps=optim_spec.eps,
+            weight_decay=optim_spec.weight_decay,
+            bias_correction=True,  # torch's AdamW corrects the moment bias; parity needs the same
+        )
+        if model.gradient_checkpointing:
+            for layer in self.model.model.layers:
+                checkpoint_class(type(layer))
+        if model.packing:
+            self._mask_rank = enable_packing(self.model)
+        self._build_step(compile_step=model.compile)
+        reference = getattr(self._objective, "needs_reference", False) and not objective.precompute_ref
+        if reference and method.name not in LORA_METHODS:  # the weights themselves train: keep the base
+            self._ref_model = copy.deepcopy(self.model)
+            self._ref_head = split_head(self._ref_model) if self._head is not None else None
+        return self._info(trainable=sum(v.size for v in flat(self.model.trainable_parameters()).values()))
+
+    def _apply_method(self, method: MethodSpec) -> None:
+        """Freeze the base and make trainable what ``method`` trains (adapters, every weight, the last layers)."""
         self.model.freeze()
         if method.name in LORA_METHODS:
             self._wrap(method)
@@ -112,21 +135,11 @@ class MlxBackend:
             raise ConfigError(
                 f"method.name: {method.name} is not available on the MLX backend", hint="use backend: torch"
             )
-        self._max_grad_norm = optim_spec.max_grad_norm
-        self._optimizer = optim.AdamW(
-            learning_rate=0.0,
-            betas=list(optim_spec.betas),
-            eps=optim_spec.eps,
-            weight_decay=optim_spec.weight_decay,
-            bias_correction=True,  # torch's AdamW corrects the moment bias; parity needs the same
-        )
-        if model.gradient_checkpointing:
-            for layer in self.model.model.layers:
-                checkpoint_class(type(layer))
-        if model.packing:
-            self._mask_rank = enable_packing(self.model)
+
+    def _build_step(self, *, compile_step: bool) -> None:
+        """The loss-and-gradient function a micro-batch runs: compiled, or with the head on supervised rows only."""
         loss_and_grad = nn.value_and_grad(self.model, self._loss)
-        if model.compile:
+        if compile_step:
             # One compiled graph per batch shape; batches are padded to a multiple of
             # _PAD_MULTIPLE so there are few shapes.  Variable-length gathers would
             # retrace every step, so the compiled path projects every position.
@@ -141,11 +154,6 @@ class MlxBackend:
         else:
             self._head = split_head(self.model)
             self._loss_and_grad = loss_and_grad
-        reference = getattr(self._objective, "needs_reference", False) and not objective.precompute_ref
-        if reference and method.name not in LORA_METHODS:  # the weights themselves train: keep the base
-            self._ref_model = copy.deepcopy(self.model)
-            self._ref_head = split_head(self._ref_model) if self._head is not None else None
-        return self._info(trainable=sum(v.size for v in flat(self.model.trainable_parameters()).values()))
 
     def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
         self._load_base(model, tokenizer)
