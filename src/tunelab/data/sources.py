@@ -2,7 +2,7 @@
 
 JSONL and CSV are read by our own streaming readers so every problem can name
 the exact file and line; Parquet, Arrow and HDF5 tables are read a block of
-rows at a time by `tables.py` (their rows are numbered instead), and hub
+rows at a time by `columnar.py` (their rows are numbered instead), and hub
 datasets (or local dataset folders) go through ``datasets.load_dataset``.
 ``data.columns`` renaming happens here, so nothing downstream sees the file's
 own field names.  Nothing here interprets a record: that is `formats.py`'s job.
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tunelab.data import tables
+from tunelab.data import columnar
 from tunelab.data.readers import OnBad, Record, checked, read_csv, read_hub, read_json, read_jsonl
 from tunelab.errors import DataError
 from tunelab.settings import get_settings
@@ -145,11 +145,11 @@ def _iter_raw(source: Path | str, split: str, subset: str | None, limit: int, on
 
 def _table_rows(path: Path, suffix: str, split: str) -> Iterator[dict[str, Any]] | None:
     if suffix == ".parquet":
-        return tables.iter_parquet(path)
+        return columnar.iter_parquet(path)
     if suffix in (".arrow", ".feather"):
-        return tables.iter_arrow(path)
+        return columnar.iter_arrow(path)
     if suffix in (".h5", ".hdf5"):
-        return tables.iter_hdf5(path, split)
+        return columnar.iter_hdf5(path, split)
     return None
 
 
