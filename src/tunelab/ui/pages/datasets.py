@@ -8,7 +8,7 @@ from typing import Any
 import streamlit as st
 
 from tunelab.errors import TunelabError
-from tunelab.ui import data
+from tunelab.ui import actions
 from tunelab.vocab import UPLOAD_SUFFIXES
 
 
@@ -18,14 +18,14 @@ def render() -> None:
     upload = st.file_uploader("Upload a data file", type=[s.lstrip(".") for s in UPLOAD_SUFFIXES], key="ds_upload")
     if upload is not None and st.session_state.get("ds_uploaded_name") != upload.name:
         try:
-            stored = data.upload(upload.getvalue(), upload.name)
+            stored = actions.upload(upload.getvalue(), upload.name)
         except TunelabError as exc:
             st.error(str(exc))  # DataError says which line is wrong and why
         else:
             st.session_state["ds_uploaded_name"] = upload.name
             st.session_state["ds_path"] = stored["path"]
             st.success(f"Stored as {stored['path']} ({stored['format']})")
-    choices = data.uploaded_datasets()
+    choices = actions.uploaded_datasets()
     hint = "Uploads are stored under $TUNELAB_HOME/datasets: " + ", ".join(choices[-3:])
     path = st.text_input("Dataset (file or folder)", key="ds_path", help=hint)
     model = st.text_input("Model whose tokenizer to use (optional)", key="ds_model")
@@ -34,7 +34,7 @@ def render() -> None:
         st.info("Upload a file or type a path to inspect it.")
         return
     try:
-        report = data.dataset_report(path, model=model or None, max_seq_len=int(seq))
+        report = actions.dataset_report(path, model=model or None, max_seq_len=int(seq))
     except TunelabError as exc:
         st.error(str(exc))
         return
@@ -69,7 +69,7 @@ def _masking(path: str, model: str, max_seq_len: int) -> None:
     st.subheader("What the model is trained on")
     st.caption("Highlighted tokens carry loss; the rest are read but not learned.")
     try:
-        preview = data.masking_preview(path, model=model, max_seq_len=max_seq_len)
+        preview = actions.masking_preview(path, model=model, max_seq_len=max_seq_len)
     except TunelabError as exc:
         st.error(str(exc))
         return

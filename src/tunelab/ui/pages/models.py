@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from tunelab.ui import data
+from tunelab.ui import actions
 
 LINEAGE_SHOWN = 25
 
@@ -12,7 +12,7 @@ LINEAGE_SHOWN = 25
 def render() -> None:
     """The lineage table, then the same grouped by base model."""
     st.title("Models")
-    rows = data.lineage()
+    rows = actions.lineage()
     if not rows:
         st.info("No runs yet, so no fine-tuned models.")
         return

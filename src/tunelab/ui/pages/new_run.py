@@ -8,7 +8,7 @@ import streamlit as st
 
 from tunelab.config.schema import BackendName, Scheduler
 from tunelab.errors import TunelabError
-from tunelab.ui import data, nav
+from tunelab.ui import actions, nav
 from tunelab.vocab import DATA_FORMATS, LORA_METHODS, METHODS
 
 
@@ -17,21 +17,21 @@ def render() -> None:
     st.title("New fine-tune")
     raw = _form()
     try:
-        cfg = data.build_config(raw)
+        cfg = actions.build_config(raw)
     except TunelabError as exc:
         st.error(str(exc))  # the very text `tunelab train` prints for the same config
         return
     yaml_col, info_col = st.columns(2)
     yaml_col.subheader("Config")
-    yaml_col.code(data.config_yaml(cfg.to_dict()), language="yaml")
+    yaml_col.code(actions.config_yaml(cfg.to_dict()), language="yaml")
     with info_col:
         st.subheader("Memory")
         _estimate(cfg)
         st.subheader("The same from a terminal")
-        st.code(data.cli_command(cfg), language="bash")
+        st.code(actions.cli_command(cfg), language="bash")
     if st.button("Submit job", type="primary", key="new_submit"):
         try:
-            st.session_state["new_last_job"] = data.submit(cfg)
+            st.session_state["new_last_job"] = actions.submit(cfg)
         except TunelabError as exc:
             st.error(str(exc))
             return
@@ -46,7 +46,7 @@ def _form() -> dict[str, Any]:
     """The widgets; values go to the schema unchecked, so every message comes from validation."""
     st.subheader("Model and data")
     model = st.text_input("Model (local checkpoint folder or hub id)", key="new_model")
-    uploads = data.uploaded_datasets()
+    uploads = actions.uploaded_datasets()
     picked = st.selectbox("Uploaded dataset", ["(type a path below)", *uploads], key="new_upload")
     train = st.text_input("Training data (file or folder)", key="new_train")
     train = train or (picked if picked in uploads else "")
@@ -93,7 +93,7 @@ def _number(text: str) -> float | str:
 
 def _estimate(cfg: Any) -> None:
     try:
-        plan = data.estimate_memory(cfg)
+        plan = actions.estimate_memory(cfg)
     except TunelabError as exc:
         st.caption(f"No estimate: {exc.message}")
         return

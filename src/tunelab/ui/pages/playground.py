@@ -5,19 +5,19 @@ from __future__ import annotations
 import streamlit as st
 
 from tunelab.errors import TunelabError
-from tunelab.ui import data
+from tunelab.ui import actions
 
 
 @st.cache_resource(max_entries=2, show_spinner="loading the model…")
 def _generator(run_id: str, base: bool) -> object:
     # Loading a model takes seconds; keep the last two so each prompt costs only the generation.
-    return data.load_generator(run_id, base=base)
+    return actions.load_generator(run_id, base=base)
 
 
 def render() -> None:
     """Pick a finished run, then chat with it or compare it with its base model."""
     st.title("Playground")
-    models = data.chat_models()
+    models = actions.chat_models()
     if not models:
         st.info("No finished run with an adapter or a model yet.")
         return
@@ -33,8 +33,8 @@ def render() -> None:
         return
     history.append({"role": "user", "text": prompt})
     try:
-        tuned = data.complete(_generator(run_id, False), prompt, max_new_tokens=tokens)
-        base = data.complete(_generator(run_id, True), prompt, max_new_tokens=tokens) if side_by_side else None
+        tuned = actions.complete(_generator(run_id, False), prompt, max_new_tokens=tokens)
+        base = actions.complete(_generator(run_id, True), prompt, max_new_tokens=tokens) if side_by_side else None
     except TunelabError as exc:
         st.error(str(exc))
         return

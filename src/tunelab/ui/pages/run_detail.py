@@ -7,7 +7,7 @@ from typing import Any
 import streamlit as st
 
 from tunelab.errors import TunelabError
-from tunelab.ui import charts, data
+from tunelab.ui import actions, charts
 from tunelab.vocab import ACTIVE_STATUSES
 
 REFRESH_S = 2.0  # while a run trains, its charts and status poll the registry this often
@@ -20,14 +20,14 @@ def render() -> None:
     if run_id is None:
         return
     try:
-        run = data.run_detail(run_id)
+        run = actions.run_detail(run_id)
     except TunelabError as exc:
         st.error(str(exc))
         return
     active = run["live_status"] in ACTIVE_STATUSES
     _live(run["id"], refresh=REFRESH_S if active else None)
     config_tab, logs_tab, files_tab, eval_tab = st.tabs(["Config", "Logs", "Checkpoints and artifacts", "Evaluation"])
-    config_tab.code(data.config_yaml(run["config"]), language="yaml")
+    config_tab.code(actions.config_yaml(run["config"]), language="yaml")
     with logs_tab:
         _logs(run)
     with files_tab:
@@ -39,7 +39,7 @@ def render() -> None:
 
 def _pick_run() -> str | None:
     wanted = st.query_params.get("run")
-    ids = [row["id"] for row in data.run_rows(limit=200)]
+    ids = [row["id"] for row in actions.run_rows(limit=200)]
     if wanted and wanted not in ids:
         ids.insert(0, wanted)
     if not ids:
@@ -55,13 +55,13 @@ def _live(run_id: str, *, refresh: float | None) -> None:
     # A fragment re-runs alone on its timer: the charts update without reloading the page around them.
     @st.fragment(run_every=refresh)
     def body() -> None:
-        run = data.run_detail(run_id)
+        run = actions.run_detail(run_id)
         status = run["live_status"]
         cols = st.columns(5)
         cols[0].metric("Status", status)
         cols[1].metric("Step", f"{run.get('step') or 0}/{run.get('total_steps') or '?'}")
         cols[2].metric("Backend", f"{run.get('backend') or '—'} {run.get('device') or ''}")
-        row = data.run_row(run)
+        row = actions.run_row(run)
         cols[3].metric("Best val loss", "—" if row["best_val_loss"] is None else f"{row['best_val_loss']:.4f}")
         cols[4].metric("Duration", "—" if row["duration_s"] is None else f"{row['duration_s']:.0f} s")
         if run.get("error"):
@@ -69,11 +69,11 @@ def _live(run_id: str, *, refresh: float | None) -> None:
         if status in ACTIVE_STATUSES and st.button("Cancel", key="run_cancel"):
             job = _job_of(run)
             if job:
-                data.cancel(job)
-        series = data.metric_series(run_id)
+                actions.cancel(job)
+        series = actions.metric_series(run_id)
         if not series:
             st.info("No metrics yet: the first points appear after the first logged step.")
-        for title, names in data.CHARTS.items():
+        for title, names in actions.CHARTS.items():
             if any(name in series for name in names):
                 st.plotly_chart(charts.lines({n: series[n] for n in names if n in series}, title), key=f"c_{title}")
         if refresh and status not in ACTIVE_STATUSES:
@@ -127,7 +127,7 @@ def _samples(run: dict[str, Any]) -> None:
 
 def _evaluation(run_id: str) -> None:
     """The newest `tunelab eval` of the run: base vs fine-tuned per metric, then every example's answers."""
-    found = data.eval_results(run_id)
+    found = actions.eval_results(run_id)
     if found is None:
         st.caption(f"Not evaluated yet: `tunelab eval {run_id}` scores it and its base on held-out examples.")
         return
@@ -154,7 +154,7 @@ def _prompt_text(prompt: Any) -> str:
 def render_compare() -> None:
     """Several runs' curves overlaid on one chart per metric, and their configs' differences."""
     st.title("Compare runs")
-    rows = data.run_rows(limit=500)
+    rows = actions.run_rows(limit=500)
     ids = [row["id"] for row in rows]
     wanted = [i for i in (st.query_params.get("runs") or "").split(",") if i in ids]
     chosen = st.multiselect("Runs", ids, default=wanted, key="compare_pick")
@@ -162,15 +162,15 @@ def render_compare() -> None:
         st.info("Pick two or more runs to compare.")
         return
     st.query_params["runs"] = ",".join(chosen)
-    series = {run_id: data.metric_series(run_id) for run_id in chosen}
-    for title, names in data.CHARTS.items():
+    series = {run_id: actions.metric_series(run_id) for run_id in chosen}
+    for title, names in actions.CHARTS.items():
         overlay = {
             f"{run_id} {name}": points[name] for run_id, points in series.items() for name in names if name in points
         }
         if overlay:
             st.plotly_chart(charts.lines(overlay, title), key=f"cmp_{title}")
     st.subheader("Config differences")
-    diff = data.config_diff({run_id: data.run_detail(run_id)["config"] for run_id in chosen})
+    diff = actions.config_diff({run_id: actions.run_detail(run_id)["config"] for run_id in chosen})
     if diff:
         st.dataframe(diff, hide_index=True, width="stretch")
     else:

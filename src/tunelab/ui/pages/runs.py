@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from tunelab.ui import data, nav
+from tunelab.ui import actions, nav
 
 SORTABLE = ("created_at", "status", "best_val_loss", "duration_s", "model", "dataset", "method", "backend")
 
@@ -12,7 +12,7 @@ SORTABLE = ("created_at", "status", "best_val_loss", "duration_s", "model", "dat
 def render() -> None:
     """The runs table with a text filter, a status filter, a sort, and links to each run and to compare."""
     st.title("Runs")
-    rows = data.run_rows()
+    rows = actions.run_rows()
     if not rows:
         st.info("No runs yet: start one on the **New fine-tune** page or with `tunelab train CONFIG`.")
         return
@@ -21,7 +21,7 @@ def render() -> None:
     statuses = mid.multiselect("Status", sorted({r["status"] for r in rows}), key="runs_status")
     by = right.selectbox("Sort by", SORTABLE, key="runs_sort")
     descending = order.toggle("Desc", value=True, key="runs_desc")
-    shown = sort_rows(data.filter_rows(rows, text=text, statuses=statuses), by, descending=descending)
+    shown = sort_rows(actions.filter_rows(rows, text=text, statuses=statuses), by, descending=descending)
     st.caption(f"{len(shown)} of {len(rows)} runs")
     table = [{**row, "open": f"/run?run={row['id']}"} for row in shown]
     st.dataframe(

@@ -6,12 +6,12 @@ from typing import Any
 
 import streamlit as st
 
-from tunelab.ui import data
+from tunelab.ui import actions
 
 
 @st.cache_data(ttl=300, show_spinner="checking the machine…")
 def _doctor() -> dict[str, Any]:
-    return data.doctor()  # probes torch and mlx once; cached since the answer rarely changes
+    return actions.doctor()  # probes torch and mlx once; cached since the answer rarely changes
 
 
 def render() -> None:
@@ -33,7 +33,7 @@ def render() -> None:
 
 @st.fragment(run_every=2.0)
 def _usage() -> None:
-    usage = data.live_usage()
+    usage = actions.live_usage()
     cols = st.columns(2 + len(usage["gpus"]))
     cols[0].metric("CPU", f"{usage['cpu_percent']:.0f}%")
     cols[0].progress(min(usage["cpu_percent"] / 100, 1.0))
