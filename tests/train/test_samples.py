@@ -9,7 +9,7 @@ import pytest
 import yaml
 from tests.conftest import run_cli
 from tests.integration.conftest import base_config, chat_data, e2e_model  # noqa: F401  (fixtures reused here)
-from tests.ui.test_pages import page_test
+from tests.ui.conftest import page_test
 
 pytestmark = pytest.mark.slow
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from streamlit.testing.v1 import AppTest
 from tests.integration.conftest import base_config, chat_data, e2e_model  # noqa: F401  (fixtures reused here)
 
 
@@ -63,3 +64,17 @@ def registry_copy(ui_registry: Registry, tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("TUNELAB_HOME", str(home))
     yield Registry(home, ui_registry.run_ids, ui_registry.model, ui_registry.data)
     close_registries()
+
+
+def _page(url_path: str) -> None:
+    # AppTest runs this function's source as a script, so it imports what it needs itself.
+    from tunelab.ui.nav import renderer
+
+    renderer(url_path)()
+
+
+def page_test(url_path: str, timeout: float = 30, **query: str) -> AppTest:
+    """One dashboard page (by its URL path) under Streamlit's AppTest, with ``query`` as its query parameters."""
+    at = AppTest.from_function(_page, args=(url_path,), default_timeout=timeout)
+    at.query_params.update(query)
+    return at

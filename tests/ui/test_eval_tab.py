@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from tests.ui.conftest import Registry
-from tests.ui.test_pages import page_test
+from tests.ui.conftest import Registry, page_test
 
 
 def test_the_evaluation_tab_pages_through_the_runs_answers(registry_copy: Registry) -> None:

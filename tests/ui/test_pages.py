@@ -7,22 +7,9 @@ from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
-from tests.ui.conftest import Registry
+from tests.ui.conftest import Registry, page_test
 
 APP = Path(__file__).resolve().parents[2] / "src" / "tunelab" / "ui" / "app.py"
-
-
-def _page(url_path: str) -> None:
-    # AppTest runs this function's source as a script, so it imports what it needs itself.
-    from tunelab.ui.nav import renderer
-
-    renderer(url_path)()
-
-
-def page_test(url_path: str, timeout: float = 30, **query: str) -> AppTest:
-    at = AppTest.from_function(_page, args=(url_path,), default_timeout=timeout)
-    at.query_params.update(query)
-    return at
 
 
 def _charts(at: AppTest) -> list:
