@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.conftest import chat_data, e2e_model  # noqa: F401  (fixtures reused here)
+import yaml
+from tests.integration.conftest import base_config, chat_data, e2e_model  # noqa: F401  (fixtures reused here)
 from tests.jobs.postgres import PostgresUnavailable, postgres_server
 
 
@@ -88,3 +89,21 @@ def wait_until(check: Callable[[], Any], *, timeout: float, what: str) -> Any:
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def sweep_config(tmp_path: Path, model: Path, data: Path, **train: object) -> Path:
+    """A small sweep's base config (3 steps of 4 rows unless ``train`` says otherwise), written to a file."""
+    raw = base_config(model, data, tmp_path / "unused", **{"steps": 3, "batch_size": 4, **train})
+    raw.pop("output_dir")  # each trial gets its own run folder
+    raw["data"]["max_seq_len"] = 64
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def two_workers(tmp_path: Path, workers: list) -> None:
+    """Two workers that each leave when the queue is empty; returns when both have."""
+    for i in (1, 2):
+        workers.append(start_worker("--exit-when-idle", log=tmp_path / f"w{i}.log"))
+    for w in workers:
+        w.wait(timeout=420)

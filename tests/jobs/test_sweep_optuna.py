@@ -12,7 +12,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from tests.jobs.test_sweeps import _config, _tl, _two_workers
+from tests.conftest import run_cli
+from tests.jobs.conftest import sweep_config, two_workers
 
 TRIALS = 10
 
@@ -21,17 +22,17 @@ TRIALS = 10
 def test_an_optuna_sweep_of_10_trials_prunes_and_its_study_loads(
     tmp_path: Path, e2e_model: Path, chat_data: Path, workers: list
 ) -> None:
-    config = _config(tmp_path, e2e_model, chat_data, steps=4, eval_every=1, warmup=0)
-    started = _tl(
+    config = sweep_config(tmp_path, e2e_model, chat_data, steps=4, eval_every=1, warmup=0)
+    started = run_cli(
         "sweep", str(config), "train.lr=tag(log,interval(1e-6,0.3))", "method.rank=2,4",
-        "--search", "optuna", "--trials", str(TRIALS), "--metric", "val_loss", "--json",
+        "--search", "optuna", "--trials", str(TRIALS), "--metric", "val_loss", "--json", timeout=120,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     queued = json.loads(started.stdout)
     assert len(queued["results"]) == TRIALS and all(r["params"] == {} for r in queued["results"])  # picked at start
-    _two_workers(tmp_path, workers)
+    two_workers(tmp_path, workers)
 
-    sweep = json.loads(_tl("sweep", "show", queued["id"], "--json").stdout)
+    sweep = json.loads(run_cli("sweep", "show", queued["id"], "--json", timeout=120).stdout)
     results = sweep["results"]
     states = [r["status"] for r in results]
     assert set(states) <= {"completed", "pruned"} and states.count("pruned") >= 1, states

@@ -6,41 +6,17 @@ Bad sweeps are refused whole before anything is queued; a cancelled sweep cancel
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from tests.integration.conftest import base_config
-from tests.jobs.conftest import cli_env, start_worker
+from tests.conftest import run_cli
+from tests.jobs.conftest import sweep_config, two_workers
 
 from tunelab import services
 from tunelab.errors import ConfigError
 from tunelab.services import sweeps
 
-TL = [sys.executable, "-m", "tunelab"]
-
-
-def _config(tmp_path: Path, model: Path, data: Path, **train: object) -> Path:
-    raw = base_config(model, data, tmp_path / "unused", **{"steps": 3, "batch_size": 4, **train})
-    raw.pop("output_dir")  # each trial gets its own run folder
-    raw["data"]["max_seq_len"] = 64
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return path
-
-
-def _tl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*TL, *args], env=cli_env(), capture_output=True, text=True, timeout=120)
-
-
-def _two_workers(tmp_path: Path, workers: list) -> None:
-    """Two workers that each leave when the queue is empty; returns when both have."""
-    for i in (1, 2):
-        workers.append(start_worker("--exit-when-idle", log=tmp_path / f"w{i}.log"))
-    for w in workers:
-        w.wait(timeout=420)
+CLI_TIMEOUT = 120
 
 
 @pytest.mark.parametrize(
@@ -62,7 +38,7 @@ def test_bad_sweeps_are_refused_before_anything_is_queued(
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text('{"text": "hello there"}\n' * 8, encoding="utf-8")  # no validation set
-    config = _config(tmp_path, e2e_model, data)
+    config = sweep_config(tmp_path, e2e_model, data)
     trials = 4 if search == "optuna" else None
     with pytest.raises(ConfigError) as info:
         sweeps.start_sweep(config, items, search=search, trials=trials, metric=metric)
@@ -71,16 +47,16 @@ def test_bad_sweeps_are_refused_before_anything_is_queued(
 
 
 def test_cancelling_a_sweep_cancels_its_queued_trials(tmp_path: Path, e2e_model: Path, chat_data: Path) -> None:
-    config = _config(tmp_path, e2e_model, chat_data)
-    started = _tl("sweep", str(config), "train.lr=1e-4,3e-4,1e-3", "method.rank=2,4", "--json")
+    config = sweep_config(tmp_path, e2e_model, chat_data)
+    started = run_cli("sweep", str(config), "train.lr=1e-4,3e-4,1e-3", "method.rank=2,4", "--json", timeout=CLI_TIMEOUT)
     assert started.returncode == 0, started.stderr
     sweep = json.loads(started.stdout)
     assert len(sweep["results"]) == 6 and {r["status"] for r in sweep["results"]} == {"queued"}
-    cancelled = _tl("sweep", "cancel", sweep["id"][:5], "--json")
+    cancelled = run_cli("sweep", "cancel", sweep["id"][:5], "--json", timeout=CLI_TIMEOUT)
     assert cancelled.returncode == 0, cancelled.stderr
     assert {r["status"] for r in json.loads(cancelled.stdout)["results"]} == {"cancelled"}
     assert {j["status"] for j in services.list_jobs()} == {"cancelled"}
-    unknown = _tl("sweep", str(config), "train.lrr=1e-4,3e-4")
+    unknown = run_cli("sweep", str(config), "train.lrr=1e-4,3e-4", timeout=CLI_TIMEOUT)
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr and "did you mean train.lr" in unknown.stderr
 
 
@@ -88,13 +64,15 @@ def test_cancelling_a_sweep_cancels_its_queued_trials(tmp_path: Path, e2e_model:
 def test_a_four_trial_grid_runs_through_two_workers(
     tmp_path: Path, e2e_model: Path, chat_data: Path, workers: list
 ) -> None:
-    config = _config(tmp_path, e2e_model, chat_data)
-    started = _tl("sweep", str(config), "train.lr=1e-4,3e-2", "method.rank=2,4", "--name", "grid", "--json")
+    config = sweep_config(tmp_path, e2e_model, chat_data)
+    started = run_cli(
+        "sweep", str(config), "train.lr=1e-4,3e-2", "method.rank=2,4", "--name", "grid", "--json", timeout=CLI_TIMEOUT
+    )
     assert started.returncode == 0, started.stderr
     sweep_id = json.loads(started.stdout)["id"]
-    _two_workers(tmp_path, workers)
+    two_workers(tmp_path, workers)
 
-    shown = _tl("sweep", "show", sweep_id, "--json")
+    shown = run_cli("sweep", "show", sweep_id, "--json", timeout=CLI_TIMEOUT)
     assert shown.returncode == 0, shown.stderr
     sweep = json.loads(shown.stdout)
     results = sweep["results"]
@@ -111,7 +89,7 @@ def test_a_four_trial_grid_runs_through_two_workers(
     assert values == sorted(values) and [r["rank"] for r in results] == [1, 2, 3, 4]
     assert sweep["best"]["run_id"] == min(results, key=lambda r: r["value"])["run_id"]
 
-    runs = {r["id"]: r for r in json.loads(_tl("runs", "list", "--json").stdout)}
+    runs = {r["id"]: r for r in json.loads(run_cli("runs", "list", "--json", timeout=CLI_TIMEOUT).stdout)}
     assert {r["run_id"] for r in results} <= set(runs)
     assert all(runs[r["run_id"]]["status"] == "completed" for r in results)
     jobs = services.list_jobs()
