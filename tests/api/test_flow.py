@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.api.conftest import Server
+from tests.conftest import run_cli
 from tests.integration.conftest import base_config
 from websockets.sync.client import connect
 
@@ -29,7 +30,7 @@ def _collect(url: str, key: str, out: list[dict[str, Any]]) -> None:
 
 def _tunelab(server: Server, *args: str) -> subprocess.CompletedProcess:
     env = server.env(TUNELAB_API_KEY=server.key, TUNELAB_HOME=str(server.home.parent / "client-home"))
-    return subprocess.run([sys.executable, "-m", "tunelab", *args], env=env, capture_output=True, text=True)
+    return run_cli(*args, env=env)
 
 
 def test_http_job_runs_on_worker_with_live_events_and_chat(

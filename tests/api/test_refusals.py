@@ -4,14 +4,13 @@ keys stay out of the server's log, and each key's last use is recorded (issue 22
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from tests.api.conftest import Server, start_server, stop_server
+from tests.conftest import run_cli
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -176,7 +175,7 @@ def _bearer(srv: Server) -> dict[str, str]:
 
 
 def _run_cli(srv: Server, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "tunelab", *args], env=srv.env(), capture_output=True, text=True)
+    done = run_cli(*args, env=srv.env())
     assert done.returncode == 0, done.stderr
     return done.stdout
 
