@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,22 +41,19 @@ class Generator:
     ) -> Iterator[str]:
         """Yield pieces of text as tokens are generated (decoded incrementally, so UTF-8 stays whole)."""
         ids = self.prompt_ids(prompt)
-        out: list[int] = []
-        shown = ""
         stops = stop_ids(self.tokenizer)
         tokens = self.backend.generate(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stops, seed=seed
         )
-        for token in tokens:
-            if token in stops:
-                tokens.close()  # type: ignore[attr-defined]
-                break
-            out.append(token)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            yield text[len(shown) :]
-            shown = text
+
+        def until_stop() -> Iterator[int]:
+            for token in tokens:
+                if token in stops:
+                    tokens.close()  # type: ignore[attr-defined]
+                    return
+                yield token
+
+        yield from decode_pieces(self.tokenizer, until_stop())
 
     def stream_chat(
         self, messages: list[dict[str, str]], usage: Usage, *, max_tokens: int, **sampling: Any
@@ -65,20 +62,18 @@ class Generator:
         ids = self.conversation_ids(messages)
         usage.prompt_tokens = len(ids)
         stops = stop_ids(self.tokenizer)
-        out: list[int] = []
-        shown = ""
         usage.finish_reason = "length"
-        for token in self.backend.generate(ids, max_new_tokens=max_tokens, stop_ids=stops, **sampling):
-            if token in stops:
-                usage.finish_reason = "stop"
-                break
-            out.append(token)
-            usage.completion_tokens = len(out)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            yield text[len(shown) :]
-            shown = text
+        usage.completion_tokens = 0
+
+        def until_stop() -> Iterator[int]:
+            for token in self.backend.generate(ids, max_new_tokens=max_tokens, stop_ids=stops, **sampling):
+                if token in stops:
+                    usage.finish_reason = "stop"
+                    return
+                usage.completion_tokens += 1
+                yield token
+
+        yield from decode_pieces(self.tokenizer, until_stop())
 
     def conversation_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return prompt_token_ids(self.tokenizer, messages, chat=self.chat)
@@ -88,6 +83,23 @@ class Generator:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return prompt_token_ids(self.tokenizer, [{"role": "user", "content": prompt}], chat=self.chat)
+
+
+def decode_pieces(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
+    """The text of ``tokens`` as it grows, one new piece per token (decoded whole each time, so UTF-8 stays whole).
+
+    The one place generated ids become text: a streamed answer and a batched eval answer of the same tokens
+    join to the same string.
+    """
+    out: list[int] = []
+    shown = ""
+    for token in tokens:
+        out.append(token)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            continue
+        yield text[len(shown) :]
+        shown = text
 
 
 def prompt_token_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], *, chat: bool) -> list[int]:
@@ -142,4 +154,4 @@ def _adapter_method(folder: Path) -> str:
     return {"IA3": "ia3", "PREFIX_TUNING": "prefix"}.get(kind, kind.lower())
 
 
-__all__ = ["Generator", "Usage", "load_generator", "stop_ids"]
+__all__ = ["Generator", "Usage", "decode_pieces", "load_generator", "stop_ids"]

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tunelab.cli.console import console, err_console
+from tunelab.cli.export_report import fail_on_drops, print_table
 from tunelab.errors import ConfigError
 
 _DEFAULT = "exact_match,contains,bleu,rouge_l"
@@ -32,6 +33,9 @@ def eval_run(
     base: bool = typer.Option(True, "--base/--no-base", help="Also score the base model on the same examples."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Score only the first N examples."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest answer generated."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", min=1, help="Prompts answered at once (same answers as one at a time, sooner)."
+    ),
     backend: str | None = typer.Option(None, help="auto | torch | mlx (default: the run's, or auto)."),
     harness: str | None = typer.Option(
         None,
@@ -66,7 +70,7 @@ def eval_run(
     from tunelab import services
 
     if model is not None or run is None:
-        _model(run, model, adapter, data, metrics, limit, max_new_tokens, backend, as_json)
+        _model(run, model, adapter, data, metrics, limit, max_new_tokens, batch_size, backend, as_json)
         return
     if queue:
         _queue(run, server, data, metrics, base, limit, max_new_tokens, as_json)
@@ -86,6 +90,7 @@ def eval_run(
         base=base,
         limit=limit,
         max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
         backend=backend,
         on_stage=lambda text: err_console.print(Text(text)),
     )
@@ -112,7 +117,7 @@ def _queue(
 
 def _model(
     run: str | None, model: str | None, adapter: str | None, data: str | None, metrics: str, limit: int | None,
-    max_new: int, backend: str | None, as_json: bool,
+    max_new: int, batch_size: int, backend: str | None, as_json: bool,
 ) -> None:  # fmt: skip
     from tunelab import services
 
@@ -120,7 +125,8 @@ def _model(
         raise ConfigError("give a run id (tunelab eval RUN_ID), or --model PATH [--adapter PATH] with --data FILE")
     report = services.eval_model(
         model, data=data, adapter=adapter, metrics=[m for m in metrics.split(",") if m.strip()], limit=limit,
-        max_new_tokens=max_new, backend=backend, on_stage=lambda text: err_console.print(Text(text)),
+        max_new_tokens=max_new, batch_size=batch_size, backend=backend,
+        on_stage=lambda text: err_console.print(Text(text)),
     )  # fmt: skip
     _show(report, report.run_id, as_json)
 
@@ -173,17 +179,7 @@ def _exports(
         max_drop=max_drop, on_stage=lambda text: err_console.print(Text(text)),
     )  # fmt: skip
     if as_json:
-        typer.echo(json.dumps({"run_id": result.run_id, "examples": result.examples, "rows": result.rows,
-                               "failures": result.failures}, indent=2))  # fmt: skip
+        typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        table = Table(title=f"run {result.run_id} and its exports on {result.examples} examples")
-        for column in ("model", *result.metrics, "greedy agreement", "perplexity ratio"):
-            table.add_column(column, justify="left" if column == "model" else "right")
-        for row in result.rows:
-            scores = [f"{row['scores'][m]:.4g}" for m in result.metrics]
-            table.add_row(row["target"], *scores, f"{row['agreement']:.0%}", f"{row['perplexity_ratio']:.4f}")
-        console.print(table)
-    if result.failures:
-        for failure in result.failures:
-            err_console.print(Text(f"error: {failure}"))
-        raise typer.Exit(8)  # as a failed export verification
+        print_table(result)
+    fail_on_drops(result)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.text import Text
 
 from tunelab.cli.console import console, err_console
+from tunelab.cli.export_report import fail_on_drops, print_table
+from tunelab.errors import ConfigError
 
 
 def export(
@@ -31,19 +34,59 @@ def export(
     ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip loading the export in its runtime to check it."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    evaluate: bool = typer.Option(
+        False,
+        "--eval",
+        help="Then answer the run's held-out examples with the export and with the run (the reference), "
+        "and print both side by side (hf, gguf, onnx, mlx).",
+    ),
+    data: str | None = typer.Option(None, "--data", help="With --eval: held-out examples (default: data.valid)."),
+    metrics: str = typer.Option("exact_match", "--metrics", help="With --eval: comma-separated metric names."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="With --eval: only the first N examples."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="With --eval: longest answer."),
+    max_drop: float | None = typer.Option(
+        None,
+        "--max-drop",
+        min=0.0,
+        help="With --eval: fail (exit 8) when the export's metric or greedy agreement falls more than this "
+        "below the run's; the export is then kept but not recorded.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Merge a run's adapter into its base, export it, and prove the export behaves like the merged model."""
     from tunelab import services
 
+    if not evaluate and (max_drop is not None or data is not None or limit is not None):
+        raise ConfigError("--max-drop, --data and --limit go with --eval", hint="add --eval")
     err_console.print(Text(f"exporting run {run} to {to}…"))
-    result = services.export_run(
-        run, to=to, out=out, quantize=quantize, verify=not no_verify, force=force, adapter_only=adapter_only, base=base
-    )
+    table = None
+    if evaluate:
+        if adapter_only:
+            raise ConfigError("--eval scores a whole model, not an adapter-only export", hint="drop one of them")
+        result, table = services.export_and_evaluate(
+            run, to=to, out=out, quantize=quantize, verify=not no_verify, force=force, data=data,
+            metrics=metrics.split(","), limit=limit, max_new_tokens=max_new_tokens, max_drop=max_drop,
+            on_stage=lambda text: err_console.print(Text(text)),
+        )  # fmt: skip
+    else:
+        result = services.export_run(
+            run, to=to, out=out, quantize=quantize, verify=not no_verify, force=force, adapter_only=adapter_only,
+            base=base,
+        )  # fmt: skip
     if as_json:
         fields = {"target": result.target, "path": str(result.path), "precision": result.precision}
-        typer.echo(json.dumps({**fields, "sha256": result.sha256, "report": result.report, "notes": result.notes}))
-        return
+        extra = {"eval": table.to_dict()} if table is not None else {}
+        typer.echo(json.dumps({**fields, "sha256": result.sha256, "report": result.report, "notes": result.notes,
+                               **extra}))  # fmt: skip
+    else:
+        _show(result, to)
+        if table is not None:
+            print_table(table)
+    if table is not None:
+        fail_on_drops(table, unrecorded=str(result.path))
+
+
+def _show(result: Any, to: str) -> None:
     console.print(Text.assemble(("wrote ", "green"), str(result.path), f" ({to}, {result.precision})"))
     console.print(Text(f"  sha256 {result.sha256}, {result.seconds:.1f} s"))
     for note in result.notes:

@@ -2,7 +2,9 @@
 
 Generation is greedy by default and goes through the same :class:`~tunelab.inference.Generator`
 as `tunelab generate` and `tunelab chat`, with the same prompt format and stop tokens, so an
-answer in the per-example file is exactly what those commands print for that prompt.
+answer in the per-example file is exactly what those commands print for that prompt.  A
+transformers model answers ``batch_size`` prompts at a time (:mod:`tunelab.evaluate.batched`),
+token for token as it would one by one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.evaluate import batched
 from tunelab.evaluate.examples import EvalExample
 from tunelab.evaluate.metrics import Metric
 from tunelab.inference import Generator, Usage
@@ -41,12 +44,14 @@ def evaluate(
     metrics: Sequence[Metric],
     *,
     max_new_tokens: int = 128,
+    batch_size: int = 8,
     on_progress: Callable[[int, int], None] = lambda _done, _total: None,
 ) -> EvalOutcome:
     """Generate an answer for each example, then score them all with each metric."""
-    return score(
-        examples, answers(generator, examples, max_new_tokens=max_new_tokens, on_progress=on_progress), metrics
+    predictions = answers(
+        generator, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, on_progress=on_progress
     )
+    return score(examples, predictions, metrics)
 
 
 def answers(
@@ -54,9 +59,18 @@ def answers(
     examples: Sequence[EvalExample],
     *,
     max_new_tokens: int = 128,
+    batch_size: int = 8,
     on_progress: Callable[[int, int], None] = lambda _done, _total: None,
 ) -> list[str]:
-    """The model's greedy answer to each example, in order."""
+    """The model's greedy answer to each example, in order (``batch_size`` at a time where the model batches)."""
+    if batch_size > 1 and batched.can_batch(generator):
+        prompts = [
+            generator.conversation_ids(list(e.messages)) if e.messages else generator.prompt_ids(e.prompt)
+            for e in examples
+        ]
+        return batched.greedy_texts(
+            generator, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, on_progress=on_progress
+        )
     predictions = []
     for done, example in enumerate(examples, start=1):
         predictions.append(answer(generator, example, max_new_tokens=max_new_tokens))

@@ -17,16 +17,9 @@ from tunelab.services.datasets import (
 )
 from tunelab.services.estimates import estimate_memory
 from tunelab.services.eval_jobs import eval_page, submit_eval
-from tunelab.services.evals import (
-    EvalReport,
-    ExportTable,
-    eval_model,
-    eval_results,
-    eval_run,
-    export_table,
-    harness_run,
-)
-from tunelab.services.exports import export_run
+from tunelab.services.evals import EvalReport, eval_model, eval_results, eval_run, harness_run
+from tunelab.services.export_evals import ExportTable, export_table
+from tunelab.services.exports import export_and_evaluate, export_run
 from tunelab.services.jobs import (
     cancel_job,
     job_events,
@@ -113,6 +106,7 @@ __all__ = [
     "eval_page",
     "eval_results",
     "eval_run",
+    "export_and_evaluate",
     "export_run",
     "export_table",
     "extras",

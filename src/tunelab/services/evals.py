@@ -65,11 +65,13 @@ def eval_run(
     base: bool = True,
     limit: int | None = None,
     max_new_tokens: int = 128,
+    batch_size: int = 8,
     backend: str | None = None,
     on_stage: Callable[[str], None] = lambda _text: None,
 ) -> EvalReport:
     """Generate greedy answers for the held-out examples with the run's model (and its base), and score them.
 
+    ``batch_size`` prompts are answered at once (the answers are the same as one at a time, only sooner).
     ``perplexity`` and ``token_loss`` are measured on the same examples tokenized as training does them.
     """
     names, answered = split_metrics(metrics)
@@ -84,9 +86,9 @@ def eval_run(
     if chosen:
         tuned = generator_for_run(run.id, backend=backend)
         on_stage(f"answering with run {run.id}")
-        outcome = evaluate(tuned, examples, chosen, max_new_tokens=max_new_tokens)
+        outcome = evaluate(tuned, examples, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size)
         if base_outcome is not None:
-            ask = _BaseAsk(run, bool(tuned.chat), backend, max_new_tokens)
+            ask = _BaseAsk(run, bool(tuned.chat), backend, max_new_tokens, batch_size)
             base_outcome, cached = _base_outcome(ask, examples, chosen, on_stage)
     if token_metrics:
         on_stage("measuring token loss on the examples as training tokenizes them")
@@ -111,6 +113,7 @@ class _BaseAsk:
     chat: bool  # the base is asked in the format the run was trained on
     backend: str | None
     max_new_tokens: int
+    batch_size: int  # not part of the cache key: batching never changes an answer
 
 
 def _base_outcome(
@@ -131,7 +134,7 @@ def _base_outcome(
     untuned = generator_for_run(ask.run.id, backend=ask.backend, base=True)
     untuned.chat = ask.chat
     on_stage(f"answering with the base model {ask.run.base_model}")
-    predictions = answers(untuned, examples, max_new_tokens=ask.max_new_tokens)
+    predictions = answers(untuned, examples, max_new_tokens=ask.max_new_tokens, batch_size=ask.batch_size)
     outcome = score(examples, predictions, chosen)  # before caching: a metric that raises leaves nothing behind
     base_cache.save(folder, digest, predictions, model=ask.run.base_model)
     return outcome, False
@@ -145,6 +148,7 @@ def eval_model(
     metrics: Sequence[str] = DEFAULT,
     limit: int | None = None,
     max_new_tokens: int = 128,
+    batch_size: int = 8,
     backend: str | None = None,
     on_stage: Callable[[str], None] = lambda _text: None,
 ) -> EvalReport:
@@ -164,7 +168,7 @@ def eval_model(
     label = model + (f" + {adapter}" if adapter else "")
     on_stage(f"{len(examples)} examples from {data}; answering with {label}")
     generator = load_generator(model=model, adapter=adapter, backend=backend or "auto")
-    outcome = evaluate(generator, examples, chosen, max_new_tokens=max_new_tokens)
+    outcome = evaluate(generator, examples, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size)
     path = _write_examples(get_settings().home / "evals", outcome, None)
     return EvalReport(label, str(data), len(examples), [m.name for m in chosen], outcome.scores, None, str(path))
 
@@ -283,98 +287,6 @@ def harness_run(
     with session_scope(open_registry()) as s:
         repo.add_metrics(s, run_id=run.id, step=run.step or 0, values=values)
     return results
-
-
-@dataclass(frozen=True)
-class ExportTable:
-    """The run's result and each of its exports on the same held-out examples; ``failures``: drops past the limit."""
-
-    run_id: str
-    examples: int
-    metrics: list[str]
-    rows: list[dict[str, Any]]
-    failures: list[str]
-
-
-def export_table(
-    run_text: str,
-    *,
-    data: str | None = None,
-    metrics: Sequence[str] = ("exact_match",),
-    limit: int | None = None,
-    max_new_tokens: int = 64,
-    max_drop: float | None = None,
-    on_stage: Callable[[str], None] = lambda _text: None,
-) -> ExportTable:
-    """Score the run (its adapter on its base, the reference) and every export recorded on it, side by side.
-
-    With ``max_drop``, an export whose metric falls more than that below the reference's, or whose greedy
-    answers differ from the reference's on more than that share of examples, is listed in ``failures``.
-    """
-    from tunelab.evaluate import exports as table
-
-    chosen = resolve(metrics)
-    run = show_run(run_text)
-    _source, examples = run_examples(run, data, limit)
-    found = [a for a in run.artifact_list if a.kind.removeprefix("export:") in table.SCORABLE]
-    found = [a for a in found if Path(a.path).exists()]
-    if not found:
-        raise ConfigError(
-            f"run {run.id} has no export to compare here ({', '.join(table.SCORABLE)})",
-            hint=f"write one first, e.g. tunelab export {run.id} --to gguf --out model.gguf",
-        )
-    reference, tokenizer, chat = _reference(run)
-    from tunelab.inference import stop_ids
-
-    prompts = table.prompted(examples, tokenizer, chat=chat)
-
-    def answers(runtime: Any, target: str, path: str, ref: Any = None, ref_tokens: Any = None) -> Any:
-        return table.score(runtime, target, path, prompts, examples, chosen,
-                           lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
-                           stops=stop_ids(tokenizer), max_new_tokens=max_new_tokens,
-                           reference=ref, reference_tokens=ref_tokens)  # fmt: skip
-
-    on_stage(f"answering {len(examples)} examples with run {run.id} (the reference)")
-    ref_row, ref_tokens = answers(reference, "reference", str(run.output_dir))
-    rows = [ref_row]
-    for artifact in found:
-        target = artifact.kind.removeprefix("export:")
-        label = f"{target} {(artifact.meta or {}).get('precision', '')}".strip()  # gguf f32, gguf q4_0, …
-        on_stage(f"answering with the {label} export {artifact.path}")
-        row, _ = answers(table.runtime_for(target, Path(artifact.path)), label, artifact.path, ref_row, ref_tokens)
-        rows.append(row)
-    failures = _drops(rows, [m.name for m in chosen], max_drop) if max_drop is not None else []
-    dicts = [{k: v for k, v in vars(r).items() if k != "answers"} for r in rows]
-    return ExportTable(run.id, len(examples), [m.name for m in chosen], dicts, failures)
-
-
-def _reference(run: RunView) -> tuple[Any, Any, bool]:
-    """The run's own result in float32 (the base with its adapter, unmerged), its tokenizer, and chat or not."""
-    from tunelab.evaluate.perplexity import load_scoring_model
-    from tunelab.export.verify import Reference
-    from tunelab.hub import load_tokenizer, resolve_model_path
-    from tunelab.vocab import CHAT_FORMATS
-
-    adapter = Path(run.artifacts["adapter"]) if run.artifacts.get("adapter") else None
-    folder = Path(run.artifacts["model"]) if run.artifacts.get("model") else resolve_model_path(run.base_model)
-    tokenizer = load_tokenizer(adapter if adapter is not None else folder)
-    model = load_scoring_model(folder, adapter)
-    chat = run.trained_format in CHAT_FORMATS
-    return Reference(model, tokenizer, getattr(tokenizer, "chat_template", None)), tokenizer, chat
-
-
-def _drops(rows: Sequence[Any], names: Sequence[str], max_drop: float) -> list[str]:
-    reference, failures = rows[0], []
-    for row in rows[1:]:
-        for name in names:
-            drop = reference.scores[name] - row.scores[name]
-            if drop > max_drop:
-                failures.append(
-                    f"{row.target} ({row.path}): {name} {row.scores[name]:.4g} vs {reference.scores[name]:.4g}"
-                )
-        if 1.0 - row.agreement > max_drop:
-            failures.append(f"{row.target} ({row.path}): greedy answers agree on only {row.agreement:.0%}")
-    return failures
 
 
 def eval_results(run_text: str, *, rows: int = 200) -> dict[str, Any] | None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import StateError
+from tunelab.errors import ConfigError, StateError
 from tunelab.registry import repo
 from tunelab.registry.db import open_registry, session_scope
 from tunelab.services import run_health
+from tunelab.services.export_evals import ExportFile, ExportTable, score_exports, table_request
 
 
 def export_run(
@@ -32,10 +34,57 @@ def export_run(
     recorded as ``export:<to>`` (``export:ollama-adapter`` for adapter-only) with the
     verification report and its sha256.
     """
+    to = _target(to, adapter_only=adapter_only, base=base)
+    run_id, result = _write(run_text, to, out, quantize=quantize, verify=verify, force=force, base=base)
+    _record(run_id, to, result)
+    return result
+
+
+def export_and_evaluate(
+    run_text: str,
+    *,
+    to: str,
+    out: Path,
+    quantize: str | None = None,
+    verify: bool = True,
+    force: bool = False,
+    data: str | None = None,
+    metrics: Sequence[str] = ("exact_match",),
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    max_drop: float | None = None,
+    on_stage: Callable[[str], None] = lambda _text: None,
+) -> tuple[Any, ExportTable]:
+    """Export and verify as :func:`export_run`, then score the export against the run on held-out examples.
+
+    The metric names and the examples are checked before the export is written.  The export is recorded
+    (with the table in its meta) only when nothing dropped past ``max_drop``; otherwise its files are kept
+    for inspection, unrecorded, and the table's ``failures`` say what dropped (the CLI exits 8).
+    """
+    from tunelab.evaluate.exports import SCORABLE
+
+    if to not in SCORABLE:
+        raise ConfigError(
+            f"--eval scores exports loaded by a runtime here ({', '.join(SCORABLE)}), not --to {to}",
+            hint="drop --eval, or export to one of those targets",
+        )
+    request = table_request(run_text, data=data, metrics=metrics, limit=limit, max_new_tokens=max_new_tokens,
+                            max_drop=max_drop)  # fmt: skip
+    run_id, result = _write(request.run.id, to, out, quantize=quantize, verify=verify, force=force, base=None)
+    on_stage(f"scoring the {to} export against run {run_id} on {len(request.examples)} held-out examples")
+    table = score_exports(request, [ExportFile(to, str(result.path), result.precision)], on_stage=on_stage)
+    if not table.failures:
+        _record(run_id, to, result, eval=table.to_dict())
+    return result, table
+
+
+def _write(
+    run_text: str, to: str, out: Path, *, quantize: str | None, verify: bool, force: bool, base: str | None
+) -> tuple[str, Any]:
+    """Merge the run's result, write it as ``to`` and verify it: (the run's id, the ExportResult)."""
     from tunelab.export.pipeline import ExportSource, check_options, export_model
     from tunelab.hub import load_tokenizer, resolve_model_path
 
-    to = _target(to, adapter_only=adapter_only, base=base)
     check_options(to, quantize)
     with session_scope(open_registry()) as s:
         run_id = repo.resolve_run_id(s, run_text)
@@ -56,17 +105,18 @@ def export_run(
     template = getattr(load_tokenizer(tokenizer_dir), "chat_template", None) or None
     from_ref = _from_ref(base, str(run["config"]["model"]["path"]))
     source = ExportSource(base_dir, adapter, tokenizer_dir, template, from_ref=from_ref)
-    result = export_model(source, to, out, quantize=quantize, check=verify, force=force)
+    return run_id, export_model(source, to, out, quantize=quantize, check=verify, force=force)
+
+
+def _record(run_id: str, to: str, result: Any, **extra: Any) -> None:
+    """The export as an ``export:<to>`` artifact of the run, with its sha256, precision and verification report."""
     meta = {"sha256": result.sha256, "precision": result.precision, "report": result.report, "notes": result.notes}
     with session_scope(open_registry()) as s:
-        repo.add_artifact(s, run_id=run_id, kind=f"export:{to}", path=str(result.path), meta=meta)
-    return result
+        repo.add_artifact(s, run_id=run_id, kind=f"export:{to}", path=str(result.path), meta={**meta, **extra})
 
 
 def _target(to: str, *, adapter_only: bool, base: str | None) -> str:
     """``--to ollama --adapter-only`` is the ``ollama-adapter`` target; the options only make sense so."""
-    from tunelab.errors import ConfigError
-
     if adapter_only and to != "ollama":
         raise ConfigError(
             f"--adapter-only applies to --to ollama (got --to {to})",
