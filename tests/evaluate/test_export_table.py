@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,12 @@ pytestmark = pytest.mark.slow
 def test_exports_answer_as_the_run_does_and_a_broken_one_fails_with_exit_8(
     trained: tuple[Path, str], tmp_path: Path
 ) -> None:
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime")
     home, run_id = trained
-    for target, quantize, out in (("hf", None, "hf"), ("gguf", "f32", "m32.gguf"), ("gguf", "q4_0", "m4.gguf")):
+    written_exports = (("hf", None, "hf"), ("onnx", None, "onnx"), ("gguf", "f32", "m32.gguf"),
+                       ("gguf", "q8_0", "m8.gguf"), ("gguf", "q4_0", "m4.gguf"))  # fmt: skip
+    for target, quantize, out in written_exports:
         precision = ["--quantize", quantize] if quantize else []
         written = run_cli("export", run_id, "--to", target, "--out", tmp_path / out, *precision, home=home)
         assert written.returncode == 0, written.stderr[-2000:]
@@ -25,12 +30,17 @@ def test_exports_answer_as_the_run_does_and_a_broken_one_fails_with_exit_8(
     done = run_cli("eval", run_id, "--exports", "--max-new-tokens", "8", "--max-drop", "0.5", "--json", home=home)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {row["target"]: row for row in json.loads(done.stdout)["rows"]}
-    assert set(rows) == {"reference", "hf float32", "gguf float32", "gguf q4_0"}, set(rows)
+    lossless = ("hf float32", "onnx float32", "gguf float32")
+    assert set(rows) == {"reference", *lossless, "gguf q8_0", "gguf q4_0"}, set(rows)
     assert rows["reference"]["scores"]["exact_match"] >= 0.9
-    for lossless in ("hf float32", "gguf float32"):
-        assert rows[lossless]["agreement"] == 1.0, rows[lossless]
-        assert rows[lossless]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3), rows[lossless]
-    assert rows["gguf q4_0"]["perplexity_ratio"] != 1.0  # a real 4-bit file: its drop is measured, not assumed
+    for name in lossless:
+        assert rows[name]["agreement"] == 1.0, rows[name]
+        assert rows[name]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3), rows[name]
+    for quantised in ("gguf q8_0", "gguf q4_0"):  # real 8- and 4-bit files: their drop is measured, not assumed
+        assert rows[quantised]["perplexity_ratio"] != 1.0, rows[quantised]
+        assert rows[quantised]["scores"]["exact_match"] >= rows["reference"]["scores"]["exact_match"] - 0.5
+    # 4 bits move the answers' loss further from the reference's than 8 bits do.
+    assert abs(math.log(rows["gguf q4_0"]["perplexity_ratio"])) > abs(math.log(rows["gguf q8_0"]["perplexity_ratio"]))
 
     weights = tmp_path / "hf" / "model.safetensors"  # a tensor corrupted after the export was verified
     tensors = load_file(str(weights))
