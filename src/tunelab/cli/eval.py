@@ -37,6 +37,15 @@ def eval_run(
         8, "--batch-size", min=1, help="Prompts answered at once (same answers as one at a time, sooner)."
     ),
     backend: str | None = typer.Option(None, help="auto | torch | mlx (default: the run's, or auto)."),
+    judge: str | None = typer.Option(
+        None,
+        "--judge",
+        help="Also have an LLM grade each answer 0-10 against the reference: an OpenAI-compatible URL "
+        "(tunelab serve, Ollama, llama.cpp's server); its key, if any, from TUNELAB_JUDGE_KEY. Off by default.",
+    ),
+    judge_model: str | None = typer.Option(
+        None, "--judge-model", help="With --judge: the model that grades (default: the only one it serves)."
+    ),
     harness: str | None = typer.Option(
         None,
         "--harness",
@@ -69,6 +78,8 @@ def eval_run(
     """Answer held-out prompts greedily with a run's model and its base; score both with the same metrics."""
     from tunelab import services
 
+    if judge is not None and (model is not None or queue or exports or harness is not None):
+        raise ConfigError("--judge grades a run's answers here: not with --model, --queue, --exports or --harness")
     if model is not None or run is None:
         _model(run, model, adapter, data, metrics, limit, max_new_tokens, batch_size, backend, as_json)
         return
@@ -92,6 +103,8 @@ def eval_run(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         backend=backend,
+        judge=judge,
+        judge_model=judge_model,
         on_stage=lambda text: err_console.print(Text(text)),
     )
     _show(report, f"run {report.run_id}", as_json)

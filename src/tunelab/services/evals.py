@@ -67,12 +67,15 @@ def eval_run(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     backend: str | None = None,
+    judge: str | None = None,
+    judge_model: str | None = None,
     on_stage: Callable[[str], None] = lambda _text: None,
 ) -> EvalReport:
     """Generate greedy answers for the held-out examples with the run's model (and its base), and score them.
 
     ``batch_size`` prompts are answered at once (the answers are the same as one at a time, only sooner).
     ``perplexity`` and ``token_loss`` are measured on the same examples tokenized as training does them.
+    ``judge``: an OpenAI-compatible URL whose model (``judge_model``) grades every answer 0-10 (``judge``).
     """
     names, answered = split_metrics(metrics)
     token_metrics = [n for n in names if n in TOKEN_METRICS]
@@ -80,6 +83,7 @@ def eval_run(
     run = show_run(run_text)
     # Plain-text data has no answers to generate but still has a perplexity: examples only when generating.
     source, examples = run_examples(run, data, limit) if chosen else (data or _held_out(run), [])
+    grader = _judge(judge, judge_model, bool(chosen), on_stage)  # reached before anything is generated
     on_stage(f"held-out examples from {source}; metrics {', '.join(names)}")
     count = len(examples)
     outcome, base_outcome, cached = EvalOutcome({}), (EvalOutcome({}) if base else None), False
@@ -90,6 +94,8 @@ def eval_run(
         if base_outcome is not None:
             ask = _BaseAsk(run, bool(tuned.chat), backend, max_new_tokens, batch_size)
             base_outcome, cached = _base_outcome(ask, examples, chosen, on_stage)
+    if grader is not None:
+        _grade(grader, examples, [("run", outcome), ("base", base_outcome)], on_stage)
     if token_metrics:
         on_stage("measuring token loss on the examples as training tokenizes them")
         count = _add_token_metrics(run, data, limit, token_metrics, outcome, base_outcome)
@@ -99,12 +105,41 @@ def eval_run(
         run.id,
         str(source),
         count,
-        [m.name for m in chosen] + token_metrics,
+        [m.name for m in chosen] + (["judge"] if grader is not None else []) + token_metrics,
         outcome.scores,
         base_outcome.scores if base_outcome else None,
         str(path),
         cached,
     )
+
+
+def _judge(url: str | None, model: str | None, answers: bool, on_stage: Callable[[str], None]) -> Any:
+    """The judge endpoint, reached now (a wrong URL fails before any model loads); None without ``url``."""
+    if url is None:
+        if model is not None:
+            raise ConfigError("--judge-model names the model of a --judge endpoint", hint="add --judge URL")
+        return None
+    if not answers:
+        raise ConfigError("--judge grades generated answers; perplexity and token_loss generate none",
+                          hint="add a metric such as exact_match to --metrics")  # fmt: skip
+    from tunelab.evaluate.judge import connect
+
+    grader = connect(url, model)
+    on_stage(f"judge: {grader.model} at {grader.base}")
+    return grader
+
+
+def _grade(grader: Any, examples: Sequence[Any], outcomes: Sequence[tuple[str, EvalOutcome | None]],
+           on_stage: Callable[[str], None]) -> None:  # fmt: skip
+    from tunelab.evaluate.judge import add_judge
+
+    for label, outcome in outcomes:
+        if outcome is None:
+            continue
+        on_stage(f"the judge grades the {label}'s {len(examples)} answers")
+        unscored = add_judge(grader, examples, outcome)
+        if unscored:
+            on_stage(f"  {unscored} of the judge's replies held no 0-10 score; they are left out of its mean")
 
 
 @dataclass(frozen=True)
@@ -242,6 +277,8 @@ def _write_examples(folder: Path, outcome: EvalOutcome, base: EvalOutcome | None
             if base is not None:
                 line["base_prediction"] = base.rows[i]["prediction"]
                 line["base_scores"] = base.rows[i]["scores"]
+                if "judge_reply" in base.rows[i]:
+                    line["base_judge_reply"] = base.rows[i]["judge_reply"]
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
