@@ -72,11 +72,16 @@ def test_a_served_judge_grades_the_run_above_its_base(trained: tuple[Path, str],
 
         done = run_cli(*ask, "--json", home=home, env={"TUNELAB_JUDGE_KEY": server.key})
         assert done.returncode == 0, done.stderr[-2000:]
+        folder = json.loads(run_cli("runs", "show", run_id, "--json", home=home).stdout)["artifacts"]["model"]
+        any_model = run_cli("eval", "--model", folder, "--data", shared.parent / "valid.jsonl", *ask[2:], "--json",
+                            home=home, env={"TUNELAB_JUDGE_KEY": server.key})  # fmt: skip
+        assert any_model.returncode == 0, any_model.stderr[-2000:]
     finally:
         stop_server(proc)
     report = json.loads(done.stdout)
     assert report["metrics"] == ["exact_match", "judge"]
     assert report["scores"]["judge"] >= 0.8 and report["base_scores"]["judge"] <= 0.3, report
+    assert json.loads(any_model.stdout)["scores"]["judge"] == report["scores"]["judge"]  # no run needed
     rows = [json.loads(line) for line in Path(report["examples_file"]).read_text(encoding="utf-8").splitlines()]
     assert all(r["judge_reply"].strip() == "9" and r["scores"]["judge"] == 0.9 for r in rows), rows
     assert all("base_judge_reply" in r for r in rows)
@@ -87,4 +92,4 @@ def test_a_served_judge_grades_the_run_above_its_base(trained: tuple[Path, str],
     assert gone.returncode == 2 and "can't be reached" in gone.stderr and "Traceback" not in gone.stderr, gone.stderr
     assert _written(home, run_id)[1] == before[1] + 1  # only the successful eval was recorded
     with_exports = run_cli("eval", run_id, "--exports", "--judge", server.url, home=home)
-    assert with_exports.returncode == 2 and "--judge grades a run's answers here" in with_exports.stderr
+    assert with_exports.returncode == 2 and "--judge grades answers generated here" in with_exports.stderr

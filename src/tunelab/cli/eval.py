@@ -78,10 +78,11 @@ def eval_run(
     """Answer held-out prompts greedily with a run's model and its base; score both with the same metrics."""
     from tunelab import services
 
-    if judge is not None and (model is not None or queue or exports or harness is not None):
-        raise ConfigError("--judge grades a run's answers here: not with --model, --queue, --exports or --harness")
+    if judge is not None and (queue or exports or harness is not None):
+        raise ConfigError("--judge grades answers generated here: not with --queue, --exports or --harness")
     if model is not None or run is None:
-        _model(run, model, adapter, data, metrics, limit, max_new_tokens, batch_size, backend, as_json)
+        _model(run, model, adapter, data, metrics, limit, max_new_tokens, batch_size, backend, (judge, judge_model),
+               as_json)  # fmt: skip
         return
     if queue:
         _queue(run, server, data, metrics, base, limit, max_new_tokens, as_json)
@@ -130,7 +131,7 @@ def _queue(
 
 def _model(
     run: str | None, model: str | None, adapter: str | None, data: str | None, metrics: str, limit: int | None,
-    max_new: int, batch_size: int, backend: str | None, as_json: bool,
+    max_new: int, batch_size: int, backend: str | None, judge: tuple[str | None, str | None], as_json: bool,
 ) -> None:  # fmt: skip
     from tunelab import services
 
@@ -138,7 +139,7 @@ def _model(
         raise ConfigError("give a run id (tunelab eval RUN_ID), or --model PATH [--adapter PATH] with --data FILE")
     report = services.eval_model(
         model, data=data, adapter=adapter, metrics=[m for m in metrics.split(",") if m.strip()], limit=limit,
-        max_new_tokens=max_new, batch_size=batch_size, backend=backend,
+        max_new_tokens=max_new, batch_size=batch_size, backend=backend, judge=judge[0], judge_model=judge[1],
         on_stage=lambda text: err_console.print(Text(text)),
     )  # fmt: skip
     _show(report, report.run_id, as_json)

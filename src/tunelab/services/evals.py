@@ -185,11 +185,14 @@ def eval_model(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     backend: str | None = None,
+    judge: str | None = None,
+    judge_model: str | None = None,
     on_stage: Callable[[str], None] = lambda _text: None,
 ) -> EvalReport:
     """Score any model folder or hub id (optionally with a PEFT ``adapter``) on ``data``: no run needed.
 
     The answers go to a file under ``$TUNELAB_HOME/evals``; nothing is recorded in the registry.
+    ``judge``/``judge_model``: as for :func:`eval_run`.
     """
     from tunelab.inference import load_generator
     from tunelab.settings import get_settings
@@ -200,12 +203,16 @@ def eval_model(
                           hint="evaluate a run (tunelab eval RUN_ID), or leave them out")  # fmt: skip
     chosen = resolve(names)
     examples = load_examples(data, limit=limit)
+    grader = _judge(judge, judge_model, True, on_stage)
     label = model + (f" + {adapter}" if adapter else "")
     on_stage(f"{len(examples)} examples from {data}; answering with {label}")
     generator = load_generator(model=model, adapter=adapter, backend=backend or "auto")
     outcome = evaluate(generator, examples, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if grader is not None:
+        _grade(grader, examples, [("model", outcome)], on_stage)
     path = _write_examples(get_settings().home / "evals", outcome, None)
-    return EvalReport(label, str(data), len(examples), [m.name for m in chosen], outcome.scores, None, str(path))
+    names = [m.name for m in chosen] + (["judge"] if grader is not None else [])
+    return EvalReport(label, str(data), len(examples), names, outcome.scores, None, str(path))
 
 
 def split_metrics(metrics: Sequence[str]) -> tuple[list[str], list[str]]:
