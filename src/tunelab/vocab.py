@@ -21,7 +21,7 @@ WHOLE_MODEL_METHODS: tuple[str, ...] = ("full", "freeze")
 """Methods that change the base's own weights, so their result is a whole model (saved in ``model/``)."""
 
 # --- objectives ----------------------------------------------------------------------------------------------------
-ObjectiveName = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"]
+ObjectiveName = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo", "grpo"]
 OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
 """What a run's loss optimizes; each backend maps every name here to one loss function."""
 PAIRWISE_OBJECTIVES: tuple[str, ...] = ("dpo", "ipo", "orpo", "simpo")
@@ -30,8 +30,11 @@ PREFERENCE_OBJECTIVES: tuple[str, ...] = (*PAIRWISE_OBJECTIVES, "kto")
 """Objectives whose loss is a mean over pairs (or KTO examples), not over tokens."""
 REFERENCE_OBJECTIVES: tuple[str, ...] = ("dpo", "ipo", "kto")
 """Objectives that score the policy against a frozen reference model (orpo and simpo need none)."""
-OBJECTIVE_FORMATS: dict[str, str] = {**dict.fromkeys(PAIRWISE_OBJECTIVES, "preference"), "kto": "kto"}
+OBJECTIVE_FORMATS: dict[str, str] = {**dict.fromkeys(PAIRWISE_OBJECTIVES, "preference"), "kto": "kto", "grpo": "grpo"}
 """The data format each non-SFT objective trains on."""
+RewardBuiltin = Literal["exact_match", "regex_match", "json_valid", "length_penalty"]
+REWARD_BUILTINS: tuple[str, ...] = get_args(RewardBuiltin)
+"""GRPO's built-in reward functions (``objective.rewards``), besides a user's own ``module:function``."""
 # What each sequence of a preference batch is (``roles`` in a batch, one code per token; 0 = padding).
 ROLE_CHOSEN, ROLE_REJECTED, ROLE_DESIRABLE, ROLE_UNDESIRABLE, ROLE_KL = 1, 2, 3, 4, 5
 
@@ -59,7 +62,7 @@ EVAL_METRICS: tuple[str, ...] = get_args(MetricName)
 """`tunelab eval`'s built-in metrics by name (besides a user's own ``module:function``, which the API refuses)."""
 
 # --- data ----------------------------------------------------------------------------------------------------------
-DataFormat = Literal["auto", "text", "completion", "instruction", "chat", "sharegpt", "preference", "kto"]
+DataFormat = Literal["auto", "text", "completion", "instruction", "chat", "sharegpt", "preference", "kto", "grpo"]
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 CHAT_FORMATS: tuple[str, ...] = ("chat", "instruction")
 """Record formats trained through the chat template (so generation applies it too)."""

@@ -47,7 +47,7 @@ def test_knobs_are_set_and_bounded() -> None:
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (["objective.beta=0.2"], "beta is for objective.name dpo, ipo, kto or simpo (got name: sft)"),
+        (["objective.beta=0.2"], "beta is for objective.name dpo, ipo, kto, simpo or grpo (got name: sft)"),
         (["objective.name=dpo", "objective.alpha=0.5"], "alpha is for objective.name orpo"),
         (["objective.name=dpo", "objective.gamma=0.5"], "gamma is for objective.name simpo"),
         (["objective.name=kto", "objective.precompute_ref=true"], "precompute_ref is for dpo and ipo"),

@@ -19,6 +19,7 @@ RECORDS = {
     "instruction": {"instruction": "Make a list", "input": "milk, eggs", "output": "- milk\n- eggs"},
     "chat": {"messages": [{"role": "user", "content": "List: milk"}, {"role": "assistant", "content": "- milk"}]},
     "preference": {"prompt": "List: milk, eggs\n", "chosen": "- milk\n- eggs", "rejected": "eggs milk"},
+    "grpo": {"prompt": "2+3=", "answer": "5"},
 }
 
 

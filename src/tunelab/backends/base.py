@@ -73,7 +73,8 @@ class ObjectiveSpec:
     """What the loss optimizes (``objective:``); each backend maps the name to one loss function.
 
     Preference objectives read ``beta`` (dpo, ipo, kto, simpo), ``gamma`` (simpo) and ``alpha`` (orpo);
-    with ``precompute_ref`` the batches carry the reference model's log-probs (``ref_logps``).
+    with ``precompute_ref`` the batches carry the reference model's log-probs (``ref_logps``).  GRPO reads
+    ``beta`` (its KL weight; 0 = no reference) and ``epsilon`` (the ratio's clip range).
     """
 
     name: str = "sft"
@@ -81,6 +82,7 @@ class ObjectiveSpec:
     gamma: float = 0.5
     alpha: float = 0.1
     precompute_ref: bool = False
+    epsilon: float = 0.2
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from tunelab.config.objective import ObjectiveCfg, RewardCfg
+from tunelab.config.objective import Section as _Section
 from tunelab.vocab import (
     OBJECTIVE_FORMATS,
     PREFERENCE_OBJECTIVES,
     AnswerMetric,
     DataFormat,
     MethodName,
-    ObjectiveName,
     TrainOn,
 )
 
@@ -35,10 +36,6 @@ MAX_INT = 2**31 - 1
 # Micro-batch tokens from which train.tiled_mlp: auto tiles the MLPs (an 8B Llama's MLP intermediates then pass 1 GiB).
 TILED_MLP_FROM = 16_384
 MLP_TILE_TOKENS = 4096  # positions per tile (backends/torch/tiled_mlp.py; the estimator models the same)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class ModelCfg(_Section):
@@ -115,50 +112,6 @@ class MethodCfg(_Section):
             raise ValueError(f"group_size must be 32, 64 or 128 (got {self.group_size})")
         if self.name == "qlora" and self.bits is None:
             object.__setattr__(self, "bits", 4)  # the default depends on name; the model is frozen after this
-        return self
-
-
-class ObjectiveCfg(_Section):
-    """``objective:`` what the loss optimizes: SFT, or a preference objective over chosen/rejected responses."""
-
-    name: ObjectiveName = Field(
-        "sft",
-        description="sft: token-weighted cross-entropy over the supervised (completion/assistant) tokens; "
-        "dpo, ipo, orpo, simpo: prefer the chosen over the rejected response of each pair (data format "
-        "preference); kto: raise desirable and lower undesirable completions (data format kto)",
-    )
-    beta: float | None = Field(
-        None,
-        gt=0,
-        le=100,
-        description="dpo/ipo/kto: the temperature of the implicit reward against the reference model (default "
-        "0.1); simpo: the reward scale (default 2.0)",
-    )
-    gamma: float | None = Field(None, ge=0, le=100, description="simpo: the target reward margin (default 0.5)")
-    alpha: float | None = Field(None, gt=0, le=100, description="orpo: the odds-ratio loss weight λ (default 0.1)")
-    precompute_ref: bool = Field(
-        False,
-        description="dpo/ipo: the reference model's log-probs computed once before training instead of a "
-        "reference forward every step (full and freeze then keep no frozen copy of the model)",
-    )
-
-    @model_validator(mode="after")
-    def _knobs(self) -> ObjectiveCfg:
-        # A knob another objective reads is almost surely a forgotten objective.name: said, never ignored.
-        uses = {"beta": ("dpo", "ipo", "kto", "simpo"), "gamma": ("simpo",), "alpha": ("orpo",)}
-        for knob, names in uses.items():
-            if getattr(self, knob) is not None and self.name not in names:
-                raise ValueError(
-                    f"{knob} is for objective.name {_either(names)} (got name: {self.name}); "
-                    f"remove objective.{knob} or change objective.name"
-                )
-        if self.precompute_ref and self.name not in ("dpo", "ipo"):
-            why = "kto scores mismatched pairs formed per batch" if self.name == "kto" else "it has no reference"
-            raise ValueError(f"precompute_ref is for dpo and ipo ({self.name}: {why}); remove it")
-        defaults = {"beta": 2.0 if self.name == "simpo" else 0.1, "gamma": 0.5, "alpha": 0.1}
-        for knob, names in uses.items():
-            if getattr(self, knob) is None and self.name in names:
-                object.__setattr__(self, knob, defaults[knob])  # name-dependent default; frozen after this
         return self
 
 
@@ -304,8 +257,13 @@ class TrainCfg(_Section):
         return self.batch_size * self.grad_accum
 
 
-def _either(names: tuple[str, ...]) -> str:
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+_RECORDS = {
+    "preference": '{"prompt", "chosen", "rejected"} records',
+    "kto": '{"prompt", "completion", "label": true|false} records',
+    "grpo": '{"prompt"} or {"messages"} records (plus the fields the reward functions read)',
+}
+
+__all__ = ["ObjectiveCfg", "RewardCfg", "RunConfig"]
 
 
 def objective_data_problem(objective: str, fmt: str) -> str | None:
@@ -316,17 +274,29 @@ def objective_data_problem(objective: str, fmt: str) -> str | None:
     if wanted is not None:
         return (
             f"objective {objective} trains on data format {wanted} (got {fmt}); give "
-            + (
-                '{"prompt", "chosen", "rejected"} records'
-                if wanted == "preference"
-                else '{"prompt", "completion", "label": true|false} records'
-            )
+            + _RECORDS[wanted]
             + f", set data.format: {wanted} or auto, or change objective.name"
         )
     if fmt in OBJECTIVE_FORMATS.values():
         names = ", ".join(name for name, f in OBJECTIVE_FORMATS.items() if f == fmt)
         return f"data format {fmt} trains with objective.name {names} (got {objective})"
     return None
+
+
+def _check_grpo(cfg: RunConfig) -> None:
+    """What GRPO can't do (yet): said when the config loads, not after the model did."""
+    if cfg.method.name == "prefix":
+        raise ValueError(
+            "objective grpo can't train method prefix (its virtual tokens ride in the KV cache "
+            "that sampling builds); use lora, dora, qlora, ia3, full or freeze"
+        )
+    if cfg.train.batch_size == "auto":
+        raise ValueError(
+            "objective grpo takes a fixed train.batch_size (prompts per micro-batch, each sampled "
+            "objective.num_generations times); set train.batch_size: N"
+        )
+    if cfg.data.packing:
+        raise ValueError("objective grpo does not pack (its rows are sampled, not read); remove data.packing")
 
 
 class RunConfig(_Section):
@@ -360,6 +330,8 @@ class RunConfig(_Section):
                 f"objective {self.objective.name} scores only the responses, never the prompt; "
                 "remove data.mask_prompt: false and data.train_on: everything"
             )
+        if self.objective.name == "grpo":
+            _check_grpo(self)
         return self
 
     @property

@@ -35,7 +35,8 @@ SHAREGPT_ROLES = {
 
 @dataclass(frozen=True)
 class Sample:
-    """A validated example: ``kind`` is text, completion, chat or pair (``tools`` only for chats that declare them).
+    """A validated example: ``kind`` is text, completion, chat, pair or prompt (``tools`` only for chats that
+    declare them; a ``prompt`` is a GRPO prompt: ``prompt`` text, or ``messages`` that end before the reply).
 
     A ``pair`` (preference data) holds its chosen and rejected sequences in ``pair``, each a completion or a
     chat; a KTO example is a completion or chat with ``label`` set.  In a chat from preference or KTO data,
@@ -66,6 +67,8 @@ def detect_format(record: Record) -> str:
         return "sharegpt"
     if {"prompt", "completion"} <= keys:
         return "completion"
+    if "prompt" in keys:  # a prompt and no response: GRPO samples the responses
+        return "grpo"
     if {"instruction", "output"} <= keys:
         return "instruction"
     if "text" in keys:
@@ -75,7 +78,8 @@ def detect_format(record: Record) -> str:
         path=record.path,
         line=record.line,
         hint='use {"text"}, {"prompt","completion"}, {"instruction","input","output"}, {"messages":[…]}, '
-        '{"conversations":[{"from","value"}…]}, {"prompt","chosen","rejected"} or {"prompt","completion","label"}, '
+        '{"conversations":[{"from","value"}…]}, {"prompt","chosen","rejected"}, {"prompt","completion","label"} or '
+        '{"prompt", …} (grpo), '
         "map your fields with data.columns, or set data.format",
     )
 
@@ -309,6 +313,28 @@ def _turns(r: Record, key: str, role: str, *, learn: bool = True) -> tuple[dict[
     return ({"role": role, "content": _string(r, key, allow_empty=role == "user")},)
 
 
+def _grpo(r: Record) -> Sample:
+    """``{"prompt": text or messages}`` or ``{"messages"}``: what GRPO samples completions for.
+
+    The record's other fields (an ``answer``…) are for the reward functions and are not checked here.
+    """
+    key = "prompt" if "prompt" in r.data else "messages"
+    value = r.data.get(key)
+    if not isinstance(value, list):
+        if key == "messages":
+            raise DataError('missing field "prompt" (text or messages) or "messages"', path=r.path, line=r.line)
+        return Sample("prompt", prompt=_string(r, "prompt"))
+    turns = _turns(r, key, "user", learn=False)
+    if turns[-1]["role"] == "assistant":
+        raise DataError(
+            f'"{key}" ends with an assistant message; grpo samples the assistant\'s reply',
+            path=r.path,
+            line=r.line,
+            hint="end the prompt with the user's turn (move the reference answer to a field such as answer)",
+        )
+    return Sample("prompt", messages=turns, tools=_tools(r), prompt_turns=len(turns))
+
+
 _CONVERTERS = {
     "text": _text,
     "completion": _completion,
@@ -317,4 +343,5 @@ _CONVERTERS = {
     "sharegpt": _sharegpt,
     "preference": _preference,
     "kto": _kto,
+    "grpo": _grpo,
 }

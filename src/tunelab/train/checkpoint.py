@@ -42,6 +42,7 @@ class TrainerState:
     best_val_loss: float | None = None
     global_batch: int = 0  # rows per global micro-batch (batch_size × processes); 0 = older checkpoint
     micro_parts: int = 1  # pieces each micro-batch runs as, after out-of-memory back-offs (tunelab.train.backoff)
+    sampler_rng: dict[str, Any] | None = None  # GRPO: the sampling stream's numpy bit-generator state
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:

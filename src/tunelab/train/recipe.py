@@ -47,7 +47,7 @@ class Prepared:
     backend: Backend
     info: ModelInfo
     data: PreparedData
-    stream: MicroBatchStream
+    stream: MicroBatchStream | None  # None for GRPO, which samples its rows (see ``grpo``)
     valid: Sequence[Batch] | None
     total_steps: int
     state: TrainerState
@@ -55,6 +55,7 @@ class Prepared:
     memory: MemoryPlan | None = None  # the estimate, and the batch size actually used
     parallel: DataParallel = field(default_factory=DataParallel)  # this process's share of each global micro-batch
     skipped: list[str] = field(default_factory=list)  # damaged checkpoints passed over on resume, and why
+    grpo: Any = None  # objective grpo: its prompts, rewards and tokenizer (tunelab.train.grpo_setup.GrpoRun)
 
 
 def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None, processes: int = 1) -> ModelSpec:
@@ -101,6 +102,7 @@ def objective_spec(cfg: RunConfig) -> ObjectiveSpec:
         gamma=o.gamma if o.gamma is not None else unset.gamma,
         alpha=o.alpha if o.alpha is not None else unset.alpha,
         precompute_ref=o.precompute_ref,
+        epsilon=o.epsilon if o.epsilon is not None else unset.epsilon,
     )
 
 
@@ -127,7 +129,12 @@ def setup(
 
     Big data is validated while it is tokenized (or not at all on a cache hit), still before the model loads.
     With several processes rank 0 tokenizes first, so the others read its cache instead of racing it.
+    GRPO (which samples its training rows) is set up by :mod:`tunelab.train.grpo_setup`.
     """
+    if cfg.objective.name == "grpo":
+        from tunelab.train.grpo_setup import setup_grpo
+
+        return setup_grpo(cfg, output_dir, resume=resume, on_data=on_data, group=group)  # type: ignore[no-any-return]
     source = scan_data(cfg.data)
     check_objective(cfg.objective.name, source.format, group.world)
     folder = resolve_model_path(cfg.model.path, cfg.model.revision)
@@ -197,6 +204,14 @@ def check_objective(objective: str, fmt: str, world: int) -> None:
 
 def train(prep: Prepared, output_dir: Path, callbacks: BaseCallback, should_stop: Callable[[], bool]) -> LoopResult:
     """Run the loop; on completion write the final adapter (or model) atomically."""
+    if prep.grpo is not None:
+        from tunelab.train.grpo_setup import train_grpo
+
+        result = train_grpo(prep, output_dir, callbacks, should_stop)
+        if result.status == "completed":
+            save_result(prep.backend, result_dir(output_dir, prep.cfg.method.name))
+        return result
+    assert prep.stream is not None
     cfg, steps = prep.cfg, prep.total_steps
     schedule = make_schedule(
         cfg.train.scheduler, lr=cfg.train.lr, total_steps=steps, warmup=warmup_steps(cfg.train.warmup, steps)

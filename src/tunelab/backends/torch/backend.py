@@ -18,6 +18,7 @@ from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
 from tunelab.backends.torch.generate import stream_tokens
+from tunelab.backends.torch.grpo import sample_completions
 from tunelab.backends.torch.host_embedding import HostEmbedding, move_embeddings_to_host
 from tunelab.backends.torch.kept_mlp import host_budget, keep_mlps
 from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_device, pick_dtype
@@ -328,6 +329,13 @@ class TorchBackend:
             pad_id=self.tokenizer.pad_token_id,
             seed=seed,
         )
+
+    def sample_completions(self, prompts: Sequence[Sequence[int]], **how: Any) -> tuple[list[list[int]], list[Any]]:
+        """GRPO: complete each prompt row over one KV cache; ids and log-probs (see ``grpo.sample_completions``)."""
+        self.model.eval()
+        self._training = False
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return sample_completions(self.model, self.device, prompts, pad_id=pad, autocast=self._autocast, **how)
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return oom.is_out_of_memory(exc)

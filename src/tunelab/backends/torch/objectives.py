@@ -16,6 +16,7 @@ from typing import Any
 
 from tunelab.backends.base import ObjectiveSpec
 from tunelab.backends.torch import preference
+from tunelab.backends.torch.grpo import GrpoLoss
 from tunelab.backends.torch.loss import summed_loss
 from tunelab.errors import ConfigError
 from tunelab.vocab import OBJECTIVES
@@ -29,6 +30,7 @@ LOSSES: dict[str, Callable[..., Any]] = {
     "orpo": preference.orpo,
     "simpo": preference.simpo,
     "kto": preference.kto,
+    "grpo": GrpoLoss,  # token-level clipped policy loss over sampled completions (tunelab.train.grpo)
 }
 
 
@@ -40,4 +42,6 @@ def loss_for(objective: ObjectiveSpec) -> TorchLoss:
         raise ConfigError(f"objective {objective.name!r} has no torch loss", hint=f"use one of: {known}")
     if objective.name == "sft":
         return loss
+    if objective.name == "grpo":
+        return GrpoLoss(objective)
     return preference.PreferenceLoss(objective, loss)
