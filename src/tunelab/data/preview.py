@@ -136,7 +136,7 @@ def preview_examples(
                     tokens=list(zip(texts, cut_ids, trained, strict=True)),
                     full_length=len(ids),
                     truncated=len(ids) > max_seq_len,
-                    dropped=not any(trained),
+                    dropped=not any(trained) and part.kind != "prompt",  # a GRPO prompt trains nothing itself
                     role=role,
                 )
             )

@@ -111,7 +111,8 @@ def tokenize_samples(
             end += 1
         unit = [(ids[:max_seq_len], labels[:max_seq_len]) for ids, labels in built[start:end]]
         out.truncated += sum(len(ids) > max_seq_len for ids, _ in built[start:end])
-        if any(all(label == IGNORE for label in labels[1:]) for _, labels in unit):
+        trains = flat[start].kind != "prompt"  # a GRPO prompt trains nothing itself: its completions are sampled
+        if trains and any(all(label == IGNORE for label in labels[1:]) for _, labels in unit):
             out.dropped += 1
         else:
             rows.extend(np.asarray(ids, dtype=np.int32) for ids, _ in unit)
@@ -144,7 +145,8 @@ def _assemble(
     sample: Sample, plan: list[tuple[str, bool]], pieces: Encoded, prefix: list[int], eos: int, mask_prompt: bool
 ) -> tuple[list[int], list[int]]:
     """One sequence's ids and labels from its encoded pieces (uncut)."""
-    ids: list[int] = list(prefix) if sample.kind != "chat" else []
+    chat = sample.kind == "chat" or bool(sample.messages)  # a rendered conversation holds its own specials
+    ids: list[int] = list(prefix) if not chat else []
     labels: list[int] = [IGNORE] * len(ids)
     for (_text, trained), (piece_ids, piece_labels) in zip(plan, pieces, strict=False):
         ids.extend(piece_ids)
@@ -152,7 +154,7 @@ def _assemble(
             labels.extend(piece_labels if mask_prompt else piece_ids)
         else:
             labels.extend(piece_ids if (trained or not mask_prompt) else [IGNORE] * len(piece_ids))
-    if sample.kind != "chat":
+    if not chat and sample.kind != "prompt":  # a GRPO prompt ends where the model's answer starts
         ids.append(eos)
         labels.append(eos)
     return ids, labels
@@ -209,6 +211,10 @@ def _pieces(
 ) -> list[tuple[str, bool]]:
     if sample.kind == "text":
         return [(sample.text, True)]
+    if sample.kind == "prompt":  # GRPO: what the model is asked, up to its open turn; nothing is trained
+        if not sample.messages:
+            return [(sample.prompt, False)]
+        return [(render(tokenizer, template, sample.messages, generation_prompt=True, tools=sample.tools), False)]
     if sample.kind == "completion":
         pieces = [(sample.completion, True)]
         return [(sample.prompt, False), *pieces] if sample.prompt else pieces

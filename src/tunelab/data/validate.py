@@ -62,6 +62,7 @@ class _Tally:
     cut_lengths: list[int] = field(default_factory=list)
     supervised: int = 0
     dropped: int = 0
+    prompts: bool = False  # GRPO prompts: nothing in them is trained, and none is dropped for it
 
     def add_records(self, chunk: Sequence[Record], train_keys: Mapping[bytes, int] | None) -> None:
         for record in chunk:
@@ -82,7 +83,7 @@ class _Tally:
         for ids, labs in zip(input_ids, labels, strict=True):
             self.full_lengths.append(len(ids))
             trained = int((labs[1 : self.max_seq_len] != IGNORE).sum())
-            if trained == 0:
+            if trained == 0 and not self.prompts:
                 self.dropped += 1
                 continue
             self.cut_lengths.append(min(len(ids), self.max_seq_len))
@@ -186,7 +187,7 @@ def _scan(
     train_keys: Mapping[bytes, int] | None,
     problems: list[DataError],
 ) -> _Tally:
-    tally = _Tally(max_seq_len)
+    tally = _Tally(max_seq_len, prompts=fmt == "grpo")
     while chunk := list(itertools.islice(records, CHUNK)):
         samples, chunk = _valid_samples(chunk, fmt, problems)
         tally.add_records(chunk, train_keys)

@@ -94,7 +94,7 @@ def _call(reward: Reward, text: str, example: Mapping[str, Any], where: str) -> 
         ) from exc
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise DataError(
-            f"reward function {reward.name} returned {_short(repr(value))} ({type(value).__name__}), not a number, "
+            f"reward function {reward.name} returned {_clip(repr(value))} ({type(value).__name__}), not a number, "
             f"on the example at {where}",
             hint="a reward function returns an int or a float for every completion",
         )
@@ -104,8 +104,12 @@ def _call(reward: Reward, text: str, example: Mapping[str, Any], where: str) -> 
     return float(value)
 
 
-def _short(text: str, limit: int = 60) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "…")
+def _short(text: str) -> str:
+    return repr(_clip(text))
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 # --- built-ins --------------------------------------------------------------------------------------------------
