@@ -88,3 +88,14 @@ def test_a_reward_that_raises_is_a_clear_error_not_a_crash(
     assert done.returncode == 3, out  # a DataError's exit code
     assert "reward function rewards_bad:needs_answer raised KeyError: 'answer'" in out
     assert "train.jsonl:2" in out and "Traceback" not in out
+
+
+def test_the_api_refuses_rewards_that_import_code(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tunelab.errors import ConfigError
+
+    raw = _config(tmp_path, tiny_model_dir, ["exact_match", "os:system"], SUMS)
+    raw.pop("output_dir")
+    with pytest.raises(ConfigError, match="module:function rewards run only from the CLI"):
+        services.submit_job(load_config(raw), allowed_roots=[tmp_path, tiny_model_dir])
+    raw["objective"]["rewards"] = ["exact_match"]
+    assert services.submit_job(load_config(raw), allowed_roots=[tmp_path, tiny_model_dir]).status == "queued"

@@ -84,3 +84,21 @@ def test_a_stopped_run_resumes_to_the_same_weights_and_samples(sums_model: Path,
     assert {r["step"]: r["reward"] for r in _rewards(resumed.output_dir) if r["step"] > 3} == {
         s: v for s, v in same.items() if s > 3
     }
+
+
+def test_chat_prompts_train_with_the_other_built_in_rewards(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    records = [{"messages": [{"role": "user", "content": f"Give {n} as JSON"}], "n": n} for n in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    rewards = [{"name": "json_valid"}, {"name": "length_penalty", "limit": 20, "weight": 0.5}]
+    cfg = load_config({
+        "model": {"path": str(tiny_model_dir)}, "data": {"train": str(data), "max_seq_len": 48},
+        "objective": {"name": "grpo", "rewards": rewards, "num_generations": 3, "max_new_tokens": 6, "beta": 0},
+        "train": {"steps": 2, "batch_size": 2}, "output_dir": str(tmp_path / "out"), "tensorboard": False,
+    })  # fmt: skip
+    outcome = services.start_run(cfg)
+    assert outcome.status == "completed" and outcome.result_dir is not None
+    last = _rewards(outcome.output_dir)[-1]
+    assert -0.5 <= last["reward/length_penalty"] * 0.5 <= 0 and 0 <= last["reward/json_valid"] <= 1
+    assert "kl" not in last  # beta 0: no reference forward
+    assert 1 <= last["completion_length"] <= 6

@@ -44,6 +44,11 @@ def submit_job(
     if allowed_roots is not None:
         cfg = check_config_paths(cfg, allowed_roots)  # absolute from here on: the worker reads what was checked
         _check_api_output(cfg)
+        if any(":" in r.name for r in cfg.objective.rewards or []):  # it would import code the client names
+            raise ConfigError(
+                "objective.rewards: your own module:function rewards run only from the CLI, not over the API",
+                hint="use the built-in rewards here, or run tunelab train on the server",
+            )
     run_id = None
     with session_scope(open_registry()) as s:
         if kind == "train":  # checked, not created: nothing is written until a worker runs it
