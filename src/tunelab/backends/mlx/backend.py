@@ -37,15 +37,11 @@ from tunelab.backends.mlx import checkpoint_io, oom  # noqa: E402
 from tunelab.backends.mlx.checkpoint_io import flat  # noqa: E402
 from tunelab.backends.mlx.forward import checkpoint_class, split_head  # noqa: E402
 from tunelab.backends.mlx.generate import stream_tokens  # noqa: E402
+from tunelab.backends.mlx.grpo import grpo_targets, sample_completions  # noqa: E402
 from tunelab.backends.mlx.layers import LoRALinear, linear_modules, set_module  # noqa: E402
 from tunelab.backends.mlx.objectives import MlxLoss, loss_for, token_cross_entropy  # noqa: E402
 from tunelab.backends.mlx.packing import enable_packing, packed_caches  # noqa: E402
-from tunelab.backends.mlx.preference import (  # noqa: E402
-    adapters_off,
-    preference_targets,
-    reference_rows,
-    sequence_logps,
-)
+from tunelab.backends.mlx.preference import adapters_off, preference_targets, reference_rows  # noqa: E402
 from tunelab.backends.mlx.quant import in_features, prepare_base, set_memory_limits  # noqa: E402
 
 _PAD_MULTIPLE = 32
@@ -251,7 +247,7 @@ class MlxBackend:
         return reference_rows(self._reference_logits, batch, picked=self._head is not None)
 
     def _with_reference(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-        """A preference batch's targets with each sequence's reference log-prob (unless precomputed)."""
+        """A preference (GRPO) batch's targets with each sequence's (token's) reference log-prob, unless precomputed."""
         targets = inputs[1]
         if (
             isinstance(targets, dict)
@@ -259,7 +255,7 @@ class MlxBackend:
             and "ref_seq" not in targets
         ):
             logits = self._reference_logits(inputs[0], inputs[2], *inputs[3:])
-            targets["ref_seq"] = mx.stop_gradient(sequence_logps(logits, targets))
+            self._objective.add_reference(targets, logits)  # type: ignore[attr-defined]
         return inputs
 
     def _reference_logits(self, ids: mx.array, picked: mx.array | None, *packed: mx.array) -> mx.array:
@@ -300,6 +296,10 @@ class MlxBackend:
             seed=seed,
         )
 
+    def sample_completions(self, prompts: Sequence[Sequence[int]], **how: Any) -> tuple[list[list[int]], list[Any]]:
+        """GRPO: complete each prompt row; ids and log-probs (see ``grpo.sample_completions``)."""
+        return sample_completions(self.model, prompts, **how)
+
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return oom.is_out_of_memory(exc)
 
@@ -322,6 +322,8 @@ class MlxBackend:
         if "roles" in batch:  # preference: scored positions, their sequences and roles (a dict of targets)
             pref, scored = preference_targets(batch, ids_np.shape[1], picked=self._head is not None)
             return ids, pref, scored, *packed
+        if "old_logps" in batch:  # GRPO: each completion token's sampling-time log-prob and advantage
+            return ids, *grpo_targets(batch, ids_np.shape[1], picked=self._head is not None), *packed
         if self._head is None:
             return ids, mx.array(targets.astype(np.int32)), None, *packed
         # Flat positions of the supervised tokens, found in numpy: only they go through the head.

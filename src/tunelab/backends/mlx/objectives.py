@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from tunelab.backends.base import ObjectiveSpec
 from tunelab.backends.mlx import preference
+from tunelab.backends.mlx.grpo import MlxGrpoLoss
 from tunelab.errors import ConfigError
 from tunelab.vocab import IGNORE, OBJECTIVES
 
@@ -37,6 +38,7 @@ LOSSES: dict[str, Callable[..., Any]] = {
     "orpo": preference.orpo,
     "simpo": preference.simpo,
     "kto": preference.kto,
+    "grpo": MlxGrpoLoss,  # token-level clipped policy loss over sampled completions (tunelab.train.grpo)
 }
 
 
@@ -52,4 +54,6 @@ def loss_for(objective: ObjectiveSpec) -> MlxLoss:
         raise ConfigError(f"objective {objective.name!r} has no MLX loss", hint=f"use one of: {known}")
     if objective.name == "sft":
         return loss
+    if objective.name == "grpo":
+        return MlxGrpoLoss(objective)
     return preference.MlxPreferenceLoss(objective, loss)

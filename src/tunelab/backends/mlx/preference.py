@@ -133,6 +133,10 @@ class MlxPreferenceLoss:
         counts = {name: (total, mx.array(count, dtype=mx.float32)) for name, (total, count) in stats.items()}
         return losses.sum(), mx.array(policy.shape[0] // 2), counts  # arrays only: it may run compiled
 
+    def add_reference(self, targets: dict[str, mx.array], logits: mx.array) -> None:
+        """Each sequence's reference log-prob from the reference forward's ``logits``."""
+        targets["ref_seq"] = mx.stop_gradient(sequence_logps(logits, targets))
+
 
 def preference_targets(batch: Batch, width: int, picked: bool) -> tuple[dict[str, mx.array], mx.array | None]:
     """The ``targets`` dict of a preference batch padded to ``width``, and the scored positions if ``picked``."""
