@@ -83,3 +83,19 @@ def test_bad_grpo_records_name_their_line(data: dict, says: str) -> None:
     with pytest.raises(DataError) as info:
         to_sample(_record(data), "grpo")
     assert says in str(info.value) and "prompts.jsonl:7" in str(info.value)
+
+
+def test_the_editor_schema_takes_the_example_and_the_short_form() -> None:
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    from tunelab.config.editor import json_schema
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "examples" / "grpo-sums.yaml").read_text(encoding="utf-8"))
+    raw["objective"]["rewards"].append("my_rewards:correct")
+    jsonschema.validate(raw, json_schema())
+    raw["objective"]["rewards"].append({"name": "exact_match", "wieght": 2})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(raw, json_schema())

@@ -91,6 +91,7 @@ class ObjectiveCfg(Section):
         max_length=16,
         description="grpo: the reward functions, each a built-in name or module:function, optionally "
         "{name, weight}; a completion's reward is Σ weight × reward",
+        json_schema_extra=lambda schema: _names_too(schema),
     )
     num_generations: int | None = Field(
         None, ge=2, le=1024, description="grpo: completions sampled per prompt (a group; default 8)"
@@ -157,6 +158,14 @@ DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,
     "epsilon": 0.2,
 }
+
+
+def _names_too(schema: dict[str, Any]) -> None:
+    """Editors' JSON Schema: a reward may be written as its name alone (the short form ``_names`` accepts)."""
+    for branch in schema.get("anyOf", [schema]):
+        items = branch.get("items")
+        if isinstance(items, dict) and "$ref" in items:
+            branch["items"] = {"anyOf": [{"type": "string"}, items]}
 
 
 def _either(names: tuple[str, ...]) -> str:
