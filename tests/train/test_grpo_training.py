@@ -17,6 +17,7 @@ from tunelab.config.load import load_config
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "grpo-sums.yaml"
 HAS_MLX = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
+BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="mlx is not installed"))]
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,7 @@ def _rewards(output_dir: Path) -> list[dict]:
     return [r for r in rows if "reward" in r]
 
 
-@pytest.mark.parametrize(
-    "backend", ["torch", pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="mlx is not installed"))]
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_sum_task_is_learned_from_its_rewards(backend: str, sums_model: Path, tmp_path: Path) -> None:
     cfg = load_config(_example(sums_model, tmp_path / "run", backend, steps=1200))
     outcome = services.start_run(cfg)
@@ -65,8 +64,9 @@ def test_the_sum_task_is_learned_from_its_rewards(backend: str, sums_model: Path
     assert any(outcome.result_dir.glob("*.safetensors"))
 
 
-def test_a_stopped_run_resumes_to_the_same_weights_and_samples(sums_model: Path, tmp_path: Path) -> None:
-    whole = services.start_run(load_config(_example(sums_model, tmp_path / "whole", steps=6)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stopped_run_resumes_to_the_same_weights_and_samples(backend: str, sums_model: Path, tmp_path: Path) -> None:
+    whole = services.start_run(load_config(_example(sums_model, tmp_path / "whole", backend, steps=6)))
     calls = {"n": 0}
 
     def stop_after_three() -> bool:
@@ -74,17 +74,20 @@ def test_a_stopped_run_resumes_to_the_same_weights_and_samples(sums_model: Path,
         return calls["n"] == 3
 
     stopped = services.start_run(
-        load_config(_example(sums_model, tmp_path / "parts", steps=6)), should_stop=stop_after_three
+        load_config(_example(sums_model, tmp_path / "parts", backend, steps=6)), should_stop=stop_after_three
     )
     assert stopped.status == "cancelled" and (tmp_path / "parts" / "checkpoints" / "step-3").is_dir()
     state = json.loads((tmp_path / "parts" / "checkpoints" / "step-3" / "trainer_state.json").read_text())
     assert state["sampler_rng"]["bit_generator"] == "PCG64"  # the sampling stream is part of the checkpoint
     resumed = services.resume_run(stopped.run_id)
     assert resumed.status == "completed" and whole.result_dir is not None and resumed.result_dir is not None
-    a, b = load_file(whole.result_dir / "model.safetensors"), load_file(resumed.result_dir / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    files = sorted(whole.result_dir.glob("*.safetensors"))
+    assert files
+    for file in files:
+        a, b = load_file(file), load_file(resumed.result_dir / file.name)
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     same = {r["step"]: r["reward"] for r in _rewards(whole.output_dir)}
     assert {r["step"]: r["reward"] for r in _rewards(resumed.output_dir) if r["step"] > 3} == {
         s: v for s, v in same.items() if s > 3
