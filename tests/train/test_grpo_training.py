@@ -94,19 +94,28 @@ def test_a_stopped_run_resumes_to_the_same_weights_and_samples(backend: str, sum
     }
 
 
-def test_chat_prompts_train_with_the_other_built_in_rewards(tiny_model_dir: Path, tmp_path: Path) -> None:
-    data = tmp_path / "train.jsonl"
-    records = [{"messages": [{"role": "user", "content": f"Give {n} as JSON"}], "n": n} for n in range(4)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chat_prompts_train_with_the_other_built_in_rewards_and_validate(
+    backend: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    records = [{"messages": [{"role": "user", "content": f"Give {n} as JSON"}], "n": n} for n in range(6)]
+    for name, part in (("train", records[:4]), ("valid", records[4:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
     rewards = [{"name": "json_valid"}, {"name": "length_penalty", "limit": 20, "weight": 0.5}]
     cfg = load_config({
-        "model": {"path": str(tiny_model_dir)}, "data": {"train": str(data), "max_seq_len": 48},
+        "model": {"path": str(tiny_model_dir)}, "data": {"train": str(tmp_path), "max_seq_len": 48},
         "objective": {"name": "grpo", "rewards": rewards, "num_generations": 3, "max_new_tokens": 6, "beta": 0},
-        "train": {"steps": 2, "batch_size": 2}, "output_dir": str(tmp_path / "out"), "tensorboard": False,
+        "train": {"steps": 2, "batch_size": 1, "grad_accum": 2, "eval_every": 1},
+        "output_dir": str(tmp_path / "out"), "tensorboard": False, "backend": backend,
     })  # fmt: skip
     outcome = services.start_run(cfg)
     assert outcome.status == "completed" and outcome.result_dir is not None
+    rows = [json.loads(line) for line in (outcome.output_dir / "metrics.jsonl").read_text().splitlines()]
     last = _rewards(outcome.output_dir)[-1]
     assert -0.5 <= last["reward/length_penalty"] * 0.5 <= 0 and 0 <= last["reward/json_valid"] <= 1
     assert "kl" not in last  # beta 0: no reference forward
     assert 1 <= last["completion_length"] <= 6
+    assert last["epoch"] == 1.0  # 2 prompts a step (batch 1 x grad_accum 2) over 4 prompts: 2 steps, 1 epoch
+    validations = [r for r in rows if "val_reward" in r]  # the 2 held-out prompts, answered greedily, each step
+    assert [r["step"] for r in validations] == [1, 2]
+    assert {"val_reward/json_valid", "val_reward/length_penalty", "val_completion_length"} <= set(validations[-1])

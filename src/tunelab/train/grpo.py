@@ -28,6 +28,7 @@ from tunelab.backends.preference import add_stats, reduce_stats
 from tunelab.data.grpo import PromptSet, prompt_order
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, save_checkpoint
+from tunelab.train.grpo_eval import validation_rewards
 from tunelab.train.loop import LoopResult, check_finite
 from tunelab.train.rewards import Reward, score
 from tunelab.train.schedules import Schedule
@@ -47,6 +48,7 @@ class GrpoOptions:
     seed: int
     shuffle: bool
     save_every: int
+    eval_every: int
     log_every: int
     keep_checkpoints: int
     checkpoint_dir: Path
@@ -80,14 +82,18 @@ def run_grpo(
     state: TrainerState,
     callbacks: BaseCallback,
     should_stop: Callable[[], bool] = lambda: False,
+    valid: PromptSet | None = None,
 ) -> LoopResult:
-    """Train from ``state`` to ``opts.total_steps``; checkpoint and return early when ``should_stop()``."""
+    """Train from ``state`` to ``opts.total_steps``; checkpoint and return early when ``should_stop()``.
+
+    With ``valid`` prompts, every ``eval_every`` steps and at the end each is answered greedily and scored.
+    """
     rng = new_stream(opts.seed)
     if state.sampler_rng is not None:
         rng.bit_generator.state = state.sampler_rng
     callbacks.on_start(step=state.step, total_steps=opts.total_steps)
     try:
-        return _steps(backend, prompts, rewards, schedule, opts, state, callbacks, should_stop, rng)
+        return _steps(backend, prompts, rewards, schedule, opts, state, callbacks, should_stop, rng, valid)
     finally:
         callbacks.flush()
 
@@ -102,6 +108,7 @@ def _steps(
     callbacks: BaseCallback,
     should_stop: Callable[[], bool],
     rng: np.random.Generator,
+    valid: PromptSet | None,
 ) -> LoopResult:
     while state.step < opts.total_steps:
         started = time.perf_counter()
@@ -132,6 +139,11 @@ def _steps(
                        "tokens_per_sec": tokens / max(ended - started, 1e-9)}  # fmt: skip
             callbacks.on_metrics(state.step, metrics)
         finished = state.step == opts.total_steps
+        if valid is not None and (finished or (opts.eval_every and state.step % opts.eval_every == 0)):
+            rows = opts.prompts_per_micro * opts.num_generations  # as many rows as a training micro-batch
+            scores = validation_rewards(backend, valid, rewards, rows=rows, max_new_tokens=opts.max_new_tokens,
+                                        stop_ids=opts.stop_ids, decode=opts.decode)  # fmt: skip
+            callbacks.on_metrics(state.step, scores)
         stop = should_stop()
         if ((opts.save_every and state.step % opts.save_every == 0) or stop) and not finished:
             callbacks.flush()  # the metrics up to this step are recorded before the checkpoint exists

@@ -99,6 +99,7 @@ def train_grpo(prep: Any, output_dir: Path, callbacks: BaseCallback, should_stop
         seed=cfg.train.seed,
         shuffle=cfg.data.shuffle,
         save_every=cfg.train.save_every,
+        eval_every=cfg.train.eval_every,
         log_every=cfg.train.log_every,
         keep_checkpoints=cfg.train.keep_checkpoints,
         checkpoint_dir=output_dir / "checkpoints",
@@ -111,7 +112,8 @@ def train_grpo(prep: Any, output_dir: Path, callbacks: BaseCallback, should_stop
         f"{opts.num_generations} completions each (up to {opts.max_new_tokens} tokens); rewards: "
         + ", ".join(f"{r.name} × {r.weight:g}" for r in run.rewards)
     )
-    return run_grpo(prep.backend, run.data.train, run.rewards, schedule, opts, prep.state, callbacks, should_stop)
+    return run_grpo(prep.backend, run.data.train, run.rewards, schedule, opts, prep.state, callbacks, should_stop,
+                    valid=run.data.valid)  # fmt: skip
 
 
 def _prepared(data: GrpoData, template_name: str) -> PreparedData:

@@ -128,9 +128,12 @@ def _sample_rows(
     scores: list[list[float]] = [[] for _ in range(rows)]
     done = np.zeros(rows, dtype=bool)
     for step in range(limit):
-        cdf = mx.cumsum(mx.softmax(logits / temperature, axis=-1), axis=-1)
-        target = mx.array(uniforms[:, step].astype(np.float32))[:, None] * cdf[:, -1:]
-        token = mx.minimum((cdf <= target).sum(axis=-1), logits.shape[-1] - 1)
+        if temperature == 0:  # greedy (validation)
+            token = mx.argmax(logits, axis=-1)
+        else:
+            cdf = mx.cumsum(mx.softmax(logits / temperature, axis=-1), axis=-1)
+            target = mx.array(uniforms[:, step].astype(np.float32))[:, None] * cdf[:, -1:]
+            token = mx.minimum((cdf <= target).sum(axis=-1), logits.shape[-1] - 1)
         logp = mx.take_along_axis(logits - mx.logsumexp(logits, axis=-1, keepdims=True), token[:, None], axis=-1)
         mx.eval(token, logp)
         for row, (t, lp) in enumerate(zip(np.array(token).tolist(), np.array(logp).reshape(-1).tolist(),

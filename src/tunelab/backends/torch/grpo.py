@@ -148,11 +148,14 @@ def _cache_keyword(model: Any) -> str:
 
 
 def _draw(logits: torch.Tensor, uniform: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(logits / T) at the row's uniform, and its log-prob under softmax(logits)."""
-    probs = torch.softmax(logits / temperature, dim=-1).double()
-    cdf = probs.cumsum(dim=-1)
-    target = (uniform * cdf[:, -1]).unsqueeze(1)
-    token = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    """One token per row from softmax(logits / T) at the row's uniform (T = 0: the likeliest), and its log-prob
+    under softmax(logits)."""
+    if temperature == 0:
+        token = logits.argmax(dim=-1)
+    else:
+        cdf = torch.softmax(logits / temperature, dim=-1).double().cumsum(dim=-1)
+        target = (uniform * cdf[:, -1]).unsqueeze(1)
+        token = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
     logp = torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1)
     return token, logp
 
