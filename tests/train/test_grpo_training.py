@@ -119,3 +119,30 @@ def test_chat_prompts_train_with_the_other_built_in_rewards_and_validate(
     validations = [r for r in rows if "val_reward" in r]  # the 2 held-out prompts, answered greedily, each step
     assert [r["step"] for r in validations] == [1, 2]
     assert {"val_reward/json_valid", "val_reward/length_penalty", "val_completion_length"} <= set(validations[-1])
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_adapter(sums_model: Path, tmp_path: Path) -> None:
+    import signal
+
+    from tests.integration.runs import adapter_diff, only_run_id, start_cli, wait_for
+
+    def write(root: Path) -> Path:
+        raw = _example(sums_model, root / "out", steps=48, save_every=4, lr=5e-3)
+        raw["method"] = {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.1}  # dropout: torch's RNG resumes too
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "cfg.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+        return root / "cfg.yaml"
+
+    ref = start_cli("train", write(tmp_path / "ref"), home=tmp_path / "ref" / "home")
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err
+    home = tmp_path / "crash" / "home"
+    proc = start_cli("train", write(tmp_path / "crash"), home=home)
+    wait_for(tmp_path / "crash" / "out" / "checkpoints" / "step-8", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "crash" / "out" / "adapter").exists(), "the run finished before it could be killed"
+    resumed = start_cli("train", "--resume", only_run_id(home), home=home)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert adapter_diff(tmp_path / "ref" / "out" / "adapter", tmp_path / "crash" / "out" / "adapter") == 0.0
