@@ -86,6 +86,8 @@ class LiveView(BaseCallback):
             parts.append(f"loss {v['train_loss']:.4f}")
         if "val_loss" in v:
             parts.append(f"val {v['val_loss']:.4f}")
+        if "reward" in v:  # GRPO: the mean reward says more than its loss (about 0 at a ratio of 1)
+            parts.append(f"reward {v['reward']:.3f}" + (f" (val {v['val_reward']:.3f})" if "val_reward" in v else ""))
         if "lr" in v:
             parts.append(f"lr {v['lr']:.2e}")
         if "tokens_per_sec" in v:
@@ -98,12 +100,14 @@ class LiveView(BaseCallback):
     def _table(self) -> Table:
         v = self.values
         table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-        for col in ("step", "loss", "val loss", "lr", "tok/s", "ETA", "memory"):
+        rewards = "reward" in v  # GRPO: a reward column instead of the validation loss
+        for col in ("step", "loss", "reward" if rewards else "val loss", "lr", "tok/s", "ETA", "memory"):
             table.add_column(col, justify="right")
+        second = ("reward", ".3f") if rewards else ("val_loss", ".4f")
         table.add_row(
             f"{self.step}/{self.total}",
             f"{v['train_loss']:.4f}" if "train_loss" in v else "-",
-            f"{v['val_loss']:.4f}" if "val_loss" in v else "-",
+            format(v[second[0]], second[1]) if second[0] in v else "-",
             f"{v['lr']:.2e}" if "lr" in v else "-",
             f"{v['tokens_per_sec']:,.0f}" if "tokens_per_sec" in v else "-",
             _fmt_eta(self._eta()),

@@ -212,7 +212,8 @@ def _hooks(
             *callbacks,
         ]
     )
-    hooks.on_message(f"tokenization cache {prep.data.cache_status}" + _key_note(prep.data.cache_key))
+    if prep.data.cache_status != "unused":  # GRPO tokenizes its prompts at start, without the cache
+        hooks.on_message(f"tokenization cache {prep.data.cache_status}" + _key_note(prep.data.cache_key))
     if prep.memory is not None:
         hooks.on_message(prep.memory.summary())
     for note in prep.skipped:  # a damaged checkpoint: said on the console and in the job's log

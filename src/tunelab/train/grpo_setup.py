@@ -120,4 +120,4 @@ def _prepared(data: GrpoData, template_name: str) -> PreparedData:
     """What the registry records of the data (the prompts as a token split; nothing is cached)."""
     valid = data.valid.as_split() if data.valid is not None else None
     return PreparedData(data.train.as_split(), valid, "grpo", template_name, data.train_path, data.valid_path,
-                        data.content_hash)  # fmt: skip
+                        data.content_hash, cache_status="unused")  # fmt: skip
