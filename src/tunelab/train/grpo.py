@@ -26,6 +26,7 @@ import numpy as np
 from tunelab.backends.base import Backend, Batch
 from tunelab.backends.preference import add_stats, reduce_stats
 from tunelab.data.grpo import PromptSet, prompt_order
+from tunelab.train.backoff import OutOfMemoryError
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, save_checkpoint
 from tunelab.train.grpo_eval import validation_rewards
@@ -112,15 +113,13 @@ def _steps(
 ) -> LoopResult:
     while state.step < opts.total_steps:
         started = time.perf_counter()
-        groups = [_sample(backend, prompts, rewards, opts, state.cursor + m * opts.prompts_per_micro, rng)
-                  for m in range(opts.grad_accum)]  # fmt: skip
-        sampled = time.perf_counter()
+        try:
+            groups, loss_sum, stats, sampled = _sample_and_learn(backend, prompts, rewards, opts, state, rng)
+        except Exception as exc:
+            if not backend.is_out_of_memory(exc):
+                raise
+            raise _out_of_memory(backend, exc, opts, state, callbacks) from exc
         tokens = sum(len(c) for g in groups for c in g.completions)
-        loss_sum, stats = 0.0, dict[str, tuple[float, float]]()
-        for group in groups:
-            part = backend.forward_backward(build_batch(group, opts.pad_id), 1.0 / tokens)
-            loss_sum += part.loss_sum
-            add_stats(stats, part.stats)
         loss = loss_sum / tokens
         check_finite("loss", loss, state.step + 1)
         lr = schedule(state.step)
@@ -153,6 +152,46 @@ def _steps(
             callbacks.on_message(f"stopped at step {state.step}; resume with --resume")
             return LoopResult(state, "interrupted")
     return LoopResult(state, "completed")
+
+
+def _sample_and_learn(
+    backend: Backend,
+    prompts: PromptSet,
+    rewards: Sequence[Reward],
+    opts: GrpoOptions,
+    state: TrainerState,
+    rng: np.random.Generator,
+) -> tuple[list[Group], float, dict[str, tuple[float, float]], float]:
+    """Sample the step's groups, then accumulate their gradients (scaled by the step's completion tokens)."""
+    groups = [_sample(backend, prompts, rewards, opts, state.cursor + m * opts.prompts_per_micro, rng)
+              for m in range(opts.grad_accum)]  # fmt: skip
+    sampled = time.perf_counter()
+    tokens = sum(len(c) for g in groups for c in g.completions)
+    loss_sum, stats = 0.0, dict[str, tuple[float, float]]()
+    for group in groups:
+        part = backend.forward_backward(build_batch(group, opts.pad_id), 1.0 / tokens)
+        loss_sum += part.loss_sum
+        add_stats(stats, part.stats)
+    return groups, loss_sum, stats, sampled
+
+
+def _out_of_memory(
+    backend: Backend, exc: BaseException, opts: GrpoOptions, state: TrainerState, callbacks: BaseCallback
+) -> OutOfMemoryError:
+    """The run stops with what to lower; the last completed step (its sampling stream included) is checkpointed."""
+    backend.release_memory()
+    if state.step > 0:
+        callbacks.flush()
+        callbacks.on_checkpoint(state.step, save_checkpoint(opts.checkpoint_dir, backend, state,
+                                                            keep=opts.keep_checkpoints))  # fmt: skip
+    rows = opts.prompts_per_micro * opts.num_generations
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OutOfMemoryError(
+        f"out of memory at step {state.step + 1} sampling or training {rows} rows of up to {opts.max_new_tokens} "
+        f"new tokens ({reason})" + ("; the last completed step is checkpointed" if state.step else ""),
+        hint="lower train.batch_size (raise train.grad_accum to keep the step's prompts), objective.num_generations "
+        "or objective.max_new_tokens, then resume with `tunelab train --resume RUN_ID`",
+    )
 
 
 def _sample(

@@ -1,0 +1,84 @@
+"""A GRPO step that can't be held in memory stops the run with what to lower, its last step checkpointed.
+
+The limit is real: the run's process gets an address-space limit (``RLIMIT_AS``) a little above what a
+run of short prompts needs, and the third prompt is ~6,000 tokens long, whose eager attention alone
+takes over a gigabyte while its group is sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Reports the process's peak address space at exit (what the limit is measured against).
+_PEAK = (
+    "import atexit, sys\n"
+    "def _peak():\n"
+    "    sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmPeak')))\n"
+    "atexit.register(_peak)\n"
+    "sys.argv[0] = 'tunelab'\n"
+    "from tunelab.cli.main import main\n"
+    "main()\n"
+)
+
+
+def _train(config: Path, home: Path, limit: int | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TUNELAB_HOME": str(home), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    env.pop("TUNELAB_DB_URL", None)
+
+    def cap() -> None:
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return subprocess.run([sys.executable, "-c", _PEAK, "train", str(config)], env=env, capture_output=True,
+                          text=True, timeout=600, preexec_fn=cap)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the address-space peak")
+def test_a_step_that_does_not_fit_stops_with_what_to_lower(tmp_path: Path) -> None:
+    from tunelab.tiny import make_tiny_checkpoint
+
+    rng = random.Random(0)
+    words = [a + b for a in "bcdfgklmnprst" for b in "aeiou"]
+    texts = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(20)]
+    sizes = dict(vocab_size=400, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256)
+    model = make_tiny_checkpoint(tmp_path / "model", texts, arch="llama", seed=0, **sizes)  # type: ignore[arg-type]
+    long = " ".join(rng.choice(words) for _ in range(6000))
+
+    def config(name: str, prompts: list[str]) -> Path:
+        root = tmp_path / name
+        root.mkdir()
+        (root / "train.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in prompts),
+                                          encoding="utf-8")  # fmt: skip
+        raw = {
+            "model": {"path": str(model), "dtype": "float32", "attn_implementation": "eager"},
+            "data": {"train": str(root / "train.jsonl"), "max_seq_len": 16384, "shuffle": False},
+            "objective": {"name": "grpo", "rewards": ["exact_match"], "num_generations": 2, "max_new_tokens": 4},
+            "train": {"steps": 3, "batch_size": 1, "save_every": 0},
+            "device": "cpu",
+            "output_dir": str(root / "out"),
+            "tensorboard": False,
+        }
+        (root / "cfg.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+        return root / "cfg.yaml"
+
+    reference = _train(config("reference", texts[:3]), tmp_path / "home-reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    peak = next(line for line in reference.stderr.splitlines() if line.startswith("VmPeak"))
+    limit = int(peak.split()[1]) * 1024 + 300 * 2**20
+
+    stopped = _train(config("stopped", [*texts[:2], long]), tmp_path / "home", limit)
+    assert stopped.returncode == 7, stopped.stderr[-3000:]  # a StateError, said without a traceback
+    assert "out of memory at step 3 sampling or training 2 rows" in stopped.stderr
+    assert "objective.num_generations" in stopped.stderr and "--resume" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert (tmp_path / "stopped" / "out" / "checkpoints" / "step-2").is_dir()  # nothing already trained is lost
