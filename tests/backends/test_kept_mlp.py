@@ -94,7 +94,10 @@ def test_offload_mlp_true_where_it_cant_apply_says_why(tiny_model_dir: Path) -> 
     on, cpu, layers = ModelSpec("m", offload_mlp=True), torch.device("cpu"), len(decoder_layers(base))
     assert offload_mlp(on, MethodSpec("lora"), base, cpu, checkpoints_offloaded=True) == layers
     assert offload_mlp(ModelSpec("m", offload_mlp=1), MethodSpec("lora"), base, cpu, True) == 1
-    assert offload_mlp(ModelSpec("m"), MethodSpec("full"), base, cpu, True) == 0  # auto: quietly off
+    assert offload_mlp(ModelSpec("m"), MethodSpec("lora"), base, cpu, True) == 0  # the default: off
+    assert (
+        offload_mlp(ModelSpec("m", offload_mlp="auto"), MethodSpec("full"), base, cpu, True) == 0
+    )  # auto: quietly off
     with pytest.raises(ConfigError, match="offloaded checkpoints"):
         offload_mlp(on, MethodSpec("lora"), base, cpu, checkpoints_offloaded=False)
     with pytest.raises(ConfigError, match="tiles its MLPs") as tiled:

@@ -35,7 +35,7 @@ class ModelSpec:
     offload_activations: bool = False  # CUDA: saved activations live in pinned CPU memory
     offload_checkpoints: bool | str = "auto"  # CUDA + checkpointing: layer inputs in pinned CPU memory
     offload_embeddings: bool | str = "auto"  # CUDA, adapters: the frozen input-embedding table in CPU memory
-    offload_mlp: bool | int | str = "auto"  # CUDA + offloaded checkpoints: MLP activations in CPU memory, no MLP replay
+    offload_mlp: bool | int | str = False  # CUDA + offloaded checkpoints: MLP activations in CPU memory, no MLP replay
     tiled_mlp: bool | str = False  # torch: each layer's MLP over tiles of positions ("auto": chosen, not asked)
     memory_limit_bytes: int | None = None  # MLX on Metal: wired/cache limits derived from the estimate
     parallel: str = "auto"  # train.parallel; torch with fsdp: sharded model and DCP checkpoints
