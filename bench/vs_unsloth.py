@@ -171,11 +171,15 @@ def run_tunelab(
     speeds = [m["tokens_per_sec"] for m in metrics if "tokens_per_sec" in m][warm:]
     show = _json(subprocess.run([sys.executable, "-m", "tunelab", "runs", "show", "--json", _run_id(out, env)],
                                 env=env, capture_output=True, text=True))  # fmt: skip
-    step_s = [m["step_time_s"] for m in metrics if "step_time_s" in m][warm:]
+    # tokens_per_sec is wall clock between step ends (the loop's own work included); step_tokens_per_sec
+    # is the step alone, so their ratio is the loop's overhead (issue 23's GPU figure).
+    step_speeds = [m["step_tokens_per_sec"] for m in metrics if "step_tokens_per_sec" in m][warm:]
+    step_tok_s = statistics.median(step_speeds) if step_speeds else None
     return {
         **result,
         "tok_s": round(statistics.median(speeds)),
-        "step_tok_s": round(row.batch * row.seq / statistics.median(step_s)) if step_s else None,
+        "step_tok_s": round(step_tok_s) if step_tok_s else None,
+        "loop_overhead_pct": round(100 * (step_tok_s / statistics.median(speeds) - 1), 2) if step_tok_s else None,
         "peak_gib": _gib(show.get("peak_memory_bytes")),
         "estimate_gib": _gib((estimate.get("estimate") or estimate).get("tensor_bytes")),
         "estimate_total_gib": _gib(show.get("estimated_memory_bytes")),
