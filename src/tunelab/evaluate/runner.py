@@ -4,7 +4,7 @@ Generation is greedy by default and goes through the same :class:`~tunelab.infer
 as `tunelab generate` and `tunelab chat`, with the same prompt format and stop tokens, so an
 answer in the per-example file is exactly what those commands print for that prompt.  A
 transformers model answers ``batch_size`` prompts at a time (:mod:`tunelab.evaluate.batched`),
-token for token as it would one by one.
+token for token as it would one by one; a batch that runs out of memory is retried in halves.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def evaluate(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     on_progress: Callable[[int, int], None] = lambda _done, _total: None,
+    on_message: Callable[[str], None] = lambda _text: None,
 ) -> EvalOutcome:
     """Generate an answer for each example, then score them all with each metric."""
-    predictions = answers(
-        generator, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, on_progress=on_progress
-    )
+    predictions = answers(generator, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          on_progress=on_progress, on_message=on_message)  # fmt: skip
     return score(examples, predictions, metrics)
 
 
@@ -61,21 +61,37 @@ def answers(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     on_progress: Callable[[int, int], None] = lambda _done, _total: None,
+    on_message: Callable[[str], None] = lambda _text: None,
 ) -> list[str]:
-    """The model's greedy answer to each example, in order (``batch_size`` at a time where the model batches)."""
+    """The model's greedy answer to each example, in order (``batch_size`` at a time where the model batches).
+
+    A batch that runs out of memory is retried in halves (``on_message`` says so); one prompt that
+    doesn't fit alone is an :class:`~tunelab.evaluate.batched.EvalOutOfMemory`.
+    """
     if batch_size > 1 and batched.can_batch(generator):
         prompts = [
             generator.conversation_ids(list(e.messages)) if e.messages else generator.prompt_ids(e.prompt)
             for e in examples
         ]
-        return batched.greedy_texts(
-            generator, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, on_progress=on_progress
-        )
+        return batched.greedy_texts(generator, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    on_progress=on_progress, on_message=on_message,
+                                    labels=[e.where for e in examples])  # fmt: skip
     predictions = []
     for done, example in enumerate(examples, start=1):
-        predictions.append(answer(generator, example, max_new_tokens=max_new_tokens))
+        predictions.append(_alone(generator, example, max_new_tokens))
         on_progress(done, len(examples))
     return predictions
+
+
+def _alone(generator: Generator, example: EvalExample, max_new_tokens: int) -> str:
+    """:func:`answer`, with running out of memory on this one prompt told as the user's error it is."""
+    try:
+        return answer(generator, example, max_new_tokens=max_new_tokens)
+    except Exception as exc:
+        if not generator.backend.is_out_of_memory(exc):
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    raise batched.out_of_memory(example.where, reason)
 
 
 def score(examples: Sequence[EvalExample], predictions: Sequence[str], metrics: Sequence[Metric]) -> EvalOutcome:

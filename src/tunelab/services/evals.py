@@ -90,7 +90,8 @@ def eval_run(
     if chosen:
         tuned = generator_for_run(run.id, backend=backend)
         on_stage(f"answering with run {run.id}")
-        outcome = evaluate(tuned, examples, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        outcome = evaluate(tuned, examples, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           on_message=on_stage)  # fmt: skip
         if base_outcome is not None:
             ask = _BaseAsk(run, bool(tuned.chat), backend, max_new_tokens, batch_size)
             base_outcome, cached = _base_outcome(ask, examples, chosen, on_stage)
@@ -169,7 +170,8 @@ def _base_outcome(
     untuned = generator_for_run(ask.run.id, backend=ask.backend, base=True)
     untuned.chat = ask.chat
     on_stage(f"answering with the base model {ask.run.base_model}")
-    predictions = answers(untuned, examples, max_new_tokens=ask.max_new_tokens, batch_size=ask.batch_size)
+    predictions = answers(untuned, examples, max_new_tokens=ask.max_new_tokens, batch_size=ask.batch_size,
+                          on_message=on_stage)  # fmt: skip
     outcome = score(examples, predictions, chosen)  # before caching: a metric that raises leaves nothing behind
     base_cache.save(folder, digest, predictions, model=ask.run.base_model)
     return outcome, False
@@ -207,7 +209,8 @@ def eval_model(
     label = model + (f" + {adapter}" if adapter else "")
     on_stage(f"{len(examples)} examples from {data}; answering with {label}")
     generator = load_generator(model=model, adapter=adapter, backend=backend or "auto")
-    outcome = evaluate(generator, examples, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outcome = evaluate(generator, examples, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       on_message=on_stage)  # fmt: skip
     if grader is not None:
         _grade(grader, examples, [("model", outcome)], on_stage)
     path = _write_examples(get_settings().home / "evals", outcome, None)
