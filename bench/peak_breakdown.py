@@ -1,0 +1,113 @@
+"""What is alive on the GPU at `tunelab train`'s peak: the estimator's missing terms, found rather than guessed.
+
+    python3 bench/peak_breakdown.py qlora_gc_32k 1b_qlora_gc_pack_2k --unsloth-site /tmp/site_us
+
+Each row (named as in ``estimator_train.py --list``) runs ``tunelab train`` in a process of its own,
+as ``estimator_train.py`` runs it, with torch's allocator history recorded
+(``torch.cuda.memory._record_memory_history``, Python frames).  At exit the process replays the
+trace to the moment of most allocated bytes and prints the blocks alive then, grouped by the
+innermost frame in tunelab, PEFT, transformers or bitsandbytes that allocated them, largest first,
+beside the estimate's own lines (``tunelab estimate CONFIG --json``).  The history slows the run; the
+figures are bytes, not times.  Output also goes to ``$OUT/peak_<row>.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import estimator_train as et  # bench/ is on the path now
+import vs_unsloth as vu
+
+# Runs inside the training process: record, then at exit replay the trace to its peak.
+DRIVER = r"""
+import atexit, collections, sys, torch
+torch.cuda.memory._record_memory_history(max_entries=3_000_000, stacks="python")
+OURS = ("tunelab/", "peft/", "transformers/", "bitsandbytes/", "torch/_inductor/", "torch/utils/checkpoint")
+
+def where(frames):
+    for f in frames:
+        name = f.get("filename", "")
+        if any(k in name for k in OURS):
+            short = name.split("site-packages/")[-1].split("/src/")[-1]
+            return f"{short}:{f.get('line')} {f.get('name')}"
+    return "(other)"
+
+def report():
+    snap = torch.cuda.memory._snapshot()
+    events = [e for trace in snap["device_traces"] for e in trace]
+    live, total, peak, at = {}, 0, 0, 0
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]; total += e["size"]
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])
+        if total > peak:
+            peak, at = total, i
+    live = {}
+    for e in events[: at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    groups = collections.defaultdict(lambda: [0, 0])
+    for e in live.values():
+        g = groups[where(e.get("frames", []))]
+        g[0] += e["size"]; g[1] += 1
+    print(f"PEAK traced {peak / 2**30:.3f} GiB at event {at} of {len(events)}; "
+          f"max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB", flush=True)
+    for key, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:30]:
+        print(f"PEAK {size / 2**30:8.3f} GiB {n:6d}  {key}", flush=True)
+
+atexit.register(report)
+sys.argv[0] = "tunelab"
+from tunelab.cli.main import main
+main()
+"""
+
+
+def breakdown(name: str, work: Path, site: Path) -> str:
+    row = next(r for r in et.all_rows() if r.name == name)
+    model = vu.build_checkpoint(work / row.shape, row.shape)
+    out = work / f"peak-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = et.row_config(row, model, work, out)
+    bnb = vu._bitsandbytes_only(site, work)
+    env = {**os.environ, "TUNELAB_HOME": str(out / "home"),
+           "PYTHONPATH": f"{vu.REPO / 'src'}:{bnb}:{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    est = vu._json(subprocess.run([sys.executable, "-m", "tunelab", "estimate", str(cfg), "--json"],
+                                  env=env, capture_output=True, text=True))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", DRIVER, "train", str(cfg)], env=env, capture_output=True, text=True)
+    lines = [f"== {name}: exit {proc.returncode}"]
+    lines += [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK")]
+    if proc.returncode != 0 or len(lines) == 1:
+        lines.append(vu._tail(proc.stdout + proc.stderr, 15))
+    estimate = est.get("estimate") or est
+    for item in estimate.get("lines", []):
+        lines.append(f"EST  {item.get('bytes', 0) / 2**30:8.3f} GiB  {item.get('label')}  {item.get('note', '')}")
+    lines.append(f"EST peak at: {estimate.get('peak_at')}; workload {json.dumps(est.get('workload'))[:600]}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("rows", nargs="+")
+    p.add_argument("--workdir", type=Path, default=Path("/dev/shm/tunelab-vs"))
+    p.add_argument("--unsloth-site", type=Path, default=Path("/tmp/site_us"))
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sink = Path(os.environ.get("OUT", vu.REPO / "bench" / "results"))
+    sink.mkdir(parents=True, exist_ok=True)
+    for name in args.rows:
+        text = breakdown(name, args.workdir, args.unsloth_site)
+        print(text, flush=True)
+        (sink / f"peak_{name}.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
