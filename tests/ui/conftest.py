@@ -10,18 +10,25 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from tests.integration.conftest import base_config, chat_data, e2e_model  # noqa: F401  (fixtures reused here)
 
+SAMPLE_EVERY = 3  # the first run's train.sample_every (of 6 steps): samples at steps 3 and 6
+
 
 @dataclass(frozen=True)
 class Registry:
     home: Path
     run_ids: tuple[str, str]  # both completed; the second has a higher lr and rank
+    # The first also sampled answers (train.sample_every 3) and scored exact_match at each validation.
     model: Path
     data: Path
 
 
 @pytest.fixture(scope="session")
 def ui_registry(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_data: Path) -> Registry:  # noqa: F811
-    """Two completed LoRA runs (6 steps, validated every 3) in a home of their own."""
+    """Two completed LoRA runs (6 steps, validated every 3) in a home of their own.
+
+    The first also answers its validation data's first three questions every 3 steps (train.sample_every)
+    and scores exact_match on 4 validation examples at each validation (eval/exact_match): what the run
+    page's samples table and eval chart show."""
     from tunelab import services
     from tunelab.config.load import validate_config
     from tunelab.registry.db import close_registries
@@ -35,6 +42,9 @@ def ui_registry(tmp_path_factory: pytest.TempPathFactory, e2e_model: Path, chat_
             raw = base_config(e2e_model, chat_data, home / f"out{i}", steps=6, eval_every=3, lr=lr)
             raw["method"]["rank"] = rank
             raw["name"] = f"ui-test-{i}"
+            if i == 0:
+                raw["train"].update(sample_every=SAMPLE_EVERY, sample_max_new_tokens=6, eval_metrics=["exact_match"],
+                                    eval_metrics_samples=4)  # fmt: skip
             ids.append(services.start_run(validate_config(raw)).run_id)
         close_registries()
     return Registry(home, (ids[0], ids[1]), e2e_model, chat_data)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from tests.ui.browser import child, chromium, free_port, missing_browser, wait_for, wait_http
-from tests.ui.conftest import Registry
+from tests.ui.conftest import SAMPLE_EVERY, Registry
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(bool(missing_browser()), reason=str(missing_browser()))]
 
@@ -143,6 +143,46 @@ def test_submit_watch_and_compare(stack: Stack) -> None:
     loss = wait_for(lambda: _charts(stack).get("Loss"), 60, "the overlaid loss chart")
     assert loss[f"{run_id} train_loss"] == STEPS and loss[f"{other} train_loss"] == 6
     _shot(stack, "compare")
+
+
+def test_run_page_shows_samples_by_step_and_the_eval_chart(stack: Stack) -> None:
+    """The shared registry's first run sampled every 3 of its 6 steps: its answers, step by step, as logged."""
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    run_id = stack.registry.run_ids[0]
+    metrics = stack.registry.home / "out0" / "metrics.jsonl"  # the run's folder (tests/ui/conftest.py), copied
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+    logged = [[str(r["step"]), s["prompt"], s["answer"]] for r in rows if "samples" in r for s in r["samples"]]
+    assert sorted({int(step) for step, *_ in logged}) == [SAMPLE_EVERY, 2 * SAMPLE_EVERY]
+
+    _open(stack, f"/run?run={run_id}", "Run")
+    assert wait_for(lambda: _charts(stack).get("Eval metrics"), 60, "the eval metrics chart") == {"eval/exact_match": 2}
+    _shot(stack, "run-eval-chart")  # beside the loss chart
+    tab = next(
+        t for t in stack.driver.find_elements(By.CSS_SELECTOR, '[data-testid="stTab"]') if t.text == "Evaluation"
+    )
+    tab.click()
+    _settle(stack)
+    shown = wait_for(lambda: _grid(stack, "answer"), 30, "the samples table")
+    assert shown == logged, (shown, logged)
+    stack.driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", tab)
+    _shot(stack, "run-samples")
+
+
+def _grid(stack: Stack, column: str) -> list[list[str]] | None:
+    """The rows of the visible data grid that has ``column``, as the page's accessible table holds them."""
+    from selenium.webdriver.common.by import By
+
+    for grid in stack.driver.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"]'):
+        if not grid.is_displayed():
+            continue
+        headers = [h.get_attribute("textContent") for h in grid.find_elements(By.CSS_SELECTOR, "table th")]
+        if column in headers:
+            rows = grid.find_elements(By.CSS_SELECTOR, "table tbody tr")
+            return [[td.get_attribute("textContent") for td in tr.find_elements(By.CSS_SELECTOR, "td")] for tr in rows]
+    return None
 
 
 def _watch_points(stack: Stack, timeout: float = 300) -> list[int]:

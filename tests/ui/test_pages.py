@@ -52,7 +52,7 @@ def test_run_page_charts_config_and_artifacts(in_registry: Registry) -> None:
     loss = {trace["name"]: trace for trace in charts["Loss"]["data"]}
     assert len(loss["train_loss"]["x"]) == 6 and len(loss["val_loss"]["x"]) == 2
     assert "lr: 0.005" in at.code[0].value
-    artifacts = at.dataframe[-1].value
+    artifacts = next(d.value for d in at.dataframe if "kind" in d.value.columns)
     assert "adapter" in set(artifacts["kind"])
 
 

@@ -10,6 +10,7 @@ read and the update happen under the single write lock.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -189,10 +190,22 @@ def add_event(
 
 
 def events_after(
-    session: Session, *, run_id: str | None = None, job_id: str | None = None, after: int = 0, limit: int = 500
+    session: Session,
+    *,
+    run_id: str | None = None,
+    job_id: str | None = None,
+    after: int = 0,
+    limit: int = 500,
+    types: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Events of a run or a job with ``id > after``, oldest first, as public JSON."""
+    """Events of a run or a job with ``id > after``, oldest first, as public JSON.
+
+    ``types`` keeps only those event types: a long run logs a metric event per step, which would
+    otherwise fill ``limit`` before its later logs or samples.
+    """
     stmt = select(EventRow).where(EventRow.id > after).order_by(EventRow.id).limit(limit)
+    if types is not None:
+        stmt = stmt.where(EventRow.type.in_(list(types)))
     if run_id is not None:
         stmt = stmt.where(EventRow.run_id == run_id)
     if job_id is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,13 +176,15 @@ def job_events(job_text: str, *, after: int = 0, limit: int = 500) -> list[dict[
         return jobs_repo.events_after(s, job_id=job_id, after=after, limit=limit)
 
 
-def run_events(run_text: str, *, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
-    """A run's events with ``id > after`` (what the WebSocket sends)."""
+def run_events(
+    run_text: str, *, after: int = 0, limit: int = 500, types: Collection[str] | None = None
+) -> list[dict[str, Any]]:
+    """A run's events with ``id > after`` (what the WebSocket sends); ``types``: only events of those types."""
     from tunelab.registry import jobs_repo
 
     with session_scope(open_registry()) as s:
         run_id = repo.resolve_run_id(s, run_text)
-        return jobs_repo.events_after(s, run_id=run_id, after=after, limit=limit)
+        return jobs_repo.events_after(s, run_id=run_id, after=after, limit=limit, types=types)
 
 
 def run_metrics(run_text: str) -> list[MetricPoint]:

@@ -9,6 +9,7 @@ registry, so the dashboard and the CLI can't disagree about a run.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,39 @@ from tunelab.errors import TunelabError
 # Metric names the trainer logs, in the order the run page charts them.
 CHARTS = {
     "Loss": ("train_loss", "val_loss"),
+    "Reward": ("reward", "val_reward"),  # GRPO runs: mean reward of the sampled groups, and on held-out prompts
     "Learning rate": ("lr",),
     "Tokens/s": ("tokens_per_sec",),
     "Peak memory (GiB)": ("peak_memory_gb",),
 }
+# Families named only at run time (a metric or reward function of the user's), charted after Loss.
+EVAL_CHART = "Eval metrics"  # train.eval_metrics: eval/<metric> at each validation
+REWARD_CHART = "Reward by function"  # GRPO: reward/<fn> while training, val_reward/<fn> at validation
+# Scores only `tunelab eval` records (the base's, and token metrics on another scale): not curves over steps.
+_NOT_CURVES = ("eval/base/", "eval/perplexity", "eval/token_loss")
+
+
+def chart_groups(names: Iterable[str]) -> dict[str, list[str]]:
+    """Chart title -> the series it draws, in page order, for the metric names a run (or several) logged."""
+    present = set(names)
+    groups = {title: [n for n in wanted if n in present] for title, wanted in CHARTS.items()}
+    groups[EVAL_CHART] = sorted(n for n in present if n.startswith("eval/") and not n.startswith(_NOT_CURVES))
+    groups[REWARD_CHART] = sorted(
+        n for n in present if n.startswith(("reward/", "val_reward/")) and not n.endswith("_std")
+    )
+    order = ["Loss", EVAL_CHART, "Reward", REWARD_CHART, *list(CHARTS)[2:]]
+    return {title: groups[title] for title in order if groups[title]}
+
+
+def samples_by_step(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``train.sample_every``'s answers as table rows (step, prompt, answer), in step order."""
+    rows = [
+        {"step": e["step"], "prompt": sample["prompt"], "answer": sample["answer"]}
+        for e in events
+        if e["type"] == "samples"
+        for sample in e.get("samples", [])
+    ]
+    return sorted(rows, key=lambda row: row["step"])  # stable: each step's prompts keep their order
 
 
 def run_rows(*, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
@@ -75,10 +105,12 @@ def filter_rows(rows: list[dict[str, Any]], *, text: str = "", statuses: list[st
 
 
 def run_detail(run_id: str) -> dict[str, Any]:
-    """Everything the run page shows: the summary, the live status, and the job's log events."""
+    """Everything the run page shows: the summary, the live status, the job's log events and the samples."""
     run = services.show_run(run_id).to_dict()
     run["live_status"] = services.run_status(run["id"])
-    run["events"] = services.run_events(run["id"], limit=500)
+    # By type: a metric event per step would otherwise crowd the later logs and samples out of the limit.
+    run["events"] = services.run_events(run["id"], limit=500, types=("log", "status"))
+    run["samples"] = samples_by_step(services.run_events(run["id"], limit=2000, types=("samples",)))
     return run
 
 

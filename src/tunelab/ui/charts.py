@@ -13,5 +13,7 @@ def lines(series: dict[str, list[tuple[int, float]]], title: str) -> Any:
     for name, points in series.items():
         mode = "lines+markers" if len(points) <= 50 else "lines"  # markers on a long curve only hide it
         fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode=mode, name=name))
-    fig.update_layout(title=title, xaxis_title="step", height=320, margin={"l": 40, "r": 20, "t": 50, "b": 40})
+    # The legend even for one line: "Eval metrics" or "Reward by function" alone don't say which metric it is.
+    fig.update_layout(title=title, xaxis_title="step", height=320, margin={"l": 40, "r": 20, "t": 50, "b": 40},
+                      showlegend=True)  # fmt: skip
     return fig

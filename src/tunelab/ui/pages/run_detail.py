@@ -73,13 +73,21 @@ def _live(run_id: str, *, refresh: float | None) -> None:
         series = actions.metric_series(run_id)
         if not series:
             st.info("No metrics yet: the first points appear after the first logged step.")
-        for title, names in actions.CHARTS.items():
-            if any(name in series for name in names):
-                st.plotly_chart(charts.lines({n: series[n] for n in names if n in series}, title), key=f"c_{title}")
+        _charts(series)
         if refresh and status not in ACTIVE_STATUSES:
             st.rerun()  # finished: one full rerun stops the timer and shows the final artifacts
 
     body()
+
+
+def _charts(series: dict[str, list[tuple[int, float]]]) -> None:
+    """One chart per group of the run's metrics; the eval metrics' chart beside the loss's when both exist."""
+    groups = actions.chart_groups(series)
+    pair = [title for title in ("Loss", actions.EVAL_CHART) if title in groups]
+    places = dict(zip(pair, st.columns(2), strict=True)) if len(pair) == 2 else {}
+    for title, names in groups.items():
+        place = places.get(title, st)
+        place.plotly_chart(charts.lines({n: series[n] for n in names}, title), key=f"c_{title}")
 
 
 def _job_of(run: dict[str, Any]) -> str | None:
@@ -87,7 +95,7 @@ def _job_of(run: dict[str, Any]) -> str | None:
 
 
 def _logs(run: dict[str, Any]) -> None:
-    events = [e for e in run["events"] if e["type"] not in ("metric", "samples")]
+    events = run["events"]  # logs and status changes only (actions.run_detail)
     if not events:
         st.caption("No job events: this run was started with `tunelab train`, not as a job.")
         return
@@ -114,12 +122,7 @@ def _files(run: dict[str, Any]) -> None:
 
 def _samples(run: dict[str, Any]) -> None:
     """The answers to ``train.sample_every``'s prompts, step by step (from the run's events)."""
-    rows = [
-        {"step": e["step"], "prompt": sample["prompt"], "answer": sample["answer"]}
-        for e in run["events"]
-        if e["type"] == "samples"
-        for sample in e.get("samples", [])
-    ]
+    rows = run["samples"]
     if rows:
         st.subheader("Samples while training")
         st.dataframe(rows, hide_index=True, width="stretch", key="train_samples")
@@ -163,7 +166,7 @@ def render_compare() -> None:
         return
     st.query_params["runs"] = ",".join(chosen)
     series = {run_id: actions.metric_series(run_id) for run_id in chosen}
-    for title, names in actions.CHARTS.items():
+    for title, names in actions.chart_groups(n for points in series.values() for n in points).items():
         overlay = {
             f"{run_id} {name}": points[name] for run_id, points in series.items() for name in names if name in points
         }
