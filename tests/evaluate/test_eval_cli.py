@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import run_cli
-from tests.evaluate.conftest import COLOURS
+from tests.evaluate.conftest import COLOURS, _rows
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,9 @@ def test_the_run_beats_its_base_and_answers_as_generate_does(trained: tuple[Path
     assert shown["artifacts"]["eval"] == report["examples_file"]
 
 
-def test_mistakes_are_named_and_leave_no_results(trained: tuple[Path, str], tmp_path: Path) -> None:
+def test_mistakes_are_named_and_leave_no_results(
+    trained: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home, run_id = trained
     (tmp_path / "mine.py").write_text(
         "def boom(prediction, reference, record):\n    raise ValueError('no such column: answer')\n\n"
@@ -46,10 +48,16 @@ def test_mistakes_are_named_and_leave_no_results(trained: tuple[Path, str], tmp_
     )
     text_data = tmp_path / "plain.jsonl"
     text_data.write_text(json.dumps({"text": "just text"}) + "\n", encoding="utf-8")
+    broken = tmp_path / "broken.jsonl"  # a good first line, then one cut off mid-record
+    broken.write_text(json.dumps(_rows()[0]) + "\n" + '{"messages": [\n', encoding="utf-8")
+    unknown = tmp_path / "quiz.jsonl"
+    unknown.write_text(json.dumps({"question": "what is red?", "answer": "a fruit"}) + "\n", encoding="utf-8")
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     shown = json.loads(run_cli("runs", "show", run_id, "--json", home=home).stdout)
     before = sorted((Path(shown["output_dir"]) / "eval").glob("*"))
     cases = [
+        (["--data", str(broken)], 3, "broken.jsonl:2: not valid JSON"),
+        (["--data", str(unknown)], 3, "quiz.jsonl:1: can't tell the format from the keys ['answer', 'question']"),
         (["--metrics", "exact_match,accuracy"], 2, "no metric named 'accuracy'"),
         (["--metrics", "nowhere:score"], 2, "could not import 'nowhere'"),
         (["--metrics", "mine:missing"], 2, "mine has no function 'missing'"),
@@ -63,6 +71,15 @@ def test_mistakes_are_named_and_leave_no_results(trained: tuple[Path, str], tmp_
         assert done.returncode == code and says in done.stderr, (args, done.stderr[-1500:])
         assert "Traceback" not in done.stderr, done.stderr
     assert sorted((Path(shown["output_dir"]) / "eval").glob("*")) == before, "a failed eval writes nothing"
+    monkeypatch.setenv("TUNELAB_HOME", str(home))  # read back in this process: one CLI start less
+    monkeypatch.delenv("TUNELAB_DB_URL", raising=False)
+    from tunelab import services
+    from tunelab.registry.db import close_registries
+
+    close_registries()
+    after = services.show_run(run_id).to_dict()
+    close_registries()
+    assert (after["metrics"], after["artifact_list"]) == (shown["metrics"], shown["artifact_list"]), "nor records"
 
 
 def test_perplexity_is_exp_of_the_trainers_validation_loss(trained: tuple[Path, str]) -> None:
