@@ -22,9 +22,16 @@ def export(
         None,
         "--quantize",
         "-q",
-        help="gguf/ollama: f32 | f16 | bf16 | q8_0 | q4_0, or a K-quant q2_k | q3_k_m | q4_k_s | q4_k_m | "
-        "q5_k_s | q5_k_m | q6_k (llama.cpp's quantizer; default f16, bf16 for a bf16 base); "
-        "mlx: 4 | 8; coreml: float32 | float16.",
+        help="gguf/ollama: f32 | f16 | bf16 | q8_0 | q4_0, a K-quant q2_k | q3_k_m | q4_k_s | q4_k_m | "
+        "q5_k_s | q5_k_m | q6_k, or an i-quant iq4_xs | iq4_nl | iq3_m | iq3_s | iq3_xs | iq3_xxs | iq2_m | "
+        "iq2_s | iq2_xs | iq2_xxs | iq1_m | iq1_s (llama.cpp's quantizer; from iq3_xs down with --imatrix; "
+        "default f16, bf16 for a bf16 base); mlx: 4 | 8; coreml: float32 | float16.",
+    ),
+    imatrix: str | None = typer.Option(
+        None,
+        "--imatrix",
+        help="K/i-quants: weight the rounding by an importance matrix: auto (collected from the run's held-out "
+        "examples, saved beside a --to gguf file) or FILE (from llama-imatrix, .gguf or .dat).",
     ),
     adapter_only: bool = typer.Option(
         False, "--adapter-only", help="ollama: write the LoRA adapter GGUF and a Modelfile with FROM <base> + ADAPTER."
@@ -65,13 +72,13 @@ def export(
             raise ConfigError("--eval scores a whole model, not an adapter-only export", hint="drop one of them")
         result, table = services.export_and_evaluate(
             run, to=to, out=out, quantize=quantize, verify=not no_verify, force=force, data=data,
-            metrics=metrics.split(","), limit=limit, max_new_tokens=max_new_tokens, max_drop=max_drop,
+            metrics=metrics.split(","), limit=limit, max_new_tokens=max_new_tokens, max_drop=max_drop, imatrix=imatrix,
             on_stage=lambda text: err_console.print(Text(text)),
         )  # fmt: skip
     else:
         result = services.export_run(
             run, to=to, out=out, quantize=quantize, verify=not no_verify, force=force, adapter_only=adapter_only,
-            base=base,
+            base=base, imatrix=imatrix,
         )  # fmt: skip
     if as_json:
         fields = {"target": result.target, "path": str(result.path), "precision": result.precision}

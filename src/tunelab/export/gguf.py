@@ -34,6 +34,7 @@ from tunelab.export.gguf_rope import ROPE_FREQS, check_rope, llama3_factors, rop
 from tunelab.export.gguf_runtime import GGUFRuntime
 from tunelab.export.gguf_tokenizer import read_vocab
 from tunelab.export.hf import stop_tokens
+from tunelab.export.imatrix import Imatrix
 from tunelab.export.merge import Merged
 from tunelab.export.pipeline import Written
 
@@ -65,23 +66,27 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Written:
+def write(folder: Path, merged: Merged, out: Path, quantize: str | None, *, imatrix: Imatrix | None = None) -> Written:
     """Pipeline entry point: write ``out`` (a .gguf file) and say how to load it back.
 
-    A K-quant is written as tunelab's float GGUF first (beside ``out``, removed
-    afterwards) and then quantized by llama.cpp's own quantizer (:mod:`.gguf_kquant`).
+    A K- or i-quant is written as tunelab's float GGUF first (beside ``out``, removed
+    afterwards) and then quantized by llama.cpp's own quantizer (:mod:`.gguf_kquant`),
+    weighted by ``imatrix`` when one is given (checked against the model's tensors first).
     """
-    from tunelab.export.gguf_kquant import KQUANTS, quantize_file
+    from tunelab.export.gguf_kquant import LLAMA_QUANTS, quantize_file, tensor_types
+    from tunelab.export.imatrix import check_against
 
     quant = quantize or default_quant(folder)
-    if quant not in KQUANTS:
+    if quant not in LLAMA_QUANTS:
         notes = write_gguf(folder, out, quant=quant, tokenizer=merged.tokenizer, template=merged.template)
         return Written(out, _PRECISION[quant], lambda: GGUFRuntime(out), notes=notes)
     staged = out.with_name(f".{out.name}.float.gguf")
     try:
         float_quant = default_quant(folder)
         notes = write_gguf(folder, staged, quant=float_quant, tokenizer=merged.tokenizer, template=merged.template)
-        notes += quantize_file(staged, out, quant)
+        if imatrix is not None:
+            notes += check_against(imatrix, tensor_types(staged))
+        notes += quantize_file(staged, out, quant, imatrix=imatrix.means() if imatrix is not None else None)
     finally:
         staged.unlink(missing_ok=True)
     return Written(out, quant, lambda: GGUFRuntime(out), notes=notes)

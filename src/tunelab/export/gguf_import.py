@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.export.gguf_kquant import IQUANTS
 from tunelab.export.verify import Reference, Report, verify
 
 # llama.cpp file types -> the verification tolerance that applies (legacy 4/5-bit types as q4_0).
@@ -25,6 +26,7 @@ _PRECISION = {
     "MOSTLY_Q4_K_S": "q4_k_s",
     "MOSTLY_Q3_K_M": "q3_k_m",
     "MOSTLY_Q2_K": "q2_k",
+    **{f"MOSTLY_{name.upper()}": name for name in IQUANTS},
 }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import ModelError
+from tunelab.export.imatrix import Imatrix
 from tunelab.export.merge import Merged
 from tunelab.export.pipeline import Written
 
@@ -57,7 +58,7 @@ PROBES: tuple[tuple[dict[str, str], ...], ...] = (
 )
 
 
-def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Written:
+def write(folder: Path, merged: Merged, out: Path, quantize: str | None, *, imatrix: Imatrix | None = None) -> Written:
     """Write ``out/model.gguf`` and ``out/Modelfile``; verification renders the Modelfile's TEMPLATE."""
     from tunelab.export import gguf
 
@@ -65,7 +66,7 @@ def write(folder: Path, merged: Merged, out: Path, quantize: str | None) -> Writ
         raise ModelError("the run has no chat template, so there is no Ollama TEMPLATE to write", hint="use --to gguf")
     fmt = match_format(merged.tokenizer, merged.template)
     out.mkdir(parents=True, exist_ok=True)
-    inner = gguf.write(folder, merged, out / "model.gguf", quantize)
+    inner = gguf.write(folder, merged, out / "model.gguf", quantize, imatrix=imatrix)
     (out / "Modelfile").write_text(modelfile(fmt, "model.gguf"), encoding="utf-8")
     return Written(
         out,

@@ -18,19 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import ConfigError
+from tunelab.export.imatrix import Calibration, Imatrix
 from tunelab.export.merge import Merged, merge_model
 from tunelab.export.verify import Reference, Report, Runtime, raise_if_failed, sha256_of, verify
 
 # Adapter targets write the run's adapter alone (for a base the user already has), not the merged model.
 ADAPTER_TARGETS: tuple[str, ...] = ("gguf-adapter", "ollama-adapter", "mlx-adapter")
 TARGETS: tuple[str, ...] = ("hf", "mlx", "gguf", "ollama", "onnx", "coreml", *ADAPTER_TARGETS)
-# llama.cpp's K-quants, written by its own quantizer (tunelab.export.gguf_kquant.KQUANTS has the same keys).
+# llama.cpp's K- and i-quants, written by its own quantizer (gguf_kquant's KQUANTS, IQUANTS and NEED_IMATRIX
+# have the same keys); they take an importance matrix (--imatrix); the NEED_IMATRIX ones can't do without.
 K_QUANTS: tuple[str, ...] = ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+I_QUANTS: tuple[str, ...] = (
+    "iq4_xs", "iq4_nl", "iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s",
+)  # fmt: skip
+NEED_IMATRIX: tuple[str, ...] = ("iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
 QUANTIZE: dict[str, tuple[str, ...]] = {
     "hf": (),
     "mlx": ("4", "8"),
-    "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS),
-    "ollama": ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS),
+    "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS, *I_QUANTS),
+    "ollama": ("f32", "f16", "bf16", "q8_0", "q4_0", *K_QUANTS, *I_QUANTS),
     "onnx": (),
     "coreml": ("float32", "float16"),
     "gguf-adapter": ("f32", "f16"),
@@ -79,8 +85,9 @@ class ExportResult:
     seconds: float
 
 
-def check_options(target: str, quantize: str | None) -> None:
-    """Refuse an unknown target or a quantization the target doesn't offer, before any loading."""
+def check_options(target: str, quantize: str | None, imatrix: object = None) -> None:
+    """Refuse an unknown target, a quantization the target doesn't offer, or an importance matrix where no
+    quantizer would read it (or its absence where llama.cpp needs one), before any loading."""
     if target not in TARGETS:
         raise ConfigError(f"--to must be one of {', '.join(TARGETS)} (got {target!r})")
     allowed = QUANTIZE[target]
@@ -88,6 +95,16 @@ def check_options(target: str, quantize: str | None) -> None:
         if not allowed:
             raise ConfigError(f"--quantize does not apply to --to {target}", hint="drop --quantize")
         raise ConfigError(f"--quantize for {target} must be one of {', '.join(allowed)} (got {quantize!r})")
+    if imatrix is not None and quantize not in (*K_QUANTS, *I_QUANTS):
+        raise ConfigError(
+            "--imatrix is read by llama.cpp's quantizer, for its K- and i-quants only",
+            hint="add --quantize with one of them (e.g. q4_k_m or iq4_xs, --to gguf or ollama), or drop --imatrix",
+        )
+    if imatrix is None and quantize in NEED_IMATRIX:
+        raise ConfigError(
+            f"--quantize {quantize} needs an importance matrix: llama.cpp refuses this many bits without one",
+            hint="add --imatrix auto (from the run's held-out examples) or --imatrix FILE (from llama-imatrix)",
+        )
 
 
 def export_model(
@@ -98,10 +115,15 @@ def export_model(
     quantize: str | None = None,
     check: bool = True,
     force: bool = False,
+    imatrix: Path | Calibration | None = None,
 ) -> ExportResult:
-    """Merge ``source``, write it as ``target`` at ``out`` and verify it (unless ``check`` is False)."""
+    """Merge ``source``, write it as ``target`` at ``out`` and verify it (unless ``check`` is False).
+
+    ``imatrix`` (K/i-quants): an imatrix file, or token sequences to collect one from with the merged model
+    (then saved beside a ``gguf`` export as ``<name>.imatrix.gguf`` for reuse with llama-quantize).
+    """
     start = time.perf_counter()
-    check_options(target, quantize)
+    check_options(target, quantize, imatrix)
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
@@ -110,7 +132,8 @@ def export_model(
     if target in ADAPTER_TARGETS:  # refuse an adapter the runtime can't apply before the slow merge
         importlib.import_module(f"tunelab.export.{target.replace('-', '_')}").require_adapter(source)
     merged = merge_model(source.base, source.adapter, tokenizer_dir=source.tokenizer_dir, template=source.template)
-    written = _write(target, merged, out, quantize, source)
+    importance = _importance(imatrix, merged, out if target == "gguf" else None)
+    written = _write(target, merged, out, quantize, source, importance)
     report: Report | None = None
     try:
         if check:
@@ -131,7 +154,25 @@ def export_model(
     )
 
 
-def _write(target: str, merged: Merged, out: Path, quantize: str | None, source: ExportSource) -> Written:
+def _importance(imatrix: Path | Calibration | None, merged: Merged, beside: Path | None) -> Imatrix | None:
+    """The importance matrix to quantize with: read from a file, or collected now (and saved ``beside``)."""
+    from tunelab.export import imatrix as importance
+
+    if imatrix is None:
+        return None
+    if isinstance(imatrix, Path):
+        return importance.read(imatrix)
+    found = importance.collect(merged.model, merged.model.config.to_dict(), imatrix)
+    if beside is not None:
+        beside.parent.mkdir(parents=True, exist_ok=True)
+        saved = importance.write(found, beside.with_name(beside.stem + ".imatrix.gguf"))
+        found.source += f", saved as {saved}"
+    return found
+
+
+def _write(
+    target: str, merged: Merged, out: Path, quantize: str | None, source: ExportSource, imatrix: Imatrix | None
+) -> Written:
     from tunelab.export import hf
 
     if target in ADAPTER_TARGETS:  # each has write_adapter(source, merged, out, quantize) -> Written
@@ -144,13 +185,19 @@ def _write(target: str, merged: Merged, out: Path, quantize: str | None, source:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tunelab-merged-", dir=out.parent) as tmp:
         folder = hf.write_hf(merged, Path(tmp) / "merged")
-        return _write_from_folder(target, folder, merged, out, quantize)
+        return _write_from_folder(target, folder, merged, out, quantize, imatrix)
 
 
-def _write_from_folder(target: str, folder: Path, merged: Merged, out: Path, quantize: str | None) -> Written:
-    """Each target module has ``write(folder, merged, out, quantize) -> Written``; import only the one asked for."""
+def _write_from_folder(
+    target: str, folder: Path, merged: Merged, out: Path, quantize: str | None, imatrix: Imatrix | None
+) -> Written:
+    """Each target module has ``write(folder, merged, out, quantize) -> Written``; import only the one asked for.
+
+    The GGUF writers (gguf, ollama) also take the importance matrix (check_options let one through only there).
+    """
     module = importlib.import_module(f"tunelab.export.{target}")
-    written: Written = module.write(folder, merged, out, quantize)
+    extra = {"imatrix": imatrix} if imatrix is not None else {}
+    written: Written = module.write(folder, merged, out, quantize, **extra)
     return written
 
 

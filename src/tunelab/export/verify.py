@@ -59,6 +59,19 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "q4_k_s": (0.4, 0.7),
     "q3_k_m": (0.5, 0.65),
     "q2_k": (1.0, 0.4),
+    # llama.cpp's i-quant mixes, by bits per weight: as the K type of about the same size, looser below 3 bits.
+    "iq4_xs": (0.4, 0.7),
+    "iq4_nl": (0.4, 0.7),
+    "iq3_m": (0.5, 0.65),
+    "iq3_s": (0.5, 0.65),
+    "iq3_xs": (0.5, 0.65),
+    "iq3_xxs": (0.6, 0.6),
+    "iq2_m": (1.0, 0.4),
+    "iq2_s": (1.0, 0.4),
+    "iq2_xs": (1.2, 0.35),
+    "iq2_xxs": (1.2, 0.35),
+    "iq1_m": (1.5, 0.25),
+    "iq1_s": (1.5, 0.25),
 }
 
 

@@ -23,6 +23,7 @@ def export_run(
     force: bool = False,
     adapter_only: bool = False,
     base: str | None = None,
+    imatrix: str | None = None,
 ) -> Any:
     """Export a finished run (``to``: hf, mlx, gguf, ollama, onnx, coreml, gguf-adapter, mlx-adapter), verify it
     and record it.
@@ -30,12 +31,15 @@ def export_run(
     ``adapter_only`` (with ``to="ollama"``) writes the LoRA adapter GGUF and a Modelfile whose ``FROM``
     is ``base`` (an Ollama model name or a .gguf path; default: the run's model.path when it was a
     .gguf file or an Ollama model, else the base is written beside the adapter).
+    ``imatrix`` (K/i-quants): ``"auto"`` collects the importance matrix from the run's held-out examples
+    with the merged model; anything else is an imatrix file from llama-imatrix.
     Returns a :class:`tunelab.export.pipeline.ExportResult`; the artifact is
     recorded as ``export:<to>`` (``export:ollama-adapter`` for adapter-only) with the
     verification report and its sha256.
     """
     to = _target(to, adapter_only=adapter_only, base=base)
-    run_id, result = _write(run_text, to, out, quantize=quantize, verify=verify, force=force, base=base)
+    run_id, result = _write(run_text, to, out, quantize=quantize, verify=verify, force=force, base=base,
+                            imatrix=imatrix)  # fmt: skip
     _record(run_id, to, result)
     return result
 
@@ -53,6 +57,7 @@ def export_and_evaluate(
     limit: int | None = None,
     max_new_tokens: int = 64,
     max_drop: float | None = None,
+    imatrix: str | None = None,
     on_stage: Callable[[str], None] = lambda _text: None,
 ) -> tuple[Any, ExportTable]:
     """Export and verify as :func:`export_run`, then score the export against the run on held-out examples.
@@ -70,7 +75,8 @@ def export_and_evaluate(
         )
     request = table_request(run_text, data=data, metrics=metrics, limit=limit, max_new_tokens=max_new_tokens,
                             max_drop=max_drop)  # fmt: skip
-    run_id, result = _write(request.run.id, to, out, quantize=quantize, verify=verify, force=force, base=None)
+    run_id, result = _write(request.run.id, to, out, quantize=quantize, verify=verify, force=force, base=None,
+                            imatrix=imatrix)  # fmt: skip
     on_stage(f"scoring the {to} export against run {run_id} on {len(request.examples)} held-out examples")
     table = score_exports(request, [ExportFile(to, str(result.path), result.precision)], on_stage=on_stage)
     if not table.failures:
@@ -79,13 +85,21 @@ def export_and_evaluate(
 
 
 def _write(
-    run_text: str, to: str, out: Path, *, quantize: str | None, verify: bool, force: bool, base: str | None
+    run_text: str,
+    to: str,
+    out: Path,
+    *,
+    quantize: str | None,
+    verify: bool,
+    force: bool,
+    base: str | None,
+    imatrix: str | None = None,
 ) -> tuple[str, Any]:
     """Merge the run's result, write it as ``to`` and verify it: (the run's id, the ExportResult)."""
     from tunelab.export.pipeline import ExportSource, check_options, export_model
     from tunelab.hub import load_tokenizer, resolve_model_path
 
-    check_options(to, quantize)
+    check_options(to, quantize, imatrix)
     with session_scope(open_registry()) as s:
         run_id = repo.resolve_run_id(s, run_text)
         run = repo.run_summary(s, run_id)
@@ -102,10 +116,41 @@ def _write(
         tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base_dir
     else:
         base_dir = tokenizer_dir = Path(artifacts["model"])
-    template = getattr(load_tokenizer(tokenizer_dir), "chat_template", None) or None
+    tokenizer = load_tokenizer(tokenizer_dir)
+    template = getattr(tokenizer, "chat_template", None) or None
     from_ref = _from_ref(base, str(run["config"]["model"]["path"]))
     source = ExportSource(base_dir, adapter, tokenizer_dir, template, from_ref=from_ref)
-    return run_id, export_model(source, to, out, quantize=quantize, check=verify, force=force)
+    importance = _imatrix(imatrix, run_id, tokenizer)
+    return run_id, export_model(source, to, out, quantize=quantize, check=verify, force=force, imatrix=importance)
+
+
+def _imatrix(spec: str | None, run_id: str, tokenizer: Any) -> Any:
+    """``--imatrix``: None, a file (checked now), or ``auto``: the run's held-out examples tokenized as
+    ``tunelab generate`` and the export table do (prompt, then the reference answer)."""
+    from tunelab.evaluate.exports import prompted
+    from tunelab.export.imatrix import calibration_from
+    from tunelab.services.evals import run_examples
+    from tunelab.services.runs import show_run
+    from tunelab.vocab import CHAT_FORMATS
+
+    if spec is None:
+        return None
+    if spec != "auto":
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--imatrix {spec}: no such file", hint="give an imatrix file, or --imatrix auto")
+        return path
+    run = show_run(run_id)
+    try:
+        where, examples = run_examples(run, None, None)
+    except ConfigError:
+        raise ConfigError(
+            f"--imatrix auto collects the importance matrix from the held-out examples of run {run_id}, "
+            "and it has no validation file",
+            hint="give --imatrix FILE (from llama-imatrix), or train with data.valid",
+        ) from None
+    pieces = prompted(examples, tokenizer, chat=run.trained_format in CHAT_FORMATS)
+    return calibration_from([p.prompt + p.answer for p in pieces], Path(where).name)
 
 
 def _record(run_id: str, to: str, result: Any, **extra: Any) -> None:
