@@ -14,7 +14,7 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> float:
         return compiled_layer_bytes(shape, work)
     a = DTYPE_BYTES[work.dtype]
     h, i = shape.hidden, shape.intermediate
-    kv = shape.q_dim if (work.padded and work.backend == "torch") else shape.kv_dim  # masked SDPA: k/v expanded
+    kv = expanded_kv_dim(shape, work)
     norms = shape.norms_per_layer * (4 * h + 4) + (4 * (shape.q_dim + shape.kv_dim) if shape.qk_norm else 0)
     attention = a * (2 * shape.q_dim + 2 * kv) + 4 * shape.heads
     if work.backend == "mlx":
@@ -34,6 +34,16 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> float:
     return norms + attention + mlp + saved_inputs
 
 
+def expanded_kv_dim(shape: ModelShape, work: Workload) -> int:
+    """Width of the k/v that attention saves: masked SDPA in torch repeats grouped k/v to every head.
+
+    Measured (H200/H100, 8B Llama, 1x32768, offloaded checkpoints): the replayed
+    layer's attention held six q-sized and two k/v-sized tensors at the peak,
+    the repeated k and v, their gradients, dq, and the gradients summed back.
+    """
+    return shape.q_dim if (work.padded and work.backend == "torch") else shape.kv_dim
+
+
 def compiled_layer_bytes(shape: ModelShape, work: Workload) -> float:
     """What a compiled decoder layer saves per token, as inductor's partitioner chooses (torch on CUDA).
 
@@ -47,6 +57,11 @@ def compiled_layer_bytes(shape: ModelShape, work: Workload) -> float:
     """
     a = DTYPE_BYTES[work.dtype]
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    if work.gradient_checkpointing:
+        # A checkpoint's replay runs attention through transformers' SDPA call outside the compiled
+        # graph (measured: its allocations at the peak), which saves the repeated k/v; without
+        # checkpointing the compiled layer keeps them grouped (8B 2x2048: 27.83 GiB padded or packed).
+        kv = expanded_kv_dim(shape, work)
     mlp = h if work.tiled_mlp else 2 * i  # tiled: the MLP's input instead of gate and up
     kept: float = a * (2 * h + 2 * q + 2 * kv + mlp) + 4 * shape.heads
     cheap = a * (shape.norms_per_layer * h + q + (0 if work.tiled_mlp else i))
@@ -135,13 +150,17 @@ def _chunked_loss_bytes(shape: ModelShape, work: Workload, picked: int) -> int:
 def workspace_bytes(shape: ModelShape, work: Workload) -> int:
     """Transient tensors of one decoder layer's backward (gradients of the MLP's widest tensors)."""
     t = work.tokens
+    a = DTYPE_BYTES[work.dtype]
     if work.tiled_mlp and t > MLP_TILE_TOKENS:  # one tile's MLP run again with its gradients, and dx being filled
-        tile = MLP_TILE_TOKENS
-        temps = (8 + 3 * DTYPE_BYTES[work.dtype]) * shape.intermediate * tile + DTYPE_BYTES[
-            work.dtype
-        ] * shape.hidden * t
+        temps = (8 + 3 * a) * shape.intermediate * MLP_TILE_TOKENS + a * shape.hidden * t
     else:
         temps = 8 * shape.intermediate * t
+    # Attention's backward comes after the MLP's (whose dx stays alive): dq and the gradients of the
+    # (repeated) k and v, then k's and v's summed back to their heads.  It outgrows a tiled MLP's
+    # workspace at long context (8B at 32k: 1.1 vs 1.0 GiB).
+    kv_e = expanded_kv_dim(shape, work)
+    attention = a * (shape.q_dim + 2 * kv_e + (2 * shape.kv_dim if kv_e != shape.kv_dim else 0) + shape.hidden) * t
+    temps = max(temps, attention)
     if work.bits and work.backend == "torch":
         widest = max(lin.in_features * lin.out_features for lin in shape.block_linears())
         temps += 2 * widest * DTYPE_BYTES[work.dtype]  # a dequantized weight, forward and backward
