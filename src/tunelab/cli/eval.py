@@ -58,7 +58,8 @@ def eval_run(
     exports: bool = typer.Option(
         False,
         "--exports",
-        help="Instead: the same examples on each export of the run (hf, gguf, onnx, mlx), side by side.",
+        help="Instead: the same examples on each export of the run (hf, gguf, onnx, mlx, gguf-adapter, mlx-adapter), "
+        "side by side.",
     ),
     max_drop: float | None = typer.Option(
         None,

@@ -45,7 +45,7 @@ def export(
         False,
         "--eval",
         help="Then answer the run's held-out examples with the export and with the run (the reference), "
-        "and print both side by side (hf, gguf, onnx, mlx).",
+        "and print both side by side (hf, gguf, onnx, mlx; gguf-adapter and mlx-adapter over the run's base).",
     ),
     data: str | None = typer.Option(None, "--data", help="With --eval: held-out examples (default: data.valid)."),
     metrics: str = typer.Option("exact_match", "--metrics", help="With --eval: comma-separated metric names."),

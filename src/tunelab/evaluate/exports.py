@@ -9,8 +9,9 @@ ratio.  A quantised GGUF's real drop shows here, on the user's own task, not on 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from tunelab.errors import ConfigError
 from tunelab.evaluate.examples import EvalExample
 from tunelab.evaluate.metrics import Metric
 
-SCORABLE = ("hf", "gguf", "onnx", "mlx")
-"""Export targets whose runtime runs here (Core ML runs only on macOS; adapter-only targets need their base)."""
+SCORABLE = ("hf", "gguf", "onnx", "mlx", "gguf-adapter", "mlx-adapter")
+"""Export targets whose runtime runs here (Core ML runs only on macOS); the adapter-only ones are loaded over the
+run's base: mlx-lm reads the base folder, llama.cpp a GGUF of it (see :func:`open_runtime`)."""
 
 
 def runtime_for(target: str, path: Path) -> Any:
@@ -44,6 +46,29 @@ def runtime_for(target: str, path: Path) -> Any:
 
         return MLXRuntime(path)
     raise ConfigError(f"no runtime to score a {target} export with here")
+
+
+@contextlib.contextmanager
+def open_runtime(target: str, path: Path, *, base: Path | None = None, base_ref: str | None = None) -> Iterator[Any]:
+    """The export at ``path`` in its runtime; an adapter-only export applied to ``base`` (the run's base folder).
+
+    llama.cpp needs the base as a GGUF: the user's own file when the run started from one (``base_ref``),
+    else one written for the occasion and removed afterwards.
+    """
+    if target.endswith("-adapter") and base is None:
+        raise ConfigError(f"a {target} export is scored over the run's base, and none was given")
+    if target == "mlx-adapter" and base is not None:
+        from tunelab.export.mlx import MLXRuntime
+
+        yield MLXRuntime(base, adapter=path)
+    elif target == "gguf-adapter" and base is not None:
+        from tunelab.export.gguf_adapter import base_gguf
+        from tunelab.export.gguf_runtime import GGUFRuntime
+
+        with base_gguf(base, base_ref=base_ref, near=path) as gguf_file:
+            yield GGUFRuntime(gguf_file, n_ctx=1024, lora=path)
+    else:
+        yield runtime_for(target, path)
 
 
 @dataclass

@@ -20,9 +20,11 @@ with the adapter in llama.cpp and compares with the merged model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,28 @@ def write_adapter(source: ExportSource, merged: Merged, out: Path, quantize: str
         notes=notes,
         cleanup=lambda: shutil.rmtree(staging, ignore_errors=True),
     )
+
+
+@contextlib.contextmanager
+def base_gguf(base: Path, *, base_ref: str | None, near: Path) -> Iterator[Path]:
+    """A GGUF of the base for llama.cpp to apply an adapter GGUF to (the export table's gguf-adapter row).
+
+    ``base_ref`` is the run's model.path: when it names a .gguf file or an Ollama model, that file is the base
+    the user has and runs the adapter with.  Otherwise the HF base folder is written as tunelab's default GGUF
+    (f16, bf16 for a bf16 checkpoint: what ``--to gguf`` writes) in a folder beside ``near``, removed on exit.
+    """
+    from tunelab.export.gguf import default_quant, write_gguf
+    from tunelab.hub import gguf_file_for, is_gguf_reference
+
+    own = gguf_file_for(base_ref) if base_ref is not None and is_gguf_reference(base_ref) else None
+    if own is not None:
+        yield own
+        return
+    near.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tunelab-base-", dir=near.parent) as tmp:
+        staged = Path(tmp) / "base.gguf"
+        write_gguf(base, staged, quant=default_quant(base))
+        yield staged
 
 
 def require_adapter(source: ExportSource, *, allow_dora: bool = False) -> Path:

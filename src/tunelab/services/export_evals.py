@@ -38,7 +38,8 @@ class ExportTable:
 
 @dataclass(frozen=True)
 class ExportFile:
-    """One export to score: its target (hf, gguf, onnx, mlx), where it is, and its precision (for the label)."""
+    """One export to score: its target (hf, gguf, onnx, mlx, gguf-adapter, mlx-adapter), where it is, and its
+    precision (for the label)."""
 
     target: str
     path: str
@@ -109,6 +110,7 @@ def score_exports(
 ) -> ExportTable:
     """The reference's answers, then each export's, scored and compared with them: one row each."""
     from tunelab.evaluate import exports as table
+    from tunelab.hub import resolve_model_path
     from tunelab.inference import stop_ids
 
     run, examples = request.run, request.examples
@@ -124,11 +126,13 @@ def score_exports(
     on_stage(f"answering {len(examples)} examples with run {run.id} (the reference)")
     ref_row, ref_tokens = answers(reference, "reference", str(run.output_dir))
     rows = [ref_row]
+    adapters_only = any(f.target.endswith("-adapter") for f in files)  # applied to the base: find it only then
+    base = resolve_model_path(run.base_model) if adapters_only else None
     for export in files:
-        label = f"{export.target} {export.precision}".strip()  # gguf f32, gguf q4_0, …
+        label = f"{export.target} {export.precision}".strip()  # gguf f32, gguf q4_0, gguf-adapter float16, …
         on_stage(f"answering with the {label} export {export.path}")
-        runtime = table.runtime_for(export.target, Path(export.path))
-        row, _ = answers(runtime, label, export.path, ref_row, ref_tokens)
+        with table.open_runtime(export.target, Path(export.path), base=base, base_ref=run.base_model) as runtime:
+            row, _ = answers(runtime, label, export.path, ref_row, ref_tokens)
         rows.append(row)
     names = [m.name for m in request.metrics]
     failures = _drops(rows, names, request.max_drop) if request.max_drop is not None else []
