@@ -16,6 +16,7 @@ from tunelab.backends.preference import host_arrays
 from tunelab.backends.torch import checkpoint_io, fsdp, oom
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
+from tunelab.backends.torch.cpu_threads import CpuThreads
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
 from tunelab.backends.torch.generate import stream_tokens
 from tunelab.backends.torch.grpo import sample_completions
@@ -57,6 +58,7 @@ class TorchBackend:
         self._dcp = False  # train.parallel: fsdp: checkpoints in DCP's sharded format
         self.collective_saves = False  # FSDP over several processes: every rank takes part in saves
         self._loss = summed_loss
+        self._threads: CpuThreads | None = None  # on a CPU: intra-op threads fitted to the free cores
         # Whether every module is in training mode.  Tracked here, not read from the PEFT wrapper:
         # ``get_peft_model`` returns a wrapper whose own flag says "training" over a base that
         # ``from_pretrained`` left in eval mode, and in eval mode transformers skips gradient
@@ -114,6 +116,7 @@ class TorchBackend:
         it on a random-initialised model built in GPU memory.
         """
         self.device = next(base.parameters()).device
+        self._threads = CpuThreads() if self.device.type == "cpu" else None
         dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
         self._offload = model.offload_activations
         self._attention = str(base.config._attn_implementation)
@@ -212,6 +215,8 @@ class TorchBackend:
 
     # -- training ----------------------------------------------------------------------------
     def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
+        if self._threads is not None:
+            self._threads.tick()
         if not self._training:  # walking every module each step costs host time the GPU waits for
             self.model.train()
             self._training = True
