@@ -19,6 +19,7 @@ from typing import Any
 
 from tunelab.errors import ConfigError
 from tunelab.export.imatrix import Calibration, Imatrix
+from tunelab.export.imatrix import read as read_imatrix
 from tunelab.export.merge import Merged, merge_model
 from tunelab.export.verify import Reference, Report, Runtime, raise_if_failed, sha256_of, verify
 
@@ -131,8 +132,10 @@ def export_model(
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     if target in ADAPTER_TARGETS:  # refuse an adapter the runtime can't apply before the slow merge
         importlib.import_module(f"tunelab.export.{target.replace('-', '_')}").require_adapter(source)
+    importance = read_imatrix(imatrix) if isinstance(imatrix, Path) else None  # a bad file fails before the merge
     merged = merge_model(source.base, source.adapter, tokenizer_dir=source.tokenizer_dir, template=source.template)
-    importance = _importance(imatrix, merged, out if target == "gguf" else None)
+    if isinstance(imatrix, Calibration):
+        importance = _collect(imatrix, merged, out if target == "gguf" else None)
     written = _write(target, merged, out, quantize, source, importance)
     report: Report | None = None
     try:
@@ -154,15 +157,11 @@ def export_model(
     )
 
 
-def _importance(imatrix: Path | Calibration | None, merged: Merged, beside: Path | None) -> Imatrix | None:
-    """The importance matrix to quantize with: read from a file, or collected now (and saved ``beside``)."""
+def _collect(calibration: Calibration, merged: Merged, beside: Path | None) -> Imatrix:
+    """The importance matrix collected now with the merged model (and saved ``beside`` a gguf export)."""
     from tunelab.export import imatrix as importance
 
-    if imatrix is None:
-        return None
-    if isinstance(imatrix, Path):
-        return importance.read(imatrix)
-    found = importance.collect(merged.model, merged.model.config.to_dict(), imatrix)
+    found = importance.collect(merged.model, merged.model.config.to_dict(), calibration)
     if beside is not None:
         beside.parent.mkdir(parents=True, exist_ok=True)
         saved = importance.write(found, beside.with_name(beside.stem + ".imatrix.gguf"))
