@@ -58,7 +58,9 @@ def _data(path: Path, prompts: list[str]) -> Path:
     return path
 
 
-def _eval(model: Path, data: Path, home: Path, limit: int | None = None) -> subprocess.CompletedProcess[str]:
+def _eval(
+    model: Path, data: Path, home: Path, limit: int | None = None, batch: int = 8
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TUNELAB_HOME": str(home), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
     env.pop("TUNELAB_DB_URL", None)
 
@@ -67,7 +69,7 @@ def _eval(model: Path, data: Path, home: Path, limit: int | None = None) -> subp
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     args = ["eval", "--model", str(model), "--data", str(data), "--metrics", "exact_match", "--max-new-tokens", "6",
-            "--batch-size", "8", "--json"]  # fmt: skip
+            "--batch-size", str(batch), "--json"]  # fmt: skip
     return subprocess.run([sys.executable, "-c", _PEAK, *args], env={**env, "COLUMNS": "200"}, capture_output=True,
                           text=True, timeout=600, preexec_fn=cap)  # fmt: skip
 
@@ -105,3 +107,9 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_answers_as_the_unlimited_
     )
     assert "--max-new-tokens" in stopped.stderr and "Traceback" not in stopped.stderr
     assert not list((tmp_path / "home-giant" / "evals").glob("*")), "a stopped eval writes no answers"
+
+    # One prompt at a time (what an MLX model always does) stops the same way, on the same prompt.
+    alone = _eval(model, giant, tmp_path / "home-alone", limit, batch=1)
+    assert alone.returncode == 7, alone.stderr[-3000:]
+    assert "giant.jsonl:2 ran out of memory even one prompt at a time" in alone.stderr, alone.stderr[-3000:]
+    assert "Traceback" not in alone.stderr and not list((tmp_path / "home-alone" / "evals").glob("*"))
