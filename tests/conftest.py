@@ -16,6 +16,14 @@ CLI
     :func:`run_cli` (also the ``cli`` fixture) runs the real ``tunelab`` command
     in a subprocess.  A subprocess costs ~0.5 s (~3 s when it loads a tokenizer),
     so keep them for the paths where the process boundary matters.
+
+Parallel runs
+    ``scripts/test.sh`` runs the suite under pytest-xdist (``-n 2 --dist loadgroup``).
+    :func:`pytest_collection_modifyitems` keeps on one worker the tests that share
+    a fixture built once (a module- or class-scoped one: by module; a session one
+    of a folder's conftest: by folder), so a trained run or a started server is
+    still built once.  A test that must not run beside another of its kind gets
+    ``@pytest.mark.xdist_group("name")`` itself (e.g. the MLX ring on fixed ports).
 """
 
 from __future__ import annotations
@@ -55,6 +63,43 @@ def make_corpus(n: int = 300, seed: int = 0) -> list[str]:
 
 
 CORPUS: list[str] = make_corpus()
+
+
+# --------------------------------------------------------------------------- parallel runs
+
+# Session fixtures of these folders' conftests are cheap (a tiny model, a data file): built once per worker,
+# they need not pin every test that uses them (nearly all) to one worker.
+_PER_WORKER_FOLDERS = {"", "tests", "tests/integration"}
+
+
+def _shared_scope(item: pytest.Item) -> str | None:
+    """The group a test joins under xdist so a fixture it shares with others is built once, or None."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    folder = module = None
+    for defs in info.name2fixturedefs.values():
+        for fixturedef in defs:
+            # pytest imports a conftest as `conftest` (its folder is the baseid); one that another conftest
+            # imports, to share its fixtures, keeps its dotted name (tests.integration.conftest).
+            defined_in = getattr(fixturedef.func, "__module__", "") or ""
+            if fixturedef.scope == "session" and (defined_in == "conftest" or defined_in.endswith(".conftest")):
+                where = fixturedef.baseid if defined_in == "conftest" else defined_in[: -len(".conftest")]
+                if where.replace(".", "/") not in _PER_WORKER_FOLDERS:
+                    folder = where.replace(".", "/")
+            elif fixturedef.scope in ("package", "module", "class"):
+                module = item.nodeid.split("::", 1)[0]
+    return folder or module
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup``: tests sharing a built-once fixture run on one worker (see the module doc)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and (group := _shared_scope(item)) is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 # --------------------------------------------------------------------------- isolation

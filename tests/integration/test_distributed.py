@@ -87,6 +87,7 @@ def test_checkpoint_of_two_processes_resumes_on_one(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlx-ring")  # mlx.launch's ring listens on fixed ports (32323…): one ring at a time
 def test_mlx_ring_two_processes_match_one_with_twice_the_batch(
     mlx_reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
 ) -> None:
@@ -100,6 +101,7 @@ def test_mlx_ring_two_processes_match_one_with_twice_the_batch(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlx-ring")
 def test_mlx_checkpoint_of_two_ring_processes_resumes_on_one(
     mlx_reference: Path, e2e_model: Path, chat_data: Path, tmp_path: Path
 ) -> None:
