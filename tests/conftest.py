@@ -196,6 +196,44 @@ def cli_env(home: str | os.PathLike[str], **extra: str) -> dict[str, str]:
     return env
 
 
+# The CLI in-process behind a hook that reports the process's peak address space (VmPeak) on stderr at exit.
+_CLI_REPORTING_PEAK = (
+    "import atexit, sys\n"
+    "def _peak():\n"
+    "    sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmPeak')))\n"
+    "atexit.register(_peak)\n"
+    "sys.argv[0] = 'tunelab'\n"
+    "from tunelab.cli.main import main\n"
+    "main()\n"
+)
+
+
+def run_cli_capped(
+    *args: str | os.PathLike[str], home: str | os.PathLike[str], limit: int | None = None, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """The real CLI under an address-space limit (``RLIMIT_AS``, none when ``limit`` is None), Linux only.
+
+    A real out-of-memory, not a simulated one: what the limit is set against is the peak an unlimited run
+    reports (:func:`address_space_peak` of its stderr).  One thread and two malloc arenas keep that peak
+    steady from run to run.
+    """
+    import resource
+
+    def cap() -> None:
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = cli_env(home, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2", **extra)
+    return subprocess.run([sys.executable, "-c", _CLI_REPORTING_PEAK, *(str(a) for a in args)], env=env,
+                          capture_output=True, text=True, timeout=600, preexec_fn=cap)  # fmt: skip
+
+
+def address_space_peak(stderr: str) -> int:
+    """Bytes of the peak address space that a :func:`run_cli_capped` child reported."""
+    line = next(line for line in stderr.splitlines() if line.startswith("VmPeak"))
+    return int(line.split()[1]) * 1024
+
+
 def start_cli(
     *args: str | os.PathLike[str], home: str | os.PathLike[str], launcher: Sequence[str] = (), **extra: str
 ) -> subprocess.Popen[str]:

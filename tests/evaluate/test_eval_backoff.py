@@ -10,31 +10,20 @@ long to fit even alone must stop the eval with a clear error and no answers file
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import address_space_peak, run_cli_capped
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the address-space peak"),
 ]
 
-# Reports the process's peak address space at exit (what the limit is set against).
-_PEAK = (
-    "import atexit, sys\n"
-    "def _peak():\n"
-    "    sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmPeak')))\n"
-    "atexit.register(_peak)\n"
-    "sys.argv[0] = 'tunelab'\n"
-    "from tunelab.cli.main import main\n"
-    "main()\n"
-)
 HEADROOM = 200 * 2**20  # below batch 8's peak by this much; batch 4 needs ~400 MB less than batch 8
 
 
@@ -61,17 +50,9 @@ def _data(path: Path, prompts: list[str]) -> Path:
 def _eval(
     model: Path, data: Path, home: Path, limit: int | None = None, batch: int = 8
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TUNELAB_HOME": str(home), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
-    env.pop("TUNELAB_DB_URL", None)
-
-    def cap() -> None:
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
     args = ["eval", "--model", str(model), "--data", str(data), "--metrics", "exact_match", "--max-new-tokens", "6",
             "--batch-size", str(batch), "--json"]  # fmt: skip
-    return subprocess.run([sys.executable, "-c", _PEAK, *args], env={**env, "COLUMNS": "200"}, capture_output=True,
-                          text=True, timeout=600, preexec_fn=cap)  # fmt: skip
+    return run_cli_capped(*args, home=home, limit=limit, COLUMNS="200")
 
 
 def _answers(done: subprocess.CompletedProcess[str]) -> list[str]:
@@ -87,8 +68,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_answers_as_the_unlimited_
     free = _eval(model, data, tmp_path / "home-free")
     assert free.returncode == 0, free.stderr[-3000:]
     assert "out of memory" not in free.stderr
-    peak = int(next(line for line in free.stderr.splitlines() if line.startswith("VmPeak")).split()[1]) * 1024
-    limit = peak - HEADROOM
+    limit = address_space_peak(free.stderr) - HEADROOM
 
     capped = _eval(model, data, tmp_path / "home", limit)
     assert capped.returncode == 0, capped.stderr[-3000:]

@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -21,20 +20,10 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
+from tests.conftest import address_space_peak, run_cli_capped
 
 from tunelab.train.backoff import split_rows
 from tunelab.vocab import IGNORE
-
-# Reports the process's peak address space at exit (what the limit below is measured against).
-_PEAK = (
-    "import atexit, sys\n"
-    "def _peak():\n"
-    "    sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmPeak')))\n"
-    "atexit.register(_peak)\n"
-    "sys.argv[0] = 'tunelab'\n"
-    "from tunelab.cli.main import main\n"
-    "main()\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -70,26 +59,7 @@ def _config(tmp: Path, model: Path, data: Path, batch: int, accum: int) -> Path:
 
 
 def _train(cfg: Path, home: Path, limit: int | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TUNELAB_HOME": str(home), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
-    env.pop("TUNELAB_DB_URL", None)
-
-    def cap() -> None:
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    return subprocess.run(
-        [sys.executable, "-c", _PEAK, "train", str(cfg)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=cap,
-    )
-
-
-def _peak_bytes(stderr: str) -> int:
-    line = next(line for line in stderr.splitlines() if line.startswith("VmPeak"))
-    return int(line.split()[1]) * 1024
+    return run_cli_capped("train", cfg, home=home, limit=limit)
 
 
 @pytest.mark.slow
@@ -101,7 +71,7 @@ def test_a_run_that_runs_out_of_memory_halves_its_micro_batch_and_matches_the_sm
     small = _train(_config(tmp_path / "small", model, data, 4, 2), tmp_path / "home-small")
     assert small.returncode == 0, small.stderr[-3000:]
     # Room for micro-batches of 4 but not 8 (8 needs ~0.4 GB more address space here).
-    limit = _peak_bytes(small.stderr) + 160 * 2**20
+    limit = address_space_peak(small.stderr) + 160 * 2**20
 
     home = tmp_path / "home"
     capped = _train(_config(tmp_path / "capped", model, data, 8, 1), home, limit)
@@ -159,7 +129,7 @@ def test_a_row_that_never_fits_stops_the_run_with_its_last_step_checkpointed(
 
     reference = _train(config("reference", short), tmp_path / "home-reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    limit = _peak_bytes(reference.stderr) + 300 * 2**20
+    limit = address_space_peak(reference.stderr) + 300 * 2**20
 
     stopped = _train(config("stopped", mixed), tmp_path / "home", limit)
     assert stopped.returncode != 0

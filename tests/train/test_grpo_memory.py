@@ -8,38 +8,18 @@ takes over a gigabyte while its group is sampled.
 from __future__ import annotations
 
 import json
-import os
 import random
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-# Reports the process's peak address space at exit (what the limit is measured against).
-_PEAK = (
-    "import atexit, sys\n"
-    "def _peak():\n"
-    "    sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmPeak')))\n"
-    "atexit.register(_peak)\n"
-    "sys.argv[0] = 'tunelab'\n"
-    "from tunelab.cli.main import main\n"
-    "main()\n"
-)
+from tests.conftest import address_space_peak, run_cli_capped
 
 
 def _train(config: Path, home: Path, limit: int | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TUNELAB_HOME": str(home), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
-    env.pop("TUNELAB_DB_URL", None)
-
-    def cap() -> None:
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    return subprocess.run([sys.executable, "-c", _PEAK, "train", str(config)], env=env, capture_output=True,
-                          text=True, timeout=600, preexec_fn=cap)  # fmt: skip
+    return run_cli_capped("train", config, home=home, limit=limit)
 
 
 @pytest.mark.slow
@@ -73,8 +53,7 @@ def test_a_step_that_does_not_fit_stops_with_what_to_lower(tmp_path: Path) -> No
 
     reference = _train(config("reference", texts[:3]), tmp_path / "home-reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    peak = next(line for line in reference.stderr.splitlines() if line.startswith("VmPeak"))
-    limit = int(peak.split()[1]) * 1024 + 300 * 2**20
+    limit = address_space_peak(reference.stderr) + 300 * 2**20
 
     stopped = _train(config("stopped", [*texts[:2], long]), tmp_path / "home", limit)
     assert stopped.returncode == 7, stopped.stderr[-3000:]  # a StateError, said without a traceback
