@@ -22,7 +22,7 @@ import yaml
 from safetensors.numpy import load_file
 from tests.conftest import address_space_peak, run_cli_capped
 
-from tunelab.train.backoff import split_rows
+from tunelab.train.backoff import memory_hints, split_rows
 from tunelab.vocab import IGNORE
 
 
@@ -155,3 +155,12 @@ def test_split_rows_keeps_every_row_once_in_order_and_trims_only_padding() -> No
         assert np.array_equal(row[m == 1], batch["labels"][i, : lengths[i]])
     assert [p["input_ids"].shape[0] for p in split_rows(batch, 8)] == [1, 1, 1, 1, 1]
     assert split_rows(batch, 1)[0] is batch
+
+
+def test_an_out_of_memory_stop_suggests_only_the_savings_the_run_has_not_turned_on() -> None:
+    # Seen on an H100: an 8B QLoRA run with checkpointing and offload on was told to turn all three on.
+    everything = memory_hints(checkpointing=True, offload="auto", method="qlora")
+    assert everything == ("a smaller data.max_seq_len",)
+    bare = memory_hints(checkpointing=False, offload="auto", method="lora")
+    assert bare[:1] == ("train.gradient_checkpointing: true",) and "method: qlora" in bare
+    assert "train.offload_checkpoints: true (CUDA)" in memory_hints(checkpointing=True, offload=False, method="qlora")

@@ -22,12 +22,21 @@ from tunelab.distributed.sharding import DataParallel
 from tunelab.errors import StateError
 
 Stats = dict[str, tuple[float, float]]
-_HINTS = (
+HINTS = (
     "train.gradient_checkpointing: true",
     "train.offload_checkpoints: true (CUDA)",
     "method: qlora",
     "a smaller data.max_seq_len",
 )
+
+
+def memory_hints(*, checkpointing: bool, offload: bool | str, method: str) -> tuple[str, ...]:
+    """What to change after an out-of-memory stop: only the savings this run has not turned on already.
+
+    (A run that already checkpoints, offloads and trains QLoRA is told the one thing left: shorter rows.)
+    """
+    already = (checkpointing, checkpointing and offload is not False, method == "qlora", False)
+    return tuple(hint for hint, on in zip(HINTS, already, strict=True) if not on)
 
 
 class OutOfMemoryError(StateError):
@@ -86,6 +95,7 @@ def accumulate_with_backoff(
     *,
     step: int,
     on_backoff: Callable[[Backoff], None],
+    hints: Sequence[str] = HINTS,
 ) -> tuple[float, Stats, int]:
     """:func:`accumulate`, halving the pieces on out-of-memory until one row per piece; returns (loss, stats, parts)."""
     while True:
@@ -99,19 +109,19 @@ def accumulate_with_backoff(
         backend.release_memory()
         rows = max(b["input_ids"].shape[0] for b in micro) // max(parallel.group.world, 1)
         if -(-rows // parts) <= 1 or parallel.group.world > 1:
-            raise _stop(step, rows, parts, parallel.group.world, reason)
+            raise _stop(step, rows, parts, parallel.group.world, reason, hints)
         parts *= 2
         on_backoff(Backoff(step + 1, -(-rows // parts), len(micro) * parts, reason))
 
 
-def _stop(step: int, rows: int, parts: int, world: int, reason: str) -> OutOfMemoryError:
+def _stop(step: int, rows: int, parts: int, world: int, reason: str, hints: Sequence[str]) -> OutOfMemoryError:
     where = f"step {step + 1} ran out of memory ({reason})"
     if world > 1:
         return OutOfMemoryError(
             f"{where} on one of {world} processes; back-off is for one process only",
-            hint="resume with a smaller train.batch_size, or " + ", ".join(_HINTS),
+            hint="resume with a smaller train.batch_size, or " + ", ".join(hints),
         )
     return OutOfMemoryError(
         f"{where} even with {-(-rows // parts)} row per micro-batch; the last completed step is checkpointed",
-        hint="turn on " + ", or ".join(_HINTS) + ", then resume with `tunelab train --resume RUN_ID`",
+        hint="use " + ", or ".join(hints) + ", then resume with `tunelab train --resume RUN_ID`",
     )

@@ -23,7 +23,7 @@ from tunelab.data.batching import MicroBatchStream
 from tunelab.data.prefetch import Prefetcher
 from tunelab.distributed.sharding import DataParallel
 from tunelab.errors import DivergedError
-from tunelab.train.backoff import OutOfMemoryError, accumulate_with_backoff
+from tunelab.train.backoff import HINTS, OutOfMemoryError, accumulate_with_backoff
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, save_checkpoint
 from tunelab.train.schedules import Schedule
@@ -43,6 +43,7 @@ class LoopOptions:
     sample_every: int = 0
     sampler: Callable[[Backend], list[dict[str, str]]] | None = None  # answers fixed prompts (train.sample_every)
     scorer: Callable[[Backend], dict[str, float]] | None = None  # train.eval_metrics, at each validation
+    memory_hints: Sequence[str] = HINTS  # what an out-of-memory stop tells the user to change
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,14 @@ def _train_step(
     supervised = sum(loss_units(b) for b in micro)  # tokens, or pairs / KTO examples for preference objectives
     try:
         loss_sum, stats, state.micro_parts = accumulate_with_backoff(
-            backend, micro, parallel, state.micro_parts, supervised, step=state.step, on_backoff=callbacks.on_backoff
+            backend,
+            micro,
+            parallel,
+            state.micro_parts,
+            supervised,
+            step=state.step,
+            on_backoff=callbacks.on_backoff,
+            hints=opts.memory_hints,
         )
     except OutOfMemoryError:
         _save_last_step(backend, state, opts, callbacks, parallel)

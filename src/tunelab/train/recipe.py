@@ -28,6 +28,7 @@ from tunelab.distributed.sharding import DataParallel, check_parallel
 from tunelab.errors import ConfigError, StateError
 from tunelab.hub import load_tokenizer, resolve_model_path
 from tunelab.memory.plan import PLAN_FILE, MemoryPlan, plan_run
+from tunelab.train.backoff import memory_hints
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import Resumed, TrainerState, resume_checkpoint
 from tunelab.train.loop import LoopOptions, LoopResult, run_loop
@@ -227,6 +228,11 @@ def train(prep: Prepared, output_dir: Path, callbacks: BaseCallback, should_stop
         sample_every=cfg.train.sample_every,
         sampler=_sampler(prep, callbacks) if cfg.train.sample_every else None,
         scorer=_scorer(prep, callbacks) if cfg.train.eval_metrics else None,
+        memory_hints=memory_hints(
+            checkpointing=cfg.train.gradient_checkpointing,
+            offload=cfg.train.offload_checkpoints,
+            method=cfg.method.name,
+        ),
     )
     if prep.stream.packed:
         callbacks.on_message(
