@@ -20,6 +20,9 @@ ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "grpo-sums.yaml"
 HAS_MLX = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
 BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="mlx is not installed"))]
+# The learning test's steps. The cosine schedule spans them: at 600 (mean reward of the last 50 steps, exact-match
+# part) torch ends at 0.86 / 0.83 and MLX at 0.90 / 0.88, as at 1,200 (0.86 / 0.83, 0.93 / 0.91) for half the time.
+LEARN_STEPS = 600
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +59,13 @@ def test_the_sum_task_is_learned_from_its_rewards(
     # Through `tunelab train`, in a process of its own: what a user runs, and timed apart from the suite's
     # other tests (the MLX run took 4x longer inside a pytest process that had trained much with torch).
     config = tmp_path / "grpo.yaml"
-    config.write_text(yaml.safe_dump(_example(sums_model, tmp_path / "run", backend, steps=1200)), encoding="utf-8")
+    raw = _example(sums_model, tmp_path / "run", backend, steps=LEARN_STEPS)
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
     done = cli("train", config)
     assert done.returncode == 0, done.stderr[-3000:]
     result = tmp_path / "run" / "model"
     rows = _rewards(tmp_path / "run")
-    assert [r["step"] for r in rows] == list(range(1, 1201))
+    assert [r["step"] for r in rows] == list(range(1, LEARN_STEPS + 1))
     first, last = np.mean([r["reward"] for r in rows[:10]]), np.mean([r["reward"] for r in rows[-50:]])
     assert first < 0.2 and last > 0.8, (first, last)
     assert np.mean([r["reward/exact_match"] for r in rows[-50:]]) > 0.75  # the sums themselves, not the format
