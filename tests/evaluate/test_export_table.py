@@ -15,17 +15,21 @@ pytestmark = pytest.mark.slow
 
 
 def test_exports_answer_as_the_run_does_and_a_broken_one_fails_with_exit_8(
-    trained: tuple[Path, str], tmp_path: Path
+    trained: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("llama_cpp")
     pytest.importorskip("onnxruntime")
+    from tunelab import services
+
     home, run_id = trained
     written_exports = (("hf", None, "hf"), ("onnx", None, "onnx"), ("gguf", "f32", "m32.gguf"),
                        ("gguf", "q8_0", "m8.gguf"), ("gguf", "q4_0", "m4.gguf"))  # fmt: skip
+    # Written, verified and recorded on the run as `tunelab export` does it (services.export_run), in this process:
+    # five CLI starts less. The CLI's own export path is tests/export's and test_export_eval_cli's part.
+    monkeypatch.setenv("TUNELAB_HOME", str(home))
     for target, quantize, out in written_exports:
-        precision = ["--quantize", quantize] if quantize else []
-        written = run_cli("export", run_id, "--to", target, "--out", tmp_path / out, *precision, home=home)
-        assert written.returncode == 0, written.stderr[-2000:]
+        written = services.export_run(run_id, to=target, out=tmp_path / out, quantize=quantize)
+        assert written.path == tmp_path / out and written.report is not None, written  # verified
 
     done = run_cli("eval", run_id, "--exports", "--max-new-tokens", "8", "--max-drop", "0.5", "--json", home=home)
     assert done.returncode == 0, done.stderr[-2000:]
