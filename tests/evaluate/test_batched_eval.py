@@ -27,7 +27,22 @@ def _newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
 
 
-def test_batched_answers_equal_generate_prompt_by_prompt(trained: tuple[Path, str], tmp_path: Path) -> None:
+def _generate(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> str:
+    """`tunelab generate …` through the CLI's entry point in this process (the command a child would run, without
+    a child's start-up per prompt); what it prints, read as a text-mode pipe reads it."""
+    from tunelab.cli.main import main
+
+    capsys.readouterr()
+    try:
+        main(["generate", *(str(a) for a in argv)])
+    except SystemExit as exc:
+        assert not exc.code, capsys.readouterr().err[-2000:]
+    return _newlines(capsys.readouterr().out)
+
+
+def test_batched_answers_equal_generate_prompt_by_prompt(
+    trained: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     home, _run_id = trained
     base = home.parent / "model"  # the untrained tiny model: a different answer to each prompt
     data = tmp_path / "varied.jsonl"
@@ -44,7 +59,9 @@ def test_batched_answers_equal_generate_prompt_by_prompt(trained: tuple[Path, st
     assert runs["4"] == runs["1"]
     assert len(set(runs["4"])) == len(PROMPTS), runs["4"]  # distinct answers: a row mixed up would show
 
+    monkeypatch.setenv("TUNELAB_HOME", str(home))
+    for var in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(var, "error" if var == "TRANSFORMERS_VERBOSITY" else "1")  # main() setdefault()s these
     for prompt, answer in zip(PROMPTS, runs["4"], strict=True):
-        generated = run_cli("generate", prompt, "--model", base, "--max-new-tokens", "12", home=home)
-        assert generated.returncode == 0, generated.stderr[-2000:]
-        assert generated.stdout.rstrip("\n") == _newlines(answer), prompt
+        generated = _generate(capsys, prompt, "--model", base, "--max-new-tokens", "12")
+        assert generated == _newlines(answer), prompt
