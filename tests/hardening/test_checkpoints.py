@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from tests.conftest import start_cli
 from tests.hardening.conftest import train_config, write_config
@@ -20,16 +22,33 @@ from tests.integration.runs import listed_runs, only_run_id, stop_after_first_st
 STEPS = 30
 
 
-def _killed_run(tmp_path: Path, model: Path, data: Path, *, at: int = 8) -> tuple[Path, Path, str]:
-    """A run SIGKILLed once its checkpoint of step ``at`` exists (one every 2 steps, 5 kept): home, checkpoints, id."""
-    home, out = tmp_path / "home", tmp_path / "out"
-    raw = train_config(model, data, out, steps=STEPS, save_every=2, keep_checkpoints=5)
-    proc = start_cli("train", write_config(tmp_path / "cfg.yaml", raw), home=home)
-    wait_for(out / "checkpoints" / f"step-{at}", proc)
+@pytest.fixture(scope="module")
+def _killed_once(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, chat_file: Path) -> tuple[Path, str]:
+    """A run SIGKILLed once its checkpoint of step 8 exists (one every 2 steps, 5 kept), trained once for the module:
+    its folder (home/, out/ and a pristine copy of both) and its id."""
+    root = tmp_path_factory.mktemp("killed-run")
+    home, out = root / "home", root / "out"
+    raw = train_config(tiny_model_dir, chat_file, out, steps=STEPS, save_every=2, keep_checkpoints=5)
+    proc = start_cli("train", write_config(root / "cfg.yaml", raw), home=home)
+    wait_for(out / "checkpoints" / "step-8", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (out / "adapter").exists(), "the run finished before it could be killed"
-    return home, out / "checkpoints", only_run_id(home)
+    run_id = only_run_id(home)
+    for name in ("home", "out"):
+        shutil.copytree(root / name, root / "pristine" / name)
+    return root, run_id
+
+
+@pytest.fixture
+def killed_run(_killed_once: tuple[Path, str]) -> tuple[Path, Path, str]:
+    """The module's killed run as it was killed (home and folder put back where the registry says they are, as a
+    test before may have resumed or damaged them): home, checkpoints, id."""
+    root, run_id = _killed_once
+    for name in ("home", "out"):
+        shutil.rmtree(root / name, ignore_errors=True)
+        shutil.copytree(root / "pristine" / name, root / name)
+    return root / "home", root / "out" / "checkpoints", run_id
 
 
 def _steps(checkpoints: Path) -> list[Path]:
@@ -49,11 +68,9 @@ def _resume(home: Path, run_id: str, *, marker: Path | None = None) -> str:
     return out + err
 
 
-def test_resume_passes_over_damaged_checkpoints_and_says_which_and_why(
-    tmp_path: Path, tiny_model_dir: Path, chat_file: Path
-) -> None:
+def test_resume_passes_over_damaged_checkpoints_and_says_which_and_why(killed_run: tuple[Path, Path, str]) -> None:
     """Before: a truncated safetensors file ended the resume in a traceback, though older checkpoints were intact."""
-    home, checkpoints, run_id = _killed_run(tmp_path, tiny_model_dir, chat_file)
+    home, checkpoints, run_id = killed_run
     *_, intact, garbage_state, empty_optimizer, truncated = _steps(checkpoints)
     weights = truncated / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -80,9 +97,9 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_planted_pickle_is_never_run_on_resume(tmp_path: Path, tiny_model_dir: Path, chat_file: Path) -> None:
+def test_a_planted_pickle_is_never_run_on_resume(tmp_path: Path, killed_run: tuple[Path, Path, str]) -> None:
     """Before: rng.pt was read with torch.load(weights_only=False), so the planted file ran its command."""
-    home, checkpoints, run_id = _killed_run(tmp_path, tiny_model_dir, chat_file)
+    home, checkpoints, run_id = killed_run
     *_, older, newest = _steps(checkpoints)
     marker = tmp_path / "pwned"
     for folder in (older, newest):
