@@ -51,16 +51,21 @@ def test_export_eval_prints_the_table_and_records_the_export(trained: tuple[Path
     assert table["rows"][1]["agreement"] == 1.0
 
 
-def test_a_drop_past_max_drop_fails_with_exit_8_and_is_not_recorded(trained: tuple[Path, str], tmp_path: Path) -> None:
+def test_a_drop_past_max_drop_fails_with_exit_8_and_is_not_recorded(
+    trained: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tunelab import services
+    from tunelab.config.load import load_config
+
     home, first = _own_home(trained, tmp_path)
     # A run barely moved from its random base: long, low-margin answers that 4-bit weights change.
     config = json.loads(run_cli("runs", "show", first, "--json", home=home).stdout)["config"]
     config = {**config, "train": {**config["train"], "steps": 1, "eval_every": 1, "lr": 1e-6, "warmup": 0},
               "output_dir": str(tmp_path / "barely")}  # fmt: skip
-    (tmp_path / "barely.yaml").write_text(json.dumps(config), encoding="utf-8")
-    assert run_cli("train", tmp_path / "barely.yaml", home=home).returncode == 0
-    run_id = next(r["id"] for r in json.loads(run_cli("runs", "list", "--json", home=home).stdout)
-                  if r["output_dir"] == str(tmp_path / "barely"))  # fmt: skip
+    monkeypatch.setenv("TUNELAB_HOME", str(home))  # trained in this process, into the copied registry: a CLI start less
+    barely = services.start_run(load_config(config))
+    assert barely.status == "completed" and barely.output_dir == tmp_path / "barely", barely
+    run_id = barely.run_id
     data = tmp_path / "novel.jsonl"
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "a fruit"}]} for p in NOVEL]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
