@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow
 
 def _judge_run(root: Path, home: Path) -> str:
     """A tiny judge trained on the judge's own prompt: '9' when the graded answer is right, '2' when it is not."""
+    from tunelab import services
+    from tunelab.config.load import load_config
     from tunelab.evaluate.judge import prompt
     from tunelab.tiny import make_tiny_checkpoint
 
@@ -39,11 +41,11 @@ def _judge_run(root: Path, home: Path) -> str:
               "data": {"train": str(root / "judge.jsonl"), "max_seq_len": 256}, "method": {"name": "full"},
               "train": {"steps": 300, "batch_size": 8, "lr": 2e-3, "warmup": 2, "seed": 0},
               "output_dir": str(root / "judge-out"), "tensorboard": False}  # fmt: skip
-    (root / "judge.yaml").write_text(json.dumps(config), encoding="utf-8")
-    done = run_cli("train", root / "judge.yaml", home=home)
-    assert done.returncode == 0, done.stderr[-2000:]
-    listed = json.loads(run_cli("runs", "list", "--json", home=home).stdout)
-    return next(r["id"] for r in listed if r["output_dir"] == str(root / "judge-out"))
+    with pytest.MonkeyPatch.context() as env:  # trained in this process, into the test's registry: a CLI start less
+        env.setenv("TUNELAB_HOME", str(home))
+        done = services.start_run(load_config(config))
+    assert done.status == "completed" and done.output_dir == root / "judge-out", done
+    return done.run_id
 
 
 def _written(home: Path, run_id: str) -> tuple[list[Path], int]:
