@@ -24,7 +24,12 @@ def _base_answers(report: dict) -> list[str]:
     return [json.loads(line)["base_prediction"] for line in lines]
 
 
-def test_a_second_run_on_the_same_base_reuses_the_bases_answers(trained: tuple[Path, str], tmp_path: Path) -> None:
+def test_a_second_run_on_the_same_base_reuses_the_bases_answers(
+    trained: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tunelab import services
+    from tunelab.config.load import load_config
+
     shared, first = trained
     home = tmp_path / "home"
     shutil.copytree(shared, home)  # a registry of our own, whose cache starts empty
@@ -35,10 +40,10 @@ def test_a_second_run_on_the_same_base_reuses_the_bases_answers(trained: tuple[P
         "train": {**config["train"], "steps": 2, "eval_every": 2},
         "output_dir": str(tmp_path / "two"),
     }
-    (tmp_path / "two.yaml").write_text(json.dumps(second_cfg), encoding="utf-8")
-    trained_two = run_cli("train", tmp_path / "two.yaml", home=home)
-    assert trained_two.returncode == 0, trained_two.stderr[-2000:]
-    second = next(r["id"] for r in json.loads(run_cli("runs", "list", "--json", home=home).stdout) if r["id"] != first)
+    monkeypatch.setenv("TUNELAB_HOME", str(home))  # trained in this process, into the copied registry: a CLI start less
+    trained_two = services.start_run(load_config(second_cfg))
+    assert trained_two.status == "completed" and trained_two.run_id != first, trained_two
+    second = trained_two.run_id
     cache = home / "cache" / "eval-base"
 
     one, said = _eval(home, first, "--metrics", "exact_match,contains", "--max-new-tokens", "8")
