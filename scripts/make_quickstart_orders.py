@@ -1,13 +1,15 @@
 """Regenerate the real-model quickstart's task (src/tunelab/assets/quickstart/orders-*.jsonl).
 
 The task: a café customer's order, in words, becomes the till's ticket code, e.g.
-``"Two lattes and a blueberry muffin to go, please."`` -> ``"TOGO LAT2 MUF1"``.
+``"Two lattes and a muffin to go, please."`` -> ``"LAT2 MUF1"``.
 The rule is made up, so no base model can guess it, yet it is small and regular
 enough for LoRA to learn from a few hundred examples in a few dozen steps:
 
-- ``TOGO`` when the order is taken away (to go, to take away, takeaway), else ``HERE``;
-- then each item in the order it was said, as the menu's three-letter code
-  followed by its quantity in digits (``a``/``one`` -> 1, ``two`` -> 2, ``3`` -> 3).
+each item in the order it was said, as the menu's three-letter code followed by its
+quantity in digits (``a``/``one`` -> 1, ``two`` -> 2, ``3`` -> 3); where it is eaten
+("to go", "for here") is said but not coded.  A version that also coded it (``TOGO``/``HERE``,
+first or last) was learnt too slowly for the quickstart: after 24-40 LoRA steps SmolLM2-135M
+got every item right but guessed that word (held-out exact match 30-57%).
 
 Held-out orders are combinations never seen in training (the rule is what is
 learnt, not the strings).  Deterministic for the seed.
@@ -62,9 +64,7 @@ def order(rng: random.Random) -> tuple[str, str]:
     body = _join([_phrase(n, names, rng) for n, names in zip(counts, items, strict=True)])
     text = rng.choice(OPENINGS) + body + (f" {where}" if where else "") + rng.choice(CLOSINGS)
     text = text[0].upper() + text[1:]
-    code = " ".join(
-        ["TOGO" if away else "HERE", *(f"{MENU[names]}{n}" for n, names in zip(counts, items, strict=True))]
-    )
+    code = " ".join(f"{MENU[names]}{n}" for n, names in zip(counts, items, strict=True))
     return text, code
 
 

@@ -43,7 +43,9 @@ def test_train_then_runs_show_and_generate(e2e_model: Path, chat_data: Path, tmp
 
 
 def test_quickstart_runs_offline(tmp_path: Path) -> None:
-    result = run_cli("quickstart", "--workdir", str(tmp_path / "qs"), "--steps", "12", home=tmp_path / "home")
+    result = run_cli(
+        "quickstart", "--model", "tiny", "--workdir", str(tmp_path / "qs"), "--steps", "12", home=tmp_path / "home"
+    )
     assert result.returncode == 0, result.stderr
     assert "held-out prompt" in result.stdout and "after LoRA fine-tune" in result.stdout
     runs = json.loads(run_cli("runs", "list", "--json", home=tmp_path / "home").stdout)

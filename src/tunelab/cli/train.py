@@ -124,17 +124,26 @@ def _report(outcome: Any) -> None:
 
 
 def quickstart(
-    workdir: Path | None = typer.Option(None, help="Where to build the tiny model and write the run."),
+    workdir: Path | None = typer.Option(None, help="Where to put the quickstart's data and runs."),
     steps: int = typer.Option(0, help="Override the number of training steps (0 = the built-in default)."),
+    model: str = typer.Option(
+        "auto",
+        help="auto: SmolLM2-135M-Instruct where this machine can get it, else the tiny model; tiny: a tiny model "
+        "built on the spot; or any model.path (a folder, a hub id, a .gguf file) to fine-tune instead.",
+    ),
 ) -> None:
-    """Build a tiny model offline, fine-tune it on a shipped task, and show before/after."""
+    """Fine-tune a real small model on a shipped task, and show it get better (held-out exact match)."""
     from rich.table import Table
 
     from tunelab import services
 
     console.print("[bold]tunelab quickstart[/]")
     result = services.run_quickstart(
-        workdir=workdir, steps=steps or None, callbacks=[LiveView()], on_stage=lambda text: console.print(text)
+        workdir=workdir,
+        steps=steps or None,
+        callbacks=[LiveView()],
+        on_stage=lambda text: console.print(text),
+        model=model,
     )
     table = Table("held-out prompt", "base model", "after LoRA fine-tune", show_lines=True)
     for sample in result.samples:
@@ -144,6 +153,12 @@ def quickstart(
         f"LoRA run [bold]{result.lora_run}[/]: train loss {result.loss_first:.2f} → {result.loss_last:.2f}, "
         f"validation loss {result.val_loss or float('nan'):.3f}"
     )
+    if result.exact_match is not None:
+        before, after = result.exact_match
+        console.print(
+            f"held-out exact match on {result.examples} orders: base [bold]{before:.0%}[/] → "
+            f"fine-tuned [bold]{after:.0%}[/]"
+        )
     console.print(f"adapter (PEFT format): {result.adapter}")
     console.print(f"next: tunelab runs show {result.lora_run}")
-    console.print(f'      tunelab generate --run {result.lora_run} "List these items: tea, rice"')
+    console.print(f'      tunelab generate --run {result.lora_run} "{result.try_prompt}"')

@@ -35,6 +35,21 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), so bf16 matmuls beat float32.
+
+    On a 2-core AMD EPYC with AVX512-BF16, a LoRA step of SmolLM2-135M took 2.1 s in bf16 against
+    3.5 s in float32; without those instructions bf16 is emulated and slower.  Linux reads the flags
+    from /proc/cpuinfo; elsewhere the answer is no.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def load_causal_lm(
     folder: Path, *, dtype: torch.dtype, device: torch.device, attn: str, trust: bool, quantization: Any = None
 ) -> Any:
