@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
@@ -65,7 +66,7 @@ def test_first_open_creates_db_and_second_open_is_noop(
     # A new process (fresh cache) must not run any migration: spy on alembic.
     db.close_registries()
     calls = []
-    monkeypatch.setattr(db.command, "upgrade", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(alembic_command, "upgrade", lambda *a, **k: calls.append(a))  # db imports it when migrating
     again = open_registry(f"sqlite:///{tmp_path / 'home' / 'tunelab.db'}")
     assert calls == []
     migrate(again)

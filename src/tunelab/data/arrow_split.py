@@ -77,9 +77,9 @@ def read_split(path: Path, *, truncated: int, dropped: int, supervised: int) -> 
         batch = reader.get_batch(b)
         for name, parts in columns.items():
             array = batch.column(name)
-            parts.append((array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=True)))
+            parts.append((_numpy(array.offsets, np.int64), _numpy(array.values, np.int32)))
         if roles is not None:
-            roles.append(batch.column("roles").to_numpy())
+            roles.append(_numpy(batch.column("roles"), np.int8))
     ids, labels = RaggedColumn(columns["input_ids"]), RaggedColumn(columns["labels"])
     lengths = ids.lengths()
     if not np.array_equal(lengths, labels.lengths()):
@@ -150,14 +150,14 @@ class SplitWriter:
             return
         if self._writer is None:
             self._open(chunk.roles is not None)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(chunk.lengths)]).astype(np.int64))
+        offsets = _arrow(pa, np.concatenate([[0], np.cumsum(chunk.lengths)]), pa.int64(), np.int64)
         columns = [
-            pa.LargeListArray.from_arrays(offsets, pa.array(chunk.ids, type=pa.int32())),
-            pa.LargeListArray.from_arrays(offsets, pa.array(chunk.labels, type=pa.int32())),
+            pa.LargeListArray.from_arrays(offsets, _arrow(pa, chunk.ids, pa.int32(), np.int32)),
+            pa.LargeListArray.from_arrays(offsets, _arrow(pa, chunk.labels, pa.int32(), np.int32)),
         ]
         if self._schema.get_field_index("roles") >= 0:
             roles = chunk.roles if chunk.roles is not None else np.zeros(len(chunk.lengths), dtype=np.int8)
-            columns.append(pa.array(roles.astype(np.int8), type=pa.int8()))
+            columns.append(_arrow(pa, roles, pa.int8(), np.int8))
         self._writer.write_batch(pa.record_batch(columns, schema=self._schema))
         self.rows += len(chunk.lengths)
         self.supervised += _supervised(chunk)
@@ -174,6 +174,26 @@ class SplitWriter:
             "dropped": self.dropped,
             "supervised_tokens": self.supervised,
         }
+
+
+# pyarrow's ``pa.array`` and ``Array.to_numpy`` import pandas (about 0.4 s of a small run's start) to check
+# whether they were handed a pandas object; these two move plain numpy vectors through the buffers instead.
+
+
+def _arrow(pa: Any, values: np.ndarray, kind: Any, dtype: Any) -> Any:
+    """A 1-D numpy vector as an Arrow array of ``kind`` (no nulls), sharing its memory."""
+    values = np.ascontiguousarray(values, dtype=dtype)
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
+
+
+def _numpy(array: Any, dtype: Any) -> np.ndarray:
+    """A read-only numpy view of a null-free, fixed-width Arrow array (zero-copy)."""
+    if array.null_count:
+        raise ValueError("a tokenized split holds no nulls")
+    data = array.buffers()[1]
+    if data is None or not len(array):
+        return np.zeros(0, dtype=dtype)
+    return np.frombuffer(data, dtype=dtype)[array.offset : array.offset + len(array)]
 
 
 def _supervised(chunk: TokenizedChunk) -> int:

@@ -64,6 +64,5 @@ class EventCallback(BaseCallback):
         from tunelab.registry.db import open_registry, session_scope
 
         with session_scope(open_registry()) as s:
-            for type, data in self._pending:
-                jobs_repo.add_event(s, type=type, data=data, job_id=self.job_id, run_id=self.run_id)
+            jobs_repo.add_events(s, self._pending, job_id=self.job_id, run_id=self.run_id)
         self._pending.clear()

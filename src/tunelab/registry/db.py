@@ -15,13 +15,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import OperationalError
@@ -29,6 +24,12 @@ from sqlalchemy.orm import Session
 
 from tunelab.errors import StateError, StorageError
 from tunelab.settings import get_settings
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# alembic (with mako and its dialect modules) is imported only when a registry is opened, so
+# commands that never open one (``--help``, ``init``, ``estimate``) don't pay for it at startup.
 
 _MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _BUSY_TIMEOUT_MS = 30_000
@@ -101,6 +102,8 @@ def make_engine(url: str) -> Engine:
 
 
 def _alembic_config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS_DIR))
     if connection is not None:
@@ -113,16 +116,23 @@ def _head_revisions() -> frozenset[str]:
     # change under a running process, so read them once.
     global _heads
     if _heads is None:
+        from alembic.script import ScriptDirectory
+
         _heads = frozenset(ScriptDirectory.from_config(_alembic_config()).get_heads())
     return _heads
 
 
 def _current_revisions(connection: Connection) -> frozenset[str]:
+    from alembic.runtime.migration import MigrationContext
+
     return frozenset(MigrationContext.configure(connection).get_current_heads())
 
 
 def _check_known(connection: Connection, current: frozenset[str]) -> None:
     """Refuse to touch a DB written by a newer tunelab instead of failing obscurely."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
     script = ScriptDirectory.from_config(_alembic_config())
     for rev in current:
         try:
@@ -162,6 +172,8 @@ def migrate(engine: Engine) -> None:
                 conn.rollback()
                 return
             _check_known(conn, current)
+            from alembic import command
+
             # The migration joins this connection's transaction; we commit it.
             command.upgrade(_alembic_config(conn), "head")
             if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:

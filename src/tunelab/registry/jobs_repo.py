@@ -10,11 +10,11 @@ read and the update happen under the single write lock.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from tunelab.errors import NotFoundError, StateError
@@ -187,6 +187,27 @@ def add_event(
         raise ValueError(f"event type must be one of {sorted(EVENT_TYPES)}, not {type!r}")
     session.add(EventRow(job_id=job_id, run_id=run_id, type=type, data=_json_safe(data), created_at=utcnow()))
     session.flush()
+
+
+def add_events(
+    session: Session,
+    events: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    job_id: str | None = None,
+    run_id: str | None = None,
+) -> None:
+    """Append ``(type, data)`` events in order with one statement (a training run's buffered batch)."""
+    for type, _ in events:
+        if type not in EVENT_TYPES:
+            raise ValueError(f"event type must be one of {sorted(EVENT_TYPES)}, not {type!r}")
+    if not events:
+        return
+    now = utcnow()
+    rows = [
+        {"job_id": job_id, "run_id": run_id, "type": type, "data": _json_safe(data), "created_at": now}
+        for type, data in events
+    ]
+    session.execute(insert(EventRow), rows)  # one executemany: the ids follow the list's order
 
 
 def events_after(

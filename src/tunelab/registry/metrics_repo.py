@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,17 +35,18 @@ def add_metrics(
     if not values:
         return
     now = at or utcnow()
+    add_metric_steps(session, run_id=run_id, steps=[(step, values, now)])
+
+
+def add_metric_steps(session: Session, *, run_id: str, steps: Sequence[tuple[int, dict[str, float], datetime]]) -> None:
+    """Log the scalars of many steps, ``(step, values, logged at)`` each, with one statement."""
     rows = [
-        {
-            "run_id": run_id,
-            "step": int(step),
-            "name": name,
-            "value": finite(float(v)),
-            "created_at": now,
-        }
+        {"run_id": run_id, "step": int(step), "name": name, "value": finite(float(v)), "created_at": at}
+        for step, values, at in steps
         for name, v in values.items()
     ]
-    session.execute(insert(MetricRow), rows)
+    if rows:
+        session.execute(insert(MetricRow), rows)
 
 
 def latest_metrics(session: Session, run_id: str) -> dict[str, float | None]:

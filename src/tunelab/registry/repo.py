@@ -22,6 +22,7 @@ from tunelab.errors import NotFoundError, StateError
 
 # Metrics live in metrics_repo; callers keep reaching them as repo.add_metrics and so on.
 from tunelab.registry.metrics_repo import CORE_METRICS, finite
+from tunelab.registry.metrics_repo import add_metric_steps as add_metric_steps
 from tunelab.registry.metrics_repo import add_metrics as add_metrics
 from tunelab.registry.metrics_repo import delete_metrics_after as delete_metrics_after
 from tunelab.registry.metrics_repo import latest_metrics as latest_metrics

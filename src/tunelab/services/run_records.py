@@ -47,8 +47,7 @@ class RegistryCallback(BaseCallback):
         if not self._pending:
             return
         with session_scope(open_registry()) as s:
-            for step, metrics, at in self._pending:
-                repo.add_metrics(s, run_id=self.run_id, step=step, values=metrics, at=at)
+            repo.add_metric_steps(s, run_id=self.run_id, steps=self._pending)
             repo.update_run(s, self.run_id, step=self._pending[-1][0])
         self._pending.clear()
 

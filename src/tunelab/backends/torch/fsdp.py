@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tunelab.backends.torch import dcp_safe
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.errors import StateError
 
@@ -93,6 +92,8 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    from tunelab.backends.torch import dcp_safe  # with DCP itself: a one-process run never imports either
 
     hint = "resume with the config the run was started with"
     if not is_sharded_checkpoint(path):
