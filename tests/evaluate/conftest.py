@@ -12,6 +12,29 @@ COLOURS = ("red", "yellow", "green", "purple", "orange", "white", "black", "blue
 ANSWER = "a fruit"  # a format the base has never seen: it fails, and 30 steps of fine-tuning learn it
 
 
+def newlines(text: str) -> str:
+    """Text as a text-mode subprocess pipe reads it (universal newlines), without the trailing newline."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
+
+
+def generate_here(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, home: Path, *argv: str | Path
+) -> str:
+    """`tunelab generate …` on the registry under ``home``, through the CLI's entry point in this process (the command
+    a child would run, without a child's start-up); what it prints, read as a text-mode pipe reads it."""
+    from tunelab.cli.main import main
+
+    monkeypatch.setenv("TUNELAB_HOME", str(home))
+    for var in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(var, "error" if var == "TRANSFORMERS_VERBOSITY" else "1")  # main() setdefault()s these
+    capsys.readouterr()
+    try:
+        main(["generate", *(str(a) for a in argv)])
+    except SystemExit as exc:
+        assert not exc.code, capsys.readouterr().err[-2000:]
+    return newlines(capsys.readouterr().out)
+
+
 def _rows() -> list[dict]:
     return [
         {"messages": [{"role": "user", "content": f"what is {c}?"}, {"role": "assistant", "content": ANSWER}]}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import run_cli
+from tests.evaluate.conftest import generate_here, newlines
 
 pytestmark = pytest.mark.slow
 
@@ -20,24 +21,6 @@ PROMPTS = (
     "what is purple? what is black? what is white?",
     "tell me",
 )
-
-
-def _newlines(text: str) -> str:
-    """Text as a text-mode subprocess pipe reads it (universal newlines), without the trailing newline."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
-
-
-def _generate(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> str:
-    """`tunelab generate …` through the CLI's entry point in this process (the command a child would run, without
-    a child's start-up per prompt); what it prints, read as a text-mode pipe reads it."""
-    from tunelab.cli.main import main
-
-    capsys.readouterr()
-    try:
-        main(["generate", *(str(a) for a in argv)])
-    except SystemExit as exc:
-        assert not exc.code, capsys.readouterr().err[-2000:]
-    return _newlines(capsys.readouterr().out)
 
 
 def test_batched_answers_equal_generate_prompt_by_prompt(
@@ -59,9 +42,6 @@ def test_batched_answers_equal_generate_prompt_by_prompt(
     assert runs["4"] == runs["1"]
     assert len(set(runs["4"])) == len(PROMPTS), runs["4"]  # distinct answers: a row mixed up would show
 
-    monkeypatch.setenv("TUNELAB_HOME", str(home))
-    for var in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM"):
-        monkeypatch.setenv(var, "error" if var == "TRANSFORMERS_VERBOSITY" else "1")  # main() setdefault()s these
-    for prompt, answer in zip(PROMPTS, runs["4"], strict=True):
-        generated = _generate(capsys, prompt, "--model", base, "--max-new-tokens", "12")
-        assert generated == _newlines(answer), prompt
+    for prompt, answer in zip(PROMPTS, runs["4"], strict=True):  # `tunelab generate` in this process: 6 starts less
+        generated = generate_here(capsys, monkeypatch, home, prompt, "--model", base, "--max-new-tokens", "12")
+        assert generated == newlines(answer), prompt

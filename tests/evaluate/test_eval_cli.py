@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import run_cli
-from tests.evaluate.conftest import COLOURS, _rows
+from tests.evaluate.conftest import COLOURS, _rows, generate_here
 
 pytestmark = pytest.mark.slow
 
 
-def test_the_run_beats_its_base_and_answers_as_generate_does(trained: tuple[Path, str]) -> None:
+def test_the_run_beats_its_base_and_answers_as_generate_does(
+    trained: tuple[Path, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     home, run_id = trained
     done = run_cli("eval", run_id, "--max-new-tokens", "8", "--json", home=home)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -25,11 +27,10 @@ def test_the_run_beats_its_base_and_answers_as_generate_does(trained: tuple[Path
     rows = [json.loads(line) for line in Path(report["examples_file"]).read_text(encoding="utf-8").splitlines()]
     assert [r["where"].rsplit(":", 1)[1] for r in rows] == [str(i) for i in range(1, len(COLOURS) + 1)]
     assert sum(r["scores"]["exact_match"] for r in rows) / len(rows) == report["scores"]["exact_match"]
-    for row in rows[:2]:  # the same greedy text `tunelab generate` prints for that prompt
+    for row in rows[:2]:  # the same greedy text `tunelab generate` prints for that prompt (run in this process)
         prompt = row["prompt"][-1]["content"]
-        generated = run_cli("generate", prompt, "--run", run_id, "--max-new-tokens", "8", home=home)
-        assert generated.returncode == 0, generated.stderr
-        assert generated.stdout.rstrip("\n") == row["prediction"]
+        generated = generate_here(capsys, monkeypatch, home, prompt, "--run", run_id, "--max-new-tokens", "8")
+        assert generated == row["prediction"]
 
     shown = json.loads(run_cli("runs", "show", run_id, "--json", home=home).stdout)
     assert shown["metrics"]["eval/exact_match"] == report["scores"]["exact_match"]
