@@ -59,10 +59,11 @@ def test_the_config_reference_lists_every_key_of_the_schema(gen_docs: ModuleType
     keys = schema_keys()
     assert set(rows) == set(keys)
     assert {"model.path", "method.rank", "train.lr", "objective.name", "output_dir"} <= set(rows)
+    undescribed = sorted(key for key, prop in keys.items() if not prop.get("description"))
+    assert not undescribed, f"give these schema fields a description: {undescribed}"
     for key, prop in keys.items():
         _type, default, _range, description = rows[key]
-        if "description" in prop:
-            assert description == prop["description"].replace("|", "\\|").replace("\n", " "), key
+        assert description == prop["description"].replace("|", "\\|").replace("\n", " "), key
         if "default" in prop and prop["default"] not in ({}, []):
             value = prop["default"]
             shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

@@ -45,7 +45,9 @@ class ModelCfg(_Section):
     dtype: DType = Field("auto", description="weights dtype; auto = bf16 on CUDA if supported, else fp32")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="allow custom modelling code from the checkpoint")
-    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
+    attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
+        "auto", description="torch attention kernel: auto = tunelab's choice (varlen/SDPA where they apply)"
+    )
 
     @field_validator("path")
     @classmethod
@@ -60,10 +62,12 @@ class DataCfg(_Section):
 
     train: str = Field(description="JSONL/JSON/CSV/Parquet file, or a folder with train/valid files")
     valid: str | None = Field(None, description="validation file; default: the folder's valid file")
-    format: DataFormat = "auto"
-    max_seq_len: int = Field(1024, ge=8, le=1_048_576)
+    format: DataFormat = Field("auto", description="record format; auto = detected from the first records' keys")
+    max_seq_len: int = Field(
+        1024, ge=8, le=1_048_576, description="tokens per example (or packed row); longer examples are truncated"
+    )
     mask_prompt: bool = Field(True, description="train only on completion/assistant tokens")
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="shuffle the examples each epoch (seeded by train.seed)")
     group_by_length: bool = Field(
         True, description="batch examples of similar length together to waste less compute on padding"
     )
@@ -84,11 +88,13 @@ class DataCfg(_Section):
 class MethodCfg(_Section):
     """What is trained: adapters (lora, dora, qlora, prefix, ia3) or base weights (full, freeze)."""
 
-    name: MethodName = "lora"
-    rank: int = Field(8, ge=1, le=4096)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    targets: Literal["all-linear"] | list[str] = "all-linear"
+    name: MethodName = Field("lora", description="how the model is adapted (see the method guide)")
+    rank: int = Field(8, ge=1, le=4096, description="lora/dora/qlora: rank of the low-rank update")
+    alpha: float = Field(16.0, gt=0, description="lora/dora/qlora: the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="lora/dora/qlora: dropout on the adapter's input")
+    targets: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="modules given adapters: all-linear, or names such as [q_proj, v_proj]"
+    )
     layers: int = Field(2, ge=1, le=MAX_INT, description="freeze: how many of the last decoder layers to train")
     num_virtual_tokens: int = Field(16, ge=1, le=1024, description="prefix: virtual tokens per layer")
     bits: int | None = Field(None, description="qlora: the base's bits, 4 or 8 (default 4)")
@@ -119,24 +125,24 @@ class TrainCfg(_Section):
     """The optimisation schedule: length, batch, learning rate, evaluation and checkpoints."""
 
     steps: int | None = Field(None, ge=1, le=MAX_INT, description="optimizer steps; exclusive with epochs")
-    epochs: float | None = Field(None, gt=0, le=10_000)
+    epochs: float | None = Field(None, gt=0, le=10_000, description="passes over the data; exclusive with steps")
     batch_size: int | Literal["auto"] = Field(
         4, description="micro-batch size, or auto: the largest that fits this device (see effective_batch_size)"
     )
     effective_batch_size: int | None = Field(
         None, ge=1, le=1_048_576, description="batch_size auto: examples per optimizer step (default 4 × grad_accum)"
     )
-    grad_accum: int = Field(1, ge=1, le=65_536)
-    lr: float = Field(2e-4, gt=0, le=10.0)
-    scheduler: Scheduler = "cosine"
+    grad_accum: int = Field(1, ge=1, le=65_536, description="micro-batches per optimizer step")
+    lr: float = Field(2e-4, gt=0, le=10.0, description="peak learning rate (AdamW)")
+    scheduler: Scheduler = Field("cosine", description="learning-rate shape after the warm-up")
     warmup: float = Field(0, ge=0, description="warm-up steps (>= 1) or a fraction of all steps (< 1)")
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW's decoupled weight decay")
     max_grad_norm: float = Field(1.0, ge=0.0, description="clip gradients to this norm; 0 turns clipping off")
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds the adapter's initial weights, shuffling and dropout")
     eval_every: int = Field(0, ge=0, le=MAX_INT, description="steps between validations; 0 = only at the end")
     save_every: int = Field(0, ge=0, le=MAX_INT, description="steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1, le=MAX_INT, description="newest checkpoints kept on disk")
-    log_every: int = Field(1, ge=1, le=MAX_INT)
+    log_every: int = Field(1, ge=1, le=MAX_INT, description="steps between logged training metrics")
     sample_every: int = Field(
         0, ge=0, le=MAX_INT, description="steps between greedy answers to sample_prompts, logged beside the metrics "
         "(metrics.jsonl, the run's events, the dashboard); 0 = off"
@@ -171,7 +177,9 @@ class TrainCfg(_Section):
     fused_loss: bool = Field(
         True, description="torch: LM head + cross-entropy in chunks, without the whole batch's logits in memory"
     )
-    eval_batch_size: int | None = Field(None, ge=1, le=MAX_INT)
+    eval_batch_size: int | None = Field(
+        None, ge=1, le=MAX_INT, description="validation micro-batch; default: the training micro-batch"
+    )
     offload_activations: bool = Field(
         False, description="CUDA: keep saved activations in pinned CPU memory during the forward (less GPU memory)"
     )
@@ -309,11 +317,11 @@ class RunConfig(_Section):
     method: MethodCfg = MethodCfg()
     objective: ObjectiveCfg = ObjectiveCfg()
     train: TrainCfg = TrainCfg()
-    backend: BackendName = "auto"
-    device: DeviceName = "auto"
+    backend: BackendName = Field("auto", description="auto = MLX on Apple Silicon, else PyTorch")
+    device: DeviceName = Field("auto", description="torch: auto = CUDA, then Apple MPS, then CPU")
     output_dir: str | None = Field(None, description="default: $TUNELAB_HOME/runs/<run id>")
-    name: str | None = Field(None, max_length=200)
-    tensorboard: bool = True
+    name: str | None = Field(None, max_length=200, description="a label for the run in lists and the dashboard")
+    tensorboard: bool = Field(True, description="false turns TensorBoard's event files off even when tracking lists it")
     tracking: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         ["tensorboard"],
         description="where metrics go besides metrics.jsonl: tensorboard (event files in the run folder), wandb "
