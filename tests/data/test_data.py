@@ -605,6 +605,21 @@ def test_validate_dataset_report_without_a_model(tmp_path: Path) -> None:
     json.dumps(report)  # the --json output
 
 
+def test_conversations_without_answers_are_pointed_at_grpo(tmp_path: Path) -> None:
+    # GRPO's prompts as messages look like chat with no assistant turn: auto-detect can't tell, the hint can.
+    prompts = [{"messages": [{"role": "user", "content": f"{a}+{a}?"}], "answer": str(2 * a)} for a in range(3)]
+    write_jsonl(tmp_path / "sums.jsonl", prompts)
+    with pytest.raises(DataError) as caught:
+        validate_dataset(str(tmp_path / "sums.jsonl"))
+    assert "--format grpo" in (caught.value.hint or "") and "lines 1, 2, 3" in str(caught.value)
+    assert validate_dataset(str(tmp_path / "sums.jsonl"), fmt="grpo")["splits"]["train"]["records"] == 3
+    mixed = [CHAT, *prompts]  # some answered, some not: a broken SFT file, told as one
+    write_jsonl(tmp_path / "mixed.jsonl", mixed)
+    with pytest.raises(DataError) as caught:
+        validate_dataset(str(tmp_path / "mixed.jsonl"))
+    assert "grpo" not in (caught.value.hint or "")
+
+
 def test_validate_dataset_report_with_a_model(tmp_path: Path, tiny_model_dir: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", [COMPLETION, {"prompt": "Hi: ", "completion": "the cat " * 40}])
     report = validate_dataset(str(path), model=str(tiny_model_dir), max_seq_len=32)

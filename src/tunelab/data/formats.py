@@ -19,6 +19,7 @@ from tunelab.vocab import DATA_FORMATS
 
 FORMATS = tuple(f for f in DATA_FORMATS if f != "auto")  # what "auto" chooses between
 ROLES = ("system", "user", "assistant", "tool")
+NO_ANSWER = "has no assistant message"  # a conversation without one: nothing to learn for SFT (GRPO: a prompt)
 # ShareGPT speakers -> chat roles.  `function_call` turns hold a JSON call the assistant makes and
 # `observation` turns the tool's answer (the LLaMA-Factory flavour); user/assistant are common aliases.
 SHAREGPT_ROLES = {
@@ -187,7 +188,7 @@ def _clean_messages(messages: list[Any], r: Record, field: str, *, learn: bool =
         clean.append(entry)
     if learn and not any(m["role"] == "assistant" for m in clean):
         what = "conversation" if field in ("messages", "conversations") else f'"{field}"'
-        raise DataError(f"{what} has no assistant message, so there is nothing to learn", path=r.path, line=r.line)
+        raise DataError(f"{what} {NO_ANSWER}, so there is nothing to learn", path=r.path, line=r.line)
     return tuple(clean)
 
 

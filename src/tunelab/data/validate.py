@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.data.formats import Sample, detect_format, to_sample
+from tunelab.data.formats import NO_ANSWER, Sample, detect_format, to_sample
 from tunelab.data.sources import Record, iter_records, resolve_files
 from tunelab.data.templates import template_for
 from tunelab.data.tokenize import length_summary, tokenize_samples
@@ -117,6 +117,7 @@ def validate_dataset(
     first = next(train, None)
     if first is None:  # every line was bad
         raise grouped(problems)
+    detected = fmt == "auto"
     fmt = fmt if fmt != "auto" else detect_format(first)
     report: dict[str, Any] = {"format": fmt, "splits": {}}
     tokenizing = None
@@ -132,7 +133,15 @@ def validate_dataset(
         records = iter_records(valid_path, split="validation", columns=columns, subset=subset, on_bad=note)
         valid_tally = _scan(records, fmt, tokenizing, max_seq_len, tally.keys, problems)
     if problems:
-        raise grouped(problems)
+        error = grouped(problems)
+        answered = tally.records + (valid_tally.records if valid_tally else 0)
+        if detected and fmt == "chat" and not answered and all(NO_ANSWER in exc.message for exc in problems):
+            # Conversations with no answer at all are what GRPO reads (prompts, answers sampled in training).
+            error.hint = (
+                "if these are prompts for GRPO, validate them with --format grpo (training with "
+                "objective.name: grpo reads them so); for SFT each conversation needs an assistant message"
+            )
+        raise error
     report["splits"]["train"] = _entry(str(train_path), tally, tokenizing is not None)
     if valid_tally is not None:
         report["splits"]["valid"] = _entry(str(valid_path), valid_tally, tokenizing is not None)
