@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def test_the_run_beats_its_base_and_answers_as_generate_does(
 
 
 def test_mistakes_are_named_and_leave_no_results(
-    trained: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     home, run_id = trained
     (tmp_path / "mine.py").write_text(
@@ -53,9 +54,29 @@ def test_mistakes_are_named_and_leave_no_results(
     broken.write_text(json.dumps(_rows()[0]) + "\n" + '{"messages": [\n', encoding="utf-8")
     unknown = tmp_path / "quiz.jsonl"
     unknown.write_text(json.dumps({"question": "what is red?", "answer": "a fruit"}) + "\n", encoding="utf-8")
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     shown = json.loads(run_cli("runs", "show", run_id, "--json", home=home).stdout)
     before = sorted((Path(shown["output_dir"]) / "eval").glob("*"))
+    # `tunelab eval` through the CLI's entry point in this process (nine CLI starts less), mine.py importable as the
+    # child's PYTHONPATH made it; an exception that escapes main() counts as a traceback on stderr.
+    from tunelab.cli.main import main
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for var, value in (("TUNELAB_HOME", str(home)), ("COLUMNS", "200"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "1")):  # fmt: skip
+        monkeypatch.setenv(var, value)  # main() setdefault()s the last three
+
+    def evaluate(*args: str) -> tuple[int | str | None, str]:
+        capsys.readouterr()
+        crash = ""
+        try:
+            main(["eval", run_id, "--max-new-tokens", "4", *args])
+            code: int | str | None = 0
+        except SystemExit as exc:
+            code = exc.code
+        except Exception:
+            code, crash = "crashed", traceback.format_exc()
+        return code, capsys.readouterr().err + crash
+
     cases = [
         (["--data", str(broken)], 3, "broken.jsonl:2: not valid JSON"),
         (["--data", str(unknown)], 3, "quiz.jsonl:1: can't tell the format from the keys ['answer', 'question']"),
@@ -67,13 +88,15 @@ def test_mistakes_are_named_and_leave_no_results(
         (["--metrics", "mine:boom", "--no-base"], 3, "metric mine:boom raised ValueError: no such column: answer"),
         (["--metrics", "mine:words", "--no-base"], 3, "metric mine:words returned 'many' for example 1, not a number"),
     ]
-    for args, code, says in cases:
-        done = run_cli("eval", run_id, "--max-new-tokens", "4", *args, home=home, env={**env, "COLUMNS": "200"})
-        assert done.returncode == code and says in done.stderr, (args, done.stderr[-1500:])
-        assert "Traceback" not in done.stderr, done.stderr
+    try:
+        for args, code, says in cases:
+            exit_code, stderr = evaluate(*args)
+            assert exit_code == code and says in stderr, (args, exit_code, stderr[-1500:])
+            assert "Traceback" not in stderr, stderr
+    finally:
+        sys.modules.pop("mine", None)
     assert sorted((Path(shown["output_dir"]) / "eval").glob("*")) == before, "a failed eval writes nothing"
-    monkeypatch.setenv("TUNELAB_HOME", str(home))  # read back in this process: one CLI start less
-    monkeypatch.delenv("TUNELAB_DB_URL", raising=False)
+    monkeypatch.delenv("TUNELAB_DB_URL", raising=False)  # read back in this process too
     from tunelab import services
     from tunelab.registry.db import close_registries
 
