@@ -8,6 +8,7 @@ API server) may use one file at the same time, hence WAL and a busy timeout.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sqlite3
 import threading
@@ -215,8 +216,13 @@ def open_registry(url: str | None = None) -> Engine:
                 engine.dispose()
                 raise
             _engines[url] = engine
-            if not _fork_hook_registered and hasattr(os, "register_at_fork"):
-                os.register_at_fork(after_in_child=_dispose_after_fork)
+            if not _fork_hook_registered:
+                if hasattr(os, "register_at_fork"):
+                    os.register_at_fork(after_in_child=_dispose_after_fork)
+                # The CLI ends with os._exit after the atexit handlers (no interpreter teardown), so the
+                # connections are closed here: SQLite folds its write-ahead log back into the database
+                # and removes it when the last one closes, as it did when teardown closed them.
+                atexit.register(close_registries)
                 _fork_hook_registered = True
     return engine
 
