@@ -53,7 +53,7 @@ class GGUFRuntime:
             from llama_cpp import Llama
         except ImportError:
             raise ModelError(
-                "verifying a GGUF export needs llama-cpp-python", hint='pip install "tunelab[export]", or --no-verify'
+                "verifying a GGUF export needs llama-cpp-python", hint='pip install "tunelab[gguf]", or --no-verify'
             ) from None
         with _plain_cpu_buffers():
             self.llm = Llama(

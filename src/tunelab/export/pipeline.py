@@ -108,6 +108,30 @@ def check_options(target: str, quantize: str | None, imatrix: object = None) -> 
         )
 
 
+_RUNTIMES = {  # target -> (module, package) pairs: (always needed), (needed to verify or to run llama.cpp's quantizer)
+    "gguf": ((("gguf", "gguf"),), (("llama_cpp", "llama-cpp-python"),)),
+    "onnx": ((("onnx", "onnx"), ("onnxscript", "onnxscript")), (("onnxruntime", "onnxruntime"),)),
+    "coreml": ((("coremltools", "coremltools"),), ()),
+}
+_RUNTIMES["ollama"] = _RUNTIMES["gguf-adapter"] = _RUNTIMES["ollama-adapter"] = _RUNTIMES["gguf"]
+
+
+def missing_runtime(target: str, quantize: str | None, verify: bool) -> tuple[list[str], bool]:
+    """The packages ``target`` needs that are not installed, and whether ``--no-verify`` would do without them.
+
+    Checked before merging and writing (a minute or more on a big model), so a missing package is said
+    at once rather than after the work.  Looked up without importing anything.
+    """
+    import importlib.util
+
+    always, checking = _RUNTIMES.get(target, ((), ()))
+    llama_quantizer = quantize in (*K_QUANTS, *I_QUANTS)
+    needed = [*always, *(checking if verify or llama_quantizer else ())]
+    missing = [package for module, package in needed if importlib.util.find_spec(module) is None]
+    skippable = bool(missing) and not llama_quantizer and all(p in (pk for _, pk in checking) for p in missing)
+    return missing, skippable
+
+
 def export_model(
     source: ExportSource,
     target: str,

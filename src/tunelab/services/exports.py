@@ -84,6 +84,23 @@ def export_and_evaluate(
     return result, table
 
 
+def _require_runtime(to: str, quantize: str | None, verify: bool) -> None:
+    """A target whose writer or checker is not installed is refused before any work, with the command that adds it."""
+    from tunelab.export.pipeline import missing_runtime
+    from tunelab.services.system import extras
+
+    missing, skippable = missing_runtime(to, quantize, verify)
+    if not missing:
+        return
+    extra = "gguf" if "llama-cpp-python" in missing or "gguf" in missing else "export"
+    command = next((e.command for e in extras() if e.name == extra), f'pip install "tunelab[{extra}]"')
+    what = "verifying" if skippable else "writing"
+    raise ConfigError(
+        f"{what} --to {to} needs {', '.join(missing)}, which is not installed here",
+        hint=command + (", or --no-verify to write it unchecked" if skippable else ""),
+    )
+
+
 def _write(
     run_text: str,
     to: str,
@@ -100,6 +117,7 @@ def _write(
     from tunelab.hub import load_tokenizer, resolve_model_path
 
     check_options(to, quantize, imatrix)
+    _require_runtime(to, quantize, verify)
     with session_scope(open_registry()) as s:
         run_id = repo.resolve_run_id(s, run_text)
         run = repo.run_summary(s, run_id)
