@@ -58,7 +58,6 @@ class QuickstartResult:
     """What the quickstart did, for the interface to show."""
 
     root: Path
-    base_model: str  # the real model's reference, or the tiny base's folder
     base_run: str | None  # the tiny path's pretraining run
     lora_run: str
     loss_first: float
@@ -152,7 +151,7 @@ def _real(
     curve = _loss_curve(tuned.output_dir / "metrics.jsonl")
     before = (report.base_scores or {}).get("exact_match", float("nan"))
     return QuickstartResult(
-        root, base.reference, None, tuned.run_id, curve[0], curve[-1], tuned.metrics.get("val_loss"),
+        root, None, tuned.run_id, curve[0], curve[-1], tuned.metrics.get("val_loss"),
         tuned.result_dir, samples, (before, report.scores["exact_match"]), report.examples,
         "Three scones and a latte to take away, please.",
     )  # fmt: skip
@@ -211,7 +210,7 @@ def _tiny(root: Path, steps: int | None, callbacks: Sequence[Any], on_stage: Cal
         for p in prompts
     ]
     return QuickstartResult(
-        root, str(base.result_dir), base.run_id, tuned.run_id, curve[0], curve[-1], tuned.metrics["val_loss"],
+        root, base.run_id, tuned.run_id, curve[0], curve[-1], tuned.metrics["val_loss"],
         tuned.result_dir, samples,
     )  # fmt: skip
 
