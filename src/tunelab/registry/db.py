@@ -37,7 +37,7 @@ _BUSY_TIMEOUT_MS = 30_000
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
-_fork_hook_registered = False
+_process_hooks_registered = False
 _heads: frozenset[str] | None = None
 
 
@@ -197,7 +197,7 @@ def _dispose_after_fork() -> None:
 
 def open_registry(url: str | None = None) -> Engine:
     """The engine for ``url`` (default: settings' DB), migrated on first use in this process."""
-    global _fork_hook_registered
+    global _process_hooks_registered
     if url is None:
         url = get_settings().db_url
     engine = _engines.get(url)
@@ -216,14 +216,14 @@ def open_registry(url: str | None = None) -> Engine:
                 engine.dispose()
                 raise
             _engines[url] = engine
-            if not _fork_hook_registered:
+            if not _process_hooks_registered:
                 if hasattr(os, "register_at_fork"):
                     os.register_at_fork(after_in_child=_dispose_after_fork)
                 # The CLI ends with os._exit after the atexit handlers (no interpreter teardown), so the
                 # connections are closed here: SQLite folds its write-ahead log back into the database
                 # and removes it when the last one closes, as it did when teardown closed them.
                 atexit.register(close_registries)
-                _fork_hook_registered = True
+                _process_hooks_registered = True
     return engine
 
 
