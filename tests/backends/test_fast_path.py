@@ -14,10 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec  # noqa: E402
-from tunelab.backends.torch.backend import TorchBackend, pad_to_multiple  # noqa: E402
+from tunelab.backends.torch.backend import TorchBackend  # noqa: E402
 from tunelab.backends.torch.fast import SHAPE_MULTIPLE, resolve, round_up  # noqa: E402
 from tunelab.backends.torch.linear_ce import _chunk_loss_grad  # noqa: E402
 from tunelab.backends.torch.loss import supervised_positions  # noqa: E402
+from tunelab.backends.torch.shapes import compiled_width, pad_to_multiple, right_padded, widest_row  # noqa: E402
 from tunelab.config.load import validate_config  # noqa: E402
 from tunelab.data.packing import collate_packed  # noqa: E402
 from tunelab.data.tokenize import TokenizedSplit  # noqa: E402
@@ -77,6 +78,34 @@ def test_padded_batch_gives_the_same_loss(tiny_model_dir: Path, tiny_tokenizer: 
     plain, padded = backend.eval_loss(batch), backend.eval_loss(pad_to_multiple(batch))
     assert plain.tokens == padded.tokens
     assert abs(plain.loss_sum - padded.loss_sum) <= 1e-5 * plain.loss_sum
+
+
+def test_batches_near_the_longest_row_share_its_compiled_length() -> None:
+    widest = widest_row(ModelSpec("m", row_lengths=(300, 615)))
+    assert widest == 5 * SHAPE_MULTIPLE
+    assert compiled_width(615, widest) == compiled_width(400, widest) == widest  # 512 -> 640: one shape
+    assert compiled_width(300, widest) == 3 * SHAPE_MULTIPLE  # a much shorter batch keeps its own
+    assert compiled_width(300, None) == 3 * SHAPE_MULTIPLE
+    assert widest_row(ModelSpec("m", row_lengths=(300, 615), packing=True)) is None  # packed: the pack length
+    assert widest_row(ModelSpec("m")) is None
+
+
+def test_only_right_padding_counts_as_maskless() -> None:
+    assert right_padded(np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not right_padded(np.array([[1, 1, 1], [0, 1, 1]]))  # left padding keeps its mask
+    assert not right_padded(np.array([[1, 0, 1]]))  # so does a hole
+
+
+def test_a_right_padded_batch_scores_each_row_as_it_would_alone(tiny_model_dir: Path) -> None:
+    """The padded batch runs without a mask; no real token may see a pad, so each row's loss is its own."""
+    backend = TorchBackend()
+    backend.load(ModelSpec(str(tiny_model_dir), dtype="float32", device="cpu"), MethodSpec(), OptimSpec(), None)
+    batch = _batch(np.random.default_rng(2), [40, 90, 17], 90)
+    whole = backend.eval_loss(batch)
+    rows = [{k: v[row : row + 1, :n] for k, v in batch.items()} for row, n in enumerate([40, 90, 17])]
+    alone = [backend.eval_loss(row) for row in rows]
+    assert whole.tokens == sum(part.tokens for part in alone)
+    assert abs(whole.loss_sum - sum(part.loss_sum for part in alone)) <= 1e-5 * whole.loss_sum
 
 
 @pytest.mark.parametrize("softcap", [0.0, 30.0])

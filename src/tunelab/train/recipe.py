@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tunelab.backends.base import Backend, Batch, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.select import Choice, choose_backend, is_mlx_quantized, make_backend, model_type_of
 from tunelab.config.schema import RunConfig, objective_data_problem
@@ -59,7 +61,9 @@ class Prepared:
     grpo: Any = None  # objective grpo: its prompts, rewards and tokenizer (tunelab.train.grpo_setup.GrpoRun)
 
 
-def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None, processes: int = 1) -> ModelSpec:
+def model_spec(
+    cfg: RunConfig, memory: MemoryPlan | None = None, processes: int = 1, lengths: np.ndarray | None = None
+) -> ModelSpec:
     m = cfg.model
     estimate = memory.estimate if memory is not None else None
     return ModelSpec(
@@ -74,6 +78,7 @@ def model_spec(cfg: RunConfig, memory: MemoryPlan | None = None, processes: int 
         fused_loss=cfg.train.fused_loss,
         activation_budget=cfg.train.activation_budget,
         packing=cfg.data.packing,
+        row_lengths=(int(lengths.min()), int(lengths.max())) if lengths is not None and len(lengths) else None,
         offload_activations=cfg.train.offload_activations,
         offload_checkpoints=cfg.train.offload_checkpoints,
         offload_embeddings=cfg.train.offload_embeddings,
@@ -150,7 +155,7 @@ def setup(
     on_data(data)
     cfg, memory = plan_run(cfg, folder, choice.name, data.train, output_dir, resume=resume)  # before loading
     backend = make_backend(choice)
-    spec = model_spec(cfg, memory, group.world)
+    spec = model_spec(cfg, memory, group.world, data.train.lengths)
     info = backend.load(spec, method_spec(cfg), optim_spec(cfg), tokenizer, objective_spec(cfg))
     if cfg.objective.precompute_ref:  # before any checkpoint loads: the model is still the reference
         rows = 2 * (cfg.train.eval_batch_size or cfg.train.micro_batch_size)

@@ -17,7 +17,7 @@ from tunelab.backends.torch import checkpoint_io, fsdp, oom
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.cpu_threads import CpuThreads
-from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve, round_up
+from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve
 from tunelab.backends.torch.generate import stream_tokens
 from tunelab.backends.torch.grpo import sample_completions
 from tunelab.backends.torch.host_embedding import HostEmbedding, move_embeddings_to_host
@@ -29,11 +29,12 @@ from tunelab.backends.torch.objectives import loss_for
 from tunelab.backends.torch.offload import offload_checkpoints, offload_embeddings, offload_mlp
 from tunelab.backends.torch.preference import PreferenceLoss, floats, keep_reference
 from tunelab.backends.torch.quant import bnb_config
+from tunelab.backends.torch.shapes import compiled_width, pad_to_multiple, right_padded, widest_row
 from tunelab.backends.torch.sync import active, broadcast_params, sum_gradients
 from tunelab.backends.torch.tiled_mlp import tile_mlps
 from tunelab.errors import ConfigError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
-from tunelab.vocab import ADAPTER_METHODS, IGNORE
+from tunelab.vocab import ADAPTER_METHODS
 
 
 class TorchBackend:
@@ -54,6 +55,7 @@ class TorchBackend:
         self._offload = False
         self._host_embed: HostEmbedding | None = None  # train.offload_embeddings: the table in CPU memory
         self.fast = FastPath()
+        self._widest: int | None = None  # compiled layers: the padded length most batches are padded to
         self._autocast: torch.dtype | None = None  # CUDA: the base's half dtype, for fp32 adapters
         self._dcp = False  # train.parallel: fsdp: checkpoints in DCP's sharded format
         self.collective_saves = False  # FSDP over several processes: every rank takes part in saves
@@ -145,6 +147,7 @@ class TorchBackend:
             keep_mlps(self._causal_lm, host_budget(), parked)  # before compiling, likewise
         if self.fast.compile_layers:
             compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
+        self._widest = widest_row(model) if self.fast.compile_layers else None
         if own_checkpoints:
             checkpoint_layers(decoder_layers(self._causal_lm), offload=offload)
         self.checkpointing = "offloaded" if offload else "on" if model.gradient_checkpointing else "off"
@@ -268,13 +271,15 @@ class TorchBackend:
 
     def _summed_loss(self, batch: Batch) -> tuple[Any, ...]:
         if self.fast.compile_layers:
-            batch = pad_to_multiple(batch)
-        if "position_ids" not in batch and batch["attention_mask"].all():
-            # No padding (a row of whole examples): without a mask transformers builds none and
-            # attention takes its causal kernel, with no host-device round trip to find that out.
-            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+            batch = pad_to_multiple(batch, compiled_width(batch["input_ids"].shape[1], self._widest))
         # Preference batches: which tokens belong to which sequence, found on the host (no device sync).
         extra = host_arrays(batch) if "roles" in batch else {"positions": supervised_positions(batch["labels"])}
+        if "position_ids" not in batch and right_padded(batch["attention_mask"]):
+            # Padding only at the ends of rows: under causal attention no real token sees a pad, so
+            # the mask changes nothing that is scored. Without one transformers builds no mask and
+            # attention takes its causal kernel (flash on a GPU, instead of the masked fallback);
+            # on a CPU a 2-layer model's step is ~4% faster, with bit-identical real-token logits.
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
         positions = torch.from_numpy(extra.pop("positions")).to(self.device)
         inputs = self._to_device({**batch, **extra})
         if self._host_embed is not None:  # the rows gathered from the host copy: the forward waits for nothing
@@ -353,28 +358,6 @@ class TorchBackend:
             return int(torch.cuda.max_memory_allocated(self.device))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def pad_to_multiple(batch: Batch) -> Batch:
-    """Right-pad a batch's length to a multiple of :data:`fast.SHAPE_MULTIPLE` (fewer compiled shapes).
-
-    The added columns carry no loss and are masked out (or, packed, form a
-    sequence of their own), so the loss is unchanged.
-    """
-    length = batch["input_ids"].shape[1]
-    extra = round_up(length) - length
-    if extra == 0:
-        return batch
-    out = {}
-    for key, value in batch.items():
-        if key == "labels":
-            fill = np.full((value.shape[0], extra), IGNORE, dtype=value.dtype)
-        elif key == "position_ids":  # restarting at 0: a sequence of its own, which nothing real attends to
-            fill = np.broadcast_to(np.arange(extra, dtype=value.dtype), (value.shape[0], extra))
-        else:  # input_ids (any id), attention_mask and segment_ids: 0
-            fill = np.zeros((value.shape[0], extra), dtype=value.dtype)
-        out[key] = np.concatenate([value, fill], axis=1)
-    return out
 
 
 def _dtype_name(dtype: torch.dtype, method: MethodSpec) -> str:
