@@ -27,7 +27,7 @@ def test_the_real_model_quickstart_learns_the_shipped_task(tmp_path: Path) -> No
     shown = re.search(r"held-out exact match on (\d+) orders: base (\d+)% → fine-tuned (\d+)%", result.stdout)
     assert shown is not None, result.stdout[-2000:]
     count, before, after = (int(g) for g in shown.groups())
-    assert count == 40 and before <= 10 and after >= 80  # 0% -> 90% here
+    assert count == 40 and before <= 10 and after >= 80  # 0% -> 88% here
 
     (run,) = json.loads(run_cli("runs", "list", "--json", home=home).stdout)
     assert run["name"] == "quickstart-orders" and run["status"] == "completed"

@@ -183,7 +183,9 @@ def _real(
     if tuned.result_dir is None:
         raise ConfigError(f"the quickstart's run {tuned.run_id} stopped before the end", hint="run it again")
     on_stage(f"3/3 scoring {data / ORDERS[1]}: the base model's answers, then the fine-tune's (tunelab eval)")
-    report = eval_run(tuned.run_id, metrics=["exact_match"], max_new_tokens=24, batch_size=8, on_stage=on_stage)
+    # All 40 orders in one batch: on 2 CPU cores the base's and the fine-tune's answers took 19 s
+    # together instead of 26 s in batches of 8, with the same answers.
+    report = eval_run(tuned.run_id, metrics=["exact_match"], max_new_tokens=24, batch_size=40, on_stage=on_stage)
     rows = [json.loads(line) for line in Path(report.examples_file).read_text(encoding="utf-8").splitlines()]
     samples = [QuickstartSample(_last_user(r["prompt"]), r["base_prediction"], r["prediction"]) for r in rows[:3]]
     curve = _loss_curve(tuned.output_dir / "metrics.jsonl")
