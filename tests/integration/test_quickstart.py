@@ -32,8 +32,9 @@ def test_the_real_model_quickstart_learns_the_shipped_task(tmp_path: Path) -> No
     (run,) = json.loads(run_cli("runs", "list", "--json", home=home).stdout)
     assert run["name"] == "quickstart-orders" and run["status"] == "completed"
     shown_run = json.loads(run_cli("runs", "show", run["id"], "--json", home=home).stdout)
-    assert shown_run["metrics"]["eval/exact_match"] == pytest.approx(after / 100, abs=0.005)
-    assert shown_run["metrics"]["eval/base/exact_match"] == pytest.approx(before / 100, abs=0.005)
+    # The console prints whole percents: 35 of 40 (0.875) shows as 88%.
+    assert abs(100 * shown_run["metrics"]["eval/exact_match"] - after) <= 0.5
+    assert abs(100 * shown_run["metrics"]["eval/base/exact_match"] - before) <= 0.5
 
     # `tunelab eval` on the run, as a user would after the quickstart: the same scores (the base's answers
     # come from the cache the quickstart's eval filled), and answers that are what `tunelab generate` prints.
