@@ -31,4 +31,5 @@ python -m ruff check src tests bench scripts
 python -m ruff format --check src tests bench scripts
 python -m mypy
 NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict -q --site-dir "$(mktemp -d)"  # the docs site; references generated
-python -m pytest -q -p no:cacheprovider "$@"
+# Two pytest-xdist workers; tests/conftest.py keeps tests that share a built-once fixture on one worker.
+python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup "$@"

@@ -121,6 +121,21 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
         close()
 
 
+@pytest.fixture(autouse=True)
+def _main_module_kept() -> Iterator[None]:
+    """Put back ``sys.modules["__main__"]`` after a test that swapped it (Streamlit's AppTest does).
+
+    Streamlit's script runner installs the page script as ``__main__`` and never puts the old one back.  Every
+    spawn or forkserver child this process starts afterwards then re-runs that temporary script as its own
+    main module (``multiprocessing.spawn._fixup_main_from_path``), dies of a ``NameError``, and a later
+    ``ProcessPoolExecutor`` (``data.num_proc``) raises ``BrokenProcessPool``: a dashboard test that ran
+    earlier in the same process (under xdist: on the same worker) broke the parallel tokenization tests.
+    """
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
 @pytest.fixture
 def tunelab_home(_isolated_home: Path) -> Path:
     """The ``TUNELAB_HOME`` folder of the current test."""
