@@ -51,6 +51,24 @@ def test_beside_busy_processes_the_step_uses_fewer_threads(monkeypatch: pytest.M
         torch.set_num_threads(before)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
+def test_a_count_an_earlier_run_left_is_not_taken_for_the_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before, cores = torch.get_num_threads(), os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("needs 2 or more cores")
+    torch.set_num_threads(cores)
+    try:
+        first = CpuThreads()
+        if not first.enabled:
+            pytest.skip("/proc/stat doesn't describe this process's cores")
+        first.apply(1)  # a run beside busy neighbours lowered the count and ended so
+        later = CpuThreads()  # the next run in this process (a service worker's next job)
+        assert later.enabled and later.most == cores and torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_count_the_user_chose_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert not CpuThreads().enabled

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 PROC_STAT = Path("/proc/stat")
 INTERVAL_S = 2.0
+# What torch had before tunelab first changed the count in this process, and what tunelab last set:
+# a later run in the same process (the service's worker, a test session) finding the count tunelab
+# left starts again from the original, instead of reading a lowered count as the user's choice.
+_original: int | None = None
+_last_set: int | None = None
 
 
 def threads_for(cores: int, most: int, others_busy: float) -> int:
@@ -59,6 +64,9 @@ class CpuThreads:
 
     def __init__(self) -> None:
         self.most = torch.get_num_threads()
+        if _original is not None and self.most == _last_set:  # left so by an earlier run here, not by the user
+            self.most = _original
+            torch.set_num_threads(_original)
         self.cores = os.cpu_count() or 1
         fixed = "OMP_NUM_THREADS" in os.environ or self.most != self.cores  # the user chose a count
         self.enabled = not fixed and self.cores > 1 and _describes_this_process()
@@ -78,4 +86,12 @@ class CpuThreads:
         want = threads_for(self.cores, self.most, others)
         if want != torch.get_num_threads():
             log.info("cpu threads: %d (other processes kept %.1f of %d cores busy)", want, others, self.cores)
-            torch.set_num_threads(want)
+            self.apply(want)
+
+    def apply(self, count: int) -> None:
+        """Set torch's intra-op threads to ``count``, remembering torch's own count for later runs here."""
+        global _original, _last_set
+        if _original is None:
+            _original = self.most
+        _last_set = count
+        torch.set_num_threads(count)
