@@ -81,12 +81,12 @@ def test_padded_batch_gives_the_same_loss(tiny_model_dir: Path, tiny_tokenizer: 
 
 
 def test_batches_near_the_longest_row_share_its_compiled_length() -> None:
-    widest = widest_row(ModelSpec("m", row_lengths=(300, 615)))
+    widest = widest_row(ModelSpec("m", longest_row=615))
     assert widest == 5 * SHAPE_MULTIPLE
     assert compiled_width(615, widest) == compiled_width(400, widest) == widest  # 512 -> 640: one shape
     assert compiled_width(300, widest) == 3 * SHAPE_MULTIPLE  # a much shorter batch keeps its own
     assert compiled_width(300, None) == 3 * SHAPE_MULTIPLE
-    assert widest_row(ModelSpec("m", row_lengths=(300, 615), packing=True)) is None  # packed: the pack length
+    assert widest_row(ModelSpec("m", longest_row=615, packing=True)) is None  # packed: the pack length
     assert widest_row(ModelSpec("m")) is None
 
 

@@ -32,7 +32,7 @@ class ModelSpec:
     fused_loss: bool = True  # chunked LM head + cross-entropy (torch)
     activation_budget: float = 0.8  # compiled layers: share of activations kept for backward
     packing: bool = False  # batches carry position_ids/segment_ids: attention must stay per example
-    row_lengths: tuple[int, int] | None = None  # shortest and longest training row (compiled shapes)
+    longest_row: int | None = None  # tokens in the longest training row (compiled layers pad up to it)
     offload_activations: bool = False  # CUDA: saved activations live in pinned CPU memory
     offload_checkpoints: bool | str = "auto"  # CUDA + checkpointing: layer inputs in pinned CPU memory
     offload_embeddings: bool | str = "auto"  # CUDA, adapters: the frozen input-embedding table in CPU memory

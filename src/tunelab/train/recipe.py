@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tunelab.backends.base import Backend, Batch, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.select import Choice, choose_backend, is_mlx_quantized, make_backend, model_type_of
 from tunelab.config.schema import RunConfig, objective_data_problem
@@ -62,7 +60,7 @@ class Prepared:
 
 
 def model_spec(
-    cfg: RunConfig, memory: MemoryPlan | None = None, processes: int = 1, lengths: np.ndarray | None = None
+    cfg: RunConfig, memory: MemoryPlan | None = None, processes: int = 1, longest_row: int | None = None
 ) -> ModelSpec:
     m = cfg.model
     estimate = memory.estimate if memory is not None else None
@@ -78,7 +76,7 @@ def model_spec(
         fused_loss=cfg.train.fused_loss,
         activation_budget=cfg.train.activation_budget,
         packing=cfg.data.packing,
-        row_lengths=(int(lengths.min()), int(lengths.max())) if lengths is not None and len(lengths) else None,
+        longest_row=longest_row,
         offload_activations=cfg.train.offload_activations,
         offload_checkpoints=cfg.train.offload_checkpoints,
         offload_embeddings=cfg.train.offload_embeddings,
@@ -155,7 +153,8 @@ def setup(
     on_data(data)
     cfg, memory = plan_run(cfg, folder, choice.name, data.train, output_dir, resume=resume)  # before loading
     backend = make_backend(choice)
-    spec = model_spec(cfg, memory, group.world, data.train.lengths)
+    lengths = data.train.lengths
+    spec = model_spec(cfg, memory, group.world, int(lengths.max()) if len(lengths) else None)
     info = backend.load(spec, method_spec(cfg), optim_spec(cfg), tokenizer, objective_spec(cfg))
     if cfg.objective.precompute_ref:  # before any checkpoint loads: the model is still the reference
         rows = 2 * (cfg.train.eval_batch_size or cfg.train.micro_batch_size)

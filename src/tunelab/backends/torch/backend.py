@@ -147,7 +147,7 @@ class TorchBackend:
             keep_mlps(self._causal_lm, host_budget(), parked)  # before compiling, likewise
         if self.fast.compile_layers:
             compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
-        self._widest = widest_row(model) if self.fast.compile_layers else None
+        self._widest = widest_row(model)  # read by _shaped only where the layers are compiled
         if own_checkpoints:
             checkpoint_layers(decoder_layers(self._causal_lm), offload=offload)
         self.checkpointing = "offloaded" if offload else "on" if model.gradient_checkpointing else "off"

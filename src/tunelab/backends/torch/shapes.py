@@ -18,9 +18,9 @@ from tunelab.vocab import IGNORE
 def widest_row(model: ModelSpec) -> int | None:
     """The padded length of the longest training row, where batches are padded (packed rows all have the
     pack length already)."""
-    if model.packing or model.row_lengths is None:
+    if model.packing or model.longest_row is None:
         return None
-    return round_up(model.row_lengths[1])
+    return round_up(model.longest_row)
 
 
 def compiled_width(width: int, widest: int | None) -> int:
