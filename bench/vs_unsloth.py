@@ -146,12 +146,22 @@ def tunelab_config(row: Row, model: Path, data: Path, steps: int, out: Path) -> 
 
 # -- the two stacks -----------------------------------------------------------------------------
 def run_tunelab(
-    row: Row, model: Path, data: Path, steps: int, warm: int, work: Path, cap: float | None, site: str
+    row: Row,
+    model: Path,
+    data: Path,
+    steps: int,
+    warm: int,
+    work: Path,
+    cap: float | None,
+    site: str,
+    src: Path = REPO / "src",
+    stack: str = "tunelab",
 ) -> dict:
+    """``tunelab train`` from ``src`` (another tree's, for the ``base`` stack: an A/B on one lease)."""
     out = work / f"tl-{row.name}-{row.seq}-{int(time.time())}"
     out.mkdir(parents=True)
     cfg = tunelab_config(row, model, data, steps, out)
-    path = f"{REPO / 'src'}:{_bitsandbytes_only(Path(site), work)}:{os.environ.get('PYTHONPATH', '')}"
+    path = f"{src}:{_bitsandbytes_only(Path(site), work)}:{os.environ.get('PYTHONPATH', '')}"
     env = {**os.environ, "TUNELAB_HOME": str(out / "home"), "PYTHONPATH": path}
     estimate = _json(subprocess.run([sys.executable, "-m", "tunelab", "estimate", str(cfg), "--json"],
                                     env=env, capture_output=True, text=True))  # fmt: skip
@@ -162,7 +172,7 @@ def run_tunelab(
     proc = subprocess.run(entry, env=env, capture_output=True, text=True)
     wall = time.time() - started
     (out / "train.log").write_text(proc.stdout + proc.stderr)
-    result: dict[str, Any] = {"stack": "tunelab", "row": row.name, "seq": row.seq, "wall_s": round(wall, 1)}
+    result: dict[str, Any] = {"stack": stack, "row": row.name, "seq": row.seq, "wall_s": round(wall, 1)}
     if os.environ.get("VS_TRAIN"):
         result["train"] = json.loads(os.environ["VS_TRAIN"])
     if proc.returncode != 0:
@@ -296,13 +306,19 @@ def table(results: list[dict]) -> str:
             f"| {name} ({seq}) | {t.get('tok_s', 'fail')} | {t.get('peak_gib', '-')} | {t.get('estimate_gib', '-')} "
             f"| {u.get('tok_s', '-')} | {u.get('peak_gib', '-')} | {speed} | {memory} |"
         )
+    for name, seq in sorted({(r["row"], r["seq"]) for r in results if r["stack"] == "base"}):
+        b, t = by.get(("base", name, seq), {}), by.get(("tunelab", name, seq), {})
+        if b.get("tok_s") and t.get("tok_s"):
+            lines.append(f"A/B {name} ({seq}): base {b['tok_s']} tok/s at {b['peak_gib']} GiB, "
+                         f"this tree {t['tok_s']} at {t['peak_gib']} ({t['tok_s'] / b['tok_s']:.3f}x)")  # fmt: skip
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="lora,lora_gc,qlora_gc,qlora_gc_16k,1b_lora")
-    p.add_argument("--stacks", default="tunelab,unsloth")
+    p.add_argument("--stacks", default="tunelab,unsloth", help="tunelab, unsloth, base (tunelab from --base-src)")
+    p.add_argument("--base-src", type=Path, help="another tunelab tree's src/, run as the stack 'base' (an A/B)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warm", type=int, default=4)
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm/tunelab-vs"))
@@ -343,8 +359,10 @@ def main() -> None:
         model = build_checkpoint(args.workdir / row.shape, row.shape)
         data = write_data(args.workdir / f"text-{row.seq}.jsonl", row.batch * args.steps + 8, row.seq)
         for stack in stacks:
-            if stack == "tunelab":
-                result = run_tunelab(row, model, data, args.steps, args.warm, args.workdir, None, args.unsloth_site)
+            if stack in ("tunelab", "base"):
+                src = args.base_src if stack == "base" else REPO / "src"
+                result = run_tunelab(row, model, data, args.steps, args.warm, args.workdir, None, args.unsloth_site,
+                                     src, stack)  # fmt: skip
             else:
                 result = run_unsloth(row, model, args.steps, args.unsloth_site, None)
             results.append(result)

@@ -22,6 +22,7 @@ from tunelab.backends.torch.generate import stream_tokens
 from tunelab.backends.torch.grpo import sample_completions
 from tunelab.backends.torch.host_embedding import HostEmbedding, move_embeddings_to_host
 from tunelab.backends.torch.kept_mlp import host_budget, keep_mlps
+from tunelab.backends.torch.lean_replay import lean_down_projections
 from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_device, pick_dtype
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import apply_method
@@ -141,6 +142,8 @@ class TorchBackend:
             self.device, compile=model.compile, fused_loss=model.fused_loss, activation_budget=model.activation_budget
         )
         keep_reference(self._loss, base, method.name, lambda m: self.fast.fused_loss and supports_hidden_path(m))
+        if own_checkpoints and (offload or model.tiled_mlp):  # what replays a layer only to differentiate it
+            lean_down_projections(self._causal_lm)  # before tiling and compiling: the innermost wrapper
         if model.tiled_mlp:
             tile_mlps(self._causal_lm)  # before compiling: the tiled call stays outside the compiled graph
         elif parked := offload_mlp(model, method, base, self.device, offload):

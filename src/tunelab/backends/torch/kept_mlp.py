@@ -24,7 +24,6 @@ in ``residual + mlp(x)``, whose output value a replay never reads.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
@@ -34,7 +33,9 @@ import torch
 
 from tunelab.backends.torch.host_link import HostLink
 from tunelab.backends.torch.loading import decoder_layers
+from tunelab.backends.torch.lora_parts import adapter_branch, input_grad
 from tunelab.backends.torch.replay import is_replay, park, parked
+from tunelab.backends.torch.retype import retype
 from tunelab.backends.torch.tiled_mlp import RESIDUAL_MLP_MODELS
 
 # Residual-MLP layers with separate gate/up/down projections (Phi-3 fuses gate and up into one).
@@ -101,20 +102,31 @@ def keep_mlps(model: Any, budget_bytes: int, count: int | None = None) -> int:
     count = len(layers) if count is None else min(count, len(layers))
     for layer in list(layers)[:count]:
         mlp: Any = layer.mlp
-        mlp.forward = functools.partial(_kept_forward, mlp, mlp.forward, count, budget_bytes)
+        mlp.kept_layers, mlp.kept_budget = count, budget_bytes
+        retype(mlp, _KeptForward)
     return count
 
 
+class _KeptForward:
+    """Put in front of an MLP's class: it parks gate and up, and its replay runs no matrix product."""
+
+    kept_layers: int
+    kept_budget: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _kept_forward(self, x)
+
+
 @torch.compiler.disable
-def _kept_forward(mlp: Any, inner: Any, layers: int, budget: int, x: torch.Tensor) -> torch.Tensor:
+def _kept_forward(mlp: Any, x: torch.Tensor) -> torch.Tensor:
     if is_replay():
         kept = parked()
-        return _KeptMLP.apply(x, mlp, *kept) if len(kept) == 2 else inner(x)
+        return _KeptMLP.apply(x, mlp, *kept) if len(kept) == 2 else super(_KeptForward, mlp).forward(x)
     if torch.is_grad_enabled():  # no checkpoint around it: autograd saves what it needs, as usual
-        return inner(x)
+        return super(_KeptForward, mlp).forward(x)
     gate = mlp.gate_proj(x)  # the same modules in the same order as the MLP's own forward (dropout masks too)
     up = mlp.up_proj(x)
-    if layers * 2 * gate.nbytes <= budget:
+    if mlp.kept_layers * 2 * gate.nbytes <= mlp.kept_budget:
         park(gate, up)  # outside a checkpoint's first run (evaluation, generation) nothing is parked
     return mlp.down_proj(mlp.act_fn(gate) * up)
 
@@ -145,45 +157,19 @@ class _KeptMLP(torch.autograd.Function):
             with torch.enable_grad(), torch.autocast(x.device.type, **ctx.autocast):
                 xl = x.detach().requires_grad_(True)
                 gl, ul = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
-                branch_gate, branch_up = _adapter_branch(mlp.gate_proj, xl), _adapter_branch(mlp.up_proj, xl)
+                branch_gate, branch_up = adapter_branch(mlp.gate_proj, xl), adapter_branch(mlp.up_proj, xl)
                 hidden = mlp.act_fn(gl) * ul
-                branch_down = _adapter_branch(mlp.down_proj, hidden)
+                branch_down = adapter_branch(mlp.down_proj, hidden)
         # down: d hidden = dy·W_down (the frozen base) + what its adapter adds, in one pass back to gate and up
-        outs, grads = [hidden], [_input_grad(mlp.down_proj, grad)]
+        outs, grads = [hidden], [input_grad(mlp.down_proj, grad)]
         if branch_down is not None:
             outs.append(branch_down)
             grads.append(grad)
         torch.autograd.backward(outs, grads)
         d_gate, d_up = gl.grad, ul.grad
-        dx = _input_grad(mlp.gate_proj, d_gate) + _input_grad(mlp.up_proj, d_up)
+        dx = input_grad(mlp.gate_proj, d_gate) + input_grad(mlp.up_proj, d_up)
         branches = [(b, d) for b, d in ((branch_gate, d_gate), (branch_up, d_up)) if b is not None]
         if branches:
             torch.autograd.backward([b for b, _ in branches], [d for _, d in branches])
             dx = dx + xl.grad
         return dx.to(x.dtype), None, None, None
-
-
-def _adapter_branch(module: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The sum of a LoRA layer's active adapters' outputs on ``x`` (None for a plain or disabled layer)."""
-    if not hasattr(module, "lora_A") or module.disable_adapters or module.merged:
-        return None
-    total = None
-    for name in module.active_adapters:
-        if name not in module.lora_A:
-            continue
-        a, b = module.lora_A[name], module.lora_B[name]
-        out = b(a(module.lora_dropout[name](module._cast_input_dtype(x, a.weight.dtype)))) * module.scaling[name]
-        total = out if total is None else total + out
-    return total
-
-
-def _input_grad(module: Any, grad: torch.Tensor) -> torch.Tensor:
-    """``grad @ W`` for the frozen base weight ``W`` of a (LoRA-wrapped) linear layer, 4-bit bases dequantized."""
-    base = getattr(module, "base_layer", module)
-    weight = base.weight
-    state = getattr(weight, "quant_state", None)
-    if state is not None:
-        import bitsandbytes.functional as bnbf  # only QLoRA bases carry a quant_state
-
-        weight = bnbf.dequantize_4bit(weight.data, state)
-    return torch.matmul(grad, weight.to(grad.dtype))

@@ -18,6 +18,10 @@ from collections.abc import Iterator
 import torch
 
 _state = threading.local()
+# The same "a replay is under way" as a plain module global, for code inside compiled layers:
+# dynamo guards on a module global it reads (one graph for each value; the replay's graph is
+# the grad-enabled one anyway), while reading a threading.local would break the graph.
+REPLAYING = False
 
 
 @contextlib.contextmanager
@@ -35,12 +39,13 @@ def recording() -> Iterator[list[torch.Tensor]]:
 @contextlib.contextmanager
 def replaying(parked: tuple[torch.Tensor, ...] = ()) -> Iterator[None]:
     """Marks a checkpoint's replay: the layer's output is differentiated, its value never read."""
-    previous = getattr(_state, "replaying", None)
-    _state.replaying = parked
+    global REPLAYING
+    previous, flag = getattr(_state, "replaying", None), REPLAYING
+    _state.replaying, REPLAYING = parked, True
     try:
         yield
     finally:
-        _state.replaying = previous
+        _state.replaying, REPLAYING = previous, flag
 
 
 def park(*tensors: torch.Tensor) -> bool:

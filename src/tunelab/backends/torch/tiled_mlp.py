@@ -21,13 +21,13 @@ state is restored), and the tiles' recompute runs under the forward's autocast.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from tunelab.backends.torch.loading import decoder_layers
-from tunelab.backends.torch.replay import is_replay
+from tunelab.backends.torch.replay import is_replay, replaying
+from tunelab.backends.torch.retype import retype
 from tunelab.config.schema import MLP_TILE_TOKENS
 
 TILE_TOKENS = MLP_TILE_TOKENS  # positions per tile: an 8B Llama's MLP intermediates for one tile are ~336 MiB
@@ -47,18 +47,30 @@ def tile_mlps(model: Any, tile_tokens: int = TILE_TOKENS) -> int:
         mlp = getattr(layer, "mlp", None)
         if mlp is None:
             continue
-        mlp.forward = functools.partial(_tiled_forward, mlp.forward, tile_tokens, skip_value)
+        mlp.tile_tokens, mlp.tile_skip_value = tile_tokens, skip_value
+        retype(mlp, _TiledForward)
         count += 1
     return count
 
 
+class _TiledForward:
+    """Put in front of an MLP's class: its call runs in tiles (one class for every layer, so one graph)."""
+
+    tile_tokens: int
+    tile_skip_value: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _tiled_forward(self, x)
+
+
 @torch.compiler.disable
-def _tiled_forward(inner: Any, tile: int, skip_value: bool, x: torch.Tensor) -> torch.Tensor:
+def _tiled_forward(mlp: Any, x: torch.Tensor) -> torch.Tensor:
+    inner, tile = super(_TiledForward, mlp).forward, mlp.tile_tokens
     if x.shape[:-1].numel() <= tile:
         return inner(x)
     if not torch.is_grad_enabled():  # tiles here too: dropout then draws its masks as backward will
         return _tiles(inner, x, tile)
-    return _TiledMLP.apply(x, inner, tile, skip_value and is_replay())
+    return _TiledMLP.apply(x, inner, tile, mlp.tile_skip_value and is_replay())
 
 
 def _tiles(inner: Any, x: torch.Tensor, tile: int) -> torch.Tensor:
@@ -91,7 +103,8 @@ class _TiledMLP(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.rng[1], x.device)
             for start in range(0, flat.shape[0], ctx.tile):
                 part = flat[start : start + ctx.tile].detach().requires_grad_(True)
-                with torch.enable_grad(), torch.autocast(x.device.type, **ctx.autocast):
+                # A replay too: only the tile's gradient is taken, so a lean down projection skips its value.
+                with torch.enable_grad(), torch.autocast(x.device.type, **ctx.autocast), replaying():
                     out = ctx.inner(part)
                 torch.autograd.backward(out, grads[start : start + ctx.tile])
                 dx[start : start + ctx.tile] = part.grad

@@ -1,0 +1,43 @@
+"""A LoRA-wrapped linear layer taken apart: its adapters' output, and its frozen base's input gradient.
+
+Code that differentiates a layer by hand (the kept MLP, the replay's down
+projection) needs the two halves separately: the adapters run with autograd
+(their weights train), while the frozen base contributes only ``grad @ W`` to
+its input's gradient, which is what the base layer's own backward computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def adapter_branch(module: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The sum of a LoRA layer's active adapters' outputs on ``x`` (None for a plain or disabled layer)."""
+    if not hasattr(module, "lora_A") or module.disable_adapters or module.merged:
+        return None
+    total = None
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        a, b = module.lora_A[name], module.lora_B[name]
+        out = b(a(module.lora_dropout[name](module._cast_input_dtype(x, a.weight.dtype)))) * module.scaling[name]
+        total = out if total is None else total + out
+    return total
+
+
+def base_weight(module: Any) -> torch.Tensor:
+    """The base weight of a (LoRA-wrapped) linear layer in its compute form: 4-bit bases dequantized."""
+    weight = getattr(module, "base_layer", module).weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return weight
+    import bitsandbytes.functional as bnbf  # only QLoRA bases carry a quant_state
+
+    return bnbf.dequantize_4bit(weight.data, state)
+
+
+def input_grad(module: Any, grad: torch.Tensor) -> torch.Tensor:
+    """``grad @ W`` for the frozen base weight ``W`` of a (LoRA-wrapped) linear layer."""
+    return torch.matmul(grad, base_weight(module).to(grad.dtype))
