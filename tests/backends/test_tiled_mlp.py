@@ -24,7 +24,7 @@ def _batch() -> dict[str, np.ndarray]:
 
 
 def _run(folder: Path, tokenizer: Any, *, tiled: bool, offload: bool | None, dropout: float) -> tuple[float, dict, int]:
-    """``offload``: True offloaded checkpoints, False torch's own checkpoint, None none."""
+    """``offload``: True offloaded checkpoints, False checkpoints kept in place, None none."""
     torch.manual_seed(1)
     backend = TorchBackend()
     backend.load(ModelSpec(str(folder), dtype="float32", device="cpu"), MethodSpec("lora", dropout=dropout),
@@ -54,9 +54,8 @@ def test_tiled_mlp_gives_the_gradients_of_the_whole_mlp(
     assert tiled_grads.keys() == grads.keys() and any("mlp" in n for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-5, atol=1e-7)
-    # forward in 6 tiles, backward in 6; an offloaded replay (Llama: residual + mlp) computes no value: 12, not 18;
-    # torch's own checkpoint replays the forward with its value: 18
-    assert calls == (18 if offload is False else 12)
+    # forward in 6 tiles, backward in 6; a checkpoint's replay (Llama: residual + mlp) computes no value: 12, not 18
+    assert calls == 12
 
 
 def test_tiled_mlp_with_dropout_matches_its_checkpointed_replay(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:

@@ -135,14 +135,12 @@ class TorchBackend:
             # FSDP's hooks must stay outside the checkpoint, and prefix tuning's virtual tokens ride in the
             # KV cache a replayed layer would append to twice: transformers' own switch handles both.
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if offload:
-            base.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph for adapters
         self.model = apply_method(base, method)
         self.fast = resolve(
             self.device, compile=model.compile, fused_loss=model.fused_loss, activation_budget=model.activation_budget
         )
         keep_reference(self._loss, base, method.name, lambda m: self.fast.fused_loss and supports_hidden_path(m))
-        if own_checkpoints and (offload or model.tiled_mlp):  # what replays a layer only to differentiate it
+        if own_checkpoints or (model.tiled_mlp and model.parallel != "fsdp"):  # they replay layers or tiles
             lean_down_projections(self._causal_lm)  # before tiling and compiling: the innermost wrapper
         if model.tiled_mlp:
             tile_mlps(self._causal_lm)  # before compiling: the tiled call stays outside the compiled graph

@@ -15,6 +15,13 @@ backward the input of the layer before the one being recomputed is copied
 back ahead of time, so the copies overlap compute.  GPU memory then grows with
 sequence length by one or two layers' worth of activations rather than by one
 input per layer (at 16k tokens on an 8B Llama, 32 x 128 MiB that stay off the GPU).
+Without offloading (a CPU, Apple's MPS, or ``train.offload_checkpoints: false``)
+the inputs stay where they are, and everything else is the same.
+
+Either way the layer's second run is flagged as a replay (:mod:`replay`), made
+only to be differentiated, so code inside it can skip what nothing reads: the
+down projection's base product (:mod:`lean_replay`), a tiled MLP's output.
+torch's own checkpoint can't say so, which is why it isn't used here.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from tunelab.backends.torch.host_stash import HostStash
 from tunelab.backends.torch.replay import recording, replaying
@@ -37,30 +43,34 @@ def checkpoint_layers(layers: Iterable[torch.nn.Module], *, offload: bool) -> No
     call in ``_compiled_call_impl``, the slot ``Module.__call__`` runs; the wrapper
     takes that slot over so the checkpoint sits outside the compiled graph).
     """
-    stash = HostStash() if offload else None
+    stash = HostStash(on_device=not offload)
+    # Under frozen embeddings the first layer's input needs no gradient; the layer's output still must
+    # carry one (its adapters train), and an autograd function's output does only if an input does.
+    # This empty tensor is that input: nothing flows to it, and the first layer's base weights then
+    # compute no input gradient, as without checkpointing.
+    anchor = torch.empty(0, requires_grad=True)
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = False  # type: ignore[assignment]  # transformers' own: off, ours instead
         inner = layer._compiled_call_impl or layer._call_impl
-        layer._compiled_call_impl = functools.partial(_checkpointed, inner, stash, index)
+        layer._compiled_call_impl = functools.partial(_checkpointed, inner, stash, anchor, index)
 
 
-def _checkpointed(inner: Any, stash: HostStash | None, index: int, *args: Any, **kwargs: Any) -> Any:
+def _checkpointed(inner: Any, stash: HostStash, anchor: torch.Tensor, index: int, *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
         return inner(*args, **kwargs)  # evaluation and generation: nothing to save
-    if stash is None:
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
     extra: dict[str, Any] = {}
-    hidden = _OffloadedLayer.apply(args[0], inner, args[1:], kwargs, stash, index, extra)
+    hidden = _CheckpointedLayer.apply(args[0], anchor, inner, args[1:], kwargs, stash, index, extra)
     return (hidden, *extra["rest"]) if extra.get("rest") is not None else hidden
 
 
-class _OffloadedLayer(torch.autograd.Function):
-    """Run a layer without saving anything on the GPU; in backward, bring its input back and run it again."""
+class _CheckpointedLayer(torch.autograd.Function):
+    """Run a layer saving only its input (in CPU memory when offloaded); in backward, run it again."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         hidden: torch.Tensor,
+        anchor: torch.Tensor,
         inner: Any,
         rest: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -89,7 +99,7 @@ class _OffloadedLayer(torch.autograd.Function):
                 out = ctx.inner(hidden, *ctx.rest, **ctx.kwargs)
         first = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(first, grad)
-        return (hidden.grad if ctx.needs_input_grad_ else None, None, None, None, None, None, None)
+        return (hidden.grad if ctx.needs_input_grad_ else None, None, None, None, None, None, None, None)
 
 
 def _autocast_state(device_type: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ side stream as soon as the tensor is computed, so the next layers' compute
 hides it; backward walks the layers in reverse, and fetching layer ``i``'s
 tensors starts copying layer ``i - 1``'s back, so that copy too overlaps the
 compute in between.  On a CPU run the tensors are already in CPU memory and
-are kept as they are (the tests run the same code there).
+are kept as they are (the tests run the same code there), as they are on any
+device by a stash made ``on_device`` (checkpoints that offload nothing).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class HostStash:
     """The parked tensors of one forward's layers, in layer order, and the side stream their copies run on."""
 
     saved: list[_Saved | None] = field(default_factory=list)
+    on_device: bool = False  # keep the tensors where they are (a checkpoint that offloads nothing)
     # Copies out and copies back on streams of their own: the link carries both directions at once, and
     # a prefetch never queues behind a forward's copies out that it doesn't need.
     streams: dict[str, torch.cuda.Stream] = field(default_factory=dict)
@@ -45,7 +47,7 @@ class HostStash:
         while len(self.saved) <= index:
             self.saved.append(None)
         device = tensors[0].device
-        if device.type != "cuda":
+        if device.type != "cuda" or self.on_device:
             self.saved[index] = _Saved(tuple(t.detach() for t in tensors), None)
             return self.saved
         stream = self._side("out", device)
@@ -66,7 +68,7 @@ class HostStash:
         entry = saved[index]
         assert entry is not None
         saved[index] = None
-        if device.type != "cuda":
+        if device.type != "cuda" or self.on_device:
             return entry.cpu
         current = torch.cuda.current_stream(device)
         if entry.prefetched is not None:
