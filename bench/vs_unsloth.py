@@ -55,6 +55,10 @@ SHAPES: dict[str, dict[str, Any]] = {
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True,
     ),
+    "small": dict(
+        vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+        num_attention_heads=8, num_key_value_heads=4, rope_theta=10000.0, tie_word_embeddings=False,
+    ),
     "tiny": dict(
         vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
@@ -85,6 +89,7 @@ ROWS = {
         Row("qlora_gc_16k", "llama8b", "qlora", 1, 16384, True),
         Row("1b_lora", "llama1b", "lora", 8, 2048, False),
         Row("tiny_lora_gc", "tiny", "lora", 2, 256, True),
+        Row("small_lora_gc", "small", "lora", 4, 512, True),  # a CPU A/B (--stacks tunelab,base), no Unsloth
     )
 }
 
@@ -128,7 +133,7 @@ def tunelab_config(row: Row, model: Path, data: Path, steps: int, out: Path) -> 
     import yaml
 
     cfg = {
-        "model": {"path": str(model), "dtype": "bfloat16" if row.shape != "tiny" else "float32"},
+        "model": {"path": str(model), "dtype": "float32" if row.shape in ("tiny", "small") else "bfloat16"},
         "data": {"train": str(data), "format": "text", "max_seq_len": row.seq, "cache": False},
         "method": {"name": row.method, "rank": 16, "alpha": 32, "targets": TARGETS},
         "train": {
