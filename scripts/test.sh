@@ -32,4 +32,4 @@ python -m ruff format --check src tests bench scripts
 python -m mypy
 NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict -q --site-dir "$(mktemp -d)"  # the docs site; references generated
 # Two pytest-xdist workers; tests/conftest.py keeps tests that share a built-once fixture on one worker.
-python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup "$@"
+python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=15 "$@"  # the slowest, to keep the suite near 15 min
