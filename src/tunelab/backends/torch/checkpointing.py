@@ -47,20 +47,23 @@ def checkpoint_layers(layers: Iterable[torch.nn.Module], *, offload: bool) -> No
     # Under frozen embeddings the first layer's input needs no gradient; the layer's output still must
     # carry one (its adapters train), and an autograd function's output does only if an input does.
     # This empty tensor is that input (nothing flows to it), in place of making the embeddings' output
-    # require a gradient. The replay still differentiates the first layer's input, which is discarded:
-    # a graph of its own for that one layer would cost a compile for ~0.5% of a step.
+    # require a gradient, so an eager first layer computes no input gradient. A compiled one still does
+    # (and discards it): a graph of its own for that one layer would cost a compile for ~0.5% of a step.
     anchor = torch.empty(0, requires_grad=True)
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = False  # type: ignore[assignment]  # transformers' own: off, ours instead
+        compiled = layer._compiled_call_impl is not None
         inner = layer._compiled_call_impl or layer._call_impl
-        layer._compiled_call_impl = functools.partial(_checkpointed, inner, stash, anchor, index)
+        layer._compiled_call_impl = functools.partial(_checkpointed, inner, stash, anchor, compiled, index)
 
 
-def _checkpointed(inner: Any, stash: HostStash, anchor: torch.Tensor, index: int, *args: Any, **kwargs: Any) -> Any:
+def _checkpointed(
+    inner: Any, stash: HostStash, anchor: torch.Tensor, compiled: bool, index: int, *args: Any, **kwargs: Any
+) -> Any:
     if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
         return inner(*args, **kwargs)  # evaluation and generation: nothing to save
     extra: dict[str, Any] = {}
-    hidden = _CheckpointedLayer.apply(args[0], anchor, inner, args[1:], kwargs, stash, index, extra)
+    hidden = _CheckpointedLayer.apply(args[0], anchor, inner, args[1:], kwargs, stash, (index, compiled), extra)
     return (hidden, *extra["rest"]) if extra.get("rest") is not None else hidden
 
 
@@ -76,15 +79,16 @@ class _CheckpointedLayer(torch.autograd.Function):
         rest: tuple[Any, ...],
         kwargs: dict[str, Any],
         stash: HostStash,
-        index: int,
+        where: tuple[int, bool],
         extra: dict[str, Any],
     ) -> torch.Tensor:
-        ctx.inner, ctx.rest, ctx.kwargs, ctx.stash, ctx.index = inner, rest, kwargs, stash, index
-        ctx.device, ctx.needs_input_grad_ = hidden.device, hidden.requires_grad
+        (index, compiled), ctx.inner, ctx.rest, ctx.kwargs, ctx.stash = where, inner, rest, kwargs, stash
+        ctx.index, ctx.device, ctx.needs_input_grad_ = index, hidden.device, hidden.requires_grad
+        ctx.differentiate_input = hidden.requires_grad or compiled
         ctx.autocast = _autocast_state(hidden.device.type)
         ctx.rng = _rng_state(hidden.device)
-        # The layer sees an input that needs no gradient here and one that does on the replay, the same
-        # in every layer (the first one's included), so the compiled layer keeps one graph for each run.
+        # A compiled layer sees an input that needs no gradient here and one that does on the replay,
+        # the same in every layer (the first one's included), so it keeps one graph for each run.
         with torch.no_grad(), recording() as parked:
             out = inner(hidden.detach(), *rest, **kwargs)
         first, extra["rest"] = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
@@ -94,7 +98,7 @@ class _CheckpointedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         hidden, *parked = ctx.stash.fetch(ctx.saved, ctx.index, ctx.device)
-        hidden = hidden.detach().requires_grad_(True)
+        hidden = hidden.detach().requires_grad_(ctx.differentiate_input)
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # dropout draws what it drew in the forward
             _set_rng_state(ctx.rng, ctx.device)
