@@ -112,29 +112,25 @@ def test_the_backend_makes_them_lean_where_a_layer_is_replayed(tiny_model_dir: P
 
 
 def test_compiled_layers_share_one_graph_per_run_kind(
-    tmp_path: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lean wrapper must not make each layer compile its own graph (a per-layer ``partial`` did: dynamo
     guards on its identity, and past its recompile limit the later layers ran uncompiled)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from conftest import CORPUS
-    from tunelab.tiny import make_tiny_checkpoint
-
-    folder = make_tiny_checkpoint(tmp_path / "four", CORPUS, arch="llama", tokenizer="bpe", vocab_size=400,
-                                  hidden_size=32, num_layers=4)  # fmt: skip
     torch._dynamo.reset()
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # a thread count change recompiles too
     backend = TorchBackend()
-    backend.load(ModelSpec(str(folder), dtype="float32", device="cpu"), MethodSpec("lora"), OptimSpec(), tiny_tokenizer)
+    backend.load(ModelSpec(str(tiny_model_dir), dtype="float32", device="cpu"), MethodSpec("lora"), OptimSpec(),
+                 tiny_tokenizer)  # fmt: skip
     base = backend._causal_lm
     layers = decoder_layers(base)
-    assert lean_down_projections(base) == tile_mlps(base, tile_tokens=8) == 4
+    assert lean_down_projections(base) == tile_mlps(base, tile_tokens=8) == len(layers) == 2
     for layer in layers:
         layer.compile(backend="aot_eager")  # the graphs dynamo captures, without inductor's code generation
     checkpoint_layers(layers, offload=True)
     losses = [backend.forward_backward(_batch(), 1.0).loss_sum for _ in range(2)]
     assert all(np.isfinite(losses))
-    # one entry for the first run (no gradients) and one for the replay, whatever the number of layers
+    # one entry for the first run (no gradients) and one for the replay, not one of each per layer
     assert len(_debug_get_cache_entry_list(type(layers[0]).forward.__code__)) == 2
     torch._dynamo.reset()
