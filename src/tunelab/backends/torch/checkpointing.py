@@ -63,7 +63,7 @@ def _checkpointed(
     if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
         return inner(*args, **kwargs)  # evaluation and generation: nothing to save
     extra: dict[str, Any] = {}
-    hidden = _CheckpointedLayer.apply(args[0], anchor, inner, args[1:], kwargs, stash, (index, compiled), extra)
+    hidden = _CheckpointedLayer.apply(args[0], anchor, inner, args[1:], kwargs, stash, index, compiled, extra)
     return (hidden, *extra["rest"]) if extra.get("rest") is not None else hidden
 
 
@@ -79,11 +79,12 @@ class _CheckpointedLayer(torch.autograd.Function):
         rest: tuple[Any, ...],
         kwargs: dict[str, Any],
         stash: HostStash,
-        where: tuple[int, bool],
+        index: int,
+        compiled: bool,
         extra: dict[str, Any],
     ) -> torch.Tensor:
-        (index, compiled), ctx.inner, ctx.rest, ctx.kwargs, ctx.stash = where, inner, rest, kwargs, stash
-        ctx.index, ctx.device, ctx.needs_input_grad_ = index, hidden.device, hidden.requires_grad
+        ctx.inner, ctx.rest, ctx.kwargs, ctx.stash, ctx.index = inner, rest, kwargs, stash, index
+        ctx.device, ctx.needs_input_grad_ = hidden.device, hidden.requires_grad
         ctx.differentiate_input = hidden.requires_grad or compiled
         ctx.autocast = _autocast_state(hidden.device.type)
         ctx.rng = _rng_state(hidden.device)
@@ -106,7 +107,7 @@ class _CheckpointedLayer(torch.autograd.Function):
                 out = ctx.inner(hidden, *ctx.rest, **ctx.kwargs)
         first = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(first, grad)
-        return (hidden.grad if ctx.needs_input_grad_ else None, None, None, None, None, None, None, None)
+        return (hidden.grad if ctx.needs_input_grad_ else None, *[None] * 8)
 
 
 def _autocast_state(device_type: str) -> dict[str, Any]:

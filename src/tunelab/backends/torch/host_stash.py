@@ -47,7 +47,7 @@ class HostStash:
         while len(self.saved) <= index:
             self.saved.append(None)
         device = tensors[0].device
-        if device.type != "cuda" or self.on_device:
+        if not self._copies(device):
             self.saved[index] = _Saved(tuple(t.detach() for t in tensors), None)
             return self.saved
         stream = self._side("out", device)
@@ -68,7 +68,7 @@ class HostStash:
         entry = saved[index]
         assert entry is not None
         saved[index] = None
-        if device.type != "cuda" or self.on_device:
+        if not self._copies(device):
             return entry.cpu
         current = torch.cuda.current_stream(device)
         if entry.prefetched is not None:
@@ -91,6 +91,10 @@ class HostStash:
                 t.record_stream(current)  # used on the compute stream: freed only after it is done there
             previous.prefetched = (early, ready)
         return tensors
+
+    def _copies(self, device: torch.device) -> bool:
+        """Whether tensors on ``device`` travel to pinned CPU memory (else they are kept as they are)."""
+        return device.type == "cuda" and not self.on_device
 
     def _side(self, direction: str, device: torch.device) -> torch.cuda.Stream:
         if direction not in self.streams:
