@@ -55,14 +55,16 @@ def report():
             live[e["addr"]] = e
         elif e["action"] == "free_completed":
             live.pop(e["addr"], None)
-    groups = collections.defaultdict(lambda: [0, 0])
+    groups = collections.defaultdict(lambda: [0, 0, collections.Counter()])
     for e in live.values():
         g = groups[where(e.get("frames", []))]
-        g[0] += e["size"]; g[1] += 1
+        g[0] += e["size"]; g[1] += 1; g[2][e["size"]] += 1
     print(f"PEAK traced {peak / 2**30:.3f} GiB at event {at} of {len(events)}; "
           f"max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB", flush=True)
-    for key, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:30]:
-        print(f"PEAK {size / 2**30:8.3f} GiB {n:6d}  {key}", flush=True)
+    for key, (size, n, sizes) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:30]:
+        # the commonest block sizes (MiB x count) say which tensors they are: width = bytes / tokens / 2
+        common = " ".join(f"{b / 2**20:.1f}Mx{c}" for b, c in sizes.most_common(4))
+        print(f"PEAK {size / 2**30:8.3f} GiB {n:6d}  {key}  [{common}]", flush=True)
 
 atexit.register(report)
 sys.argv[0] = "tunelab"

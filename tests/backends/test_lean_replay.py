@@ -81,6 +81,21 @@ def test_a_tiled_mlps_recompute_skips_it_too(tiny_model_dir: Path, tiny_tokenize
     assert (plain[2], lean[2]) == (12, 6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_4_bit_base_skips_it_too_with_the_same_gradients(
+    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr("tunelab.backends.torch.lean_replay.LEAN_4_BIT", True)
+    qlora = MethodSpec("qlora", bits=4)
+    plain = _run(tiny_model_dir, tiny_tokenizer, lean=False, method=qlora, device="cuda")
+    lean = _run(tiny_model_dir, tiny_tokenizer, lean=True, method=qlora, device="cuda")
+    # bf16: the same products in the same order, so the same gradients up to bf16's rounding of the sum
+    _same(lean, plain, rtol=2e-2, atol=1e-3)
+    assert (plain[2], lean[2]) == (2, 1)
+
+
 def test_only_frozen_plain_adapters_in_residual_mlps_are_made_lean(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
     from transformers import AutoModelForCausalLM
 
