@@ -1,0 +1,148 @@
+"""Where `tunelab train`'s step time goes on a GPU: kernel time by kind, the GPU's idle share, the top kernels.
+
+    python3 bench/step_profile.py lora_gc qlora_gc --unsloth-site /tmp/site_us
+    python3 bench/step_profile.py tiny_lora_gc --steps 6 --warm 2      # CPU plumbing check
+
+Each row (named as in ``vs_unsloth.py``) runs ``tunelab train`` on vs_unsloth's checkpoint, config and
+data, in a process of its own.  Inside it, the backend's ``optimizer_step`` is wrapped (nothing else
+changes): after ``--warm`` steps the GPU is synchronised and torch's profiler starts, and ``--span``
+steps later it stops and the process prints, per step, the wall time, the kernel time of each kind
+(matrix products, attention, Triton kernels inductor generated, bitsandbytes' dequantization,
+copies, the optimizer, other aten kernels) and the time the GPU had no kernel running, then the 25
+kernels that took longest.  The kinds are told apart by kernel name.  Profiling itself slows the
+host side a little, so the wall time here is a bit above the run's own tokens/s; the shares are what
+to read.  Output also goes to ``$OUT/profile_<row>.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vs_unsloth as vu  # bench/ is on the path now
+
+# Runs inside the training process: the profiler around steps WARM+1 .. WARM+SPAN of the backend's loop.
+DRIVER = r"""
+import collections, sys, time, torch
+from torch.profiler import ProfilerActivity, profile
+from tunelab.backends.torch.backend import TorchBackend
+
+WARM, SPAN = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+CUDA = torch.cuda.is_available()
+KINDS = [  # first match wins; names of CUDA kernels (or aten ops on a CPU)
+    ("attention", ("flash", "fmha", "attention", "sdpa", "aten::_scaled_dot_product")),  # before sm90_ below
+    ("matrix products", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_", "aten::mm", "aten::addmm")),
+    ("bitsandbytes", ("dequant", "kDequantize", "kgemm_4bit")),
+    ("copies", ("memcpy", "memset", "copy_", "aten::copy_", "aten::to")),
+    ("optimizer", ("multi_tensor_apply", "fused_adam", "adam")),
+    ("inductor (triton)", ("triton_", "cpp_fused")),
+]
+state = {"steps": 0, "prof": None, "t0": 0.0}
+
+
+def kind(name):
+    low = name.lower()
+    for label, keys in KINDS:
+        if any(k.lower() in low for k in keys):
+            return label
+    return "other"
+
+
+def report(prof, wall):
+    device = torch.autograd.DeviceType.CUDA if CUDA else torch.autograd.DeviceType.CPU
+    by_kind, by_name = collections.Counter(), collections.Counter()
+    calls = collections.Counter()
+    for evt in prof.key_averages():
+        if CUDA and evt.device_type != device:
+            continue
+        t = (evt.self_device_time_total if CUDA else evt.self_cpu_time_total) / 1e3  # ms
+        if t <= 0 or (not CUDA and not evt.key.startswith("aten::")):
+            continue
+        by_kind[kind(evt.key)] += t
+        by_name[evt.key] += t
+        calls[evt.key] += evt.count
+    busy = sum(by_kind.values())
+    print(f"PROFILE {SPAN} steps, {wall / SPAN * 1e3:.1f} ms a step (wall, profiled)", flush=True)
+    for label, t in by_kind.most_common():
+        print(f"PROFILE {label:<20} {t / SPAN:8.1f} ms a step  {100 * t / wall / 1e3:5.1f}% of wall", flush=True)
+    if CUDA:
+        idle = wall * 1e3 - busy
+        share = 100 * idle / wall / 1e3
+        print(f"PROFILE {'no kernel running':<20} {idle / SPAN:8.1f} ms a step  {share:5.1f}% of wall", flush=True)
+    for name, t in by_name.most_common(25):
+        print(f"PROFILE   {t / SPAN:7.2f} ms {calls[name] // SPAN:5d}x  {name[:110]}", flush=True)
+
+
+original = TorchBackend.optimizer_step
+
+
+def stepped(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    state["steps"] += 1
+    if state["steps"] == WARM:
+        if CUDA:
+            torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+        state["prof"] = profile(activities=acts)
+        state["prof"].__enter__()
+        state["t0"] = time.perf_counter()
+    elif state["steps"] == WARM + SPAN and state["prof"] is not None:
+        if CUDA:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - state["t0"]
+        prof, state["prof"] = state["prof"], None
+        prof.__exit__(None, None, None)
+        report(prof, wall)
+    return out
+
+
+TorchBackend.optimizer_step = stepped
+sys.argv[0] = "tunelab"
+from tunelab.cli.main import main
+main()
+"""
+
+
+def profile_row(name: str, work: Path, site: Path, warm: int, span: int) -> str:
+    row = vu.ROWS[name]
+    model = vu.build_checkpoint(work / row.shape, row.shape)
+    steps = warm + span + 1
+    data = vu.write_data(work / f"prof-text-{row.seq}.jsonl", row.batch * steps + 8, row.seq)
+    out = work / f"prof-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = vu.tunelab_config(row, model, data, steps, out)
+    bnb = vu._bitsandbytes_only(site, work)
+    env = {**os.environ, "TUNELAB_HOME": str(out / "home"),
+           "PYTHONPATH": f"{vu.REPO / 'src'}:{bnb}:{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    cmd = [sys.executable, "-c", DRIVER, str(warm), str(span), "train", str(cfg)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [f"== {name}: exit {proc.returncode}"]
+    lines += [ln.removeprefix("PROFILE ") for ln in proc.stdout.splitlines() if ln.startswith("PROFILE")]
+    if proc.returncode != 0 or len(lines) == 1:
+        lines.append(vu._tail(proc.stdout + proc.stderr, 15))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("rows", nargs="+")
+    p.add_argument("--warm", type=int, default=4, help="steps before the profiler starts (compiles, warm-up)")
+    p.add_argument("--span", type=int, default=3, help="steps profiled")
+    p.add_argument("--workdir", type=Path, default=Path("/dev/shm/tunelab-vs"))
+    p.add_argument("--unsloth-site", type=Path, default=Path("/tmp/site_us"))
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sink = Path(os.environ.get("OUT", vu.REPO / "bench" / "results"))
+    sink.mkdir(parents=True, exist_ok=True)
+    for name in args.rows:
+        text = profile_row(name, args.workdir, args.unsloth_site, args.warm, args.span)
+        print(text, flush=True)
+        (sink / f"profile_{name}.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
