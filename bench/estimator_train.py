@@ -135,8 +135,7 @@ def describe(row: Row) -> dict[str, Any]:
 
 # -- one row --------------------------------------------------------------------------------------
 def run_row(row: Row, cfg: Path, out: Path, bnb: Path, timeout: float) -> dict:
-    path = f"{vu.REPO / 'src'}:{bnb}:{os.environ.get('PYTHONPATH', '')}"
-    env = {**os.environ, "TUNELAB_HOME": str(out / "home"), "PYTHONPATH": path}
+    env = vu.tunelab_env(out, bnb)
     result = describe(row)
     started = time.time()
     with (out / "train.log").open("w") as log:

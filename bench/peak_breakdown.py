@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,16 +78,10 @@ def breakdown(name: str, work: Path, site: Path) -> str:
     out = work / f"peak-{name}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = et.row_config(row, model, work, out)
-    bnb = vu._bitsandbytes_only(site, work)
-    env = {**os.environ, "TUNELAB_HOME": str(out / "home"),
-           "PYTHONPATH": f"{vu.REPO / 'src'}:{bnb}:{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    env = vu.tunelab_env(out, vu._bitsandbytes_only(site, work))
     est = vu._json(subprocess.run([sys.executable, "-m", "tunelab", "estimate", str(cfg), "--json"],
                                   env=env, capture_output=True, text=True))  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", DRIVER, "train", str(cfg)], env=env, capture_output=True, text=True)
-    lines = [f"== {name}: exit {proc.returncode}"]
-    lines += [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK")]
-    if proc.returncode != 0 or len(lines) == 1:
-        lines.append(vu._tail(proc.stdout + proc.stderr, 15))
+    lines = vu.run_driver(name, DRIVER, ["train", str(cfg)], env, "PEAK")
     estimate = est.get("estimate") or est
     for item in estimate.get("lines", []):
         lines.append(f"EST  {item.get('bytes', 0) / 2**30:8.3f} GiB  {item.get('label')}  {item.get('note', '')}")
@@ -103,12 +96,7 @@ def main() -> None:
     p.add_argument("--unsloth-site", type=Path, default=Path("/tmp/site_us"))
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    sink = Path(os.environ.get("OUT", vu.REPO / "bench" / "results"))
-    sink.mkdir(parents=True, exist_ok=True)
-    for name in args.rows:
-        text = breakdown(name, args.workdir, args.unsloth_site)
-        print(text, flush=True)
-        (sink / f"peak_{name}.txt").write_text(text + "\n")
+    vu.report_rows(args.rows, "peak", lambda name: breakdown(name, args.workdir, args.unsloth_site))
 
 
 if __name__ == "__main__":

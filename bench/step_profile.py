@@ -17,8 +17,6 @@ to read.  Output also goes to ``$OUT/profile_<row>.txt``.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -115,16 +113,9 @@ def profile_row(name: str, work: Path, site: Path, warm: int, span: int) -> str:
     out = work / f"prof-{name}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = vu.tunelab_config(row, model, data, steps, out)
-    bnb = vu._bitsandbytes_only(site, work)
-    env = {**os.environ, "TUNELAB_HOME": str(out / "home"),
-           "PYTHONPATH": f"{vu.REPO / 'src'}:{bnb}:{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
-    cmd = [sys.executable, "-c", DRIVER, str(warm), str(span), "train", str(cfg)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [f"== {name}: exit {proc.returncode}"]
-    lines += [ln.removeprefix("PROFILE ") for ln in proc.stdout.splitlines() if ln.startswith("PROFILE")]
-    if proc.returncode != 0 or len(lines) == 1:
-        lines.append(vu._tail(proc.stdout + proc.stderr, 15))
-    return "\n".join(lines)
+    env = vu.tunelab_env(out, vu._bitsandbytes_only(site, work))
+    lines = vu.run_driver(name, DRIVER, [str(warm), str(span), "train", str(cfg)], env, "PROFILE ")
+    return "\n".join(ln.removeprefix("PROFILE ") for ln in lines)
 
 
 def main() -> None:
@@ -136,12 +127,8 @@ def main() -> None:
     p.add_argument("--unsloth-site", type=Path, default=Path("/tmp/site_us"))
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    sink = Path(os.environ.get("OUT", vu.REPO / "bench" / "results"))
-    sink.mkdir(parents=True, exist_ok=True)
-    for name in args.rows:
-        text = profile_row(name, args.workdir, args.unsloth_site, args.warm, args.span)
-        print(text, flush=True)
-        (sink / f"profile_{name}.txt").write_text(text + "\n")
+    one = lambda name: profile_row(name, args.workdir, args.unsloth_site, args.warm, args.span)  # noqa: E731
+    vu.report_rows(args.rows, "profile", one)
 
 
 if __name__ == "__main__":

@@ -121,8 +121,11 @@ def _words(rng: random.Random, n: int) -> str:
 
 
 def write_data(path: Path, rows: int, seq: int) -> Path:
-    """Records longer than ``seq`` tokens (truncated to it), so every micro-batch is full rows."""
-    if path.exists():
+    """Records longer than ``seq`` tokens (truncated to it), so every micro-batch is full rows.
+
+    A file left by an earlier row of the same length is reused only if it holds ``rows`` records.
+    """
+    if path.exists() and len(path.read_text().splitlines()) >= rows:
         return path
     rng = random.Random(1)
     path.write_text("".join(json.dumps({"text": _words(rng, int(seq * 1.2))}) + "\n" for _ in range(rows)))
@@ -166,8 +169,7 @@ def run_tunelab(
     out = work / f"tl-{row.name}-{row.seq}-{int(time.time())}"
     out.mkdir(parents=True)
     cfg = tunelab_config(row, model, data, steps, out)
-    path = f"{src}:{_bitsandbytes_only(Path(site), work)}:{os.environ.get('PYTHONPATH', '')}"
-    env = {**os.environ, "TUNELAB_HOME": str(out / "home"), "PYTHONPATH": path}
+    env = tunelab_env(out, _bitsandbytes_only(Path(site), work), src)
     estimate = _json(subprocess.run([sys.executable, "-m", "tunelab", "estimate", str(cfg), "--json"],
                                     env=env, capture_output=True, text=True))  # fmt: skip
     entry = [sys.executable, "-m", "tunelab", "train", str(cfg)]
@@ -200,6 +202,33 @@ def run_tunelab(
         "estimate_total_gib": _gib(show.get("estimated_memory_bytes")),
         "losses": [round(m["train_loss"], 3) for m in metrics if "train_loss" in m][:: max(1, steps // 4)],
     }
+
+
+def tunelab_env(out: Path, bnb: Path, src: Path = REPO / "src") -> dict[str, str]:
+    """The environment of one `tunelab` process: a fresh TUNELAB_HOME under ``out``, ``src`` and bitsandbytes."""
+    path = f"{src}:{bnb}:{os.environ.get('PYTHONPATH', '')}"
+    return {**os.environ, "TUNELAB_HOME": str(out / "home"), "PYTHONPATH": path}
+
+
+def run_driver(name: str, driver: str, argv: list[str], env: dict[str, str], prefix: str) -> list[str]:
+    """``python -c DRIVER ARGV`` (a `tunelab` command wrapped by a bench script); its lines that start with
+    ``prefix``, headed by the exit status, with the output's tail when it failed or printed none."""
+    proc = subprocess.run([sys.executable, "-c", driver, *argv], env=env, capture_output=True, text=True)
+    lines = [f"== {name}: exit {proc.returncode}"]
+    lines += [ln for ln in proc.stdout.splitlines() if ln.startswith(prefix)]
+    if proc.returncode != 0 or len(lines) == 1:
+        lines.append(_tail(proc.stdout + proc.stderr, 15))
+    return lines
+
+
+def report_rows(names: list[str], stem: str, one: Any) -> None:
+    """Print ``one(name)`` for each row as it finishes, and save it as ``$OUT/<stem>_<name>.txt``."""
+    sink = Path(os.environ.get("OUT", REPO / "bench" / "results"))
+    sink.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        text = one(name)
+        print(text, flush=True)
+        (sink / f"{stem}_{name}.txt").write_text(text + "\n")
 
 
 def _bitsandbytes_only(site: Path, work: Path) -> Path:
