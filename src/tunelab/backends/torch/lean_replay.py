@@ -34,7 +34,7 @@ import torch
 
 from tunelab.backends.torch import replay
 from tunelab.backends.torch.loading import decoder_layers
-from tunelab.backends.torch.lora_parts import adapter_branch, base_weight
+from tunelab.backends.torch.lora_parts import adapter_branch, base_weight, weight_input_grad
 from tunelab.backends.torch.retype import retype
 from tunelab.backends.torch.tiled_mlp import RESIDUAL_MLP_MODELS
 
@@ -95,4 +95,4 @@ class _UnreadLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (weight,) = ctx.saved_tensors
-        return torch.matmul(grad, weight.to(grad.dtype)), None
+        return weight_input_grad(grad, weight), None

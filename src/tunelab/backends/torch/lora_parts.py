@@ -40,4 +40,9 @@ def base_weight(module: Any) -> torch.Tensor:
 
 def input_grad(module: Any, grad: torch.Tensor) -> torch.Tensor:
     """``grad @ W`` for the frozen base weight ``W`` of a (LoRA-wrapped) linear layer."""
-    return torch.matmul(grad, base_weight(module).to(grad.dtype))
+    return weight_input_grad(grad, base_weight(module))
+
+
+def weight_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``grad @ W``: the input gradient of ``x @ W.T`` for a frozen ``W`` in its compute form."""
+    return torch.matmul(grad, weight.to(grad.dtype))
