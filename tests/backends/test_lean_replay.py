@@ -32,11 +32,11 @@ def _run(
     dropout: float = 0.0,
     method: MethodSpec | None = None,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> tuple[list[float], dict[str, torch.Tensor], int]:
     """Two micro-batches through offloaded checkpoints; returns losses, gradients, base down products per layer."""
     torch.manual_seed(1)
     backend = TorchBackend()
-    dtype = "float32" if device == "cpu" else "bfloat16"
     backend.load(ModelSpec(str(folder), dtype=dtype, device=device), method or MethodSpec("lora", dropout=dropout),
                  OptimSpec(), tokenizer)  # fmt: skip
     base = backend._causal_lm
@@ -56,8 +56,8 @@ def _run(
     return losses, grads, calls[0] // (2 * len(layers))
 
 
-def _same(lean: tuple, plain: tuple, rtol: float = 1e-5, atol: float = 1e-7) -> None:
-    assert lean[0] == pytest.approx(plain[0], rel=1e-6)
+def _same(lean: tuple, plain: tuple, rtol: float = 1e-5, atol: float = 1e-7, loss_rel: float = 1e-6) -> None:
+    assert lean[0] == pytest.approx(plain[0], rel=loss_rel)
     assert lean[1].keys() == plain[1].keys() and any("down_proj.lora_A" in n for n in plain[1])
     for name, grad in plain[1].items():
         torch.testing.assert_close(lean[1][name], grad, rtol=rtol, atol=atol)
@@ -83,16 +83,14 @@ def test_a_tiled_mlps_recompute_skips_it_too(tiny_model_dir: Path, tiny_tokenize
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_4_bit_base_skips_it_too_with_the_same_gradients(
-    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_4_bit_base_skips_it_too_with_the_same_gradients(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
     pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr("tunelab.backends.torch.lean_replay.LEAN_4_BIT", True)
     qlora = MethodSpec("qlora", bits=4)
     plain = _run(tiny_model_dir, tiny_tokenizer, lean=False, method=qlora, device="cuda")
     lean = _run(tiny_model_dir, tiny_tokenizer, lean=True, method=qlora, device="cuda")
-    # bf16: the same products in the same order, so the same gradients up to bf16's rounding of the sum
-    _same(lean, plain, rtol=2e-2, atol=1e-3)
+    # fp32 compute over the same dequantized weights: equal up to TF32/fp32 rounding. (In bf16 the rounding
+    # noise of a 2-layer model's backward, ~1e-5 in the loss on an H100, swamps what this checks.)
+    _same(lean, plain, rtol=1e-3, atol=1e-5, loss_rel=1e-5)
     assert (plain[2], lean[2]) == (2, 1)
 
 
