@@ -11,12 +11,14 @@ steps later it stops and the process prints, per step, the wall time, the kernel
 copies, the optimizer, other aten kernels) and the time the GPU had no kernel running, then the 25
 kernels that took longest.  The kinds are told apart by kernel name.  Profiling itself slows the
 host side a little, so the wall time here is a bit above the run's own tokens/s; the shares are what
-to read.  Output also goes to ``$OUT/profile_<row>.txt``.
+to read.  Output also goes to ``$OUT/profile_<row>.txt``, and every GPU kernel of the profiled steps
+(start, length, stream, name) to ``$OUT/kernels_<row>.csv.gz`` for reading the timeline offline.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import vs_unsloth as vu  # bench/ is on the path now
 
 # Runs inside the training process: the profiler around steps WARM+1 .. WARM+SPAN of the backend's loop.
 DRIVER = r"""
-import collections, sys, time, torch
+import collections, csv, gzip, json, os, sys, tempfile, time, torch
 from torch.profiler import ProfilerActivity, profile
 from tunelab.backends.torch.backend import TorchBackend
 
@@ -73,6 +75,25 @@ def report(prof, wall):
         print(f"PROFILE {'no kernel running':<20} {idle / SPAN:8.1f} ms a step  {share:5.1f}% of wall", flush=True)
     for name, t in by_name.most_common(25):
         print(f"PROFILE   {t / SPAN:7.2f} ms {calls[name] // SPAN:5d}x  {name[:110]}", flush=True)
+    if os.environ.get("PROFILE_KERNELS"):
+        timeline(prof, os.environ["PROFILE_KERNELS"])
+
+
+def timeline(prof, path):
+    # Every GPU kernel, copy and fill of the profiled steps (start, length, stream, name) as gzipped CSV.
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = json.load(f).get("traceEvents", [])
+    rows = [(e["ts"], e.get("dur", 0), e.get("tid", ""), e.get("cat", ""), e.get("name", "")[:160])
+            for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    rows.sort()
+    with gzip.open(path, "wt", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["start_us", "dur_us", "stream", "kind", "name"])
+        out.writerows(rows)
+    print(f"PROFILE {len(rows)} GPU events written to {path}", flush=True)
 
 
 original = TorchBackend.optimizer_step
@@ -114,6 +135,9 @@ def profile_row(name: str, work: Path, site: Path, warm: int, span: int) -> str:
     out.mkdir(parents=True, exist_ok=True)
     cfg = vu.tunelab_config(row, model, data, steps, out)
     env = vu.tunelab_env(out, vu._bitsandbytes_only(site, work))
+    sink = os.environ.get("OUT")
+    if sink:  # the kernel timeline, for reading offline (device time is scarce)
+        env["PROFILE_KERNELS"] = str(Path(sink) / f"kernels_{name}.csv.gz")
     lines = vu.run_driver(name, DRIVER, [str(warm), str(span), "train", str(cfg)], env, "PROFILE ")
     return "\n".join(ln.removeprefix("PROFILE ") for ln in lines)
 
