@@ -10,7 +10,9 @@ that finishes the remaining steps.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -116,3 +118,62 @@ def test_a_stop_request_checkpoints_and_a_resume_finishes_the_run(tiny_model_dir
     assert done.status == "completed" and done.state.step == 4 and done.state.cursor == 8
     assert set(more.metrics) == {3, 4} and "val_loss" in more.metrics[4]
     assert more.checkpoints == []  # the last step writes no checkpoint: the recipe saves the result
+
+
+class _Read:
+    """A value the backend returned; notes in ``events`` when the loop reads it (``float()``)."""
+
+    def __init__(self, value: Any, events: list[str], mark: str) -> None:
+        self.value, self.events, self.mark = value, events, mark
+
+    def __float__(self) -> float:
+        self.events.append(self.mark)
+        return float(self.value)
+
+
+class _Traced:
+    """The real torch backend, noting the order of the loop's calls and of its reads of what they returned."""
+
+    def __init__(self, backend: TorchBackend) -> None:
+        self.backend, self.events = backend, list[str]()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def forward_backward(self, batch: Any, loss_scale: float) -> Any:
+        part = self.backend.forward_backward(batch, loss_scale)
+        self.events.append("F")
+        return dataclasses.replace(part, loss_sum=_Read(part.loss_sum, self.events, "L"))
+
+    def optimizer_step(self, lr: float) -> Any:
+        self.events.append("O")
+        return _Read(self.backend.optimizer_step(lr), self.events, "N")
+
+
+@pytest.mark.parametrize(
+    ("save_every", "order"),
+    [
+        (0, "FO FLNO FLNO FLNOLN"),  # each step read once the next one's backward is queued; the last at once
+        (2, "FO FLNOLN FO FLNOLN"),  # a step that saves is read at once, so is the last
+    ],
+)
+def test_each_step_is_read_back_once_the_next_ones_backward_is_queued(
+    tiny_model_dir: Path, tmp_path: Path, save_every: int, order: str
+) -> None:
+    """Reading a step's loss waits for the device, so the loop reads it a step late (before the next optimizer
+    step, while the weights are still that step's), except where it validates, saves or ends."""
+    stream = _stream(_split())
+    plain = _backend(tiny_model_dir)
+    expected = [plain.eval_loss(stream.get(i)) for i in range(2)]  # lr 0 below: the weights never change
+    traced, seen = _Traced(_backend(tiny_model_dir)), Recorder()
+    opts = _options(tmp_path, total_steps=4, grad_accum=1, save_every=save_every)
+
+    result = run_loop(cast(Any, traced), stream, None, lambda _s: 0.0, opts, TrainerState(), seen)
+
+    assert result.status == "completed" and result.state.step == 4
+    assert "".join(traced.events) == order.replace(" ", "")
+    assert [step for step, _ in seen.checkpoints] == ([2] if save_every else [])
+    for step in range(1, 5):  # every step logged, with its own batch's loss (rows 0-1, 2-3, 0-1, 2-3)
+        part = expected[(step - 1) % 2]
+        assert seen.metrics[step]["train_loss"] == pytest.approx(float(part.loss_sum) / part.tokens, rel=1e-5)
+        assert seen.metrics[step]["grad_norm"] > 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, SupportsFloat
 
 import numpy as np
 
@@ -102,11 +102,13 @@ class ModelInfo:
 class LossSum:
     """The summed loss and how many terms it covers: supervised tokens (SFT), or pairs / KTO examples.
 
-    ``stats`` are an objective's diagnostics as ``(sum, count)``, e.g. ``rewards/chosen``: the trainer
-    adds them up over micro-batches and reports sum / count.
+    ``loss_sum`` is a number, or (from ``forward_backward``) a device scalar that becomes one when
+    ``float()`` reads it: reading waits for the device, so the trainer reads it once the step's work
+    is queued.  ``stats`` are an objective's diagnostics as ``(sum, count)``, e.g. ``rewards/chosen``:
+    the trainer adds them up over micro-batches and reports sum / count.
     """
 
-    loss_sum: float
+    loss_sum: SupportsFloat
     tokens: int
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -135,8 +137,8 @@ class Backend(Protocol):
         """Accumulate gradients of ``loss_sum * loss_scale`` for one micro-batch (the objective's loss)."""
         ...
 
-    def optimizer_step(self, lr: float) -> float:
-        """Clip, step with ``lr``, zero the gradients; returns the pre-clip gradient norm."""
+    def optimizer_step(self, lr: float) -> SupportsFloat:
+        """Clip, step with ``lr``, zero the gradients; returns the pre-clip gradient norm (read by ``float()``)."""
         ...
 
     def eval_loss(self, batch: Batch) -> LossSum:

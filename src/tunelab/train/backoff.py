@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import SupportsFloat
 
 import numpy as np
 
@@ -71,19 +72,22 @@ def split_rows(batch: Batch, parts: int) -> list[Batch]:
 
 def accumulate(
     backend: Backend, micro: Sequence[Batch], parallel: DataParallel, parts: int, supervised: int
-) -> tuple[float, Stats]:
+) -> tuple[list[SupportsFloat], Stats]:
     """Forward and backward of one step's micro-batches (this rank's rows, in ``parts`` pieces each).
 
-    Returns the summed loss and the objective's summed diagnostics (``(sum, count)`` by name).
+    Returns each piece's summed loss, unread (``float()`` of each waits for the device, so the
+    caller reads them once the step's work is queued), and the objective's summed diagnostics
+    (``(sum, count)`` by name).
     """
-    loss_sum, stats = 0.0, Stats()
+    losses: list[SupportsFloat] = []
+    stats = Stats()
     for batch in micro:
         for local in parallel.local(batch):
             for piece in split_rows(local, parts):
                 part = backend.forward_backward(piece, 1.0 / max(supervised, 1))
-                loss_sum += part.loss_sum
+                losses.append(part.loss_sum)
                 add_stats(stats, part.stats)
-    return loss_sum, stats
+    return losses, stats
 
 
 def accumulate_with_backoff(
@@ -96,8 +100,8 @@ def accumulate_with_backoff(
     step: int,
     on_backoff: Callable[[Backoff], None],
     hints: Sequence[str] = HINTS,
-) -> tuple[float, Stats, int]:
-    """:func:`accumulate`, halving the pieces on out-of-memory until one row per piece; returns (loss, stats, parts)."""
+) -> tuple[list[SupportsFloat], Stats, int]:
+    """:func:`accumulate`, halving the pieces on out-of-memory to one row each; returns (losses, stats, parts)."""
     while True:
         try:
             return *accumulate(backend, micro, parallel, parts, supervised), parts

@@ -123,7 +123,7 @@ def _steps(
         loss = loss_sum / tokens
         check_finite("loss", loss, state.step + 1)
         lr = schedule(state.step)
-        grad_norm = backend.optimizer_step(lr)
+        grad_norm = float(backend.optimizer_step(lr))
         check_finite("gradient norm", grad_norm, state.step + 1)
         ended = time.perf_counter()
         state.step += 1
@@ -170,7 +170,7 @@ def _sample_and_learn(
     loss_sum, stats = 0.0, dict[str, tuple[float, float]]()
     for group in groups:
         part = backend.forward_backward(build_batch(group, opts.pad_id), 1.0 / tokens)
-        loss_sum += part.loss_sum
+        loss_sum += float(part.loss_sum)
         add_stats(stats, part.stats)
     return groups, loss_sum, stats, sampled
 

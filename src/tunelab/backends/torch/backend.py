@@ -232,9 +232,11 @@ class TorchBackend:
         else:
             loss, tokens, *stats = self._summed_loss(batch)
         (loss * loss_scale).backward()
-        return LossSum(float(loss.detach()), tokens, floats(stats[0]) if stats else {})
+        # Not read here: float() would wait for the backward to finish while the host has the
+        # optimizer step and the next batch to queue (the trainer reads it a step later).
+        return LossSum(loss.detach(), tokens, floats(stats[0]) if stats else {})
 
-    def optimizer_step(self, lr: float) -> float:
+    def optimizer_step(self, lr: float) -> torch.Tensor:
         assert self._optimizer is not None
         for group in self._optimizer.param_groups:
             group["lr"] = lr
@@ -244,7 +246,7 @@ class TorchBackend:
         norm = torch.nn.utils.clip_grad_norm_(self._params, limit)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
-        return fsdp.total_norm(norm)  # read back last: the optimizer's kernels are queued before the host waits
+        return fsdp.total_norm(norm)  # unread: the trainer reads it once the next step's work is queued
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> LossSum:
@@ -289,7 +291,7 @@ class TorchBackend:
         batch = self._shaped(batch)
         # Preference batches: which tokens belong to which sequence, found on the host (no device sync).
         extra = host_arrays(batch) if "roles" in batch else {"positions": supervised_positions(batch["labels"])}
-        positions = torch.from_numpy(extra.pop("positions")).to(self.device)
+        positions = self._host_to_device(extra.pop("positions"))
         inputs = self._to_device({**batch, **extra})
         if self._host_embed is not None:  # the rows gathered from the host copy: the forward waits for nothing
             self._host_embed.prime(batch["input_ids"], inputs["input_ids"])
@@ -301,7 +303,16 @@ class TorchBackend:
             return self._loss(self._causal_lm, self.model, inputs, self._fast_loss, self._attention, positions)
 
     def _to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
+        return {k: self._host_to_device(v) for k, v in batch.items()}
+
+    def _host_to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device without waiting: a plain copy to CUDA waits for every queued kernel."""
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        # From pinned memory the copy is queued like a kernel; the caching host allocator keeps the
+        # pinned block from reuse until that copy has read it.
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     # -- persistence -------------------------------------------------------------------------
     def save_adapter(self, path: Path) -> None:

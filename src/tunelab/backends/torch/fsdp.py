@@ -142,11 +142,11 @@ def full_weights(model: torch.nn.Module, *, trainable_only: bool) -> dict[str, t
     return {name: t.detach().cpu() for name, t in full.items() if isinstance(t, torch.Tensor)}
 
 
-def total_norm(norm: torch.Tensor) -> float:
-    """``clip_grad_norm_``'s result as a float (under FSDP a DTensor, replicated once reduced)."""
+def total_norm(norm: torch.Tensor) -> torch.Tensor:
+    """``clip_grad_norm_``'s result as a plain tensor (under FSDP a DTensor, replicated once reduced)."""
     from torch.distributed.tensor import DTensor
 
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def rank() -> int:
