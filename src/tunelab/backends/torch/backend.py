@@ -13,7 +13,7 @@ import torch
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import checkpoint_io, fsdp, oom
+from tunelab.backends.torch import checkpoint_io, fsdp, nf4, oom
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.cpu_threads import CpuThreads
@@ -147,6 +147,8 @@ class TorchBackend:
         elif parked := offload_mlp(model, method, base, self.device, offload):
             keep_mlps(self._causal_lm, host_budget(), parked)  # before compiling, likewise
         if self.fast.compile_layers:
+            if nf4.IN_GRAPH and method.name == "qlora" and (method.bits or 4) == 4:
+                nf4.in_graph_4bit(self._causal_lm)  # the NF4 weights dequantized by the compiled graph itself
             compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
         self._widest = widest_row(model)  # read by _shaped only where the layers are compiled
         if own_checkpoints:

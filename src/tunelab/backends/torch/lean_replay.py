@@ -18,7 +18,7 @@ It applies to frozen bases in bf16/fp16/fp32 and to 4-bit (QLoRA) bases,
 under plain LoRA adapters.  Weight-decomposed adapters (DoRA) read the base's
 output and keep the full product; so do 8-bit bases.  A 4-bit base's NF4
 weight is dequantized inside the compiled layer's graph (bitsandbytes'
-dequantize is a traced op: no graph break), once, for the backward's
+dequantize is a traced op, or :mod:`nf4`'s own: no graph break), once, for the backward's
 ``grad @ W``, where bitsandbytes' own product dequantizes for its forward and
 again for its backward.  Measured through ``tunelab train`` (8B QLoRA 2x2048
 with checkpointing, H200, one lease): 8,963 -> 9,465 tok/s, the same losses to

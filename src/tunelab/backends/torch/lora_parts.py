@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tunelab.backends.torch import nf4
+
 
 def adapter_branch(module: Any, x: torch.Tensor) -> torch.Tensor | None:
     """The sum of a LoRA layer's active adapters' outputs on ``x`` (None for a plain or disabled layer)."""
@@ -33,6 +35,8 @@ def base_weight(module: Any) -> torch.Tensor:
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight
+    if nf4.IN_GRAPH and torch.compiler.is_compiling() and nf4.supported(weight):
+        return nf4.dequantize(weight, state)  # one kernel inside the graph, no bitsandbytes call
     import bitsandbytes.functional as bnbf  # only QLoRA bases carry a quant_state
 
     return bnbf.dequantize_4bit(weight.data, state)
