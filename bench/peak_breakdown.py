@@ -64,6 +64,12 @@ def report():
         # the commonest block sizes (MiB x count) say which tensors they are: width = bytes / tokens / 2
         common = " ".join(f"{b / 2**20:.1f}Mx{c}" for b, c in sizes.most_common(4))
         print(f"PEAK {size / 2**30:8.3f} GiB {n:6d}  {key}  [{common}]", flush=True)
+    # The largest single blocks, each with the frames that allocated it (innermost first), for what a
+    # group's sizes alone don't name (a 512 MiB block inside SDPA at 1B 32k, 2026-12-06).
+    for e in sorted(live.values(), key=lambda e: -e["size"])[:8]:
+        frames = [f"{f.get('filename', '').split('site-packages/')[-1].split('/src/')[-1]}:{f.get('line')}"
+                  f" {f.get('name')}" for f in e.get("frames", [])[:6]]
+        print(f"PEAK block {e['size'] / 2**20:9.1f} MiB  " + " < ".join(frames), flush=True)
 
 atexit.register(report)
 sys.argv[0] = "tunelab"
