@@ -183,7 +183,7 @@ def run_tunelab(backend: Any, batches: list[dict[str, Any]], warm: int) -> tuple
         backend.optimizer_step(1e-4)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        losses.append(loss.loss_sum / max(loss.tokens, 1))
+        losses.append(float(loss.loss_sum) / max(loss.tokens, 1))
         if i == warm - 1:
             torch.cuda.reset_peak_memory_stats()
     return times[warm:], losses

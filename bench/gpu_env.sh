@@ -1,0 +1,23 @@
+# Source this on the GPU machine, from the repository root, before the bench scripts:
+#
+#     . bench/gpu_env.sh && python3 bench/vs_unsloth.py --rows lora_gc,qlora_gc
+#
+# It installs the carried wheels (.whl/, cp312: tunelab's needs the device image lacks) into
+# /tmp/site, unpacks the carried Unsloth tree (.gpu/unsloth-site-cp312.tar.xz, which also holds
+# bitsandbytes) into /tmp/site_us once, links that tree's bitsandbytes alone into /tmp/bnb (so
+# tunelab's processes get bitsandbytes without Unsloth's patches), and exports the variables the
+# scripts read.  How to fill .whl/ and .gpu/ on the machine that sends the run: bench/README.md,
+# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4" here) is turned on in src/ first,
+# for an A/B against a copy of the tree made before (--base-src).
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  >/dev/null 2>&1 || { echo "gpu_env: installing .whl/ failed" >&2; return 3; }
+if [ ! -d /tmp/site_us/bitsandbytes ]; then
+  mkdir -p /tmp/site_us && tar -xJf .gpu/unsloth-site-cp312.tar.xz -C /tmp/site_us
+fi
+mkdir -p /tmp/bnb && ln -sf /tmp/site_us/bitsandbytes /tmp/site_us/bitsandbytes-*.dist-info /tmp/bnb/
+case " ${TUNELAB_AB:-} " in
+  *" nf4 "*) sed -i 's/^IN_GRAPH = False/IN_GRAPH = True/' src/tunelab/backends/torch/nf4.py ;;
+esac
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader
