@@ -54,6 +54,51 @@ def test_a_compiled_nf4_linear_gives_bitsandbytes_output_and_input_gradient() ->
     assert torch.equal(out, expected) and torch.equal(x.grad, expected_grad)
 
 
+def _peft_nf4(dtype: Any) -> Any:
+    """A PEFT LoRA (r 8, alpha 24, B not zero) over one NF4 linear with a bias, on the CPU."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("proj", bnb.nn.Linear4bit(128, 256, bias=True, compute_dtype=dtype, quant_type="nf4"))
+    net.proj.load_state_dict({"weight": torch.randn(256, 128), "bias": torch.randn(256)}, strict=False)
+    model = get_peft_model(net.to("cpu"), LoraConfig(r=8, lora_alpha=24, target_modules=["proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        model.base_model.model.proj.lora_B["default"].weight.normal_()
+    return model
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_adapter_in_the_base_product_gives_peft_outputs_and_gradients(
+    monkeypatch: pytest.MonkeyPatch, autocast: bool
+) -> None:
+    """``[x, x·Aᵀ] @ [W, s·B]ᵀ`` compiled against PEFT's own forward: fp32 to rounding, bf16 to bf16's."""
+    dtype = torch.bfloat16 if autocast else torch.float32
+    x0 = torch.randn(4, 16, 128)
+    results = []
+    for in_product in (False, True):
+        monkeypatch.setattr(nf4, "LORA_IN_PRODUCT", in_product)
+        model = _peft_nf4(dtype)
+        run = model
+        if in_product:
+            assert nf4.wrap_modules(model) == 1  # the base; PEFT's wrapper is put in front too
+            assert isinstance(model.base_model.model.proj, nf4._LoraInProduct)
+            torch._dynamo.reset()
+            run = torch.compile(model, fullgraph=True)
+        x = x0.to(dtype).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = run(x)
+        out.float().square().mean().backward()
+        lora = model.base_model.model.proj
+        results.append(
+            [out.float(), x.grad.float(), lora.lora_A["default"].weight.grad, lora.lora_B["default"].weight.grad]
+        )
+    tolerance = 2e-2 if autocast else 1e-5  # bf16: one rounding of the sum instead of two
+    for ours, peft_own in zip(results[1], results[0], strict=True):
+        assert ours.dtype == peft_own.dtype
+        assert float((ours - peft_own).abs().max()) <= tolerance * float(peft_own.abs().max())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_qlora_training_on_the_compiled_path_dequantizes_in_the_graph_with_the_same_gradients(
@@ -63,8 +108,9 @@ def test_qlora_training_on_the_compiled_path_dequantizes_in_the_graph_with_the_s
     from tunelab.backends.torch.backend import TorchBackend
     from tunelab.backends.torch.loading import decoder_layers
 
-    def step(in_graph: bool) -> tuple[float, dict[str, Any], int]:
+    def step(in_graph: bool, in_product: bool = False) -> tuple[float, dict[str, Any], int]:
         monkeypatch.setattr(nf4, "IN_GRAPH", in_graph)
+        monkeypatch.setattr(nf4, "LORA_IN_PRODUCT", in_product)
         torch._dynamo.reset()
         torch.manual_seed(1)
         backend = TorchBackend()
@@ -78,11 +124,12 @@ def test_qlora_training_on_the_compiled_path_dequantizes_in_the_graph_with_the_s
         grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
         return float(part.loss_sum), grads, wrapped
 
-    ours, theirs = step(True), step(False)
-    assert ours[2] == 7 * 2 and theirs[2] == 0  # every projection of both layers
-    assert ours[0] == pytest.approx(theirs[0], rel=1e-6)
-    for name, grad in theirs[1].items():
-        torch.testing.assert_close(ours[1][name], grad, rtol=1e-4, atol=1e-6)
+    theirs = step(False)
+    for ours in (step(True), step(True, in_product=True)):
+        assert ours[2] == 7 * 2 and theirs[2] == 0  # every projection of both layers
+        assert ours[0] == pytest.approx(theirs[0], rel=1e-5)
+        for name, grad in theirs[1].items():
+            torch.testing.assert_close(ours[1][name], grad, rtol=1e-4, atol=1e-6)
 
 
 class _Holder:

@@ -19,8 +19,18 @@ int32 copies of a whole weight at once (~0.7 GB for an 8B MLP weight), where
 bitsandbytes' kernel holds none.  So eager code (a CPU run, ``train.compile:
 false``) keeps bitsandbytes' own product.
 
-Off (:data:`IN_GRAPH`) until a GPU shows it pays: checked here on CPUs (bit for bit
-against bitsandbytes 0.50.2, eager and compiled), not yet timed on a GPU.
+With the weight dequantized per call anyway, the adapter can join the base's
+product for free (:data:`LORA_IN_PRODUCT`): ``[x, x·Aᵀ] @ [W, s·B]ᵀ`` is the
+base output plus the adapter's in one matrix product, with the extra ``r``
+columns written beside the dequantized weight.  PEFT instead writes the
+adapter's full-width output ``(x·Aᵀ)·Bᵀ`` and the next kernel reads it back and
+adds it: at 8B, two passes over 43,008 values a token per layer.  In backward,
+``grad @ [W, s·B]`` gives the input's gradient and the adapter's in one
+product too.  The sum is rounded once instead of twice.
+
+Both are off (:data:`IN_GRAPH`, :data:`LORA_IN_PRODUCT`) until a GPU shows they
+pay: checked here on CPUs (the dequantization bit for bit against bitsandbytes
+0.50.2, eager and compiled), not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -34,22 +44,35 @@ from tunelab.backends.torch.retype import retype
 
 # Off until an A/B through `tunelab train` on a GPU (bench/vs_unsloth.py) shows the in-graph dequantization pays.
 IN_GRAPH = False
+LORA_IN_PRODUCT = False  # with IN_GRAPH: the adapter's B joins the base's product
 
 
 def in_graph_4bit(model: Any) -> int:
     """Make the decoder layers' NF4 linears dequantize in the compiled graph; returns how many.
 
-    Runs before the layers are compiled, like the other class-level wrappers (:mod:`retype`).
+    Runs before the layers are compiled, like the other class-level wrappers (:mod:`retype`),
+    and before the replay's lean down projection, whose wrapper must stay the outermost.
     """
+    return sum(wrap_modules(layer) for layer in decoder_layers(model))
+
+
+def wrap_modules(root: Any) -> int:
+    """:func:`in_graph_4bit` for every module under ``root``; returns how many NF4 linears."""
     from bitsandbytes.nn import Linear4bit  # only QLoRA bases call this (PEFT's wrapper has the same name)
 
     count = 0
-    for layer in decoder_layers(model):
-        for module in layer.modules():
-            if isinstance(module, Linear4bit) and supported(module.weight):
-                retype(module, _InGraph4bit)
-                count += 1
+    for module in root.modules():
+        if isinstance(module, Linear4bit) and supported(module.weight):
+            retype(module, _InGraph4bit)
+            count += 1
+        elif LORA_IN_PRODUCT and hasattr(module, "lora_A") and _nf4_base(module, Linear4bit):
+            retype(module, _LoraInProduct)
     return count
+
+
+def _nf4_base(module: Any, linear4bit: Any) -> bool:
+    base = getattr(module, "base_layer", None)
+    return isinstance(base, linear4bit) and supported(base.weight)
 
 
 def supported(weight: Any) -> bool:
@@ -120,3 +143,82 @@ class _Nf4Linear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (weight,) = ctx.saved_tensors
         return grad @ dequantize(weight, ctx.state).to(grad.dtype), None, None, None
+
+
+class _LoraInProduct:
+    """Put in front of PEFT's LoRA wrapper of an NF4 linear: in a compiled graph, B joins the base's product."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        name = _plain_adapter(self, x, kwargs)
+        if name is None or not torch.compiler.is_compiling():
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        module: Any = self
+        base = module.get_base_layer()
+        device = x.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        xa = module.lora_A[name](x)  # with autograd: A trains
+        bias = None if base.bias is None else base.bias.to(compute)
+        lora_b, scaling = module.lora_B[name].weight, float(module.scaling[name])
+        out = _Nf4LoraLinear.apply(
+            x.to(compute), xa.to(compute), base.weight, base.weight.quant_state, lora_b, scaling, bias
+        )
+        return out.to(x.dtype)
+
+
+def _plain_adapter(module: Any, x: torch.Tensor, kwargs: dict[str, Any]) -> str | None:
+    """The one active plain LoRA adapter (no dropout, bias, variant, merge), whose B can join the product."""
+    if module.disable_adapters or module.merged or kwargs.get("adapter_names") is not None:
+        return None
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(name, False):
+        return None
+    if not isinstance(module.lora_dropout[name], torch.nn.Identity):
+        return None
+    # PEFT casts the input to the adapter's dtype when no autocast does: then the products differ in dtype.
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != module.lora_A[name].weight.dtype:
+        return None
+    return str(name)
+
+
+class _Nf4LoraLinear(torch.autograd.Function):
+    """``[x, x·Aᵀ] @ [W, s·B]ᵀ``: the base's and the adapter's outputs in one product, ``W`` frozen NF4.
+
+    Saved for backward: the packed weight, ``x·Aᵀ`` (``r`` values a position) and ``B``, not ``x``:
+    the frozen base needs no weight gradient, and A's comes from autograd around this.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        xa: torch.Tensor,
+        weight: torch.Tensor,
+        state: Any,
+        lora_b: torch.Tensor,
+        scaling: float,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ctx.state, ctx.scaling = state, scaling
+        ctx.save_for_backward(weight, xa, lora_b)
+        return torch.nn.functional.linear(
+            torch.cat((x, xa), dim=-1), _with_adapter(weight, state, lora_b, scaling, x.dtype), bias
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        weight, xa, lora_b = ctx.saved_tensors
+        rank = lora_b.shape[1]
+        both = grad @ _with_adapter(weight, ctx.state, lora_b, ctx.scaling, grad.dtype)
+        scaled = (grad * ctx.scaling).reshape(-1, grad.shape[-1])  # as PEFT's backward scales it, before the product
+        grad_b = scaled.t() @ xa.reshape(-1, rank).to(grad.dtype)
+        return both[..., :-rank], both[..., -rank:], None, None, grad_b.to(lora_b.dtype), None, None
+
+
+def _with_adapter(
+    weight: torch.Tensor, state: Any, lora_b: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[W, s·B]``: the dequantized weight with the adapter's scaled B as ``r`` more input columns."""
+    return torch.cat((dequantize(weight, state).to(dtype), (lora_b * scaling).to(dtype)), dim=1)
