@@ -340,10 +340,11 @@ def table(results: list[dict]) -> str:
             f"| {name} ({seq}) | {t.get('tok_s', 'fail')} | {t.get('peak_gib', '-')} | {t.get('estimate_gib', '-')} "
             f"| {u.get('tok_s', '-')} | {u.get('peak_gib', '-')} | {speed} | {memory} |"
         )
-    for name, seq in sorted({(r["row"], r["seq"]) for r in results if r["stack"] == "base"}):
-        b, t = by.get(("base", name, seq), {}), by.get(("tunelab", name, seq), {})
+    others = {(r["stack"], r["row"], r["seq"]) for r in results if r["stack"] not in ("tunelab", "unsloth")}
+    for stack, name, seq in sorted(others):
+        b, t = by.get((stack, name, seq), {}), by.get(("tunelab", name, seq), {})
         if b.get("tok_s") and t.get("tok_s"):
-            lines.append(f"A/B {name} ({seq}): base {b['tok_s']} tok/s at {b['peak_gib']} GiB, "
+            lines.append(f"A/B {name} ({seq}): {stack} {b['tok_s']} tok/s at {b['peak_gib']} GiB, "
                          f"this tree {t['tok_s']} at {t['peak_gib']} ({t['tok_s'] / b['tok_s']:.3f}x)")  # fmt: skip
     return "\n".join(lines)
 
@@ -353,6 +354,13 @@ def main() -> None:
     p.add_argument("--rows", default="lora,lora_gc,qlora_gc,qlora_gc_16k,1b_lora")
     p.add_argument("--stacks", default="tunelab,unsloth", help="tunelab, unsloth, base (tunelab from --base-src)")
     p.add_argument("--base-src", type=Path, help="another tunelab tree's src/, run as the stack 'base' (an A/B)")
+    p.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=SRC",
+        help="another tunelab tree's src/, run as the stack NAME (repeatable; list NAME in --stacks)",
+    )
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warm", type=int, default=4)
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm/tunelab-vs"))
@@ -370,6 +378,11 @@ def main() -> None:
     sink = out / "vs_unsloth.jsonl"
     args.workdir.mkdir(parents=True, exist_ok=True)
     stacks = args.stacks.split(",")
+    trees = {"tunelab": REPO / "src", **({"base": args.base_src} if args.base_src else {})}
+    trees.update({name: Path(src) for name, _, src in (t.partition("=") for t in args.tree)})
+    unknown = [s for s in stacks if s != "unsloth" and s not in trees]
+    if unknown:
+        p.error(f"no tree for stack(s) {', '.join(unknown)}: pass --base-src or --tree NAME=SRC")
     results: list[dict] = []
     if args.longest:
         row = ROWS["qlora_gc_16k"]
@@ -393,10 +406,9 @@ def main() -> None:
         model = build_checkpoint(args.workdir / row.shape, row.shape)
         data = write_data(args.workdir / f"text-{row.seq}.jsonl", row.batch * args.steps + 8, row.seq)
         for stack in stacks:
-            if stack in ("tunelab", "base"):
-                src = args.base_src if stack == "base" else REPO / "src"
+            if stack in trees:
                 result = run_tunelab(row, model, data, args.steps, args.warm, args.workdir, None, args.unsloth_site,
-                                     src, stack)  # fmt: skip
+                                     trees[stack], stack)  # fmt: skip
             else:
                 result = run_unsloth(row, model, args.steps, args.unsloth_site, None)
             results.append(result)

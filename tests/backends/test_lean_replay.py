@@ -51,7 +51,7 @@ def _run(
     for layer in layers:
         layer.mlp.down_proj.base_layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     torch.manual_seed(2)
-    losses = [backend.forward_backward(_batch(), 1.0).loss_sum for _ in range(2)]  # two micro-batches accumulate
+    losses = [float(backend.forward_backward(_batch(), 1.0).loss_sum) for _ in range(2)]  # two micro-batches accumulate
     grads = {n: p.grad.float().clone() for n, p in backend.model.named_parameters() if p.grad is not None}
     return losses, grads, calls[0] // (2 * len(layers))
 
@@ -142,7 +142,7 @@ def test_compiled_layers_share_one_graph_per_run_kind(
     for layer in layers:
         layer.compile(backend="aot_eager")  # the graphs dynamo captures, without inductor's code generation
     checkpoint_layers(layers, offload=True)
-    losses = [backend.forward_backward(_batch(), 1.0).loss_sum for _ in range(2)]
+    losses = [float(backend.forward_backward(_batch(), 1.0).loss_sum) for _ in range(2)]
     assert all(np.isfinite(losses))
     # one entry for the first run (no gradients) and one for the replay, not one of each per layer
     assert len(_debug_get_cache_entry_list(type(layers[0]).forward.__code__)) == 2

@@ -143,7 +143,7 @@ def test_torch_qlora_trains_on_cuda_and_saves_a_peft_adapter(tiny_model_dir: Pat
     batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
     losses = []
     for _ in range(10):
-        losses.append(backend.forward_backward(batch, 1 / 32).loss_sum)
+        losses.append(float(backend.forward_backward(batch, 1 / 32).loss_sum))
         backend.optimizer_step(1e-2)
     assert losses[-1] < losses[0]
     backend.save_adapter(tmp_path / "adapter")

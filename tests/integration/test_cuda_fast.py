@@ -91,7 +91,7 @@ def test_compiled_fast_path_trains_like_the_eager_path() -> None:
         for batch in batches:
             s = backend.forward_backward(batch, 1.0 / 796)
             backend.optimizer_step(1e-2)
-            curve.append(s.loss_sum / s.tokens)
+            curve.append(float(s.loss_sum) / s.tokens)
         curves.append(curve)
     fast_curve, eager_curve = curves
     assert fast_curve[-1] < fast_curve[0] - 0.1  # it learns

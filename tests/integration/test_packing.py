@@ -109,9 +109,9 @@ def _check_packed_equals_one_by_one(backend_name: str, model: Path, chat_data: P
         backend = _backend(backend_name, model, tokenizer, **where)
         sums = [backend.forward_backward(b, 1.0) for b in batches]
         grads = _gradients(backend)
-        norm = backend.optimizer_step(1e-2)
+        norm = float(backend.optimizer_step(1e-2))
         after = [backend.eval_loss(b) for b in batches]
-        results.append((sum(s.loss_sum for s in sums), sum(s.tokens for s in sums), norm, after, grads))
+        results.append((sum(float(s.loss_sum) for s in sums), sum(s.tokens for s in sums), norm, after, grads))
     (p_loss, p_tokens, p_norm, p_after, p_grads), (u_loss, u_tokens, u_norm, u_after, u_grads) = results
     assert p_tokens == u_tokens
     assert abs(p_loss - u_loss) <= 1e-5 * u_loss, (p_loss, u_loss)

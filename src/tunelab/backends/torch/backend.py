@@ -6,14 +6,14 @@ import resource
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat
 
 import numpy as np
 import torch
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import checkpoint_io, fsdp, nf4, oom
+from tunelab.backends.torch import checkpoint_io, fsdp, nf4, oom, readback
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.cpu_threads import CpuThreads
@@ -235,10 +235,11 @@ class TorchBackend:
             loss, tokens, *stats = self._summed_loss(batch)
         (loss * loss_scale).backward()
         # Not read here: float() would wait for the backward to finish while the host has the
-        # optimizer step and the next batch to queue (the trainer reads it a step later).
-        return LossSum(loss.detach(), tokens, floats(stats[0]) if stats else {})
+        # optimizer step and the next batch to queue (the trainer reads it a step later, and then
+        # waits for this step's kernels alone: see readback).
+        return LossSum(readback.later(loss), tokens, floats(stats[0]) if stats else {})
 
-    def optimizer_step(self, lr: float) -> torch.Tensor:
+    def optimizer_step(self, lr: float) -> SupportsFloat:
         assert self._optimizer is not None
         for group in self._optimizer.param_groups:
             group["lr"] = lr
@@ -248,7 +249,7 @@ class TorchBackend:
         norm = torch.nn.utils.clip_grad_norm_(self._params, limit)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
-        return fsdp.total_norm(norm)  # unread: the trainer reads it once the next step's work is queued
+        return readback.later(fsdp.total_norm(norm))  # read once the next step's work is queued
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> LossSum:
