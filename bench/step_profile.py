@@ -34,12 +34,13 @@ from tunelab.backends.torch.backend import TorchBackend
 WARM, SPAN = int(sys.argv.pop(1)), int(sys.argv.pop(1))
 CUDA = torch.cuda.is_available()
 KINDS = [  # first match wins; names of CUDA kernels (or aten ops on a CPU)
+    # First: inductor names its kernels after the ops they fuse, "_to_copy" and "dequantize" among them.
+    ("inductor (triton)", ("triton_", "cpp_fused")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "aten::_scaled_dot_product")),  # before sm90_ below
     ("matrix products", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_", "aten::mm", "aten::addmm")),
     ("bitsandbytes", ("dequant", "kDequantize", "kgemm_4bit")),
     ("copies", ("memcpy", "memset", "copy_", "aten::copy_", "aten::to")),
     ("optimizer", ("multi_tensor_apply", "fused_adam", "adam")),
-    ("inductor (triton)", ("triton_", "cpp_fused")),
 ]
 state = {"steps": 0, "prof": None, "t0": 0.0}
 

@@ -28,9 +28,15 @@ adds it: at 8B, two passes over 43,008 values a token per layer.  In backward,
 ``grad @ [W, s·B]`` gives the input's gradient and the adapter's in one
 product too.  The sum is rounded once instead of twice.
 
-Both are off (:data:`IN_GRAPH`, :data:`LORA_IN_PRODUCT`) until a GPU shows they
-pay: checked here on CPUs (the dequantization bit for bit against bitsandbytes
-0.50.2, eager and compiled), not yet timed on a GPU.
+Both are off (:data:`IN_GRAPH`, :data:`LORA_IN_PRODUCT`): they are correct (the
+dequantization bit for bit against bitsandbytes 0.50.2 on CPUs, eager and
+compiled), but neither paid on a GPU.  Through `tunelab train`, 8B QLoRA 2x2048
+with checkpointing on an H100 (2026-12-06, one lease) ran at 10,575 tok/s with
+both off, 10,487 with IN_GRAPH and 9,594 with both.  Once the training loop
+stopped waiting for each step's numbers, bitsandbytes' host calls were hidden
+behind the GPU's work, so moving them into the graph saved nothing.  And
+concatenating B onto a freshly dequantized weight copies that weight on every
+call.  They stay for GPUs whose host is slow beside the GPU, unmeasured.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import torch
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.retype import retype
 
-# Off until an A/B through `tunelab train` on a GPU (bench/vs_unsloth.py) shows the in-graph dequantization pays.
+# Off: measured slower on an H100 (module docstring); bench/gpu_env.sh turns them on by name for an A/B.
 IN_GRAPH = False
 LORA_IN_PRODUCT = False  # with IN_GRAPH: the adapter's B joins the base's product
 
