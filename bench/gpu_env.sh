@@ -7,7 +7,7 @@
 # bitsandbytes) into /tmp/site_us once, links that tree's bitsandbytes alone into /tmp/bnb (so
 # tunelab's processes get bitsandbytes without Unsloth's patches), and exports the variables the
 # scripts read.  How to fill .whl/ and .gpu/ on the machine that sends the run: bench/README.md,
-# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product") is turned on in src/ first,
+# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product", "shared_a") is turned on in src/ first,
 # for an A/B against a copy of the tree made before (--base-src).
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -21,6 +21,9 @@ case " ${TUNELAB_AB:-} " in
 esac
 case " ${TUNELAB_AB:-} " in
   *" lora_in_product "*) sed -i 's/^LORA_IN_PRODUCT = False/LORA_IN_PRODUCT = True/' src/tunelab/backends/torch/nf4.py ;;
+esac
+case " ${TUNELAB_AB:-} " in
+  *" shared_a "*) sed -i 's/^ON = False/ON = True/' src/tunelab/backends/torch/shared_lora_a.py ;;
 esac
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader

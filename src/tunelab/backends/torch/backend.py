@@ -13,7 +13,7 @@ import torch
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import checkpoint_io, fsdp, nf4, oom, readback
+from tunelab.backends.torch import checkpoint_io, fsdp, nf4, oom, readback, shared_lora_a
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.cpu_threads import CpuThreads
@@ -140,6 +140,8 @@ class TorchBackend:
             self.device, compile=model.compile, fused_loss=model.fused_loss, activation_budget=model.activation_budget
         )
         keep_reference(self._loss, base, method.name, lambda m: self.fast.fused_loss and supports_hidden_path(m))
+        if shared_lora_a.ON:
+            shared_lora_a.share(self._causal_lm)  # q/k/v and gate/up adapters: one x @ A^T a group
         if own_checkpoints or (model.tiled_mlp and model.parallel != "fsdp"):  # they replay layers or tiles
             lean_down_projections(self._causal_lm)  # before tiling and compiling: the innermost wrapper
         if model.tiled_mlp:

@@ -1,0 +1,177 @@
+"""q/k/v and gate/up adapters share one ``x @ A^T``: PEFT's loss and gradients, one graph for all layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
+from tunelab.backends.torch import shared_lora_a
+from tunelab.backends.torch.backend import TorchBackend
+from tunelab.backends.torch.checkpointing import checkpoint_layers
+from tunelab.backends.torch.loading import decoder_layers
+
+
+def _batch() -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(0).integers(3, 300, (2, 24)).astype(np.int64)
+    return {"input_ids": ids, "labels": ids.copy(), "attention_mask": np.ones_like(ids)}
+
+
+def _run(
+    folder: Path,
+    tokenizer: Any,
+    *,
+    shared: bool,
+    compiled: bool | str = False,
+    checkpoints: bool = False,
+    method: MethodSpec | None = None,
+    device: str = "cpu",
+) -> tuple:
+    """One micro-batch; returns the loss, every gradient and how many lora_A modules ran their own product."""
+    torch.manual_seed(1)
+    backend = TorchBackend()
+    backend.load(ModelSpec(str(folder), dtype="float32", device=device), method or MethodSpec("lora"), OptimSpec(),
+                 tokenizer)  # fmt: skip
+    base = backend._causal_lm
+    layers = decoder_layers(base)
+    with torch.no_grad():  # PEFT starts B at zero: give it values, so every adapter term and gradient counts
+        for name, p in backend.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    if shared:
+        assert shared_lora_a.share(base) == 2 * len(layers)
+    calls = [0]
+    for module in base.modules() if not compiled else ():  # dynamo would guard on the counter's value
+        if hasattr(module, "lora_A"):
+            module.lora_A["default"].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    if compiled:
+        for layer in layers:  # by default the graphs dynamo captures, without inductor's code generation
+            layer.compile(backend=compiled if isinstance(compiled, str) else "aot_eager")
+    if checkpoints:
+        checkpoint_layers(layers, offload=False)
+        base.enable_input_require_grads()
+    loss = float(backend.forward_backward(_batch(), 1.0).loss_sum)
+    grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
+    return loss, grads, calls[0] // len(layers), backend
+
+
+def _same(a: tuple, b: tuple, tol: float = 1e-5) -> None:
+    assert a[0] == pytest.approx(b[0], rel=tol / 10)
+    assert a[1].keys() == b[1].keys() and any("k_proj.lora_A" in n for n in a[1])
+    for name, grad in b[1].items():  # fp32, summed in another order: equal to ~tol of the largest entry
+        torch.testing.assert_close(a[1][name], grad, rtol=tol, atol=tol * float(grad.abs().max()))
+
+
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_shared_products_give_peft_s_loss_and_gradients(
+    tiny_model_dir: Path, tiny_tokenizer: Any, checkpoints: bool
+) -> None:
+    plain = _run(tiny_model_dir, tiny_tokenizer, shared=False, checkpoints=checkpoints)
+    shared = _run(tiny_model_dir, tiny_tokenizer, shared=True, checkpoints=checkpoints)
+    _same(shared, plain)
+    runs = 2 if checkpoints else 1  # a checkpoint's replay runs each layer again
+    assert (plain[2], shared[2]) == (7 * runs, 2 * runs)  # only o_proj's and down_proj's A run on their own
+    assert shared_lora_a._HANDOVER.x is None and not shared_lora_a._HANDOVER.parts  # nothing kept past a group
+
+
+def test_compiled_layers_share_it_in_one_graph(
+    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # a thread count change recompiles too
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 3  # a graph per layer would show as 3 graphs, not 2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    graphs, runs = [], []
+    for shared in (False, True):
+        torch._dynamo.reset()
+        runs.append(_run(tmp_path, tiny_tokenizer, shared=shared, compiled=True))
+        layer = decoder_layers(runs[-1][3]._causal_lm)[0]
+        graphs.append(len(_debug_get_cache_entry_list(type(layer).forward.__code__)))
+    _same(runs[1], runs[0])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # As many graphs as PEFT's own path: 2, since the first layer's input alone needs no gradient. Not one
+    # graph per layer, as a per-layer object dynamo guarded on would give.
+    assert graphs == [2, 2]
+    assert shared_lora_a._HANDOVER.x is None
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_inductor_on_a_gpu_gives_the_same_gradients(tiny_model_dir: Path, tiny_tokenizer: Any, method: str) -> None:
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    spec = MethodSpec(method, bits=4 if method == "qlora" else None)
+    plain = _run(tiny_model_dir, tiny_tokenizer, shared=False, compiled="inductor", method=spec, device="cuda")
+    torch._dynamo.reset()
+    shared = _run(tiny_model_dir, tiny_tokenizer, shared=True, compiled="inductor", method=spec, device="cuda")
+    torch._dynamo.reset()
+    _same(shared, plain, tol=1e-4)  # inductor's kernels sum in other orders on a GPU
+
+
+def test_only_plain_adapters_with_one_input_share(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.backends.torch.methods import apply_method
+
+    layers = len(decoder_layers(AutoModelForCausalLM.from_pretrained(tiny_model_dir)))
+    for spec, groups in (
+        (MethodSpec("lora"), 2 * layers),
+        (MethodSpec("lora", dropout=0.1), 0),
+        (MethodSpec("dora"), 0),
+    ):
+        model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec)
+        assert shared_lora_a.share(model.get_base_model()) == groups, spec
+    assert "dropout" in str(shared_lora_a.why_not(_first_q(MethodSpec("lora", dropout=0.1), tiny_model_dir)))
+
+
+def test_switched_off_adapters_take_peft_s_path(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """With the adapter disabled (a preference objective's reference model), the output is the base's alone."""
+    _, _, _, backend = _run(tiny_model_dir, tiny_tokenizer, shared=True)
+    ids = torch.tensor(_batch()["input_ids"])
+    with torch.no_grad():
+        with backend.model.disable_adapter():
+            off = backend.model(input_ids=ids).logits
+        on = backend.model(input_ids=ids).logits
+    base = type(backend._causal_lm).from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(off, base(input_ids=ids).logits)
+    assert not torch.allclose(on, off)
+
+
+def _first_q(spec: MethodSpec, folder: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.backends.torch.methods import apply_method
+
+    model = apply_method(AutoModelForCausalLM.from_pretrained(folder), spec)
+    return decoder_layers(model.get_base_model())[0].self_attn.q_proj
+
+
+def test_the_backend_shares_them_when_switched_on(
+    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def kinds() -> list[str]:
+        backend = TorchBackend()
+        backend.load(ModelSpec(str(tiny_model_dir), dtype="float32", device="cpu"), MethodSpec("lora"), OptimSpec(),
+                     tiny_tokenizer)  # fmt: skip
+        layer = decoder_layers(backend._causal_lm)[0]
+        return [type(m).__name__ for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.up_proj)]
+
+    assert kinds() == ["Linear", "Linear", "Linear"]
+    monkeypatch.setattr(shared_lora_a, "ON", True)
+    assert kinds() == ["FirstLinear", "LaterLinear", "LaterLinear"]
