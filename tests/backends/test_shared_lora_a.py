@@ -5,20 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
+from tests.backends.conftest import random_batch as _batch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
 from tunelab.backends.torch import shared_lora_a
 from tunelab.backends.torch.backend import TorchBackend
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.loading import decoder_layers
-
-
-def _batch() -> dict[str, np.ndarray]:
-    ids = np.random.default_rng(0).integers(3, 300, (2, 24)).astype(np.int64)
-    return {"input_ids": ids, "labels": ids.copy(), "attention_mask": np.ones_like(ids)}
 
 
 def _run(

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
+from tests.backends.conftest import random_batch as _batch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
 from tunelab.backends.torch.backend import TorchBackend
@@ -16,11 +16,6 @@ from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.tiled_mlp import tile_mlps
 from tunelab.config import load_config
-
-
-def _batch() -> dict[str, np.ndarray]:
-    ids = np.random.default_rng(0).integers(3, 300, (2, 24)).astype(np.int64)
-    return {"input_ids": ids, "labels": ids.copy(), "attention_mask": np.ones_like(ids)}
 
 
 def _run(folder: Path, tokenizer: Any, *, tiled: bool, offload: bool | None, dropout: float) -> tuple[float, dict, int]:
