@@ -8,7 +8,8 @@
 # tunelab's processes get bitsandbytes without Unsloth's patches), and exports the variables the
 # scripts read.  How to fill .whl/ and .gpu/ on the machine that sends the run: bench/README.md,
 # section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product", "shared_a") is turned on in src/ first,
-# for an A/B against a copy of the tree made before (--base-src).
+# for an A/B against a copy of the tree made before (--base-src); or, after sourcing, `variant NAME SWITCH...`
+# makes /tmp/variant_NAME, a copy of src/ with those switches on, to run as a stack of its own (--tree).
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   >/dev/null 2>&1 || { echo "gpu_env: installing .whl/ failed" >&2; return 3; }
@@ -16,14 +17,25 @@ if [ ! -d /tmp/site_us/bitsandbytes ]; then
   mkdir -p /tmp/site_us && tar -xJf .gpu/unsloth-site-cp312.tar.xz -C /tmp/site_us
 fi
 mkdir -p /tmp/bnb && ln -sf /tmp/site_us/bitsandbytes /tmp/site_us/bitsandbytes-*.dist-info /tmp/bnb/
-case " ${TUNELAB_AB:-} " in
-  *" nf4 "*) sed -i 's/^IN_GRAPH = False/IN_GRAPH = True/' src/tunelab/backends/torch/nf4.py ;;
-esac
-case " ${TUNELAB_AB:-} " in
-  *" lora_in_product "*) sed -i 's/^LORA_IN_PRODUCT = False/LORA_IN_PRODUCT = True/' src/tunelab/backends/torch/nf4.py ;;
-esac
-case " ${TUNELAB_AB:-} " in
-  *" shared_a "*) sed -i 's/^ON = False/ON = True/' src/tunelab/backends/torch/shared_lora_a.py ;;
-esac
+# switch_on SRC NAME...: turn on, in the tree SRC (a src/ folder), each switch named (all are off in the repo).
+switch_on() {
+  local src=$1; shift
+  for name in "$@"; do
+    case $name in
+      nf4) sed -i 's/^IN_GRAPH = False/IN_GRAPH = True/' "$src/tunelab/backends/torch/nf4.py" ;;
+      lora_in_product) sed -i 's/^LORA_IN_PRODUCT = False/LORA_IN_PRODUCT = True/' "$src/tunelab/backends/torch/nf4.py" ;;
+      shared_a) sed -i 's/^ON = False/ON = True/' "$src/tunelab/backends/torch/shared_lora_a.py" ;;
+      *) echo "gpu_env: no switch named $name" >&2; return 2 ;;
+    esac
+  done
+}
+# variant NAME SWITCH...: a copy of src/ at /tmp/variant_NAME with those switches on, for
+# `vs_unsloth.py --stacks tunelab,NAME --tree NAME=/tmp/variant_NAME`.
+variant() {
+  local name=$1; shift
+  rm -rf "/tmp/variant_$name" && cp -r src "/tmp/variant_$name" && switch_on "/tmp/variant_$name" "$@"
+}
+# shellcheck disable=SC2086  # the names are words
+[ -z "${TUNELAB_AB:-}" ] || switch_on src $TUNELAB_AB || return 2
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
