@@ -14,9 +14,9 @@ autocast casts it back.
 
 The group's first projection (q, gate) computes the shared product and leaves
 the other members' slices for them.  The next members called with that same
-tensor take their slice instead of computing their own.  Anything else (another
-input, adapters switched off or merged, no compiled graph) takes PEFT's own path.  The
-hand-over goes through one module-level object that all layers share, because
+tensor take their slice instead of computing their own, eager or compiled.  Anything
+else (another input, adapters switched off or merged, PEFT's per-row adapter_names)
+takes PEFT's own path.  The hand-over goes through one module-level object that all layers share, because
 the compiled layer's graph must see the same code and objects in every layer
 (:mod:`retype`).
 
