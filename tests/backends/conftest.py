@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 
@@ -9,3 +12,17 @@ def random_batch() -> dict[str, np.ndarray]:
     """Two rows of 24 random tokens, every position supervised (the same batch on every call)."""
     ids = np.random.default_rng(0).integers(3, 300, (2, 24)).astype(np.int64)
     return {"input_ids": ids, "labels": ids.copy(), "attention_mask": np.ones_like(ids)}
+
+
+def assert_switched_off_adapters_give_the_base(backend: Any, folder: Path) -> None:
+    """With the adapters disabled (a preference objective's reference model), the output is the base's alone."""
+    import torch
+
+    ids = torch.tensor(random_batch()["input_ids"])
+    with torch.no_grad():
+        with backend.model.disable_adapter():
+            off = backend.model(input_ids=ids).logits
+        on = backend.model(input_ids=ids).logits
+        base = type(backend._causal_lm).from_pretrained(folder, dtype=torch.float32)
+        torch.testing.assert_close(off, base(input_ids=ids).logits)
+    assert not torch.allclose(on, off)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests.backends.conftest import assert_switched_off_adapters_give_the_base
 from tests.backends.conftest import random_batch as _batch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
@@ -29,8 +30,12 @@ def _run(
     """One micro-batch; returns the loss, every gradient and how many lora_A modules ran their own product."""
     torch.manual_seed(1)
     backend = TorchBackend()
-    backend.load(ModelSpec(str(folder), dtype="float32", device=device), method or MethodSpec("lora"), OptimSpec(),
-                 tokenizer)  # fmt: skip
+    on, shared_lora_a.ON = shared_lora_a.ON, False  # the backend's own sharing off: the test shares below
+    try:
+        backend.load(ModelSpec(str(folder), dtype="float32", device=device), method or MethodSpec("lora"),
+                     OptimSpec(), tokenizer)  # fmt: skip
+    finally:
+        shared_lora_a.ON = on
     base = backend._causal_lm
     layers = decoder_layers(base)
     with torch.no_grad():  # PEFT starts B at zero: give it values, so every adapter term and gradient counts
@@ -135,17 +140,8 @@ def test_only_plain_adapters_with_one_input_share(tiny_model_dir: Path, tiny_tok
 
 
 def test_switched_off_adapters_take_peft_s_path(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
-    """With the adapter disabled (a preference objective's reference model), the output is the base's alone."""
     _, _, _, backend = _run(tiny_model_dir, tiny_tokenizer, shared=True)
-    ids = torch.tensor(_batch()["input_ids"])
-    with torch.no_grad():
-        with backend.model.disable_adapter():
-            off = backend.model(input_ids=ids).logits
-        on = backend.model(input_ids=ids).logits
-    base = type(backend._causal_lm).from_pretrained(tiny_model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        torch.testing.assert_close(off, base(input_ids=ids).logits)
-    assert not torch.allclose(on, off)
+    assert_switched_off_adapters_give_the_base(backend, tiny_model_dir)
 
 
 def _first_q(spec: MethodSpec, folder: Path) -> Any:
@@ -157,7 +153,7 @@ def _first_q(spec: MethodSpec, folder: Path) -> Any:
     return decoder_layers(model.get_base_model())[0].self_attn.q_proj
 
 
-def test_the_backend_shares_them_when_switched_on(
+def test_the_backend_shares_them_unless_switched_off(
     tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def kinds() -> list[str]:
@@ -167,6 +163,6 @@ def test_the_backend_shares_them_when_switched_on(
         layer = decoder_layers(backend._causal_lm)[0]
         return [type(m).__name__ for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.up_proj)]
 
-    assert kinds() == ["Linear", "Linear", "Linear"]
-    monkeypatch.setattr(shared_lora_a, "ON", True)
     assert kinds() == ["FirstLinear", "LaterLinear", "LaterLinear"]
+    monkeypatch.setattr(shared_lora_a, "ON", False)
+    assert kinds() == ["Linear", "Linear", "Linear"]

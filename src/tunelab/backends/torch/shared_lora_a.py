@@ -20,8 +20,14 @@ takes PEFT's own path.  The hand-over goes through one module-level object that 
 the compiled layer's graph must see the same code and objects in every layer
 (:mod:`retype`).
 
-Off (:data:`ON`) until an A/B through ``tunelab train`` on a GPU shows it pays
-(``bench/gpu_env.sh``: ``TUNELAB_AB="shared_a"``).
+On (:data:`ON`) since an A/B through ``tunelab train`` on an H100 (one lease,
+8B and 1B Llama shapes, LoRA r16 on the seven linears, 2048-token rows) measured
++2.0% tok/s with checkpointing (8B) and +3.2% without (1B), with the same
+losses and peak memory.  ``bench/gpu_env.sh``'s switch ``shared_a_off`` makes a
+tree without it for another A/B.  The hand-over object is shared by every model
+in the process; a training process runs one model at a time (the service's chat
+runs its model on one thread), and a caller with another input only takes
+PEFT's own path.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from typing import Any
 
 import torch
 
+from tunelab.backends.torch import joined_b
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.retype import retype
 
-ON = False
+ON = True
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
@@ -124,7 +131,12 @@ class _First:
         # Under autocast the product runs in the autocast dtype whatever x's; PEFT's cast of x to the
         # adapter's fp32 (undone by autocast) would only copy it.
         xin = x if torch.is_autocast_enabled(x.device.type) else self._cast_input_dtype(x, stacked.dtype)  # type: ignore[attr-defined]
-        parts = list(torch.nn.functional.linear(xin, stacked).split(self._shared_ranks, dim=-1))
+        xa = torch.nn.functional.linear(xin, stacked)
+        if getattr(self, "_joined_cols", None) is not None:  # B joined into the base products: one input for all
+            both = joined_b.joined_input(x, xa, self)
+            _HANDOVER.x, _HANDOVER.parts = x, [both] * len(self._shared_rest)
+            return joined_b.output(self, both)
+        parts = list(xa.split(self._shared_ranks, dim=-1))
         _HANDOVER.x, _HANDOVER.parts = x, parts[1:]
         return _finish(self, x, parts[0], args, kwargs)
 
@@ -138,4 +150,6 @@ class _Later:
         xa = _HANDOVER.parts.pop(0)
         if not _HANDOVER.parts:
             _HANDOVER.x = None  # the last member: nothing stays referenced past the group
+        if getattr(self, "_joined_cols", None) is not None:
+            return joined_b.output(self, xa)  # xa is the group's [x, x A^T]
         return _finish(self, x, xa, args, kwargs)
