@@ -18,20 +18,35 @@ from tunelab.backends.torch.tiled_mlp import tile_mlps
 from tunelab.config import load_config
 
 
-def _run(folder: Path, tokenizer: Any, *, tiled: bool, offload: bool | None, dropout: float) -> tuple[float, dict, int]:
-    """``offload``: True offloaded checkpoints, False checkpoints kept in place, None none."""
+def _run(
+    folder: Path,
+    tokenizer: Any,
+    *,
+    tiled: bool,
+    offload: bool | None,
+    dropout: float,
+    compiled: str | None = None,
+    method: str = "lora",
+    device: str = "cpu",
+) -> tuple[float, dict, int]:
+    """``offload``: True offloaded checkpoints, False checkpoints kept in place, None none; ``compiled``: the
+    tiles' ``torch.compile`` backend (then the down projections' calls aren't counted: 0)."""
     torch.manual_seed(1)
     backend = TorchBackend()
-    backend.load(ModelSpec(str(folder), dtype="float32", device="cpu"), MethodSpec("lora", dropout=dropout),
-                 OptimSpec(), tokenizer)  # fmt: skip
+    spec = MethodSpec(method, dropout=dropout, bits=4 if method == "qlora" else None)
+    backend.load(ModelSpec(str(folder), dtype="float32", device=device), spec, OptimSpec(), tokenizer)
+    with torch.no_grad():  # PEFT starts B at zero: give it values, so the A's gradients count too
+        for name, p in backend.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
     base = backend._causal_lm
     if tiled:
-        assert tile_mlps(base, tile_tokens=8) == len(decoder_layers(base))  # 48 positions: 6 tiles
+        assert tile_mlps(base, tile_tokens=8, compile_backend=compiled) == len(decoder_layers(base))  # 48: 6 tiles
     if offload is not None:
         checkpoint_layers(decoder_layers(base), offload=offload)
         base.enable_input_require_grads()
     calls = [0]
-    for layer in decoder_layers(base):
+    for layer in decoder_layers(base) if not compiled else ():  # dynamo would guard on the counter's value
         layer.mlp.down_proj.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     torch.manual_seed(2)
     loss = backend.forward_backward(_batch(), 1.0).loss_sum
@@ -60,6 +75,57 @@ def test_tiled_mlp_with_dropout_matches_its_checkpointed_replay(tiny_model_dir: 
     assert offloaded[0] == pytest.approx(plain[0], rel=1e-6)
     for name, grad in plain[1].items():
         torch.testing.assert_close(offloaded[1][name], grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("offload", [None, True])
+def test_compiled_tiles_give_the_same_gradients_in_two_graphs_for_all_layers(
+    tiny_model_dir: Path, tiny_tokenizer: Any, offload: bool | None
+) -> None:
+    """The tiles' compiled function: one graph for the forward's tiles (no gradients) and one for backward's."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    from tunelab.backends.torch import tiled_mlp
+
+    eager = _run(tiny_model_dir, tiny_tokenizer, tiled=True, offload=offload, dropout=0.0)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _run(tiny_model_dir, tiny_tokenizer, tiled=True, offload=offload, dropout=0.0, compiled="aot_eager")
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-6)
+    assert compiled[1].keys() == eager[1].keys()
+    for name, grad in eager[1].items():
+        torch.testing.assert_close(compiled[1][name], grad, rtol=1e-5, atol=1e-6)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(_debug_get_cache_entry_list(tiled_mlp._tile.__code__)) == 2  # not one a layer (the model has 2)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_inductor_tiles_on_cuda_give_the_same_gradients(tiny_model_dir: Path, tiny_tokenizer: Any, method: str) -> None:
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    eager = _run(tiny_model_dir, tiny_tokenizer, tiled=True, offload=True, dropout=0.0, method=method, device="cuda")
+    torch._dynamo.reset()
+    compiled = _run(tiny_model_dir, tiny_tokenizer, tiled=True, offload=True, dropout=0.0, compiled="inductor",
+                    method=method, device="cuda")  # fmt: skip
+    torch._dynamo.reset()
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
+    for name, grad in eager[1].items():  # inductor's kernels sum in other orders
+        torch.testing.assert_close(compiled[1][name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()))
+
+
+def test_tiles_with_dropout_stay_eager(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """A compiled graph would draw other dropout masks in the tile's backward than in its forward."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.backends.torch.methods import apply_method
+
+    for dropout, compiled in ((0.0, True), (0.1, False)):
+        model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), MethodSpec("lora", dropout=dropout))
+        tile_mlps(model.get_base_model(), compile_backend="aot_eager")
+        assert (decoder_layers(model.get_base_model())[0].mlp.tile_compiled is not None) is compiled
 
 
 def test_auto_tiles_long_checkpointed_micro_batches_only() -> None:
