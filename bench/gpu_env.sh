@@ -7,7 +7,7 @@
 # bitsandbytes) into /tmp/site_us once, links that tree's bitsandbytes alone into /tmp/bnb (so
 # tunelab's processes get bitsandbytes without Unsloth's patches), and exports the variables the
 # scripts read.  How to fill .whl/ and .gpu/ on the machine that sends the run: bench/README.md,
-# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product", "shared_a") is turned on in src/ first,
+# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product", "autotune", "cudagraphs", "joined_b"; "shared_a_off" turns one off) is applied to src/ first,
 # for an A/B against a copy of the tree made before (--base-src); or, after sourcing, `variant NAME SWITCH...`
 # makes /tmp/variant_NAME, a copy of src/ with those switches on, to run as a stack of its own (--tree).
 
@@ -17,14 +17,17 @@ if [ ! -d /tmp/site_us/bitsandbytes ]; then
   mkdir -p /tmp/site_us && tar -xJf .gpu/unsloth-site-cp312.tar.xz -C /tmp/site_us
 fi
 mkdir -p /tmp/bnb && ln -sf /tmp/site_us/bitsandbytes /tmp/site_us/bitsandbytes-*.dist-info /tmp/bnb/
-# switch_on SRC NAME...: turn on, in the tree SRC (a src/ folder), each switch named (all are off in the repo).
+# switch_on SRC NAME...: set, in the tree SRC (a src/ folder), each switch named to the other way than the repo's.
 switch_on() {
   local src=$1; shift
   for name in "$@"; do
     case $name in
       nf4) sed -i 's/^IN_GRAPH = False/IN_GRAPH = True/' "$src/tunelab/backends/torch/nf4.py" ;;
       lora_in_product) sed -i 's/^LORA_IN_PRODUCT = False/LORA_IN_PRODUCT = True/' "$src/tunelab/backends/torch/nf4.py" ;;
-      shared_a) sed -i 's/^ON = False/ON = True/' "$src/tunelab/backends/torch/shared_lora_a.py" ;;
+      autotune) sed -i 's/^MODE: str | None = None/MODE: str | None = "max-autotune-no-cudagraphs"/' "$src/tunelab/backends/torch/fast.py" ;;
+      cudagraphs) sed -i 's/^MODE: str | None = None/MODE: str | None = "reduce-overhead"/' "$src/tunelab/backends/torch/fast.py" ;;
+      joined_b) sed -i 's/^ON = False/ON = True/' "$src/tunelab/backends/torch/joined_b.py" ;;
+      shared_a_off) sed -i 's/^ON = True/ON = False/' "$src/tunelab/backends/torch/shared_lora_a.py" ;;
       *) echo "gpu_env: no switch named $name" >&2; return 2 ;;
     esac
   done

@@ -13,7 +13,7 @@ import torch
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import checkpoint_io, fsdp, nf4, oom, readback, shared_lora_a
+from tunelab.backends.torch import checkpoint_io, fsdp, joined_b, nf4, oom, readback, shared_lora_a
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.cpu_threads import CpuThreads
@@ -142,10 +142,13 @@ class TorchBackend:
         keep_reference(self._loss, base, method.name, lambda m: self.fast.fused_loss and supports_hidden_path(m))
         if shared_lora_a.ON:
             shared_lora_a.share(self._causal_lm)  # q/k/v and gate/up adapters: one x @ A^T a group
+            if joined_b.ON and model.parallel != "fsdp":  # FSDP shards the base weights it would view
+                joined_b.join(self._causal_lm)  # gate/up: B joined into the base products
         if own_checkpoints or (model.tiled_mlp and model.parallel != "fsdp"):  # they replay layers or tiles
             lean_down_projections(self._causal_lm)  # before tiling and compiling: the innermost wrapper
         if model.tiled_mlp:
-            tile_mlps(self._causal_lm)  # before compiling: the tiled call stays outside the compiled graph
+            # Before compiling: the tiled call stays outside the layer's graph (its tiles get one of their own).
+            tile_mlps(self._causal_lm, compile_backend="inductor" if self.fast.compile_layers else None)
         elif parked := offload_mlp(model, method, base, self.device, offload):
             keep_mlps(self._causal_lm, host_budget(), parked)  # before compiling, likewise
         if self.fast.compile_layers:

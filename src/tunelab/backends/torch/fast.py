@@ -30,6 +30,12 @@ from tunelab.backends.torch.loading import decoder_layers
 
 log = logging.getLogger(__name__)
 
+# torch.compile's mode for the decoder layers and the MLP tiles; None is inductor's default.  For an A/B on a
+# GPU, bench/gpu_env.sh's switches set it to "max-autotune-no-cudagraphs" (autotune: inductor tries several
+# kernel configurations and keeps the fastest) or "reduce-overhead" (cudagraphs: each graph's kernels are
+# replayed as one CUDA graph, with no per-kernel launch).  Neither is measured yet.
+MODE: str | None = None
+
 # Compiled graphs are specialised to shapes; padded (unpacked) batches are
 # rounded up to a multiple of this so that a few graphs cover every length.
 SHAPE_MULTIPLE = 128
@@ -84,7 +90,7 @@ def compile_decoder_layers(model: Any, activation_budget: float = 1.0) -> int:
     dynamo_config.suppress_errors = True
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile()  # static shapes first; dynamo goes dynamic if a new length comes
+        layer.compile(mode=MODE)  # static shapes first; dynamo goes dynamic if a new length comes
     return len(layers)
 
 

@@ -1,0 +1,131 @@
+"""gate/up with B joined into the base products: PEFT's losses and gradients across optimizer steps, one
+graph for all layers, and the base weights untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tests.backends.conftest import assert_switched_off_adapters_give_the_base
+from tests.backends.conftest import random_batch as _batch
+
+from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
+from tunelab.backends.torch import joined_b
+from tunelab.backends.torch.backend import TorchBackend
+from tunelab.backends.torch.checkpointing import checkpoint_layers
+from tunelab.backends.torch.loading import decoder_layers
+
+
+def _load(folder: Path, tokenizer: Any, *, joined: bool, device: str = "cpu", dtype: str = "float32") -> TorchBackend:
+    torch.manual_seed(1)
+    backend = TorchBackend()
+    on, joined_b.ON = joined_b.ON, joined
+    try:
+        backend.load(ModelSpec(str(folder), dtype=dtype, device=device), MethodSpec("lora"), OptimSpec(), tokenizer)
+    finally:
+        joined_b.ON = on
+    with torch.no_grad():  # PEFT starts B at zero: give it values, so every adapter term and gradient counts
+        for name, p in backend.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return backend
+
+
+def _steps(backend: TorchBackend, *, compiled: str | None = None, checkpoints: bool = False) -> tuple:
+    """Two optimizer steps; returns both losses and the second step's gradients."""
+    layers = decoder_layers(backend._causal_lm)
+    if compiled:
+        for layer in layers:
+            layer.compile(backend=compiled)
+    if checkpoints:
+        checkpoint_layers(layers, offload=False)
+        backend._causal_lm.enable_input_require_grads()
+    losses = []
+    for step in range(2):
+        losses.append(float(backend.forward_backward(_batch(), 1.0).loss_sum))
+        if step == 0:
+            backend.optimizer_step(1e-2)  # B changes: the joined weights must follow
+    grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+def _same(a: tuple, b: tuple, tol: float = 1e-5) -> None:
+    assert a[0] == pytest.approx(b[0], rel=tol / 10)
+    assert a[1].keys() == b[1].keys() and any("up_proj.lora_B" in n for n in a[1])
+    for name, grad in b[1].items():  # summed in another order: equal to ~tol of the largest entry
+        torch.testing.assert_close(a[1][name], grad, rtol=tol, atol=tol * float(grad.abs().max()))
+
+
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_joined_products_give_peft_s_losses_and_gradients(
+    tiny_model_dir: Path, tiny_tokenizer: Any, checkpoints: bool
+) -> None:
+    plain = _steps(_load(tiny_model_dir, tiny_tokenizer, joined=False), checkpoints=checkpoints)
+    joined = _steps(_load(tiny_model_dir, tiny_tokenizer, joined=True), checkpoints=checkpoints)
+    _same(joined, plain)
+
+
+def test_compiled_layers_join_in_one_graph(
+    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # a thread count change recompiles too
+    runs, graphs = [], []
+    for joined in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        backend = _load(tiny_model_dir, tiny_tokenizer, joined=joined)
+        runs.append(_steps(backend, compiled="aot_eager"))
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        layer = decoder_layers(backend._causal_lm)[0]
+        graphs.append(len(_debug_get_cache_entry_list(type(layer).forward.__code__)))
+    torch._dynamo.reset()
+    _same(runs[1], runs[0])
+    assert graphs[1] == graphs[0]  # joining adds no graph (a graph per layer would be one per layer)
+
+
+def test_the_base_weights_stay_whole_and_are_held_once(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    backend = _load(tiny_model_dir, tiny_tokenizer, joined=True)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for layer, mine in zip(decoder_layers(original), decoder_layers(backend._causal_lm), strict=True):
+        for name in ("gate_proj", "up_proj"):
+            module = getattr(mine.mlp, name)
+            weight, joined = module.base_layer.weight, getattr(module, joined_b.BUFFER)
+            torch.testing.assert_close(weight, getattr(layer.mlp, name).weight, rtol=0, atol=0)
+            assert weight.data_ptr() == joined.data_ptr()  # a view: W is not held twice
+    keys = backend.model.state_dict().keys()
+    assert not any(joined_b.BUFFER in k for k in keys)  # nothing new is saved
+
+
+def test_switched_off_adapters_give_the_base_s_output(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """A preference objective's reference model: the adapters off, the joined weights unread."""
+    assert_switched_off_adapters_give_the_base(_load(tiny_model_dir, tiny_tokenizer, joined=True), tiny_model_dir)
+
+
+def test_only_plain_floating_frozen_bases_join(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    backend = _load(tiny_model_dir, tiny_tokenizer, joined=True)
+    gate = decoder_layers(backend._causal_lm)[0].mlp.gate_proj
+    assert joined_b.why_not(gate) is None
+    gate.base_layer.weight.requires_grad_(True)
+    assert "trains" in str(joined_b.why_not(gate))
+    assert joined_b.why_not(decoder_layers(backend._causal_lm)[0].mlp) == "not a plain linear base"
+    off = _load(tiny_model_dir, tiny_tokenizer, joined=False)
+    assert getattr(decoder_layers(off._causal_lm)[0].mlp.gate_proj, joined_b.BUFFER, None) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_inductor_on_cuda_in_bf16_gives_peft_s_gradients(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    runs = []
+    for joined in (False, True):
+        torch._dynamo.reset()
+        backend = _load(tiny_model_dir, tiny_tokenizer, joined=joined, device="cuda", dtype="bfloat16")
+        runs.append(_steps(backend, compiled="inductor", checkpoints=True))
+    torch._dynamo.reset()
+    _same(runs[1], runs[0], tol=2e-2)  # bf16 products, rounded in other places
