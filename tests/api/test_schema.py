@@ -53,7 +53,9 @@ def test_schemathesis_finds_no_server_errors_and_no_schema_violations(server: Se
         "--phases", "coverage,fuzzing",
         "--max-examples", "20",
         "--max-time", str(MAX_SECONDS),
-        "--workers", "2",
+        # One worker: with two threads, CPython 3.11.7's ast module can fail hypothesis's source reading with
+        # "SystemError: AST constructor recursion depth mismatch" (a CPython race, seen once here), not our bug.
+        "--workers", "1",
         "--report", "junit", "--report-junit-path", str(report),
     ]  # fmt: skip
     # cwd: schemathesis reads schemathesis.toml and keeps a cache folder where it runs: not in the checkout.
