@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tunelab.config.schema import MLP_TILE_TOKENS
 from tunelab.memory.shapes import ModelShape
-from tunelab.memory.workload import CHUNK_ELEMENTS, DTYPE_BYTES, Workload, targeted
+from tunelab.memory.workload import CHUNK_ELEMENTS, CHUNK_ROW_MULTIPLE, DTYPE_BYTES, Workload, targeted
 from tunelab.vocab import LORA_METHODS, WHOLE_MODEL_METHODS
 
 
@@ -140,7 +140,10 @@ def _chunked_loss_bytes(shape: ModelShape, work: Workload, picked: int) -> int:
     also accumulates an fp32 weight gradient.
     """
     a = DTYPE_BYTES[work.dtype]
-    rows = min(picked, max(64, CHUNK_ELEMENTS // max(shape.vocab, 1)))
+    rows = min(
+        picked,
+        max(CHUNK_ROW_MULTIPLE, CHUNK_ELEMENTS // max(shape.vocab, 1) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE),
+    )
     per_row = (2 * a + 4 + (4 if shape.logit_softcap else 0)) * shape.vocab
     hidden = 2 * a * picked * shape.hidden
     head_grad = 4 * shape.vocab * shape.hidden if work.method == "full" else 0
