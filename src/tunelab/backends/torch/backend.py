@@ -55,6 +55,7 @@ class TorchBackend:
         self._attention = "sdpa"
         self._offload = False
         self._host_embed: HostEmbedding | None = None  # train.offload_embeddings: the table in CPU memory
+        self._joined: Any = None  # joined_b: the joined gate/up weights' refresher
         self.fast = FastPath()
         self._widest: int | None = None  # compiled layers: the padded length most batches are padded to
         self._autocast: torch.dtype | None = None  # CUDA: the base's half dtype, for fp32 adapters
@@ -143,7 +144,7 @@ class TorchBackend:
         if shared_lora_a.ON:
             shared_lora_a.share(self._causal_lm)  # q/k/v and gate/up adapters: one x @ A^T a group
             if joined_b.ON and model.parallel != "fsdp":  # FSDP shards the base weights it would view
-                joined_b.join(self._causal_lm)  # gate/up: B joined into the base products
+                self._joined = joined_b.join(self._causal_lm)  # gate/up: B joined into the base products
         if own_checkpoints or (model.tiled_mlp and model.parallel != "fsdp"):  # they replay layers or tiles
             lean_down_projections(self._causal_lm)  # before tiling and compiling: the innermost wrapper
         if model.tiled_mlp:
@@ -253,6 +254,8 @@ class TorchBackend:
         limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._params, limit)
         self._optimizer.step()
+        if self._joined is not None:
+            self._joined.stale()  # B changed; a fused step leaves no trace the refresh could see
         self._optimizer.zero_grad(set_to_none=True)
         return readback.later(fsdp.total_norm(norm))  # read once the next step's work is queued
 

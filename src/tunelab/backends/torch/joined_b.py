@@ -14,8 +14,8 @@ The joined weight ``[W, s B_gate, s B_up]`` (one per projection, B slices
 that aren't its own left zero) is kept, so no per-call concatenation copies the
 weight: the base layer's own weight becomes a view of its first K columns (no
 second copy), and the B columns are refreshed from the adapters before each
-forward through the decoder stack (:func:`refresh`, a pre-hook), since the
-optimizer changes B between steps.  The input side ``[x, x A^T]`` is the
+forward through the decoder stack that follows a change of B (:func:`refresh`,
+from a pre-hook), since the optimizer changes B between steps.  The input side ``[x, x A^T]`` is the
 group's one shared input product (:mod:`shared_lora_a`) concatenated to x.
 Backward gives B its gradient ``s g^T (x A^T)`` itself (:class:`_JoinedLinear`);
 the joined weight has none.
@@ -39,11 +39,13 @@ ON = False
 BUFFER = "joined_weight"
 
 
-def join(model: Any) -> int:
-    """Give each decoder layer's shared gate/up group joined weights; returns how many groups.
+def join(model: Any) -> _Refresher | None:
+    """Give each decoder layer's shared gate/up group joined weights; returns their refresher (None: none).
 
     Runs after :func:`shared_lora_a.share` (it joins only shared groups) and
-    with the model on its device.
+    with the model on its device.  The caller marks the joined weights stale
+    after each optimizer step (:meth:`_Refresher.stale`): a fused optimizer
+    changes B without moving its version counter.
     """
     count, joined_members = 0, []
     for layer in decoder_layers(model):
@@ -67,10 +69,41 @@ def join(model: Any) -> int:
             joined_members.append(member)
             start += rank
         count += 1
-    if count:
-        _stack_owner(model).register_forward_pre_hook(lambda *_: refresh(joined_members))
-        refresh(joined_members)
-    return count
+    if not count:
+        return None
+    refresher = _Refresher(joined_members)
+    _stack_owner(model).register_forward_pre_hook(refresher)
+    refresh(joined_members)
+    return refresher
+
+
+class _Refresher:
+    """The decoder stack's pre-hook: refreshes the joined weights when any B has changed since the last time.
+
+    A tensor's version counter moves with in-place changes (a loaded state, a foreach optimizer), and a
+    B replaced by a new tensor has another identity; generation, which runs the stack once a token, then
+    copies nothing between optimizer steps.  torch's fused AdamW leaves version counters as they were,
+    so the backend calls :meth:`stale` after every step.
+    """
+
+    def __init__(self, members: list[Any]) -> None:
+        self.members = members
+        self.seen: list[tuple[int, int]] | None = _versions(members)
+
+    def stale(self) -> None:
+        """B may have changed in ways its version counter doesn't show: refresh before the next forward."""
+        self.seen = None
+
+    def __call__(self, *_: Any) -> None:
+        now = _versions(self.members)
+        if now != self.seen:
+            refresh(self.members)
+            self.seen = now
+
+
+def _versions(members: list[Any]) -> list[tuple[int, int]]:
+    weights = [m.lora_B[_adapter(m)].weight for m in members]
+    return [(id(w), w._version) for w in weights]
 
 
 def why_not(module: Any) -> str | None:
