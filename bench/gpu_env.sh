@@ -27,8 +27,8 @@ switch_on() {
       autotune) sed -i 's/^MODE: str | None = None/MODE: str | None = "max-autotune-no-cudagraphs"/' "$src/tunelab/backends/torch/fast.py" ;;
       cudagraphs) sed -i 's/^MODE: str | None = None/MODE: str | None = "reduce-overhead"/' "$src/tunelab/backends/torch/fast.py" ;;
       joined_b) sed -i 's/^ON = False/ON = True/' "$src/tunelab/backends/torch/joined_b.py" ;;
-      chunk_big) sed -i 's/^CHUNK_ELEMENTS = 2\*\*25/CHUNK_ELEMENTS = 2**26/' "$src/tunelab/backends/torch/linear_ce.py" ;;
-      chunk_any) sed -i 's/^ROW_MULTIPLE = 64/ROW_MULTIPLE = 1/' "$src/tunelab/backends/torch/linear_ce.py" ;;
+      chunk_big) sed -i 's/^LOSS_CHUNK_ELEMENTS = 2\*\*25/LOSS_CHUNK_ELEMENTS = 2**26/' "$src/tunelab/config/schema.py" ;;
+      chunk_any) sed -i 's/^LOSS_CHUNK_ROW_MULTIPLE = 64/LOSS_CHUNK_ROW_MULTIPLE = 1/' "$src/tunelab/config/schema.py" ;;
       shared_a_off) sed -i 's/^ON = True/ON = False/' "$src/tunelab/backends/torch/shared_lora_a.py" ;;
       *) echo "gpu_env: no switch named $name" >&2; return 2 ;;
     esac

@@ -37,6 +37,21 @@ MAX_INT = 2**31 - 1
 TILED_MLP_FROM = 16_384
 MLP_TILE_TOKENS = 4096  # positions per tile (backends/torch/tiled_mlp.py; the estimator models the same)
 
+# The chunked loss (backends/torch/linear_ce.py; the estimator models the same chunks).  Elements of one
+# chunk's fp32 logits: 2**25 is 128 MiB, e.g. 256 positions of a 128k vocabulary.
+LOSS_CHUNK_ELEMENTS = 2**25
+# A chunk's positions are a multiple of this.  They are a matrix dimension of the head's two products, which
+# GPU kernels cover in tiles of 64-256 rows: 261 positions (a 128k vocabulary) end each chunk's products in a
+# mostly empty tile, 256 don't, and a micro-batch of 2^k positions then splits into equal chunks, so the
+# compiled chunk keeps one static shape.  (Not measured on its own: bench/gpu_env.sh's switch chunk_any.)
+LOSS_CHUNK_ROW_MULTIPLE = 64
+
+
+def loss_chunk_rows(vocab: int) -> int:
+    """How many positions one chunk of the chunked loss projects, for a head of ``vocab`` outputs."""
+    rows = LOSS_CHUNK_ELEMENTS // max(vocab, 1)
+    return max(LOSS_CHUNK_ROW_MULTIPLE, rows // LOSS_CHUNK_ROW_MULTIPLE * LOSS_CHUNK_ROW_MULTIPLE)
+
 
 class ModelCfg(_Section):
     """Which base model to fine-tune and how to hold it in memory."""

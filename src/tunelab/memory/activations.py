@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tunelab.config.schema import MLP_TILE_TOKENS
+from tunelab.config.schema import MLP_TILE_TOKENS, loss_chunk_rows
 from tunelab.memory.shapes import ModelShape
-from tunelab.memory.workload import CHUNK_ELEMENTS, CHUNK_ROW_MULTIPLE, DTYPE_BYTES, Workload, targeted
+from tunelab.memory.workload import DTYPE_BYTES, Workload, targeted
 from tunelab.vocab import LORA_METHODS, WHOLE_MODEL_METHODS
 
 
@@ -140,10 +140,7 @@ def _chunked_loss_bytes(shape: ModelShape, work: Workload, picked: int) -> int:
     also accumulates an fp32 weight gradient.
     """
     a = DTYPE_BYTES[work.dtype]
-    rows = min(
-        picked,
-        max(CHUNK_ROW_MULTIPLE, CHUNK_ELEMENTS // max(shape.vocab, 1) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE),
-    )
+    rows = min(picked, loss_chunk_rows(shape.vocab))
     per_row = (2 * a + 4 + (4 if shape.logit_softcap else 0)) * shape.vocab
     hidden = 2 * a * picked * shape.hidden
     head_grad = 4 * shape.vocab * shape.hidden if work.method == "full" else 0

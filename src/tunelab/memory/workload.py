@@ -8,8 +8,6 @@ from tunelab.errors import ConfigError
 from tunelab.memory.shapes import Linear, ModelShape
 
 GiB = 2**30
-CHUNK_ELEMENTS = 2**25  # keep equal to backends/torch/linear_ce.py (no torch import here)
-CHUNK_ROW_MULTIPLE = 64  # linear_ce.ROW_MULTIPLE
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # What each runtime holds beside tensors (measured: CUDA 12/13 context with cuBLAS/cuDNN

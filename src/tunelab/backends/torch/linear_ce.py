@@ -17,19 +17,8 @@ from typing import Any
 
 import torch
 
-# Elements of one chunk's fp32 logits: 2**25 is 128 MiB, e.g. 256 positions of a 128k vocabulary.
-CHUNK_ELEMENTS = 2**25
-# A chunk's positions are a multiple of this.  They are a matrix dimension of the head's two products, which
-# GPU kernels cover in tiles of 64-256 rows: 261 positions (a 128k vocabulary) end each chunk's products in a
-# mostly empty tile, 256 don't, and a micro-batch of 2^k positions then splits into equal chunks, so the
-# compiled chunk keeps one static shape.  (Not measured on its own: bench/gpu_env.sh's switch chunk_any.)
-ROW_MULTIPLE = 64
-
-
-def chunk_rows(vocab: int) -> int:
-    """How many positions one chunk projects."""
-    rows = CHUNK_ELEMENTS // max(vocab, 1)
-    return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
+# The chunk sizes live beside the config, where the memory estimate (torch-free) reads them too.
+from tunelab.config.schema import loss_chunk_rows as chunk_rows
 
 
 def _chunk_loss_grad(

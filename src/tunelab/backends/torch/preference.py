@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from tunelab.backends.base import ObjectiveSpec
 from tunelab.backends.torch.attention import model_inputs
-from tunelab.backends.torch.linear_ce import CHUNK_ELEMENTS, is_plain_linear, linear_logprobs
+from tunelab.backends.torch.linear_ce import is_plain_linear, linear_logprobs
+from tunelab.config.schema import LOSS_CHUNK_ELEMENTS
 from tunelab.vocab import REFERENCE_OBJECTIVES, WHOLE_MODEL_METHODS
 
 Stats = dict[str, tuple[torch.Tensor, float]]
@@ -124,7 +125,7 @@ def token_logps(
         hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         head = causal_lm.get_output_embeddings()
-        if is_plain_linear(head) and hidden.shape[0] * head.weight.shape[0] > CHUNK_ELEMENTS:
+        if is_plain_linear(head) and hidden.shape[0] * head.weight.shape[0] > LOSS_CHUNK_ELEMENTS:
             return linear_logprobs(hidden, head, targets, softcap=cap)  # the whole logits never exist at once
         logits = head(hidden)
     else:
