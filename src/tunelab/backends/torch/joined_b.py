@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from tunelab.backends.torch.loading import decoder_layers
+from tunelab.backends.torch.lora_parts import active_adapter
 
 ON = False
 BUFFER = "joined_weight"
@@ -47,7 +48,7 @@ def join(model: Any) -> _Refresher | None:
     after each optimizer step (:meth:`_Refresher.stale`): a fused optimizer
     changes B without moving its version counter.
     """
-    count, joined_members = 0, []
+    joined_members: list[Any] = []
     for layer in decoder_layers(model):
         first = getattr(getattr(layer, "mlp", None), "gate_proj", None)
         members = (first, *getattr(first, "_shared_rest", ()))
@@ -68,8 +69,7 @@ def join(model: Any) -> _Refresher | None:
             object.__setattr__(member, "_joined_cols", (weight.shape[1] + start, rank))
             joined_members.append(member)
             start += rank
-        count += 1
-    if not count:
+    if not joined_members:
         return None
     refresher = _Refresher(joined_members)
     _stack_owner(model).register_forward_pre_hook(refresher)
@@ -102,7 +102,7 @@ class _Refresher:
 
 
 def _versions(members: list[Any]) -> list[tuple[int, int]]:
-    weights = [m.lora_B[_adapter(m)].weight for m in members]
+    weights = [m.lora_B[active_adapter(m)].weight for m in members]
     return [(id(w), w._version) for w in weights]
 
 
@@ -126,13 +126,13 @@ def refresh(members: list[Any]) -> None:
     """Copy each joined projection's ``s B`` into its joined weight (B changes at every optimizer step)."""
     for member in members:
         start, rank = member._joined_cols
-        name = _adapter(member)
+        name = active_adapter(member)
         getattr(member, BUFFER)[:, start : start + rank].copy_(member.lora_B[name].weight * member.scaling[name])
 
 
 def output(module: Any, joined_input: torch.Tensor) -> torch.Tensor:
     """``[x, x A^T] @ [W, s B]^T`` for one joined projection (its base output plus its adapter's)."""
-    name = _adapter(module)
+    name = active_adapter(module)
     start, rank = module._joined_cols
     weight = getattr(module, BUFFER)
     out: torch.Tensor = _JoinedLinear.apply(
@@ -169,10 +169,6 @@ class _JoinedLinear(torch.autograd.Function):
             xa = x.reshape(-1, x.shape[-1])[:, ctx.start : ctx.start + ctx.rank]
             grad_b = (rows.t() @ xa).to(ctx.b_dtype) * ctx.scaling
         return grad_x, None, grad_b, None, None, None
-
-
-def _adapter(module: Any) -> str:
-    return str(next(n for n in module.active_adapters if n in module.lora_A))
 
 
 def _stack_owner(model: Any) -> torch.nn.Module:

@@ -15,6 +15,11 @@ import torch
 from tunelab.backends.torch import nf4
 
 
+def active_adapter(module: Any) -> str:
+    """The name of a LoRA layer's first active adapter (the only one, where a caller checked that)."""
+    return str(next(n for n in module.active_adapters if n in module.lora_A))
+
+
 def adapter_branch(module: Any, x: torch.Tensor) -> torch.Tensor | None:
     """The sum of a LoRA layer's active adapters' outputs on ``x`` (None for a plain or disabled layer)."""
     if not hasattr(module, "lora_A") or module.disable_adapters or module.merged:

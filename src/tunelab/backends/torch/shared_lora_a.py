@@ -39,6 +39,7 @@ import torch
 
 from tunelab.backends.torch import joined_b
 from tunelab.backends.torch.loading import decoder_layers
+from tunelab.backends.torch.lora_parts import active_adapter
 from tunelab.backends.torch.retype import retype
 
 ON = True
@@ -65,7 +66,7 @@ def share(model: Any) -> int:
             members = [getattr(parent, n, None) for n in names]
             if parent is None or any(m is None or why_not(m) is not None for m in members):
                 continue
-            if len({_adapter(m) for m in members}) != 1 or len({_a(m).dtype for m in members}) != 1:
+            if len({active_adapter(m) for m in members}) != 1 or len({_a(m).dtype for m in members}) != 1:
                 continue
             first, rest = members[0], tuple(members[1:])
             # Plain attributes (object.__setattr__): as nn.Module attributes the followers would be
@@ -96,12 +97,8 @@ def why_not(module: Any) -> str | None:
     return None
 
 
-def _adapter(module: Any) -> str:
-    return str(next(n for n in module.active_adapters if n in module.lora_A))
-
-
 def _a(module: Any) -> torch.Tensor:
-    weight: torch.Tensor = module.lora_A[_adapter(module)].weight
+    weight: torch.Tensor = module.lora_A[active_adapter(module)].weight
     return weight
 
 
@@ -113,7 +110,7 @@ def _plain(module: Any) -> bool:
 def _finish(module: Any, x: torch.Tensor, xa: torch.Tensor, args: Any, kwargs: Any) -> torch.Tensor:
     """The base's output plus this adapter's ``B`` on its slice of ``x @ A^T``, as PEFT adds it."""
     result: torch.Tensor = module.base_layer(x, *args, **kwargs)
-    name = _adapter(module)
+    name = active_adapter(module)
     return (result + module.lora_B[name](xa) * module.scaling[name]).to(result.dtype)
 
 
