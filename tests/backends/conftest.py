@@ -26,3 +26,15 @@ def assert_switched_off_adapters_give_the_base(backend: Any, folder: Path) -> No
         base = type(backend._causal_lm).from_pretrained(folder, dtype=torch.float32)
         torch.testing.assert_close(off, base(input_ids=ids).logits)
     assert not torch.allclose(on, off)
+
+
+def assert_same_loss_and_grads(a: tuple, b: tuple, adapter: str, tol: float = 1e-5) -> None:
+    """Runs ``(loss, grads, ...)`` agree: the loss to ``tol / 10``, every gradient to ``tol`` of its largest entry
+    (summed in another order), and ``adapter`` (a parameter name's part) is among the gradients."""
+    import pytest
+    import torch
+
+    assert a[0] == pytest.approx(b[0], rel=tol / 10)
+    assert a[1].keys() == b[1].keys() and any(adapter in n for n in a[1])
+    for name, grad in b[1].items():
+        torch.testing.assert_close(a[1][name], grad, rtol=tol, atol=tol * float(grad.abs().max()))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from tests.backends.conftest import assert_switched_off_adapters_give_the_base
+from tests.backends.conftest import assert_same_loss_and_grads, assert_switched_off_adapters_give_the_base
 from tests.backends.conftest import random_batch as _batch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
@@ -60,10 +60,7 @@ def _run(
 
 
 def _same(a: tuple, b: tuple, tol: float = 1e-5) -> None:
-    assert a[0] == pytest.approx(b[0], rel=tol / 10)
-    assert a[1].keys() == b[1].keys() and any("k_proj.lora_A" in n for n in a[1])
-    for name, grad in b[1].items():  # fp32, summed in another order: equal to ~tol of the largest entry
-        torch.testing.assert_close(a[1][name], grad, rtol=tol, atol=tol * float(grad.abs().max()))
+    assert_same_loss_and_grads(a, b, "k_proj.lora_A", tol)
 
 
 @pytest.mark.parametrize("checkpoints", [False, True])
