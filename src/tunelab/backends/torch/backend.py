@@ -13,7 +13,7 @@ import torch
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import checkpoint_io, fsdp, joined_b, nf4, oom, readback, shared_lora_a
+from tunelab.backends.torch import checkpoint_io, fsdp, joined_b, kept_attention, nf4, oom, readback, shared_lora_a
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.cpu_threads import CpuThreads
@@ -145,6 +145,8 @@ class TorchBackend:
             shared_lora_a.share(self._causal_lm)  # q/k/v and gate/up adapters: one x @ A^T a group
             if joined_b.ON and model.parallel != "fsdp":  # FSDP shards the base weights it would view
                 self._joined = joined_b.join(self._causal_lm)  # gate/up: B joined into the base products
+        if kept_attention.ON and own_checkpoints and offload and kept_attention.keep_attention(base):
+            self._attention = kept_attention.KEPT_SDPA  # the replay reads the first run's output back
         if own_checkpoints or (model.tiled_mlp and model.parallel != "fsdp"):  # they replay layers or tiles
             lean_down_projections(self._causal_lm)  # before tiling and compiling: the innermost wrapper
         if model.tiled_mlp:

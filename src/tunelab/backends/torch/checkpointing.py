@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from tunelab.backends.torch import kept_attention
 from tunelab.backends.torch.host_stash import HostStash
 from tunelab.backends.torch.replay import recording, replaying
 
@@ -54,16 +55,23 @@ def checkpoint_layers(layers: Iterable[torch.nn.Module], *, offload: bool) -> No
         layer.gradient_checkpointing = False  # type: ignore[assignment]  # transformers' own: off, ours instead
         compiled = layer._compiled_call_impl is not None
         inner = layer._compiled_call_impl or layer._call_impl
-        layer._compiled_call_impl = functools.partial(_checkpointed, inner, stash, anchor, compiled, index)
+        layer._compiled_call_impl = functools.partial(_checkpointed, inner, layer, stash, anchor, compiled, index)
 
 
 def _checkpointed(
-    inner: Any, stash: HostStash, anchor: torch.Tensor, compiled: bool, index: int, *args: Any, **kwargs: Any
+    inner: Any,
+    layer: torch.nn.Module,
+    stash: HostStash,
+    anchor: torch.Tensor,
+    compiled: bool,
+    index: int,
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
     if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
         return inner(*args, **kwargs)  # evaluation and generation: nothing to save
     extra: dict[str, Any] = {}
-    hidden = _CheckpointedLayer.apply(args[0], anchor, inner, args[1:], kwargs, stash, index, compiled, extra)
+    hidden = _CheckpointedLayer.apply(args[0], anchor, inner, layer, args[1:], kwargs, stash, index, compiled, extra)
     return (hidden, *extra["rest"]) if extra.get("rest") is not None else hidden
 
 
@@ -76,6 +84,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         hidden: torch.Tensor,
         anchor: torch.Tensor,
         inner: Any,
+        layer: torch.nn.Module,
         rest: tuple[Any, ...],
         kwargs: dict[str, Any],
         stash: HostStash,
@@ -83,7 +92,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         compiled: bool,
         extra: dict[str, Any],
     ) -> torch.Tensor:
-        ctx.inner, ctx.rest, ctx.kwargs, ctx.stash, ctx.index = inner, rest, kwargs, stash, index
+        ctx.inner, ctx.layer, ctx.rest, ctx.kwargs, ctx.stash, ctx.index = inner, layer, rest, kwargs, stash, index
         ctx.device, ctx.needs_input_grad_ = hidden.device, hidden.requires_grad
         ctx.differentiate_input = hidden.requires_grad or compiled
         ctx.autocast = _autocast_state(hidden.device.type)
@@ -93,21 +102,29 @@ class _CheckpointedLayer(torch.autograd.Function):
         with torch.no_grad(), recording() as parked:
             out = inner(hidden.detach(), *rest, **kwargs)
         first, extra["rest"] = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
-        ctx.saved = stash.offload(index, hidden, *parked)  # what the layer parked travels with its input
+        attention = kept_attention.take(layer)  # what the attention left on its module (kept_attention)
+        ctx.attention = len(attention)
+        ctx.saved = stash.offload(index, hidden, *attention, *parked)  # what the layer parked travels with its input
         return first
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        hidden, *parked = ctx.stash.fetch(ctx.saved, ctx.index, ctx.device)
+        hidden, *fetched = ctx.stash.fetch(ctx.saved, ctx.index, ctx.device)
+        attention, parked = tuple(fetched[: ctx.attention]), tuple(fetched[ctx.attention :])
         hidden = hidden.detach().requires_grad_(ctx.differentiate_input)
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # dropout draws what it drew in the forward
             _set_rng_state(ctx.rng, ctx.device)
-            with torch.enable_grad(), torch.autocast(ctx.device.type, **ctx.autocast), replaying(tuple(parked)):
+            with (
+                torch.enable_grad(),
+                torch.autocast(ctx.device.type, **ctx.autocast),
+                replaying(parked),
+                kept_attention.holding(ctx.layer, attention),
+            ):
                 out = ctx.inner(hidden, *ctx.rest, **ctx.kwargs)
         first = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(first, grad)
-        return (hidden.grad if ctx.needs_input_grad_ else None, *[None] * 8)
+        return (hidden.grad if ctx.needs_input_grad_ else None, *[None] * 9)
 
 
 def _autocast_state(device_type: str) -> dict[str, Any]:

@@ -22,18 +22,20 @@ _state = threading.local()
 # dynamo guards on a module global it reads (one graph for each value; the replay's graph is
 # the grad-enabled one anyway), while reading a threading.local would break the graph.
 REPLAYING = False
+RECORDING = False  # likewise for a checkpointed layer's first run
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[list[torch.Tensor]]:
     """Marks the first run of a checkpointed layer; yields the list of what code inside it parked."""
+    global RECORDING
     parked: list[torch.Tensor] = []
-    previous = getattr(_state, "recording", None)
-    _state.recording = parked
+    previous, flag = getattr(_state, "recording", None), RECORDING
+    _state.recording, RECORDING = parked, True
     try:
         yield parked
     finally:
-        _state.recording = previous
+        _state.recording, RECORDING = previous, flag
 
 
 @contextlib.contextmanager
