@@ -57,13 +57,13 @@ def _run(
     if monkeypatch is not None:
         monkeypatch.setattr(kept_attention, "take", counted_take)
     if monkeypatch is not None and count_flash:
-        flash = kept_attention._flash_forward
+        flash = kept_attention._forward
 
         def counted(*args: Any) -> Any:
             forwards[0] += 1
             return flash(*args)
 
-        monkeypatch.setattr(kept_attention, "_flash_forward", counted)
+        monkeypatch.setattr(kept_attention, "_forward", counted)
     if compiled:
         for layer in layers:
             layer.compile(backend=compiled)

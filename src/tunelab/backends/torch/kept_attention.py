@@ -31,10 +31,12 @@ graph break, and the checkpoint takes it off the module straight after the run
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from tunelab.backends.torch import replay
 
@@ -88,22 +90,24 @@ def kept_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``sdpa``, parking or reading back where it applies."""
     checkpointed = replay.RECORDING or replay.REPLAYING
-    if checkpointed and _flash_applies(module, query, key, value, attention_mask, dropout, kwargs):
+    kernel = _kernel(module, query, key, value, attention_mask, dropout, kwargs) if checkpointed else None
+    if kernel is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if replay.RECORDING and not torch.is_grad_enabled():
-            out, lse = _flash_forward(query, key, value, scale)
-            output = out.transpose(1, 2)  # (batch, length, heads, dim): contiguous, as the layer reads it
+            out, lse = _forward(kernel, query, key, value, scale)
+            # (batch, length, heads, dim), contiguous, as the layer reads it: the copy sdpa's own path makes
+            output = out.transpose(1, 2).contiguous()
             setattr(module, KEPT, (output, lse))
             return output, None
         kept = getattr(module, KEPT, None)
         if replay.REPLAYING and kept is not None:
-            return _KeptAttention.apply(query, key, value, kept[0], kept[1], scale), None
+            return _KeptAttention.apply(query, key, value, kept[0], kept[1], scale, kernel), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
-def _flash_applies(
+def _kernel(
     module: Any,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -111,34 +115,66 @@ def _flash_applies(
     mask: torch.Tensor | None,
     dropout: float,
     kwargs: dict[str, Any],
-) -> bool:
-    """Whether ``sdpa`` would run the flash kernel here, causal over the whole row (the same in both runs)."""
+) -> int | None:
+    """The fused kernel sdpa would run here (flash or cuDNN), causal over the whole row; None: sdpa's own path.
+
+    Decided from the arguments alone, so the first run and the replay agree.
+    """
     if mask is not None or dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
-        return False
+        return None
     causal = kwargs.get("is_causal")
     if not (causal if causal is not None else getattr(module, "is_causal", True)):
-        return False
+        return None
     length, dim = query.shape[2], query.shape[-1]
-    if length < 2 or key.shape[2] != length or not (dim == key.shape[-1] == value.shape[-1] <= 256):
-        return False
-    if query.shape[1] % key.shape[1]:
-        return False
-    if query.is_cuda:
-        return query.dtype in (torch.float16, torch.bfloat16)
-    return query.device.type == "cpu"
+    if length < 2 or key.shape[2] != length or not (dim == key.shape[-1] == value.shape[-1] <= 256) or dim % 8:
+        return None
+    if query.shape[1] % key.shape[1] or query.device.type not in ("cuda", "cpu"):
+        return None
+    if query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    device = query.device
+    grouped = query.shape[1] != key.shape[1]
+    choice = _sdpa_choice(device.type, device.index, query.dtype, query.shape[1], key.shape[1], length, dim, grouped)
+    return choice if choice in (_FLASH, _CUDNN) else None
 
 
-def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
-    """The flash kernel's output (batch, heads, length, dim) and log-sum-exp; grouped k/v heads taken as they are."""
-    if q.is_cuda:
+_FLASH, _CUDNN = int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.CUDNN_ATTENTION)
+
+
+@torch._dynamo.assume_constant_result  # a compiled layer asks while it is traced; the answer is in its graph
+def _sdpa_choice(
+    device_type: str, index: int | None, dtype: torch.dtype, heads: int, kv_heads: int, length: int, dim: int,
+    grouped: bool,
+) -> int:  # fmt: skip
+    """Which backend sdpa picks for causal attention of these sizes (torch >= 2.10 prefers cuDNN on Hopper)."""
+    return _probe(device_type, index, dtype, heads, kv_heads, length, dim, grouped)
+
+
+@functools.cache  # asked by every layer of every eager step
+def _probe(
+    device_type: str, index: int | None, dtype: torch.dtype, heads: int, kv_heads: int, length: int, dim: int,
+    grouped: bool,
+) -> int:  # fmt: skip
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    q = torch.empty(1, heads, length, dim, dtype=dtype, device=device)
+    kv = torch.empty(1, kv_heads, length, dim, dtype=dtype, device=device)
+    return int(torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, scale=None, enable_gqa=grouped))
+
+
+def _forward(kernel: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+    """The kernel's output (batch, heads, length, dim) and log-sum-exp; grouped k/v heads taken as they are."""
+    if not q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        return out, lse
+    if kernel == _CUDNN:
+        found = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+    else:
         found = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
-        return found[0], found[1]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-    return out, lse
+    return found[0], found[1]
 
 
 class _KeptAttention(torch.autograd.Function):
-    """The replay's attention: the parked output as its value, the flash kernel's backward as its gradient."""
+    """The replay's attention: the parked output as its value, the kernel's own backward as its gradient."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -149,24 +185,31 @@ class _KeptAttention(torch.autograd.Function):
         output: torch.Tensor,
         lse: torch.Tensor,
         scale: float,
+        kernel: int,
     ) -> torch.Tensor:
-        ctx.scale = scale
+        ctx.scale, ctx.kernel = scale, kernel
         ctx.save_for_backward(q, k, v, output, lse)
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         q, k, v, output, lse = ctx.saved_tensors
-        grad, out = grad.transpose(1, 2), output.transpose(1, 2)  # back to (batch, heads, length, dim)
-        if q.is_cuda:
-            length = q.shape[2]
-            seed = torch.zeros(2, dtype=torch.uint64, device=q.device)  # read only with dropout, which is 0
-            offset = torch.zeros((), dtype=torch.uint64, device=q.device)
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                grad, q, k, v, out, lse, None, None, length, length, 0.0, True, seed, offset, scale=ctx.scale
+        # back to (batch, heads, length, dim); the gradient and the output have the same strides
+        grad, out = grad.transpose(1, 2), output.transpose(1, 2)
+        length, scale = q.shape[2], ctx.scale
+        if not q.is_cuda:
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad, q, k, v, out, lse, 0.0, True, scale=scale
+            )
+        elif ctx.kernel == _CUDNN:  # the random state is read only with dropout, which is 0
+            seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                grad, q, k, v, out, lse, seed, offset, None, None, None, length, length, 0.0, True, scale=scale
             )
         else:
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad, q, k, v, out, lse, 0.0, True, scale=ctx.scale
+            seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+            offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                grad, q, k, v, out, lse, None, None, length, length, 0.0, True, seed, offset, scale=scale
             )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
