@@ -138,7 +138,7 @@ def _kernel(
     return choice if choice in (_FLASH, _CUDNN) else None
 
 
-_FLASH, _CUDNN = int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.CUDNN_ATTENTION)
+_FLASH, _CUDNN = SDPBackend.FLASH_ATTENTION.value, SDPBackend.CUDNN_ATTENTION.value
 
 
 @torch._dynamo.assume_constant_result  # a compiled layer asks while it is traced; the answer is in its graph
