@@ -167,6 +167,11 @@ def _phases(shape: ModelShape, work: Workload, params_b: int) -> list[_Phase]:
         # passed its last use (the host runs ahead; measured at 1B 32k on an H100, 2026-12-06).
         kept = final_norm + (layer_input if work.gradient_checkpointing else 0)
         fetched = layer_input * (3 if work.offload_checkpoints else 1)
+        if work.kept_attention:
+            # The attention's output and log-sum-exp travel with the input: the replayed layer's own stand in
+            # for what the replay would compute, the next layer's come back early (measured: +0.11 GiB at
+            # 8B 16k, where one output is 0.125 GiB; H100, 2026-12-06).
+            fetched += (a * shape.q_dim + 4 * shape.heads) * t
         first = last = (fetched + recomputed) if work.gradient_checkpointing else layer
     earlier = params_b if work.grad_accum > 1 else 0  # gradients of earlier micro-batches
     block_grads = params_b // max(shape.layers, 1)

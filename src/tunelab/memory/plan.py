@@ -174,7 +174,9 @@ def workload(cfg: RunConfig, shape: ModelShape, *, backend: str, device: str, **
     )
     host = t.offload_embeddings is True or (t.offload_embeddings == "auto" and base.offload_checkpoints)
     host = host and backend == "torch" and device == "cuda" and _host_table_fits(shape, m.name)
-    base = replace(base, host_embeddings=host, tiled_mlp=backend == "torch" and cfg.tiles_mlp)
+    # As backends/torch/kept_attention.py: sdpa over unpacked rows (packed rows take a varlen kernel).
+    kept = base.offload_checkpoints and not cfg.data.packing and cfg.model.attn_implementation != "eager"
+    base = replace(base, host_embeddings=host, tiled_mlp=backend == "torch" and cfg.tiles_mlp, kept_attention=kept)
     return replace(base, **fields)
 
 

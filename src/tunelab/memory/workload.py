@@ -58,6 +58,7 @@ class Workload:
     offload_checkpoints: bool = False  # torch/CUDA with checkpointing: layer inputs wait in pinned CPU memory
     host_embeddings: bool = False  # torch/CUDA, adapters: the input-embedding table stays in CPU memory
     tiled_mlp: bool = False  # torch: MLPs over tiles of MLP_TILE_TOKENS positions, only their input saved
+    kept_attention: bool = False  # offloaded checkpoints park each layer's attention output with its input
 
     @property
     def tokens(self) -> int:
