@@ -30,6 +30,7 @@ def _run(
     dtype: str = "float32",
     monkeypatch: pytest.MonkeyPatch | None = None,
     count_flash: bool = True,
+    host_bytes: int | None = None,
 ) -> tuple[list[float], dict[str, torch.Tensor], int, int]:
     """Two micro-batches through checkpointed layers; returns losses, gradients, the flash forwards run (with
     ``monkeypatch`` and ``count_flash``: a count inside a compiled graph would recompile it) and how many layer
@@ -44,7 +45,7 @@ def _run(
     base = backend._causal_lm
     layers = decoder_layers(base)
     if kept:
-        assert kept_attention.keep_attention(base)
+        assert kept_attention.keep_attention(base, host_bytes)
         backend._attention = kept_attention.KEPT_SDPA
     forwards, parked = [0], [0]
     take = kept_attention.take
@@ -94,6 +95,18 @@ def test_a_masked_batch_takes_sdpas_own_path_in_both_runs(
     plain = _run(tiny_model_dir, tiny_tokenizer, kept=False, batch=batch)
     assert_same_loss_and_grads(kept, plain, "q_proj.lora_A")
     assert kept[2] == kept[3] == 0
+
+
+def test_past_the_host_budget_the_replay_runs_the_forward_again(
+    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_output = 2 * 24 * 32 * 4  # 2 rows of 24 positions, 32 wide, fp32
+    kept = _run(tiny_model_dir, tiny_tokenizer, kept=True, host_bytes=2 * (2 * one_output) - 1, monkeypatch=monkeypatch)
+    plain = _run(tiny_model_dir, tiny_tokenizer, kept=False)
+    assert_same_loss_and_grads(kept, plain, "q_proj.lora_A")
+    assert kept[3] == 0 and kept[2] == 0
+    room = 2 * (2 * one_output)  # two layers, each an output and an input
+    assert _run(tiny_model_dir, tiny_tokenizer, kept=True, host_bytes=room, monkeypatch=monkeypatch)[3] == 4
 
 
 def test_compiled_layers_read_it_back_with_one_graph_per_run_and_no_break(

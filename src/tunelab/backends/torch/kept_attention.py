@@ -12,7 +12,10 @@ the first run parks both with the layer's input: they travel to pinned CPU
 memory and back with it, overlapped with compute, and the replay hands them to
 the kernel's backward instead of running its forward again.  The output is as
 wide as the layer's input, so the copies double; GPU memory grows by about one
-layer's output (the next layer's, fetched ahead).
+layer's output (the next layer's, fetched ahead), and CPU memory by one output
+per layer.  Where the outputs and inputs together would pass the budget the
+backend gives (half the CPU memory available at start, as for the kept MLP),
+the replay runs the forward again, as without this.
 
 It applies where sdpa would take the flash or cuDNN kernel (torch is asked, so
 both runs use the kernel sdpa itself would): causal attention over a whole row
@@ -45,16 +48,26 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from tunelab.backends.torch import replay
+from tunelab.backends.torch.loading import decoder_layers
 
 ON = True  # bench/gpu_env.sh's switch kept_attention_off makes a tree without it, for another A/B
 KEPT_SDPA = "tunelab_kept_sdpa"
 KEPT = "_tunelab_kept_attention"  # the attribute the first run leaves on the attention module
 
 
-def keep_attention(model: Any) -> bool:
-    """Switch an ``sdpa`` model to the kept attention (same masks, same kernel); False where it isn't ``sdpa``."""
+def keep_attention(model: Any, host_bytes: int | None = None) -> bool:
+    """Switch an ``sdpa`` model to the kept attention (same masks, same kernel); False where it isn't ``sdpa``.
+
+    ``host_bytes``: the most CPU memory the parked outputs and the layer inputs
+    beside them may take in all; a longer micro-batch runs the forward again.
+    """
     if str(model.config._attn_implementation) != "sdpa" or getattr(model.config, "attn_logit_softcapping", None):
         return False
+    layers = decoder_layers(model)
+    for layer in layers:
+        if (attention := getattr(layer, "self_attn", None)) is not None:
+            # Each layer's share (the same int in every layer: one compiled graph for all of them)
+            attention.kept_room = None if host_bytes is None else host_bytes // max(len(layers), 1)
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -99,7 +112,9 @@ def kept_sdpa(
     kernel = _kernel(module, query, key, value, attention_mask, dropout, kwargs) if checkpointed else None
     if kernel is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if replay.RECORDING and not torch.is_grad_enabled():
+        room = getattr(module, "kept_room", None)
+        fits = room is None or 2 * query.numel() * query.element_size() <= room  # the output and the layer input
+        if replay.RECORDING and not torch.is_grad_enabled() and fits:
             out, lse = _forward(kernel, query, key, value, scale)
             # (batch, length, heads, dim), contiguous, as the layer reads it: the copy sdpa's own path makes
             output = out.transpose(1, 2).contiguous()
