@@ -49,7 +49,7 @@ def _run(
     for layer in decoder_layers(base) if not compiled else ():  # dynamo would guard on the counter's value
         layer.mlp.down_proj.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     torch.manual_seed(2)
-    loss = backend.forward_backward(_batch(), 1.0).loss_sum
+    loss = float(backend.forward_backward(_batch(), 1.0).loss_sum)  # on CUDA a pending read-back
     grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
     return loss, grads, calls[0] // len(decoder_layers(base))
 
