@@ -39,7 +39,6 @@ def _steps(
     compiled: str | None = None,
     checkpoints: bool = False,
     fused: bool = False,
-    lr: float = 1e-2,
 ) -> tuple:
     """Two optimizer steps; returns both losses and the second step's gradients.  ``fused``: torch's fused
     AdamW, as on CUDA, which changes B without moving its version counter."""
@@ -56,7 +55,7 @@ def _steps(
     for step in range(2):
         losses.append(float(backend.forward_backward(_batch(), 1.0).loss_sum))
         if step == 0:
-            backend.optimizer_step(lr)  # B changes: the joined weights must follow
+            backend.optimizer_step(1e-2)  # B changes: the joined weights must follow
     grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
     return losses, grads
 
@@ -143,15 +142,33 @@ def test_only_plain_floating_frozen_bases_join(tiny_model_dir: Path, tiny_tokeni
     assert getattr(decoder_layers(off._causal_lm)[0].mlp.gate_proj, joined_b.BUFFER, None) is None
 
 
+def _no_further_from_fp32(device: str, compiled: str | None, folder: Path, tokenizer: Any) -> None:
+    """In bf16, joined B's losses and gradients are no further from an fp32 run's than PEFT's own bf16 ones.
+
+    Two bf16 runs that round in other places differ by more than a fixed tolerance in a few elements (on a
+    CPU, 4 of 256 by 1.5x of 2% of the largest entry), so each is measured against fp32 instead.
+    """
+    runs = {}
+    for name, joined, dtype in (("fp32", False, "float32"), ("peft", False, "bfloat16"), ("joined", True, "bfloat16")):
+        torch._dynamo.reset()
+        backend = _load(folder, tokenizer, joined=joined, device=device, dtype=dtype)
+        runs[name] = _steps(backend, compiled=None if dtype == "float32" else compiled, checkpoints=True)
+    torch._dynamo.reset()
+    reference, peft, joined = runs["fp32"], runs["peft"], runs["joined"]
+    for ref, p, j in zip(reference[0], peft[0], joined[0], strict=True):
+        assert abs(j - ref) <= 2 * abs(p - ref) + 1e-4 * abs(ref)
+    assert joined[1].keys() == reference[1].keys() and any("up_proj.lora_B" in n for n in reference[1])
+    for name, grad in reference[1].items():
+        own = float((peft[1][name].float() - grad).abs().max())
+        theirs = float((joined[1][name].float() - grad).abs().max())
+        assert theirs <= 2 * own + 1e-3 * float(grad.abs().max()), name
+
+
+def test_in_bf16_it_is_no_further_from_fp32_than_peft(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    _no_further_from_fp32("cpu", None, tiny_model_dir, tiny_tokenizer)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_inductor_on_cuda_in_bf16_gives_peft_s_gradients(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
-    runs = []
-    for joined in (False, True):
-        torch._dynamo.reset()
-        backend = _load(tiny_model_dir, tiny_tokenizer, joined=joined, device="cuda", dtype="bfloat16")
-        # AdamW's first step moves every element by lr in the sign of its gradient: in bf16 a near-zero
-        # gradient rounded another way flips that sign, so a large lr makes step 2 differ by 2 lr anywhere
-        runs.append(_steps(backend, compiled="inductor", checkpoints=True, lr=1e-4))
-    torch._dynamo.reset()
-    _same(runs[1], runs[0], tol=2e-2)  # bf16 products, rounded in other places
+def test_inductor_on_cuda_in_bf16_is_no_further_from_fp32_than_peft(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    _no_further_from_fp32("cuda", "inductor", tiny_model_dir, tiny_tokenizer)
