@@ -13,7 +13,7 @@ from tests.backends.conftest import assert_same_loss_and_grads
 from tests.backends.conftest import random_batch as _batch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
-from tunelab.backends.torch import kept_attention
+from tunelab.backends.torch import joined_b, kept_attention
 from tunelab.backends.torch.backend import TorchBackend
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.loading import decoder_layers
@@ -31,19 +31,25 @@ def _run(
     monkeypatch: pytest.MonkeyPatch | None = None,
     count_flash: bool = True,
     host_bytes: int | None = None,
+    joined: bool = False,
 ) -> tuple[list[float], dict[str, torch.Tensor], int, int]:
     """Two micro-batches through checkpointed layers; returns losses, gradients, the flash forwards run (with
     ``monkeypatch`` and ``count_flash``: a count inside a compiled graph would recompile it) and how many layer
     runs parked an output and log-sum-exp (with ``monkeypatch``)."""
     torch.manual_seed(1)
     backend = TorchBackend()
-    backend.load(ModelSpec(str(folder), dtype=dtype, device=device), MethodSpec("lora"), OptimSpec(), tokenizer)
+    on, joined_b.ON = joined_b.ON, joined or "cuda"  # joined: as on a GPU, where B joins gate's and up's products
+    try:
+        backend.load(ModelSpec(str(folder), dtype=dtype, device=device), MethodSpec("lora"), OptimSpec(), tokenizer)
+    finally:
+        joined_b.ON = on
     with torch.no_grad():  # PEFT starts B at zero: give it values, so every adapter term and gradient counts
         for name, p in backend.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.1)
     base = backend._causal_lm
     layers = decoder_layers(base)
+    assert (getattr(layers[0].mlp.gate_proj, joined_b.BUFFER, None) is not None) is (joined or device == "cuda")
     if kept:
         assert kept_attention.keep_attention(base, host_bytes)
         backend._attention = kept_attention.KEPT_SDPA
@@ -132,6 +138,22 @@ def test_compiled_layers_read_it_back_with_one_graph_per_run_and_no_break(
     assert breaks == {}
     assert kept[3] == 2 * 2  # the compiled first run parked in every layer and micro-batch
     assert entries == 2  # the first run (which parks) and the replay (which reads back), shared by both layers
+
+
+def test_with_b_joined_and_compiled_layers_as_on_a_gpu_the_gradients_are_plains(
+    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a CUDA run has on by default together: shared A, joined B, kept attention, compiled layers."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    torch._dynamo.reset()
+    try:
+        kept = _run(tiny_model_dir, tiny_tokenizer, kept=True, compiled="aot_eager", monkeypatch=monkeypatch,
+                    count_flash=False, joined=True)  # fmt: skip
+    finally:
+        torch._dynamo.reset()
+    plain = _run(tiny_model_dir, tiny_tokenizer, kept=False)
+    assert_same_loss_and_grads(kept, plain, "up_proj.lora_B")
+    assert kept[3] == 2 * 2
 
 
 def test_outside_a_checkpoint_it_is_sdpa(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
