@@ -8,6 +8,40 @@ from typing import Any
 import numpy as np
 
 
+def load_backend(
+    folder: Path,
+    tokenizer: Any,
+    method: Any = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    switches: tuple[tuple[Any, bool | str], ...] = (),
+) -> Any:
+    """A ``TorchBackend`` on ``folder`` (seeded), each ``(module, value)`` switch's ``ON`` set only while it
+    loads, and every LoRA B given random values: PEFT starts B at zero, and then no adapter term counts."""
+    import torch
+
+    from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
+    from tunelab.backends.torch.backend import TorchBackend
+
+    torch.manual_seed(1)
+    backend = TorchBackend()
+    before = [(module, module.ON) for module, _ in switches]
+    try:
+        for module, value in switches:
+            module.ON = value
+        backend.load(ModelSpec(str(folder), dtype=dtype, device=device), method or MethodSpec("lora"), OptimSpec(),
+                     tokenizer)  # fmt: skip
+    finally:
+        for module, value in before:
+            module.ON = value
+    with torch.no_grad():
+        for name, p in backend.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return backend
+
+
 def random_batch() -> dict[str, np.ndarray]:
     """Two rows of 24 random tokens, every position supervised (the same batch on every call)."""
     ids = np.random.default_rng(0).integers(3, 300, (2, 24)).astype(np.int64)

@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 import torch
-from tests.backends.conftest import assert_same_loss_and_grads, assert_switched_off_adapters_give_the_base
+from tests.backends.conftest import assert_same_loss_and_grads, assert_switched_off_adapters_give_the_base, load_backend
 from tests.backends.conftest import random_batch as _batch
 
-from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
 from tunelab.backends.torch import joined_b
 from tunelab.backends.torch.backend import TorchBackend
 from tunelab.backends.torch.checkpointing import checkpoint_layers
@@ -19,17 +18,7 @@ from tunelab.backends.torch.loading import decoder_layers
 
 
 def _load(folder: Path, tokenizer: Any, *, joined: bool, device: str = "cpu", dtype: str = "float32") -> TorchBackend:
-    torch.manual_seed(1)
-    backend = TorchBackend()
-    on, joined_b.ON = joined_b.ON, joined
-    try:
-        backend.load(ModelSpec(str(folder), dtype=dtype, device=device), MethodSpec("lora"), OptimSpec(), tokenizer)
-    finally:
-        joined_b.ON = on
-    with torch.no_grad():  # PEFT starts B at zero: give it values, so every adapter term and gradient counts
-        for name, p in backend.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
+    backend: TorchBackend = load_backend(folder, tokenizer, device=device, dtype=dtype, switches=((joined_b, joined),))
     return backend
 
 

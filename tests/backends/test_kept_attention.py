@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tests.backends.conftest import assert_same_loss_and_grads
+from tests.backends.conftest import assert_same_loss_and_grads, load_backend
 from tests.backends.conftest import random_batch as _batch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
@@ -36,17 +36,8 @@ def _run(
     """Two micro-batches through checkpointed layers; returns losses, gradients, the flash forwards run (with
     ``monkeypatch`` and ``count_flash``: a count inside a compiled graph would recompile it) and how many layer
     runs parked an output and log-sum-exp (with ``monkeypatch``)."""
-    torch.manual_seed(1)
-    backend = TorchBackend()
-    on, joined_b.ON = joined_b.ON, joined or "cuda"  # joined: as on a GPU, where B joins gate's and up's products
-    try:
-        backend.load(ModelSpec(str(folder), dtype=dtype, device=device), MethodSpec("lora"), OptimSpec(), tokenizer)
-    finally:
-        joined_b.ON = on
-    with torch.no_grad():  # PEFT starts B at zero: give it values, so every adapter term and gradient counts
-        for name, p in backend.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
+    # joined: as on a GPU, where B joins gate's and up's products
+    backend = load_backend(folder, tokenizer, device=device, dtype=dtype, switches=((joined_b, joined or "cuda"),))
     base = backend._causal_lm
     layers = decoder_layers(base)
     assert (getattr(layers[0].mlp.gate_proj, joined_b.BUFFER, None) is not None) is (joined or device == "cuda")

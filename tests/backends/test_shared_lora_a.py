@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from tests.backends.conftest import assert_same_loss_and_grads, assert_switched_off_adapters_give_the_base
+from tests.backends.conftest import assert_same_loss_and_grads, assert_switched_off_adapters_give_the_base, load_backend
 from tests.backends.conftest import random_batch as _batch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
@@ -28,20 +28,10 @@ def _run(
     device: str = "cpu",
 ) -> tuple:
     """One micro-batch; returns the loss, every gradient and how many lora_A modules ran their own product."""
-    torch.manual_seed(1)
-    backend = TorchBackend()
-    on, shared_lora_a.ON = shared_lora_a.ON, False  # the backend's own sharing off: the test shares below
-    try:
-        backend.load(ModelSpec(str(folder), dtype="float32", device=device), method or MethodSpec("lora"),
-                     OptimSpec(), tokenizer)  # fmt: skip
-    finally:
-        shared_lora_a.ON = on
+    # the backend's own sharing off: the test shares below
+    backend = load_backend(folder, tokenizer, method, device=device, switches=((shared_lora_a, False),))
     base = backend._causal_lm
     layers = decoder_layers(base)
-    with torch.no_grad():  # PEFT starts B at zero: give it values, so every adapter term and gradient counts
-        for name, p in backend.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
     if shared:
         assert shared_lora_a.share(base) == 2 * len(layers)
     calls = [0]

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from tests.backends.conftest import load_backend
 from tests.backends.conftest import random_batch as _batch
 
-from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
-from tunelab.backends.torch.backend import TorchBackend
+from tunelab.backends.base import MethodSpec
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.tiled_mlp import tile_mlps
@@ -31,14 +31,8 @@ def _run(
 ) -> tuple[float, dict, int]:
     """``offload``: True offloaded checkpoints, False checkpoints kept in place, None none; ``compiled``: the
     tiles' ``torch.compile`` backend (then the down projections' calls aren't counted: 0)."""
-    torch.manual_seed(1)
-    backend = TorchBackend()
     spec = MethodSpec(method, dropout=dropout, bits=4 if method == "qlora" else None)
-    backend.load(ModelSpec(str(folder), dtype="float32", device=device), spec, OptimSpec(), tokenizer)
-    with torch.no_grad():  # PEFT starts B at zero: give it values, so the A's gradients count too
-        for name, p in backend.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
+    backend = load_backend(folder, tokenizer, spec, device=device)
     base = backend._causal_lm
     if tiled:
         assert tile_mlps(base, tile_tokens=8, compile_backend=compiled) == len(decoder_layers(base))  # 48: 6 tiles
