@@ -145,8 +145,8 @@ class TorchBackend:
             shared_lora_a.share(self._causal_lm)  # q/k/v and gate/up adapters: one x @ A^T a group
             if joined_b.applies_on(self.device) and model.parallel != "fsdp":  # FSDP shards the weights it views
                 self._joined = joined_b.join(self._causal_lm)  # gate/up: B joined into the base products
-        if kept_attention.ON and offload and kept_attention.keep_attention(base, host_budget()):  # offloaded: our checkpoints
-            self._attention = kept_attention.KEPT_SDPA  # the replay reads the first run's output back
+        if kept_attention.ON and offload and kept_attention.keep_attention(base, host_budget()):
+            self._attention = kept_attention.KEPT_SDPA  # our offloaded checkpoints' replays read the output back
         if own_checkpoints or (model.tiled_mlp and model.parallel != "fsdp"):  # they replay layers or tiles
             lean_down_projections(self._causal_lm)  # before tiling and compiling: the innermost wrapper
         if model.tiled_mlp:
