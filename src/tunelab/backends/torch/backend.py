@@ -13,26 +13,24 @@ import torch
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import checkpoint_io, fsdp, joined_b, kept_attention, nf4, oom, readback, shared_lora_a
+from tunelab.backends.torch import checkpoint_io, fsdp, oom, readback
 from tunelab.backends.torch.attention import choose_packed_attention
-from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.cpu_threads import CpuThreads
-from tunelab.backends.torch.fast import FastPath, compile_decoder_layers, resolve
+from tunelab.backends.torch.fast import FastPath, resolve
 from tunelab.backends.torch.generate import stream_tokens
 from tunelab.backends.torch.grpo import sample_completions
 from tunelab.backends.torch.host_embedding import HostEmbedding, move_embeddings_to_host
-from tunelab.backends.torch.kept_mlp import host_budget, keep_mlps
-from tunelab.backends.torch.lean_replay import lean_down_projections
-from tunelab.backends.torch.loading import decoder_layers, load_causal_lm, pick_device, pick_dtype
+from tunelab.backends.torch.joined_b import Refresher
+from tunelab.backends.torch.layer_rewrites import rewrite_layers
+from tunelab.backends.torch.loading import load_causal_lm, pick_device, pick_dtype
 from tunelab.backends.torch.loss import summed_loss, supervised_positions, supports_hidden_path
 from tunelab.backends.torch.methods import apply_method
 from tunelab.backends.torch.objectives import loss_for
-from tunelab.backends.torch.offload import offload_checkpoints, offload_embeddings, offload_mlp
+from tunelab.backends.torch.offload import offload_checkpoints, offload_embeddings
 from tunelab.backends.torch.preference import PreferenceLoss, floats, keep_reference
 from tunelab.backends.torch.quant import bnb_config
 from tunelab.backends.torch.shapes import compiled_width, pad_to_multiple, right_padded, widest_row
 from tunelab.backends.torch.sync import active, broadcast_params, sum_gradients
-from tunelab.backends.torch.tiled_mlp import tile_mlps
 from tunelab.errors import ConfigError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
 from tunelab.vocab import ADAPTER_METHODS
@@ -55,7 +53,7 @@ class TorchBackend:
         self._attention = "sdpa"
         self._offload = False
         self._host_embed: HostEmbedding | None = None  # train.offload_embeddings: the table in CPU memory
-        self._joined: Any = None  # joined_b: the joined gate/up weights' refresher
+        self._joined: Refresher | None = None  # joined_b: the joined gate/up weights' refresher
         self.fast = FastPath()
         self._widest: int | None = None  # compiled layers: the padded length most batches are padded to
         self._autocast: torch.dtype | None = None  # CUDA: the base's half dtype, for fp32 adapters
@@ -141,26 +139,12 @@ class TorchBackend:
             self.device, compile=model.compile, fused_loss=model.fused_loss, activation_budget=model.activation_budget
         )
         keep_reference(self._loss, base, method.name, lambda m: self.fast.fused_loss and supports_hidden_path(m))
-        if shared_lora_a.ON:
-            shared_lora_a.share(self._causal_lm)  # q/k/v and gate/up adapters: one x @ A^T a group
-            if joined_b.applies_on(self.device) and model.parallel != "fsdp":  # FSDP shards the weights it views
-                self._joined = joined_b.join(self._causal_lm)  # gate/up: B joined into the base products
-        if kept_attention.ON and offload and kept_attention.keep_attention(base, host_budget()):
-            self._attention = kept_attention.KEPT_SDPA  # our offloaded checkpoints' replays read the output back
-        if own_checkpoints or (model.tiled_mlp and model.parallel != "fsdp"):  # they replay layers or tiles
-            lean_down_projections(self._causal_lm)  # before tiling and compiling: the innermost wrapper
-        if model.tiled_mlp:
-            # Before compiling: the tiled call stays outside the layer's graph (its tiles get one of their own).
-            tile_mlps(self._causal_lm, compile_backend="inductor" if self.fast.compile_layers else None)
-        elif parked := offload_mlp(model, method, base, self.device, offload):
-            keep_mlps(self._causal_lm, host_budget(), parked)  # before compiling, likewise
-        if self.fast.compile_layers:
-            if nf4.IN_GRAPH and method.name == "qlora" and (method.bits or 4) == 4:
-                nf4.in_graph_4bit(self._causal_lm)  # the NF4 weights dequantized by the compiled graph itself
-            compile_decoder_layers(self._causal_lm, self.fast.activation_budget)
+        done = rewrite_layers(
+            self._causal_lm, base, model, method, self.fast, own_checkpoints=own_checkpoints, offload=offload
+        )
+        self._joined = done.joined
+        self._attention = done.attention or self._attention
         self._widest = widest_row(model)  # read by _shaped only where the layers are compiled
-        if own_checkpoints:
-            checkpoint_layers(decoder_layers(self._causal_lm), offload=offload)
         self.checkpointing = "offloaded" if offload else "on" if model.gradient_checkpointing else "off"
         self._fast_loss = self.fast.fused_loss and method.name != "prefix" and supports_hidden_path(self._causal_lm)
         self._params = [p for p in self.model.parameters() if p.requires_grad]

@@ -52,12 +52,12 @@ def applies_on(device: torch.device) -> bool:
     return ON is True or device.type == ON
 
 
-def join(model: Any) -> _Refresher | None:
+def join(model: Any) -> Refresher | None:
     """Give each decoder layer's shared gate/up group joined weights; returns their refresher (None: none).
 
     Runs after :func:`shared_lora_a.share` (it joins only shared groups) and
     with the model on its device.  The caller marks the joined weights stale
-    after each optimizer step (:meth:`_Refresher.stale`): a fused optimizer
+    after each optimizer step (:meth:`Refresher.stale`): a fused optimizer
     changes B without moving its version counter.
     """
     joined_members: list[Any] = []
@@ -83,13 +83,13 @@ def join(model: Any) -> _Refresher | None:
             start += rank
     if not joined_members:
         return None
-    refresher = _Refresher(joined_members)
+    refresher = Refresher(joined_members)
     _stack_owner(model).register_forward_pre_hook(refresher)
     refresh(joined_members)
     return refresher
 
 
-class _Refresher:
+class Refresher:
     """The decoder stack's pre-hook: refreshes the joined weights when any B has changed since the last time.
 
     A tensor's version counter moves with in-place changes (a loaded state, a foreach optimizer), and a
