@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,8 @@ def breakdown(name: str, work: Path, site: Path) -> str:
     row = next(r for r in et.all_rows() if r.name == name)
     model = vu.build_checkpoint(work / row.shape, row.shape)
     out = work / f"peak-{name}"
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier left its output_dir: train refuses to reuse it
+    out.mkdir(parents=True)
     cfg = et.row_config(row, model, work, out)
     env = vu.tunelab_env(out, vu._bitsandbytes_only(site, work))
     est = vu._json(subprocess.run([sys.executable, "-m", "tunelab", "estimate", str(cfg), "--json"],
