@@ -249,3 +249,11 @@ def test_joined_b_counts_its_saved_input_where_every_layer_keeps_one(tmp_path: P
     assert joins == {"lora": True, "qlora": False, "dropout": False, "attention only": False, "fsdp": False}
     cpu = estimate_config(load_config(lora, []), device="cpu").estimate
     assert cpu is not None and cpu.workload.joined_b is False  # joined B is for CUDA GPUs
+
+
+def test_a_4_bit_replay_counts_bitsandbytes_gate_and_up_outputs_unless_the_mlp_is_tiled() -> None:
+    """Measured at a 1B QLoRA replay's peak: bitsandbytes' two MLP outputs beside the graph's own."""
+    replayed = replace(GPU, compiled_layers=True, gradient_checkpointing=True)
+    for tiled, added in ((False, 2 * 2 * 14336 * 4096), (True, 0)):
+        lora, qlora = (replace(replayed, tiled_mlp=tiled, method=m, bits=b) for m, b in (("lora", None), ("qlora", 4)))
+        assert estimate(SHAPE, qlora).get("activations") - estimate(SHAPE, lora).get("activations") == added

@@ -69,6 +69,11 @@ def compiled_layer_bytes(shape: ModelShape, work: Workload) -> float:
         kept += cheap  # trained weights need their inputs (and budget 1 keeps everything)
     elif work.activation_budget < 0.8:
         kept *= work.activation_budget / 0.8
+    if work.bits and work.gradient_checkpointing and not work.tiled_mlp:
+        # The replayed layer of a 4-bit base also holds bitsandbytes' gate and up outputs beside the
+        # graph's own sums with the adapters (H100, 1B QLoRA 4x2048 packed: two 128 MiB outputs of its
+        # dequantize-and-multiply at the peak; bench/results/peak_1b_qlora_gc_pack_2k_h100_2026-12-06.txt).
+        kept += a * 2 * i
     if work.method in LORA_METHODS:
         mods = targeted(shape, work.targets)
         kept += sum(a * work.rank for _ in mods)  # A's outputs

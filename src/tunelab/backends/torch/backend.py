@@ -152,28 +152,11 @@ class TorchBackend:
         self._dcp = model.parallel == "fsdp"
         self.collective_saves = self._dcp and active()
         if self.collective_saves:
-            if method.name == "qlora":
-                raise ConfigError(
-                    "train.parallel: fsdp can't shard a 4-bit (qlora) base yet",
-                    hint="set method: lora with train.parallel: fsdp, or train.parallel: ddp for qlora",
-                )
-            fsdp.shard(self.model)
-            self._params = [p for p in self.model.parameters() if p.requires_grad]  # now DTensor shards
-            self._loss = fsdp.as_root_forward(self.model, self._loss)  # the LM head gathered for the fused loss
+            self._shard(method)
         mixed = dtype in (torch.bfloat16, torch.float16) and any(p.dtype == torch.float32 for p in self._params)
         self._autocast = dtype if mixed and self.device.type == "cuda" else None
         self._max_grad_norm = optim.max_grad_norm
-        self._optimizer = torch.optim.AdamW(
-            self._params,
-            lr=0.0,
-            betas=optim.betas,
-            eps=optim.eps,
-            weight_decay=optim.weight_decay,
-            fused=self.device.type == "cuda" or None,  # one kernel for all adapter tensors
-            # On a CPU, torch's default is one op chain per tensor and its fused kernel is slower still
-            # (28 LoRA tensors of a small model: 0.9 ms per step, foreach 0.65, fused 4.5).
-            foreach=True if self.device.type == "cpu" else None,
-        )
+        self._optimizer = _adamw(self._params, optim, self.device)
         return ModelInfo(
             architecture=str(getattr(base.config, "model_type", "")),
             num_params=sum(p.numel() for p in self.model.parameters()),
@@ -182,6 +165,17 @@ class TorchBackend:
             device=str(self.device),
             path="",
         )
+
+    def _shard(self, method: MethodSpec) -> None:
+        """FSDP over several processes: the model's weights sharded, the trained ones now DTensor shards."""
+        if method.name == "qlora":
+            raise ConfigError(
+                "train.parallel: fsdp can't shard a 4-bit (qlora) base yet",
+                hint="set method: lora with train.parallel: fsdp, or train.parallel: ddp for qlora",
+            )
+        fsdp.shard(self.model)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._loss = fsdp.as_root_forward(self.model, self._loss)  # the LM head gathered for the fused loss
 
     def load_inference(self, model: ModelSpec, adapter: Path | None, tokenizer: Any) -> ModelInfo:
         folder = resolve_model_path(model.path, model.revision)
@@ -375,6 +369,21 @@ class TorchBackend:
             return int(torch.cuda.max_memory_allocated(self.device))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _adamw(params: list[torch.nn.Parameter], optim: OptimSpec, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trained tensors; the learning rate is set before every step."""
+    return torch.optim.AdamW(
+        params,
+        lr=0.0,
+        betas=optim.betas,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        fused=device.type == "cuda" or None,  # one kernel for all adapter tensors
+        # On a CPU, torch's default is one op chain per tensor and its fused kernel is slower still
+        # (28 LoRA tensors of a small model: 0.9 ms per step, foreach 0.65, fused 4.5).
+        foreach=True if device.type == "cpu" else None,
+    )
 
 
 def _dtype_name(dtype: torch.dtype, method: MethodSpec) -> str:
