@@ -7,7 +7,7 @@
 # bitsandbytes) into /tmp/site_us once, links that tree's bitsandbytes alone into /tmp/bnb (so
 # tunelab's processes get bitsandbytes without Unsloth's patches), and exports the variables the
 # scripts read.  How to fill .whl/ and .gpu/ on the machine that sends the run: bench/README.md,
-# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product", "autotune", "cudagraphs", "chunk_big", "bounded_lead"; "shared_a_off", "kept_attention_off", "joined_b_off" and "chunk_any" turn one off) is applied to src/ first,
+# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product", "autotune", "cudagraphs", "chunk_big", "bounded_lead", "tile_big", "tile_dequant_once"; "shared_a_off", "kept_attention_off", "joined_b_off" and "chunk_any" turn one off) is applied to src/ first,
 # for an A/B against a copy of the tree made before (--base-src); or, after sourcing, `variant NAME SWITCH...`
 # makes /tmp/variant_NAME, a copy of src/ with those switches on, to run as a stack of its own (--tree).
 
@@ -30,6 +30,8 @@ switch_on() {
       chunk_big) sed -i 's/^LOSS_CHUNK_ELEMENTS = 2\*\*25/LOSS_CHUNK_ELEMENTS = 2**26/' "$src/tunelab/config/schema.py" ;;
       chunk_any) sed -i 's/^LOSS_CHUNK_ROW_MULTIPLE = 64/LOSS_CHUNK_ROW_MULTIPLE = 1/' "$src/tunelab/config/schema.py" ;;
       kept_attention_off) sed -i 's/^ON = True/ON = False/' "$src/tunelab/backends/torch/kept_attention.py" ;;
+      tile_dequant_once) sed -i 's/^DEQUANTIZE_ONCE = False/DEQUANTIZE_ONCE = True/' "$src/tunelab/backends/torch/tiled_mlp.py" ;;
+      tile_big) sed -i 's/^MLP_TILE_TOKENS = 4096/MLP_TILE_TOKENS = 8192/' "$src/tunelab/config/schema.py" ;;
       bounded_lead) sed -i 's/^LEAD: int | None = None/LEAD: int | None = 1/' "$src/tunelab/backends/torch/host_stash.py" ;;
       shared_a_off) sed -i 's/^ON = True/ON = False/' "$src/tunelab/backends/torch/shared_lora_a.py" ;;
       *) echo "gpu_env: no switch named $name" >&2; return 2 ;;

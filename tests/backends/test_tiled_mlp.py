@@ -130,3 +130,57 @@ def test_auto_tiles_long_checkpointed_micro_batches_only() -> None:
     assert cfg(16384, 1, True).tiles_mlp and cfg(8192, 2, True).tiles_mlp
     assert not cfg(16384, 1, False).tiles_mlp and not cfg(4096, 2, True).tiles_mlp
     assert cfg(512, 1, False, True).tiles_mlp and not cfg(65536, 1, True, False).tiles_mlp
+
+
+@pytest.mark.parametrize("compiled", [None, "aot_eager"])
+def test_4_bit_weights_dequantized_once_a_call_give_the_same_gradients_with_fewer_dequantizations(
+    tiny_model_dir: Path, tiny_tokenizer: Any, compiled: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QLoRA under tiles: each of the MLP's 4-bit weights dequantized once per tiled call, not per tile and pass."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from tunelab.backends.torch import tiled_mlp
+
+    real = bnbf.dequantize_4bit
+    runs = {}
+    for once in (False, True):
+        monkeypatch.setattr(tiled_mlp, "DEQUANTIZE_ONCE", once)
+        calls = [0]
+
+        def counted(*args: Any, _calls: list = calls, **kwargs: Any) -> Any:
+            _calls[0] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(bnbf, "dequantize_4bit", counted)
+        torch._dynamo.reset()
+        loss, grads, _ = _run(tiny_model_dir, tiny_tokenizer, tiled=True, offload=True, dropout=0.0,
+                              compiled=compiled, method="qlora")  # fmt: skip
+        runs[once] = loss, grads, calls[0]
+    torch._dynamo.reset()
+    (loss, grads, many), (once_loss, once_grads, few) = runs[False], runs[True]
+    assert once_loss == pytest.approx(loss, rel=1e-6)
+    assert once_grads.keys() == grads.keys() and any("mlp" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(once_grads[name], grad, rtol=1e-5, atol=1e-6)
+    if compiled is None:  # a compiled graph calls bitsandbytes' op, not this Python function
+        assert few < many, (few, many)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_inductor_tiles_with_4_bit_weights_dequantized_once_give_the_same_gradients(
+    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("bitsandbytes")
+    from tunelab.backends.torch import tiled_mlp
+
+    runs = []
+    for once in (False, True):
+        monkeypatch.setattr(tiled_mlp, "DEQUANTIZE_ONCE", once)
+        torch._dynamo.reset()
+        runs.append(_run(tiny_model_dir, tiny_tokenizer, tiled=True, offload=True, dropout=0.0, compiled="inductor",
+                         method="qlora", device="cuda"))  # fmt: skip
+    torch._dynamo.reset()
+    (loss, grads, _), (once_loss, once_grads, _) = runs
+    assert float(once_loss) == pytest.approx(float(loss), rel=1e-5)
+    for name, grad in grads.items():  # the same products; inductor may sum the tiles' adapters in another order
+        torch.testing.assert_close(once_grads[name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()))

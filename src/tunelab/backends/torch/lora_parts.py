@@ -34,9 +34,18 @@ def adapter_branch(module: Any, x: torch.Tensor) -> torch.Tensor | None:
     return total
 
 
+# A 4-bit base layer's attribute holding its weight already dequantized, while a caller keeps it so
+# (tiled_mlp: once for all the tiles of one call); None otherwise.
+DEQUANTIZED = "_tunelab_dequantized"
+
+
 def base_weight(module: Any) -> torch.Tensor:
     """The base weight of a (LoRA-wrapped) linear layer in its compute form: 4-bit bases dequantized."""
-    weight = getattr(module, "base_layer", module).weight
+    base = getattr(module, "base_layer", module)
+    held: torch.Tensor | None = getattr(base, DEQUANTIZED, None)
+    if held is not None:
+        return held
+    weight = base.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight

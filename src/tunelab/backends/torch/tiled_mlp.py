@@ -18,6 +18,13 @@ work.  Architectures that normalise the MLP's output (Gemma 2 and 3, OLMo 2) com
 Dropout inside the MLP's adapters replays the masks of the forward (the RNG
 state is restored), and the tiles' recompute runs under the forward's autocast.
 
+A 4-bit (QLoRA) base dequantizes its weight in every product: per tile, that
+is each of gate, up and down again in the forward's tiles and twice more in
+backward's (bitsandbytes' backward dequantizes anew).  With
+:data:`DEQUANTIZE_ONCE` the tiled call dequantizes each of the MLP's 4-bit
+weights once and its tiles multiply by that (three weights of a layer held at
+once: 352 MB at 8B in bf16).
+
 Where the decoder layers are compiled, each tile runs through one compiled
 function too (:func:`tile_mlps`' ``compile_backend``): the tiled call itself must
 stay outside the layer's graph, and run eagerly a tile is a dozen separate
@@ -38,11 +45,14 @@ import torch
 
 from tunelab.backends.torch import fast
 from tunelab.backends.torch.loading import decoder_layers
+from tunelab.backends.torch.lora_parts import DEQUANTIZED, base_weight
 from tunelab.backends.torch.replay import is_replay, replaying
 from tunelab.backends.torch.retype import retype
 from tunelab.config.schema import MLP_TILE_TOKENS
 
 TILE_TOKENS = MLP_TILE_TOKENS  # positions per tile: an 8B Llama's MLP intermediates for one tile are ~336 MiB
+# Off until an A/B on a GPU (bench/gpu_env.sh's switch tile_dequant_once): 4-bit weights dequantized once a tiled call.
+DEQUANTIZE_ONCE = False
 # Layers that end in `residual + mlp(x)`, so a replay made only for its gradient never reads the MLP's output.
 RESIDUAL_MLP_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3"})
 
@@ -65,6 +75,8 @@ def tile_mlps(model: Any, tile_tokens: int = TILE_TOKENS, compile_backend: str |
         mlp.tile_tokens, mlp.tile_skip_value = tile_tokens, skip_value
         mlp.tile_compiled = _compiled_tile(compile_backend) if compile_backend and not _drops(mlp) else None
         retype(mlp, _TiledForward)
+        for base in _four_bit_bases(mlp) if DEQUANTIZE_ONCE else ():
+            retype(base, _FromDequantized)  # before compiling: the tiles' graph sees the product it runs
         count += 1
     return count
 
@@ -108,19 +120,60 @@ def _tiled_forward(mlp: Any, x: torch.Tensor) -> torch.Tensor:
     if x.shape[:-1].numel() <= tile:
         return inner(x)
     if not torch.is_grad_enabled():  # tiles here too: dropout then draws its masks as backward will
-        return _tiles(inner, x, tile)
-    return _TiledMLP.apply(x, inner, tile, mlp.tile_skip_value and is_replay())
+        return _tiles(inner, x, tile, mlp)
+    return _TiledMLP.apply(x, inner, tile, mlp.tile_skip_value and is_replay(), mlp)
 
 
-def _tiles(inner: Any, x: torch.Tensor, tile: int) -> torch.Tensor:
-    out = torch.cat([inner(part) for part in x.reshape(-1, x.shape[-1]).split(tile)])
+def _tiles(inner: Any, x: torch.Tensor, tile: int, mlp: Any) -> torch.Tensor:
+    with _dequantized(mlp):
+        out = torch.cat([inner(part) for part in x.reshape(-1, x.shape[-1]).split(tile)])
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class _dequantized:  # a context manager, named for the state it sets
+    """With :data:`DEQUANTIZE_ONCE`: the MLP's 4-bit base weights dequantized for the tiles of one call.
+
+    :func:`lora_parts.base_weight` and the bases' products (:class:`_FromDequantized`) read them
+    from the base layer's ``DEQUANTIZED`` attribute while it is set; they are dropped on exit.
+    """
+
+    def __init__(self, mlp: Any) -> None:
+        self.bases = _four_bit_bases(mlp) if DEQUANTIZE_ONCE else []
+
+    def __enter__(self) -> None:
+        with torch.no_grad():
+            for base in self.bases:
+                setattr(base, DEQUANTIZED, base_weight(base))
+
+    def __exit__(self, *_: Any) -> None:
+        for base in self.bases:
+            setattr(base, DEQUANTIZED, None)
+
+
+def _four_bit_bases(mlp: Any) -> list[Any]:
+    bases = []
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        module = getattr(mlp, name, None)
+        base = getattr(module, "base_layer", module)
+        if getattr(getattr(base, "weight", None), "quant_state", None) is not None:
+            bases.append(base)
+    return bases
+
+
+class _FromDequantized:
+    """Put in front of a 4-bit linear's class: while its weight is held dequantized, a plain product with it."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        weight = getattr(self, DEQUANTIZED, None)
+        if weight is None:
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        return torch.nn.functional.linear(x, weight.to(x.dtype), self.bias)  # type: ignore[attr-defined]
 
 
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, inner: Any, tile: int, skip_value: bool) -> torch.Tensor:  # type: ignore[override]
-        ctx.inner, ctx.tile = inner, tile
+    def forward(ctx: Any, x: torch.Tensor, inner: Any, tile: int, skip_value: bool, mlp: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.inner, ctx.tile, ctx.mlp = inner, tile, mlp
         ctx.autocast = {"enabled": torch.is_autocast_enabled(x.device.type),
                         "dtype": torch.get_autocast_dtype(x.device.type)}  # fmt: skip
         ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
@@ -128,7 +181,7 @@ class _TiledMLP(torch.autograd.Function):
         if skip_value:  # a checkpoint's replay: nothing reads this value, only its gradient flows back
             return torch.empty_like(x)
         with torch.no_grad():
-            return _tiles(inner, x, tile)
+            return _tiles(inner, x, tile, mlp)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -136,7 +189,7 @@ class _TiledMLP(torch.autograd.Function):
         flat, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         dx = torch.empty_like(flat)
         devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices):  # adapter dropout draws what the forward drew
+        with torch.random.fork_rng(devices=devices), _dequantized(ctx.mlp):  # dropout draws the forward's masks
             torch.set_rng_state(ctx.rng[0])
             if ctx.rng[1] is not None:
                 torch.cuda.set_rng_state(ctx.rng[1], x.device)
@@ -147,4 +200,4 @@ class _TiledMLP(torch.autograd.Function):
                     out = ctx.inner(part)
                 torch.autograd.backward(out, grads[start : start + ctx.tile])
                 dx[start : start + ctx.tile] = part.grad
-        return dx.view_as(x), None, None, None
+        return dx.view_as(x), None, None, None, None
