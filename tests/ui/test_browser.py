@@ -24,7 +24,9 @@ from tests.ui.conftest import SAMPLE_EVERY, Registry
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(bool(missing_browser()), reason=str(missing_browser()))]
 
-STEPS = 200  # long enough that the chart is seen before the run ends, short enough for 2 cores
+# The worker writes metrics every 2 s (FLUSH_EVERY_S) and the run page polls every 2 s, so the chart can only be
+# seen growing if training lasts well past 4 s: at ~20 ms a step on 2 busy cores, 200 steps sometimes didn't.
+STEPS = 1000
 PAGES = {"runs": "Runs", "datasets": "Datasets", "models": "Models", "playground": "Playground", "system": "System"}
 CHARTS_JS = """return Array.from(document.querySelectorAll('.js-plotly-plot')).map(d => ({
   title: d.layout && d.layout.title ? d.layout.title.text.replace(/<[^>]+>/g, '') : '',
@@ -130,7 +132,7 @@ def test_submit_watch_and_compare(stack: Stack) -> None:
     _type(stack, "Model (local checkpoint folder or hub id)", stack.registry.model)
     _type(stack, "Training data (file or folder)", stack.registry.data)
     for label, value in (("Steps", STEPS), ("Batch size", 16), ("Learning rate", "3e-3"),
-                         ("Max sequence length", 256), ("Eval every (0 = end)", 50)):  # fmt: skip
+                         ("Max sequence length", 256), ("Eval every (0 = end)", 250)):  # fmt: skip
         _type(stack, label, value)
     _shot(stack, "new-fine-tune")
     stack.driver.find_element(By.XPATH, '//button[.//p[text()="Submit job"]]').click()
