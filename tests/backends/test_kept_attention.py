@@ -131,7 +131,7 @@ def test_compiled_layers_read_it_back_with_one_graph_per_run_and_no_break(
     assert entries == 2  # the first run (which parks) and the replay (which reads back), shared by both layers
 
 
-def test_with_b_joined_and_compiled_layers_as_on_a_gpu_the_gradients_are_plains(
+def test_with_b_joined_and_compiled_layers_as_on_a_gpu_the_gradients_are_the_plain_runs(
     tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a CUDA run has on by default together: shared A, joined B, kept attention, compiled layers."""

@@ -161,8 +161,7 @@ def test_4_bit_weights_dequantized_once_a_call_give_the_same_gradients_with_fewe
     assert once_grads.keys() == grads.keys() and any("mlp" in n for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(once_grads[name], grad, rtol=1e-5, atol=1e-6)
-    if compiled is None:  # a compiled graph calls bitsandbytes' op, not this Python function
-        assert few < many, (few, many)
+    assert few < many, (few, many)  # bitsandbytes' backward calls it (a tiny model's step: 44 before, 20 after)
 
 
 @pytest.mark.gpu

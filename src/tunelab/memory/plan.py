@@ -183,8 +183,8 @@ def workload(cfg: RunConfig, shape: ModelShape, *, backend: str, device: str, **
 def _joins_b(cfg: RunConfig, shape: ModelShape, work: Workload) -> bool:
     """Whether the backend joins gate's and up's B into their base products (backends/torch/joined_b.py).
 
-    On CUDA, for plain LoRA adapters (no dropout, no DoRA) on a 16-bit, frozen
-    base whose gate and up both carry one, outside FSDP.
+    On CUDA, for plain LoRA adapters (no dropout, no DoRA) on a floating-point
+    (not 4-bit), frozen base whose gate and up both carry one, outside FSDP.
     """
     return (
         work.backend == "torch"
