@@ -17,6 +17,13 @@ from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.loading import decoder_layers
 
 
+@pytest.fixture(autouse=True, params=[("mlp",), ("mlp", "self_attn")], ids=["gate_up", "and_qkv"])
+def groups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, ...]:
+    """Every test runs with gate/up joined alone (the default) and with q/k/v joined too."""
+    monkeypatch.setattr(joined_b, "GROUPS", request.param)
+    return tuple(request.param)
+
+
 def _load(folder: Path, tokenizer: Any, *, joined: bool, device: str = "cpu", dtype: str = "float32") -> TorchBackend:
     backend: TorchBackend = load_backend(folder, tokenizer, device=device, dtype=dtype, switches=((joined_b, joined),))
     return backend
@@ -102,7 +109,7 @@ def test_the_joined_weights_follow_b_only_when_it_changes(tiny_model_dir: Path, 
     backend = _load(tiny_model_dir, tiny_tokenizer, joined=True)
     ids = torch.tensor(_batch()["input_ids"])
     gate = decoder_layers(backend._causal_lm)[0].mlp.gate_proj
-    start, rank = gate._joined_cols
+    start, _, rank = gate._joined_cols
     cols = getattr(gate, joined_b.BUFFER)[:, start : start + rank]
     with torch.no_grad():
         backend.model(input_ids=ids)  # B was set after loading: refreshed here
@@ -113,6 +120,30 @@ def test_the_joined_weights_follow_b_only_when_it_changes(tiny_model_dir: Path, 
         gate.lora_B["default"].weight.mul_(0.5)
         backend.model(input_ids=ids)
         torch.testing.assert_close(cols, gate.lora_B["default"].weight * gate.scaling["default"])
+
+
+def test_the_groups_named_join_and_backward_keeps_x_a_not_the_joined_input(
+    tiny_model_dir: Path, tiny_tokenizer: Any, groups: tuple[str, ...]
+) -> None:
+    backend = _load(tiny_model_dir, tiny_tokenizer, joined=True)
+    layer = decoder_layers(backend._causal_lm)[0]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert (getattr(getattr(layer.self_attn, name), joined_b.BUFFER, None) is not None) is ("self_attn" in groups)
+    assert getattr(layer.self_attn.o_proj, joined_b.BUFFER, None) is None  # not in a shared group
+    hidden = layer.mlp.gate_proj.base_layer.weight.shape[1]
+    widths = {hidden + sum(m._shared_ranks) for m in (layer.self_attn.q_proj, layer.mlp.gate_proj)}
+    weights = {t.data_ptr() for t in (*backend.model.parameters(), *backend.model.buffers())}
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in weights:  # activations only (the joined weights are as wide too)
+            saved.append(tuple(t.shape))
+        return t
+
+    ids = torch.tensor(_batch()["input_ids"])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backend.model(input_ids=ids).logits.float().sum().backward()
+    assert saved and not [s for s in saved if s[-1] in widths]  # [x, x A^T] is as wide as the layer
 
 
 def test_switched_off_adapters_give_the_base_s_output(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:

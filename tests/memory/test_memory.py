@@ -227,30 +227,6 @@ def test_host_embeddings_take_the_table_off_the_gpu_where_the_backend_can(tmp_pa
     assert weights["tied", False] == weights["tied", True]
 
 
-def test_joined_b_counts_its_saved_input_where_every_layer_keeps_one(tmp_path: Path) -> None:
-    """Gate's and up's joined products save [x, x A^T]; with checkpointing only the replayed layer does."""
-    compiled = replace(GPU, compiled_layers=True)
-    for gc, added in ((False, 32 * 2 * (4096 + 2 * 16) * 4096), (True, 0)):
-        plain, joined = (replace(compiled, gradient_checkpointing=gc, joined_b=j) for j in (False, True))
-        assert estimate(SHAPE, joined).get("activations") - estimate(SHAPE, plain).get("activations") == added
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
-    lora = {"model": {"path": str(tmp_path)}, "data": {"train": "d", "max_seq_len": 256}}
-    joins = {}
-    for name, over in {
-        "lora": [],
-        "qlora": ["method.name=qlora"],  # a 4-bit base has no weight to append B to
-        "dropout": ["method.dropout=0.1"],  # each adapter then has its own input
-        "attention only": ["method.targets=[q_proj,v_proj]"],
-        "fsdp": ["train.parallel=fsdp"],
-    }.items():
-        plan = estimate_config(load_config(lora, over), device="cuda")
-        assert plan.estimate is not None
-        joins[name] = plan.estimate.workload.joined_b
-    assert joins == {"lora": True, "qlora": False, "dropout": False, "attention only": False, "fsdp": False}
-    cpu = estimate_config(load_config(lora, []), device="cpu").estimate
-    assert cpu is not None and cpu.workload.joined_b is False  # joined B is for CUDA GPUs
-
-
 def test_a_4_bit_replay_counts_bitsandbytes_gate_and_up_outputs_unless_the_mlp_is_tiled() -> None:
     """Measured at a 1B QLoRA replay's peak: bitsandbytes' two MLP outputs beside the graph's own."""
     replayed = replace(GPU, compiled_layers=True, gradient_checkpointing=True)

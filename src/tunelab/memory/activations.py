@@ -77,11 +77,6 @@ def compiled_layer_bytes(shape: ModelShape, work: Workload) -> float:
     if work.method in LORA_METHODS:
         mods = targeted(shape, work.targets)
         kept += sum(a * work.rank for _ in mods)  # A's outputs
-        if work.joined_b and not work.gradient_checkpointing:
-            # The joined products save their input [x, x A^T] (backends/torch/joined_b.py), where the
-            # partitioner would otherwise recompute the normalised x (H100, 1B 8x2048: 66 MB a layer at
-            # the peak, 16.14 -> 17.43 GiB measured; with checkpointing only the replayed layer holds it).
-            kept += a * (h + 2 * work.rank)
         if work.dropout:
             kept += sum((a + 1) * lin.in_features for lin in mods)  # dropout output and mask
         if work.method == "dora":

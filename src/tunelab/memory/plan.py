@@ -23,7 +23,7 @@ from tunelab.memory.autobatch import SAFETY, choose_batch
 from tunelab.memory.budget import Budget, device_budget
 from tunelab.memory.estimate import Estimate, estimate
 from tunelab.memory.shapes import SCALED_EMBEDDINGS, ModelShape, read_shape
-from tunelab.memory.workload import DTYPE_BYTES, GiB, Workload, targeted
+from tunelab.memory.workload import DTYPE_BYTES, GiB, Workload
 from tunelab.vocab import IGNORE
 
 _SCANNED = 4096  # longest examples whose supervised tokens are counted
@@ -177,23 +177,7 @@ def workload(cfg: RunConfig, shape: ModelShape, *, backend: str, device: str, **
     # As backends/torch/kept_attention.py: sdpa over unpacked rows (packed rows take a varlen kernel).
     kept = base.offload_checkpoints and not cfg.data.packing and cfg.model.attn_implementation != "eager"
     base = replace(base, host_embeddings=host, tiled_mlp=backend == "torch" and cfg.tiles_mlp, kept_attention=kept)
-    return replace(base, joined_b=_joins_b(cfg, shape, base), **fields)
-
-
-def _joins_b(cfg: RunConfig, shape: ModelShape, work: Workload) -> bool:
-    """Whether the backend joins gate's and up's B into their base products (backends/torch/joined_b.py).
-
-    On CUDA, for plain LoRA adapters (no dropout, no DoRA) on a floating-point
-    (not 4-bit), frozen base whose gate and up both carry one, outside FSDP.
-    """
-    return (
-        work.backend == "torch"
-        and work.device == "cuda"
-        and work.method == "lora"
-        and not work.dropout
-        and cfg.train.parallel != "fsdp"
-        and {"gate_proj", "up_proj"} <= {lin.name for lin in targeted(shape, work.targets)}
-    )
+    return replace(base, **fields)
 
 
 def _host_table_fits(shape: ModelShape, method: str) -> bool:

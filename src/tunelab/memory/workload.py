@@ -59,7 +59,6 @@ class Workload:
     host_embeddings: bool = False  # torch/CUDA, adapters: the input-embedding table stays in CPU memory
     tiled_mlp: bool = False  # torch: MLPs over tiles of MLP_TILE_TOKENS positions, only their input saved
     kept_attention: bool = False  # offloaded checkpoints park each layer's attention output with its input
-    joined_b: bool = False  # torch/CUDA LoRA: gate's and up's B inside their base products, over [x, x A^T]
 
     @property
     def tokens(self) -> int:

@@ -12,17 +12,9 @@ device by a stash made ``on_device`` (checkpoints that offload nothing).
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-
-# How many layers backward's host code may queue ahead of the GPU (None: as many as it likes).  Each
-# queued layer has fetched its predecessor's tensors early, and they count as allocated from then: an
-# H100 run at 1B QLoRA 4x2048 packed held 8 fetched layer inputs at its peak, not 3 (the estimate's
-# count), so the peak depends on how far the host got ahead.  A bound makes it the estimate's.  Off
-# until an A/B on a GPU shows the waits cost no speed (bench/gpu_env.sh's switch bounded_lead).
-LEAD: int | None = None
 
 
 @dataclass
@@ -43,8 +35,6 @@ class HostStash:
     # Copies out and copies back on streams of their own: the link carries both directions at once, and
     # a prefetch never queues behind a forward's copies out that it doesn't need.
     streams: dict[str, torch.cuda.Stream] = field(default_factory=dict)
-    # Backward's progress on the GPU: one event per fetch, the oldest waited for past LEAD of them.
-    marks: deque[torch.cuda.Event] = field(default_factory=deque)
 
     def offload(self, index: int, *tensors: torch.Tensor) -> list[_Saved | None]:
         """Start copying layer ``index``'s tensors out; returns the list that :meth:`fetch` reads them from.
@@ -81,8 +71,6 @@ class HostStash:
         if not self._copies(device):
             return entry.cpu
         current = torch.cuda.current_stream(device)
-        if LEAD is not None:  # before the early fetch below: the blocks the GPU is done with are freed first
-            self._keep_lead(current, LEAD)
         if entry.prefetched is not None:
             tensors, ready = entry.prefetched
             if ready is not None:
@@ -103,18 +91,6 @@ class HostStash:
                 t.record_stream(current)  # used on the compute stream: freed only after it is done there
             previous.prefetched = (early, ready)
         return tensors
-
-    def _keep_lead(self, current: torch.cuda.Stream, lead: int) -> None:
-        """Wait, on the host, until the GPU has begun the layer fetched ``lead`` fetches ago.
-
-        With a lead of 1, three fetched layers' tensors are allocated at most: the
-        one the GPU runs, this one, and the one fetched early for the next.
-        """
-        mark = torch.cuda.Event()
-        mark.record(current)
-        self.marks.append(mark)
-        while len(self.marks) > lead:
-            self.marks.popleft().synchronize()
 
     def _copies(self, device: torch.device) -> bool:
         """Whether tensors on ``device`` travel to pinned CPU memory (else they are kept as they are)."""

@@ -45,6 +45,9 @@ from tunelab.backends.torch.lora_parts import active_adapter
 # memory traffic); False: nowhere.  bench/gpu_env.sh's switch joined_b_off sets False, for another A/B.
 ON: bool | str = "cuda"
 BUFFER = "joined_weight"
+# The shared groups (shared_lora_a.GROUPS) whose B's join, by the layer's child that holds them.  q/k/v's
+# join is off until an A/B on a GPU measures it (bench/gpu_env.sh's switch joined_qkv).
+GROUPS: tuple[str, ...] = ("mlp",)
 
 
 def applies_on(device: torch.device) -> bool:
@@ -53,7 +56,9 @@ def applies_on(device: torch.device) -> bool:
 
 
 def join(model: Any) -> Refresher | None:
-    """Give each decoder layer's shared gate/up group joined weights; returns their refresher (None: none).
+    """Give each decoder layer's shared groups named in :data:`GROUPS` joined weights; returns their refresher.
+
+    None when nothing joined.
 
     Runs after :func:`shared_lora_a.share` (it joins only shared groups) and
     with the model on its device.  The caller marks the joined weights stale
@@ -62,31 +67,38 @@ def join(model: Any) -> Refresher | None:
     """
     joined_members: list[Any] = []
     for layer in decoder_layers(model):
-        first = getattr(getattr(layer, "mlp", None), "gate_proj", None)
-        members = (first, *getattr(first, "_shared_rest", ()))
-        if first is None or len(members) < 2 or any(why_not(m) is not None for m in members):
-            continue
-        ranks: tuple[int, ...] = first._shared_ranks
-        width = sum(ranks)
-        start = 0
-        for member, rank in zip(members, ranks, strict=True):
-            base = member.base_layer
-            weight = base.weight
-            joined = weight.new_zeros(weight.shape[0], weight.shape[1] + width)
-            with torch.no_grad():
-                joined[:, : weight.shape[1]].copy_(weight)
-            # The base weight becomes a view of the joined one: W is held once.
-            base.weight = torch.nn.Parameter(joined[:, : weight.shape[1]], requires_grad=False)
-            member.register_buffer(BUFFER, joined, persistent=False)
-            object.__setattr__(member, "_joined_cols", (weight.shape[1] + start, rank))
-            joined_members.append(member)
-            start += rank
+        for parent_name in GROUPS:
+            joined_members += _join_group(getattr(layer, parent_name, None))
     if not joined_members:
         return None
     refresher = Refresher(joined_members)
     _stack_owner(model).register_forward_pre_hook(refresher)
     refresh(joined_members)
     return refresher
+
+
+def _join_group(parent: Any) -> list[Any]:
+    """Join the B's of the shared group whose first projection is ``parent``'s first child (none: [])."""
+    first = next((m for m in getattr(parent, "children", list)() if hasattr(m, "_shared_rest")), None)
+    members = (first, *getattr(first, "_shared_rest", ()))
+    if first is None or len(members) < 2 or any(why_not(m) is not None for m in members):
+        return []
+    ranks: tuple[int, ...] = first._shared_ranks
+    width = sum(ranks)
+    offset = 0
+    for member, rank in zip(members, ranks, strict=True):
+        base = member.base_layer
+        weight = base.weight
+        joined = weight.new_zeros(weight.shape[0], weight.shape[1] + width)
+        with torch.no_grad():
+            joined[:, : weight.shape[1]].copy_(weight)
+        # The base weight becomes a view of the joined one: W is held once.
+        base.weight = torch.nn.Parameter(joined[:, : weight.shape[1]], requires_grad=False)
+        member.register_buffer(BUFFER, joined, persistent=False)
+        # (B's first column in the joined weight, its first column in the group's x A^T, the rank)
+        object.__setattr__(member, "_joined_cols", (weight.shape[1] + offset, offset, rank))
+        offset += rank
+    return list(members)
 
 
 class Refresher:
@@ -137,18 +149,23 @@ def why_not(module: Any) -> str | None:
 def refresh(members: list[Any]) -> None:
     """Copy each joined projection's ``s B`` into its joined weight (B changes at every optimizer step)."""
     for member in members:
-        start, rank = member._joined_cols
+        start, _, rank = member._joined_cols
         name = active_adapter(member)
         getattr(member, BUFFER)[:, start : start + rank].copy_(member.lora_B[name].weight * member.scaling[name])
 
 
-def output(module: Any, joined_input: torch.Tensor) -> torch.Tensor:
-    """``[x, x A^T] @ [W, s B]^T`` for one joined projection (its base output plus its adapter's)."""
+def output(module: Any, joined_input: torch.Tensor, xa: torch.Tensor) -> torch.Tensor:
+    """``[x, x A^T] @ [W, s B]^T`` for one joined projection (its base output plus its adapter's).
+
+    ``xa`` is the group's ``x A^T`` itself, the only activation B's gradient reads: backward keeps it,
+    not the joined input, which is as wide as the layer (the compiled layer's partitioner kept that
+    whole, measured on an H100 as 66 MB a layer at 1B 8x2048 without checkpointing).
+    """
     name = active_adapter(module)
-    start, rank = module._joined_cols
+    _, offset, rank = module._joined_cols
     weight = getattr(module, BUFFER)
     out: torch.Tensor = _JoinedLinear.apply(
-        joined_input, weight, module.lora_B[name].weight, module.scaling[name], start, rank
+        joined_input, weight, xa, module.lora_B[name].weight, module.scaling[name], offset, rank
     )
     return out
 
@@ -160,27 +177,36 @@ def joined_input(x: torch.Tensor, xa: torch.Tensor, module: Any) -> torch.Tensor
 
 
 class _JoinedLinear(torch.autograd.Function):
-    """``X @ J^T`` whose gradient goes to ``X`` and to the B that ``J``'s columns ``start:start+rank`` hold."""
+    """``X @ J^T`` whose gradient goes to ``X`` and to the B that ``J`` holds beside W (``s g^T (x A^T)``)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, joined: torch.Tensor, b: torch.Tensor, scaling: float, start: int, rank: int
+        ctx: Any,
+        x: torch.Tensor,
+        joined: torch.Tensor,
+        xa: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+        offset: int,
+        rank: int,
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, joined)
-        ctx.scaling, ctx.start, ctx.rank, ctx.b_dtype = scaling, start, rank, b.dtype
+        ctx.save_for_backward(xa, joined)
+        ctx.scaling, ctx.offset, ctx.rank, ctx.b_dtype = scaling, offset, rank, b.dtype
         return torch.nn.functional.linear(x, joined)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, joined = ctx.saved_tensors
+        xa, joined = ctx.saved_tensors
         grad = grad.to(joined.dtype)
         grad_x = grad @ joined if ctx.needs_input_grad[0] else None
         grad_b = None
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:
             rows = grad.reshape(-1, grad.shape[-1])
-            xa = x.reshape(-1, x.shape[-1])[:, ctx.start : ctx.start + ctx.rank]
-            grad_b = (rows.t() @ xa).to(ctx.b_dtype) * ctx.scaling
-        return grad_x, None, grad_b, None, None, None
+            # in the joined weight's dtype, as the joined input holds x A^T
+            mine = xa.reshape(-1, xa.shape[-1])[:, ctx.offset : ctx.offset + ctx.rank].to(joined.dtype)
+            grad_b = (rows.t() @ mine).to(ctx.b_dtype) * ctx.scaling
+        # xa's own gradient flows through the joined input, which holds it too
+        return grad_x, None, None, grad_b, None, None, None
 
 
 def _stack_owner(model: Any) -> torch.nn.Module:

@@ -52,6 +52,7 @@ class _Handover:
 
     x: torch.Tensor | None = None
     parts: list[torch.Tensor] = field(default_factory=list)
+    xa: torch.Tensor | None = None  # joined B (joined_b.py): the group's x A^T, which B's gradients read
 
 
 _HANDOVER = _Handover()
@@ -131,8 +132,8 @@ class _First:
         xa = torch.nn.functional.linear(xin, stacked)
         if getattr(self, "_joined_cols", None) is not None:  # B joined into the base products: one input for all
             both = joined_b.joined_input(x, xa, self)
-            _HANDOVER.x, _HANDOVER.parts = x, [both] * len(self._shared_rest)
-            return joined_b.output(self, both)
+            _HANDOVER.x, _HANDOVER.parts, _HANDOVER.xa = x, [both] * len(self._shared_rest), xa
+            return joined_b.output(self, both, xa)
         parts = list(xa.split(self._shared_ranks, dim=-1))
         _HANDOVER.x, _HANDOVER.parts = x, parts[1:]
         return _finish(self, x, parts[0], args, kwargs)
@@ -144,9 +145,9 @@ class _Later:
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if _HANDOVER.x is not x or not _HANDOVER.parts or "adapter_names" in kwargs or _plain(self):
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
-        xa = _HANDOVER.parts.pop(0)
+        xa, group_xa = _HANDOVER.parts.pop(0), _HANDOVER.xa
         if not _HANDOVER.parts:
-            _HANDOVER.x = None  # the last member: nothing stays referenced past the group
-        if getattr(self, "_joined_cols", None) is not None:
-            return joined_b.output(self, xa)  # xa is the group's [x, x A^T]
+            _HANDOVER.x = _HANDOVER.xa = None  # the last member: nothing stays referenced past the group
+        if getattr(self, "_joined_cols", None) is not None and group_xa is not None:
+            return joined_b.output(self, xa, group_xa)  # xa is the group's [x, x A^T]
         return _finish(self, x, xa, args, kwargs)

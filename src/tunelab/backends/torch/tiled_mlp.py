@@ -23,7 +23,7 @@ is each of gate, up and down again in the forward's tiles and twice more in
 backward's (bitsandbytes' backward dequantizes anew).  With
 :data:`DEQUANTIZE_ONCE` the tiled call dequantizes each of the MLP's 4-bit
 weights once and its tiles multiply by that (three weights of a layer held at
-once: 352 MB at 8B in bf16).
+once: 352 MB at 8B in bf16; the measured peak rose 0.05 GiB).
 
 Where the decoder layers are compiled, each tile runs through one compiled
 function too (:func:`tile_mlps`' ``compile_backend``): the tiled call itself must
@@ -51,8 +51,10 @@ from tunelab.backends.torch.retype import retype
 from tunelab.config.schema import MLP_TILE_TOKENS
 
 TILE_TOKENS = MLP_TILE_TOKENS  # positions per tile: an 8B Llama's MLP intermediates for one tile are ~336 MiB
-# Off until an A/B on a GPU (bench/gpu_env.sh's switch tile_dequant_once): 4-bit weights dequantized once a tiled call.
-DEQUANTIZE_ONCE = False
+# 4-bit weights dequantized once a tiled call.  On since an A/B on an H100 (8B QLoRA 1x16,384, checkpointing,
+# one lease): 8,694 -> 8,873-8,928 tok/s at 7.46 -> 7.51 GiB, same losses.  gpu_env.sh's dequant_per_tile
+# switch now turns it off.
+DEQUANTIZE_ONCE = True
 # Layers that end in `residual + mlp(x)`, so a replay made only for its gradient never reads the MLP's output.
 RESIDUAL_MLP_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3"})
 
