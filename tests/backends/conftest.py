@@ -72,3 +72,59 @@ def assert_same_loss_and_grads(a: tuple, b: tuple, adapter: str, tol: float = 1e
     assert a[1].keys() == b[1].keys() and any(adapter in n for n in a[1])
     for name, grad in b[1].items():
         torch.testing.assert_close(a[1][name], grad, rtol=tol, atol=tol * float(grad.abs().max()))
+
+
+def two_steps(
+    backend: Any,
+    *,
+    compiled: str | None = None,
+    checkpoints: bool = False,
+    fused: bool = False,
+) -> tuple:
+    """Two optimizer steps on :func:`random_batch`; returns both losses and the second step's gradients.
+
+    ``fused``: torch's fused AdamW, as on CUDA, which changes the adapters without moving their version
+    counters (joined weights must follow anyway)."""
+    import torch
+
+    from tunelab.backends.torch.checkpointing import checkpoint_layers
+    from tunelab.backends.torch.loading import decoder_layers
+
+    if fused:
+        backend._optimizer = torch.optim.AdamW(backend._params, lr=0.0, fused=True)
+    layers = decoder_layers(backend._causal_lm)
+    if compiled:
+        for layer in layers:
+            layer.compile(backend=compiled)
+    if checkpoints:
+        checkpoint_layers(layers, offload=False)
+        backend._causal_lm.enable_input_require_grads()
+    losses = []
+    for step in range(2):
+        losses.append(float(backend.forward_backward(random_batch(), 1.0).loss_sum))
+        if step == 0:
+            backend.optimizer_step(1e-2)  # A and B change: joined weights must follow
+    grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+def compiled_runs(load: Any) -> tuple[list[tuple], list[int]]:
+    """``two_steps`` with the layers compiled (aot_eager), for ``load(False)`` and ``load(True)``: each run's
+    losses and gradients and its first layer's compiled graphs; fails on any graph break."""
+    import torch
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    from tunelab.backends.torch.loading import decoder_layers
+
+    runs, graphs = [], []
+    for on in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        backend = load(on)
+        runs.append(two_steps(backend, compiled="aot_eager"))
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        layer = decoder_layers(backend._causal_lm)[0]
+        graphs.append(len(_debug_get_cache_entry_list(type(layer).forward.__code__)))
+    torch._dynamo.reset()
+    return runs, graphs

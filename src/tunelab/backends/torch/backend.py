@@ -53,7 +53,7 @@ class TorchBackend:
         self._attention = "sdpa"
         self._offload = False
         self._host_embed: HostEmbedding | None = None  # train.offload_embeddings: the table in CPU memory
-        self._joined: Refresher | None = None  # joined_b: the joined gate/up weights' refresher
+        self._joined: tuple[Refresher, ...] = ()  # joined_a/joined_b: the joined weights' refreshers
         self.fast = FastPath()
         self._widest: int | None = None  # compiled layers: the padded length most batches are padded to
         self._autocast: torch.dtype | None = None  # CUDA: the base's half dtype, for fp32 adapters
@@ -234,8 +234,8 @@ class TorchBackend:
         limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._params, limit)
         self._optimizer.step()
-        if self._joined is not None:
-            self._joined.stale()  # B changed; a fused step leaves no trace the refresh could see
+        for refresher in self._joined:
+            refresher.stale()  # A and B changed; a fused step leaves no trace the refresh could see
         self._optimizer.zero_grad(set_to_none=True)
         return readback.later(fsdp.total_norm(norm))  # read once the next step's work is queued
 

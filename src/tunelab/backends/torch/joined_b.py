@@ -34,6 +34,7 @@ own bf16 gradients (tests).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,7 +73,7 @@ def join(model: Any) -> Refresher | None:
     if not joined_members:
         return None
     refresher = Refresher(joined_members)
-    _stack_owner(model).register_forward_pre_hook(refresher)
+    stack_owner(model).register_forward_pre_hook(refresher)
     refresh(joined_members)
     return refresher
 
@@ -102,32 +103,44 @@ def _join_group(parent: Any) -> list[Any]:
 
 
 class Refresher:
-    """The decoder stack's pre-hook: refreshes the joined weights when any B has changed since the last time.
+    """The decoder stack's pre-hook: refreshes joined weights when any of the adapter weights they copy changed.
 
     A tensor's version counter moves with in-place changes (a loaded state, a foreach optimizer), and a
-    B replaced by a new tensor has another identity; generation, which runs the stack once a token, then
-    copies nothing between optimizer steps.  torch's fused AdamW leaves version counters as they were,
-    so the backend calls :meth:`stale` after every step.
+    weight replaced by a new tensor has another identity; generation, which runs the stack once a token,
+    then copies nothing between optimizer steps.  torch's fused AdamW leaves version counters as they
+    were, so the backend calls :meth:`stale` after every step.  ``watched`` gives a member's copied
+    weight (B here, A for :mod:`joined_a`), ``copy`` copies them all into their joined weights.
     """
 
-    def __init__(self, members: list[Any]) -> None:
+    def __init__(
+        self,
+        members: list[Any],
+        watched: Callable[[Any], torch.Tensor] | None = None,
+        copy: Callable[[list[Any]], None] | None = None,
+    ) -> None:
         self.members = members
-        self.seen: list[tuple[int, int]] | None = _versions(members)
+        self.watched = watched or _b_of
+        self.copy = copy or refresh
+        self.seen: list[tuple[int, int]] | None = self._versions()
 
     def stale(self) -> None:
-        """B may have changed in ways its version counter doesn't show: refresh before the next forward."""
+        """The weights may have changed in ways their version counters don't show: refresh before the next forward."""
         self.seen = None
 
     def __call__(self, *_: Any) -> None:
-        now = _versions(self.members)
+        now = self._versions()
         if now != self.seen:
-            refresh(self.members)
+            self.copy(self.members)
             self.seen = now
 
+    def _versions(self) -> list[tuple[int, int]]:
+        weights = [self.watched(m) for m in self.members]
+        return [(id(w), w._version) for w in weights]
 
-def _versions(members: list[Any]) -> list[tuple[int, int]]:
-    weights = [m.lora_B[active_adapter(m)].weight for m in members]
-    return [(id(w), w._version) for w in weights]
+
+def _b_of(member: Any) -> torch.Tensor:
+    weight: torch.Tensor = member.lora_B[active_adapter(member)].weight
+    return weight
 
 
 def why_not(module: Any) -> str | None:
@@ -209,7 +222,7 @@ class _JoinedLinear(torch.autograd.Function):
         return grad_x, None, None, grad_b, None, None, None
 
 
-def _stack_owner(model: Any) -> torch.nn.Module:
+def stack_owner(model: Any) -> torch.nn.Module:
     """The module that runs the decoder stack: every forward through the layers starts in it."""
     layers = decoder_layers(model)
     for module in model.modules():

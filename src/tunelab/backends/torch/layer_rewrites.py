@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.backends.base import MethodSpec, ModelSpec
-from tunelab.backends.torch import joined_b, kept_attention, nf4, shared_lora_a
+from tunelab.backends.torch import joined_a, joined_b, kept_attention, nf4, shared_lora_a
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers
 from tunelab.backends.torch.kept_mlp import host_budget, keep_mlps
@@ -36,7 +36,7 @@ from tunelab.backends.torch.tiled_mlp import tile_mlps
 class Rewritten:
     """What the training step needs to know about the rewritten layers."""
 
-    joined: joined_b.Refresher | None  # marked stale after each optimizer step
+    joined: tuple[joined_b.Refresher, ...]  # the joined weights' refreshers, marked stale after each optimizer step
     attention: str | None  # the attention implementation the loss must name (None: the model's own)
 
 
@@ -52,11 +52,13 @@ def rewrite_layers(
 ) -> Rewritten:
     """Apply every rewrite this run takes to ``causal_lm``'s decoder layers (``base``: the transformers model)."""
     device = next(base.parameters()).device
-    joined = None
+    refreshers = []
     if shared_lora_a.ON:
         shared_lora_a.share(causal_lm)
         if joined_b.applies_on(device) and model.parallel != "fsdp":  # FSDP shards the weights it views
-            joined = joined_b.join(causal_lm)
+            refreshers.append(joined_b.join(causal_lm))
+    if joined_a.applies_on(device) and model.parallel != "fsdp":
+        refreshers.append(joined_a.join(causal_lm))
     attention = None
     if kept_attention.ON and offload and kept_attention.keep_attention(base, host_budget()):
         attention = kept_attention.KEPT_SDPA
@@ -73,4 +75,4 @@ def rewrite_layers(
         compile_decoder_layers(causal_lm, fast.activation_budget)
     if own_checkpoints:
         checkpoint_layers(decoder_layers(causal_lm), offload=offload)
-    return Rewritten(joined, attention)
+    return Rewritten(tuple(r for r in refreshers if r is not None), attention)
