@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.backends.base import MethodSpec, ModelSpec
-from tunelab.backends.torch import joined_a, joined_b, kept_attention, nf4, shared_lora_a
+from tunelab.backends.torch import held_4bit, joined_a, joined_b, kept_attention, nf4, shared_lora_a
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers
 from tunelab.backends.torch.kept_mlp import host_budget, keep_mlps
@@ -64,6 +64,8 @@ def rewrite_layers(
         attention = kept_attention.KEPT_SDPA
     if own_checkpoints or (model.tiled_mlp and model.parallel != "fsdp"):  # they replay layers or tiles
         lean_down_projections(causal_lm)
+    if own_checkpoints and held_4bit.ON:
+        held_4bit.hold_on_replay(causal_lm)  # 4-bit q/k/v/o: one dequantization for the replay and its backward
     if model.tiled_mlp:
         # The tiled call stays outside the layer's graph (its tiles get one of their own).
         tile_mlps(causal_lm, compile_backend="inductor" if fast.compile_layers else None)
