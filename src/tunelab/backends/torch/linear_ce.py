@@ -36,12 +36,15 @@ def _chunk_loss_grad(
     if softcap:
         capped = torch.tanh(z / softcap)
         z = capped * softcap
-    # The log-sum-exp spelled out as max, shift, exp, sum: inductor reads that pattern on a GPU as one
-    # online-softmax reduction, a single pass over the chunk.  torch.logsumexp's own decomposition
-    # guards infinite maxima, does not match, and costs a pass for the max and another for the sum
-    # (H100, 1B 8x2048: two ~31 us reductions per 256-row chunk of a 128k vocabulary).
-    peak = z.amax(dim=-1, keepdim=True)
-    lse = (peak + (z - peak).exp().sum(dim=-1, keepdim=True).log()).squeeze(1)
+    if torch.compiler.is_compiling():
+        # Spelled out as max, shift, exp, sum: inductor reads that pattern on a GPU as one online-softmax
+        # reduction, a single pass over the chunk.  torch.logsumexp's decomposition guards infinite maxima,
+        # does not match, and costs a pass for the max and another for the sum (H100, 1B 8x2048: two
+        # ~31 us reductions per 256-row chunk of a 128k vocabulary).  Eager, it would materialise both.
+        peak = z.amax(dim=-1, keepdim=True)
+        lse = (peak + (z - peak).exp().sum(dim=-1, keepdim=True).log()).squeeze(1)
+    else:
+        lse = torch.logsumexp(z, dim=-1)
     loss = (lse - z.gather(1, labels[:, None]).squeeze(1)).sum()
     if not want_grad:
         return loss, None
