@@ -160,3 +160,76 @@ def test_torch_varlen_is_chosen_only_where_its_kernel_applies() -> None:
     )
     gemma2 = AutoModelForCausalLM.from_config(capped, dtype=torch.bfloat16)
     assert capped.attn_logit_softcapping and not torch_varlen_usable(gemma2)
+
+
+def test_wide_rows_reduce_in_one_pass_where_inductor_would_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fast.persist_rows_up_to installs inductor's heuristics hook: an INNER reduction of up to N elements is
+    persistent (one read of the row), a wider one keeps inductor's own choice, and a graph cached before it
+    is not reused."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    from tunelab.backends.torch.fast import persist_rows_up_to
+
+    class Features:
+        def __init__(self, numel: int, hint: ReductionHint = ReductionHint.INNER) -> None:
+            self.reduction_numel, self.hint = numel, hint
+
+        def get_reduction_hint(self) -> ReductionHint:
+            return self.hint
+
+    class Sizes:
+        @staticmethod
+        def statically_known_leq(a: int, b: int) -> bool:
+            return a <= b
+
+    class Graph:
+        sizevars = Sizes()
+
+    if hasattr(inductor_config, "inductor_choices_class"):
+        monkeypatch.setattr(inductor_config, "inductor_choices_class", None)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
+    before = V.choices
+    try:
+        persist_rows_up_to(8192)
+        with V.set_graph_handler(Graph()):  # type: ignore[arg-type]
+            chosen = V.choices
+            assert type(chosen).__name__ == "WideRows" and isinstance(chosen, InductorChoices)
+            assert chosen.should_use_persistent_reduction(Features(4096), False)
+            assert chosen.should_use_persistent_reduction(Features(8192), False)
+            assert not chosen.should_use_persistent_reduction(Features(16384), False)  # inductor's own: looped
+            assert not InductorChoices.should_use_persistent_reduction(Features(4096), False)  # what it was
+        key = getattr(inductor_config, "inductor_choices_class", None)
+        assert (key is not None and key().uuid() == "tunelab-wide-rows-8192") or not inductor_config.fx_graph_cache
+    finally:
+        V.set_choices_handler(before)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_4096_wide_rms_norm_compiles_to_a_persistent_reduction() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from torch._inductor.utils import run_and_get_code
+    from torch._inductor.virtualized import V
+
+    from tunelab.backends.torch.fast import persist_rows_up_to
+
+    def rms_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        z = x.float()
+        return (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+
+    x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    before = V.choices
+    try:
+        persist_rows_up_to(8192)
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(rms_norm), x, w)
+    finally:
+        V.set_choices_handler(before)
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, rms_norm(x, w), rtol=2e-2, atol=2e-2)
+    code = "\n".join(codes)
+    assert "def triton_per" in code and "def triton_red" not in code  # the row read once, in one pass

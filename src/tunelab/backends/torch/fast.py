@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 # `tunelab train` on an H100 (1B LoRA 8x2048 +0.3%, 8B LoRA 2x2048 +0.1%; bench/README.md).
 MODE: str | None = None
 
+# Rows of at most this many elements reduce in one pass (inductor's "persistent" reduction, the row held in
+# registers) where inductor's own heuristic stops at 1,024: an RMSNorm over a 2,048- or 4,096-wide hidden
+# state then reads its input once, not once for the sum of squares and again to scale it, and so does its
+# backward.  On an H100 the norms' kernels took ~6 ms of 1B LoRA's 206 ms step, looped, at about half the
+# memory bandwidth their bytes need.  None: inductor's heuristic.  Off until an A/B on a GPU
+# (bench/gpu_env.sh's switch persistent_rows sets 8192).
+PERSISTENT_ROWS: int | None = None
+
 # Compiled graphs are specialised to shapes; padded (unpacked) batches are
 # rounded up to a multiple of this so that a few graphs cover every length.
 SHAPE_MULTIPLE = 128
@@ -89,6 +97,8 @@ def compile_decoder_layers(model: Any, activation_budget: float = 1.0) -> int:
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.suppress_errors = True
+    if PERSISTENT_ROWS:
+        persist_rows_up_to(PERSISTENT_ROWS)
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(mode=MODE)  # static shapes first; dynamo goes dynamic if a new length comes
@@ -97,3 +107,36 @@ def compile_decoder_layers(model: Any, activation_budget: float = 1.0) -> int:
 
 def round_up(length: int, multiple: int = SHAPE_MULTIPLE) -> int:
     return -(-length // multiple) * multiple
+
+
+def persist_rows_up_to(numel: int) -> None:
+    """Make inductor reduce rows of up to ``numel`` elements (along the innermost dimension) in one pass.
+
+    Through inductor's documented hook for its heuristics (``InductorChoices``), process-wide: a
+    training process compiles one model's layers.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class WideRows(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
+            if (
+                inductor_config.triton.persistent_reductions
+                and not cooperative_reduction
+                and features.get_reduction_hint() == ReductionHint.INNER
+                and V.graph.sizevars.statically_known_leq(features.reduction_numel, numel)
+            ):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+        def uuid(self) -> str:  # part of inductor's cache key: graphs compiled under it are cached apart
+            return f"tunelab-wide-rows-{numel}"
+
+    if hasattr(inductor_config, "inductor_choices_class"):  # its uuid() keys the graph cache
+        inductor_config.inductor_choices_class = WideRows
+    else:  # an older inductor: a graph cached without the hook would be reused as it was
+        inductor_config.fx_graph_cache = False
+    V.set_choices_handler(WideRows())
