@@ -54,7 +54,7 @@ class _HeldOnReplay:
     """Put in front of a 4-bit base layer's class: on a replay with gradients, one dequantization."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not (replay.REPLAYING and torch.is_grad_enabled()):
+        if not replay.differentiating():
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         weight = base_weight(self)
         return torch.nn.functional.linear(x.to(weight.dtype), weight).to(x.dtype)

@@ -57,13 +57,7 @@ def join(model: Any) -> joined_b.Refresher | None:
             module = getattr(getattr(layer, parent, None), name, None)
             if module is None or why_not(module) is not None:
                 continue
-            base = module.base_layer
-            weight, a = base.weight, _a(module)
-            joined = weight.new_zeros(weight.shape[0] + a.shape[0], weight.shape[1])
-            with torch.no_grad():
-                joined[: weight.shape[0]].copy_(weight)
-            base.weight = torch.nn.Parameter(joined[: weight.shape[0]], requires_grad=False)  # W held once
-            module.register_buffer(BUFFER, joined, persistent=False)
+            joined_b.widen(module, BUFFER, rows=_a(module).shape[0])  # W held once, as a view
             retype(module, _JoinedA)
             members.append(module)
     if not members:
@@ -98,10 +92,7 @@ class _JoinedA:
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not takes(self, kwargs):
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
-        name = active_adapter(self)
-        b = self.lora_B[name].weight  # type: ignore[attr-defined]
-        out: torch.Tensor = _JoinedALinear.apply(x, getattr(self, BUFFER), _a(self), b, self.scaling[name])  # type: ignore[attr-defined]
-        return out
+        return _product(self, x, unread=False)
 
 
 def takes(module: Any, kwargs: dict[str, Any]) -> bool:
@@ -116,9 +107,13 @@ def replayed(module: Any, x: torch.Tensor) -> torch.Tensor:
     Forward runs only ``x A^T`` (B's gradient reads it); backward is the joined one, so the input gradient
     is still one product, ``[g, s g B] @ [W; A]``.
     """
+    return _product(module, x, unread=True)
+
+
+def _product(module: Any, x: torch.Tensor, *, unread: bool) -> torch.Tensor:
     name = active_adapter(module)
     b = module.lora_B[name].weight
-    out: torch.Tensor = _JoinedALinear.apply(x, getattr(module, BUFFER), _a(module), b, module.scaling[name], True)
+    out: torch.Tensor = _JoinedALinear.apply(x, getattr(module, BUFFER), _a(module), b, module.scaling[name], unread)
     return out
 
 

@@ -88,18 +88,28 @@ def _join_group(parent: Any) -> list[Any]:
     width = sum(ranks)
     offset = 0
     for member, rank in zip(members, ranks, strict=True):
-        base = member.base_layer
-        weight = base.weight
-        joined = weight.new_zeros(weight.shape[0], weight.shape[1] + width)
-        with torch.no_grad():
-            joined[:, : weight.shape[1]].copy_(weight)
-        # The base weight becomes a view of the joined one: W is held once.
-        base.weight = torch.nn.Parameter(joined[:, : weight.shape[1]], requires_grad=False)
-        member.register_buffer(BUFFER, joined, persistent=False)
+        columns = member.base_layer.weight.shape[1]
+        widen(member, BUFFER, cols=width)
         # (B's first column in the joined weight, its first column in the group's x A^T, the rank)
-        object.__setattr__(member, "_joined_cols", (weight.shape[1] + offset, offset, rank))
+        object.__setattr__(member, "_joined_cols", (columns + offset, offset, rank))
         offset += rank
     return list(members)
+
+
+def widen(member: Any, buffer: str, *, rows: int = 0, cols: int = 0) -> torch.Tensor:
+    """Keep ``member``'s base weight W in the top-left corner of a zeroed ``rows`` + ``cols`` larger buffer.
+
+    The buffer is registered on ``member`` as ``buffer`` (not saved), and the base weight becomes a view of
+    it, so W is held once; the caller fills the rest (B's columns here, A's rows in :mod:`joined_a`).
+    """
+    base = member.base_layer
+    weight = base.weight
+    joined = weight.new_zeros(weight.shape[0] + rows, weight.shape[1] + cols)
+    with torch.no_grad():
+        joined[: weight.shape[0], : weight.shape[1]].copy_(weight)
+    base.weight = torch.nn.Parameter(joined[: weight.shape[0], : weight.shape[1]], requires_grad=False)
+    member.register_buffer(buffer, joined, persistent=False)
+    return joined
 
 
 class Refresher:

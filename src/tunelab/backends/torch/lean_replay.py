@@ -77,7 +77,7 @@ class _LeanDown:
     """Put in front of a down projection's class: on a replay with gradients, no base product."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not (replay.REPLAYING and torch.is_grad_enabled()):
+        if not replay.differentiating():
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         if joined_a.takes(self, kwargs):
             return joined_a.replayed(self, x)  # A joined below W: one product for the input's gradient

@@ -59,6 +59,11 @@ def park(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def differentiating() -> bool:
+    """Whether this is a replay run to be differentiated (read inside compiled layers: :data:`REPLAYING`)."""
+    return REPLAYING and torch.is_grad_enabled()
+
+
 def is_replay() -> bool:
     """Whether a checkpoint's replay is under way."""
     return getattr(_state, "replaying", None) is not None
