@@ -48,6 +48,16 @@ def random_batch() -> dict[str, np.ndarray]:
     return {"input_ids": ids, "labels": ids.copy(), "attention_mask": np.ones_like(ids)}
 
 
+def random_batches(count: int, rows: int, length: int, high: int) -> list[dict[str, np.ndarray]]:
+    """``count`` batches of ``rows`` x ``length`` random token ids below ``high``, every position supervised."""
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(count):
+        ids = rng.integers(0, high, size=(rows, length))
+        batches.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()})
+    return batches
+
+
 def assert_switched_off_adapters_give_the_base(backend: Any, folder: Path) -> None:
     """With the adapters disabled (a preference objective's reference model), the output is the base's alone."""
     import torch

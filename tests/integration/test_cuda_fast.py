@@ -65,6 +65,7 @@ def test_torch_varlen_equals_sdpa_per_example(window: int | None) -> None:
 
 def test_compiled_fast_path_trains_like_the_eager_path() -> None:
     """Compiled layers + fused loss + activation budget vs plain eager: same start, same batches, 8 steps."""
+    from tests.backends.conftest import random_batches
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
@@ -74,11 +75,7 @@ def test_compiled_fast_path_trains_like_the_eager_path() -> None:
         "llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2,
     )  # fmt: skip
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(8):
-        ids = rng.integers(0, 64, size=(4, 200))
-        batches.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()})
+    batches = random_batches(8, 4, 200, high=64)
     curves = []
     for fast in (True, False):
         torch.manual_seed(0)

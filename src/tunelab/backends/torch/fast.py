@@ -41,9 +41,11 @@ MODE: str | None = None
 # registers) where inductor's own heuristic stops at 1,024: an RMSNorm over a 2,048- or 4,096-wide hidden
 # state then reads its input once, not once for the sum of squares and again to scale it, and so does its
 # backward.  On an H100 the norms' kernels took ~6 ms of 1B LoRA's 206 ms step, looped, at about half the
-# memory bandwidth their bytes need.  None: inductor's heuristic.  Off until an A/B on a GPU
-# (bench/gpu_env.sh's switch persistent_rows sets 8192).
-PERSISTENT_ROWS: int | None = None
+# memory bandwidth their bytes need; with this bound, 1B LoRA 8x2048 through `tunelab train` ran 79,763 ->
+# 80,824 tok/s (+1.3%, the ~1.5% that profile predicts) at the same peak and losses (H100, one lease,
+# 2026-12-07).  The 8B rows (4,096 wide) are not yet measured with it.  None: inductor's heuristic
+# (bench/gpu_env.sh's switch persistent_rows_off).
+PERSISTENT_ROWS: int | None = 8192
 
 # Compiled graphs are specialised to shapes; padded (unpacked) batches are
 # rounded up to a multiple of this so that a few graphs cover every length.
