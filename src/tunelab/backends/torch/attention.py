@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunelab.backends.torch import flash4
+
 log = logging.getLogger(__name__)
 
 TORCH_VARLEN = "tunelab_varlen"
@@ -69,6 +71,7 @@ def choose_packed_attention(model: Any, device: torch.device, requested: str) ->
             from transformers import AttentionInterface
 
             AttentionInterface.register(TORCH_VARLEN, torch_varlen)
+            flash4.activate(device)  # FlashAttention 4 behind torch's flash kernel, where it is on and installed
         try:
             model.set_attn_implementation(name)
         except (ImportError, ValueError) as exc:  # kernel not installed, or not supported by this architecture

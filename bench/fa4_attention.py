@@ -1,0 +1,132 @@
+"""FlashAttention 4 against torch's own kernel on tunelab's packed attention path, on a CUDA GPU.
+
+    . bench/fa4_env.sh   # second of the two calls that carry FlashAttention 4 (see that file)
+    python3 bench/fa4_attention.py
+
+On packed rows tunelab's attention is ``attention.torch_varlen`` (``torch.nn.attention.varlen``,
+causal within each example).  For each issue-15 row's attention shape (8B 2x2048, 1B 8x2048, 8B
+1x16,384; GQA 32 query heads over 8) it times forward + backward with torch's kernel, then with
+FlashAttention 4 activated through ``torch.nn.attention.activate_flash_attention_impl("FA4")``, and
+prints the ratio, the relative difference of the output and of the query's gradient, and the three
+costliest kernels of the first shape under each.  The packed examples are 200-900 tokens long, as
+chat rows are.  Decides whether tunelab should turn FlashAttention 4 on where it is installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunelab.backends.torch.attention import torch_varlen
+
+# (name, rows, row length, query heads, key/value heads, head size)
+SHAPES = [
+    ("8B 2x2048", 2, 2048, 32, 8, 128),
+    ("1B 8x2048", 8, 2048, 32, 8, 64),
+    ("8B 1x16384", 1, 16384, 32, 8, 128),
+]
+Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+
+def packed_starts(rows: int, length: int, rng: np.random.Generator) -> torch.Tensor:
+    """Cumulative example starts of ``rows`` packed rows of ``length`` tokens, examples of 200-900 tokens."""
+    starts = [0]
+    for row in range(rows):
+        at = 0
+        while at < length:
+            at += min(int(rng.integers(200, 900)), length - at)
+            starts.append(row * length + at)
+    return torch.tensor(starts, dtype=torch.int32, device="cuda")
+
+
+def make_case(rows: int, length: int, heads: int, kv_heads: int, dim: int) -> Case:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def tensor(h: int) -> torch.Tensor:
+        shape = (rows, h, length, dim)
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+
+    starts = packed_starts(rows, length, np.random.default_rng(0))
+    return tensor(heads), tensor(kv_heads), tensor(kv_heads), starts, int((starts[1:] - starts[:-1]).max())
+
+
+def step(case: Case, grad: torch.Tensor) -> torch.Tensor:
+    q, k, v, starts, longest = case
+    out, _ = torch_varlen(None, q, k, v, None, scaling=q.shape[-1] ** -0.5, cu_seq_lens_q=starts, max_length_q=longest)
+    out.backward(grad)
+    return out
+
+
+def milliseconds(case: Case, grad: torch.Tensor, repeats: int = 20) -> float:
+    for _ in range(3):
+        step(case, grad)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        step(case, grad)
+    end.record()
+    torch.cuda.synchronize()
+    return float(start.elapsed_time(end)) / repeats
+
+
+def tflops(case: Case, ms: float) -> float:
+    """Causal forward (two products) and backward (~2.5 forwards) over the packed examples."""
+    q, _, _, starts, _ = case
+    lengths = (starts[1:] - starts[:-1]).double()
+    flop = 4 * q.shape[1] * q.shape[-1] * float((lengths * (lengths + 1) / 2).sum()) * 3.5
+    return flop / ms / 1e9
+
+
+def top_kernels(case: Case, grad: torch.Tensor) -> list[tuple[str, float]]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step(case, grad)
+        torch.cuda.synchronize()
+    events: Any = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:3]
+    return [(e.key[:70], round(e.device_time_total / 1e3, 3)) for e in events]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def main() -> None:
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    seen: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}
+    for impl in ("torch", "FA4"):
+        if impl == "FA4":
+            try:
+                from torch.nn.attention import activate_flash_attention_impl
+
+                activate_flash_attention_impl("FA4")
+            except Exception as exc:  # the report is the point: why FA4 can't run here
+                print(f"FA4 could not be activated: {type(exc).__name__}: {str(exc)[:400]}")
+                return
+        for name, rows, length, heads, kv_heads, dim in SHAPES:
+            case = make_case(rows, length, heads, kv_heads, dim)
+            grad = torch.randn(rows, length, heads, dim, device="cuda", dtype=torch.bfloat16)
+            try:
+                out = step(case, grad).detach().float()
+                dq = case[0].grad.float().clone()  # type: ignore[union-attr]
+                for t in case[:3]:
+                    t.grad = None
+                ms = milliseconds(case, grad)
+            except Exception as exc:
+                print(f"{impl} {name}: failed: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+                continue
+            line = f"{impl} {name}: {ms:.3f} ms forward + backward, ~{tflops(case, ms):.0f} TFLOP/s"
+            if name in seen:
+                base_ms, base_out, base_dq = seen[name]
+                line += f"; {base_ms / ms:.2f}x torch's"
+                line += f"; output {relative(out, base_out):.1e}, dq {relative(dq, base_dq):.1e}"
+            else:
+                seen[name] = (ms, out, dq)
+            print(line, flush=True)
+            if name == SHAPES[0][0]:
+                print("  kernels (ms):", top_kernels(case, grad), flush=True)
+
+
+if __name__ == "__main__":
+    main()
