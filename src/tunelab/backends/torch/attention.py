@@ -71,13 +71,14 @@ def choose_packed_attention(model: Any, device: torch.device, requested: str) ->
             from transformers import AttentionInterface
 
             AttentionInterface.register(TORCH_VARLEN, torch_varlen)
-            flash4.activate(device)  # FlashAttention 4 behind torch's flash kernel, where it is on and installed
         try:
             model.set_attn_implementation(name)
         except (ImportError, ValueError) as exc:  # kernel not installed, or not supported by this architecture
             log.debug("packed attention: %s unavailable (%s)", name, exc)
             continue
         if model.config._attn_implementation == name:
+            if name == TORCH_VARLEN:  # process-wide, so only once torch's flash kernel is the one chosen
+                flash4.activate(device)  # FlashAttention 4 behind it, where switched on and installed
             return name
     return current
 
