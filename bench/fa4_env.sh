@@ -19,6 +19,7 @@ if [ -f .fa4b/libs_cu13.part_ab ]; then
   cp .fa4b/*.whl /tmp/fa4wheels/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fa4site \
     /tmp/fa4wheels/*.whl >/dev/null 2>&1 || { echo "fa4_env: installing the wheels failed" >&2; return 3; }
-  export PYTHONPATH=/tmp/fa4site${PYTHONPATH:+:$PYTHONPATH}
+  # the CUTLASS DSL puts its packages on sys.path from a .pth file, which runs only in a site directory
+  export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
   echo "fa4_env: FlashAttention 4 installed in /tmp/fa4site"
 fi

@@ -6,6 +6,7 @@ and are checked in ``tests/integration/test_cuda_fast.py``.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,42 @@ def test_wide_rows_reduce_in_one_pass_where_inductor_would_loop(monkeypatch: pyt
         assert (key is not None and key().uuid() == "tunelab-wide-rows-8192") or not inductor_config.fx_graph_cache
     finally:
         V.set_choices_handler(before)
+
+
+def test_with_wide_rows_on_compiled_graphs_are_still_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The hook is part of inductor's cache key, so it must pickle: torch 2.11 pickles the hook's factory, and a
+    class made inside a function can't be (every `tunelab train` compiled from nothing on an H100).  The second
+    compile of one function, after dynamo forgets it, is read from inductor's graph cache."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+    from torch._inductor.virtualized import V
+
+    from tunelab.backends.torch.fast import persist_rows_up_to
+
+    if not hasattr(inductor_config, "inductor_choices_class"):
+        pytest.skip("this inductor has no choices hook in its cache key")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(inductor_config, "inductor_choices_class", None)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
+    before = V.choices
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+    try:
+        persist_rows_up_to(8192)
+        factory = pickle.loads(pickle.dumps(inductor_config.inductor_choices_class))
+        assert factory().uuid() == "tunelab-wide-rows-8192"
+        counters.clear()
+        x = torch.randn(8, 64)
+        for _ in range(2):
+            torch._dynamo.reset()
+            torch.testing.assert_close(torch.compile(norm)(x), norm(x))
+        assert counters["inductor"]["fxgraph_cache_miss"] == 1
+        assert counters["inductor"]["fxgraph_cache_hit"] == 1
+    finally:
+        V.set_choices_handler(before)
+        torch._dynamo.reset()
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from tests.backends.conftest import (
@@ -118,8 +119,10 @@ def test_inductor_on_cuda_in_bf16_is_no_further_from_fp32_than_peft(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_joined_a_trains_like_peft_through_the_compiled_backend_on_cuda() -> None:
-    """What ``tunelab train`` runs on a GPU: compiled layers, bf16 under autocast, fused AdamW (4 rows of 1,024).
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_joined_a_trains_like_peft_through_the_compiled_backend_on_cuda(packed: bool) -> None:
+    """What ``tunelab train`` runs on a GPU: compiled layers, bf16 under autocast, fused AdamW (4 rows of 1,024,
+    ``packed``: each row four examples of 256, as packing gives them, through the varlen attention).
 
     Through ``tunelab train`` on an H100 (1B LoRA 8x2048, 2026-12-07) joined A's losses did not fall
     (11.75 -> 11.82 where PEFT's fell to 6.43) and its peak was 6.38 GiB against 16.41: what a backward that
@@ -135,6 +138,10 @@ def test_joined_a_trains_like_peft_through_the_compiled_backend_on_cuda() -> Non
         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
     )  # fmt: skip
     batches = random_batches(6, 4, 1024, high=512)
+    if packed:
+        for batch in batches:
+            del batch["attention_mask"]
+            batch["position_ids"] = np.tile(np.arange(256), (4, 4))
     runs = {}
     before = joined_a.ON
     try:

@@ -117,28 +117,6 @@ def persist_rows_up_to(numel: int) -> None:
     Through inductor's documented hook for its heuristics (``InductorChoices``), process-wide: a
     training process compiles one model's layers.
     """
-    from torch._inductor import config as inductor_config
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.virtualized import V
+    from tunelab.backends.torch import wide_rows  # imports inductor, which a CPU run never needs
 
-    class WideRows(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
-            if (
-                inductor_config.triton.persistent_reductions
-                and not cooperative_reduction
-                and features.get_reduction_hint() == ReductionHint.INNER
-                and V.graph.sizevars.statically_known_leq(features.reduction_numel, numel)
-            ):
-                return True
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
-
-        def uuid(self) -> str:  # part of inductor's cache key: graphs compiled under it are cached apart
-            return f"tunelab-wide-rows-{numel}"
-
-    if hasattr(inductor_config, "inductor_choices_class"):  # its uuid() keys the graph cache
-        inductor_config.inductor_choices_class = WideRows
-    else:  # an older inductor: a graph cached without the hook would be reused as it was
-        inductor_config.fx_graph_cache = False
-    V.set_choices_handler(WideRows())
+    wide_rows.install(numel)
