@@ -1,13 +1,13 @@
 """Inductor's heuristics hook that reduces rows of up to N elements in one pass (see :data:`fast.PERSISTENT_ROWS`).
 
 A class of its own module, not one made inside a function: inductor keys its
-graph cache on its config, and torch releases before 2.12 pickle the hook's
-factory into that key.  A class defined in a function can't be pickled, so
-every compile then missed the cache (on an H100 with torch 2.11, each
-``tunelab train`` logged "Failed to pickle cache key" and compiled its layers
-from nothing).  The factory is ``functools.partial(WideRows, numel)``: it
-pickles by reference with the bound in it, and newer releases key on
-:meth:`WideRows.uuid`, which names the bound too.
+graph cache on its config.  torch 2.11 (the GPU machine's) pickles the hook's
+factory into that key (2.13 keys on the ``uuid()`` of what it makes), and a
+class defined in a function can't be pickled, so the cache was bypassed: on an
+H100 each ``tunelab train`` logged "Failed to pickle cache key" for every
+graph, and a second run could not reuse the first's compiled layers.  The factory is
+``functools.partial(WideRows, numel)``, which pickles by reference with the
+bound in it, and :meth:`WideRows.uuid` names the bound too.
 """
 
 from __future__ import annotations
