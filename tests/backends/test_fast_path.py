@@ -210,7 +210,7 @@ def test_wide_rows_reduce_in_one_pass_where_inductor_would_loop(monkeypatch: pyt
 
 def test_with_wide_rows_on_compiled_graphs_are_still_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The hook is part of inductor's cache key, so it must pickle: torch 2.11 pickles the hook's factory, and a
-    class made inside a function can't be (every `tunelab train` compiled from nothing on an H100).  The second
+    class made inside a function can't be (on an H100 every `tunelab train` bypassed the graph cache).  The second
     compile of one function, after dynamo forgets it, is read from inductor's graph cache."""
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
