@@ -24,14 +24,20 @@ import numpy as np
 import torch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
-from tunelab.backends.torch import joined_a, joined_b
+from tunelab.backends.torch import fast, joined_a, joined_b
 from tunelab.backends.torch.backend import TorchBackend
 from tunelab.backends.torch.loading import decoder_layers
 
 DEVICE = os.environ.get("DEVICE", "cuda")
 LENGTH = int(os.environ.get("LENGTH", "1024"))
-# (mode, joined B on): eager, aot_eager (layers compiled without code generation), inductor (tunelab's path)
-MODES = [("eager", True), ("aot_eager", True), ("inductor", True), ("inductor", False)]
+# (mode, joined B on): eager, aot_eager (layers compiled without code generation), inductor (tunelab's path),
+# then tunelab's path without one of its CUDA-only choices at a time: the partitioner's activation budget (1.0:
+# it recomputes nothing) and the one-pass norms' wide rows (inductor's own reduction heuristic)
+MODES = [
+    ("eager", True), ("aot_eager", True), ("inductor", True), ("inductor", False),
+    ("inductor-budget1", True), ("inductor-narrow", True),
+]  # fmt: skip
+BUDGET = float(os.environ.get("BUDGET", "0.8"))  # the activation budget of the inductor modes but -budget1
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -48,6 +54,7 @@ def run(mode: str, joined_b_on: bool, joined_a_on: bool) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch._dynamo.reset()
+    narrow(mode == "inductor-narrow")
     on: bool | str = DEVICE if DEVICE == "cuda" else True
     joined_a.ON, joined_b.ON = (on if joined_a_on else False), (on if joined_b_on else False)
     config = AutoConfig.for_model(
@@ -57,12 +64,15 @@ def run(mode: str, joined_b_on: bool, joined_a_on: bool) -> str:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(DEVICE)
     backend = TorchBackend()
-    spec = ModelSpec("", "bfloat16", compile=mode == "inductor", fused_loss=True)
+    budget = 1.0 if mode == "inductor-budget1" else BUDGET
+    spec = ModelSpec("", "bfloat16", compile=mode.startswith("inductor"), fused_loss=True, activation_budget=budget)
     backend.attach(model, spec, MethodSpec("lora", rank=16, alpha=32.0), OptimSpec(), None)
     backend._autocast = torch.bfloat16  # as a CUDA load sets it (CPU loads leave it off)
     if mode == "aot_eager":
         for layer in decoder_layers(backend._causal_lm):
             layer.compile(backend="aot_eager")
+    if mode.startswith("inductor") and DEVICE != "cuda":  # the backend compiles its layers on CUDA only
+        fast.compile_decoder_layers(backend._causal_lm, budget)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, norms = [], ""
@@ -74,6 +84,19 @@ def run(mode: str, joined_b_on: bool, joined_a_on: bool) -> str:
         losses.append(round(float(result.loss_sum) / result.tokens, 4))
     peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else 0.0
     return f"losses={losses} peak={peak:.0f} MiB {norms}"
+
+
+def narrow(on: bool) -> None:
+    """Inductor's own reduction heuristic (on) or tunelab's wide rows (off, as ``tunelab train`` runs)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    fast.PERSISTENT_ROWS = None if on else 8192
+    if on:
+        if hasattr(inductor_config, "inductor_choices_class"):
+            inductor_config.inductor_choices_class = None
+        V.set_choices_handler(InductorChoices())
 
 
 def gradient_summary(model: Any) -> str:
@@ -92,8 +115,12 @@ def gradient_summary(model: Any) -> str:
 
 
 def main() -> None:
-    print(torch.__version__, torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", flush=True)
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(torch.__version__, where, f"budget={BUDGET}", flush=True)
+    chosen = os.environ.get("MODES")  # e.g. MODES=inductor,inductor-budget1
     for mode, joined_b_on in MODES:
+        if chosen and mode not in chosen.split(","):
+            continue
         for joined_a_on in (False, True):
             started = time.time()
             label = f"{mode:9s} joined_b={'on ' if joined_b_on else 'off'} joined_a={'on ' if joined_a_on else 'off'}"

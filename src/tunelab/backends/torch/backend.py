@@ -13,7 +13,7 @@ import torch
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import checkpoint_io, fsdp, oom, readback
+from tunelab.backends.torch import checkpoint_io, fsdp, gradient_check, oom, readback
 from tunelab.backends.torch.attention import choose_packed_attention
 from tunelab.backends.torch.cpu_threads import CpuThreads
 from tunelab.backends.torch.fast import FastPath, resolve
@@ -67,6 +67,7 @@ class TorchBackend:
         # checkpointing (and dropout) without a word.
         self._training = False
         self.checkpointing = "off"  # off | on | offloaded: what the run really does, for the log
+        self._gradients_checked = False  # the first optimizer step says which trained tensors got no gradient
 
     # -- setup -------------------------------------------------------------------------------
     def load(
@@ -229,6 +230,9 @@ class TorchBackend:
         assert self._optimizer is not None
         for group in self._optimizer.param_groups:
             group["lr"] = lr
+        if not self._gradients_checked:
+            self._gradients_checked = True
+            gradient_check.report(self.model, self._params)
         if not self.collective_saves:  # FSDP has reduce-scattered the gradients in backward
             sum_gradients(self._params)  # several processes: each holds its share's gradient
         limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")
