@@ -37,6 +37,7 @@ MODES = [
     ("eager", True), ("aot_eager", True), ("inductor", True), ("inductor", False),
     ("inductor-budget1", True), ("inductor-narrow", True),
 ]  # fmt: skip
+WIDE_ROWS = fast.PERSISTENT_ROWS  # the backend's default, put back after an inductor-narrow run
 BUDGET = float(os.environ.get("BUDGET", "0.8"))  # the activation budget of the inductor modes but -budget1
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -92,7 +93,7 @@ def narrow(on: bool) -> None:
     from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
 
-    fast.PERSISTENT_ROWS = None if on else 8192
+    fast.PERSISTENT_ROWS = None if on else WIDE_ROWS
     if on:
         if hasattr(inductor_config, "inductor_choices_class"):
             inductor_config.inductor_choices_class = None
@@ -123,7 +124,7 @@ def main() -> None:
             continue
         for joined_a_on in (False, True):
             started = time.time()
-            label = f"{mode:9s} joined_b={'on ' if joined_b_on else 'off'} joined_a={'on ' if joined_a_on else 'off'}"
+            label = f"{mode:16s} joined_b={'on ' if joined_b_on else 'off'} joined_a={'on ' if joined_a_on else 'off'}"
             try:
                 line = run(mode, joined_b_on, joined_a_on)
             except Exception as exc:  # a diagnostic: report and go on to the next mode
