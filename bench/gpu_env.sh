@@ -7,7 +7,7 @@
 # bitsandbytes) into /tmp/site_us once, links that tree's bitsandbytes alone into /tmp/bnb (so
 # tunelab's processes get bitsandbytes without Unsloth's patches), and exports the variables the
 # scripts read.  How to fill .whl/ and .gpu/ on the machine that sends the run: bench/README.md,
-# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product", "autotune", "cudagraphs", "chunk_big", "tile_big", "joined_qkv", "joined_a", "held_4bit", "fa4" (with bench/fa4_env.sh sourced after this file); "persistent_rows_off", "shared_a_off", "kept_attention_off", "joined_b_off", "dequant_per_tile" and "chunk_any" turn one off) is applied to src/ first,
+# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product", "autotune", "cudagraphs", "chunk_big", "tile_big", "joined_qkv", "held_4bit", "fa4" (with bench/fa4_env.sh sourced after this file); "persistent_rows_off", "shared_a_off", "kept_attention_off", "joined_b_off", "joined_a_off", "dequant_per_tile" and "chunk_any" turn one off) is applied to src/ first,
 # for an A/B against a copy of the tree made before (--base-src); or, after sourcing, `variant NAME SWITCH...`
 # makes /tmp/variant_NAME, a copy of src/ with those switches on, to run as a stack of its own (--tree).
 
@@ -29,7 +29,7 @@ switch_on() {
       persistent_rows_off) sed -i 's/^PERSISTENT_ROWS: int | None = 8192/PERSISTENT_ROWS: int | None = None/' "$src/tunelab/backends/torch/fast.py" ;;
       fa4) sed -i 's/^ON = False/ON = True/' "$src/tunelab/backends/torch/flash4.py" ;;
       held_4bit) sed -i 's/^ON = False/ON = True/' "$src/tunelab/backends/torch/held_4bit.py" ;;
-      joined_a) sed -i 's/^ON: bool | str = False/ON: bool | str = "cuda"/' "$src/tunelab/backends/torch/joined_a.py" ;;
+      joined_a_off) sed -i 's/^ON: bool | str = "cuda"/ON: bool | str = False/' "$src/tunelab/backends/torch/joined_a.py" ;;
       joined_qkv) sed -i 's/^GROUPS: tuple\[str, ...\] = ("mlp",)/GROUPS: tuple[str, ...] = ("mlp", "self_attn")/' "$src/tunelab/backends/torch/joined_b.py" ;;
       joined_b_off) sed -i 's/^ON: bool | str = "cuda"/ON: bool | str = False/' "$src/tunelab/backends/torch/joined_b.py" ;;
       chunk_big) sed -i 's/^LOSS_CHUNK_ELEMENTS = 2\*\*25/LOSS_CHUNK_ELEMENTS = 2**26/' "$src/tunelab/config/schema.py" ;;

@@ -1,17 +1,22 @@
-"""Where joined A (``backends/torch/joined_a.py``, off) goes wrong on a CUDA GPU: a small model, run each way.
+"""Joined A (``backends/torch/joined_a.py``) against PEFT on a small model, each way it can run, on a GPU.
 
-    . bench/gpu_env.sh && PYTHONPATH=$PYTHONPATH:src python3 bench/joined_a_diag.py   # on the GPU machine
-    DEVICE=cpu LENGTH=64 python3 bench/joined_a_diag.py          # the same plumbing here, slowly
+    . bench/gpu_env.sh && PROBE=1 PYTHONPATH=$PYTHONPATH:src python3 bench/joined_a_diag.py   # on the GPU machine
+    PROBE=1 DEVICE=cpu LENGTH=64 python3 bench/joined_a_diag.py                   # the same plumbing here, slowly
 
-Through ``tunelab train`` on an H100, joined A's losses did not fall and its peak was 10 GiB under PEFT's
-(bench/README.md, sessions 40 and 41), and its ``gpu`` tests fail there, while on CPU it matches PEFT in fp32
-under eager, ``aot_eager`` and inductor alike.  This runs a 4-layer Llama (512 wide, bf16 base, fp32
-adapters under autocast, as a CUDA load sets them) through ``TorchBackend`` three optimizer steps with
-joined A off and on, for each of: eager; layers compiled with ``aot_eager`` (dynamo and AOT autograd,
-no code generation); tunelab's own compiled path (inductor); the same with joined B off.  For each it
-prints the losses, the peak, how many trained tensors got no gradient, and the summed gradient norm of
-each projection's A and B at the second step.  The first mode where "on" departs from "off" names the
-layer at fault: dynamo's tracing of the autograd function, AOT's partition, or inductor's CUDA code.
+Written to find why joined A trained nothing on an H100 (bench/README.md, sessions 40 to 43) while it
+matched PEFT on CPU.  ``PROBE=1`` first runs one joined projection against PEFT's own path on the same
+input, forward and backward, eager, under dynamo alone, ``aot_eager`` and inductor, with autocast and
+without.  Then, for each mode (``MODES=`` picks), a 4-layer Llama (512 wide, bf16 base, fp32 adapters
+under autocast, as a CUDA load sets them) runs three optimizer steps through ``TorchBackend`` with joined
+A off and on, and it prints the losses, the peak, the first step's total gradient norm, how many
+trained tensors got no gradient, and each projection's summed A and B gradient norms at the second
+step.  The first mode where "on" departs from "off" names the layer at fault.
+
+What it found (session 43, torch 2.11 on an H100): dynamo alone, under CUDA autocast, gave every
+gradient through the layer as zero; eager, and dynamo without autocast, were right.  The forward
+returned ``(s + l).to(dtype)``, a no-op cast under autocast, so its output was also one of its
+intermediates, which torch 2.11's dynamo routes to the wrong autograd slot (CPU runs torch 2.13 here).
+Returning the sum as made fixed it: every mode now matches PEFT.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ LENGTH = int(os.environ.get("LENGTH", "1024"))
 # then tunelab's path without one of its CUDA-only choices at a time: the partitioner's activation budget (1.0:
 # it recomputes nothing) and the one-pass norms' wide rows (inductor's own reduction heuristic)
 MODES = [
-    ("eager", True), ("aot_eager", True), ("inductor", True), ("inductor", False),
+    ("eager", True), ("eager-unfused", True), ("aot_eager", True), ("inductor", True), ("inductor", False),
     ("inductor-budget1", True), ("inductor-narrow", True),
 ]  # fmt: skip
 WIDE_ROWS = fast.PERSISTENT_ROWS  # the backend's default, put back after an inductor-narrow run
@@ -74,17 +79,21 @@ def run(mode: str, joined_b_on: bool, joined_a_on: bool) -> str:
             layer.compile(backend="aot_eager")
     if mode.startswith("inductor") and DEVICE != "cuda":  # the backend compiles its layers on CUDA only
         fast.compile_decoder_layers(backend._causal_lm, budget)
+    if mode == "eager-unfused":  # AdamW's for-each kernels instead of its fused one (the CUDA default)
+        backend._optimizer = torch.optim.AdamW(backend._params, lr=0.0, fused=False, foreach=True)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    losses, norms = [], ""
+    losses, norms, first = [], "", ""
     for step, batch in enumerate(batches()):
         result = backend.forward_backward(batch, 1.0 / (4 * LENGTH))
+        if step == 0:
+            first = f"step1 total grad norm={total_norm(backend.model):.3g} "
         if step == 1:
             norms = gradient_summary(backend.model)
         backend.optimizer_step(1e-2)
         losses.append(round(float(result.loss_sum) / result.tokens, 4))
     peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else 0.0
-    return f"losses={losses} peak={peak:.0f} MiB {norms}"
+    return f"losses={losses} peak={peak:.0f} MiB {first}{norms}"
 
 
 def narrow(on: bool) -> None:
@@ -98,6 +107,11 @@ def narrow(on: bool) -> None:
         if hasattr(inductor_config, "inductor_choices_class"):
             inductor_config.inductor_choices_class = None
         V.set_choices_handler(InductorChoices())
+
+
+def total_norm(model: Any) -> float:
+    """The summed norm of every trained tensor's gradient (0 for those without one)."""
+    return sum(float(p.grad.float().norm()) for p in model.parameters() if p.requires_grad and p.grad is not None)
 
 
 def gradient_summary(model: Any) -> str:
@@ -115,9 +129,69 @@ def gradient_summary(model: Any) -> str:
     return f"no-grad={missing} " + " ".join(f"{k}={v:.3g}" for k, v in sorted(sums.items()))
 
 
+# the probe's ways of running one joined module: (label, torch.compile backend or None, autocast on)
+PROBES = [
+    ("peft", None, True),
+    ("joined eager", None, True),
+    ("joined dynamo only", "eager", True),
+    ("joined aot_eager", "aot_eager", True),
+    ("joined aot_eager no autocast", "aot_eager", False),
+    ("joined inductor", "inductor", True),
+]
+
+
+def probe() -> None:
+    """One joined module against PEFT's path on the same input, forward and backward, B made nonzero first."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    joined_a.ON = DEVICE if DEVICE == "cuda" else True
+    config = AutoConfig.for_model(
+        "llama", vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(DEVICE)
+    backend = TorchBackend()
+    backend.attach(model, ModelSpec("", "bfloat16", fused_loss=True), MethodSpec("lora", rank=16, alpha=32.0),
+                   OptimSpec(), None)  # fmt: skip
+    layer = decoder_layers(backend._causal_lm)[0]
+    for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
+        a, b = joined_a._a(module), module.lora_B["default"].weight
+        with torch.no_grad():
+            b.normal_(std=0.02)
+        rows = getattr(module, joined_a.BUFFER, None)
+        same_rows = None if rows is None else float((rows[-a.shape[0] :].float() - a.float()).abs().max())
+        x0 = torch.randn(2, 64, a.shape[1], device=DEVICE, dtype=torch.bfloat16)
+        g = torch.randn(2, 64, b.shape[0], device=DEVICE, dtype=torch.bfloat16)
+        print(f"probe {module.__class__.__name__}: A rows vs A={same_rows}", flush=True)
+        reference = None
+        # (label, compile backend or None, autocast on): PEFT's own path first, the reference
+        for label, backend_name, autocast in PROBES:
+            x = x0.clone().requires_grad_(True)
+            a.grad = b.grad = None
+            torch._dynamo.reset()
+
+            def call(x: torch.Tensor, label: str = label, module: Any = module) -> torch.Tensor:
+                return module(x, adapter_names=None) if label == "peft" else module(x)
+
+            run_it = torch.compile(call, backend=backend_name) if backend_name else call
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                y = run_it(x)
+            y.backward(g)
+            got = [t.float() if t is not None else torch.zeros(1, device=DEVICE) for t in (y, x.grad, a.grad, b.grad)]
+            if reference is None:
+                reference = got
+                print(f"  peft norms y/x.grad/A.grad/B.grad={[f'{float(t.norm()):.3g}' for t in got]}", flush=True)
+                continue
+            diffs = [float((m - r).abs().max() / (r.abs().max() + 1e-12)) for m, r in zip(got, reference, strict=True)]
+            print(f"  {label:24s} relative max diff={[f'{d:.2e}' for d in diffs]}", flush=True)
+
+
 def main() -> None:
     where = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(torch.__version__, where, f"budget={BUDGET}", flush=True)
+    if os.environ.get("PROBE"):
+        probe()
     chosen = os.environ.get("MODES")  # e.g. MODES=inductor,inductor-budget1
     for mode, joined_b_on in MODES:
         if chosen and mode not in chosen.split(","):
