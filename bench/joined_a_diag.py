@@ -57,22 +57,13 @@ def batches(count: int = 3, rows: int = 4) -> list[dict[str, np.ndarray]]:
 
 
 def run(mode: str, joined_b_on: bool, joined_a_on: bool) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     torch._dynamo.reset()
     narrow(mode == "inductor-narrow")
     on: bool | str = DEVICE if DEVICE == "cuda" else True
     joined_a.ON, joined_b.ON = (on if joined_a_on else False), (on if joined_b_on else False)
-    config = AutoConfig.for_model(
-        "llama", vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(DEVICE)
-    backend = TorchBackend()
     budget = 1.0 if mode == "inductor-budget1" else BUDGET
     spec = ModelSpec("", "bfloat16", compile=mode.startswith("inductor"), fused_loss=True, activation_budget=budget)
-    backend.attach(model, spec, MethodSpec("lora", rank=16, alpha=32.0), OptimSpec(), None)
+    backend = small_backend(spec, layers=4)
     backend._autocast = torch.bfloat16  # as a CUDA load sets it (CPU loads leave it off)
     if mode == "aot_eager":
         for layer in decoder_layers(backend._causal_lm):
@@ -94,6 +85,21 @@ def run(mode: str, joined_b_on: bool, joined_a_on: bool) -> str:
         losses.append(round(float(result.loss_sum) / result.tokens, 4))
     peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else 0.0
     return f"losses={losses} peak={peak:.0f} MiB {first}{norms}"
+
+
+def small_backend(spec: ModelSpec, layers: int) -> TorchBackend:
+    """A small bf16 Llama (512 wide, seeded) with LoRA r16 on every projection, attached to a TorchBackend."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(DEVICE)
+    backend = TorchBackend()
+    backend.attach(model, spec, MethodSpec("lora", rank=16, alpha=32.0), OptimSpec(), None)
+    return backend
 
 
 def narrow(on: bool) -> None:
@@ -142,18 +148,8 @@ PROBES = [
 
 def probe() -> None:
     """One joined module against PEFT's path on the same input, forward and backward, B made nonzero first."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     joined_a.ON = DEVICE if DEVICE == "cuda" else True
-    config = AutoConfig.for_model(
-        "llama", vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(DEVICE)
-    backend = TorchBackend()
-    backend.attach(model, ModelSpec("", "bfloat16", fused_loss=True), MethodSpec("lora", rank=16, alpha=32.0),
-                   OptimSpec(), None)  # fmt: skip
+    backend = small_backend(ModelSpec("", "bfloat16", fused_loss=True), layers=2)
     layer = decoder_layers(backend._causal_lm)[0]
     for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
         a, b = joined_a._a(module), module.lora_B["default"].weight
