@@ -1,4 +1,5 @@
-"""The first optimizer step names the trained tensors that got no gradient (a cut graph trains nothing, silently)."""
+"""The first optimizer step names the trained tensors that got no gradient, and says when every gradient is zero
+(a cut graph, or a backward routed to the wrong slot, trains nothing, silently)."""
 
 from __future__ import annotations
 
@@ -47,4 +48,28 @@ def test_a_whole_graph_says_nothing(
     backend = load_backend(tiny_model_dir, tiny_tokenizer)
     with caplog.at_level(logging.WARNING, logger="tunelab.backends.torch.gradient_check"):
         _step(backend)
-    assert not [r for r in caplog.records if "got no gradient" in r.getMessage()]
+    assert not [r for r in caplog.records if "got no gradient" in r.getMessage() or "is zero" in r.getMessage()]
+
+
+def test_gradients_that_are_all_zero_are_said_once(
+    tiny_model_dir: Path, tiny_tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = load_backend(tiny_model_dir, tiny_tokenizer)
+    last = decoder_layers(backend._causal_lm)[-1]
+
+    # Every trained tensor stays in the graph, but no gradient flows back through the last layer's output:
+    # each gradient exists and is zero, as when a compiler routed a custom backward's result to the wrong
+    # slot (torch 2.11 did that to joined A under CUDA autocast).
+    def zeroed(_module: Any, _inputs: Any, out: Any) -> Any:
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden.detach() + 0.0 * hidden
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    last.register_forward_hook(zeroed)
+    with caplog.at_level(logging.WARNING, logger="tunelab.backends.torch.gradient_check"):
+        _step(backend)
+        _step(backend)
+    assert all(p.grad is None or not p.grad.any() for p in backend.model.parameters())
+    said = [r.getMessage() for r in caplog.records if "is zero" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("every gradient at the first optimizer step is zero")
+    assert not [r for r in caplog.records if "got no gradient" in r.getMessage()]  # they all have one

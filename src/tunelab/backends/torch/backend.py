@@ -68,6 +68,7 @@ class TorchBackend:
         self._training = False
         self.checkpointing = "off"  # off | on | offloaded: what the run really does, for the log
         self._gradients_checked = False  # the first optimizer step says which trained tensors got no gradient
+        self._zero_means_broken = True  # whether an all-zero first gradient is worth a warning (see attach)
 
     # -- setup -------------------------------------------------------------------------------
     def load(
@@ -79,6 +80,9 @@ class TorchBackend:
         objective: ObjectiveSpec = ObjectiveSpec(),
     ) -> ModelInfo:
         self._loss = loss_for(objective)  # first: an objective this backend lacks fails before any loading
+        # GRPO's first step is all zero by right when every group's rewards tie (no advantage, and the
+        # policy is still the reference); every other objective has a gradient there
+        self._zero_means_broken = objective.name != "grpo"
         if model.packing and method.name == "prefix":
             # Prefix tuning feeds its virtual tokens as a KV cache, and transformers finds
             # example boundaries only without one: packed examples would attend to each other.
@@ -230,13 +234,16 @@ class TorchBackend:
         assert self._optimizer is not None
         for group in self._optimizer.param_groups:
             group["lr"] = lr
-        if not self._gradients_checked:
+        first = not self._gradients_checked
+        if first:
             self._gradients_checked = True
             gradient_check.report(self.model, self._params)
         if not self.collective_saves:  # FSDP has reduce-scattered the gradients in backward
             sum_gradients(self._params)  # several processes: each holds its share's gradient
         limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._params, limit)
+        if first and self._zero_means_broken:  # one wait for the GPU, once a run
+            gradient_check.report_all_zero(float(fsdp.total_norm(norm)))
         self._optimizer.step()
         for refresher in self._joined:
             refresher.stale()  # A and B changed; a fused step leaves no trace the refresh could see

@@ -9,6 +9,11 @@ run's whole time before anyone notices the losses.  Checked once, at the
 first optimizer step (one pass over the trained tensors), and logged, not
 raised: in a mixture-of-experts model an expert no token was routed to has
 no gradient at that step, and that is right.
+
+Gradients that are there but all zero train nothing either, and look the
+same from outside: a compiler that routes a custom backward's result to the
+wrong slot did exactly that to joined A on torch 2.11 (bench/README.md,
+session 43).  So the first step's total gradient norm is read once too.
 """
 
 from __future__ import annotations
@@ -45,3 +50,16 @@ def report(model: Any, params: Sequence[torch.nn.Parameter]) -> list[str]:
             shown,
         )
     return names
+
+
+def report_all_zero(norm: float) -> bool:
+    """Log a warning when the first step's total gradient norm is zero (returns whether it was)."""
+    if norm != 0.0:
+        return False
+    log.warning(
+        "every gradient at the first optimizer step is zero, so nothing is being trained: either no token of "
+        "its batches carries loss (check that data.mask_prompt leaves the answers unmasked and that they are "
+        "not empty), or the loss does not reach the trained tensors; then turn off train.compile and, if "
+        "that fixes it, report it with this log"
+    )
+    return True
