@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 # `tunelab train` on an H100 (1B LoRA 8x2048 +0.3%, 8B LoRA 2x2048 +0.1%; bench/README.md).
 MODE: str | None = None
 
+# Whether inductor times its own Triton GEMM templates against cuBLAS for each of a layer's matrix product
+# shapes and keeps the faster, where a Triton template can carry the elementwise work after it (SiLU·up, the
+# adapters' adds) in its epilogue instead of a kernel of its own.  Only the products are tuned, unlike the
+# "autotune" MODE, which also searches every other kernel's configuration (its compile did not finish within a
+# device call).  Off until an A/B through `tunelab train` on a GPU (bench/gpu_env.sh's switch autotune_gemm).
+AUTOTUNE_GEMM = False
+
 # Rows of at most this many elements reduce in one pass (inductor's "persistent" reduction, the row held in
 # registers) where inductor's own heuristic stops at 1,024: an RMSNorm over a 2,048- or 4,096-wide hidden
 # state then reads its input once, not once for the sum of squares and again to scale it, and so does its
@@ -101,6 +108,11 @@ def compile_decoder_layers(model: Any, activation_budget: float = 1.0) -> int:
     dynamo_config.suppress_errors = True
     if PERSISTENT_ROWS:
         persist_rows_up_to(PERSISTENT_ROWS)
+    if AUTOTUNE_GEMM:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.max_autotune_gemm = True
+        inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"  # cuBLAS, or a Triton template if faster
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(mode=MODE)  # static shapes first; dynamo goes dynamic if a new length comes
