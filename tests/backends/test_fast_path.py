@@ -270,3 +270,27 @@ def test_on_a_gpu_a_4096_wide_rms_norm_compiles_to_a_persistent_reduction() -> N
     torch.testing.assert_close(out, rms_norm(x, w), rtol=2e-2, atol=2e-2)
     code = "\n".join(codes)
     assert "def triton_per" in code and "def triton_red" not in code  # the row read once, in one pass
+
+
+def test_autotune_gemm_tunes_only_the_products_and_is_off_by_default(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/gpu_env.sh's switch autotune_gemm: compiling the layers turns on inductor's GEMM autotuning between
+    cuBLAS and its Triton templates, and nothing else of max-autotune's search."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor import config as inductor_config
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.backends.torch import fast
+
+    assert fast.AUTOTUNE_GEMM is False and fast.MODE is None
+    for name in ("max_autotune", "max_autotune_gemm", "max_autotune_gemm_backends", "max_autotune_pointwise"):
+        monkeypatch.setattr(inductor_config, name, getattr(inductor_config, name))  # put back afterwards
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
+    monkeypatch.setattr(fast, "PERSISTENT_ROWS", None)
+    monkeypatch.setattr(fast, "AUTOTUNE_GEMM", True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert fast.compile_decoder_layers(model, 0.8) == model.config.num_hidden_layers
+    assert inductor_config.max_autotune_gemm is True
+    assert inductor_config.max_autotune_gemm_backends == "ATEN,TRITON"
+    assert not inductor_config.max_autotune and not inductor_config.max_autotune_pointwise
