@@ -294,3 +294,76 @@ def test_autotune_gemm_tunes_only_the_products_and_is_off_by_default(
     assert inductor_config.max_autotune_gemm is True
     assert inductor_config.max_autotune_gemm_backends == "ATEN,TRITON"
     assert not inductor_config.max_autotune and not inductor_config.max_autotune_pointwise
+
+
+def _packed_positions(rows: int, length: int, seed: int = 0) -> np.ndarray:
+    """Rows of examples of random lengths, each row's positions restarting at 0 for every example."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((rows, length), dtype=np.int64)
+    for row in out:
+        at = 0
+        while at < length:
+            size = min(int(rng.integers(1, length // 2)), length - at)
+            row[at : at + size] = np.arange(size)
+            at += size
+    return out
+
+
+def test_cumulative_lengths_counted_on_the_host_are_those_the_device_would_count() -> None:
+    """The training step counts the packed examples' starts on the host copy: on a GPU, counting them on the device
+    (``nonzero``, and a blocking copy of the total) made each step's forward wait for the step before to finish."""
+    from tunelab.backends.torch.attention import (
+        CU_SEQ_LENS,
+        TORCH_VARLEN,
+        host_cu_seq_lens,
+        model_inputs,
+        varlen_kwargs,
+    )
+
+    positions = _packed_positions(3, 64)
+    host = host_cu_seq_lens(positions)
+    assert host.dtype == np.int32 and host[0] == 0 and host[-1] == positions.size
+    counted = varlen_kwargs(torch.from_numpy(positions))["cu_seq_lens_q"]
+    assert counted.dtype == torch.int32 and counted.tolist() == host.tolist()
+    # Given the host's count, nothing is counted from the positions: on the meta device they can't be.
+    meta = torch.from_numpy(positions).to("meta")
+    given = torch.from_numpy(host)
+    inputs = model_inputs({"input_ids": meta, "position_ids": meta, CU_SEQ_LENS: given}, TORCH_VARLEN)
+    assert inputs["cu_seq_lens_q"] is given and inputs["max_length_q"] == 64
+    with pytest.raises(NotImplementedError):
+        model_inputs({"input_ids": meta, "position_ids": meta}, TORCH_VARLEN)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_packed_step_on_cuda_never_waits_for_the_device() -> None:
+    """After its first step (which reads the gradient norm once), a packed compiled step queues its work without
+    one synchronising call: with CUDA's sync debug mode set to error, any would raise."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+    backend = TorchBackend()
+    spec = ModelSpec("", "bfloat16", compile=True, fused_loss=True, packing=True)
+    backend.attach(model, spec, MethodSpec("lora", rank=16, alpha=32.0), OptimSpec(), None)
+    rng = np.random.default_rng(0)
+    batches = []
+    for seed in range(4):
+        ids = rng.integers(0, 4096, size=(4, 1024))
+        batches.append({"input_ids": ids, "labels": ids.copy(), "position_ids": _packed_positions(4, 1024, seed)})
+    for batch in batches[:2]:  # compiles, and the first step's one read of the gradient norm
+        backend.forward_backward(batch, 1.0 / 4096)
+        backend.optimizer_step(1e-3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[2:]:
+            backend.forward_backward(batch, 1.0 / 4096)
+            backend.optimizer_step(1e-3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -32,6 +32,7 @@ import functools
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -155,23 +156,45 @@ def model_inputs(batch: dict[str, torch.Tensor], attention: str) -> dict[str, An
     # No attention_mask on purpose: with one, transformers would not look for example boundaries.
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     if attention in VARLEN:
-        inputs.update(varlen_kwargs(batch["position_ids"], static=attention == TORCH_VARLEN))
+        static = attention == TORCH_VARLEN
+        inputs.update(varlen_kwargs(batch["position_ids"], static=static, cu=batch.get(CU_SEQ_LENS)))
     return inputs
 
 
-def varlen_kwargs(position_ids: torch.Tensor, static: bool = False) -> dict[str, Any]:
+# The batch key under which the training step hands over the cumulative example lengths, counted on the host
+# (:func:`host_cu_seq_lens`) and copied with the batch.
+CU_SEQ_LENS = "cu_seq_lens"
+# Whether the training step counts them on the host (False: on the device, as before; bench/gpu_env.sh's switch
+# host_counted_off, for an A/B on a GPU).
+HOST_COUNTED = True
+
+
+def host_cu_seq_lens(position_ids: np.ndarray) -> np.ndarray:
+    """:func:`varlen_kwargs`'s cumulative lengths from the host copy of ``position_ids`` (int32).
+
+    Counted on the device, the starts take ``nonzero``, whose output size the host must read back, and the
+    total a blocking copy: each step's forward then waited for the previous step's backward and optimizer
+    to finish before it could queue its first kernel, and the GPU sat idle while it did.
+    """
+    flat = position_ids.reshape(-1)
+    return np.append(np.flatnonzero(flat == 0), flat.size).astype(np.int32)
+
+
+def varlen_kwargs(position_ids: torch.Tensor, static: bool = False, cu: torch.Tensor | None = None) -> dict[str, Any]:
     """Cumulative example lengths over the flattened batch, as flash-attention's varlen kernels take them.
 
     Every example (and each row's padding tail) starts at position 0, so the
-    starts are where the flattened positions are 0.  With ``static`` the
-    longest length is given as the row length, an upper bound the kernel
-    accepts: one number for every batch (a compiled layer is not recompiled
-    for each new maximum) and no wait for the device to count it.
+    starts are where the flattened positions are 0.  ``cu``: those already
+    counted (:func:`host_cu_seq_lens`, on ``position_ids``' device).  With
+    ``static`` the longest length is given as the row length, an upper bound
+    the kernel accepts: one number for every batch (a compiled layer is not
+    recompiled for each new maximum) and no wait for the device to count it.
     """
-    flat = position_ids.reshape(-1)
-    starts = (flat == 0).nonzero().reshape(-1)
-    total = torch.tensor([flat.numel()], device=flat.device)
-    cu = torch.cat([starts, total]).to(torch.int32)
+    if cu is None:
+        flat = position_ids.reshape(-1)
+        starts = (flat == 0).nonzero().reshape(-1)
+        total = torch.tensor([flat.numel()], device=flat.device)
+        cu = torch.cat([starts, total]).to(torch.int32)
     longest = position_ids.shape[-1] if static else int(cu.diff().max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 

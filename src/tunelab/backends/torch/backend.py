@@ -13,8 +13,8 @@ import torch
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import checkpoint_io, fsdp, gradient_check, oom, readback
-from tunelab.backends.torch.attention import choose_packed_attention
+from tunelab.backends.torch import attention, checkpoint_io, fsdp, gradient_check, oom, readback
+from tunelab.backends.torch.attention import CU_SEQ_LENS, VARLEN, choose_packed_attention, host_cu_seq_lens
 from tunelab.backends.torch.cpu_threads import CpuThreads
 from tunelab.backends.torch.fast import FastPath, resolve
 from tunelab.backends.torch.generate import stream_tokens
@@ -293,6 +293,8 @@ class TorchBackend:
         batch = self._shaped(batch)
         # Preference batches: which tokens belong to which sequence, found on the host (no device sync).
         extra = host_arrays(batch) if "roles" in batch else {"positions": supervised_positions(batch["labels"])}
+        if "position_ids" in batch and self._attention in VARLEN and attention.HOST_COUNTED:  # not on the device
+            extra[CU_SEQ_LENS] = host_cu_seq_lens(batch["position_ids"])
         positions = self._host_to_device(extra.pop("positions"))
         inputs = self._to_device({**batch, **extra})
         if self._host_embed is not None:  # the rows gathered from the host copy: the forward waits for nothing
