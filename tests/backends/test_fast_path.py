@@ -336,9 +336,11 @@ def test_cumulative_lengths_counted_on_the_host_are_those_the_device_would_count
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_packed_step_on_cuda_never_waits_for_the_device() -> None:
-    """After its first step (which reads the gradient norm once), a packed compiled step queues its work without
-    one synchronising call: with CUDA's sync debug mode set to error, any would raise."""
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_a_packed_step_on_cuda_never_waits_for_the_device(checkpointing: bool) -> None:
+    """After its first steps (the first reads the gradient norm once), a packed compiled step queues its work
+    without one synchronising call, with checkpointing too (offloaded to pinned CPU memory by default): with
+    CUDA's sync debug mode set to error, any would raise."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -348,8 +350,9 @@ def test_a_packed_step_on_cuda_never_waits_for_the_device() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
     backend = TorchBackend()
-    spec = ModelSpec("", "bfloat16", compile=True, fused_loss=True, packing=True)
+    spec = ModelSpec("", "bfloat16", compile=True, fused_loss=True, packing=True, gradient_checkpointing=checkpointing)
     backend.attach(model, spec, MethodSpec("lora", rank=16, alpha=32.0), OptimSpec(), None)
+    assert backend.checkpointing == ("offloaded" if checkpointing else "off")
     rng = np.random.default_rng(0)
     batches = []
     for seed in range(4):
