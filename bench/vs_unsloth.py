@@ -26,7 +26,9 @@ prints as it finishes and is appended to ``$OUT/vs_unsloth.jsonl`` (or ``bench/r
 ``--longest`` also searches, for 8B QLoRA with checkpointing at batch 1, the longest row each stack
 trains in ``--cap-gib`` of GPU memory (``torch.cuda.set_per_process_memory_fraction`` in each process).
 ``--tiny`` runs the tunelab side on a small CPU model to check the plumbing (no Unsloth).
-``VS_TRAIN='{"offload_mlp": false}'`` merges settings into tunelab's ``train:`` section, for an A/B.
+``VS_TRAIN='{"offload_mlp": false}'`` merges settings into tunelab's ``train:`` section, for an A/B, and
+``VS_DATA='{"packing": true}'`` into its ``data:`` section (packed, the same full rows reach the model with
+per-example positions and take the varlen attention).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def tunelab_config(row: Row, model: Path, data: Path, steps: int, out: Path) -> 
         "output_dir": str(out / "run"),
     }  # fmt: skip
     cfg["train"].update(json.loads(os.environ.get("VS_TRAIN", "{}")))  # e.g. {"offload_mlp": false}: an A/B
+    cfg["data"].update(json.loads(os.environ.get("VS_DATA", "{}")))  # e.g. {"packing": true}
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -11,6 +11,15 @@ import torch
 from tunelab.backends.torch import flash4
 
 
+def _restore_torch_s_kernels() -> None:
+    """Undo the process-wide activation, where this torch can (later tests expect torch's own kernels)."""
+    try:
+        from torch.nn.attention import restore_flash_attention_impl
+    except ImportError:  # a torch without it keeps FlashAttention 4 for the rest of the process
+        return
+    restore_flash_attention_impl()
+
+
 def test_it_stays_off_unless_switched_on_and_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not flash4.activate(torch.device("cpu"))  # off by default
     monkeypatch.setattr(flash4, "ON", True)
@@ -21,8 +30,6 @@ def test_it_stays_off_unless_switched_on_and_on_a_gpu(monkeypatch: pytest.Monkey
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash_attn.cute (bench/fetch_fa4.sh)")
 def test_on_a_gpu_the_packed_attention_gives_torch_s_output_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch.nn.attention import restore_flash_attention_impl
-
     from tunelab.backends.torch.attention import torch_varlen
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -48,6 +55,61 @@ def test_on_a_gpu_the_packed_attention_gives_torch_s_output_and_gradients(monkey
             pytest.skip("FlashAttention 4 has no kernels for this GPU or torch")
         mine = run()
     finally:
-        restore_flash_attention_impl()
+        _restore_torch_s_kernels()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), mine, theirs, strict=True):
+        assert float((a - b).norm() / b.norm()) < 2e-2, name  # bf16 operands, another summation order
+
+
+def test_rows_that_are_not_packed_keep_cudnn_unless_it_is_switched_on_and_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from tunelab.backends.torch.attention import choose_row_attention
+
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert not flash4.take_sdpa(torch.device("cpu"))
+    monkeypatch.setattr(flash4, "ON", True)
+    choose_row_attention(model, torch.device("cpu"), "auto")
+    assert not flash4.take_sdpa(torch.device("cpu"))
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # nothing process-wide changed off a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash_attn.cute (bench/fetch_fa4.sh)")
+def test_on_a_gpu_sdpa_over_whole_rows_runs_it_with_cudnn_s_output_and_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows that are not packed: sdpa, causal, grouped k/v heads, as transformers calls it for a Llama."""
+    from torch.nn.attention import SDPBackend
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(2, h, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        for h in (8, 2, 2)
+    )
+    grad = torch.randn(2, 8, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def run() -> list[torch.Tensor]:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out.backward(grad)
+        got = [out.detach().float(), *(t.grad.float() for t in (q, k, v))]  # type: ignore[union-attr]
+        for t in (q, k, v):
+            t.grad = None
+        return got
+
+    theirs = run()
+    monkeypatch.setattr(flash4, "ON", True)
+    try:
+        if not flash4.take_sdpa(torch.device("cuda")):
+            pytest.skip("FlashAttention 4 has no kernels for this GPU or torch")
+        choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=None, enable_gqa=True)
+        assert choice == SDPBackend.FLASH_ATTENTION.value  # sdpa now takes the flash backend, FlashAttention 4
+        mine = run()
+    finally:
+        _restore_torch_s_kernels()
+        torch.backends.cuda.enable_cudnn_sdp(True)
     for name, a, b in zip(("out", "dq", "dk", "dv"), mine, theirs, strict=True):
         assert float((a - b).norm() / b.norm()) < 2e-2, name  # bf16 operands, another summation order

@@ -84,6 +84,16 @@ def choose_packed_attention(model: Any, device: torch.device, requested: str) ->
     return current
 
 
+def choose_row_attention(model: Any, device: torch.device, requested: str) -> None:
+    """Rows that are not packed keep the model's attention; on CUDA its ``sdpa`` may run FlashAttention 4.
+
+    Only with :data:`flash4.ON` and the package installed (:func:`flash4.take_sdpa`), and not where
+    ``model.attn_implementation`` was set explicitly.
+    """
+    if requested == "auto" and device.type == "cuda" and str(model.config._attn_implementation) == "sdpa":
+        flash4.take_sdpa(device)
+
+
 def torch_varlen_usable(model: Any) -> bool:
     """PyTorch's flash varlen kernel: torch >= 2.10, a half-precision model, causal, no score soft-capping."""
     try:

@@ -14,7 +14,13 @@ import torch
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
 from tunelab.backends.torch import attention, checkpoint_io, fsdp, gradient_check, oom, readback
-from tunelab.backends.torch.attention import CU_SEQ_LENS, VARLEN, choose_packed_attention, host_cu_seq_lens
+from tunelab.backends.torch.attention import (
+    CU_SEQ_LENS,
+    VARLEN,
+    choose_packed_attention,
+    choose_row_attention,
+    host_cu_seq_lens,
+)
 from tunelab.backends.torch.cpu_threads import CpuThreads
 from tunelab.backends.torch.fast import FastPath, resolve
 from tunelab.backends.torch.generate import stream_tokens
@@ -129,6 +135,8 @@ class TorchBackend:
         self._attention = str(base.config._attn_implementation)
         if model.packing:
             self._attention = choose_packed_attention(base, self.device, model.attn_implementation)
+        else:
+            choose_row_attention(base, self.device, model.attn_implementation)
         self.tokenizer = tokenizer
         self.method = method.name
         own_checkpoints = model.gradient_checkpointing and model.parallel != "fsdp" and method.name != "prefix"

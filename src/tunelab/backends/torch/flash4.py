@@ -8,6 +8,14 @@ kernels for Hopper and Blackwell) with
 inputs, another kernel.  On an H100 torch's kernels reached ~330-430 TFLOP/s on
 the issue-15 rows' attention, 8-11% of the step.
 
+Rows that are not packed (``data.packing`` is off by default, and so in the
+rows beside Unsloth) run transformers' ``sdpa``, which on a Hopper GPU takes
+cuDNN's kernel before the flash one.  The activation routes sdpa's flash
+backend to FlashAttention 4 too, so :func:`take_sdpa` also turns cuDNN's off
+for the process: sdpa then picks flash, and so FlashAttention 4, wherever flash
+takes the call (a call flash can't take goes on to the memory-efficient kernel,
+which is why this is measured before it is on).
+
 Off (:data:`ON`) until ``bench/fa4_attention.py`` and an A/B through
 ``tunelab train`` on a GPU show that it pays (``bench/gpu_env.sh``'s switch
 ``fa4``; the package reaches the GPU machine through ``bench/fetch_fa4.sh``).
@@ -44,4 +52,16 @@ def activate(device: torch.device) -> bool:
         log.info("FlashAttention 4 unavailable (%s): torch's own flash kernels run", exc)
         return False
     log.info("FlashAttention 4 runs torch's flash kernels")
+    return True
+
+
+def take_sdpa(device: torch.device) -> bool:
+    """:func:`activate`, and make sdpa prefer its flash backend (now FlashAttention 4) to cuDNN's; returns whether.
+
+    Process-wide, as the activation is.
+    """
+    if not activate(device):
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    log.info("FlashAttention 4 runs sdpa's attention (cuDNN's kernel turned off)")
     return True
