@@ -20,6 +20,17 @@ def _restore_torch_s_kernels() -> None:
     restore_flash_attention_impl()
 
 
+def _output_and_gradients(
+    out: torch.Tensor, grad: torch.Tensor, inputs: tuple[torch.Tensor, ...]
+) -> list[torch.Tensor]:
+    """``out`` and its inputs' gradients for ``grad``, in fp32; the inputs' gradients are cleared for the next run."""
+    out.backward(grad)
+    got = [out.detach().float(), *(t.grad.float() for t in inputs)]  # type: ignore[union-attr]
+    for t in inputs:
+        t.grad = None
+    return got
+
+
 def test_it_stays_off_unless_switched_on_and_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not flash4.activate(torch.device("cpu"))  # off by default
     monkeypatch.setattr(flash4, "ON", True)
@@ -42,11 +53,7 @@ def test_on_a_gpu_the_packed_attention_gives_torch_s_output_and_gradients(monkey
 
     def run() -> list[torch.Tensor]:
         out, _ = torch_varlen(None, q, k, v, None, scaling=128**-0.5, cu_seq_lens_q=starts, max_length_q=412)
-        out.backward(grad)
-        got = [out.detach().float(), *(t.grad.float() for t in (q, k, v))]  # type: ignore[union-attr]
-        for t in (q, k, v):
-            t.grad = None
-        return got
+        return _output_and_gradients(out, grad, (q, k, v))
 
     theirs = run()
     monkeypatch.setattr(flash4, "ON", True)
@@ -94,11 +101,7 @@ def test_on_a_gpu_sdpa_over_whole_rows_runs_it_with_cudnn_s_output_and_gradients
 
     def run() -> list[torch.Tensor]:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        out.backward(grad)
-        got = [out.detach().float(), *(t.grad.float() for t in (q, k, v))]  # type: ignore[union-attr]
-        for t in (q, k, v):
-            t.grad = None
-        return got
+        return _output_and_gradients(out, grad, (q, k, v))
 
     theirs = run()
     monkeypatch.setattr(flash4, "ON", True)
