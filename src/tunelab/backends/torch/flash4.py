@@ -14,7 +14,9 @@ cuDNN's kernel before the flash one.  The activation routes sdpa's flash
 backend to FlashAttention 4 too, so :func:`take_sdpa` also turns cuDNN's off
 for the process: sdpa then picks flash, and so FlashAttention 4, wherever flash
 takes the call (a call flash can't take goes on to the memory-efficient kernel,
-which is why this is measured before it is on).
+which is why this is measured before it is on).  torch's FA4 kernels raise on a call they
+can't take (attention dropout, a debug mask, ALiBi) rather than fall back, so before this goes on by
+default, a run with any of those must keep torch's kernels.
 
 Off (:data:`ON`) until ``bench/fa4_attention.py`` and an A/B through
 ``tunelab train`` on a GPU show that it pays (``bench/gpu_env.sh``'s switch
