@@ -47,6 +47,15 @@ _CUDA_PREFERENCE = ("flash_attention_2", "flash_attention_3", TORCH_VARLEN, "fle
 _CHUNK = 256  # queries per chunk: smaller trims more keys, larger launches fewer kernels
 
 
+def choose_attention(model: Any, device: torch.device, requested: str, packed: bool) -> str:
+    """The attention implementation a run's forward names: :func:`choose_packed_attention`'s for packed rows,
+    else the model's own (:func:`choose_row_attention`)."""
+    if packed:
+        return choose_packed_attention(model, device, requested)
+    choose_row_attention(model, device, requested)
+    return str(model.config._attn_implementation)
+
+
 def choose_packed_attention(model: Any, device: torch.device, requested: str) -> str:
     """Switch ``model`` to the fastest exact attention for packed rows here; return its name.
 
@@ -177,6 +186,14 @@ CU_SEQ_LENS = "cu_seq_lens"
 # Whether the training step counts them on the host (False: on the device, as before; bench/gpu_env.sh's switch
 # host_counted_off, for an A/B on a GPU).
 HOST_COUNTED = True
+
+
+def host_varlen_arrays(batch: dict[str, np.ndarray], attention: str) -> dict[str, np.ndarray]:
+    """What :func:`model_inputs` will need of the host copy of ``batch``: packed rows under a varlen kernel get
+    their cumulative lengths (:data:`CU_SEQ_LENS`) counted here, to go to the device with the batch."""
+    if "position_ids" not in batch or attention not in VARLEN or not HOST_COUNTED:
+        return {}
+    return {CU_SEQ_LENS: host_cu_seq_lens(batch["position_ids"])}
 
 
 def host_cu_seq_lens(position_ids: np.ndarray) -> np.ndarray:

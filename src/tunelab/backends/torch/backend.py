@@ -13,18 +13,12 @@ import torch
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import attention, checkpoint_io, fsdp, gradient_check, oom, readback
-from tunelab.backends.torch.attention import (
-    CU_SEQ_LENS,
-    VARLEN,
-    choose_packed_attention,
-    choose_row_attention,
-    host_cu_seq_lens,
-)
+from tunelab.backends.torch import checkpoint_io, fsdp, gradient_check, oom, readback
+from tunelab.backends.torch.attention import choose_attention, host_varlen_arrays
 from tunelab.backends.torch.cpu_threads import CpuThreads
 from tunelab.backends.torch.fast import FastPath, resolve
 from tunelab.backends.torch.generate import stream_tokens
-from tunelab.backends.torch.grpo import sample_completions
+from tunelab.backends.torch.grpo import GrpoLoss, sample_completions
 from tunelab.backends.torch.host_embedding import HostEmbedding, move_embeddings_to_host
 from tunelab.backends.torch.joined_b import Refresher
 from tunelab.backends.torch.layer_rewrites import rewrite_layers
@@ -74,7 +68,6 @@ class TorchBackend:
         self._training = False
         self.checkpointing = "off"  # off | on | offloaded: what the run really does, for the log
         self._gradients_checked = False  # the first optimizer step says which trained tensors got no gradient
-        self._zero_means_broken = True  # whether an all-zero first gradient is worth a warning (see attach)
 
     # -- setup -------------------------------------------------------------------------------
     def load(
@@ -86,9 +79,6 @@ class TorchBackend:
         objective: ObjectiveSpec = ObjectiveSpec(),
     ) -> ModelInfo:
         self._loss = loss_for(objective)  # first: an objective this backend lacks fails before any loading
-        # GRPO's first step is all zero by right when every group's rewards tie (no advantage, and the
-        # policy is still the reference); every other objective has a gradient there
-        self._zero_means_broken = objective.name != "grpo"
         if model.packing and method.name == "prefix":
             # Prefix tuning feeds its virtual tokens as a KV cache, and transformers finds
             # example boundaries only without one: packed examples would attend to each other.
@@ -132,11 +122,7 @@ class TorchBackend:
         self._threads = CpuThreads() if self.device.type == "cpu" else None
         dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
         self._offload = model.offload_activations
-        self._attention = str(base.config._attn_implementation)
-        if model.packing:
-            self._attention = choose_packed_attention(base, self.device, model.attn_implementation)
-        else:
-            choose_row_attention(base, self.device, model.attn_implementation)
+        self._attention = choose_attention(base, self.device, model.attn_implementation, model.packing)
         self.tokenizer = tokenizer
         self.method = method.name
         own_checkpoints = model.gradient_checkpointing and model.parallel != "fsdp" and method.name != "prefix"
@@ -242,16 +228,16 @@ class TorchBackend:
         assert self._optimizer is not None
         for group in self._optimizer.param_groups:
             group["lr"] = lr
-        first = not self._gradients_checked
-        if first:
-            self._gradients_checked = True
-            gradient_check.report(self.model, self._params)
         if not self.collective_saves:  # FSDP has reduce-scattered the gradients in backward
             sum_gradients(self._params)  # several processes: each holds its share's gradient
         limit = self._max_grad_norm if self._max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._params, limit)
-        if first and self._zero_means_broken:  # one wait for the GPU, once a run
-            gradient_check.report_all_zero(float(fsdp.total_norm(norm)))
+        if not self._gradients_checked:
+            self._gradients_checked = True
+            # GRPO's first step is all zero by right when every group's rewards tie (no advantage, and the
+            # policy is still the reference); every other objective has a gradient there.  One wait for the GPU.
+            total = None if isinstance(self._loss, GrpoLoss) else float(fsdp.total_norm(norm))
+            gradient_check.first_step(self.model, self._params, total)
         self._optimizer.step()
         for refresher in self._joined:
             refresher.stale()  # A and B changed; a fused step leaves no trace the refresh could see
@@ -301,8 +287,7 @@ class TorchBackend:
         batch = self._shaped(batch)
         # Preference batches: which tokens belong to which sequence, found on the host (no device sync).
         extra = host_arrays(batch) if "roles" in batch else {"positions": supervised_positions(batch["labels"])}
-        if "position_ids" in batch and self._attention in VARLEN and attention.HOST_COUNTED:  # not on the device
-            extra[CU_SEQ_LENS] = host_cu_seq_lens(batch["position_ids"])
+        extra.update(host_varlen_arrays(batch, self._attention))  # counted here, not on the device
         positions = self._host_to_device(extra.pop("positions"))
         inputs = self._to_device({**batch, **extra})
         if self._host_embed is not None:  # the rows gathered from the host copy: the forward waits for nothing

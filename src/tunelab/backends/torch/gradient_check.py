@@ -63,3 +63,10 @@ def report_all_zero(norm: float) -> bool:
         "that fixes it, report it with this log"
     )
     return True
+
+
+def first_step(model: Any, params: Sequence[torch.nn.Parameter], norm: float | None) -> None:
+    """Both checks, once, at the first optimizer step (``norm``: its total gradient norm; None: not checked)."""
+    report(model, params)
+    if norm is not None:
+        report_all_zero(norm)
