@@ -4,6 +4,7 @@ and there the packed attention's output and gradients are torch's own kernel's."
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -31,6 +32,36 @@ def _output_and_gradients(
     return got
 
 
+def _grouped_qkv(length: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Queries of 8 heads over keys and values of 2 (GQA), batch 2, head size 128, bf16 on the GPU, with gradients."""
+    return tuple(
+        torch.randn(2, h, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        for h in (8, 2, 2)
+    )
+
+
+def _against_torch_s_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+    run: Callable[[], list[torch.Tensor]],
+    turn_on: Callable[[torch.device], bool],
+    check: Callable[[], None] = lambda: None,
+) -> None:
+    """``run`` with torch's kernels, then with FlashAttention 4 turned on by ``turn_on`` (a skip where it can't be),
+    ``check`` before that run: output and gradients agree to bf16 rounding.  torch's kernels come back after."""
+    theirs = run()
+    monkeypatch.setattr(flash4, "ON", True)
+    try:
+        if not turn_on(torch.device("cuda")):
+            pytest.skip("FlashAttention 4 has no kernels for this GPU or torch")
+        check()
+        mine = run()
+    finally:
+        _restore_torch_s_kernels()
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), mine, theirs, strict=True):
+        assert float((a - b).norm() / b.norm()) < 2e-2, name  # bf16 operands, another summation order
+
+
 def test_it_stays_off_unless_switched_on_and_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not flash4.activate(torch.device("cpu"))  # off by default
     monkeypatch.setattr(flash4, "ON", True)
@@ -44,10 +75,7 @@ def test_on_a_gpu_the_packed_attention_gives_torch_s_output_and_gradients(monkey
     from tunelab.backends.torch.attention import torch_varlen
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (
-        torch.randn(2, h, 512, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-        for h in (8, 2, 2)
-    )
+    q, k, v = _grouped_qkv(512, gen)
     starts = torch.tensor([0, 100, 412, 512, 900, 1024], dtype=torch.int32, device="cuda")
     grad = torch.randn(2, 512, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
 
@@ -55,16 +83,7 @@ def test_on_a_gpu_the_packed_attention_gives_torch_s_output_and_gradients(monkey
         out, _ = torch_varlen(None, q, k, v, None, scaling=128**-0.5, cu_seq_lens_q=starts, max_length_q=412)
         return _output_and_gradients(out, grad, (q, k, v))
 
-    theirs = run()
-    monkeypatch.setattr(flash4, "ON", True)
-    try:
-        if not flash4.activate(torch.device("cuda")):
-            pytest.skip("FlashAttention 4 has no kernels for this GPU or torch")
-        mine = run()
-    finally:
-        _restore_torch_s_kernels()
-    for name, a, b in zip(("out", "dq", "dk", "dv"), mine, theirs, strict=True):
-        assert float((a - b).norm() / b.norm()) < 2e-2, name  # bf16 operands, another summation order
+    _against_torch_s_kernels(monkeypatch, run, flash4.activate)
 
 
 def test_rows_that_are_not_packed_keep_cudnn_unless_it_is_switched_on_and_on_a_gpu(
@@ -93,26 +112,15 @@ def test_on_a_gpu_sdpa_over_whole_rows_runs_it_with_cudnn_s_output_and_gradients
     from torch.nn.attention import SDPBackend
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (
-        torch.randn(2, h, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-        for h in (8, 2, 2)
-    )
+    q, k, v = _grouped_qkv(1024, gen)
     grad = torch.randn(2, 8, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
 
     def run() -> list[torch.Tensor]:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return _output_and_gradients(out, grad, (q, k, v))
 
-    theirs = run()
-    monkeypatch.setattr(flash4, "ON", True)
-    try:
-        if not flash4.take_sdpa(torch.device("cuda")):
-            pytest.skip("FlashAttention 4 has no kernels for this GPU or torch")
+    def takes_flash() -> None:  # sdpa now takes the flash backend, that is FlashAttention 4
         choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=None, enable_gqa=True)
-        assert choice == SDPBackend.FLASH_ATTENTION.value  # sdpa now takes the flash backend, FlashAttention 4
-        mine = run()
-    finally:
-        _restore_torch_s_kernels()
-        torch.backends.cuda.enable_cudnn_sdp(True)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), mine, theirs, strict=True):
-        assert float((a - b).norm() / b.norm()) < 2e-2, name  # bf16 operands, another summation order
+        assert choice == SDPBackend.FLASH_ATTENTION.value
+
+    _against_torch_s_kernels(monkeypatch, run, flash4.take_sdpa, takes_flash)
