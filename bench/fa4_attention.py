@@ -8,20 +8,23 @@ example; the examples 200-900 tokens long, as chat rows are).  Rows that are not
 default, and the rows beside Unsloth) run transformers' sdpa over the whole row, causal, which on a
 Hopper GPU takes cuDNN's kernel.  For each issue-15 row's attention shape (8B 2x2048, 1B 8x2048, 8B
 1x16,384; GQA 32 query heads over 8) and each path it times forward + backward with torch's
-kernels, then with FlashAttention 4 as ``flash4.take_sdpa`` sets it up (activated through
-``torch.nn.attention.activate_flash_attention_impl("FA4")``, and cuDNN's sdpa kernel turned off so
-sdpa takes the flash one), and prints the ratio, the relative difference of the output and of the
+kernels, then with FlashAttention 4 as ``flash4.take_sdpa`` sets it up (torch's flash kernels
+routed to it through ``flash4_kernels``, and cuDNN's sdpa kernel turned off so sdpa takes the flash
+one), and prints the ratio, the relative difference of the output and of the
 query's gradient, and the three costliest kernels of the first shape under each.  Decides whether
 tunelab should turn FlashAttention 4 on where it is installed.
 """
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
+from tunelab.backends.torch import flash4
 from tunelab.backends.torch.attention import torch_varlen
 
 # (name, rows, row length, query heads, key/value heads, head size)
@@ -106,23 +109,22 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     seen: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}
     for impl in ("torch", "FA4"):
         if impl == "FA4":
-            try:
-                from torch.nn.attention import activate_flash_attention_impl
-
-                activate_flash_attention_impl("FA4")
-            except Exception as exc:  # the report is the point: why FA4 can't run here
-                print(f"FA4 could not be activated: {type(exc).__name__}: {str(exc)[:400]}")
+            flash4.ON = True
+            llama = SimpleNamespace(num_attention_heads=32, hidden_size=4096)  # head size 128, no attention dropout
+            if not flash4.take_sdpa(torch.device("cuda"), llama, None):  # its log line above says why
+                print("FA4 could not be activated")
                 return
-            torch.backends.cuda.enable_cudnn_sdp(False)  # as flash4.take_sdpa: sdpa takes flash, now FA4
         for path in PATHS:
             for name, rows, length, heads, kv_heads, dim in SHAPES:
                 label = f"{path} {name}"
                 case = make_case(path, rows, length, heads, kv_heads, dim)
-                grad = torch.randn(rows, length, heads, dim, device="cuda", dtype=torch.bfloat16)
+                seeded = torch.Generator(device="cuda").manual_seed(1)  # the same upstream gradient under both
+                grad = torch.randn(rows, length, heads, dim, device="cuda", dtype=torch.bfloat16, generator=seeded)
                 try:
                     out = step(case, grad).detach().float()
                     dq = case[0].grad.float().clone()  # type: ignore[union-attr]

@@ -7,12 +7,16 @@
 # bitsandbytes) into /tmp/site_us once, links that tree's bitsandbytes alone into /tmp/bnb (so
 # tunelab's processes get bitsandbytes without Unsloth's patches), and exports the variables the
 # scripts read.  How to fill .whl/ and .gpu/ on the machine that sends the run: bench/README.md,
-# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product", "autotune", "autotune_gemm", "cudagraphs", "chunk_big", "tile_big", "budget1", "joined_qkv", "held_4bit", "fa4" (with bench/fa4_env.sh sourced after this file); "persistent_rows_off", "shared_a_off", "kept_attention_off", "joined_b_off", "joined_a_off", "host_counted_off", "dequant_per_tile" and "chunk_any" turn one off) is applied to src/ first,
+# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4", "lora_in_product", "autotune", "autotune_gemm", "cudagraphs", "chunk_big", "tile_big", "budget1", "joined_qkv", "held_4bit", "fa4" (every row, packed too; with bench/fa4_env.sh sourced after this file); "fa4_off", "persistent_rows_off", "shared_a_off", "kept_attention_off", "joined_b_off", "joined_a_off", "host_counted_off", "dequant_per_tile" and "chunk_any" turn one off) is applied to src/ first,
 # for an A/B against a copy of the tree made before (--base-src); or, after sourcing, `variant NAME SWITCH...`
 # makes /tmp/variant_NAME, a copy of src/ with those switches on, to run as a stack of its own (--tree).
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  >/dev/null 2>&1 || { echo "gpu_env: installing .whl/ failed" >&2; return 3; }
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/dev/null 2>&1 || { echo "gpu_env: installing .whl/ failed" >&2; return 3; }
+elif [ ! -d /tmp/site/omegaconf ]; then  # a later call on the same machine may leave .whl/ behind
+  echo "gpu_env: no .whl/ carried, and none installed by an earlier call on this machine" >&2; return 3
+fi
 if [ ! -d /tmp/site_us/bitsandbytes ]; then
   mkdir -p /tmp/site_us && tar -xJf .gpu/unsloth-site-cp312.tar.xz -C /tmp/site_us
 fi
@@ -28,7 +32,8 @@ switch_on() {
       autotune) sed -i 's/^MODE: str | None = None/MODE: str | None = "max-autotune-no-cudagraphs"/' "$src/tunelab/backends/torch/fast.py" ;;
       cudagraphs) sed -i 's/^MODE: str | None = None/MODE: str | None = "reduce-overhead"/' "$src/tunelab/backends/torch/fast.py" ;;
       persistent_rows_off) sed -i 's/^PERSISTENT_ROWS: int | None = 8192/PERSISTENT_ROWS: int | None = None/' "$src/tunelab/backends/torch/fast.py" ;;
-      fa4) sed -i 's/^ON = False/ON = True/' "$src/tunelab/backends/torch/flash4.py" ;;
+      fa4) sed -i 's/^ON: bool | str = "long"/ON: bool | str = True/' "$src/tunelab/backends/torch/flash4.py" ;;
+      fa4_off) sed -i 's/^ON: bool | str = "long"/ON: bool | str = False/' "$src/tunelab/backends/torch/flash4.py" ;;
       held_4bit) sed -i 's/^ON = False/ON = True/' "$src/tunelab/backends/torch/held_4bit.py" ;;
       joined_a_off) sed -i 's/^ON: bool | str = "cuda"/ON: bool | str = False/' "$src/tunelab/backends/torch/joined_a.py" ;;
       joined_qkv) sed -i 's/^GROUPS: tuple\[str, ...\] = ("mlp",)/GROUPS: tuple[str, ...] = ("mlp", "self_attn")/' "$src/tunelab/backends/torch/joined_b.py" ;;

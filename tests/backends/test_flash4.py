@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,10 +63,33 @@ def _against_torch_s_kernels(
         assert float((a - b).norm() / b.norm()) < 2e-2, name  # bf16 operands, another summation order
 
 
-def test_it_stays_off_unless_switched_on_and_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert not flash4.activate(torch.device("cpu"))  # off by default
+LLAMA_8B = SimpleNamespace(num_attention_heads=32, hidden_size=4096, attention_dropout=0.0)  # head size 128
+
+
+def test_packed_rows_stay_off_unless_switched_on_outright_and_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not flash4.activate(torch.device("cpu"))  # by default only whole long rows take it
     monkeypatch.setattr(flash4, "ON", True)
     assert not flash4.activate(torch.device("cpu"))  # no CUDA device: torch's CPU kernels run
+
+
+def test_by_default_whole_rows_take_it_from_16k_tokens_where_the_model_s_attention_suits_its_kernels() -> None:
+    assert flash4.ON == "long"
+    assert flash4.pays(LLAMA_8B, 16_384)
+    assert not flash4.pays(LLAMA_8B, 2048)  # measured slower than cuDNN there
+    assert not flash4.pays(LLAMA_8B, None)  # length unknown
+    dropout = SimpleNamespace(num_attention_heads=32, hidden_size=4096, attention_dropout=0.1)
+    assert not flash4.pays(dropout, 16_384)  # its kernels raise on attention dropout in training
+    gemma = SimpleNamespace(num_attention_heads=8, hidden_size=2048, head_dim=256)
+    assert not flash4.pays(gemma, 16_384)  # head size 256: not every GPU it runs on takes it
+    qwen = SimpleNamespace(num_attention_heads=14, hidden_size=896)  # head size 64, no attention_dropout key
+    assert flash4.pays(qwen, 32_768)
+
+
+def test_switched_off_no_row_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flash4, "ON", False)
+    assert not flash4.pays(LLAMA_8B, 32_768)
+    monkeypatch.setattr(flash4, "ON", True)
+    assert flash4.pays(LLAMA_8B, 2048)
 
 
 @pytest.mark.gpu
@@ -89,16 +113,15 @@ def test_on_a_gpu_the_packed_attention_gives_torch_s_output_and_gradients(monkey
 def test_rows_that_are_not_packed_keep_cudnn_unless_it_is_switched_on_and_on_a_gpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from types import SimpleNamespace
-
     from tunelab.backends.torch.attention import choose_row_attention
 
-    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    config = SimpleNamespace(_attn_implementation="sdpa", **vars(LLAMA_8B))
+    model = SimpleNamespace(config=config)
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    assert not flash4.take_sdpa(torch.device("cpu"))
+    assert not flash4.take_sdpa(torch.device("cpu"), config, 16_384)
     monkeypatch.setattr(flash4, "ON", True)
-    choose_row_attention(model, torch.device("cpu"), "auto")
-    assert not flash4.take_sdpa(torch.device("cpu"))
+    choose_row_attention(model, torch.device("cpu"), "auto", 16_384)
+    assert not flash4.take_sdpa(torch.device("cpu"), config, 16_384)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # nothing process-wide changed off a GPU
 
 
@@ -123,4 +146,4 @@ def test_on_a_gpu_sdpa_over_whole_rows_runs_it_with_cudnn_s_output_and_gradients
         choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=None, enable_gqa=True)
         assert choice == SDPBackend.FLASH_ATTENTION.value
 
-    _against_torch_s_kernels(monkeypatch, run, flash4.take_sdpa, takes_flash)
+    _against_torch_s_kernels(monkeypatch, run, lambda device: flash4.take_sdpa(device, LLAMA_8B, 1024), takes_flash)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunelab.backends.base import ModelSpec
 from tunelab.backends.torch import flash4
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,12 @@ _CUDA_PREFERENCE = ("flash_attention_2", "flash_attention_3", TORCH_VARLEN, "fle
 _CHUNK = 256  # queries per chunk: smaller trims more keys, larger launches fewer kernels
 
 
-def choose_attention(model: Any, device: torch.device, requested: str, packed: bool) -> str:
+def choose_attention(model: Any, device: torch.device, spec: ModelSpec) -> str:
     """The attention implementation a run's forward names: :func:`choose_packed_attention`'s for packed rows,
     else the model's own (:func:`choose_row_attention`)."""
-    if packed:
-        return choose_packed_attention(model, device, requested)
-    choose_row_attention(model, device, requested)
+    if spec.packing:
+        return choose_packed_attention(model, device, spec.attn_implementation)
+    choose_row_attention(model, device, spec.attn_implementation, spec.longest_row)
     return str(model.config._attn_implementation)
 
 
@@ -93,14 +94,14 @@ def choose_packed_attention(model: Any, device: torch.device, requested: str) ->
     return current
 
 
-def choose_row_attention(model: Any, device: torch.device, requested: str) -> None:
+def choose_row_attention(model: Any, device: torch.device, requested: str, longest: int | None) -> None:
     """Rows that are not packed keep the model's attention; on CUDA its ``sdpa`` may run FlashAttention 4.
 
-    Only with :data:`flash4.ON` and the package installed (:func:`flash4.take_sdpa`), and not where
-    ``model.attn_implementation`` was set explicitly.
+    Where :func:`flash4.take_sdpa` finds it pays (rows of ``longest`` tokens) and the package
+    installed, and not where ``model.attn_implementation`` was set explicitly.
     """
     if requested == "auto" and device.type == "cuda" and str(model.config._attn_implementation) == "sdpa":
-        flash4.take_sdpa(device)
+        flash4.take_sdpa(device, model.config, longest)
 
 
 def torch_varlen_usable(model: Any) -> bool:

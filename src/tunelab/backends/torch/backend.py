@@ -122,7 +122,7 @@ class TorchBackend:
         self._threads = CpuThreads() if self.device.type == "cpu" else None
         dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
         self._offload = model.offload_activations
-        self._attention = choose_attention(base, self.device, model.attn_implementation, model.packing)
+        self._attention = choose_attention(base, self.device, model)
         self.tokenizer = tokenizer
         self.method = method.name
         own_checkpoints = model.gradient_checkpointing and model.parallel != "fsdp" and method.name != "prefix"

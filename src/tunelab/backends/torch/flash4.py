@@ -1,69 +1,112 @@
-"""FlashAttention 4 behind torch's flash kernels, where it is installed.
+"""FlashAttention 4 behind torch's flash kernels, where it is installed and pays.
 
-On CUDA, packed rows run :func:`attention.torch_varlen`, which calls torch's own
-flash kernel through ``torch.nn.attention.varlen``.  torch (2.11 and later) can
-route that kernel to FlashAttention 4 (the ``flash_attn.cute`` package, CuTe DSL
-kernels for Hopper and Blackwell) with
-``torch.nn.attention.activate_flash_attention_impl("FA4")``: same call, same
-inputs, another kernel.  On an H100 torch's kernels reached ~330-430 TFLOP/s on
-the issue-15 rows' attention, 8-11% of the step.
+torch (2.11 and later) can route its flash kernels to FlashAttention 4 (the
+``flash_attn.cute`` package, CuTe DSL kernels for Hopper and Blackwell): same
+call, same inputs, another kernel.  torch's own ``"FA4"`` registration fails
+on every call with the package's betas after 4.0.0b10 (they return more than
+torch unpacks), so :func:`_route` registers torch's FA4 glue against
+:mod:`flash4_kernels`, which trims the return values.
 
-Rows that are not packed (``data.packing`` is off by default, and so in the
-rows beside Unsloth) run transformers' ``sdpa``, which on a Hopper GPU takes
-cuDNN's kernel before the flash one.  The activation routes sdpa's flash
-backend to FlashAttention 4 too, so :func:`take_sdpa` also turns cuDNN's off
-for the process: sdpa then picks flash, and so FlashAttention 4, wherever flash
-takes the call (a call flash can't take goes on to the memory-efficient kernel,
-which is why this is measured before it is on).  torch's FA4 kernels raise on a call they
-can't take (attention dropout, a debug mask, ALiBi) rather than fall back, so before this goes on by
-default, a run with any of those must keep torch's kernels.
+Rows that are not packed (``data.packing`` is off by default) run
+transformers' ``sdpa``, which on a Hopper GPU takes cuDNN's kernel before the
+flash one, so :func:`take_sdpa` also turns cuDNN's off for the process: sdpa
+then picks flash, and so FlashAttention 4.  Measured on an H100 (2026-12-07,
+bench/README.md): over whole causal rows with 32 query heads on 8, forward +
+backward, 1.13x cuDNN's speed at 16,384 tokens but 0.75x at 2x2,048 (head
+size 128), and through ``tunelab train`` +2.7% on 8B QLoRA at 16,384 tokens
+and level on 1B 8x2,048.  So by default (:data:`ON` ``"long"``) it takes rows
+from :data:`LONG_FROM` tokens only.
 
-Off (:data:`ON`) until ``bench/fa4_attention.py`` and an A/B through
-``tunelab train`` on a GPU show that it pays (``bench/gpu_env.sh``'s switch
-``fa4``; the package reaches the GPU machine through ``bench/fetch_fa4.sh``).
+torch's FA4 kernels raise on a call they can't take instead of falling back,
+so a model whose attention they can't serve keeps torch's kernels
+(:func:`serves`): attention dropout (raised in training), head sizes outside
+8-128 or not a multiple of 8.  Packed rows (:func:`activate`, through
+``torch.nn.attention.varlen``) take it only when switched on outright
+(``ON = True``: unmeasured through ``tunelab train``) and where torch's FA4
+backward accepts varlen's causal window (2.11's refuses it as "windowed").
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-ON = False
+# True: packed and whole rows; "long": whole rows from LONG_FROM tokens (measured to pay there); False: never.
+ON: bool | str = "long"
+LONG_FROM = 16_384
+# The name tunelab's registration goes by in torch's registry, and the module torch takes the kernels from.
+IMPL = "FA4-tunelab"
+ADAPTER = "tunelab.backends.torch.flash4_kernels"
 # Compute capabilities FlashAttention 4 has kernels for (Hopper, Blackwell).
 MAJORS = (9, 10)
 
 
+def pays(config: Any, longest: int | None) -> bool:
+    """Whether whole rows of ``longest`` tokens through this model's attention should take FlashAttention 4."""
+    wanted = ON is True or (ON == "long" and longest is not None and longest >= LONG_FROM)
+    return wanted and serves(config)
+
+
+def serves(config: Any) -> bool:
+    """Whether FlashAttention 4's kernels take this model's attention calls (else they raise, not fall back)."""
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return False
+    heads = getattr(config, "num_attention_heads", None)
+    size = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    return size is not None and 8 <= size <= 128 and size % 8 == 0
+
+
 def activate(device: torch.device) -> bool:
-    """Route torch's flash kernels to FlashAttention 4 on ``device`` where it applies; returns whether it does.
+    """Packed rows: route torch's flash kernels (varlen's) to FlashAttention 4 where it applies; returns whether.
 
     Process-wide (the dispatcher's kernels): a training process runs one model.
     """
-    if not ON or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in MAJORS:
+    return ON is True and _backward_takes_varlen() and _route(device)
+
+
+def take_sdpa(device: torch.device, config: Any, longest: int | None) -> bool:
+    """Whole rows: route sdpa's flash backend to FlashAttention 4 and prefer it to cuDNN's; returns whether.
+
+    ``longest``: tokens in the longest training row (:data:`ON` ``"long"`` needs
+    :data:`LONG_FROM`).  Process-wide, as the activation is.
+    """
+    if not pays(config, longest) or not _route(device):
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    log.info("FlashAttention 4 runs sdpa's attention (cuDNN's kernel turned off)")
+    return True
+
+
+def _backward_takes_varlen() -> bool:
+    """torch 2.11's FA4 backward refuses any window, and varlen always passes causal as the window (-1, 0)."""
+    try:
+        from torch.nn.attention._fa4 import _fa4_backward_support_error
+    except ImportError:
+        return False
+    return "window_size_left" not in inspect.signature(_fa4_backward_support_error).parameters
+
+
+def _route(device: torch.device) -> bool:
+    """Register tunelab's FlashAttention 4 with torch's dispatcher on ``device``'s kind of GPU; returns whether."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in MAJORS:
         return False
     try:
-        from torch.nn.attention import activate_flash_attention_impl
+        from torch.nn.attention import activate_flash_attention_impl, register_flash_attention_impl
+        from torch.nn.attention._fa4 import register_flash_attention_fa4
     except ImportError:  # torch before 2.11
         log.info("FlashAttention 4: this torch cannot route its flash kernels to it")
         return False
     try:
-        activate_flash_attention_impl("FA4")
+        # torch's own FA4 registration, pointed at the adapter that fits every beta's return values
+        register_flash_attention_impl(IMPL, register_fn=lambda: register_flash_attention_fa4(ADAPTER))
+        activate_flash_attention_impl(IMPL)
     except (ImportError, RuntimeError, ValueError) as exc:  # flash_attn.cute not installed, or too old
         log.info("FlashAttention 4 unavailable (%s): torch's own flash kernels run", exc)
         return False
     log.info("FlashAttention 4 runs torch's flash kernels")
-    return True
-
-
-def take_sdpa(device: torch.device) -> bool:
-    """:func:`activate`, and make sdpa prefer its flash backend (now FlashAttention 4) to cuDNN's; returns whether.
-
-    Process-wide, as the activation is.
-    """
-    if not activate(device):
-        return False
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    log.info("FlashAttention 4 runs sdpa's attention (cuDNN's kernel turned off)")
     return True
