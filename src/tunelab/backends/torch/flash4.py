@@ -105,8 +105,11 @@ def _route(device: torch.device) -> bool:
         # torch's own FA4 registration, pointed at the adapter that fits every beta's return values
         register_flash_attention_impl(IMPL, register_fn=lambda: register_flash_attention_fa4(ADAPTER))
         activate_flash_attention_impl(IMPL)
-    except (ImportError, RuntimeError, ValueError) as exc:  # flash_attn.cute not installed, or too old
-        log.info("FlashAttention 4 unavailable (%s): torch's own flash kernels run", exc)
+    except ImportError as exc:  # flash_attn.cute, or what it needs, not installed
+        log.info("FlashAttention 4 not installed (%s; pip install 'tunelab[flash4]'): torch's kernels run", exc)
+        return False
+    except (RuntimeError, ValueError) as exc:  # a package torch's glue can't use
+        log.info("FlashAttention 4 unavailable (%s): torch's kernels run", exc)
         return False
     log.info("FlashAttention 4 runs torch's flash kernels")
     return True
