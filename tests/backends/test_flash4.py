@@ -85,6 +85,21 @@ def test_by_default_whole_rows_take_it_from_16k_tokens_where_the_model_s_attenti
     assert flash4.pays(qwen, 32_768)
 
 
+def test_a_trial_step_that_fails_hands_the_run_back_to_torch_s_kernels(caplog: pytest.LogCaptureFixture) -> None:
+    """take_sdpa's trial: whatever the kernels raise is caught and logged, so the run goes on with torch's own.
+
+    On a GPU the trial runs FlashAttention 4; here torch's CPU kernel, on a model whose key/value heads
+    don't divide its query heads, which every kernel refuses."""
+    cpu = torch.device("cpu")
+    assert flash4._runs(cpu, LLAMA_8B, torch.float32)
+    odd = SimpleNamespace(num_attention_heads=32, num_key_value_heads=3, hidden_size=4096)
+    with caplog.at_level("WARNING", logger=flash4.__name__):
+        assert not flash4._runs(cpu, odd, torch.float32)
+    assert "failed a trial step" in caplog.text
+    flash4._unroute()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_switched_off_no_row_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flash4, "ON", False)
     assert not flash4.pays(LLAMA_8B, 32_768)

@@ -101,7 +101,8 @@ def choose_row_attention(model: Any, device: torch.device, requested: str, longe
     installed, and not where ``model.attn_implementation`` was set explicitly.
     """
     if requested == "auto" and device.type == "cuda" and str(model.config._attn_implementation) == "sdpa":
-        flash4.take_sdpa(device, model.config, longest)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
+        flash4.take_sdpa(device, model.config, longest, dtype)
 
 
 def torch_varlen_usable(model: Any) -> bool:

@@ -20,7 +20,9 @@ from :data:`LONG_FROM` tokens only.
 torch's FA4 kernels raise on a call they can't take instead of falling back,
 so a model whose attention they can't serve keeps torch's kernels
 (:func:`serves`): attention dropout (raised in training), head sizes outside
-8-128 or not a multiple of 8.  Packed rows (:func:`activate`, through
+8-128 or not a multiple of 8.  And since they are compiled on first use, for this GPU, CUDA
+and package, :func:`take_sdpa` runs one small step through them before the
+run's first (:func:`_runs`): one that fails leaves the run on torch's kernels.  Packed rows (:func:`activate`, through
 ``torch.nn.attention.varlen``) take it only when switched on outright
 (``ON = True``: unmeasured through ``tunelab train``) and where torch's FA4
 backward accepts varlen's causal window (2.11's refuses it as "windowed").
@@ -33,6 +35,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +72,55 @@ def activate(device: torch.device) -> bool:
     return ON is True and _backward_takes_varlen() and _route(device)
 
 
-def take_sdpa(device: torch.device, config: Any, longest: int | None) -> bool:
+def take_sdpa(device: torch.device, config: Any, longest: int | None, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whole rows: route sdpa's flash backend to FlashAttention 4 and prefer it to cuDNN's; returns whether.
 
     ``longest``: tokens in the longest training row (:data:`ON` ``"long"`` needs
-    :data:`LONG_FROM`).  Process-wide, as the activation is.
+    :data:`LONG_FROM`); ``dtype``: the model's.  Process-wide, as the activation is.
     """
     if not pays(config, longest) or not _route(device):
         return False
     torch.backends.cuda.enable_cudnn_sdp(False)
+    if not _runs(device, config, dtype):
+        _unroute()
+        return False
     log.info("FlashAttention 4 runs sdpa's attention (cuDNN's kernel turned off)")
     return True
+
+
+def _runs(device: torch.device, config: Any, dtype: torch.dtype) -> bool:
+    """One small causal forward and backward through sdpa, as the model's layers will call it; whether it ran.
+
+    Its kernels are compiled on first use for this head size, GPU and package: a failure there (a
+    CUDA toolkit or package torch's glue can't use: 4.0.0b40 through torch's stock glue failed on every
+    call) would otherwise stop the run at its first step, after the model loaded.
+    """
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    size = getattr(config, "head_dim", None) or config.hidden_size // heads
+    try:
+        q, k, v = (
+            torch.randn(1, h, 256, size, device=device, dtype=dtype, requires_grad=True)
+            for h in (heads, kv_heads, kv_heads)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
+        out.float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a kernel's failure surfaces here, not at its launch
+    except Exception as exc:  # whatever its kernels raise, torch's own take the run
+        log.warning("FlashAttention 4 failed a trial step (%s: %s): torch's kernels run", type(exc).__name__, exc)
+        return False
+    return True
+
+
+def _unroute() -> None:
+    """Back to cuDNN's kernel for sdpa, and torch's own flash kernels where this torch can restore them."""
+    torch.backends.cuda.enable_cudnn_sdp(True)  # sdpa prefers cuDNN's again, whichever flash is routed
+    try:
+        from torch.nn.attention import restore_flash_attention_impl
+    except ImportError:
+        return
+    restore_flash_attention_impl()
 
 
 def _backward_takes_varlen() -> bool:
