@@ -3,8 +3,8 @@
 torch (2.11 and later) can route its flash kernels to FlashAttention 4 (the
 ``flash_attn.cute`` package, CuTe DSL kernels for Hopper and Blackwell): same
 call, same inputs, another kernel.  torch's own ``"FA4"`` registration fails
-on every call with the package's betas after 4.0.0b10 (they return more than
-torch unpacks), so :func:`_route` registers torch's FA4 glue against
+on every call with the package's betas from 4.0.0b20 on (they return more than
+torch unpacks; 4.0.0b10 fitted), so :func:`_route` registers torch's FA4 glue against
 :mod:`flash4_kernels`, which trims the return values.
 
 Rows that are not packed (``data.packing`` is off by default) run
@@ -20,9 +20,10 @@ from :data:`LONG_FROM` tokens only.
 torch's FA4 kernels raise on a call they can't take instead of falling back,
 so a model whose attention they can't serve keeps torch's kernels
 (:func:`serves`): attention dropout (raised in training), head sizes outside
-8-128 or not a multiple of 8.  And since they are compiled on first use, for this GPU, CUDA
-and package, :func:`take_sdpa` runs one small step through them before the
-run's first (:func:`_runs`): one that fails leaves the run on torch's kernels.  Packed rows (:func:`activate`, through
+8-128 or not a multiple of 8.  And since they are compiled on first use, for
+this GPU, CUDA and package, :func:`take_sdpa` first runs a small training
+step and a sampling step through them (:func:`_runs`): a failure leaves the run
+on torch's kernels.  Packed rows (:func:`activate`, through
 ``torch.nn.attention.varlen``) take it only when switched on outright
 (``ON = True``: unmeasured through ``tunelab train``) and where torch's FA4
 backward accepts varlen's causal window (2.11's refuses it as "windowed").
@@ -89,7 +90,8 @@ def take_sdpa(device: torch.device, config: Any, longest: int | None, dtype: tor
 
 
 def _runs(device: torch.device, config: Any, dtype: torch.dtype) -> bool:
-    """One small causal forward and backward through sdpa, as the model's layers will call it; whether it ran.
+    """Whether sdpa runs as the model's layers will call it: a causal forward and backward over a row, and,
+    as ``train.sample_every``'s answers do, one new token against cached keys, without gradients.
 
     Its kernels are compiled on first use for this head size, GPU and package: a failure there (a
     CUDA toolkit or package torch's glue can't use: 4.0.0b40 through torch's stock glue failed on every
@@ -105,6 +107,8 @@ def _runs(device: torch.device, config: Any, dtype: torch.dtype) -> bool:
         )
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
         out.float().sum().backward()
+        with torch.inference_mode():
+            F.scaled_dot_product_attention(q.detach()[:, :, -1:], k.detach(), v.detach(), enable_gqa=kv_heads != heads)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a kernel's failure surfaces here, not at its launch
     except Exception as exc:  # whatever its kernels raise, torch's own take the run

@@ -2,9 +2,9 @@
 
 torch (2.11 to 2.13) registers FlashAttention 4 behind its flash kernels from a
 module exposing ``_flash_attn_fwd`` returning ``(out, lse)`` and ``_flash_attn_bwd``
-returning ``(dq, dk, dv)``.  ``flash_attn.cute.interface`` returned exactly that
-up to 4.0.0b10; later betas return more (the softmax's row maxima and more, for
-callers that want them), and torch's ``out, lse = ...`` then fails on every
+returning ``(dq, dk, dv)``.  ``flash_attn.cute.interface``'s 4.0.0b10 returned
+exactly that; 4.0.0b20 and later return more (the softmax's row maxima and more,
+for callers that want them), and torch's ``out, lse = ...`` then fails on every
 call.  These two keep what torch reads, so any beta serves; the arguments pass
 through untouched (torch only names ones every release has).
 
