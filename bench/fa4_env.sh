@@ -1,27 +1,32 @@
-# Source on the GPU machine: FlashAttention 4 from the two carries bench/fetch_fa4.sh fills.
+# Source on the GPU machine: FlashAttention 4 from the three parts bench/fetch_fa4.sh fills.
 #
-#   call 1, carry [".fa4a", ...]:  . bench/fa4_env.sh   keeps the first part in /tmp/fa4part
-#   call 2, carry [".fa4b", ...]   (not .fa4a: a carried path replaces what is there), on the same warm
-#   machine:                        . bench/fa4_env.sh   joins the parts, checks the sum, installs
-#                                   into /tmp/fa4site and puts it on PYTHONPATH
-#   any later call on that machine:  . bench/fa4_env.sh   (after bench/gpu_env.sh, which sets PYTHONPATH)
-#                                   puts the installed copy on PYTHONPATH again
+# Each call on one warm machine (within 30 s of the last) carries one of .fa4a/, .fa4b/, .fa4c/ beside what
+# it needs for its own work (.fa4c/ without .whl/: see fetch_fa4.sh) and sources this file after
+# bench/gpu_env.sh.  It keeps the part in /tmp/fa4part; once the three are there it joins them, checks the
+# sum, installs into /tmp/fa4site, and from then on (that call and any later one) puts FlashAttention 4 on
+# PYTHONPATH.  Until then the call runs without it and says how many parts are in.
 #
-# Returns 4 when the second call finds no first part (the machine was not the same one).
-if [ -f .fa4a/libs_cu13.part_aa ]; then
-  mkdir -p /tmp/fa4part && cp .fa4a/libs_cu13.part_aa /tmp/fa4part/ && echo "fa4_env: first part kept"
-fi
-if [ -f .fa4b/libs_cu13.part_ab ] && [ ! -d /tmp/fa4site/flash_attn ]; then
-  first=/tmp/fa4part/libs_cu13.part_aa
-  [ -f "$first" ] || { echo "fa4_env: no first part here: run call 1 on this machine first" >&2; return 4; }
-  mkdir -p /tmp/fa4wheels
-  wheel=/tmp/fa4wheels/$(cat .fa4b/libs_cu13.name)
-  cat "$first" .fa4b/libs_cu13.part_a[b-z] >"$wheel"
-  echo "$(cat .fa4b/libs_cu13.sha256)  $wheel" | sha256sum -c --quiet || { echo "fa4_env: the joined wheel is damaged" >&2; return 5; }
-  cp .fa4b/*.whl /tmp/fa4wheels/
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fa4site \
-    /tmp/fa4wheels/*.whl >/dev/null 2>&1 || { echo "fa4_env: installing the wheels failed" >&2; return 3; }
-  echo "fa4_env: FlashAttention 4 installed in /tmp/fa4site"
+# Returns 5 when the joined wheel is damaged, 3 when installing fails; otherwise 0.
+mkdir -p /tmp/fa4part
+for part in .fa4a .fa4b .fa4c; do
+  if [ -d "$part" ]; then cp "$part"/* /tmp/fa4part/ && echo "fa4_env: $part kept"; fi
+done
+if [ ! -d /tmp/fa4site/flash_attn ]; then
+  wanted=$(cat /tmp/fa4part/libs_cu13.parts 2>/dev/null || echo 3)
+  have=$(find /tmp/fa4part -name 'libs_cu13.part_*' | wc -l)
+  if [ "$have" -eq "$wanted" ] && compgen -G "/tmp/fa4part/flash_attn_4-*.whl" >/dev/null; then
+    mkdir -p /tmp/fa4wheels
+    wheel=/tmp/fa4wheels/$(cat /tmp/fa4part/libs_cu13.name)
+    cat /tmp/fa4part/libs_cu13.part_* >"$wheel"
+    echo "$(cat /tmp/fa4part/libs_cu13.sha256)  $wheel" | sha256sum -c --quiet \
+      || { echo "fa4_env: the joined wheel is damaged" >&2; return 5; }
+    cp /tmp/fa4part/*.whl /tmp/fa4wheels/
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fa4site \
+      /tmp/fa4wheels/*.whl >/dev/null 2>&1 || { echo "fa4_env: installing the wheels failed" >&2; return 3; }
+    echo "fa4_env: FlashAttention 4 installed in /tmp/fa4site"
+  else
+    echo "fa4_env: $have of $wanted parts of FlashAttention 4 on this machine; this call runs without it"
+  fi
 fi
 if [ -d /tmp/fa4site/flash_attn ]; then
   # the CUTLASS DSL puts its packages on sys.path from a .pth file, which runs only in a site directory

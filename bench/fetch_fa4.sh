@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # FlashAttention 4 (flash_attn.cute and its CUTLASS DSL) for the GPU machine, which has no internet.
 #
-#     bash bench/fetch_fa4.sh   # add "/.fa4a/ /.fa4b/" to .git/info/exclude first
+#     bash bench/fetch_fa4.sh   # add "/.fa4a/ /.fa4b/ /.fa4c/" to .git/info/exclude first
 #
-# Its CUDA 13 library wheel is 92 MB, more than one device call carries (64 MiB with the checkout),
-# so it travels in two parts over two calls on one warm machine: .fa4a/ holds the first part,
-# .fa4b/ the second and every other wheel (bench/fa4_env.sh joins and installs them there).
+# 102 MB in all (its CUDA 13 library wheel alone is 92 MB), more than one device call carries beside the
+# checkout, .gpu/ and .whl/ (64 MiB in all), so it travels in three parts, one a call, on one warm machine,
+# while those calls do other work: .fa4a/ and .fa4b/ each hold a third of the library wheel, .fa4c/ the last
+# third and every other wheel (carry .fa4c/ without .whl/, which the first call on a machine carries).
+# Each part holds the manifest; bench/fa4_env.sh keeps what each call brings and installs once all are there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
@@ -16,13 +18,18 @@ python3 -m pip download -q --no-deps --pre --only-binary=:all: --python-version 
   "flash-attn-4==4.0.0b40" "nvidia-cutlass-dsl==4.8.1" "nvidia-cutlass-dsl-libs-base==4.8.1" \
   "nvidia-cutlass-dsl-libs-core==4.8.1" "nvidia-cutlass-dsl-libs-cu13==4.8.1" "apache-tvm-ffi==0.1.15.post2" \
   "torch-c-dlpack-ext==0.1.5" "quack-kernels==0.6.5" 2>&1 | grep -v "^WARNING: Location" || true
-rm -rf .fa4a .fa4b
-mkdir -p .fa4a .fa4b
+rm -rf .fa4a .fa4b .fa4c
+mkdir -p .fa4a .fa4b .fa4c "$tmp/parts"
 big=$(ls "$tmp"/nvidia_cutlass_dsl_libs_cu13-*.whl)
-basename "$big" >.fa4b/libs_cu13.name
-sha256sum "$big" | cut -c1-64 >.fa4b/libs_cu13.sha256
-split -b 46M "$big" .fa4b/libs_cu13.part_
-mv .fa4b/libs_cu13.part_aa .fa4a/
+split -n 3 "$big" "$tmp/parts/libs_cu13.part_"
+for dir in .fa4a .fa4b .fa4c; do
+  basename "$big" >"$dir/libs_cu13.name"
+  sha256sum "$big" | cut -c1-64 >"$dir/libs_cu13.sha256"
+  echo 3 >"$dir/libs_cu13.parts"
+done
+mv "$tmp/parts/libs_cu13.part_aa" .fa4a/
+mv "$tmp/parts/libs_cu13.part_ab" .fa4b/
+mv "$tmp/parts/libs_cu13.part_ac" .fa4c/
 rm "$big"
-mv "$tmp"/*.whl .fa4b/
-du -sh .fa4a .fa4b
+mv "$tmp"/*.whl .fa4c/
+du -sh .fa4a .fa4b .fa4c
