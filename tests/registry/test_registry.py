@@ -11,7 +11,8 @@ import pytest
 from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, event, inspect, text
+from sqlalchemy.orm import Session
 
 from tunelab.errors import NotFoundError, StateError
 from tunelab.registry import db, repo
@@ -207,6 +208,24 @@ def test_failed_session_rolls_back(engine: Engine) -> None:
         raise RuntimeError
     with session_scope(engine) as s:
         assert repo.list_runs(s) == []
+
+
+def test_an_interrupt_after_the_commit_landed_goes_up_as_itself_and_the_rows_stay(engine: Engine) -> None:
+    """SIGTERM's handler raises KeyboardInterrupt wherever the main thread is: here in SQLAlchemy's after-commit
+    hooks, once the commit has landed (the CLI must then exit 130, not fail on a rollback it can't do)."""
+
+    def interrupt(session: Session) -> None:
+        raise KeyboardInterrupt
+
+    event.listen(Session, "after_commit", interrupt, once=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _new_run(engine)
+    finally:
+        if event.contains(Session, "after_commit", interrupt):
+            event.remove(Session, "after_commit", interrupt)
+    with session_scope(engine) as s:
+        assert [r.id for r in repo.list_runs(s)] != []  # the committed run is there
 
 
 def test_prefix_resolution(engine: Engine) -> None:

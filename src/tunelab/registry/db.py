@@ -9,6 +9,7 @@ API server) may use one file at the same time, hence WAL and a busy timeout.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sqlite3
 import threading
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InvalidRequestError, OperationalError
 from sqlalchemy.orm import Session
 
 from tunelab.errors import StateError, StorageError
@@ -259,7 +260,10 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         yield session
         session.commit()
     except BaseException:
-        session.rollback()
+        # A signal handler's KeyboardInterrupt (Ctrl-C, SIGTERM) raised in the commit's after-commit hooks finds
+        # the commit landed: nothing to roll back (SQLAlchemy refuses), and the interrupt is what must go on up.
+        with contextlib.suppress(InvalidRequestError):
+            session.rollback()
         raise
     finally:
         session.close()
