@@ -13,15 +13,6 @@ import torch
 from tunelab.backends.torch import flash4
 
 
-def _restore_torch_s_kernels() -> None:
-    """Undo the process-wide activation, where this torch can (later tests expect torch's own kernels)."""
-    try:
-        from torch.nn.attention import restore_flash_attention_impl
-    except ImportError:  # a torch without it keeps FlashAttention 4 for the rest of the process
-        return
-    restore_flash_attention_impl()
-
-
 def _output_and_gradients(
     out: torch.Tensor, grad: torch.Tensor, inputs: tuple[torch.Tensor, ...]
 ) -> list[torch.Tensor]:
@@ -60,8 +51,7 @@ def _against_torch_s_kernels(
         check()
         mine = run()
     finally:
-        _restore_torch_s_kernels()
-        torch.backends.cuda.enable_cudnn_sdp(True)
+        flash4._unroute()  # later tests expect torch's own kernels
     for name, a, b in zip(("out", "dq", "dk", "dv"), mine, theirs, strict=True):
         assert float((a - b).norm() / b.norm()) < 2e-2, name  # bf16 operands, another summation order
 

@@ -60,9 +60,13 @@ def serves(config: Any) -> bool:
     """Whether FlashAttention 4's kernels take this model's attention calls (else they raise, not fall back)."""
     if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
         return False
-    heads = getattr(config, "num_attention_heads", None)
-    size = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    size = _head_size(config)
     return size is not None and 8 <= size <= 128 and size % 8 == 0
+
+
+def _head_size(config: Any) -> int | None:
+    heads = getattr(config, "num_attention_heads", None)
+    return getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
 
 
 def activate(device: torch.device) -> bool:
@@ -99,7 +103,8 @@ def _runs(device: torch.device, config: Any, dtype: torch.dtype) -> bool:
     """
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    size = getattr(config, "head_dim", None) or config.hidden_size // heads
+    size = _head_size(config)
+    assert size is not None  # take_sdpa asks only where serves() found one
     try:
         q, k, v = (
             torch.randn(1, h, 256, size, device=device, dtype=dtype, requires_grad=True)
