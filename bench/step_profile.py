@@ -1,7 +1,7 @@
 """Where `tunelab train`'s step time goes on a GPU: kernel time by kind, the GPU's idle share, the top kernels.
 
     python3 bench/step_profile.py lora_gc qlora_gc --unsloth-site /tmp/site_us
-    python3 bench/step_profile.py tiny_lora_gc --steps 6 --warm 2      # CPU plumbing check
+    python3 bench/step_profile.py tiny_lora_gc --warm 4 --span 2      # CPU plumbing check
 
 Each row (named as in ``vs_unsloth.py``) runs ``tunelab train`` on vs_unsloth's checkpoint, config and
 data, in a process of its own.  Inside it, the backend's ``optimizer_step`` is wrapped (nothing else
@@ -42,7 +42,7 @@ KINDS = [  # first match wins; names of CUDA kernels (or aten ops on a CPU)
     ("copies", ("memcpy", "memset", "copy_", "aten::copy_", "aten::to")),
     ("optimizer", ("multi_tensor_apply", "fused_adam", "adam")),
 ]
-state = {"steps": 0, "prof": None, "t0": 0.0}
+state = {"steps": 0, "prof": None, "t0": 0.0, "last": None, "walls": [], "waits": [], "wait": 0.0}
 
 
 def kind(name):
@@ -76,8 +76,35 @@ def report(prof, wall):
         print(f"PROFILE {'no kernel running':<20} {idle / SPAN:8.1f} ms a step  {share:5.1f}% of wall", flush=True)
     for name, t in by_name.most_common(25):
         print(f"PROFILE   {t / SPAN:7.2f} ms {calls[name] // SPAN:5d}x  {name[:110]}", flush=True)
+    if CUDA:
+        host_ops(prof)
     if os.environ.get("PROFILE_KERNELS"):
         timeline(prof, os.environ["PROFILE_KERNELS"])
+
+
+def host_ops(prof):
+    # The host's side: which torch ops (and Python-registered ops) took its time, self time per step.
+    # The profiler inflates every op by about the same few microseconds, so counts matter as much as times.
+    by_name, calls = collections.Counter(), collections.Counter()
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CPU and evt.self_cpu_time_total > 0:
+            by_name[evt.key] += evt.self_cpu_time_total / 1e3
+            calls[evt.key] += evt.count
+    total = sum(by_name.values())
+    print(f"PROFILE host: {total / SPAN:.1f} ms of op self time a step, {sum(calls.values()) // SPAN} ops", flush=True)
+    for name, t in by_name.most_common(20):
+        print(f"PROFILE   host {t / SPAN:7.2f} ms {calls[name] // SPAN:5d}x  {name[:100]}", flush=True)
+
+
+def unprofiled(walls, waits):
+    # Steps before the profiler: how long each took and how much of it the host spent waiting for the GPU.
+    # A host that never waits is what the GPU waits for (the step is host-bound).
+    if len(walls) < 2:
+        return
+    walls, waits = walls[1:], waits[1:]  # the first timed step still compiles
+    mid = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
+    print(f"PROFILE unprofiled: {len(walls)} steps, {walls[mid] * 1e3:.1f} ms a step (median), "
+          f"the host waited for the GPU {waits[mid] * 1e3:.1f} ms of it", flush=True)
 
 
 def timeline(prof, path):
@@ -100,10 +127,31 @@ def timeline(prof, path):
 original = TorchBackend.optimizer_step
 
 
+def waited(read):
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return read(*args, **kwargs)
+        finally:
+            state["wait"] += time.perf_counter() - start
+    return timed
+
+
+from tunelab.backends.torch import readback  # the trainer's reads of a step's numbers, its only waits
+readback.Pending.__float__ = waited(readback.Pending.__float__)
+torch.cuda.synchronize = waited(torch.cuda.synchronize)
+
+
 def stepped(self, *args, **kwargs):
     out = original(self, *args, **kwargs)
     state["steps"] += 1
+    now = time.perf_counter()
+    if state["last"] is not None and state["steps"] <= WARM:
+        state["walls"].append(now - state["last"])
+        state["waits"].append(state["wait"])
+    state["last"], state["wait"] = now, 0.0
     if state["steps"] == WARM:
+        unprofiled(state["walls"], state["waits"])
         if CUDA:
             torch.cuda.synchronize()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.backends.base import MethodSpec, ModelSpec
-from tunelab.backends.torch import held_4bit, joined_a, joined_b, kept_attention, nf4, shared_lora_a
+from tunelab.backends.torch import held_4bit, joined_a, joined_b, kept_attention, nf4, nf4_kernels, shared_lora_a
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers
 from tunelab.backends.torch.kept_mlp import host_budget, keep_mlps
@@ -52,6 +52,8 @@ def rewrite_layers(
 ) -> Rewritten:
     """Apply every rewrite this run takes to ``causal_lm``'s decoder layers (``base``: the transformers model)."""
     device = next(base.parameters()).device
+    if method.name == "qlora" and device.type == "cuda" and nf4.BNB_KERNELS:
+        nf4_kernels.load()  # found now: the compiled layers' traces only read whether it is there
     refreshers = []
     if shared_lora_a.ON:
         shared_lora_a.share(causal_lm)

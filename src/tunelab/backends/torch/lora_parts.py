@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tunelab.backends.torch import nf4
+from tunelab.backends.torch import nf4, nf4_kernels
 
 
 def active_adapter(module: Any) -> str:
@@ -49,8 +49,9 @@ def base_weight(module: Any) -> torch.Tensor:
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight
-    if nf4.IN_GRAPH and torch.compiler.is_compiling() and nf4.supported(weight):
-        return nf4.dequantize(weight, state)  # one kernel inside the graph, no bitsandbytes call
+    lean = nf4.BNB_KERNELS and nf4_kernels.available(weight)  # bitsandbytes' kernels, less host time
+    if (lean or (nf4.IN_GRAPH and torch.compiler.is_compiling())) and nf4.supported(weight):
+        return nf4.dequantize(weight, state)
     import bitsandbytes.functional as bnbf  # only QLoRA bases carry a quant_state
 
     return bnbf.dequantize_4bit(weight.data, state)

@@ -37,6 +37,11 @@ stopped waiting for each step's numbers, bitsandbytes' host calls were hidden
 behind the GPU's work, so moving them into the graph saved nothing.  And
 concatenating B onto a freshly dequantized weight copies that weight on every
 call.  They stay for GPUs whose host is slow beside the GPU, unmeasured.
+
+A third way keeps bitsandbytes' kernels and drops only the Python around them
+(:data:`BNB_KERNELS`, :mod:`nf4_kernels`): one opaque op launches them, inside the
+graph with ``IN_GRAPH`` and in tunelab's own dequantizations (the replay's down
+projection, tiled MLPs) without it.  Its weights are bitsandbytes' bit for bit.
 """
 
 from __future__ import annotations
@@ -45,12 +50,18 @@ from typing import Any
 
 import torch
 
+from tunelab.backends.torch import nf4_kernels
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.retype import retype
 
 # Off: measured slower on an H100 (module docstring); bench/gpu_env.sh turns them on by name for an A/B.
 IN_GRAPH = False
 LORA_IN_PRODUCT = False  # with IN_GRAPH: the adapter's B joins the base's product
+# On CUDA, dequantize through bitsandbytes' own kernels behind one lean op (nf4_kernels): inside the
+# compiled layer with IN_GRAPH (instead of inductor's arithmetic), and wherever tunelab's own code
+# dequantizes a base (lora_parts.base_weight).  The same kernels bitsandbytes runs, less host time for
+# each.  Off until a GPU A/B (bench/gpu_env.sh's switch bnb_kernels) shows it right and paying.
+BNB_KERNELS = False
 
 
 def in_graph_4bit(model: Any) -> int:
@@ -96,26 +107,41 @@ def supported(weight: Any) -> bool:
 
 
 def dequantize(weight: torch.Tensor, state: Any) -> torch.Tensor:
-    """``weight``'s values in ``state.dtype``, from its packed NF4 codes (two per byte, the high nibble first)."""
-    packed = weight.view(torch.uint8).reshape(-1)
-    codes = torch.stack((packed >> 4, packed & 15), dim=-1).reshape(-1).to(torch.int32)
-    values = state.code[codes].view(-1, state.blocksize)  # fp32, one row per block
-    return (values * _block_scales(state)[:, None]).view(tuple(state.shape)).to(state.dtype)
+    """``weight``'s values in ``state.dtype``, from its packed NF4 codes (two per byte, the high nibble first).
+
+    On CUDA, with :data:`BNB_KERNELS`, through bitsandbytes' own kernels behind one lean op
+    (:mod:`nf4_kernels`); elsewhere in torch ops, which a compiled graph fuses into one kernel.
+    """
+    if BNB_KERNELS and nf4_kernels.available(weight):
+        return nf4_kernels.dequantize(weight, state)
+    scales = state.absmax
+    if state.nested:
+        inner = state.state2
+        scales = nested_scales(state.absmax, inner.code, inner.absmax, state.offset, inner.blocksize)
+    return from_codes(weight, scales, state.code, state.blocksize, tuple(state.shape), state.dtype)
 
 
-def _block_scales(state: Any) -> torch.Tensor:
-    """Each block's absolute maximum in fp32 (double quantization: an 8-bit code, a scale per group, an offset)."""
-    if not state.nested:
-        return state.absmax
-    inner = state.state2
-    looked_up = inner.code[state.absmax.to(torch.int32)]  # the 8-bit codes' values
+def from_codes(
+    packed: torch.Tensor, scales: torch.Tensor, code: torch.Tensor, blocksize: int, shape: Any, dtype: torch.dtype
+) -> torch.Tensor:
+    """The weight from its 4-bit codes: each looked up in ``code`` (16 values), times its block's fp32 scale."""
+    flat = packed.view(torch.uint8).reshape(-1)
+    codes = torch.stack((flat >> 4, flat & 15), dim=-1).reshape(-1).to(torch.int32)
+    values = code[codes].view(-1, blocksize)  # fp32, one row per block
+    return (values * scales[:, None]).view(tuple(shape)).to(dtype)
+
+
+def nested_scales(
+    absmax: torch.Tensor, code2: torch.Tensor, absmax2: torch.Tensor, offset: Any, per_group: int
+) -> torch.Tensor:
+    """Each block's absolute maximum in fp32 from double quantization: an 8-bit code, a scale per group, an offset."""
+    looked_up = code2[absmax.to(torch.int32)]  # the 8-bit codes' values
     groups = looked_up.numel()
-    per_group = inner.blocksize
     if groups % per_group == 0:
-        scaled = (looked_up.view(-1, per_group) * inner.absmax[:, None]).view(-1)
+        scaled = (looked_up.view(-1, per_group) * absmax2[:, None]).view(-1)
     else:  # a last, partial group
-        scaled = looked_up * inner.absmax.repeat_interleave(per_group)[:groups]
-    return scaled + state.offset
+        scaled = looked_up * absmax2.repeat_interleave(per_group)[:groups]
+    return scaled + offset
 
 
 class _InGraph4bit:

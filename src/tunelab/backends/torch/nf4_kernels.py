@@ -1,0 +1,145 @@
+"""bitsandbytes' own NF4 dequantization kernels behind one lean torch op, ``tunelab::nf4_dequantize``.
+
+With QLoRA and checkpointing an 8B Llama step dequantizes 640 weights, each through
+bitsandbytes' Python: the functional wrapper, two of its registered ops (each a
+dispatch into Python, a device guard, a stream lookup, the pointers read one by one)
+and the add of the scales' offset.  In an H100 profile of 8B QLoRA 2x2048 the GPU sat
+40-130 µs between the kernels of each attention projection's dequantization, waiting
+for the host, and the attention's own products are 44-175 µs: that half of each layer
+ran at the host's pace (bench/README, session 45).
+
+This op launches the very same kernels with the same arguments, so the weight is
+bitsandbytes' bit for bit: the double-quantized scales into fp32, plus their offset,
+then the 4-bit codes into the compute dtype.  What it drops is the Python around
+them.  Inside a compiled layer the op is opaque (a fake returns the shape), so
+inductor calls it like any extern kernel and runs the product itself.
+
+Off CUDA, or where bitsandbytes' library lacks the entry points, the op computes the
+same arithmetic in torch ops (:func:`tunelab.backends.torch.nf4.dequantize`'s), so it
+has one meaning everywhere; callers route CUDA weights to it only where
+:func:`available` says the kernels are there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_LIB = torch.library.Library("tunelab", "FRAGMENT")
+_LIB.define(
+    "nf4_dequantize(Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, "
+    "Tensor code, int blocksize, int blocksize2, int[] shape, ScalarType dtype) -> Tensor"
+)
+_KERNEL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+_UNSET = object()
+_lib: Any = _UNSET  # bitsandbytes' library once looked for (None: it can't serve)
+
+
+def load() -> bool:
+    """Look for bitsandbytes' CUDA library once, before any layer compiles; whether it serves this op.
+
+    Called where a QLoRA run's layers are rewritten, so a compiled graph's trace only reads the answer.
+    """
+    global _lib
+    if _lib is _UNSET:
+        _lib = _find_library()
+    return _lib is not None
+
+
+def _find_library() -> Any:
+    try:
+        import bitsandbytes.backends.cuda.ops  # noqa: F401  # sets the entry points' argument types
+        from bitsandbytes.cextension import lib
+    except Exception:  # not installed, no CUDA build, a layout this code doesn't know
+        return None
+    names = ["cdequantize_blockwise_fp32"] + [f"cdequantize_blockwise_{k}_nf4" for k in _KERNEL_NAMES.values()]
+    if not all(getattr(getattr(lib, name, None), "argtypes", None) for name in names):
+        return None  # argtypes unset: the signature this code passes is not the library's
+    return lib
+
+
+def available(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` (packed NF4) dequantizes through bitsandbytes' kernels here (after :func:`load`)."""
+    return weight.device.type == "cuda" and _lib is not None and _lib is not _UNSET
+
+
+def dequantize(weight: torch.Tensor, state: Any) -> torch.Tensor:
+    """``weight``'s values in ``state.dtype`` through the op (inside a compiled graph: one opaque call)."""
+    inner = state.state2 if state.nested else None
+    offset = None
+    if inner is not None:
+        offset = state.offset
+        if not isinstance(offset, torch.Tensor):
+            offset = torch.tensor(float(offset), device=weight.device)
+    # Eagerly, the packed bytes as a plain tensor: bitsandbytes' parameter class routes every op through
+    # its Python __torch_function__ (a compiled graph has already looked past it).
+    packed = weight if torch.compiler.is_compiling() else weight.data
+    return torch.ops.tunelab.nf4_dequantize(
+        packed,
+        state.absmax,
+        None if inner is None else inner.code,
+        None if inner is None else inner.absmax,
+        offset,
+        state.code,
+        int(state.blocksize),
+        0 if inner is None else int(inner.blocksize),
+        [int(n) for n in state.shape],
+        state.dtype,
+    )
+
+
+def _on_cuda(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code2: torch.Tensor | None,
+    absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    code: torch.Tensor,
+    blocksize: int,
+    blocksize2: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    lib = _lib if load() else None
+    if lib is None or dtype not in _KERNEL_NAMES:
+        return _in_torch(packed, absmax, code2, absmax2, offset, code, blocksize, blocksize2, shape, dtype)
+    device = packed.device
+    with torch.cuda.device(device):  # the kernels launch on the current device's current stream
+        stream = torch.cuda.current_stream(device).cuda_stream
+        scales = absmax
+        if code2 is not None:
+            assert absmax2 is not None and offset is not None
+            scales = torch.empty(absmax.shape, dtype=torch.float32, device=device)
+            lib.cdequantize_blockwise_fp32(
+                code2.data_ptr(), absmax.data_ptr(), absmax2.data_ptr(), scales.data_ptr(),
+                blocksize2, absmax.numel(), stream,
+            )  # fmt: skip
+            scales.add_(offset)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        kernel = getattr(lib, f"cdequantize_blockwise_{_KERNEL_NAMES[dtype]}_nf4")
+        kernel(None, packed.data_ptr(), scales.data_ptr(), out.data_ptr(), blocksize, out.numel(), stream)
+    return out
+
+
+def _in_torch(*parts: Any) -> torch.Tensor:
+    """The op off CUDA: the same arithmetic in torch ops (``parts`` as the op's schema lists them)."""
+    from tunelab.backends.torch import nf4
+
+    packed, absmax, code2, absmax2, offset, code, blocksize, blocksize2, shape, dtype = parts
+    scales = absmax
+    if code2 is not None:
+        scales = nf4.nested_scales(absmax, code2, absmax2, offset, blocksize2)
+    return nf4.from_codes(packed, scales, code, blocksize, shape, dtype)
+
+
+def _fake(packed: torch.Tensor, *parts: Any) -> torch.Tensor:
+    """What a compiled graph's trace sees: a new tensor of the weight's shape (``parts[-2]``) and dtype."""
+    return packed.new_empty(parts[-2], dtype=parts[-1])
+
+
+_LIB.impl("nf4_dequantize", _on_cuda, "CUDA")
+_LIB.impl("nf4_dequantize", _in_torch, "CPU")
+torch.library.register_fake("tunelab::nf4_dequantize", _fake, lib=_LIB)

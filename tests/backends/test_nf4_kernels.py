@@ -1,0 +1,82 @@
+"""``tunelab::nf4_dequantize``: bitsandbytes' NF4 weights, bit for bit, through one op a compiled graph calls whole.
+
+bitsandbytes is not among the project's dependencies (QLoRA users install it), so these tests run
+where it is installed: a GPU machine (its kernels), or a CPU with its wheel (the op's torch arithmetic).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+bnb = pytest.importorskip("bitsandbytes")
+
+from tunelab.backends.torch import nf4, nf4_kernels  # noqa: E402
+from tunelab.backends.torch.retype import retype  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def _quantized(shape: tuple[int, int], nested: bool, device: str) -> tuple[Any, Any]:
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(device)
+    return bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested, blocksize=64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(256, 128), (1000, 64)])  # 1000 blocks: a last partial group of 256
+def test_the_op_gives_bitsandbytes_weight_bit_for_bit(device: str, nested: bool, shape: tuple[int, int]) -> None:
+    nf4_kernels.load()
+    packed, state = _quantized(shape, nested, device)
+    ours = nf4_kernels.dequantize(packed, state)
+    theirs = bnb.functional.dequantize_4bit(packed, state)
+    assert ours.dtype == theirs.dtype == torch.bfloat16 and ours.shape == theirs.shape and ours.device == theirs.device
+    assert torch.equal(ours, theirs)
+    assert nf4_kernels.available(packed) == (device == "cuda")  # only CUDA weights are routed to the kernels
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compiled_product_calls_the_op_whole(device: str) -> None:
+    """No graph break, and the product and input gradient are bitsandbytes' own (the op has a fake for the trace)."""
+    packed, state = _quantized((256, 128), True, device)
+    weight = bnb.functional.dequantize_4bit(packed, state)
+    x = torch.randn(4, 16, 128, dtype=torch.bfloat16, device=device, requires_grad=True)
+    expected = x @ weight.t()
+    expected.float().square().sum().backward()
+    expected_grad, x.grad = x.grad, None
+
+    torch._dynamo.reset()
+    run = torch.compile(lambda x: x @ nf4_kernels.dequantize(packed, state).t(), fullgraph=True)
+    out = run(x)
+    out.float().square().sum().backward()
+    assert torch.equal(out, expected) and torch.equal(x.grad, expected_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bnb_kernels", [True, False])
+def test_an_in_graph_linear_on_the_gpu_matches_bitsandbytes_either_way(
+    monkeypatch: pytest.MonkeyPatch, bnb_kernels: bool
+) -> None:
+    """bitsandbytes' kernels behind the op, or inductor's arithmetic: bitsandbytes' output and gradient exactly."""
+    monkeypatch.setattr(nf4, "BNB_KERNELS", bnb_kernels)
+    nf4_kernels.load()
+    torch.manual_seed(0)
+    linear = bnb.nn.Linear4bit(512, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    linear.load_state_dict({"weight": torch.randn(1024, 512)}, strict=False)
+    linear = linear.to("cuda")
+    x = torch.randn(2, 256, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    expected = linear(x)
+    expected.float().square().sum().backward()
+    expected_grad, x.grad = x.grad, None
+
+    retype(linear, nf4._InGraph4bit)
+    torch._dynamo.reset()
+    out = torch.compile(linear, fullgraph=True)(x)
+    out.float().square().sum().backward()
+    # the same weight; the products may take other cuBLAS kernels (a 3-D input, a traced transpose)
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad, expected_grad, rtol=1e-2, atol=1e-2)
