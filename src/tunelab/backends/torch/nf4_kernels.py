@@ -36,6 +36,7 @@ _KERNEL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
 
 _UNSET = object()
 _lib: Any = _UNSET  # bitsandbytes' library once looked for (None: it can't serve)
+_ready = False  # the answer as a plain bool: what a compiled graph's trace reads (and guards on)
 
 
 def load() -> bool:
@@ -43,10 +44,11 @@ def load() -> bool:
 
     Called where a QLoRA run's layers are rewritten, so a compiled graph's trace only reads the answer.
     """
-    global _lib
+    global _lib, _ready
     if _lib is _UNSET:
         _lib = _find_library()
-    return _lib is not None
+        _ready = _lib is not None
+    return _ready
 
 
 def _find_library() -> Any:
@@ -63,7 +65,7 @@ def _find_library() -> Any:
 
 def available(weight: torch.Tensor) -> bool:
     """Whether ``weight`` (packed NF4) dequantizes through bitsandbytes' kernels here (after :func:`load`)."""
-    return weight.device.type == "cuda" and _lib is not None and _lib is not _UNSET
+    return _ready and weight.device.type == "cuda"
 
 
 def dequantize(weight: torch.Tensor, state: Any) -> torch.Tensor:
