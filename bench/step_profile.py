@@ -9,7 +9,9 @@ changes): after ``--warm`` steps the GPU is synchronised and torch's profiler st
 steps later it stops and the process prints, per step, the wall time, the kernel time of each kind
 (matrix products, attention, Triton kernels inductor generated, bitsandbytes' dequantization,
 copies, the optimizer, other aten kernels) and the time the GPU had no kernel running, then the 25
-kernels that took longest.  The kinds are told apart by kernel name.  Profiling itself slows the
+kernels that took longest, and on a GPU the host's 20 costliest ops (self time).  Before the profiler
+starts, the steps after the first are timed unprofiled, with how long the host waited for the GPU in
+each: near zero means the GPU waits for the host.  The kinds are told apart by kernel name.  Profiling itself slows the
 host side a little, so the wall time here is a bit above the run's own tokens/s; the shares are what
 to read.  Output also goes to ``$OUT/profile_<row>.txt``, and every GPU kernel of the profiled steps
 (start, length, stream, name) to ``$OUT/kernels_<row>.csv.gz`` for reading the timeline offline.
@@ -27,7 +29,7 @@ import vs_unsloth as vu  # bench/ is on the path now
 
 # Runs inside the training process: the profiler around steps WARM+1 .. WARM+SPAN of the backend's loop.
 DRIVER = r"""
-import collections, csv, gzip, json, os, sys, tempfile, time, torch
+import collections, csv, gzip, json, os, sys, tempfile, time, torch, warnings
 from torch.profiler import ProfilerActivity, profile
 from tunelab.backends.torch.backend import TorchBackend
 
@@ -42,7 +44,7 @@ KINDS = [  # first match wins; names of CUDA kernels (or aten ops on a CPU)
     ("copies", ("memcpy", "memset", "copy_", "aten::copy_", "aten::to")),
     ("optimizer", ("multi_tensor_apply", "fused_adam", "adam")),
 ]
-state = {"steps": 0, "prof": None, "t0": 0.0, "last": None, "walls": [], "waits": [], "wait": 0.0}
+state = {"steps": 0, "prof": None, "t0": 0.0, "last": None, "walls": [], "waits": [], "wait": 0.0, "syncs": 0}
 
 
 def kind(name):
@@ -96,15 +98,20 @@ def host_ops(prof):
         print(f"PROFILE   host {t / SPAN:7.2f} ms {calls[name] // SPAN:5d}x  {name[:100]}", flush=True)
 
 
-def unprofiled(walls, waits):
-    # Steps before the profiler: how long each took and how much of it the host spent waiting for the GPU.
-    # A host that never waits is what the GPU waits for (the step is host-bound).
-    if len(walls) < 2:
+def unprofiled(walls, waits, syncs):
+    # Steps before the profiler: how long each took and how long the host spent in its explicit waits for
+    # the GPU (the loop's reads of a step's numbers, torch.cuda.synchronize): a lower bound, so the
+    # synchronising calls CUDA's sync debug mode saw (.item(), a copy to pageable memory...) are counted
+    # too.  A host that waits for nothing, explicitly or not, is what the GPU waits for: host-bound.
+    walls, waits = walls[1:], waits[1:]  # the first timed step may still compile
+    if not walls:
+        print("PROFILE unprofiled: no step to time (--warm 3 or more)", flush=True)
         return
-    walls, waits = walls[1:], waits[1:]  # the first timed step still compiles
     mid = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
-    print(f"PROFILE unprofiled: {len(walls)} steps, {walls[mid] * 1e3:.1f} ms a step (median), "
-          f"the host waited for the GPU {waits[mid] * 1e3:.1f} ms of it", flush=True)
+    few = "" if len(walls) >= 3 else " (too few for a median: raise --warm)"
+    print(f"PROFILE unprofiled: {len(walls)} steps{few}, {walls[mid] * 1e3:.1f} ms a step (median), "
+          f"explicit waits for the GPU {waits[mid] * 1e3:.1f} ms of it, "
+          f"{syncs / len(walls):.1f} other synchronising calls a step", flush=True)
 
 
 def timeline(prof, path):
@@ -137,9 +144,20 @@ def waited(read):
     return timed
 
 
-from tunelab.backends.torch import readback  # the trainer's reads of a step's numbers, its only waits
+from tunelab.backends.torch import readback  # the trainer's reads of a step's numbers
 readback.Pending.__float__ = waited(readback.Pending.__float__)
 torch.cuda.synchronize = waited(torch.cuda.synchronize)
+shown = warnings.showwarning
+
+
+def counted(message, *args, **kwargs):
+    if "synchroniz" in str(message):  # CUDA's sync debug mode: "called a synchronizing CUDA operation"
+        state["syncs"] += 1
+        return None
+    return shown(message, *args, **kwargs)
+
+
+warnings.showwarning = counted
 
 
 def stepped(self, *args, **kwargs):
@@ -150,8 +168,14 @@ def stepped(self, *args, **kwargs):
         state["walls"].append(now - state["last"])
         state["waits"].append(state["wait"])
     state["last"], state["wait"] = now, 0.0
+    if CUDA and state["steps"] == 2:  # the first timed interval is dropped: count from here
+        state["syncs"] = 0
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
     if state["steps"] == WARM:
-        unprofiled(state["walls"], state["waits"])
+        if CUDA:
+            torch.cuda.set_sync_debug_mode("default")
+        unprofiled(state["walls"], state["waits"], state["syncs"])
         if CUDA:
             torch.cuda.synchronize()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
@@ -194,7 +218,7 @@ def profile_row(name: str, work: Path, site: Path, warm: int, span: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rows", nargs="+")
-    p.add_argument("--warm", type=int, default=4, help="steps before the profiler starts (compiles, warm-up)")
+    p.add_argument("--warm", type=int, default=6, help="steps before the profiler starts (compiles, warm-up)")
     p.add_argument("--span", type=int, default=3, help="steps profiled")
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm/tunelab-vs"))
     p.add_argument("--unsloth-site", type=Path, default=Path("/tmp/site_us"))

@@ -55,6 +55,35 @@ def test_a_compiled_product_calls_the_op_whole(device: str) -> None:
     assert torch.equal(out, expected) and torch.equal(x.grad, expected_grad)
 
 
+def test_a_compiled_graph_takes_bitsandbytes_parameter_and_state_whole() -> None:
+    """The weight as a run holds it (``Params4bit`` with its ``QuantState``), traced without a graph break."""
+    linear = bnb.nn.Linear4bit(128, 256, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    linear.load_state_dict({"weight": torch.randn(256, 128)}, strict=False)
+    linear = linear.to("cpu")  # bitsandbytes quantizes the weight when the module is moved
+    weight = linear.weight
+    expected = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    torch._dynamo.reset()
+    run = torch.compile(lambda w: nf4_kernels.dequantize(w, w.quant_state), fullgraph=True)
+    assert torch.equal(run(weight), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_the_kernels_run_on_the_callers_stream() -> None:
+    """Captured into a CUDA graph (a stream of its own): a launch anywhere else would fail or go uncaptured."""
+    nf4_kernels.load()
+    packed, state = _quantized((2048, 1024), True, "cuda")
+    expected = bnb.functional.dequantize_4bit(packed, state)
+    nf4_kernels.dequantize(packed, state)  # warm: the allocator's blocks, the library's first call
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ours = nf4_kernels.dequantize(packed, state)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(ours, expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bnb_kernels", [True, False])

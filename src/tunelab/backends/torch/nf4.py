@@ -102,7 +102,12 @@ def supported(weight: Any) -> bool:
         return False
     if state.nested:
         inner = state.state2
-        return bool(state.absmax.dtype == torch.uint8 and inner.code is not None and inner.code.numel() == 256)
+        return bool(
+            state.absmax.dtype == torch.uint8
+            and inner.code is not None
+            and inner.code.numel() == 256
+            and inner.absmax.dtype == torch.float32
+        )
     return bool(state.absmax.dtype == torch.float32)
 
 

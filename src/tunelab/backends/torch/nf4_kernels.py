@@ -22,6 +22,7 @@ has one meaning everywhere; callers route CUDA weights to it only where
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ _KERNEL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
 _UNSET = object()
 _lib: Any = _UNSET  # bitsandbytes' library once looked for (None: it can't serve)
 _ready = False  # the answer as a plain bool: what a compiled graph's trace reads (and guards on)
+_kernels: dict[torch.dtype, Any] = {}  # the 4-bit entry point for each compute dtype
 
 
 def load() -> bool:
@@ -48,6 +50,8 @@ def load() -> bool:
     if _lib is _UNSET:
         _lib = _find_library()
         _ready = _lib is not None
+        if _lib is not None:
+            _kernels.update({d: getattr(_lib, f"cdequantize_blockwise_{k}_nf4") for d, k in _KERNEL_NAMES.items()})
     return _ready
 
 
@@ -57,9 +61,15 @@ def _find_library() -> Any:
         from bitsandbytes.cextension import lib
     except Exception:  # not installed, no CUDA build, a layout this code doesn't know
         return None
+    if not getattr(lib, "compiled_with_cuda", False):
+        return None  # a CPU build answers every CUDA entry point with a function that raises
     names = ["cdequantize_blockwise_fp32"] + [f"cdequantize_blockwise_{k}_nf4" for k in _KERNEL_NAMES.values()]
-    if not all(getattr(getattr(lib, name, None), "argtypes", None) for name in names):
-        return None  # argtypes unset: the signature this code passes is not the library's
+    for name in names:
+        fn = getattr(lib, name, None)
+        # The signature this code passes: four pointers, block size, count, stream (bitsandbytes sets it).
+        native = isinstance(fn, ctypes._CFuncPtr)  # type: ignore[attr-defined]
+        if not native or len(getattr(fn, "argtypes", None) or ()) != 7:
+            return None
     return lib
 
 
@@ -106,23 +116,45 @@ def _on_cuda(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     lib = _lib if load() else None
-    if lib is None or dtype not in _KERNEL_NAMES:
+    if lib is None or dtype not in _kernels:
         return _in_torch(packed, absmax, code2, absmax2, offset, code, blocksize, blocksize2, shape, dtype)
     device = packed.device
-    with torch.cuda.device(device):  # the kernels launch on the current device's current stream
-        stream = torch.cuda.current_stream(device).cuda_stream
-        scales = absmax
-        if code2 is not None:
-            assert absmax2 is not None and offset is not None
-            scales = torch.empty(absmax.shape, dtype=torch.float32, device=device)
-            lib.cdequantize_blockwise_fp32(
-                code2.data_ptr(), absmax.data_ptr(), absmax2.data_ptr(), scales.data_ptr(),
-                blocksize2, absmax.numel(), stream,
-            )  # fmt: skip
-            scales.add_(offset)
-        out = torch.empty(shape, dtype=dtype, device=device)
-        kernel = getattr(lib, f"cdequantize_blockwise_{_KERNEL_NAMES[dtype]}_nf4")
-        kernel(None, packed.data_ptr(), scales.data_ptr(), out.data_ptr(), blocksize, out.numel(), stream)
+    # Raw pointers go to the kernels: each tensor must be on the weight's device, and the codes dense.
+    packed = packed if packed.is_contiguous() else packed.contiguous()
+    absmax = absmax if absmax.device == device else absmax.to(device)
+    if device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return _launch(lib, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
+    return _launch(lib, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
+
+
+def _launch(
+    lib: Any,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code2: torch.Tensor | None,
+    absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    blocksize2: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The two kernels on the current stream of the weight's (current) device, as bitsandbytes launches them."""
+    device = packed.device
+    stream = torch.cuda.current_stream(device).cuda_stream
+    scales = absmax
+    if code2 is not None:
+        assert absmax2 is not None and offset is not None
+        code2, absmax2, offset = (t if t.device == device else t.to(device) for t in (code2, absmax2, offset))
+        scales = torch.empty(absmax.shape, dtype=torch.float32, device=device)
+        lib.cdequantize_blockwise_fp32(
+            code2.data_ptr(), absmax.data_ptr(), absmax2.data_ptr(), scales.data_ptr(),
+            blocksize2, absmax.numel(), stream,
+        )  # fmt: skip
+        scales.add_(offset)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    _kernels[dtype](None, packed.data_ptr(), scales.data_ptr(), out.data_ptr(), blocksize, out.numel(), stream)
     return out
 
 
