@@ -101,8 +101,9 @@ def test_the_adapter_in_the_base_product_gives_peft_outputs_and_gradients(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bnb_kernels", [False, True])  # inductor's arithmetic, or bitsandbytes' kernels (nf4_kernels)
 def test_qlora_training_on_the_compiled_path_dequantizes_in_the_graph_with_the_same_gradients(
-    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, bnb_kernels: bool
 ) -> None:
     from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
     from tunelab.backends.torch.backend import TorchBackend
@@ -110,6 +111,7 @@ def test_qlora_training_on_the_compiled_path_dequantizes_in_the_graph_with_the_s
 
     def step(in_graph: bool, in_product: bool = False) -> tuple[float, dict[str, Any], int]:
         monkeypatch.setattr(nf4, "IN_GRAPH", in_graph)
+        monkeypatch.setattr(nf4, "BNB_KERNELS", bnb_kernels and in_graph)
         monkeypatch.setattr(nf4, "LORA_IN_PRODUCT", in_product)
         torch._dynamo.reset()
         torch.manual_seed(1)
