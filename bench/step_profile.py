@@ -173,10 +173,9 @@ def stepped(self, *args, **kwargs):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
     if state["steps"] == WARM:
-        if CUDA:
-            torch.cuda.set_sync_debug_mode("default")
         unprofiled(state["walls"], state["waits"], state["syncs"])
         if CUDA:
+            torch.cuda.set_sync_debug_mode("default")
             torch.cuda.synchronize()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
         state["prof"] = profile(activities=acts)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tunelab.backends.torch import nf4, nf4_kernels
+from tunelab.backends.torch import nf4
 
 
 def active_adapter(module: Any) -> str:
@@ -49,7 +49,7 @@ def base_weight(module: Any) -> torch.Tensor:
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight
-    lean = nf4.BNB_KERNELS and nf4_kernels.available(weight)  # bitsandbytes' kernels, less host time
+    lean = nf4.takes_bnb_kernels(weight)  # bitsandbytes' kernels, less host time
     if (lean or (nf4.IN_GRAPH and torch.compiler.is_compiling())) and nf4.supported(weight):
         return nf4.dequantize(weight, state)
     import bitsandbytes.functional as bnbf  # only QLoRA bases carry a quant_state

@@ -117,13 +117,18 @@ def dequantize(weight: torch.Tensor, state: Any) -> torch.Tensor:
     On CUDA, with :data:`BNB_KERNELS`, through bitsandbytes' own kernels behind one lean op
     (:mod:`nf4_kernels`); elsewhere in torch ops, which a compiled graph fuses into one kernel.
     """
-    if BNB_KERNELS and nf4_kernels.available(weight):
+    if takes_bnb_kernels(weight):
         return nf4_kernels.dequantize(weight, state)
     scales = state.absmax
     if state.nested:
         inner = state.state2
         scales = nested_scales(state.absmax, inner.code, inner.absmax, state.offset, inner.blocksize)
     return from_codes(weight, scales, state.code, state.blocksize, tuple(state.shape), state.dtype)
+
+
+def takes_bnb_kernels(weight: torch.Tensor) -> bool:
+    """Whether :func:`dequantize` runs bitsandbytes' kernels for ``weight``: :data:`BNB_KERNELS`, CUDA, library."""
+    return BNB_KERNELS and nf4_kernels.available(weight)
 
 
 def from_codes(

@@ -22,6 +22,7 @@ has one meaning everywhere; callers route CUDA weights to it only where
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from typing import Any
 
@@ -122,10 +123,9 @@ def _on_cuda(
     # Raw pointers go to the kernels: each tensor must be on the weight's device, and the codes dense.
     packed = packed if packed.is_contiguous() else packed.contiguous()
     absmax = absmax if absmax.device == device else absmax.to(device)
-    if device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            return _launch(lib, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
-    return _launch(lib, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
+    current = device.index == torch.cuda.current_device()  # the usual case: no device guard to enter and leave
+    with contextlib.nullcontext() if current else torch.cuda.device(device):
+        return _launch(lib, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
 
 
 def _launch(
