@@ -50,7 +50,8 @@ def base_weight(module: Any) -> torch.Tensor:
     if state is None:
         return weight
     lean = nf4.takes_bnb_kernels(weight)  # bitsandbytes' kernels, less host time
-    if (lean or (nf4.IN_GRAPH and torch.compiler.is_compiling())) and nf4.supported(weight):
+    # IN_GRAPH forced on (True) traces the arithmetic in compiled graphs; its default rides on ``lean``
+    if (lean or (nf4.IN_GRAPH is True and torch.compiler.is_compiling())) and nf4.supported(weight):
         return nf4.dequantize(weight, state)
     import bitsandbytes.functional as bnbf  # only QLoRA bases carry a quant_state
 

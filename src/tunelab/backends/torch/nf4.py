@@ -28,9 +28,10 @@ adds it: at 8B, two passes over 43,008 values a token per layer.  In backward,
 ``grad @ [W, s·B]`` gives the input's gradient and the adapter's in one
 product too.  The sum is rounded once instead of twice.
 
-Both are off (:data:`IN_GRAPH`, :data:`LORA_IN_PRODUCT`): they are correct (the
+In inductor's arithmetic neither paid on a GPU (they are correct: the
 dequantization bit for bit against bitsandbytes 0.50.2 on CPUs, eager and
-compiled), but neither paid on a GPU.  Through `tunelab train`, 8B QLoRA 2x2048
+compiled), so :data:`LORA_IN_PRODUCT` is off and :data:`IN_GRAPH` takes only
+bitsandbytes' kernels by default.  Through `tunelab train`, 8B QLoRA 2x2048
 with checkpointing on an H100 (2026-12-06, one lease) ran at 10,575 tok/s with
 both off, 10,487 with IN_GRAPH and 9,594 with both.  Once the training loop
 stopped waiting for each step's numbers, bitsandbytes' host calls were hidden
@@ -42,6 +43,8 @@ A third way keeps bitsandbytes' kernels and drops only the Python around them
 (:data:`BNB_KERNELS`, :mod:`nf4_kernels`): one opaque op launches them, inside the
 graph with ``IN_GRAPH`` and in tunelab's own dequantizations (the replay's down
 projection, tiled MLPs) without it.  Its weights are bitsandbytes' bit for bit.
+That one paid where the arithmetic did not: the Python it drops is what the GPU
+waited for (:data:`IN_GRAPH`), so it is on wherever it serves.
 """
 
 from __future__ import annotations
@@ -54,14 +57,24 @@ from tunelab.backends.torch import nf4_kernels
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.retype import retype
 
-# Off: measured slower on an H100 (module docstring); bench/gpu_env.sh turns them on by name for an A/B.
-IN_GRAPH = False
+# IN_GRAPH: True puts every compiled QLoRA layer's dequantization in its graph (inductor's arithmetic
+# where bitsandbytes' kernels don't serve); "bnb_kernels", the default, only where they do (CUDA with
+# BNB_KERNELS and a bitsandbytes library that has them), as one opaque op.  Measured on an H100
+# (session 46, 8B QLoRA 2x2048 with checkpointing, one lease): 11,335 tok/s against 9,781 with both
+# off and Unsloth's 9,740; BNB_KERNELS alone, 10,721.  bench/gpu_env.sh's switches turn them off by name.
+IN_GRAPH: bool | str = "bnb_kernels"
 LORA_IN_PRODUCT = False  # with IN_GRAPH: the adapter's B joins the base's product
 # On CUDA, dequantize through bitsandbytes' own kernels behind one lean op (nf4_kernels): inside the
 # compiled layer with IN_GRAPH (instead of inductor's arithmetic), and wherever tunelab's own code
-# dequantizes a base (lora_parts.base_weight).  The same kernels bitsandbytes runs, less host time for
-# each.  Off until a GPU A/B (bench/gpu_env.sh's switch bnb_kernels) shows it right and paying.
-BNB_KERNELS = False
+# dequantizes a base (lora_parts.base_weight).  The same kernels bitsandbytes runs, less host time for each.
+BNB_KERNELS = True
+
+
+def in_graph_on(device: torch.device) -> bool:
+    """Whether a QLoRA run's compiled layers on ``device`` dequantize their NF4 weights in the graph."""
+    if IN_GRAPH == "bnb_kernels":
+        return BNB_KERNELS and device.type == "cuda" and nf4_kernels.load()
+    return bool(IN_GRAPH)
 
 
 def in_graph_4bit(model: Any) -> int:
@@ -111,14 +124,15 @@ def supported(weight: Any) -> bool:
     return bool(state.absmax.dtype == torch.float32)
 
 
-def dequantize(weight: torch.Tensor, state: Any) -> torch.Tensor:
+def dequantize(weight: torch.Tensor, state: Any, site: int = 0) -> torch.Tensor:
     """``weight``'s values in ``state.dtype``, from its packed NF4 codes (two per byte, the high nibble first).
 
     On CUDA, with :data:`BNB_KERNELS`, through bitsandbytes' own kernels behind one lean op
     (:mod:`nf4_kernels`); elsewhere in torch ops, which a compiled graph fuses into one kernel.
+    A backward's call passes its own ``site`` (:func:`nf4_kernels.dequantize` says why).
     """
     if takes_bnb_kernels(weight):
-        return nf4_kernels.dequantize(weight, state)
+        return nf4_kernels.dequantize(weight, state, site)
     scales = state.absmax
     if state.nested:
         inner = state.state2
@@ -184,7 +198,7 @@ class _Nf4Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (weight,) = ctx.saved_tensors
-        return grad @ dequantize(weight, ctx.state).to(grad.dtype), None, None, None
+        return grad @ dequantize(weight, ctx.state, site=1).to(grad.dtype), None, None, None
 
 
 class _LoraInProduct:
@@ -253,14 +267,14 @@ class _Nf4LoraLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         weight, xa, lora_b = ctx.saved_tensors
         rank = lora_b.shape[1]
-        both = grad @ _with_adapter(weight, ctx.state, lora_b, ctx.scaling, grad.dtype)
+        both = grad @ _with_adapter(weight, ctx.state, lora_b, ctx.scaling, grad.dtype, site=1)
         scaled = (grad * ctx.scaling).reshape(-1, grad.shape[-1])  # as PEFT's backward scales it, before the product
         grad_b = scaled.t() @ xa.reshape(-1, rank).to(grad.dtype)
         return both[..., :-rank], both[..., -rank:], None, None, grad_b.to(lora_b.dtype), None, None
 
 
 def _with_adapter(
-    weight: torch.Tensor, state: Any, lora_b: torch.Tensor, scaling: float, dtype: torch.dtype
+    weight: torch.Tensor, state: Any, lora_b: torch.Tensor, scaling: float, dtype: torch.dtype, site: int = 0
 ) -> torch.Tensor:
     """``[W, s·B]``: the dequantized weight with the adapter's scaled B as ``r`` more input columns."""
-    return torch.cat((dequantize(weight, state).to(dtype), (lora_b * scaling).to(dtype)), dim=1)
+    return torch.cat((dequantize(weight, state, site).to(dtype), (lora_b * scaling).to(dtype)), dim=1)
