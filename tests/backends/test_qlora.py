@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from subprocess import CompletedProcess
 import pytest
 import yaml
 from pydantic import ValidationError
+from tests.conftest import cli_env
 
 from tunelab.backends.select import Environment, decide
 from tunelab.config.schema import MethodCfg
@@ -84,12 +86,28 @@ def _config(folder: Path, model: Path, **top: object) -> Path:
     return path
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
-def test_torch_qlora_without_bitsandbytes_fails_cleanly(
-    cli: Callable[..., CompletedProcess[str]], tokenizer_only_model_dir: Path, tmp_path: Path
-) -> None:
+# The CLI as a user without bitsandbytes runs it: a None entry in sys.modules is how Python marks a module
+# that can't be imported (find_spec answers None, import raises), so the suite can install it for the rest.
+_CLI_WITHOUT_BITSANDBYTES = (
+    "import sys\n"
+    "sys.modules['bitsandbytes'] = None\n"
+    "sys.argv[0] = 'tunelab'\n"
+    "from tunelab.cli.main import main\n"
+    "main()\n"
+)
+
+
+def test_torch_qlora_without_bitsandbytes_fails_cleanly(tokenizer_only_model_dir: Path, tmp_path: Path) -> None:
     # A model folder without weights: the refusal must come before loading.
-    proc = cli("train", _config(tmp_path, tokenizer_only_model_dir, backend="torch"))
+    config = _config(tmp_path, tokenizer_only_model_dir, backend="torch")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLI_WITHOUT_BITSANDBYTES, "train", str(config)],
+        env=cli_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == BackendError.exit_code != 0, output
     assert "Traceback" not in output, output
