@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+
+
+@pytest.fixture
+def torch_config() -> Iterator[Callable[..., None]]:
+    """``torch_config(module, name=value, ...)`` sets torch config values (inductor's, functorch's) for one test.
+
+    Through the config module's own ``patch``, which puts each old value back afterwards.
+    ``monkeypatch.setattr`` can't: from pytest 9.2 it undoes an attribute that a module's
+    ``__getattr__`` serves with ``delattr``, and torch's config modules read a delete as
+    "hide this entry", so every later compile in that process failed on the missing value.
+    """
+    with contextlib.ExitStack() as stack:
+        yield lambda module, **values: stack.enter_context(module.patch(values))
 
 
 def load_backend(

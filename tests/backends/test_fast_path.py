@@ -7,6 +7,7 @@ and are checked in ``tests/integration/test_cuda_fast.py``.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +164,7 @@ def test_torch_varlen_is_chosen_only_where_its_kernel_applies() -> None:
     assert capped.attn_logit_softcapping and not torch_varlen_usable(gemma2)
 
 
-def test_wide_rows_reduce_in_one_pass_where_inductor_would_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wide_rows_reduce_in_one_pass_where_inductor_would_loop(torch_config: Callable[..., None]) -> None:
     """fast.persist_rows_up_to installs inductor's heuristics hook: an INNER reduction of up to N elements is
     persistent (one read of the row), a wider one keeps inductor's own choice, and a graph cached before it
     is not reused."""
@@ -190,8 +191,8 @@ def test_wide_rows_reduce_in_one_pass_where_inductor_would_loop(monkeypatch: pyt
         sizevars = Sizes()
 
     if hasattr(inductor_config, "inductor_choices_class"):
-        monkeypatch.setattr(inductor_config, "inductor_choices_class", None)
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
+        torch_config(inductor_config, inductor_choices_class=None)
+    torch_config(inductor_config, fx_graph_cache=inductor_config.fx_graph_cache)
     before = V.choices
     try:
         persist_rows_up_to(8192)
@@ -208,7 +209,9 @@ def test_wide_rows_reduce_in_one_pass_where_inductor_would_loop(monkeypatch: pyt
         V.set_choices_handler(before)
 
 
-def test_with_wide_rows_on_compiled_graphs_are_still_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_with_wide_rows_on_compiled_graphs_are_still_cached(
+    monkeypatch: pytest.MonkeyPatch, torch_config: Callable[..., None], tmp_path: Path
+) -> None:
     """The hook is part of inductor's cache key, so it must pickle: torch 2.11 pickles the hook's factory, and a
     class made inside a function can't be (on an H100 every `tunelab train` bypassed the graph cache).  The second
     compile of one function, after dynamo forgets it, is read from inductor's graph cache."""
@@ -221,8 +224,7 @@ def test_with_wide_rows_on_compiled_graphs_are_still_cached(monkeypatch: pytest.
     if not hasattr(inductor_config, "inductor_choices_class"):
         pytest.skip("this inductor has no choices hook in its cache key")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(inductor_config, "inductor_choices_class", None)
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
+    torch_config(inductor_config, inductor_choices_class=None, fx_graph_cache=True)
     before = V.choices
 
     def norm(x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +275,7 @@ def test_on_a_gpu_a_4096_wide_rms_norm_compiles_to_a_persistent_reduction() -> N
 
 
 def test_autotune_gemm_tunes_only_the_products_and_is_off_by_default(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, torch_config: Callable[..., None]
 ) -> None:
     """bench/gpu_env.sh's switch autotune_gemm: compiling the layers turns on inductor's GEMM autotuning between
     cuBLAS and its Triton templates, and nothing else of max-autotune's search."""
@@ -284,9 +286,9 @@ def test_autotune_gemm_tunes_only_the_products_and_is_off_by_default(
     from tunelab.backends.torch import fast
 
     assert fast.AUTOTUNE_GEMM is False and fast.MODE is None
-    for name in ("max_autotune", "max_autotune_gemm", "max_autotune_gemm_backends", "max_autotune_pointwise"):
-        monkeypatch.setattr(inductor_config, name, getattr(inductor_config, name))  # put back afterwards
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
+    names = ("max_autotune", "max_autotune_gemm", "max_autotune_gemm_backends", "max_autotune_pointwise")
+    torch_config(inductor_config, **{name: getattr(inductor_config, name) for name in names})  # put back afterwards
+    torch_config(functorch_config, activation_memory_budget=functorch_config.activation_memory_budget)
     monkeypatch.setattr(fast, "PERSISTENT_ROWS", None)
     monkeypatch.setattr(fast, "AUTOTUNE_GEMM", True)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -27,7 +27,7 @@ def _backend(folder: Path, tokenizer: Any, method: str = "lora") -> TorchBackend
 
 
 def _step(backend: TorchBackend) -> tuple[float, dict[str, torch.Tensor]]:
-    loss = backend.forward_backward(_batch(), 1.0).loss_sum
+    loss = float(backend.forward_backward(_batch(), 1.0).loss_sum)
     grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
     return loss, grads
 

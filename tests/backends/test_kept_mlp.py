@@ -37,7 +37,7 @@ def _run(
     for layer in decoder_layers(base):
         layer.mlp.down_proj.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     torch.manual_seed(2)
-    losses = [backend.forward_backward(_batch(), 1.0).loss_sum for _ in range(2)]  # two micro-batches accumulate
+    losses = [float(backend.forward_backward(_batch(), 1.0).loss_sum) for _ in range(2)]  # two micro-batches accumulate
     grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
     return losses, grads, calls[0] // (2 * len(decoder_layers(base)))
 
