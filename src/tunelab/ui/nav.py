@@ -22,7 +22,7 @@ LAYOUT = {
 
 def renderer(url_path: str) -> Callable[[], None]:
     """The function that draws the page at ``/url_path``."""
-    from tunelab.ui.pages import datasets, models, new_run, playground, run_detail, runs, sweeps, system
+    from tunelab.ui.views import datasets, models, new_run, playground, run_detail, runs, sweeps, system
 
     return {
         "runs": runs.render,
