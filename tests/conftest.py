@@ -268,19 +268,21 @@ def run_cli(
     env: Mapping[str, str] | None = None,
     timeout: float = 300,
     home: str | os.PathLike[str] | None = None,
+    command: Sequence[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``tunelab`` CLI in a subprocess and capture its text output.
 
     The child inherits this process's environment (including the per-test
-    ``TUNELAB_HOME``, or ``home`` when given) plus ``env``.  Never raises on a
-    non-zero exit code: check ``returncode``, ``stdout`` and ``stderr`` yourself.
+    ``TUNELAB_HOME``, or ``home`` when given) plus ``env``.  ``command`` replaces
+    the CLI's own launch (``python -c`` with code of the test's before ``main()``).
+    Never raises on a non-zero exit code: check ``returncode``, ``stdout`` and ``stderr`` yourself.
     """
     child_env = {**(cli_env(home) if home is not None else os.environ), **(env or {})}
     if not child_env.get("TUNELAB_HOME"):
         # Called outside a test (e.g. from a module fixture): still never touch ~/.tunelab.
         child_env["TUNELAB_HOME"] = tempfile.mkdtemp(prefix="tunelab_home_")
     return subprocess.run(
-        [*_cli_command(), *(str(a) for a in args)],
+        [*(command or _cli_command()), *(str(a) for a in args)],
         cwd=cwd,
         env=child_env,
         capture_output=True,

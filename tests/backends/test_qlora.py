@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -13,7 +12,6 @@ from subprocess import CompletedProcess
 import pytest
 import yaml
 from pydantic import ValidationError
-from tests.conftest import cli_env
 
 from tunelab.backends.select import Environment, decide
 from tunelab.config.schema import MethodCfg
@@ -97,17 +95,12 @@ _CLI_WITHOUT_BITSANDBYTES = (
 )
 
 
-def test_torch_qlora_without_bitsandbytes_fails_cleanly(tokenizer_only_model_dir: Path, tmp_path: Path) -> None:
+def test_torch_qlora_without_bitsandbytes_fails_cleanly(
+    cli: Callable[..., CompletedProcess[str]], tokenizer_only_model_dir: Path, tmp_path: Path
+) -> None:
     # A model folder without weights: the refusal must come before loading.
     config = _config(tmp_path, tokenizer_only_model_dir, backend="torch")
-    proc = subprocess.run(
-        [sys.executable, "-c", _CLI_WITHOUT_BITSANDBYTES, "train", str(config)],
-        env=cli_env(tmp_path / "home"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = cli("train", config, command=[sys.executable, "-c", _CLI_WITHOUT_BITSANDBYTES])
     output = proc.stdout + proc.stderr
     assert proc.returncode == BackendError.exit_code != 0, output
     assert "Traceback" not in output, output
