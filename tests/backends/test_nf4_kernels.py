@@ -140,3 +140,14 @@ def test_an_in_graph_linear_on_the_gpu_matches_bitsandbytes_either_way(
     # the same weight; the products may take other cuBLAS kernels (a 3-D input, a traced transpose)
     torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(x.grad, expected_grad, rtol=1e-2, atol=1e-2)
+
+
+def test_by_default_the_op_goes_in_the_graph_for_short_rows_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured on an H100: in the graph, 2,048-token rows gained and 16,384-token rows lost (nf4.SHORT_BELOW)."""
+    monkeypatch.setattr(nf4_kernels, "load", lambda: True)  # as where bitsandbytes' library has the kernels
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert nf4.IN_GRAPH == "bnb_kernels" and nf4.BNB_KERNELS
+    assert nf4.in_graph_on(cuda, 2048) and nf4.in_graph_on(cuda, None)
+    assert not nf4.in_graph_on(cuda, nf4.SHORT_BELOW) and not nf4.in_graph_on(cpu, 2048)
+    monkeypatch.setattr(nf4, "IN_GRAPH", True)  # forced: every row, any device
+    assert nf4.in_graph_on(cuda, nf4.SHORT_BELOW) and nf4.in_graph_on(cpu, 2048)

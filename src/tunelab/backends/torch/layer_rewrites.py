@@ -74,7 +74,7 @@ def rewrite_layers(
     elif parked := offload_mlp(model, method, base, device, offload):
         keep_mlps(causal_lm, host_budget(), parked)
     if fast.compile_layers:
-        if method.name == "qlora" and (method.bits or 4) == 4 and nf4.in_graph_on(device):
+        if method.name == "qlora" and (method.bits or 4) == 4 and nf4.in_graph_on(device, model.longest_row):
             nf4.in_graph_4bit(causal_lm)  # the NF4 weights dequantized by the compiled graph itself
         compile_decoder_layers(causal_lm, fast.activation_budget)
     if own_checkpoints:

@@ -62,7 +62,11 @@ from tunelab.backends.torch.retype import retype
 # BNB_KERNELS and a bitsandbytes library that has them), as one opaque op.  Measured on an H100
 # (session 46, 8B QLoRA 2x2048 with checkpointing, one lease): 11,335 tok/s against 9,781 with both
 # off and Unsloth's 9,740; BNB_KERNELS alone, 10,721.  bench/gpu_env.sh's switches turn them off by name.
+# "bnb_kernels" also leaves rows of SHORT_BELOW tokens or more out: at 1x16,384 (tiled MLP, FlashAttention 4)
+# the op in the graph ran 8,660 tok/s against 8,865 with BNB_KERNELS alone (session 46, one machine, before
+# the backward's call got its own site), and 8,609 against 9,032 after it (session 47, two H100 machines).
 IN_GRAPH: bool | str = "bnb_kernels"
+SHORT_BELOW = 16_384
 LORA_IN_PRODUCT = False  # with IN_GRAPH: the adapter's B joins the base's product
 # On CUDA, dequantize through bitsandbytes' own kernels behind one lean op (nf4_kernels): inside the
 # compiled layer with IN_GRAPH (instead of inductor's arithmetic), and wherever tunelab's own code
@@ -70,10 +74,14 @@ LORA_IN_PRODUCT = False  # with IN_GRAPH: the adapter's B joins the base's produ
 BNB_KERNELS = True
 
 
-def in_graph_on(device: torch.device) -> bool:
-    """Whether a QLoRA run's compiled layers on ``device`` dequantize their NF4 weights in the graph."""
+def in_graph_on(device: torch.device, longest: int | None = None) -> bool:
+    """Whether a QLoRA run's compiled layers on ``device`` dequantize their NF4 weights in the graph.
+
+    ``longest``: tokens in the run's longest row, where known (``"bnb_kernels"`` leaves long rows out).
+    """
     if IN_GRAPH == "bnb_kernels":
-        return BNB_KERNELS and device.type == "cuda" and nf4_kernels.load()
+        short = longest is None or longest < SHORT_BELOW
+        return short and BNB_KERNELS and device.type == "cuda" and nf4_kernels.load()
     return bool(IN_GRAPH)
 
 
