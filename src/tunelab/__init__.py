@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab import bnb_import
+
+bnb_import.install()  # bitsandbytes, when something imports it, does not reach the Hub (bnb_import.py says why)
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "list_runs", "load_config", "resume_run", "show_run", "start_run"]

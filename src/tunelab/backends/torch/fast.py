@@ -44,6 +44,13 @@ MODE: str | None = None
 # device call).  Off until an A/B through `tunelab train` on a GPU (bench/gpu_env.sh's switch autotune_gemm).
 AUTOTUNE_GEMM = False
 
+# Whether inductor tunes the block sizes of its own elementwise and reduction kernels by timing neighbours of
+# its heuristic's choice (coordinate descent) when a layer compiles.  In 8B LoRA's step on an H100 those
+# kernels take ~33 ms of ~255, SiLU·up's backward alone 8.7 ms at ~70% of the memory bandwidth its bytes
+# need.  Compiling takes longer.  Off until an A/B through `tunelab train` on a GPU (bench/gpu_env.sh's
+# switch coordinate_descent; one earlier run of it, on a slow lease without a baseline, settled nothing).
+COORDINATE_DESCENT = False
+
 # Rows of at most this many elements reduce in one pass (inductor's "persistent" reduction, the row held in
 # registers) where inductor's own heuristic stops at 1,024: an RMSNorm over a 2,048- or 4,096-wide hidden
 # state then reads its input once, not once for the sum of squares and again to scale it, and so does its
@@ -108,9 +115,11 @@ def compile_decoder_layers(model: Any, activation_budget: float = 1.0) -> int:
     dynamo_config.suppress_errors = True
     if PERSISTENT_ROWS:
         persist_rows_up_to(PERSISTENT_ROWS)
-    if AUTOTUNE_GEMM:
-        from torch._inductor import config as inductor_config
+    from torch._inductor import config as inductor_config
 
+    if COORDINATE_DESCENT:
+        inductor_config.coordinate_descent_tuning = True
+    if AUTOTUNE_GEMM:
         inductor_config.max_autotune_gemm = True
         inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"  # cuBLAS, or a Triton template if faster
     layers = decoder_layers(model)
