@@ -29,6 +29,9 @@ def recorder(*args, **kwargs):
 kernels.get_kernel = recorder
 if sys.argv[1] == "tunelab":
     import tunelab  # noqa: F401
+import importlib.util
+
+assert importlib.util.find_spec("bitsandbytes") is not None  # as availability checks look first
 import bitsandbytes  # noqa: F401
 print(json.dumps({"asked": asked, "offline_after": bool(hub.HF_HUB_OFFLINE)}))
 """

@@ -20,6 +20,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
@@ -67,16 +68,26 @@ class _Loader(importlib.abc.Loader):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Finds bitsandbytes as the import system would, with :class:`_Loader` around its loader; once."""
+    """Finds bitsandbytes as the import system would, with :class:`_Loader` around its loader.
+
+    It stays in place until bitsandbytes is imported: availability checks (transformers', PEFT's) look
+    the package up with ``find_spec`` long before anything imports it, and each must leave the finder
+    for the import itself.  Once imported, the module is found in ``sys.modules`` before any finder.
+    """
+
+    def __init__(self) -> None:
+        self.busy = threading.local()
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "bitsandbytes":
+        if fullname != "bitsandbytes" or getattr(self.busy, "on", False):
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)  # the first import is the one that fetches; later ones find it cached
-        spec = importlib.util.find_spec(fullname)
+        self.busy.on = True  # the lookup below asks every finder again, this one included
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.busy.on = False
         if spec is not None and spec.loader is not None:
             spec.loader = _Loader(spec.loader)
         return spec

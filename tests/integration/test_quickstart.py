@@ -24,6 +24,7 @@ def test_the_real_model_quickstart_learns_the_shipped_task(tmp_path: Path) -> No
     result = run_cli("quickstart", "--workdir", str(tmp_path / "qs"), home=home, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SmolLM2-135M-Instruct" in result.stdout and "Traceback" not in result.stderr
+    assert "kernels-community" not in result.stdout + result.stderr  # bitsandbytes' import asked no Hub (bnb_import)
     shown = re.search(r"held-out exact match on (\d+) orders: base (\d+)% → fine-tuned (\d+)%", result.stdout)
     assert shown is not None, result.stdout[-2000:]
     count, before, after = (int(g) for g in shown.groups())
