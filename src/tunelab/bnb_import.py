@@ -2,15 +2,16 @@
 
 On a CPU with AVX-512 BF16, importing bitsandbytes (0.50) asks the ``kernels``
 package for a CPU kernel from the Hub: a request to the Hub at import, and a
-download where the Hub is reachable, or a warning line in the middle of the run
-where it is not.  PEFT imports bitsandbytes, when installed, for every LoRA
-adapter it creates (and tunelab's ``all`` extra installs it, for QLoRA), so a
-plain LoRA run on such a CPU reached the Hub, which a local-first tool must not
-do unasked.  :func:`install` puts a finder in front of the import system that
-runs the first import of bitsandbytes with the Hub offline: a kernel already
-in the local cache still loads, nothing is fetched, and the notices about the
-kernel it did not fetch are not printed.  Nothing is imported until something
-imports bitsandbytes.
+download of code where the Hub is reachable, or a warning line in the middle of
+the run where it is not.  PEFT imports bitsandbytes, when installed, for every
+LoRA adapter it creates (and tunelab's ``all`` extra installs it, for QLoRA), so
+a plain LoRA run on such a CPU reached the Hub, which a local-first tool must
+not do unasked.  :func:`install` puts a finder in front of the import system
+that runs the import of bitsandbytes with ``kernels.get_kernel`` refusing
+(bitsandbytes then keeps its own CPU kernels, as it does wherever the fetch
+fails) and the notices about it silenced.  Only that call is swapped, for that
+import only, so another thread's downloads meanwhile are untouched; nothing is
+imported until something imports bitsandbytes.
 """
 
 from __future__ import annotations
@@ -29,29 +30,39 @@ from types import ModuleType
 _NOTICES = ("bitsandbytes.backends.cpu.ops", "kernels")
 
 
+class HubKernelRefused(RuntimeError):
+    """What ``kernels.get_kernel`` raises while bitsandbytes is imported (bitsandbytes passes over it)."""
+
+
+def _refuse(repo_id: str, *_: object, **__: object) -> None:
+    raise HubKernelRefused(f"tunelab does not fetch {repo_id} from the Hugging Face Hub")
+
+
 @contextmanager
-def hub_offline() -> Iterator[None]:
-    """The Hub offline and the kernel fetch's notices silenced, for this block only."""
-    try:
-        import huggingface_hub.constants as hub
-    except ImportError:  # then nothing reaches the Hub through it
-        yield
-        return
+def no_hub_kernels() -> Iterator[None]:
+    """``kernels.get_kernel`` refusing, and the notices of a refused fetch silenced, for this block only."""
     loggers = [logging.getLogger(name) for name in _NOTICES]
-    before = hub.HF_HUB_OFFLINE, [logger.level for logger in loggers]
-    hub.HF_HUB_OFFLINE = True  # read at call time by the kernels package
+    levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
+        import kernels
+    except ImportError:  # bitsandbytes' own import of it fails the same way, and fetches nothing
+        kernels = None
+    real = getattr(kernels, "get_kernel", None)
+    if real is not None:
+        kernels.get_kernel = _refuse  # bitsandbytes imports the name from the package when it asks
+    try:
         yield
     finally:
-        hub.HF_HUB_OFFLINE = before[0]
-        for logger, level in zip(loggers, before[1], strict=True):
+        if real is not None:
+            kernels.get_kernel = real
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
 class _Loader(importlib.abc.Loader):
-    """bitsandbytes' own loader, its module run inside :func:`hub_offline`."""
+    """bitsandbytes' own loader, its module run inside :func:`no_hub_kernels`."""
 
     def __init__(self, inner: importlib.abc.Loader) -> None:
         self.inner = inner
@@ -63,7 +74,7 @@ class _Loader(importlib.abc.Loader):
         module.__loader__ = self.inner  # what the module would have had (resources, reloads)
         if module.__spec__ is not None:
             module.__spec__.loader = self.inner
-        with hub_offline():
+        with no_hub_kernels():
             self.inner.exec_module(module)
 
 
@@ -94,7 +105,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Have the process's first import of bitsandbytes run with the Hub offline (a no-op once imported)."""
+    """Have the process's import of bitsandbytes fetch no kernel from the Hub (a no-op once imported)."""
     if "bitsandbytes" in sys.modules or any(isinstance(f, _Finder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _Finder())
