@@ -13,7 +13,7 @@ import torch
 
 from tunelab.backends.base import Batch, LossSum, MethodSpec, ModelInfo, ModelSpec, ObjectiveSpec, OptimSpec
 from tunelab.backends.preference import host_arrays
-from tunelab.backends.torch import checkpoint_io, fsdp, gradient_check, oom, readback
+from tunelab.backends.torch import causal_mask, checkpoint_io, fsdp, gradient_check, oom, readback
 from tunelab.backends.torch.attention import choose_attention, host_varlen_arrays
 from tunelab.backends.torch.cpu_threads import CpuThreads
 from tunelab.backends.torch.fast import FastPath, resolve
@@ -52,6 +52,7 @@ class TorchBackend:
         self._fast_loss = False
         self._attention = "sdpa"
         self._offload = False
+        self._causal_skip = False  # causal_mask installed for the loaded model
         self._host_embed: HostEmbedding | None = None  # train.offload_embeddings: the table in CPU memory
         self._joined: tuple[Refresher, ...] = ()  # joined_a/joined_b: the joined weights' refreshers
         self.fast = FastPath()
@@ -143,6 +144,8 @@ class TorchBackend:
         )
         self._joined = done.joined
         self._attention = done.attention or self._attention
+        # After the rewrites: kept attention registers its own mask function.
+        self._causal_skip = causal_mask.install(str(base.config._attn_implementation))
         self._widest = widest_row(model)  # read by _shaped only where the layers are compiled
         self.checkpointing = "offloaded" if offload else "on" if model.gradient_checkpointing else "off"
         self._fast_loss = self.fast.fused_loss and method.name != "prefix" and supports_hidden_path(self._causal_lm)
@@ -258,10 +261,11 @@ class TorchBackend:
         self.model.eval()
         self._training = False
         rows, width = batch["input_ids"].shape
-        shaped = self._shaped(batch)  # as the policy's pass sees it: the same kernels, so step 1 is ln 2
+        shaped, causal = self._shaped(batch)  # as the policy's pass sees it: the same kernels, so step 1 is ln 2
         positions = supervised_positions(shaped["labels"])
         at, inputs = torch.from_numpy(positions).to(self.device), self._to_device(shaped)
-        with torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=bool(self._autocast)):
+        autocast = torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=bool(self._autocast))
+        with autocast, causal_mask.causal_only(causal):
             tokens = self._loss.reference_tokens(
                 self._causal_lm, self.model, inputs, self._fast_loss, self._attention, at
             )
@@ -271,20 +275,23 @@ class TorchBackend:
         scores = np.concatenate([np.zeros((rows, 1), np.float32), shifted.reshape(rows, padded - 1)], axis=1)
         return scores[:, :width]  # the added columns carry no labels, so nothing is cut
 
-    def _shaped(self, batch: Batch) -> Batch:
-        """``batch`` as the model runs it: padded for the compiled layers, without a mask where none is needed."""
+    def _shaped(self, batch: Batch) -> tuple[Batch, bool]:
+        """``batch`` as the model runs it (padded for the compiled layers, without a mask where none is needed),
+        and whether its forward runs under :func:`causal_mask.causal_only`."""
         if self.fast.compile_layers:
             batch = pad_to_multiple(batch, compiled_width(batch["input_ids"].shape[1], self._widest))
-        if "position_ids" not in batch and right_padded(batch["attention_mask"]):
+        causal = "position_ids" not in batch and right_padded(batch["attention_mask"])
+        if causal and not self._causal_skip:
             # Padding only at the ends of rows: under causal attention no real token sees a pad, so
             # the mask changes nothing that is scored. Without one transformers builds no mask and
             # attention takes its causal kernel (flash on a GPU, instead of the masked fallback);
             # on a CPU a 2-layer model's step is ~4% faster, with bit-identical real-token logits.
+            # (Where causal_mask is installed the mask stays in the call, and none is built either.)
             batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-        return batch
+        return batch, causal and self._causal_skip
 
     def _summed_loss(self, batch: Batch) -> tuple[Any, ...]:
-        batch = self._shaped(batch)
+        batch, causal = self._shaped(batch)
         # Preference batches: which tokens belong to which sequence, found on the host (no device sync).
         extra = host_arrays(batch) if "roles" in batch else {"positions": supervised_positions(batch["labels"])}
         extra.update(host_varlen_arrays(batch, self._attention))  # counted here, not on the device
@@ -296,7 +303,8 @@ class TorchBackend:
         # autocast their matmuls run in the base's dtype on the tensor cores, as the
         # weight is cast, not the activation (an fp32 copy of every adapter input would
         # double what is saved for backward and run on the slow fp32 GEMMs).
-        with torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=bool(self._autocast)):
+        autocast = torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=bool(self._autocast))
+        with autocast, causal_mask.causal_only(causal):  # no mask built, and no wait for the GPU, where causal
             return self._loss(self._causal_lm, self.model, inputs, self._fast_loss, self._attention, positions)
 
     def _to_device(self, batch: Batch) -> dict[str, torch.Tensor]:

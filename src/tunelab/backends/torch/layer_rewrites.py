@@ -22,16 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.backends.base import MethodSpec, ModelSpec
-from tunelab.backends.torch import (
-    held_4bit,
-    joined_a,
-    joined_b,
-    kept_attention,
-    nf4,
-    nf4_kernels,
-    shared_lora_a,
-    swiglu,
-)
+from tunelab.backends.torch import held_4bit, joined_a, joined_b, kept_attention, nf4, nf4_kernels, shared_lora_a
 from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.fast import FastPath, compile_decoder_layers
 from tunelab.backends.torch.kept_mlp import host_budget, keep_mlps
@@ -82,8 +73,6 @@ def rewrite_layers(
         tile_mlps(causal_lm, compile_backend="inductor" if fast.compile_layers else None)
     elif parked := offload_mlp(model, method, base, device, offload):
         keep_mlps(causal_lm, host_budget(), parked)
-    elif swiglu.ON and fast.compile_layers:
-        swiglu.fuse_backward(causal_lm)  # inside the compiled layer: its backward an opaque Triton kernel
     if fast.compile_layers:
         if method.name == "qlora" and (method.bits or 4) == 4 and nf4.in_graph_on(device, model.longest_row):
             nf4.in_graph_4bit(causal_lm)  # the NF4 weights dequantized by the compiled graph itself
