@@ -6,9 +6,13 @@ input gradients, 4,096 × 14,336 bf16 each): ~2.2 TB/s, where the same layer's f
 bytes at ~3.2 TB/s.  This script times, on the shapes of Unsloth's benchmark rows, the same arithmetic
 compiled by inductor as ``tunelab train`` compiles it (default heuristics, then with coordinate-descent
 tuning) and as one plain Triton kernel of a few block sizes, beside a device-to-device copy as the
-bandwidth reference.  If inductor's standalone kernel already moves its bytes at the copy's rate, the
-layer's kernel differs from it by what surrounds it; if a plain kernel beats it, that kernel is worth
-putting in the layer.
+bandwidth reference.
+
+Session 48 (H100, ``results/swiglu_backward_h100_2026-12-07.txt``): the plain kernel beat inductor's
+standalone backward (8B shape 236 against 312 us, 1B 491 against 575), but put in the compiled layers as an
+opaque op it made ``tunelab train`` slower (8B LoRA -0.6%, 1B LoRA -2.0%).  Inside the layer inductor's own
+kernel already ran at 230 us a layer (the same lease's profile), so the standalone figure overstated what
+there was to gain.  It was not kept.
 
     python3 bench/swiglu_backward_gpu.py        # prints one line per (shape, variant): us and TB/s
 """

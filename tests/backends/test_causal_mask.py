@@ -106,6 +106,21 @@ def test_only_the_plain_causal_mask_is_skipped_and_only_inside_the_block() -> No
         assert mask(mask_function=causal_mask_function, **args) is None
         window = mask(mask_function=sliding_window_causal_mask_function(2), **args)
         assert isinstance(window, torch.Tensor) and not bool(window[1, 0, 3, 0])  # the window still applies
+        prefixed = dict(args, kv_length=6, attention_mask=torch.ones(2, 6, dtype=torch.bool))  # a prefix's keys
+        assert isinstance(mask(mask_function=causal_mask_function, **prefixed), torch.Tensor)
+        assert isinstance(mask(mask_function=causal_mask_function, **(args | {"allow_is_causal_skip": False})),
+                          torch.Tensor)  # fmt: skip
         with causal_mask.causal_only(False):
             assert isinstance(mask(mask_function=causal_mask_function, **args), torch.Tensor)
     torch.testing.assert_close(mask(mask_function=causal_mask_function, **args), outside)
+
+
+def test_switched_off_the_step_drops_the_mask_as_before(
+    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(causal_mask, "ON", False)
+    assert not causal_mask.applies("sdpa")
+    backend = load_backend(tiny_model_dir, tiny_tokenizer)
+    assert not backend._causal_skip
+    shaped, causal = backend._shaped(random_batch())
+    assert "attention_mask" not in shaped and not causal

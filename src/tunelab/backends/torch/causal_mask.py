@@ -33,13 +33,16 @@ from tunelab.backends.torch.kept_attention import KEPT_SDPA
 # Attention functions that run causal attention by themselves when handed no mask (transformers' sdpa
 # function sets ``is_causal`` then); eager and flex attention need the mask itself, so they are left alone.
 SDPA_LIKE = ("sdpa", KEPT_SDPA)
+# False: the step drops the mask of such rows instead, and transformers searches their positions for packed rows
+# (bench/gpu_env.sh's switch causal_mask_off, for an A/B on a GPU).
+ON = True
 _WRAPPED = "_tunelab_causal_only"
 _state = threading.local()
 
 
 def applies(attention: str) -> bool:
     """Whether :func:`install` covers ``attention`` (an ``sdpa``-like implementation with a mask function)."""
-    if attention not in SDPA_LIKE:
+    if not ON or attention not in SDPA_LIKE:
         return False
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -62,12 +65,27 @@ def _skipping(base: Callable[..., Any]) -> Callable[..., Any]:
     from transformers.masking_utils import causal_mask_function
 
     def mask(*args: Any, **kwargs: Any) -> Any:
-        if getattr(_state, "on", False) and kwargs.get("mask_function") is causal_mask_function:
+        if getattr(_state, "on", False) and _plain_causal(kwargs, causal_mask_function):
             return None  # the plain causal mask, for rows with no padding that matters: sdpa's is_causal
         return base(*args, **kwargs)
 
     setattr(mask, _WRAPPED, True)
     return mask
+
+
+def _plain_causal(request: dict[str, Any], causal: Callable[..., Any]) -> bool:
+    """A request (keyword arguments, as transformers passes them) for the causal mask of rows attending only to
+    themselves: no other mask function, no skip forbidden, and the keys the queries' own positions (a prefix
+    adapter's cached keys would make them more, which sdpa's ``is_causal`` would cut off)."""
+    q_length, kv_length = request.get("q_length"), request.get("kv_length")
+    offsets = (request.get("q_offset", 0), request.get("kv_offset", 0))
+    return (
+        request.get("mask_function") is causal
+        and request.get("allow_is_causal_skip", True) is True
+        and isinstance(q_length, int)
+        and q_length == kv_length
+        and all(isinstance(o, int) and o == 0 for o in offsets)
+    )
 
 
 @contextlib.contextmanager

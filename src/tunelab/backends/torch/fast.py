@@ -46,9 +46,10 @@ AUTOTUNE_GEMM = False
 
 # Whether inductor tunes the block sizes of its own elementwise and reduction kernels by timing neighbours of
 # its heuristic's choice (coordinate descent) when a layer compiles.  In 8B LoRA's step on an H100 those
-# kernels take ~33 ms of ~255, SiLU·up's backward alone 8.7 ms at ~70% of the memory bandwidth its bytes
-# need.  Compiling takes longer.  Off until an A/B through `tunelab train` on a GPU (bench/gpu_env.sh's
-# switch coordinate_descent; one earlier run of it, on a slow lease without a baseline, settled nothing).
+# kernels take ~29 ms of ~252, SiLU·up's backward 7.4 ms.  Compiling takes longer.  Off: timed alone on an
+# H100 (bench/swiglu_backward_gpu.py, session 48), SiLU·up's backward compiled with it ran slower (8B shape
+# 312 -> 407 us, 1B 575 -> 580 us), and no A/B through `tunelab train` has shown a gain (bench/gpu_env.sh's
+# switch coordinate_descent).
 COORDINATE_DESCENT = False
 
 # Rows of at most this many elements reduce in one pass (inductor's "persistent" reduction, the row held in
@@ -57,7 +58,8 @@ COORDINATE_DESCENT = False
 # backward.  On an H100 the norms' kernels took ~6 ms of 1B LoRA's 206 ms step, looped, at about half the
 # memory bandwidth their bytes need; with this bound, 1B LoRA 8x2048 through `tunelab train` ran 79,763 ->
 # 80,824 tok/s (+1.3%, the ~1.5% that profile predicts) at the same peak and losses (H100, one lease,
-# 2026-12-07).  The 8B rows (4,096 wide) are not yet measured with it.  None: inductor's heuristic
+# 2026-12-07); 8B LoRA 2x2048, two runs each in either order on one H100 (session 48): 16,166 and 16,378
+# tok/s against 15,931 and 16,097 without it (+1.6% on the means).  None: inductor's heuristic
 # (bench/gpu_env.sh's switch persistent_rows_off).
 PERSISTENT_ROWS: int | None = 8192
 
