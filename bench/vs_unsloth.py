@@ -26,6 +26,8 @@ prints as it finishes and is appended to ``$OUT/vs_unsloth.jsonl`` (or ``bench/r
 ``--longest`` also searches, for 8B QLoRA with checkpointing at batch 1, the longest row each stack
 trains in ``--cap-gib`` of GPU memory (``torch.cuda.set_per_process_memory_fraction`` in each process).
 ``--tiny`` runs the tunelab side on a small CPU model to check the plumbing (no Unsloth).
+``--repeat N`` runs every stack N times per row, the order reversed every other round (in session 48 the
+stack that ran first in a call was 0.4–2.8% the slower), and the summary gives each stack's median.
 ``VS_TRAIN='{"offload_mlp": false}'`` merges settings into tunelab's ``train:`` section, for an A/B, and
 ``VS_DATA='{"packing": true}'`` into its ``data:`` section (packed, the same full rows reach the model with
 per-example positions and take the varlen attention).
@@ -327,28 +329,49 @@ def _emit(result: dict, sink: Path) -> None:
         fh.write(json.dumps(result) + "\n")
 
 
+def _pooled(results: list[dict]) -> dict[tuple[str, str, int], dict]:
+    """Each (stack, row, length)'s runs as one: the median tok/s, the highest peak, and every tok/s in run order."""
+    runs: dict[tuple[str, str, int], list[dict]] = {}
+    for r in results:
+        if "tok_s" in r:
+            runs.setdefault((r["stack"], r["row"], r["seq"]), []).append(r)
+    pooled = {}
+    for key, group in runs.items():
+        speeds = [r["tok_s"] for r in group]
+        pooled[key] = {**group[0], "tok_s": round(statistics.median(speeds)), "runs": speeds,
+                       "peak_gib": max(r["peak_gib"] for r in group)}  # fmt: skip
+    return pooled
+
+
 def table(results: list[dict]) -> str:
-    by = {(r["stack"], r["row"], r["seq"]): r for r in results if "tok_s" in r}
+    """The summary: tunelab against Unsloth per row, then each other stack against this tree (medians over
+    ``--repeat`` runs, each run's tok/s listed where there were several)."""
+    by = _pooled(results)
     lines = [
         "| row | tunelab tok/s | tunelab peak GiB | estimate GiB | Unsloth tok/s | Unsloth peak GiB | speed | memory |",
         "|---|---|---|---|---|---|---|---|",
     ]
+
+    def speed_of(r: dict) -> str:
+        runs = r.get("runs", [])
+        return f"{r['tok_s']} ({' / '.join(map(str, runs))})" if len(runs) > 1 else str(r.get("tok_s", "fail"))
+
     for stack, name, seq in sorted({(r["stack"], r["row"], r["seq"]) for r in results}):
         if stack != "tunelab":
             continue
         t, u = by.get(("tunelab", name, seq), {}), by.get(("unsloth", name, seq), {})
-        speed = f"{t['tok_s'] / u['tok_s']:.2f}x" if t.get("tok_s") and u.get("tok_s") else "-"
+        speed = f"{t['tok_s'] / u['tok_s']:.3f}x" if t.get("tok_s") and u.get("tok_s") else "-"
         memory = f"{t['peak_gib'] / u['peak_gib']:.2f}x" if t.get("peak_gib") and u.get("peak_gib") else "-"
         lines.append(
-            f"| {name} ({seq}) | {t.get('tok_s', 'fail')} | {t.get('peak_gib', '-')} | {t.get('estimate_gib', '-')} "
-            f"| {u.get('tok_s', '-')} | {u.get('peak_gib', '-')} | {speed} | {memory} |"
+            f"| {name} ({seq}) | {speed_of(t)} | {t.get('peak_gib', '-')} | {t.get('estimate_gib', '-')} "
+            f"| {speed_of(u) if u else '-'} | {u.get('peak_gib', '-')} | {speed} | {memory} |"
         )
     others = {(r["stack"], r["row"], r["seq"]) for r in results if r["stack"] not in ("tunelab", "unsloth")}
     for stack, name, seq in sorted(others):
         b, t = by.get((stack, name, seq), {}), by.get(("tunelab", name, seq), {})
         if b.get("tok_s") and t.get("tok_s"):
-            lines.append(f"A/B {name} ({seq}): {stack} {b['tok_s']} tok/s at {b['peak_gib']} GiB, "
-                         f"this tree {t['tok_s']} at {t['peak_gib']} ({t['tok_s'] / b['tok_s']:.3f}x)")  # fmt: skip
+            lines.append(f"A/B {name} ({seq}): {stack} {speed_of(b)} tok/s at {b['peak_gib']} GiB, "
+                         f"this tree {speed_of(t)} at {t['peak_gib']} ({t['tok_s'] / b['tok_s']:.3f}x)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -373,6 +396,13 @@ def main() -> None:
     p.add_argument("--longest-from", type=int, default=4096, help="first length --longest tries (then doubles)")
     p.add_argument("--resolution", type=int, default=16, help="--longest bisects to 1/RESOLUTION of the best length")
     p.add_argument("--tiny", action="store_true", help="CPU plumbing check: the tiny row, tunelab only")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each stack per row, the order reversed every other round (the first process of a call has "
+        "run slower); the summary gives medians",
+    )
     args = p.parse_args()
     if args.tiny:
         args.rows, args.stacks, args.steps, args.warm = "tiny_lora_gc", "tunelab", 6, 2
@@ -408,14 +438,17 @@ def main() -> None:
         row = ROWS[name]
         model = build_checkpoint(args.workdir / row.shape, row.shape)
         data = write_data(args.workdir / f"text-{row.seq}.jsonl", row.batch * args.steps + 8, row.seq)
-        for stack in stacks:
-            if stack in trees:
-                result = run_tunelab(row, model, data, args.steps, args.warm, args.workdir, None, args.unsloth_site,
-                                     trees[stack], stack)  # fmt: skip
-            else:
-                result = run_unsloth(row, model, args.steps, args.unsloth_site, None)
-            results.append(result)
-            _emit(result, sink)
+        for round_ in range(args.repeat):
+            for stack in stacks if round_ % 2 == 0 else stacks[::-1]:
+                if stack in trees:
+                    result = run_tunelab(row, model, data, args.steps, args.warm, args.workdir, None,
+                                         args.unsloth_site, trees[stack], stack)  # fmt: skip
+                else:
+                    result = run_unsloth(row, model, args.steps, args.unsloth_site, None)
+                if args.repeat > 1:
+                    result["round"] = round_
+                results.append(result)
+                _emit(result, sink)
     print(table(results))
 
 
