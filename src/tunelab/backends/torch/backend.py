@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 from collections.abc import Iterator, Sequence
@@ -29,7 +30,7 @@ from tunelab.backends.torch.objectives import loss_for
 from tunelab.backends.torch.offload import offload_checkpoints, offload_embeddings
 from tunelab.backends.torch.preference import PreferenceLoss, floats, keep_reference
 from tunelab.backends.torch.quant import bnb_config
-from tunelab.backends.torch.shapes import compiled_width, pad_to_multiple, right_padded, widest_row
+from tunelab.backends.torch.shapes import compiled_width, pad_to_multiple, widest_row
 from tunelab.backends.torch.sync import active, broadcast_params, sum_gradients
 from tunelab.errors import ConfigError, StateError
 from tunelab.hub import architecture_of, resolve_model_path, save_tokenizer
@@ -144,8 +145,7 @@ class TorchBackend:
         )
         self._joined = done.joined
         self._attention = done.attention or self._attention
-        # After the rewrites: kept attention registers its own mask function.
-        self._causal_skip = causal_mask.install(str(base.config._attn_implementation))
+        self._causal_skip = causal_mask.install(str(base.config._attn_implementation))  # after kept attention's
         self._widest = widest_row(model)  # read by _shaped only where the layers are compiled
         self.checkpointing = "offloaded" if offload else "on" if model.gradient_checkpointing else "off"
         self._fast_loss = self.fast.fused_loss and method.name != "prefix" and supports_hidden_path(self._causal_lm)
@@ -264,8 +264,7 @@ class TorchBackend:
         shaped, causal = self._shaped(batch)  # as the policy's pass sees it: the same kernels, so step 1 is ln 2
         positions = supervised_positions(shaped["labels"])
         at, inputs = torch.from_numpy(positions).to(self.device), self._to_device(shaped)
-        autocast = torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=bool(self._autocast))
-        with autocast, causal_mask.causal_only(causal):
+        with self._forward(causal):
             tokens = self._loss.reference_tokens(
                 self._causal_lm, self.model, inputs, self._fast_loss, self._attention, at
             )
@@ -277,18 +276,10 @@ class TorchBackend:
 
     def _shaped(self, batch: Batch) -> tuple[Batch, bool]:
         """``batch`` as the model runs it (padded for the compiled layers, without a mask where none is needed),
-        and whether its forward runs under :func:`causal_mask.causal_only`."""
+        and whether its forward runs under :func:`causal_mask.causal_only` (:func:`causal_mask.shaped`)."""
         if self.fast.compile_layers:
             batch = pad_to_multiple(batch, compiled_width(batch["input_ids"].shape[1], self._widest))
-        causal = "position_ids" not in batch and right_padded(batch["attention_mask"])
-        if causal and not self._causal_skip:
-            # Padding only at the ends of rows: under causal attention no real token sees a pad, so
-            # the mask changes nothing that is scored. Without one transformers builds no mask and
-            # attention takes its causal kernel (flash on a GPU, instead of the masked fallback);
-            # on a CPU a 2-layer model's step is ~4% faster, with bit-identical real-token logits.
-            # (Where causal_mask is installed the mask stays in the call, and none is built either.)
-            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-        return batch, causal and self._causal_skip
+        return causal_mask.shaped(batch, self._causal_skip)
 
     def _summed_loss(self, batch: Batch) -> tuple[Any, ...]:
         batch, causal = self._shaped(batch)
@@ -299,13 +290,17 @@ class TorchBackend:
         inputs = self._to_device({**batch, **extra})
         if self._host_embed is not None:  # the rows gathered from the host copy: the forward waits for nothing
             self._host_embed.prime(batch["input_ids"], inputs["input_ids"])
-        # Adapters are kept in fp32 (exact optimizer updates) over a bf16/fp16 base; under
-        # autocast their matmuls run in the base's dtype on the tensor cores, as the
-        # weight is cast, not the activation (an fp32 copy of every adapter input would
-        # double what is saved for backward and run on the slow fp32 GEMMs).
-        autocast = torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=bool(self._autocast))
-        with autocast, causal_mask.causal_only(causal):  # no mask built, and no wait for the GPU, where causal
+        with self._forward(causal):
             return self._loss(self._causal_lm, self.model, inputs, self._fast_loss, self._attention, positions)
+
+    @contextlib.contextmanager
+    def _forward(self, causal: bool) -> Iterator[None]:
+        """Autocast, and no mask built for ``causal`` rows.  Adapters stay fp32 (exact updates) over a bf16/fp16
+        base; autocast runs their matmuls in the base's dtype by casting the weight, not the activation (an
+        fp32 copy of every adapter input would double what backward keeps and take the slow fp32 GEMMs)."""
+        autocast = torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=bool(self._autocast))
+        with autocast, causal_mask.causal_only(causal):
+            yield
 
     def _to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {k: self._host_to_device(v) for k, v in batch.items()}
