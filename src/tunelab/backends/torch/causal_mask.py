@@ -19,6 +19,10 @@ causal mask with ``None``: ``sdpa`` then takes its causal kernel, as it does for
 batch without a mask, and nothing is read back.  Any other request (sliding windows,
 packed rows, padding that matters, any call outside the block) goes to transformers'
 own mask function unchanged.
+
+Measured through ``tunelab train`` on an H100 (session 49, one lease, each stack twice in
+alternating order): 8B LoRA 2x2048 16,168 -> 16,566 tok/s (+2.5%), 1B LoRA 8x2048 +0.8%,
+same peaks and losses; the profile's gaps of over 100 us fell from 3.5 to 1.7 ms a step.
 """
 
 from __future__ import annotations
