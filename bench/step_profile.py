@@ -13,14 +13,17 @@ kernels that took longest, and on a GPU the host's 20 costliest ops (self time).
 starts, the steps after the first are timed unprofiled, with how long the host waited for the GPU in
 each: near zero means the GPU waits for the host.  The kinds are told apart by kernel name.  Profiling itself slows the
 host side a little, so the wall time here is a bit above the run's own tokens/s; the shares are what
-to read.  Output also goes to ``$OUT/profile_<row>.txt``, and every GPU kernel of the profiled steps
-(start, length, stream, name) to ``$OUT/kernels_<row>.csv.gz`` for reading the timeline offline.
+to read.  Output also goes to ``$OUT/profile_<row>.txt``, every GPU kernel of the profiled steps
+(start, length, stream, name) to ``$OUT/kernels_<row>.csv.gz``, and the host's ops and CUDA calls (with
+``--stack``, its Python functions too) on the same clock to ``$OUT/host_<row>.csv.gz``, for reading the
+timelines offline.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,7 +32,7 @@ import vs_unsloth as vu  # bench/ is on the path now
 
 # Runs inside the training process: the profiler around steps WARM+1 .. WARM+SPAN of the backend's loop.
 DRIVER = r"""
-import collections, csv, gzip, json, os, sys, tempfile, time, torch, warnings
+import collections, csv, gc, gzip, json, os, sys, tempfile, time, torch, warnings
 from torch.profiler import ProfilerActivity, profile
 from tunelab.backends.torch.backend import TorchBackend
 
@@ -45,6 +48,23 @@ KINDS = [  # first match wins; names of CUDA kernels (or aten ops on a CPU)
     ("optimizer", ("multi_tensor_apply", "fused_adam", "adam")),
 ]
 state = {"steps": 0, "prof": None, "t0": 0.0, "last": None, "walls": [], "waits": [], "wait": 0.0, "syncs": 0}
+# Python's garbage collector stops the host thread that triggers it: its passes during the profiled steps, by
+# generation, and how long they took (a host-bound step pays them in full).
+collections_seen = {"on": False, "start": 0.0, "ms": collections.Counter(), "count": collections.Counter()}
+
+
+def gc_timed(phase, info):
+    if not collections_seen["on"]:
+        return
+    if phase == "start":
+        collections_seen["start"] = time.perf_counter()
+    else:
+        generation = info.get("generation", -1)
+        collections_seen["ms"][generation] += (time.perf_counter() - collections_seen["start"]) * 1e3
+        collections_seen["count"][generation] += 1
+
+
+gc.callbacks.append(gc_timed)
 
 
 def kind(name):
@@ -80,6 +100,9 @@ def report(prof, wall):
         print(f"PROFILE   {t / SPAN:7.2f} ms {calls[name] // SPAN:5d}x  {name[:110]}", flush=True)
     if CUDA:
         host_ops(prof)
+    seen = collections_seen
+    passes = ", ".join(f"generation {g}: {seen['count'][g]} in {seen['ms'][g]:.1f} ms" for g in sorted(seen["count"]))
+    print(f"PROFILE garbage collection over {SPAN} steps: {passes or 'none'}", flush=True)
     if os.environ.get("PROFILE_KERNELS"):
         timeline(prof, os.environ["PROFILE_KERNELS"])
 
@@ -121,14 +144,28 @@ def timeline(prof, path):
         prof.export_chrome_trace(trace)
         with open(trace) as f:
             events = json.load(f).get("traceEvents", [])
-    rows = [(e["ts"], e.get("dur", 0), e.get("tid", ""), e.get("cat", ""), e.get("name", "")[:160])
-            for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    rows.sort()
+    def pick(cats):
+        rows = [(e["ts"], e.get("dur", 0), e.get("tid", ""), e.get("cat", ""), e.get("name", "")[:160])
+                for e in events if e.get("cat") in cats]
+        return sorted(rows, key=lambda r: (float(r[0]), -float(r[1])))  # an enclosing event before its children
+
+    gpu = pick(("kernel", "gpu_memcpy", "gpu_memset"))
+    write(path, ["start_us", "dur_us", "stream", "kind", "name"], gpu)
+    print(f"PROFILE {len(gpu)} GPU events written to {path}", flush=True)
+    # The host's side on the same clock: torch ops, the CUDA calls (launches, copies, waits) and, with
+    # PROFILE_STACK=1, Python functions, per thread. Read beside the GPU's to see what the host was doing
+    # while the GPU had nothing queued.
+    host = pick(("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver"))
+    where = path.replace("kernels_", "host_")
+    write(where, ["start_us", "dur_us", "thread", "kind", "name"], host)
+    print(f"PROFILE {len(host)} host events written to {where}", flush=True)
+
+
+def write(path, header, rows):
     with gzip.open(path, "wt", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["start_us", "dur_us", "stream", "kind", "name"])
+        out.writerow(header)
         out.writerows(rows)
-    print(f"PROFILE {len(rows)} GPU events written to {path}", flush=True)
 
 
 original = TorchBackend.optimizer_step
@@ -178,13 +215,16 @@ def stepped(self, *args, **kwargs):
             torch.cuda.set_sync_debug_mode("default")
             torch.cuda.synchronize()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
-        state["prof"] = profile(activities=acts)
+        # with_stack: Python functions too (PROFILE_STACK=1), at a cost in host time that distorts the wall
+        state["prof"] = profile(activities=acts, with_stack=os.environ.get("PROFILE_STACK") == "1")
         state["prof"].__enter__()
         state["t0"] = time.perf_counter()
+        collections_seen["on"] = True
     elif state["steps"] == WARM + SPAN and state["prof"] is not None:
         if CUDA:
             torch.cuda.synchronize()
         wall = time.perf_counter() - state["t0"]
+        collections_seen["on"] = False
         prof, state["prof"] = state["prof"], None
         prof.__exit__(None, None, None)
         report(prof, wall)
@@ -198,18 +238,21 @@ main()
 """
 
 
-def profile_row(name: str, work: Path, site: Path, warm: int, span: int) -> str:
+def profile_row(name: str, work: Path, site: Path, warm: int, span: int, stack: bool = False) -> str:
     row = vu.ROWS[name]
     model = vu.build_checkpoint(work / row.shape, row.shape)
     steps = warm + span + 1
     data = vu.write_data(work / f"prof-text-{row.seq}.jsonl", row.batch * steps + 8, row.seq)
     out = work / f"prof-{name}"
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # a run left by an earlier profile of this row would refuse to start
+    out.mkdir(parents=True)
     cfg = vu.tunelab_config(row, model, data, steps, out)
     env = vu.tunelab_env(out, vu._bitsandbytes_only(site, work))
     sink = os.environ.get("OUT")
-    if sink:  # the kernel timeline, for reading offline (device time is scarce)
+    if sink:  # the kernel and host timelines, for reading offline (device time is scarce)
         env["PROFILE_KERNELS"] = str(Path(sink) / f"kernels_{name}.csv.gz")
+    if stack:
+        env["PROFILE_STACK"] = "1"
     lines = vu.run_driver(name, DRIVER, [str(warm), str(span), "train", str(cfg)], env, "PROFILE ")
     return "\n".join(ln.removeprefix("PROFILE ") for ln in lines)
 
@@ -221,9 +264,10 @@ def main() -> None:
     p.add_argument("--span", type=int, default=3, help="steps profiled")
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm/tunelab-vs"))
     p.add_argument("--unsloth-site", type=Path, default=Path("/tmp/site_us"))
+    p.add_argument("--stack", action="store_true", help="record Python functions too (slows the host)")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    one = lambda name: profile_row(name, args.workdir, args.unsloth_site, args.warm, args.span)  # noqa: E731
+    one = lambda name: profile_row(name, args.workdir, args.unsloth_site, args.warm, args.span, args.stack)  # noqa: E731
     vu.report_rows(args.rows, "profile", one)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
 from tunelab.backends.torch.backend import TorchBackend
-from tunelab.backends.torch.checkpointing import checkpoint_layers
+from tunelab.backends.torch.checkpointing import checkpoint_layers, draws_random
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.offload import offload_checkpoints
 from tunelab.errors import ConfigError
@@ -87,6 +87,21 @@ def test_offloaded_checkpoints_give_the_same_gradients_with_dropout(tiny_model_d
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_only_layers_that_can_draw_random_numbers_keep_the_random_state(
+    tiny_model_dir: Path, tiny_tokenizer: Any
+) -> None:
+    """Saving and restoring the generators costs host time in every layer: a layer without dropout skips it."""
+    plain = _backend(tiny_model_dir, tiny_tokenizer, gc=False, packing=False)
+    layers = decoder_layers(plain._causal_lm)
+    assert not any(draws_random(layer) for layer in layers)
+    dropped = _backend(tiny_model_dir, tiny_tokenizer, gc=False, packing=False, dropout=0.3)
+    assert all(draws_random(layer) for layer in decoder_layers(dropped._causal_lm))  # PEFT's lora_dropout
+    layers[0].self_attn.attention_dropout = 0.1  # transformers' attention reads it in training
+    assert draws_random(layers[0]) and not draws_random(layers[1])
+    layers[1].self_attn.config.attention_dropout = 0.1  # a rate read from the config at call time
+    assert draws_random(layers[1])
 
 
 def test_offload_switch_is_refused_where_it_cannot_apply() -> None:

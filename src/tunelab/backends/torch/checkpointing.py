@@ -26,8 +26,10 @@ torch's own checkpoint can't say so, which is why it isn't used here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,7 +57,52 @@ def checkpoint_layers(layers: Iterable[torch.nn.Module], *, offload: bool) -> No
         layer.gradient_checkpointing = False  # type: ignore[assignment]  # transformers' own: off, ours instead
         compiled = layer._compiled_call_impl is not None
         inner = layer._compiled_call_impl or layer._call_impl
-        layer._compiled_call_impl = functools.partial(_checkpointed, inner, layer, stash, anchor, compiled, index)
+        how = _How(compiled=compiled, index=index, draws=draws_random(layer))
+        layer._compiled_call_impl = functools.partial(_checkpointed, inner, layer, stash, anchor, how)
+
+
+@dataclass(frozen=True)
+class _How:
+    """What a layer's checkpoint knows of it: compiled or eager, its place, whether it draws random numbers."""
+
+    compiled: bool
+    index: int
+    draws: bool
+
+
+# Names of a module's (or its config's) numbers that make its run random when above 0: dropout rates
+# (``attention_dropout``, ``resid_pdrop``, ``hidden_dropout``...), router noise (``router_jitter_noise``).
+_RANDOM_NAMES = ("drop", "noise", "jitter")
+
+
+def draws_random(layer: torch.nn.Module) -> bool:
+    """Whether ``layer``'s run can draw random numbers, so its replay must start from the forward's random state.
+
+    Saving and restoring that state (CPU and CUDA generators) costs host time in every layer of every step,
+    and a QLoRA step on a GPU waits on its host (bench/README, session 49); a layer without dropout draws
+    nothing, so it skips both.  Conservative: any dropout module above 0, or any number above 0 whose name
+    says dropout or noise, on a module of the layer or its config, counts as drawing.
+    """
+    for module in layer.modules():
+        if isinstance(module, _DROPOUTS) and module.p > 0:
+            return True
+        config = getattr(module, "config", None)
+        for owner in (module, config) if config is not None else (module,):
+            for name, value in getattr(owner, "__dict__", {}).items():
+                if _random_rate(name, value):
+                    return True
+    return False
+
+
+_DROPOUTS = (
+    torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)  # fmt: skip
+
+
+def _random_rate(name: str, value: Any) -> bool:
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    return numeric and value > 0 and any(word in name.lower() for word in _RANDOM_NAMES)
 
 
 def _checkpointed(
@@ -63,15 +110,14 @@ def _checkpointed(
     layer: torch.nn.Module,
     stash: HostStash,
     anchor: torch.Tensor,
-    compiled: bool,
-    index: int,
+    how: _How,
     *args: Any,
     **kwargs: Any,
 ) -> Any:
     if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
         return inner(*args, **kwargs)  # evaluation and generation: nothing to save
     extra: dict[str, Any] = {}
-    hidden = _CheckpointedLayer.apply(args[0], anchor, inner, layer, args[1:], kwargs, stash, index, compiled, extra)
+    hidden = _CheckpointedLayer.apply(args[0], anchor, inner, layer, args[1:], kwargs, stash, how, extra)
     return (hidden, *extra["rest"]) if extra.get("rest") is not None else hidden
 
 
@@ -88,15 +134,14 @@ class _CheckpointedLayer(torch.autograd.Function):
         rest: tuple[Any, ...],
         kwargs: dict[str, Any],
         stash: HostStash,
-        index: int,
-        compiled: bool,
+        how: _How,
         extra: dict[str, Any],
     ) -> torch.Tensor:
-        ctx.inner, ctx.layer, ctx.rest, ctx.kwargs, ctx.stash, ctx.index = inner, layer, rest, kwargs, stash, index
+        ctx.inner, ctx.layer, ctx.rest, ctx.kwargs, ctx.stash, ctx.index = inner, layer, rest, kwargs, stash, how.index
         ctx.device, ctx.needs_input_grad_ = hidden.device, hidden.requires_grad
-        ctx.differentiate_input = hidden.requires_grad or compiled
+        ctx.differentiate_input = hidden.requires_grad or how.compiled
         ctx.autocast = _autocast_state(hidden.device.type)
-        ctx.rng = _rng_state(hidden.device)
+        ctx.rng = _rng_state(hidden.device) if how.draws else None  # a layer without dropout draws nothing
         # A compiled layer sees an input that needs no gradient here and one that does on the replay,
         # the same in every layer (the first one's included), so it keeps one graph for each run.
         with torch.no_grad(), recording() as parked:
@@ -104,7 +149,9 @@ class _CheckpointedLayer(torch.autograd.Function):
         first, extra["rest"] = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
         attention = kept_attention.take(layer)  # what the attention left on its module (kept_attention)
         ctx.attention = len(attention)
-        ctx.saved = stash.offload(index, hidden, *attention, *parked)  # what the layer parked travels with its input
+        ctx.saved = stash.offload(
+            how.index, hidden, *attention, *parked
+        )  # what the layer parked travels with its input
         return first
 
     @staticmethod
@@ -112,19 +159,30 @@ class _CheckpointedLayer(torch.autograd.Function):
         hidden, *fetched = ctx.stash.fetch(ctx.saved, ctx.index, ctx.device)
         attention, parked = tuple(fetched[: ctx.attention]), tuple(fetched[ctx.attention :])
         hidden = hidden.detach().requires_grad_(ctx.differentiate_input)
-        devices = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # dropout draws what it drew in the forward
-            _set_rng_state(ctx.rng, ctx.device)
-            with (
-                torch.enable_grad(),
-                torch.autocast(ctx.device.type, **ctx.autocast),
-                replaying(parked),
-                kept_attention.holding(ctx.layer, attention),
-            ):
-                out = ctx.inner(hidden, *ctx.rest, **ctx.kwargs)
+        with (
+            _forward_random_state(ctx.rng, ctx.device),  # dropout draws what it drew in the forward
+            torch.enable_grad(),
+            torch.autocast(ctx.device.type, **ctx.autocast),
+            replaying(parked),
+            kept_attention.holding(ctx.layer, attention),
+        ):
+            out = ctx.inner(hidden, *ctx.rest, **ctx.kwargs)
         first = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(first, grad)
-        return (hidden.grad if ctx.needs_input_grad_ else None, *[None] * 9)
+        return (hidden.grad if ctx.needs_input_grad_ else None, *[None] * 8)
+
+
+@contextlib.contextmanager
+def _forward_random_state(
+    state: tuple[torch.Tensor, torch.Tensor | None] | None, device: torch.device
+) -> Iterator[None]:
+    """Inside the block the generators are where the forward left them (None: the layer draws nothing, as is)."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        _set_rng_state(state, device)
+        yield
 
 
 def _autocast_state(device_type: str) -> dict[str, Any]:

@@ -128,12 +128,13 @@ def _on_cuda(
     lib = _lib if load() else None
     if lib is None or dtype not in _kernels:
         return _in_torch(packed, absmax, code2, absmax2, offset, code, blocksize, blocksize2, shape, dtype)
-    device = packed.device
     # Raw pointers go to the kernels: each tensor must be on the weight's device, and the codes dense.
+    # Devices are compared as indices: torch.device objects cost host time, which this step waits on.
+    index = packed.get_device()
     packed = packed if packed.is_contiguous() else packed.contiguous()
-    absmax = absmax if absmax.device == device else absmax.to(device)
-    current = device.index == torch.cuda.current_device()  # the usual case: no device guard to enter and leave
-    with contextlib.nullcontext() if current else torch.cuda.device(device):
+    absmax = absmax if absmax.get_device() == index else absmax.to(packed.device)
+    current = index == torch.cuda.current_device()  # the usual case: no device guard to enter and leave
+    with contextlib.nullcontext() if current else torch.cuda.device(index):
         return _launch(lib, packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype)
 
 
@@ -150,12 +151,12 @@ def _launch(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The two kernels on the current stream of the weight's (current) device, as bitsandbytes launches them."""
-    device = packed.device
-    stream = torch.cuda.current_stream(device).cuda_stream
+    device, index = packed.device, packed.get_device()
+    stream = _raw_stream(index)
     scales = absmax
     if code2 is not None:
         assert absmax2 is not None and offset is not None
-        code2, absmax2, offset = (t if t.device == device else t.to(device) for t in (code2, absmax2, offset))
+        code2, absmax2, offset = (t if t.get_device() == index else t.to(device) for t in (code2, absmax2, offset))
         scales = torch.empty(absmax.shape, dtype=torch.float32, device=device)
         lib.cdequantize_blockwise_fp32(
             code2.data_ptr(), absmax.data_ptr(), absmax2.data_ptr(), scales.data_ptr(),
@@ -165,6 +166,16 @@ def _launch(
     out = torch.empty(shape, dtype=dtype, device=device)
     _kernels[dtype](None, packed.data_ptr(), scales.data_ptr(), out.data_ptr(), blocksize, out.numel(), stream)
     return out
+
+
+def _raw_stream(index: int) -> int:
+    """The handle of the current CUDA stream on device ``index``, without building a ``torch.cuda.Stream``.
+
+    torch's private binding (the one inductor's generated code calls for the same thing) where present;
+    else the public API.
+    """
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return int(raw(index)) if raw is not None else int(torch.cuda.current_stream(index).cuda_stream)
 
 
 def _in_torch(*parts: Any) -> torch.Tensor:
