@@ -7,7 +7,7 @@
 # bitsandbytes) into /tmp/site_us once, links that tree's bitsandbytes alone into /tmp/bnb (so
 # tunelab's processes get bitsandbytes without Unsloth's patches), and exports the variables the
 # scripts read.  How to fill .whl/ and .gpu/ on the machine that sends the run: bench/README.md,
-# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4" (NF4 weights dequantized inside the compiled layer on any device, by inductor's arithmetic where bitsandbytes' kernels don't serve), "lora_in_product", "autotune", "autotune_gemm", "coordinate_descent" (inductor tunes its own kernels' block sizes), "cudagraphs", "chunk_big", "tile_big", "budget1", "budget09", "joined_qkv", "held_4bit", "fa4" (every row, packed too; with bench/fa4_env.sh sourced after this file); "fa4_off", "nf4_off" (no NF4 dequantization in the compiled layer), "bnb_kernels_off" (bitsandbytes' own Python calls), "persistent_rows_off", "shared_a_off", "causal_mask_off" (transformers builds the causal mask and searches for packed rows, reading the GPU), "kept_attention_off", "joined_b_off", "joined_a_off", "host_counted_off", "dequant_per_tile" and "chunk_any" turn one off) is applied to src/ first,
+# section vs_unsloth.py.  Each switch named in TUNELAB_AB ("nf4" (NF4 weights dequantized inside the compiled layer on any device, by inductor's arithmetic where bitsandbytes' kernels don't serve), "nf4_triton" (NF4 dequantized by one Triton kernel, nf4_triton.py), "lora_in_product", "autotune", "autotune_gemm", "coordinate_descent" (inductor tunes its own kernels' block sizes), "cudagraphs", "chunk_big", "tile_big", "budget1", "budget09", "joined_qkv", "held_4bit", "fa4" (every row, packed too; with bench/fa4_env.sh sourced after this file); "fa4_off", "nf4_off" (no NF4 dequantization in the compiled layer), "bnb_kernels_off" (bitsandbytes' own Python calls), "persistent_rows_off", "shared_a_off", "causal_mask_off" (transformers builds the causal mask and searches for packed rows, reading the GPU), "kept_attention_off", "joined_b_off", "joined_a_off", "host_counted_off", "dequant_per_tile" and "chunk_any" turn one off) is applied to src/ first,
 # for an A/B against a copy of the tree made before (--base-src); or, after sourcing, `variant NAME SWITCH...`
 # makes /tmp/variant_NAME, a copy of src/ with those switches on, to run as a stack of its own (--tree).
 
@@ -28,6 +28,7 @@ switch_on() {
     case $name in
       nf4) sed -i 's/^IN_GRAPH: bool | str = "bnb_kernels"/IN_GRAPH: bool | str = True/' "$src/tunelab/backends/torch/nf4.py" ;;
       nf4_off) sed -i 's/^IN_GRAPH: bool | str = "bnb_kernels"/IN_GRAPH: bool | str = False/' "$src/tunelab/backends/torch/nf4.py" ;;
+      nf4_triton) sed -i 's/^TRITON = False/TRITON = True/' "$src/tunelab/backends/torch/nf4.py" ;;
       bnb_kernels_off) sed -i 's/^BNB_KERNELS = True/BNB_KERNELS = False/' "$src/tunelab/backends/torch/nf4.py" ;;
       lora_in_product) sed -i 's/^LORA_IN_PRODUCT = False/LORA_IN_PRODUCT = True/' "$src/tunelab/backends/torch/nf4.py" ;;
       autotune_gemm) sed -i 's/^AUTOTUNE_GEMM = False/AUTOTUNE_GEMM = True/' "$src/tunelab/backends/torch/fast.py" ;;

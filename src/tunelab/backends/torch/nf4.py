@@ -72,6 +72,12 @@ LORA_IN_PRODUCT = False  # with IN_GRAPH: the adapter's B joins the base's produ
 # compiled layer with IN_GRAPH (instead of inductor's arithmetic), and wherever tunelab's own code
 # dequantizes a base (lora_parts.base_weight).  The same kernels bitsandbytes runs, less host time for each.
 BNB_KERNELS = True
+# On CUDA, the whole dequantization as one Triton kernel (:mod:`nf4_triton`: scales, offset and codes in one
+# pass) that a compiled graph launches from its own code, in place of the lean op: no Python op per call, where
+# the lean op's ~83 us of host time a call (H100 profile, session 49) is part of what a QLoRA step waits on.
+# Its weights are bitsandbytes' bit for bit.  Off until timed on a GPU (bench/nf4_dequant_gpu.py, then
+# bench/gpu_env.sh's switch nf4_triton through `tunelab train`).
+TRITON = False
 
 
 def in_graph_on(device: torch.device, longest: int | None = None) -> bool:
@@ -81,8 +87,18 @@ def in_graph_on(device: torch.device, longest: int | None = None) -> bool:
     """
     if IN_GRAPH == "bnb_kernels":
         short = longest is None or longest < SHORT_BELOW
-        return short and BNB_KERNELS and device.type == "cuda" and nf4_kernels.load()
+        kernels = _takes_triton(device) or (BNB_KERNELS and nf4_kernels.load())
+        return short and device.type == "cuda" and kernels
     return bool(IN_GRAPH)
+
+
+def _takes_triton(device: torch.device) -> bool:
+    """Whether NF4 weights on ``device`` dequantize through :mod:`nf4_triton`'s kernel (:data:`TRITON`)."""
+    if not TRITON or device.type != "cuda":
+        return False
+    from tunelab.backends.torch import nf4_triton  # imports triton: only where the switch is on
+
+    return nf4_triton.triton is not None
 
 
 def in_graph_4bit(model: Any) -> int:
@@ -139,6 +155,10 @@ def dequantize(weight: torch.Tensor, state: Any, site: int = 0) -> torch.Tensor:
     (:mod:`nf4_kernels`); elsewhere in torch ops, which a compiled graph fuses into one kernel.
     A backward's call passes its own ``site`` (:func:`nf4_kernels.dequantize` says why).
     """
+    if _takes_triton(weight.device):
+        from tunelab.backends.torch import nf4_triton
+
+        return nf4_triton.dequantize(weight, state, site)
     if takes_bnb_kernels(weight):
         return nf4_kernels.dequantize(weight, state, site)
     scales = state.absmax

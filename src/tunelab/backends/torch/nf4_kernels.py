@@ -88,28 +88,26 @@ def dequantize(weight: torch.Tensor, state: Any, site: int = 0) -> torch.Tensor:
     forward to backward (+0.25 GiB at 8B QLoRA 2x2048 on an H100, session 46), where bitsandbytes
     holds none.  With a site of its own the backward's call stays in the backward graph.
     """
+    return torch.ops.tunelab.nf4_dequantize(*op_args(weight, state, site))
+
+
+def op_args(weight: torch.Tensor, state: Any, site: int = 0) -> tuple[Any, ...]:
+    """The arguments of an NF4 dequantization op for ``weight`` and its bitsandbytes ``QuantState``, in order.
+
+    Shared by this module's op and :mod:`nf4_triton`'s, whose schemas list the same arguments.
+    """
     inner = state.state2 if state.nested else None
     offset = None
     if inner is not None:
         offset = state.offset
         if not isinstance(offset, torch.Tensor):
-            offset = torch.tensor(float(offset), device=weight.device)
+            offset = torch.tensor(float(offset), dtype=torch.float32, device=weight.device)
     # Eagerly, the packed bytes as a plain tensor: bitsandbytes' parameter class routes every op through
     # its Python __torch_function__ (a compiled graph has already looked past it).
     packed = weight if torch.compiler.is_compiling() else weight.data
-    return torch.ops.tunelab.nf4_dequantize(
-        packed,
-        state.absmax,
-        None if inner is None else inner.code,
-        None if inner is None else inner.absmax,
-        offset,
-        state.code,
-        int(state.blocksize),
-        0 if inner is None else int(inner.blocksize),
-        [int(n) for n in state.shape],
-        state.dtype,
-        site,
-    )
+    code2, absmax2, blocksize2 = (None, None, 0) if inner is None else (inner.code, inner.absmax, int(inner.blocksize))
+    head = (packed, state.absmax, code2, absmax2, offset, state.code, int(state.blocksize), blocksize2)
+    return (*head, [int(n) for n in state.shape], state.dtype, site)
 
 
 def _on_cuda(
@@ -127,7 +125,7 @@ def _on_cuda(
 ) -> torch.Tensor:
     lib = _lib if load() else None
     if lib is None or dtype not in _kernels:
-        return _in_torch(packed, absmax, code2, absmax2, offset, code, blocksize, blocksize2, shape, dtype)
+        return in_torch(packed, absmax, code2, absmax2, offset, code, blocksize, blocksize2, shape, dtype)
     # Raw pointers go to the kernels: each tensor must be on the weight's device, and the codes dense.
     # Devices are compared as indices: torch.device objects cost host time, which this step waits on.
     index = packed.get_device()
@@ -178,7 +176,7 @@ def _raw_stream(index: int) -> int:
     return int(raw(index)) if raw is not None else int(torch.cuda.current_stream(index).cuda_stream)
 
 
-def _in_torch(*parts: Any) -> torch.Tensor:
+def in_torch(*parts: Any) -> torch.Tensor:
     """The op off CUDA: the same arithmetic in torch ops (``parts`` as the op's schema lists them)."""
     from tunelab.backends.torch import nf4
 
@@ -195,5 +193,5 @@ def _fake(packed: torch.Tensor, *parts: Any) -> torch.Tensor:
 
 
 _LIB.impl("nf4_dequantize", _on_cuda, "CUDA")
-_LIB.impl("nf4_dequantize", _in_torch, "CPU")
+_LIB.impl("nf4_dequantize", in_torch, "CPU")
 torch.library.register_fake("tunelab::nf4_dequantize", _fake, lib=_LIB)
