@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from tests.backends.conftest import random_batch as _batch
@@ -13,7 +14,12 @@ from tests.backends.conftest import random_batch as _batch
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
 from tunelab.backends.torch.backend import TorchBackend
 from tunelab.backends.torch.checkpointing import checkpoint_layers
-from tunelab.backends.torch.host_embedding import HostEmbedding, host_embedding_applies, move_embeddings_to_host
+from tunelab.backends.torch.host_embedding import (
+    PREPARED_AT_MOST,
+    HostEmbedding,
+    host_embedding_applies,
+    move_embeddings_to_host,
+)
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.offload import offload_embeddings
 from tunelab.errors import ConfigError
@@ -45,8 +51,8 @@ def test_a_host_table_gives_the_same_loss_and_gradients(tiny_model_dir: Path, ti
             assert not any("embed_tokens" in n for n, _ in base.named_parameters())  # nothing left to move or train
         gathers = []
         if host:
-            inner = backend._host_embed._gather  # type: ignore[union-attr]
-            backend._host_embed._gather = lambda ids, seen=gathers, f=inner: seen.append(ids) or f(ids)  # type: ignore[union-attr]
+            inner = backend._host_embed._host_rows  # type: ignore[union-attr]
+            backend._host_embed._host_rows = lambda ids, seen=gathers, f=inner: seen.append(ids) or f(ids)  # type: ignore[union-attr]
         results.append(_step(backend))
         if host:
             assert len(gathers) == 1  # primed from the host batch; the forward gathered nothing again
@@ -65,6 +71,26 @@ def test_an_unprimed_forward_looks_rows_up_itself(tiny_model_dir: Path, tiny_tok
     torch.testing.assert_close(host(ids), table[ids], rtol=0, atol=0)
     host.prime(ids.numpy(), ids.clone())  # primed for another tensor object: not used for this one
     torch.testing.assert_close(host(ids), table[ids], rtol=0, atol=0)
+
+
+def test_rows_gathered_ahead_serve_only_the_same_ids(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """prepare (the loader's thread) gathers ahead; prime takes those rows for equal ids and gathers others itself."""
+    backend = _backend(tiny_model_dir, tiny_tokenizer)
+    table = backend._causal_lm.get_input_embeddings().weight.detach().clone()
+    host = move_embeddings_to_host(backend._causal_lm, backend.device)
+    first, other = np.array([[5, 7, 5], [1, 2, 3]]), np.array([[5, 7, 6], [1, 2, 3]])
+    host.prepare(first)
+    first[0, 0] = 9  # the caller reuses its array: what was prepared is a copy
+    host.prime(other, ids := torch.from_numpy(other))  # not the ids prepared: gathered now
+    torch.testing.assert_close(host(ids), table[ids], rtol=0, atol=0)
+    assert len(host._prepared) == 1
+    first[0, 0] = 5
+    host.prime(first, ids := torch.from_numpy(first))
+    torch.testing.assert_close(host(ids), table[ids], rtol=0, atol=0)
+    assert not host._prepared  # claimed
+    for row in range(PREPARED_AT_MOST + 3):  # never claimed (another process's share, a dropped step): bounded
+        host.prepare(np.full((1, 2), row))
+    assert len(host._prepared) == PREPARED_AT_MOST
 
 
 def test_the_switch_says_why_it_cannot_apply(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:

@@ -11,6 +11,7 @@ that finishes the remaining steps.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -177,3 +178,32 @@ def test_each_step_is_read_back_once_the_next_ones_backward_is_queued(
         part = expected[(step - 1) % 2]
         assert seen.metrics[step]["train_loss"] == pytest.approx(float(part.loss_sum) / part.tokens, rel=1e-5)
         assert seen.metrics[step]["grad_norm"] > 0
+
+
+def test_the_loader_thread_gathers_host_held_embedding_rows_ahead_of_each_step(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """train.offload_embeddings: each micro-batch's rows are gathered on the loader's helper thread while the step
+    before runs, and the step only copies them in; the losses are those of gathering in the step."""
+    from tunelab.backends.torch.host_embedding import move_embeddings_to_host
+
+    losses, gathered_on = {}, {}
+    for ahead in (False, True):
+        backend = _backend(tiny_model_dir)
+        host = move_embeddings_to_host(backend._causal_lm, backend.device)
+        backend._host_embed = host
+        threads: list[str] = []
+        inner = host._host_rows
+        host._host_rows = lambda ids, f=inner, seen=threads: seen.append(threading.current_thread().name) or f(ids)  # type: ignore[method-assign]
+        if not ahead:
+            backend.prepare_batch = lambda batch: None  # type: ignore[method-assign]
+        seen = Recorder()
+        opts = _options(tmp_path / str(ahead), total_steps=3)
+        result = run_loop(backend, _stream(_split()), None, lambda _s: 1e-3, opts, TrainerState(), seen)
+        assert result.status == "completed"
+        losses[ahead] = [seen.metrics[step]["train_loss"] for step in (1, 2, 3)]
+        gathered_on[ahead] = threads
+    assert len(gathered_on[True]) >= 6  # 3 steps of 2 micro-batches (the loader may have begun a 4th step's)
+    assert all(name.startswith("tunelab-batches") for name in gathered_on[True]), gathered_on[True]
+    assert gathered_on[False] == ["MainThread"] * 6
+    assert losses[True] == losses[False]

@@ -137,6 +137,14 @@ class Backend(Protocol):
         """Accumulate gradients of ``loss_sum * loss_scale`` for one micro-batch (the objective's loss)."""
         ...
 
+    def prepare_batch(self, batch: Batch) -> None:
+        """Host-side work for a training micro-batch, done ahead of its step on the loader's helper thread.
+
+        Must be thread-safe and leave ``batch`` as it is; :meth:`forward_backward` gives the same result
+        whether it ran or not (it only saves the step time).
+        """
+        ...
+
     def optimizer_step(self, lr: float) -> SupportsFloat:
         """Clip, step with ``lr``, zero the gradients; returns the pre-clip gradient norm (read by ``float()``)."""
         ...

@@ -3,12 +3,15 @@
 Collating pads and copies a step's examples in Python/numpy.  On a small model
 that is a visible share of a step, and it need not wait: the backend's step
 releases the GIL while it computes, so one helper thread has the next step's
-batches ready when the loop asks.  The order stays a pure function of the
+batches ready when the loop asks, with whatever host-side work the backend does
+on a batch before its step (``prepare``: the torch backend gathers host-held
+embedding rows there) already done.  The order stays a pure function of the
 cursor: the helper only computes what :meth:`MicroBatchStream.get` would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
@@ -27,9 +30,10 @@ class Prefetcher:
     Use it as a context manager so the thread ends with the loop.
     """
 
-    def __init__(self, stream: MicroBatchStream, count: int) -> None:
+    def __init__(self, stream: MicroBatchStream, count: int, prepare: Callable[[Batch], None] | None = None) -> None:
         self.stream = stream
         self.count = count
+        self.prepare = prepare  # run on each batch on the helper thread too (the backend's host-side work)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelab-batches")
         self._ahead: tuple[int, Future[list[Batch]]] | None = None
 
@@ -43,7 +47,14 @@ class Prefetcher:
         return batches
 
     def _submit(self, cursor: int) -> Future[list[Batch]]:
-        return self._pool.submit(lambda: [self.stream.get(cursor + i) for i in range(self.count)])
+        return self._pool.submit(self._ready, cursor)
+
+    def _ready(self, cursor: int) -> list[Batch]:
+        batches = [self.stream.get(cursor + i) for i in range(self.count)]
+        if self.prepare is not None:
+            for batch in batches:
+                self.prepare(batch)
+        return batches
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -107,7 +107,7 @@ def run_loop(
     """
     callbacks.on_start(step=state.step, total_steps=opts.total_steps)
     try:
-        with Prefetcher(stream, opts.grad_accum) as batches:
+        with Prefetcher(stream, opts.grad_accum, backend.prepare_batch) as batches:
             return _steps(backend, batches, valid, schedule, opts, state, callbacks, should_stop, parallel)
     finally:
         callbacks.flush()

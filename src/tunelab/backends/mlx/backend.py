@@ -213,6 +213,9 @@ class MlxBackend:
         return ModelInfo(architecture_of(self.folder), params, trainable, dtype, f"mlx:{device}", str(self.folder))
 
     # -- training ----------------------------------------------------------------------------
+    def prepare_batch(self, batch: Batch) -> None:
+        return None  # nothing to do ahead: MLX copies nothing to a device
+
     def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
         self.model.train()
         mx.random.seed((self.method.seed * 1_000_003 + self._micro) % 2**32)

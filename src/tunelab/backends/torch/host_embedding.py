@@ -13,6 +13,13 @@ way and the step waits for nothing; a forward whose ids were not primed
 ids, which waits for the GPU once.  The numbers are the same either way: the
 same rows of the same table, in the same dtype.
 
+Training goes one further: the loader's helper thread gathers each micro-batch's
+rows while the step before it runs (:meth:`HostEmbedding.prepare`), and the
+step only copies them in.  A QLoRA step on a GPU waits on its host, and the
+gather (4,096 rows of 8 KiB at 8B) took milliseconds of the training thread's
+time (bench/README, session 49); ``index_select`` releases the GIL, so on the
+helper thread it costs the step nothing.
+
 Only a plain ``torch.nn.Embedding`` not shared with the LM head qualifies:
 tied tables are read whole by the head, and subclasses (Gemma's scaled
 embedding) do more than look rows up.
@@ -20,10 +27,17 @@ embedding) do more than look rows up.
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from typing import Any
 
 import numpy as np
 import torch
+
+# Micro-batches gathered ahead and not yet claimed by a step: the loader prepares the next step's while this
+# one's are in use, so twice the micro-batches of a step are enough up to 4 a step.  Beyond that the oldest
+# are dropped, and a step whose rows are gone gathers them itself.
+PREPARED_AT_MOST = 8
 
 
 class HostEmbedding(torch.nn.Module):
@@ -41,15 +55,31 @@ class HostEmbedding(torch.nn.Module):
         self.padding_idx = embedding.padding_idx
         self.device = device
         self._primed: tuple[torch.Tensor, torch.Tensor] | None = None  # (device ids, their rows on device)
+        # (host ids, their rows in host memory) gathered ahead on the loader's thread, oldest first
+        self._prepared: deque[tuple[np.ndarray, torch.Tensor]] = deque(maxlen=PREPARED_AT_MOST)
+        self._lock = threading.Lock()
 
     @property
     def weight(self) -> torch.Tensor:
         """The table, for code that reads the embedding's shape or dtype (PEFT, transformers)."""
         return self.table
 
+    def prepare(self, host_ids: np.ndarray) -> None:
+        """Gather ``host_ids``' rows into (pinned) host memory now, for the :meth:`prime` given the same ids.
+
+        Thread-safe: the training loop's batch-loading thread calls it ahead of each step.
+        """
+        ids = np.array(host_ids, copy=True)  # the caller's array may be reused
+        rows = self._host_rows(torch.from_numpy(ids))
+        with self._lock:
+            self._prepared.append((ids, rows))
+
     def prime(self, host_ids: np.ndarray | torch.Tensor, device_ids: torch.Tensor) -> None:
-        """Gather ``host_ids``' rows now and start their copy; the forward given ``device_ids`` uses them."""
-        self._primed = (device_ids, self._gather(torch.as_tensor(host_ids)))
+        """Start copying ``host_ids``' rows (gathered ahead, else now); the forward given ``device_ids`` uses them."""
+        rows = self._claim(np.asarray(host_ids))
+        if rows is None:
+            rows = self._host_rows(torch.as_tensor(host_ids))
+        self._primed = (device_ids, self._moved(rows, tuple(host_ids.shape)))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         primed = self._primed
@@ -59,13 +89,28 @@ class HostEmbedding(torch.nn.Module):
             rows = self._gather(ids.to("cpu"))
         return rows.detach()  # a fresh leaf each call: a forward hook may ask it for a gradient
 
+    def _claim(self, ids: np.ndarray) -> torch.Tensor | None:
+        """The rows :meth:`prepare` gathered for these very ids (taken off the list), or None."""
+        with self._lock:
+            for index, (ready, rows) in enumerate(self._prepared):
+                if ready.shape == ids.shape and np.array_equal(ready, ids):
+                    del self._prepared[index]
+                    return rows
+        return None
+
     def _gather(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._moved(self._host_rows(ids), tuple(ids.shape))
+
+    def _host_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The ids' rows, one per id in order, in host memory (pinned where they go to a GPU)."""
         flat = ids.reshape(-1).to(torch.long)
         pinned = self.device.type == "cuda"
         rows = torch.empty((flat.numel(), self.embedding_dim), dtype=self.table.dtype, pin_memory=pinned)
-        torch.index_select(self.table, 0, flat, out=rows)
+        return torch.index_select(self.table, 0, flat, out=rows)
+
+    def _moved(self, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         # The caching host allocator keeps a pinned block from reuse until the copy that reads it is done.
-        return rows.to(self.device, non_blocking=True).view(*ids.shape, self.embedding_dim)
+        return rows.to(self.device, non_blocking=True).view(*shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, in CPU memory"
