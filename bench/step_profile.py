@@ -54,11 +54,9 @@ collections_seen = {"on": False, "start": 0.0, "ms": collections.Counter(), "cou
 
 
 def gc_timed(phase, info):
-    if not collections_seen["on"]:
-        return
-    if phase == "start":
+    if phase == "start":  # always, so a pass that began just before the profiler is not counted from 0
         collections_seen["start"] = time.perf_counter()
-    else:
+    elif collections_seen["on"]:
         generation = info.get("generation", -1)
         collections_seen["ms"][generation] += (time.perf_counter() - collections_seen["start"]) * 1e3
         collections_seen["count"][generation] += 1
@@ -156,7 +154,7 @@ def timeline(prof, path):
     # PROFILE_STACK=1, Python functions, per thread. Read beside the GPU's to see what the host was doing
     # while the GPU had nothing queued.
     host = pick(("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver"))
-    where = path.replace("kernels_", "host_")
+    where = os.path.join(os.path.dirname(path), os.path.basename(path).replace("kernels_", "host_"))
     write(where, ["start_us", "dur_us", "thread", "kind", "name"], host)
     print(f"PROFILE {len(host)} host events written to {where}", flush=True)
 

@@ -102,6 +102,16 @@ def test_only_layers_that_can_draw_random_numbers_keep_the_random_state(
     assert draws_random(layers[0]) and not draws_random(layers[1])
     layers[1].self_attn.config.attention_dropout = 0.1  # a rate read from the config at call time
     assert draws_random(layers[1])
+    layers[1].self_attn.config.attention_dropout = 0.0
+    layers[1].mlp.act_fn = torch.nn.RReLU()  # random in training
+    assert draws_random(layers[1])
+    layers[1].mlp.act_fn = torch.nn.SiLU()
+    layers[1].mlp.hidden_dropout = torch.tensor(0.2)  # a rate held as a tensor
+    assert draws_random(layers[1])
+    del layers[1].mlp.hidden_dropout
+    assert not draws_random(layers[1])
+    layers[1].mlp.add_module("router", type("TopKRouter", (torch.nn.Module,), {})())  # may sample: kept
+    assert draws_random(layers[1])
 
 
 def test_offload_switch_is_refused_where_it_cannot_apply() -> None:

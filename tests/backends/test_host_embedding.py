@@ -79,7 +79,7 @@ def test_rows_gathered_ahead_serve_only_the_same_ids(tiny_model_dir: Path, tiny_
     table = backend._causal_lm.get_input_embeddings().weight.detach().clone()
     host = move_embeddings_to_host(backend._causal_lm, backend.device)
     first, other = np.array([[5, 7, 5], [1, 2, 3]]), np.array([[5, 7, 6], [1, 2, 3]])
-    host.prepare(first)
+    host.prepare(first, waiting=4)
     first[0, 0] = 9  # the caller reuses its array: what was prepared is a copy
     host.prime(other, ids := torch.from_numpy(other))  # not the ids prepared: gathered now
     torch.testing.assert_close(host(ids), table[ids], rtol=0, atol=0)
@@ -88,8 +88,13 @@ def test_rows_gathered_ahead_serve_only_the_same_ids(tiny_model_dir: Path, tiny_
     host.prime(first, ids := torch.from_numpy(first))
     torch.testing.assert_close(host(ids), table[ids], rtol=0, atol=0)
     assert not host._prepared  # claimed
-    for row in range(PREPARED_AT_MOST + 3):  # never claimed (another process's share, a dropped step): bounded
-        host.prepare(np.full((1, 2), row))
+    for row in range(6):  # never claimed (another process's share, a cursor that moved): bounded
+        host.prepare(np.full((1, 2), row), waiting=4)
+    assert [int(ids[0, 0]) for ids, _ in host._prepared] == [2, 3, 4, 5]  # the newest kept
+    host.prime(np.full((1, 2), 4), torch.zeros(1, 2, dtype=torch.long))  # and those before a claimed one dropped
+    assert [int(ids[0, 0]) for ids, _ in host._prepared] == [5]
+    for row in range(PREPARED_AT_MOST + 2):
+        host.prepare(np.full((1, 2), row), waiting=10**6)
     assert len(host._prepared) == PREPARED_AT_MOST
 
 

@@ -196,7 +196,7 @@ def test_the_loader_thread_gathers_host_held_embedding_rows_ahead_of_each_step(
         inner = host._host_rows
         host._host_rows = lambda ids, f=inner, seen=threads: seen.append(threading.current_thread().name) or f(ids)  # type: ignore[method-assign]
         if not ahead:
-            backend.prepare_batch = lambda batch: None  # type: ignore[method-assign]
+            backend.prepare_batch = lambda batch, waiting: None  # type: ignore[method-assign]
         seen = Recorder()
         opts = _options(tmp_path / str(ahead), total_steps=3)
         result = run_loop(backend, _stream(_split()), None, lambda _s: 1e-3, opts, TrainerState(), seen)

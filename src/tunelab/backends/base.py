@@ -137,11 +137,12 @@ class Backend(Protocol):
         """Accumulate gradients of ``loss_sum * loss_scale`` for one micro-batch (the objective's loss)."""
         ...
 
-    def prepare_batch(self, batch: Batch) -> None:
+    def prepare_batch(self, batch: Batch, waiting: int) -> None:
         """Host-side work for a training micro-batch, done ahead of its step on the loader's helper thread.
 
-        Must be thread-safe and leave ``batch`` as it is; :meth:`forward_backward` gives the same result
-        whether it ran or not (it only saves the step time).
+        ``waiting``: how many prepared micro-batches may wait for their steps at once.  Must be thread-safe
+        and leave ``batch`` as it is; :meth:`forward_backward` gives the same result whether it ran or not
+        (it only saves the step time).
         """
         ...
 

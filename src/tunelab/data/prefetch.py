@@ -11,6 +11,7 @@ cursor: the helper only computes what :meth:`MicroBatchStream.get` would.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -20,6 +21,7 @@ import numpy as np
 from tunelab.data.batching import MicroBatchStream
 
 Batch = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
 
 
 class Prefetcher:
@@ -30,7 +32,9 @@ class Prefetcher:
     Use it as a context manager so the thread ends with the loop.
     """
 
-    def __init__(self, stream: MicroBatchStream, count: int, prepare: Callable[[Batch], None] | None = None) -> None:
+    def __init__(
+        self, stream: MicroBatchStream, count: int, prepare: Callable[[Batch, int], None] | None = None
+    ) -> None:
         self.stream = stream
         self.count = count
         self.prepare = prepare  # run on each batch on the helper thread too (the backend's host-side work)
@@ -53,7 +57,10 @@ class Prefetcher:
         batches = [self.stream.get(cursor + i) for i in range(self.count)]
         if self.prepare is not None:
             for batch in batches:
-                self.prepare(batch)
+                try:
+                    self.prepare(batch, 2 * self.count)  # this step's and the next one's may wait at once
+                except Exception:  # only saves time: the step does the work itself
+                    log.debug("preparing a micro-batch ahead failed", exc_info=True)
         return batches
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ from tunelab.data.batching import MicroBatchStream
 from tunelab.data.prefetch import Prefetcher
 from tunelab.distributed.sharding import DataParallel
 from tunelab.errors import DivergedError
-from tunelab.train.backoff import HINTS, OutOfMemoryError, Stats, accumulate_with_backoff
+from tunelab.train.backoff import HINTS, OutOfMemoryError, Stats, accumulate_with_backoff, split_rows
 from tunelab.train.callbacks import BaseCallback
 from tunelab.train.checkpoint import TrainerState, save_checkpoint
 from tunelab.train.schedules import Schedule
@@ -107,7 +107,13 @@ def run_loop(
     """
     callbacks.on_start(step=state.step, total_steps=opts.total_steps)
     try:
-        with Prefetcher(stream, opts.grad_accum, backend.prepare_batch) as batches:
+        # After an out-of-memory back-off a step runs each micro-batch in pieces (split_rows): prepared as such
+        def prepare(batch: Batch, waiting: int) -> None:
+            pieces = split_rows(batch, state.micro_parts)
+            for piece in pieces:
+                backend.prepare_batch(piece, waiting * len(pieces))
+
+        with Prefetcher(stream, opts.grad_accum, prepare) as batches:
             return _steps(backend, batches, valid, schedule, opts, state, callbacks, should_stop, parallel)
     finally:
         callbacks.flush()

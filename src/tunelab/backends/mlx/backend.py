@@ -213,7 +213,7 @@ class MlxBackend:
         return ModelInfo(architecture_of(self.folder), params, trainable, dtype, f"mlx:{device}", str(self.folder))
 
     # -- training ----------------------------------------------------------------------------
-    def prepare_batch(self, batch: Batch) -> None:
+    def prepare_batch(self, batch: Batch, waiting: int) -> None:
         return None  # nothing to do ahead: MLX copies nothing to a device
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:

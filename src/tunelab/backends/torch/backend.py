@@ -208,9 +208,9 @@ class TorchBackend:
         return self.model.get_base_model() if self.method in ADAPTER_METHODS else self.model
 
     # -- training ----------------------------------------------------------------------------
-    def prepare_batch(self, batch: Batch) -> None:
+    def prepare_batch(self, batch: Batch, waiting: int) -> None:
         if self._host_embed is not None and not active():  # several processes each run a share of the batch
-            self._host_embed.prepare(self._shaped(batch)[0]["input_ids"])  # the rows its step copies in
+            self._host_embed.prepare(self._shaped(batch)[0]["input_ids"], waiting)  # the rows its step copies in
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> LossSum:
         if self._threads is not None:

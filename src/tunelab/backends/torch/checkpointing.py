@@ -80,12 +80,16 @@ def draws_random(layer: torch.nn.Module) -> bool:
 
     Saving and restoring that state (CPU and CUDA generators) costs host time in every layer of every step,
     and a QLoRA step on a GPU waits on its host (bench/README, session 49); a layer without dropout draws
-    nothing, so it skips both.  Conservative: any dropout module above 0, or any number above 0 whose name
-    says dropout or noise, on a module of the layer or its config, counts as drawing.
+    nothing, so it skips both.  Conservative: any dropout module above 0, any ``RReLU``, any router or
+    mixture-of-experts block, or any number above 0 whose name says dropout or noise, on a module of the
+    layer or its config, counts as drawing.  A rate written into a call (``F.dropout(x, 0.1)``) can't be
+    seen: no model transformers ships does that inside a decoder layer.
     """
     for module in layer.modules():
-        if isinstance(module, _DROPOUTS) and module.p > 0:
+        if (isinstance(module, _DROPOUTS) and module.p > 0) or isinstance(module, torch.nn.RReLU):
             return True
+        if any(word in type(module).__name__.lower() for word in _RANDOM_CLASSES):
+            return True  # mixture-of-experts routing may sample (PhiMoE's sparsemixer does while training)
         config = getattr(module, "config", None)
         for owner in (module, config) if config is not None else (module,):
             for name, value in getattr(owner, "__dict__", {}).items():
@@ -100,9 +104,19 @@ _DROPOUTS = (
 )  # fmt: skip
 
 
+# Modules whose run may draw whatever their numbers say: any router or mixture-of-experts block.
+_RANDOM_CLASSES = ("moe", "router", "mixer")
+
+
 def _random_rate(name: str, value: Any) -> bool:
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    return numeric and value > 0 and any(word in name.lower() for word in _RANDOM_NAMES)
+    if not any(word in name.lower() for word in _RANDOM_NAMES) or isinstance(value, bool):
+        return False
+    if isinstance(value, torch.Tensor):  # a rate held as a 0-d tensor
+        return value.numel() == 1 and bool(value.item() > 0)
+    try:
+        return float(value) > 0  # ints, floats, numpy scalars
+    except (TypeError, ValueError):
+        return False
 
 
 def _checkpointed(

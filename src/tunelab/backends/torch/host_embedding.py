@@ -34,10 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-# Micro-batches gathered ahead and not yet claimed by a step: the loader prepares the next step's while this
-# one's are in use, so twice the micro-batches of a step are enough up to 4 a step.  Beyond that the oldest
-# are dropped, and a step whose rows are gone gathers them itself.
-PREPARED_AT_MOST = 8
+# Micro-batches gathered ahead and not yet claimed by a step, at most, whatever the loader says may wait: the
+# loader prepares the next step's while this one's are in use, and a step whose rows are gone gathers them.
+PREPARED_AT_MOST = 64
 
 
 class HostEmbedding(torch.nn.Module):
@@ -56,7 +55,7 @@ class HostEmbedding(torch.nn.Module):
         self.device = device
         self._primed: tuple[torch.Tensor, torch.Tensor] | None = None  # (device ids, their rows on device)
         # (host ids, their rows in host memory) gathered ahead on the loader's thread, oldest first
-        self._prepared: deque[tuple[np.ndarray, torch.Tensor]] = deque(maxlen=PREPARED_AT_MOST)
+        self._prepared: deque[tuple[np.ndarray, torch.Tensor]] = deque()
         self._lock = threading.Lock()
 
     @property
@@ -64,15 +63,19 @@ class HostEmbedding(torch.nn.Module):
         """The table, for code that reads the embedding's shape or dtype (PEFT, transformers)."""
         return self.table
 
-    def prepare(self, host_ids: np.ndarray) -> None:
+    def prepare(self, host_ids: np.ndarray, waiting: int) -> None:
         """Gather ``host_ids``' rows into (pinned) host memory now, for the :meth:`prime` given the same ids.
 
-        Thread-safe: the training loop's batch-loading thread calls it ahead of each step.
+        Thread-safe: the training loop's batch-loading thread calls it ahead of each step.  ``waiting``:
+        how many prepared micro-batches may wait at once; past that (or :data:`PREPARED_AT_MOST`) the
+        oldest are dropped.
         """
         ids = np.array(host_ids, copy=True)  # the caller's array may be reused
         rows = self._host_rows(torch.from_numpy(ids))
         with self._lock:
             self._prepared.append((ids, rows))
+            while len(self._prepared) > max(1, min(waiting, PREPARED_AT_MOST)):
+                self._prepared.popleft()
 
     def prime(self, host_ids: np.ndarray | torch.Tensor, device_ids: torch.Tensor) -> None:
         """Start copying ``host_ids``' rows (gathered ahead, else now); the forward given ``device_ids`` uses them."""
@@ -94,7 +97,8 @@ class HostEmbedding(torch.nn.Module):
         with self._lock:
             for index, (ready, rows) in enumerate(self._prepared):
                 if ready.shape == ids.shape and np.array_equal(ready, ids):
-                    del self._prepared[index]
+                    for _ in range(index + 1):  # and those prepared before it, which no step will claim now
+                        self._prepared.popleft()
                     return rows
         return None
 

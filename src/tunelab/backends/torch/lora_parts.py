@@ -49,7 +49,7 @@ def base_weight(module: Any) -> torch.Tensor:
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight
-    lean = nf4.takes_bnb_kernels(weight)  # bitsandbytes' kernels, less host time
+    lean = nf4.takes_triton(weight.device) or nf4.takes_bnb_kernels(weight)  # one kernel, or bitsandbytes', lean
     # IN_GRAPH forced on (True) traces the arithmetic in compiled graphs; its default rides on ``lean``
     if (lean or (nf4.IN_GRAPH is True and torch.compiler.is_compiling())) and nf4.supported(weight):
         return nf4.dequantize(weight, state)

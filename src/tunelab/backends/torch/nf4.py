@@ -87,12 +87,12 @@ def in_graph_on(device: torch.device, longest: int | None = None) -> bool:
     """
     if IN_GRAPH == "bnb_kernels":
         short = longest is None or longest < SHORT_BELOW
-        kernels = _takes_triton(device) or (BNB_KERNELS and nf4_kernels.load())
+        kernels = takes_triton(device) or (BNB_KERNELS and nf4_kernels.load())
         return short and device.type == "cuda" and kernels
     return bool(IN_GRAPH)
 
 
-def _takes_triton(device: torch.device) -> bool:
+def takes_triton(device: torch.device) -> bool:
     """Whether NF4 weights on ``device`` dequantize through :mod:`nf4_triton`'s kernel (:data:`TRITON`)."""
     if not TRITON or device.type != "cuda":
         return False
@@ -155,7 +155,7 @@ def dequantize(weight: torch.Tensor, state: Any, site: int = 0) -> torch.Tensor:
     (:mod:`nf4_kernels`); elsewhere in torch ops, which a compiled graph fuses into one kernel.
     A backward's call passes its own ``site`` (:func:`nf4_kernels.dequantize` says why).
     """
-    if _takes_triton(weight.device):
+    if takes_triton(weight.device):
         from tunelab.backends.torch import nf4_triton
 
         return nf4_triton.dequantize(weight, state, site)

@@ -104,7 +104,7 @@ def run_kernel(*parts: Any) -> torch.Tensor:
     site = int(parts[10]) if len(parts) > 10 else 0
     device = packed.device
     # Pointers go to the kernel: the codes dense, every tensor on the weight's device (as bitsandbytes keeps them).
-    packed = packed if packed.is_contiguous() else packed.contiguous()
+    packed = (packed if packed.is_contiguous() else packed.contiguous()).view(torch.uint8)  # bytes, any storage
     absmax, code2, absmax2, offset, code = (t if t is None or t.device == device else t.to(device) for t in parts[1:6])
     out = torch.empty(shape, dtype=dtype, device=device)
     nested = code2 is not None
