@@ -12,9 +12,10 @@ import torch
 
 from tunelab.backends.base import MethodSpec, ModelSpec, OptimSpec
 from tunelab.backends.torch.backend import TorchBackend
-from tunelab.backends.torch.checkpointing import checkpoint_layers, draws_random
+from tunelab.backends.torch.checkpointing import checkpoint_layers
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.offload import offload_checkpoints
+from tunelab.backends.torch.random_state import draws_random
 from tunelab.errors import ConfigError
 
 

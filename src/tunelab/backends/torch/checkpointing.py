@@ -26,15 +26,14 @@ torch's own checkpoint can't say so, which is why it isn't used here.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tunelab.backends.torch import kept_attention
+from tunelab.backends.torch import kept_attention, random_state
 from tunelab.backends.torch.host_stash import HostStash
 from tunelab.backends.torch.replay import recording, replaying
 
@@ -57,7 +56,7 @@ def checkpoint_layers(layers: Iterable[torch.nn.Module], *, offload: bool) -> No
         layer.gradient_checkpointing = False  # type: ignore[assignment]  # transformers' own: off, ours instead
         compiled = layer._compiled_call_impl is not None
         inner = layer._compiled_call_impl or layer._call_impl
-        how = _How(compiled=compiled, index=index, draws=draws_random(layer))
+        how = _How(compiled=compiled, index=index, draws=random_state.draws_random(layer))
         layer._compiled_call_impl = functools.partial(_checkpointed, inner, layer, stash, anchor, how)
 
 
@@ -68,55 +67,6 @@ class _How:
     compiled: bool
     index: int
     draws: bool
-
-
-# Names of a module's (or its config's) numbers that make its run random when above 0: dropout rates
-# (``attention_dropout``, ``resid_pdrop``, ``hidden_dropout``...), router noise (``router_jitter_noise``).
-_RANDOM_NAMES = ("drop", "noise", "jitter")
-
-
-def draws_random(layer: torch.nn.Module) -> bool:
-    """Whether ``layer``'s run can draw random numbers, so its replay must start from the forward's random state.
-
-    Saving and restoring that state (CPU and CUDA generators) costs host time in every layer of every step,
-    and a QLoRA step on a GPU waits on its host (bench/README, session 49); a layer without dropout draws
-    nothing, so it skips both.  Conservative: any dropout module above 0, any ``RReLU``, any router or
-    mixture-of-experts block, or any number above 0 whose name says dropout or noise, on a module of the
-    layer or its config, counts as drawing.  A rate written into a call (``F.dropout(x, 0.1)``) can't be
-    seen: no model transformers ships does that inside a decoder layer.
-    """
-    for module in layer.modules():
-        if (isinstance(module, _DROPOUTS) and module.p > 0) or isinstance(module, torch.nn.RReLU):
-            return True
-        if any(word in type(module).__name__.lower() for word in _RANDOM_CLASSES):
-            return True  # mixture-of-experts routing may sample (PhiMoE's sparsemixer does while training)
-        config = getattr(module, "config", None)
-        for owner in (module, config) if config is not None else (module,):
-            for name, value in getattr(owner, "__dict__", {}).items():
-                if _random_rate(name, value):
-                    return True
-    return False
-
-
-_DROPOUTS = (
-    torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
-    torch.nn.FeatureAlphaDropout,
-)  # fmt: skip
-
-
-# Modules whose run may draw whatever their numbers say: any router or mixture-of-experts block.
-_RANDOM_CLASSES = ("moe", "router", "mixer")
-
-
-def _random_rate(name: str, value: Any) -> bool:
-    if not any(word in name.lower() for word in _RANDOM_NAMES) or isinstance(value, bool):
-        return False
-    if isinstance(value, torch.Tensor):  # a rate held as a 0-d tensor
-        return value.numel() == 1 and bool(value.item() > 0)
-    try:
-        return float(value) > 0  # ints, floats, numpy scalars
-    except (TypeError, ValueError):
-        return False
 
 
 def _checkpointed(
@@ -155,7 +105,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         ctx.device, ctx.needs_input_grad_ = hidden.device, hidden.requires_grad
         ctx.differentiate_input = hidden.requires_grad or how.compiled
         ctx.autocast = _autocast_state(hidden.device.type)
-        ctx.rng = _rng_state(hidden.device) if how.draws else None  # a layer without dropout draws nothing
+        ctx.rng = random_state.saved(hidden.device) if how.draws else None  # a layer without dropout draws nothing
         # A compiled layer sees an input that needs no gradient here and one that does on the replay,
         # the same in every layer (the first one's included), so it keeps one graph for each run.
         with torch.no_grad(), recording() as parked:
@@ -174,7 +124,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         attention, parked = tuple(fetched[: ctx.attention]), tuple(fetched[ctx.attention :])
         hidden = hidden.detach().requires_grad_(ctx.differentiate_input)
         with (
-            _forward_random_state(ctx.rng, ctx.device),  # dropout draws what it drew in the forward
+            random_state.restored(ctx.rng, ctx.device),  # dropout draws what it drew in the forward
             torch.enable_grad(),
             torch.autocast(ctx.device.type, **ctx.autocast),
             replaying(parked),
@@ -186,30 +136,6 @@ class _CheckpointedLayer(torch.autograd.Function):
         return (hidden.grad if ctx.needs_input_grad_ else None, *[None] * 8)
 
 
-@contextlib.contextmanager
-def _forward_random_state(
-    state: tuple[torch.Tensor, torch.Tensor | None] | None, device: torch.device
-) -> Iterator[None]:
-    """Inside the block the generators are where the forward left them (None: the layer draws nothing, as is)."""
-    if state is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        _set_rng_state(state, device)
-        yield
-
-
 def _autocast_state(device_type: str) -> dict[str, Any]:
     """The autocast the forward ran under, re-entered for the recompute (backward runs outside it)."""
     return {"enabled": torch.is_autocast_enabled(device_type), "dtype": torch.get_autocast_dtype(device_type)}
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from tunelab.backends.torch import random_state
 from tunelab.backends.torch.host_link import HostLink
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.lora_parts import adapter_branch, input_grad
@@ -141,7 +142,7 @@ class _KeptMLP(torch.autograd.Function):
                         "dtype": torch.get_autocast_dtype(x.device.type)}  # fmt: skip
         # The replay has drawn the attention's dropout masks again: the generator stands where the
         # first run's MLP found it, so its adapters' masks are drawn again below in the same order.
-        ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.rng = random_state.saved(x.device)
         ctx.save_for_backward(x, gate, up)
         return torch.empty_like(x)
 
@@ -149,17 +150,16 @@ class _KeptMLP(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         x, gate, up = ctx.saved_tensors
         mlp = ctx.mlp
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.rng[0])
-            if ctx.rng[1] is not None:
-                torch.cuda.set_rng_state(ctx.rng[1], x.device)
-            with torch.enable_grad(), torch.autocast(x.device.type, **ctx.autocast):
-                xl = x.detach().requires_grad_(True)
-                gl, ul = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
-                branch_gate, branch_up = adapter_branch(mlp.gate_proj, xl), adapter_branch(mlp.up_proj, xl)
-                hidden = mlp.act_fn(gl) * ul
-                branch_down = adapter_branch(mlp.down_proj, hidden)
+        with (
+            random_state.restored(ctx.rng, x.device),
+            torch.enable_grad(),
+            torch.autocast(x.device.type, **ctx.autocast),
+        ):
+            xl = x.detach().requires_grad_(True)
+            gl, ul = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
+            branch_gate, branch_up = adapter_branch(mlp.gate_proj, xl), adapter_branch(mlp.up_proj, xl)
+            hidden = mlp.act_fn(gl) * ul
+            branch_down = adapter_branch(mlp.down_proj, hidden)
         # down: d hidden = dy·W_down (the frozen base) + what its adapter adds, in one pass back to gate and up
         outs, grads = [hidden], [input_grad(mlp.down_proj, grad)]
         if branch_down is not None:

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from tunelab.backends.torch import fast
+from tunelab.backends.torch import fast, random_state
 from tunelab.backends.torch.loading import decoder_layers
 from tunelab.backends.torch.lora_parts import DEQUANTIZED, base_weight
 from tunelab.backends.torch.replay import is_replay, replaying
@@ -178,7 +178,7 @@ class _TiledMLP(torch.autograd.Function):
         ctx.inner, ctx.tile, ctx.mlp = inner, tile, mlp
         ctx.autocast = {"enabled": torch.is_autocast_enabled(x.device.type),
                         "dtype": torch.get_autocast_dtype(x.device.type)}  # fmt: skip
-        ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.rng = random_state.saved(x.device)
         ctx.save_for_backward(x)
         if skip_value:  # a checkpoint's replay: nothing reads this value, only its gradient flows back
             return torch.empty_like(x)
@@ -190,11 +190,7 @@ class _TiledMLP(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         flat, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         dx = torch.empty_like(flat)
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices), _dequantized(ctx.mlp):  # dropout draws the forward's masks
-            torch.set_rng_state(ctx.rng[0])
-            if ctx.rng[1] is not None:
-                torch.cuda.set_rng_state(ctx.rng[1], x.device)
+        with random_state.restored(ctx.rng, x.device), _dequantized(ctx.mlp):  # dropout draws the forward's masks
             for start in range(0, flat.shape[0], ctx.tile):
                 part = flat[start : start + ctx.tile].detach().requires_grad_(True)
                 # A replay too: only the tile's gradient is taken, so a lean down projection skips its value.
