@@ -39,8 +39,12 @@ def test_the_op_gives_bitsandbytes_weight_bit_for_bit(device: str, nested: bool,
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_compiled_product_calls_the_op_whole(device: str) -> None:
+@pytest.mark.parametrize("cpp_wrapper", [False, True])  # fast.CPP_WRAPPER: the graph's wrapper in C++ calls the op
+def test_a_compiled_product_calls_the_op_whole(device: str, cpp_wrapper: bool, torch_config: Any) -> None:
     """No graph break, and the product and input gradient are bitsandbytes' own (the op has a fake for the trace)."""
+    from torch._inductor import config as inductor_config
+
+    torch_config(inductor_config, cpp_wrapper=cpp_wrapper)
     packed, state = _quantized((256, 128), True, device)
     weight = bnb.functional.dequantize_4bit(packed, state)
     x = torch.randn(4, 16, 128, dtype=torch.bfloat16, device=device, requires_grad=True)

@@ -117,18 +117,23 @@ NO_KERNEL = not CUDA or nf4_triton.triton is None
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_KERNEL, reason="needs a CUDA GPU and triton")
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("compiled", [False, True])
-def test_on_the_gpu_the_kernel_is_the_torch_arithmetic_bit_for_bit(case: tuple[Any, ...], compiled: bool) -> None:
+@pytest.mark.parametrize("compiled", [None, "python", "cpp"])  # eager, or compiled with either graph wrapper
+def test_on_the_gpu_the_kernel_is_the_torch_arithmetic_bit_for_bit(
+    case: tuple[Any, ...], compiled: str | None, torch_config: Any
+) -> None:
     """On a GPU ptxas may contract a multiply and an add: the scales' explicitly rounded multiply keeps them apart."""
     packed, state = _moved(*_state(*case), "cuda")
     expected = _expected(packed, state)  # eager torch: each op a kernel of its own, rounded apart
     if compiled:
+        from torch._inductor import config as inductor_config
         from torch._inductor.utils import run_and_get_code
 
+        torch_config(inductor_config, cpp_wrapper=compiled == "cpp")  # fast.CPP_WRAPPER's
         torch._dynamo.reset()
         run = torch.compile(lambda p: nf4_triton.dequantize(p, state), fullgraph=True)
         ours, code = run_and_get_code(run, packed)
-        assert "ops.tunelab" not in "\n".join(code)  # inductor launches the kernel itself, no op call
+        text = "\n".join(code)
+        assert "ops.tunelab" not in text and "tunelab::" not in text  # inductor launches the kernel, no op call
     else:
         ours = nf4_triton.dequantize(packed, state)
     assert nf4_triton.available(packed) and torch.equal(ours, expected)

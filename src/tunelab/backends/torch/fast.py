@@ -52,6 +52,25 @@ AUTOTUNE_GEMM = False
 # switch coordinate_descent).
 COORDINATE_DESCENT = False
 
+# Whether each compiled graph's wrapper (the code that allocates its buffers and launches its kernels, once per
+# layer call) is generated as C++ instead of Python.  Where a step waits on the host, as 8B QLoRA's with
+# checkpointing does on an H100 (418 ms a step for ~340 ms of kernels; the compiled graphs' Python wrappers were
+# 108 ms of the host's time a step, session 49), each kernel launch from C++ costs the host a few microseconds
+# less.  On a CPU, with a 32-layer hidden-32 Llama whose step is all host time (bench/host_cost_cpu.py), a
+# step took 58.4 ms against 65.5 (median of 5 interleaved runs, session 50).  Compiling can take longer (a C++
+# build per graph, cached on disk like the rest).  Off until an A/B through `tunelab train` on a GPU
+# (bench/gpu_env.sh's switch cpp_wrapper).
+CPP_WRAPPER = False
+
+# Whether each compiled graph's Python wrapper checks, at every call, the sizes, strides and alignment of its
+# inputs and of what its extern kernels return (inductor's size_asserts, alignment_asserts, scalar_asserts: on
+# by default; Meta's own builds leave the alignment checks out).  Dynamo's guards have already checked the
+# graph's inputs; the asserts catch a custom op whose output disagrees with its fake.  In bench/host_cost_cpu.py,
+# a LoRA layer's graph makes ~34 such checks a call (3,232 a step), and without them its step took 61.3 ms
+# against 65.5.  On until an A/B through `tunelab train` on a GPU (bench/gpu_env.sh's switch
+# runtime_asserts_off); the C++ wrapper (CPP_WRAPPER) checks in C++.
+RUNTIME_ASSERTS = True
+
 # Rows of at most this many elements reduce in one pass (inductor's "persistent" reduction, the row held in
 # registers) where inductor's own heuristic stops at 1,024: an RMSNorm over a 2,048- or 4,096-wide hidden
 # state then reads its input once, not once for the sum of squares and again to scale it, and so does its
@@ -121,6 +140,10 @@ def compile_decoder_layers(model: Any, activation_budget: float = 1.0) -> int:
 
     if COORDINATE_DESCENT:
         inductor_config.coordinate_descent_tuning = True
+    if CPP_WRAPPER:
+        inductor_config.cpp_wrapper = True
+    if not RUNTIME_ASSERTS:
+        inductor_config.size_asserts = inductor_config.alignment_asserts = inductor_config.scalar_asserts = False
     if AUTOTUNE_GEMM:
         inductor_config.max_autotune_gemm = True
         inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"  # cuBLAS, or a Triton template if faster
