@@ -104,6 +104,7 @@ def keep_mlps(model: Any, budget_bytes: int, count: int | None = None) -> int:
     for layer in list(layers)[:count]:
         mlp: Any = layer.mlp
         mlp.kept_layers, mlp.kept_budget = count, budget_bytes
+        mlp.kept_draws = random_state.draws_random(mlp)  # read once: the walk costs host time at every call
         retype(mlp, _KeptForward)
     return count
 
@@ -113,6 +114,7 @@ class _KeptForward:
 
     kept_layers: int
     kept_budget: int
+    kept_draws: bool  # whether the MLP can draw random numbers (dropout), so its backward needs the forward's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _kept_forward(self, x)
@@ -142,7 +144,7 @@ class _KeptMLP(torch.autograd.Function):
                         "dtype": torch.get_autocast_dtype(x.device.type)}  # fmt: skip
         # The replay has drawn the attention's dropout masks again: the generator stands where the
         # first run's MLP found it, so its adapters' masks are drawn again below in the same order.
-        ctx.rng = random_state.saved(x.device)
+        ctx.rng = random_state.saved(x.device) if mlp.kept_draws else None  # no dropout: nothing to draw again
         ctx.save_for_backward(x, gate, up)
         return torch.empty_like(x)
 

@@ -4,7 +4,7 @@ A checkpointed layer's replay, a tiled MLP's backward and a kept MLP's backward 
 code again that may draw dropout masks; those must be the masks the first run drew, so each
 saves the CPU and CUDA generators when the first run starts and runs the second from them,
 leaving the generators where they were afterwards.  Where nothing draws (:func:`draws_random`),
-the checkpoint skips both: in every layer of every step they cost host time, which a QLoRA
+each skips both: in every layer of every step they cost host time, which a QLoRA
 step on a GPU waits on.
 """
 

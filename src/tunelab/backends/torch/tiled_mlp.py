@@ -75,16 +75,14 @@ def tile_mlps(model: Any, tile_tokens: int = TILE_TOKENS, compile_backend: str |
         if mlp is None:
             continue
         mlp.tile_tokens, mlp.tile_skip_value = tile_tokens, skip_value
-        mlp.tile_compiled = _compiled_tile(compile_backend) if compile_backend and not _drops(mlp) else None
+        mlp.tile_draws = random_state.draws_random(mlp)  # read once: the walk costs host time at every call
+        # A compiled tile would draw other dropout masks in its backward than in its forward: those stay eager.
+        mlp.tile_compiled = _compiled_tile(compile_backend) if compile_backend and not mlp.tile_draws else None
         retype(mlp, _TiledForward)
         for base in _four_bit_bases(mlp) if DEQUANTIZE_ONCE else ():
             retype(base, _FromDequantized)  # before compiling: the tiles' graph sees the product it runs
         count += 1
     return count
-
-
-def _drops(mlp: Any) -> bool:
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in mlp.modules())
 
 
 _COMPILED_TILES: dict[str, Any] = {}
@@ -110,6 +108,7 @@ class _TiledForward:
     tile_tokens: int
     tile_skip_value: bool
     tile_compiled: Any
+    tile_draws: bool  # whether the MLP can draw random numbers (dropout), so its backward needs the forward's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _tiled_forward(self, x)
@@ -178,7 +177,7 @@ class _TiledMLP(torch.autograd.Function):
         ctx.inner, ctx.tile, ctx.mlp = inner, tile, mlp
         ctx.autocast = {"enabled": torch.is_autocast_enabled(x.device.type),
                         "dtype": torch.get_autocast_dtype(x.device.type)}  # fmt: skip
-        ctx.rng = random_state.saved(x.device)
+        ctx.rng = random_state.saved(x.device) if mlp.tile_draws else None  # no dropout: nothing to draw again
         ctx.save_for_backward(x)
         if skip_value:  # a checkpoint's replay: nothing reads this value, only its gradient flows back
             return torch.empty_like(x)
