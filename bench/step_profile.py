@@ -16,7 +16,8 @@ host side a little, so the wall time here is a bit above the run's own tokens/s;
 to read.  Output also goes to ``$OUT/profile_<row>.txt``, every GPU kernel of the profiled steps
 (start, length, stream, name) to ``$OUT/kernels_<row>.csv.gz``, and the host's ops and CUDA calls (with
 ``--stack``, its Python functions too) on the same clock to ``$OUT/host_<row>.csv.gz``, for reading the
-timelines offline.
+timelines offline; ``gpu_gaps.py`` reads them at once, and its report (the idle GPU's gaps, and what the
+training thread did in them) is printed and kept with the rest.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vs_unsloth as vu  # bench/ is on the path now
+import gpu_gaps  # bench/ is on the path now
+import vs_unsloth as vu
 
 # Runs inside the training process: the profiler around steps WARM+1 .. WARM+SPAN of the backend's loop.
 DRIVER = r"""
@@ -252,7 +254,13 @@ def profile_row(name: str, work: Path, site: Path, warm: int, span: int, stack: 
     if stack:
         env["PROFILE_STACK"] = "1"
     lines = vu.run_driver(name, DRIVER, [str(warm), str(span), "train", str(cfg)], env, "PROFILE ")
-    return "\n".join(ln.removeprefix("PROFILE ") for ln in lines)
+    text = "\n".join(ln.removeprefix("PROFILE ") for ln in lines)
+    kernels = Path(env.get("PROFILE_KERNELS", "-"))
+    if kernels.exists():  # the idle GPU's gaps and what the training thread did in them (gpu_gaps.py)
+        host = kernels.with_name(kernels.name.replace("kernels_", "host_"))
+        timeline = gpu_gaps.read_rows(host) if host.exists() else None
+        text += "\n" + gpu_gaps.report(gpu_gaps.read_rows(kernels), timeline, 50.0, span, 20)
+    return text
 
 
 def main() -> None:

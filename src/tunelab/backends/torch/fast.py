@@ -57,9 +57,10 @@ COORDINATE_DESCENT = False
 # checkpointing does on an H100 (418 ms a step for ~340 ms of kernels; the compiled graphs' Python wrappers were
 # 108 ms of the host's time a step, session 49), each kernel launch from C++ costs the host a few microseconds
 # less.  On a CPU, with a 32-layer hidden-32 Llama whose step is all host time (bench/host_cost_cpu.py), a
-# step took 58.4 ms against 65.5 (median of 5 interleaved runs, session 50).  Compiling can take longer (a C++
-# build per graph, cached on disk like the rest).  Off until an A/B through `tunelab train` on a GPU
-# (bench/gpu_env.sh's switch cpp_wrapper).
+# step took 58.4 ms against 65.5 (median of 5 interleaved runs, session 50).  On an H100, 8B LoRA with
+# checkpointing, whose host keeps up with its GPU, ran the same with it (10,874 against 10,864 tok/s, session
+# 37).  Compiling can take longer (a C++ build per graph, cached on disk like the rest).  Off until an A/B of
+# the QLoRA row through `tunelab train` on a GPU (bench/gpu_env.sh's switch cpp_wrapper).
 CPP_WRAPPER = False
 
 # Whether each compiled graph's Python wrapper checks, at every call, the sizes, strides and alignment of its
