@@ -96,6 +96,8 @@ def curve(out: Path, key: str) -> dict[int, float]:
 
 
 def assert_close(left: dict[int, float], right: dict[int, float], steps: range, tol: float) -> None:
+    missing = [step for step in steps if step not in left or step not in right]
+    assert not missing, f"steps {missing} not logged by both runs: {sorted(left)} and {sorted(right)}"
     for step in steps:
         assert abs(left[step] - right[step]) < tol, (step, left[step], right[step])
 

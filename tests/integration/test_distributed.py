@@ -94,7 +94,8 @@ def test_mlx_ring_two_processes_match_one_with_twice_the_batch(
     two, steps = tmp_path / "two", MLX_STEPS
     two.mkdir()
     cfg = cpu_config(two, e2e_model, chat_data, BATCH, backend="mlx", steps=steps)
-    finish(ranks_cli("train", str(cfg), "--nproc", "2", home=two / "home"))  # mlx.launch, ring backend
+    out = finish(ranks_cli("train", str(cfg), "--nproc", "2", home=two / "home"))  # mlx.launch, ring backend
+    assert [r["status"] for r in listed_runs(two / "home")] == ["completed"], out  # not stopped early
     assert_close(curve(two / "out", "train_loss"), curve(mlx_reference, "train_loss"), range(1, steps + 1), TOL)
     assert_close(curve(two / "out", "val_loss"), curve(mlx_reference, "val_loss"), range(steps, steps + 1), TOL)
     assert [r["backend"] for r in listed_runs(two / "home")] == ["mlx"]
