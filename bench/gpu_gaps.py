@@ -65,17 +65,22 @@ def gaps(busy: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(a[1], b[0]) for a, b in itertools.pairwise(busy) if b[0] > a[1]]
 
 
-def overlap(spans: list[tuple[float, float]], others: list[tuple[float, float]]) -> float:
-    """How long ``spans`` and ``others`` (each in order, each without overlaps of its own) overlap, in µs."""
-    total, at = 0.0, 0
-    for a, b in spans:
-        while at < len(others) and others[at][1] <= a:
-            at += 1
-        scan = at
-        while scan < len(others) and others[scan][0] < b:
-            total += min(b, others[scan][1]) - max(a, others[scan][0])
-            scan += 1
-    return total
+def overlaps(spans: list[tuple[float, float]], others: list[tuple[float, float]]) -> Iterator[tuple[int, int, float]]:
+    """``(i, j, µs)`` for each span ``i`` and interval ``j`` of ``others`` that overlap, and for how long.
+
+    Both lists are in time order, each without overlaps of its own, so one sweep finds every pair: an
+    interval that ends before a span starts can't overlap a later span.
+    """
+    first = 0
+    for i, (a, b) in enumerate(spans):
+        while first < len(others) and others[first][1] <= a:
+            first += 1
+        j = first
+        while j < len(others) and others[j][0] < b:
+            length = min(b, others[j][1]) - max(a, others[j][0])
+            if length > 0:
+                yield i, j, length
+            j += 1
 
 
 def training_thread(host: Iterable[dict[str, str]]) -> str:
@@ -118,23 +123,15 @@ def attribute(
     """Idle GPU time by the host's innermost event (exclusive) and by every event open (inclusive), in µs."""
     exclusive: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
-    first = 0
-    for g0, g1 in idle:
-        covered = 0.0
-        while first < len(pieces) and pieces[first].end <= g0:
-            first += 1  # both lists are in time order: pieces before this gap never overlap a later one
-        at = first
-        while at < len(pieces) and pieces[at].start < g1:
-            piece = pieces[at]
-            overlap = min(piece.end, g1) - max(piece.start, g0)
-            if overlap > 0:
-                covered += overlap
-                exclusive[piece.stack[-1]] += overlap
-                for name in set(piece.stack):
-                    inclusive[name] += overlap
-            at += 1
-        if g1 - g0 > covered:
-            exclusive[NO_OP] += g1 - g0 - covered
+    covered = [0.0] * len(idle)
+    for i, j, length in overlaps(idle, [(piece.start, piece.end) for piece in pieces]):
+        covered[i] += length
+        exclusive[pieces[j].stack[-1]] += length
+        for name in set(pieces[j].stack):
+            inclusive[name] += length
+    for (g0, g1), done in zip(idle, covered, strict=True):
+        if g1 - g0 > done:
+            exclusive[NO_OP] += g1 - g0 - done
     return exclusive, inclusive
 
 
@@ -171,7 +168,7 @@ def report(
     ]
     wide = [g for g in idle if g[1] - g[0] >= min_us]
     # A gap a copy fills may be the compute stream waiting for it (a layer's input coming back), not the host.
-    copying = overlap(wide, busy_intervals(kernels, "gpu_memcpy"))
+    copying = sum(length for *_, length in overlaps(wide, busy_intervals(kernels, "gpu_memcpy")))
     exclusive, inclusive = attribute(wide, list(segments(events)))
     counted = sum(b - a for a, b in wide)
     lines.append(
