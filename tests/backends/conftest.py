@@ -24,6 +24,22 @@ def torch_config() -> Iterator[Callable[..., None]]:
         yield lambda module, **values: stack.enter_context(module.patch(values))
 
 
+@pytest.fixture
+def random_state_saves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A one-item list counting the calls of ``random_state.saved`` (each a save of the generators) in the test."""
+    from tunelab.backends.torch import random_state
+
+    saves = [0]
+    real = random_state.saved
+
+    def counted(device: Any) -> Any:
+        saves[0] += 1
+        return real(device)
+
+    monkeypatch.setattr(random_state, "saved", counted)
+    return saves
+
+
 def load_backend(
     folder: Path,
     tokenizer: Any,

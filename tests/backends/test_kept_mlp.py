@@ -58,17 +58,12 @@ def test_kept_mlp_gives_the_checkpoints_gradients_without_running_the_mlp_again(
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_only_a_kept_mlp_that_can_draw_saves_the_random_state(
-    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, dropout: float
+    tiny_model_dir: Path, tiny_tokenizer: Any, random_state_saves: list[int], dropout: float
 ) -> None:
     """Saving and restoring the generators costs host time in every layer; without dropout nothing is drawn again."""
-    from tunelab.backends.torch import random_state
-
-    saves = [0]
-    real = random_state.saved
-    monkeypatch.setattr(random_state, "saved", lambda device: saves.__setitem__(0, saves[0] + 1) or real(device))
     _run(tiny_model_dir, tiny_tokenizer, budget=2**30, offload=True, dropout=dropout)
     # two micro-batches over two layers: with dropout each layer's checkpoint and its kept MLP save; else none
-    assert saves[0] == (2 * 2 * 2 if dropout else 0)
+    assert random_state_saves[0] == (2 * 2 * 2 if dropout else 0)
 
 
 def test_kept_mlp_matches_an_uncheckpointed_step(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:

@@ -64,16 +64,11 @@ def test_tiled_mlp_gives_the_gradients_of_the_whole_mlp(
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_only_a_tiled_mlp_that_can_draw_saves_the_random_state(
-    tiny_model_dir: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, dropout: float
+    tiny_model_dir: Path, tiny_tokenizer: Any, random_state_saves: list[int], dropout: float
 ) -> None:
     """Saving and restoring the generators costs host time in every layer; without dropout nothing is drawn again."""
-    from tunelab.backends.torch import random_state
-
-    saves = [0]
-    real = random_state.saved
-    monkeypatch.setattr(random_state, "saved", lambda device: saves.__setitem__(0, saves[0] + 1) or real(device))
     _run(tiny_model_dir, tiny_tokenizer, tiled=True, offload=None, dropout=dropout)
-    assert saves[0] == (2 if dropout else 0)  # one forward of the two layers' tiled MLPs
+    assert random_state_saves[0] == (2 if dropout else 0)  # one forward of the two layers' tiled MLPs
 
 
 def test_tiled_mlp_with_dropout_matches_its_checkpointed_replay(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
