@@ -187,11 +187,11 @@ def in_torch(*parts: Any) -> torch.Tensor:
     return nf4.from_codes(packed, scales, code, blocksize, shape, dtype)
 
 
-def _fake(packed: torch.Tensor, *parts: Any) -> torch.Tensor:
+def fake(packed: torch.Tensor, *parts: Any) -> torch.Tensor:
     """What a compiled graph's trace sees: a new tensor of the weight's shape (``parts[7]``) and dtype."""
     return packed.new_empty(parts[7], dtype=parts[8])
 
 
 _LIB.impl("nf4_dequantize", _on_cuda, "CUDA")
 _LIB.impl("nf4_dequantize", in_torch, "CPU")
-torch.library.register_fake("tunelab::nf4_dequantize", _fake, lib=_LIB)
+torch.library.register_fake("tunelab::nf4_dequantize", fake, lib=_LIB)

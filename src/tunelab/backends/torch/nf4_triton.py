@@ -150,7 +150,7 @@ if triton is not None:
     torch.library.register_kernel(NAME, "cpu", nf4_kernels.in_torch)
 else:  # the same op without the kernel: opaque in a compiled graph, so it needs a fake
     torch.library.custom_op(NAME, _dequantize, mutates_args=())
-    torch.library.register_fake(NAME, lambda packed, *parts: packed.new_empty(parts[7], dtype=parts[8]))
+    torch.library.register_fake(NAME, nf4_kernels.fake)  # the same schema, so the same fake
 
 
 def dequantize(weight: torch.Tensor, state: Any, site: int = 0) -> torch.Tensor:
